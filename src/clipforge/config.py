@@ -1,0 +1,117 @@
+"""The run configuration: one typed tree assembled from the sub-configs beside their owners.
+
+Defaults (the dataclasses) → a YAML file → ``--set a.b=value`` overrides, merged with OmegaConf
+structured configs. An unknown key, a value of the wrong type, a missing required value or an
+invalid one stops the run before any work, with a ``ConfigError`` naming the source and the
+dotted key. ``to_yaml`` gives the resolved config that is saved in the run directory and in
+every checkpoint; ``describe_fields`` turns each field's docstring into ``--help`` text.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from clipforge.data.pipeline import DataConfig
+from clipforge.evaluation.suite import EvalConfig
+from clipforge.losses import LossConfig
+from clipforge.models.builder import ModelConfig
+from clipforge.train.metrics import LoggingConfig
+from clipforge.train.optim import OptimConfig
+from clipforge.train.loop import TrainConfig
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the source, key and value."""
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    message = str(exc).splitlines()[0]
+    return f"key {key!r}: {message}" if key else message
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
+    """Defaults, then the YAML at ``path``, then ``a.b=value`` overrides; validated completely."""
+    merged = OmegaConf.structured(RunConfig)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as exc:  # YAML syntax errors come in several types
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        try:
+            merged = OmegaConf.merge(merged, file_cfg)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{path}: {_describe(exc)}") from exc
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. optim.lr=5e-4")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"--set {override!r}: {_describe(exc)}") from exc
+    source = f"{path}" if path is not None else "config"
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"{source}: required value missing for {', '.join(missing)} (set it in the YAML "
+                          f"or with --set {missing[0]}=...)")
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, ValueError) else None
+        raise ConfigError(f"{source}: {cause if cause else _describe(exc)}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (a string literal right after a field) of a dataclass."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def describe_fields() -> str:
+    """Every config key with its default and docstring, for ``--help``."""
+    lines = []
+    defaults = RunConfig()
+    for section in dataclasses.fields(RunConfig):
+        sub = getattr(defaults, section.name)
+        docs = _field_docs(type(sub))
+        lines.append(f"{section.name}:  {(type(sub).__doc__ or '').strip()}")
+        for item in dataclasses.fields(sub):
+            default = getattr(sub, item.name)
+            default = "(required)" if default == "???" else repr(default)
+            lines.append(f"  {section.name}.{item.name} = {default}\n      {docs.get(item.name, '')}")
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""The launch environment, read once, and the one collective the loss needs.
+
+``DistInfo.from_env(os.environ)`` is a pure function of the environment: torchrun and
+``accelerate launch`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``...), SLURM ``srun`` (``SLURM_PROCID``...)
+or nothing (a single process). Nothing else in clipforge reads those variables.
+
+``gather_with_grad`` all-gathers a tensor along dim 0 and routes gradients back to their owner:
+the backward pass sums every rank's gradient for the gathered tensor and keeps this rank's
+slice, so a "local" loss on each rank, averaged by DDP, equals the loss of one process holding
+the whole global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    device: str = "cpu"
+    backend: str = "gloo"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], cuda_available: bool | None = None) -> "DistInfo":
+        """Read rank and world size from torchrun/accelerate, SLURM, or default to one process."""
+        if cuda_available is None:
+            cuda_available = torch.cuda.is_available()
+        if "WORLD_SIZE" in env and "RANK" in env:  # torchrun, accelerate launch, torch.distributed.launch
+            rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+            local_rank = int(env.get("LOCAL_RANK", 0))
+            local_world_size = int(env.get("LOCAL_WORLD_SIZE", world_size))
+        elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:  # srun, one task per rank
+            rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+            local_rank = int(env.get("SLURM_LOCALID", 0))
+            local_world_size = int(env.get("SLURM_NTASKS_PER_NODE", str(world_size)).split("(")[0])
+        else:
+            rank, local_rank, world_size, local_world_size = 0, 0, 1, 1
+        use_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not cuda_available
+        device = "cpu" if use_cpu else f"cuda:{local_rank}"
+        return cls(rank, local_rank, world_size, local_world_size, device, "gloo" if use_cpu else "nccl")
+
+
+def init_process_group(info: DistInfo, env: Mapping[str, str], timeout_s: float = 1800) -> None:
+    """Create the default process group for ``info`` (no-op for a single process)."""
+    if not info.is_distributed or dist.is_initialized():
+        return
+    if "MASTER_ADDR" not in env:
+        raise ValueError("a multi-process launch needs MASTER_ADDR and MASTER_PORT in the environment "
+                         "(torchrun and accelerate set them; under srun export them in the sbatch script)")
+    if info.device.startswith("cuda"):
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(backend=info.backend, init_method=f"tcp://{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29500')}",
+                            rank=info.rank, world_size=info.world_size, timeout=timedelta(seconds=timeout_s))
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, rank: int, world_size: int, group) -> torch.Tensor:
+        ctx.rank, ctx.world_size, ctx.group = rank, world_size, group
+        parts = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.cat(parts, dim=0)  # (world_size * B_local, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad.chunk(ctx.world_size, dim=0)[ctx.rank], None, None, None
+
+
+def gather_with_grad(tensor: torch.Tensor, rank: int, world_size: int, group=None) -> torch.Tensor:
+    """All-gather ``tensor`` (B_local, ...) → (world_size * B_local, ...) with gradient to the owner."""
+    if world_size == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor, rank, world_size, group)

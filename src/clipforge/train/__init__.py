@@ -1,0 +1,1 @@
+"""The trainer: loop, step strategies, model wrapping, optimizer and schedule, checkpoints, metrics."""

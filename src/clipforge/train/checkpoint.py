@@ -1,0 +1,127 @@
+"""Atomic checkpoints: weights as safetensors, optimizer/schedule/loop/RNG state as a tensors-only pickle.
+
+A checkpoint is a directory ``checkpoints/step_00000100/`` with ``model.safetensors``, ``state.pt``
+(optimizer, scheduler, train state, RNG), ``data_rank{R}.json`` (each rank's data position) and
+``config.yaml`` (the resolved run config). It is written under a hidden temporary name, every
+file fsynced, then renamed: a crash or kill never leaves a partial directory under a final name.
+``latest`` is a symlink to the newest one, replaced atomically. Loading uses
+``torch.load(weights_only=True)``: no arbitrary object is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+REQUIRED_FILES = ("model.safetensors", "state.pt", "config.yaml")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, write) -> None:
+    write(path)
+    with open(path, "rb+") as stream:
+        os.fsync(stream.fileno())
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, keep_last: int = 3, rank: int = 0) -> None:
+        self.directory, self.keep_last, self.rank = Path(directory), keep_last, rank
+
+    def save(self, step: int, model: torch.nn.Module, state: dict[str, Any], data_state: dict[str, Any],
+             config_yaml: str) -> Path:
+        """Collective when distributed: every rank contributes its data position."""
+        final = self.directory / f"step_{step:08d}"
+        temporary = self.directory / f".step_{step:08d}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+        _barrier()
+        _write_synced(temporary / f"data_rank{self.rank}.json",
+                      lambda p: p.write_text(json.dumps(data_state, sort_keys=True)))
+        _barrier()
+        if self.rank == 0:
+            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            _write_synced(temporary / "model.safetensors", lambda p: save_file(weights, str(p)))
+            _write_synced(temporary / "state.pt", lambda p: torch.save(state, p))
+            _write_synced(temporary / "config.yaml", lambda p: p.write_text(config_yaml))
+            _fsync_dir(temporary)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(temporary, final)
+            link = self.directory / ".latest.tmp"
+            link.unlink(missing_ok=True)
+            link.symlink_to(final.name)
+            os.replace(link, self.directory / "latest")
+            _fsync_dir(self.directory)
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        complete = self.complete()
+        for old in complete[: max(0, len(complete) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.glob("step_*") if p.is_dir() and all((p / f).is_file() for f in REQUIRED_FILES)]
+        return sorted(found, key=lambda p: p.name)
+
+    def latest(self) -> Optional[Path]:
+        complete = self.complete()
+        return complete[-1] if complete else None
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load weights into ``model``; return (state, this rank's data position). Nothing arbitrary is unpickled."""
+    path = Path(path).resolve()
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    data_file = path / f"data_rank{rank}.json"
+    if not data_file.is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no data position for rank {rank} ({data_file.name}); "
+                                "was it written with a different world size?")
+    return state, json.loads(data_file.read_text())

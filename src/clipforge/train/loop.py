@@ -1,0 +1,184 @@
+"""The training loop: build → resume → for each step: batch → step → log / evaluate / checkpoint → final save.
+
+Entry points: ``clipforge train configs/demo.yaml`` (one process) and
+``torchrun --nproc-per-node N -m clipforge train CONFIG`` (data parallel; the loss all-gathers).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from clipforge.data.pipeline import build_train_loader
+from clipforge.distributed import DistInfo, destroy_process_group, init_process_group
+from clipforge.evaluation import OpenClipEncoder, load_suite, markdown_table, run_suite
+from clipforge.evaluation.suite import headline
+from clipforge.losses import build_loss
+from clipforge.models import build_model
+from clipforge.train.checkpoint import Checkpointer, load_checkpoint, rng_state, set_rng_state
+from clipforge.train.metrics import MetricLogger, plot_curves
+from clipforge.train.optim import build_optimizer, build_scheduler
+from clipforge.train.parallel import parallelize, unwrap
+from clipforge.train.step import AUTOCAST_DTYPES, PlainStep
+
+if TYPE_CHECKING:
+    from clipforge.config import RunConfig
+
+log = logging.getLogger("clipforge.train")
+
+
+@dataclass
+class TrainConfig:
+    """The training run: length, checkpoints, precision, output."""
+
+    output_dir: str = "runs/default"
+    """Run directory: resolved config, metrics, TensorBoard, checkpoints, eval results, curves.png."""
+    steps: int = 1000
+    """Optimizer steps to train for."""
+    checkpoint_every: int = 500
+    """Write a checkpoint every N steps (and always at the end)."""
+    keep_last: int = 3
+    """Keep the newest K checkpoints."""
+    seed: int = 0
+    """Seed of model init and torch RNG (the rank is added)."""
+    precision: str = "fp32"
+    """fp32, or bf16 autocast (the loss is always computed in fp32)."""
+    resume: Optional[str] = None
+    """Resume from a checkpoint directory, or 'latest' for the newest complete one in this run (none = fresh)."""
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise ValueError(f"train.steps: must be positive, got {self.steps}")
+        if self.checkpoint_every <= 0:
+            raise ValueError(f"train.checkpoint_every: must be positive, got {self.checkpoint_every}")
+        if self.keep_last < 1:
+            raise ValueError(f"train.keep_last: must be >= 1, got {self.keep_last}")
+        if self.precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"train.precision: {self.precision!r} is not one of {tuple(AUTOCAST_DTYPES)}")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _resolve_resume(resume: Optional[str], checkpointer: Checkpointer) -> Optional[Path]:
+    if not resume:
+        return None
+    if resume == "latest":
+        found = checkpointer.latest()
+        if found is None:
+            log.info("resume=latest: no checkpoint in %s yet, starting fresh", checkpointer.directory)
+        return found
+    return Path(resume)
+
+
+def _evaluate(model, built, cfg: "RunConfig", dist_info: DistInfo, step: int, run_dir: Path) -> dict[str, float]:
+    """Rank 0 runs the suite and writes eval/step_N.json and .md; returns the headline metrics."""
+    import json
+
+    if cfg.eval.suite is None or not dist_info.is_main:
+        return {}
+    encoder = OpenClipEncoder(unwrap(model), dist_info.device, AUTOCAST_DTYPES[cfg.train.precision])
+    results = run_suite(encoder, built.tokenizer, built.eval_transform, load_suite(cfg.eval.suite),
+                        cfg.eval.batch_size, cfg.eval.num_workers)
+    out = run_dir / "eval"
+    out.mkdir(exist_ok=True)
+    (out / f"step_{step:08d}.json").write_text(json.dumps(results, indent=1))
+    (out / f"step_{step:08d}.md").write_text(markdown_table(results) + "\n")
+    return {f"eval/{k}": v for k, v in headline(results).items()}
+
+
+def train(cfg: "RunConfig") -> dict[str, Any]:
+    """Train as configured; returns the final step, last metrics and final eval results."""
+    from clipforge.config import to_yaml
+
+    dist_info = DistInfo.from_env(os.environ)
+    init_process_group(dist_info, os.environ)
+    try:
+        return _train(cfg, dist_info, to_yaml(cfg))
+    finally:
+        destroy_process_group()
+
+
+def _train(cfg: "RunConfig", dist_info: DistInfo, config_yaml: str) -> dict[str, Any]:
+    run_dir = Path(cfg.train.output_dir)
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+    if cfg.eval.suite is not None:
+        load_suite(cfg.eval.suite)  # a bad suite file fails now, not after training
+    _seed_everything(cfg.train.seed + dist_info.rank)
+
+    built = build_model(cfg.model)
+    model = parallelize(built.model, dist_info)
+    loss_fn = build_loss(cfg.loss, dist_info.rank, dist_info.world_size)
+    optimizer = build_optimizer(cfg.optim, built.model)
+    scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
+    loader = build_train_loader(cfg.data, built.train_transform, built.tokenizer, dist_info.rank,
+                                dist_info.world_size, pin_memory=dist_info.device.startswith("cuda"))
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_last, dist_info.rank)
+    step = 0
+    resume_from = _resolve_resume(cfg.train.resume, checkpointer)
+    if resume_from is None and checkpointer.latest() is not None:
+        raise ValueError(f"{run_dir} already holds checkpoints (newest: {checkpointer.latest().name}); continue it "
+                         "with --resume latest, or set another train.output_dir")
+    if resume_from is not None:
+        state, data_state = load_checkpoint(resume_from, built.model, dist_info.rank)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(data_state)
+        set_rng_state(state["rng"])
+        step = int(state["step"])
+        log.info("resumed from %s at step %d", resume_from, step)
+    step_fn = PlainStep(model, loss_fn, optimizer, scheduler, dist_info.device, cfg.train.precision,
+                        cfg.optim.grad_clip_norm, cfg.loss.max_logit_scale)
+    logger = MetricLogger(run_dir, cfg.logging, cfg.train.steps, step, dist_info.is_main)
+
+    def save() -> Path:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": rng_state()}
+        return checkpointer.save(step, unwrap(model), state, loader.state_dict(), config_yaml)
+
+    global_batch = cfg.data.batch_size * dist_info.world_size
+    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+    metrics: dict[str, Any] = {}
+    while step < cfg.train.steps:
+        fetch_start = time.perf_counter()
+        batch = next(loader)
+        data_wait += time.perf_counter() - fetch_start
+        out = step_fn(batch)
+        step += 1
+        window_steps += 1
+        logger.advance()
+        if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
+            elapsed = time.perf_counter() - window_start
+            scale = out["logit_scale"].item()
+            metrics = {"train/loss": out["loss"].item(), "train/lr": scheduler.get_last_lr()[0],
+                       "train/logit_scale": scale, "train/temperature": 1.0 / scale,
+                       "train/grad_norm": out["grad_norm"].item(), "train/epoch": loader.epoch,
+                       "perf/samples_per_s": window_steps * global_batch / elapsed,
+                       "perf/data_wait_fraction": data_wait / elapsed,
+                       **{f"data/skipped_{k}": v for k, v in loader.skipped.items()}}
+            logger.log(step, metrics)
+            window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+        if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < cfg.train.steps:
+            logger.log(step, _evaluate(model, built, cfg, dist_info, step, run_dir))
+            window_start = time.perf_counter()
+        if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
+            save()
+    final = save()
+    results = _evaluate(model, built, cfg, dist_info, step, run_dir)
+    if results:
+        logger.log(step, results)
+    logger.close()
+    if dist_info.is_main and cfg.logging.plot:
+        plot_curves(run_dir)
+    return {"step": step, "checkpoint": str(final), "metrics": metrics, "eval": results}

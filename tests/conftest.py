@@ -1,0 +1,43 @@
+"""Shared fixtures: a small synthetic data set and a tiny model config, made once per session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clipforge.data.shards import SyntheticSpec, write_synthetic
+
+TINY_MODEL = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_json(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("models") / "test-tiny-32.json"
+    path.write_text(json.dumps(TINY_MODEL))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    """3,000 training samples in 6 shards at 32 px, and small eval sets."""
+    out = tmp_path_factory.mktemp("synth")
+    write_synthetic(SyntheticSpec(out=str(out), num_samples=3000, samples_per_shard=500, image_size=32,
+                                  num_eval_samples=300, num_retrieval_samples=100, num_workers=2), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_suite(synth_data, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("suite") / "suite.yaml"
+    path.write_text(
+        "name: synthetic\ndatasets:\n"
+        + "".join(f"  - name: {name}\n    task: {task}\n    path: {synth_data / 'eval' / name}\n"
+                  for name, task in (("shapes", "zeroshot_classification"), ("colors", "zeroshot_classification"),
+                                     ("retrieval", "zeroshot_retrieval"))))
+    return path

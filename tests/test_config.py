@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+
+from clipforge.config import ConfigError, RunConfig, describe_fields, load_config, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_config_loads():
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert configs, "no configs shipped"
+    for path in configs:
+        assert isinstance(load_config(path), RunConfig)
+
+
+def test_yaml_and_overrides_merge_in_order(tmp_path):
+    path = write(tmp_path, "data:\n  train_urls: a/{0..3}.tar\n  batch_size: 64\noptim:\n  lr: 0.01\n")
+    cfg = load_config(path, ["optim.lr=5e-4", "train.steps=7", "model.pretrained=null"])
+    assert cfg.data.batch_size == 64 and cfg.optim.lr == 5e-4 and cfg.train.steps == 7
+    assert cfg.data.train_urls == "a/{0..3}.tar" and cfg.model.pretrained is None
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = write(tmp_path, "data:\n  train_urls: x.tar\n  batch_sise: 64\n")
+    with pytest.raises(ConfigError, match=r"run.yaml.*data\.batch_sise"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate"):
+        load_config(None, ["data.train_urls=x.tar", "optim.learning_rate=1"])
+
+
+def test_wrong_type_is_named(tmp_path):
+    path = write(tmp_path, "data:\n  train_urls: x.tar\n  batch_size: lots\n")
+    with pytest.raises(ConfigError, match=r"data\.batch_size.*lots"):
+        load_config(path)
+
+
+def test_missing_required_value_is_named():
+    with pytest.raises(ConfigError, match=r"data\.train_urls"):
+        load_config(None, [])
+
+
+def test_invalid_value_is_named():
+    with pytest.raises(ConfigError, match=r"loss\.kind.*'infonce'"):
+        load_config(None, ["data.train_urls=x.tar", "loss.kind=infonce"])
+    with pytest.raises(ConfigError, match=r"train\.precision"):
+        load_config(None, ["data.train_urls=x.tar", "train.precision=fp8"])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["optim.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load_config(None, ["data.train_urls=x/{0..1}.tar", "optim.lr=0.002", "eval.suite=e.yaml"])
+    again = load_config(write(tmp_path, to_yaml(cfg)))
+    assert again == cfg
+
+
+def test_every_field_is_documented():
+    text = describe_fields()
+    for line in text.splitlines():
+        if line.startswith("      "):
+            assert line.strip(), f"undocumented field above: {text}"
+    assert "data.train_urls = (required)" in text and "optim.lr = 0.0005" in text

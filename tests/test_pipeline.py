@@ -1,0 +1,103 @@
+import io
+import json
+import logging
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from clipforge.data import DataConfig, build_train_loader
+from clipforge.data.shards import write_tar
+
+TRANSFORM = open_clip.image_transform(32, is_train=True)
+TOKENIZER = open_clip.get_tokenizer("ViT-B-32", context_length=24)
+
+
+def jpeg(color=(200, 30, 30), size=32) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def loader(urls, **overrides):
+    cfg = DataConfig(train_urls=urls, batch_size=overrides.pop("batch_size", 16), num_workers=overrides.pop("workers", 0),
+                     shuffle_buffer=overrides.pop("shuffle_buffer", 50), shuffle_initial=10, **overrides)
+    return build_train_loader(cfg, TRANSFORM, TOKENIZER)
+
+
+def test_batches_have_the_right_shapes(synth_data):
+    batches = loader(f"{synth_data}/train/{{00000..00005}}.tar", workers=2)
+    batch = next(batches)
+    assert batch["images"].shape == (16, 3, 32, 32) and batch["images"].dtype == torch.float32
+    assert batch["texts"].shape == (16, 24) and batch["texts"].dtype == torch.long
+    assert len(batch["keys"]) == 16 and len(set(batch["keys"])) == 16
+    assert batches.skipped == {}
+
+
+def test_an_epoch_sees_every_sample_once(synth_data):
+    batches = loader(f"{synth_data}/train/{{00000..00005}}.tar", workers=2, batch_size=100)
+    keys = []
+    while batches.epoch == 0:
+        keys += next(batches)["keys"]
+    keys = keys[:-100]  # the first batch of epoch 1
+    assert len(keys) == len(set(keys)) == 3000
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path, caplog):
+    good = [{"__key__": f"g{i:03d}", "jpg": jpeg(), "txt": f"a red square number {i}"} for i in range(40)]
+    bad = [
+        {"__key__": "b_corrupt", "jpg": b"\xff\xd8\xff not really a jpeg", "txt": "broken"},
+        {"__key__": "b_zero", "jpg": b"", "txt": "zero bytes"},
+        {"__key__": "b_truncated", "jpg": jpeg()[:60], "txt": "cut short"},
+        {"__key__": "b_utf8", "jpg": jpeg(), "txt": b"\xff\xfe caption"},
+        {"__key__": "b_empty", "jpg": jpeg(), "txt": "   \n "},
+        {"__key__": "b_nocaption", "jpg": jpeg()},
+        {"__key__": "b_noimage", "txt": "an image went missing"},
+    ]
+    write_tar(tmp_path / "0.tar", iter(good[:20] + bad))
+    write_tar(tmp_path / "1.tar", iter(good[20:]))
+    whole = (tmp_path / "1.tar").read_bytes()
+    (tmp_path / "2.tar").write_bytes(whole[: len(whole) // 2])  # truncated tar: its first samples still count
+    with caplog.at_level(logging.WARNING):
+        batches = loader(f"{tmp_path}/{{0..3}}.tar", batch_size=4, shuffle_buffer=1)  # 3.tar does not exist
+        keys = []
+        while batches.epoch == 0:
+            keys += next(batches)["keys"]
+    skipped = batches.skipped
+    assert skipped["corrupt_image"] == 3
+    assert skipped["bad_caption"] == 2  # not UTF-8, missing
+    assert skipped["empty_caption"] == 1 and skipped["missing_image"] == 1
+    assert skipped["unreadable_shard"] == 1 and skipped["truncated_tar"] >= 1
+    assert not any(k.startswith("b_") for k in keys)
+    assert "3.tar" in caplog.text and "b_corrupt" in caplog.text
+
+
+def test_no_shards_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="none of the 2 shards exist"):
+        loader(f"{tmp_path}/{{0..1}}.tar")
+    write_tar(tmp_path / "0.tar", iter([{"__key__": "a", "jpg": jpeg(), "txt": "x"}]))
+    with pytest.raises(ValueError, match="world_size × num_workers"):
+        loader(f"{tmp_path}/0.tar", workers=2)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_gives_exactly_the_same_batches(synth_data, workers):
+    urls = f"{synth_data}/train/{{00000..00005}}.tar"
+    reference = loader(urls, workers=workers, batch_size=64)
+    expected = [next(reference)["keys"] for _ in range(60)]  # crosses into epoch 1
+    first = loader(urls, workers=workers, batch_size=64)
+    for _ in range(17):
+        next(first)
+    state = json.loads(json.dumps(first.state_dict()))  # what the checkpoint stores
+    resumed = loader(urls, workers=workers, batch_size=64)
+    resumed.load_state_dict(state)
+    assert [next(resumed)["keys"] for _ in range(43)] == expected[17:]
+
+
+def test_resume_refuses_a_different_layout(synth_data):
+    urls = f"{synth_data}/train/{{00000..00005}}.tar"
+    state = loader(urls, workers=2).state_dict()
+    with pytest.raises(ValueError, match="num_workers=2"):
+        loader(urls, workers=0).load_state_dict(state)
