@@ -46,8 +46,9 @@ def test_img2dataset_layout_and_captions_describe_the_scene(synth_data):
         assert meta["caption"] == text and meta["key"] == key
         image = Image.open(io.BytesIO(members[f"{key}.jpg"]))
         assert image.format == "JPEG" and image.size == (32, 32)
+        names_colors = any(color in text for color in synthetic.COLORS)  # some captions leave colour out
         for obj in meta["scene"]["objects"]:
-            assert obj["color"] in text
+            assert obj["color"] in text or not names_colors
             assert obj["shape"] in text or synthetic.PLURALS[obj["shape"]] in text
 
 

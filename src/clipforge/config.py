@@ -39,6 +39,17 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def __post_init__(self) -> None:
+        """Contradictions between sections."""
+        if self.loss.kind == "siglip" and self.model.init_logit_bias is None:
+            raise ValueError("loss.kind=siglip needs a learnable bias: set model.init_logit_bias (SigLIP: -10) and "
+                             "model.init_logit_scale (SigLIP: 2.302585, i.e. log 10)")
+        if self.loss.kind == "clip" and self.model.init_logit_bias is not None:
+            raise ValueError("model.init_logit_bias is set but loss.kind=clip ignores the bias; unset it")
+        if self.data.batch_size % self.train.accum_steps:
+            raise ValueError(f"data.batch_size={self.data.batch_size} is not divisible by "
+                             f"train.accum_steps={self.train.accum_steps}")
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the source, key and value."""

@@ -1,14 +1,24 @@
-"""Contrastive losses: symmetric InfoNCE with a learnable temperature (CLIP).
+"""Contrastive losses: CLIP's symmetric InfoNCE and SigLIP's sigmoid loss, distributed, optionally tiled.
 
-``ClipLoss(rank, world_size)`` takes L2-normalised features (B_local, D) and the *multiplier*
-``logit_scale`` (= exp of the model's learnable log inverse temperature), as open_clip's
-``ClipLoss`` does. With ``world_size > 1`` it all-gathers features with gradient and computes
-only this rank's rows and columns (the "local loss" of open_clip), so DDP's gradient average
-equals the gradient of one process holding the whole global batch. The loss is computed in fp32
-whatever the dtype of the features.
+Both take L2-normalised features (B_local, D) and the *multiplier* ``logit_scale`` (= exp of the
+model's learnable log inverse temperature), as open_clip's losses do; SigLIP also takes
+``logit_bias``. Everything is computed in fp32 whatever the dtype of the features.
 
-``naive_clip_loss`` is the single-process reference the tests compare against; ``clamp_logit_scale``
-is the post-step temperature clamp (CLIP paper: logit scale ≤ 100).
+Distributed (``world_size > 1``): ``ClipLoss`` all-gathers features with gradient and computes
+only this rank's rows and columns (open_clip's "local loss"), so the gradients averaged by DDP
+equal those of one process holding the whole global batch. ``SigLipLoss`` either all-gathers the
+text features or passes them around a ring of neighbour exchanges (no all-gather; each rank sees
+every text block once, as in the SigLIP paper). Normalisation: CLIP takes the mean over the global
+batch; SigLIP sums over all pairs and divides by the local batch (open_clip's convention), which
+DDP's average turns into the sum over the global batch divided by it.
+
+Tiled (``tile_size > 0``): the logits are never materialised. InfoNCE keeps only a per-row
+log-sum-exp in forward and recomputes (tile × tile) blocks in backward (Inf-CL, Cheng et al.
+2024); the sigmoid loss is a sum of elementwise terms and is tiled the same way. Peak memory is
+O(tile²) instead of O(B_local × B_global); results equal the untiled loss to float rounding.
+
+``naive_clip_loss`` and ``naive_siglip_loss`` are the single-process references of the tests;
+``clamp_logit_scale`` is the post-step temperature clamp (CLIP: logit scale ≤ 100).
 """
 
 from __future__ import annotations
@@ -17,11 +27,13 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from clipforge.distributed import gather_with_grad
 
-LOSS_KINDS = ("clip",)
+LOSS_KINDS = ("clip", "siglip")
+SIGLIP_EXCHANGES = ("all_gather", "ring")
 
 
 @dataclass
@@ -29,36 +41,202 @@ class LossConfig:
     """The contrastive objective."""
 
     kind: str = "clip"
-    """Which loss: clip (symmetric InfoNCE)."""
+    """clip (symmetric InfoNCE, softmax) or siglip (pairwise sigmoid; the model needs model.init_logit_bias)."""
     max_logit_scale: float = 100.0
     """Upper clamp on exp(logit_scale), applied after every optimizer step (CLIP uses 100)."""
+    learn_temperature: bool = True
+    """Learn logit_scale (and logit_bias); false keeps them at their initial values."""
+    tile_size: int = 0
+    """0 = materialise the (B_local, B_global) logits; N > 0 = compute them in N × N tiles (memory-flat)."""
+    siglip_exchange: str = "all_gather"
+    """How SigLIP sees other ranks' texts: all_gather, or ring (neighbour exchange, no all-gather)."""
 
     def __post_init__(self) -> None:
         if self.kind not in LOSS_KINDS:
             raise ValueError(f"loss.kind: {self.kind!r} is not one of {LOSS_KINDS}")
         if not self.max_logit_scale > 0:
             raise ValueError(f"loss.max_logit_scale: must be positive, got {self.max_logit_scale}")
+        if self.tile_size < 0:
+            raise ValueError(f"loss.tile_size: must be >= 0, got {self.tile_size}")
+        if self.siglip_exchange not in SIGLIP_EXCHANGES:
+            raise ValueError(f"loss.siglip_exchange: {self.siglip_exchange!r} is not one of {SIGLIP_EXCHANGES}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiled (memory-flat) primitives, in the manner of Inf-CL (Cheng et al., 2024): the (rows, columns)
+# logits are never materialised; forward keeps only a per-row log-sum-exp, backward recomputes
+# each (tile × tile) block. Peak memory is O(tile²), not O(B_local × B_global).
+
+
+def _tiles(size: int, tile: int):
+    return [(start, min(start + tile, size)) for start in range(0, size, tile)]
+
+
+class _TiledLogSumExp(torch.autograd.Function):
+    """lse_i = log Σ_j exp(scale · q_i · k_j) for queries (R, D), keys (C, D) → (R,)."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, scale, tile):
+        lse = torch.empty(queries.shape[0], device=queries.device, dtype=torch.float32)
+        for r0, r1 in _tiles(queries.shape[0], tile):
+            parts = [torch.logsumexp(scale * queries[r0:r1] @ keys[c0:c1].T, dim=1)  # (tile_r,)
+                     for c0, c1 in _tiles(keys.shape[0], tile)]
+            lse[r0:r1] = torch.logsumexp(torch.stack(parts), dim=0)
+        ctx.save_for_backward(queries, keys, scale, lse)
+        ctx.tile = tile
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse):
+        queries, keys, scale, lse = ctx.saved_tensors
+        grad_queries, grad_keys = torch.zeros_like(queries), torch.zeros_like(keys)
+        grad_scale = torch.zeros((), device=queries.device, dtype=torch.float32)
+        for r0, r1 in _tiles(queries.shape[0], ctx.tile):
+            q, g, row_lse = queries[r0:r1], grad_lse[r0:r1, None], lse[r0:r1, None]
+            for c0, c1 in _tiles(keys.shape[0], ctx.tile):
+                k = keys[c0:c1]
+                dots = q @ k.T  # (tile_r, tile_c)
+                weights = torch.exp(scale * dots - row_lse).mul_(g)  # softmax × upstream gradient
+                grad_queries[r0:r1] += scale * (weights @ k)
+                grad_keys[c0:c1] += scale * (weights.T @ q)
+                grad_scale += (weights * dots).sum()
+        return grad_queries, grad_keys, grad_scale, None
+
+
+def tiled_logsumexp(queries: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, tile: int) -> torch.Tensor:
+    return _TiledLogSumExp.apply(queries, keys, scale, tile)
+
+
+class _TiledSigmoidLoss(torch.autograd.Function):
+    """Σ_ij -log σ(z_ij (scale · q_i · k_j + bias)), z = +1 at (i, i + positive_offset), else -1."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, scale, bias, positive_offset, tile):
+        total = torch.zeros((), device=queries.device, dtype=torch.float32)
+        for r0, r1, c0, c1, signs in _sigmoid_blocks(queries.shape[0], keys.shape[0], positive_offset, tile,
+                                                      queries.device):
+            logits = scale * queries[r0:r1] @ keys[c0:c1].T + bias
+            total += -F.logsigmoid(signs * logits).sum()
+        ctx.save_for_backward(queries, keys, scale, bias)
+        ctx.positive_offset, ctx.tile = positive_offset, tile
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        queries, keys, scale, bias = ctx.saved_tensors
+        grad_queries, grad_keys = torch.zeros_like(queries), torch.zeros_like(keys)
+        grad_scale = torch.zeros((), device=queries.device, dtype=torch.float32)
+        grad_bias = torch.zeros((), device=queries.device, dtype=torch.float32)
+        for r0, r1, c0, c1, signs in _sigmoid_blocks(queries.shape[0], keys.shape[0], ctx.positive_offset, ctx.tile,
+                                                      queries.device):
+            q, k = queries[r0:r1], keys[c0:c1]
+            dots = q @ k.T
+            # d/dlogit of -log σ(z · logit) = -z σ(-z · logit)
+            grad_logits = (-signs * torch.sigmoid(-signs * (scale * dots + bias))) * grad_total
+            grad_queries[r0:r1] += scale * (grad_logits @ k)
+            grad_keys[c0:c1] += scale * (grad_logits.T @ q)
+            grad_scale += (grad_logits * dots).sum()
+            grad_bias += grad_logits.sum()
+        return grad_queries, grad_keys, grad_scale, grad_bias, None, None
+
+
+def _sigmoid_blocks(num_rows: int, num_cols: int, positive_offset, tile: int, device):
+    """(r0, r1, c0, c1, signs) per tile; signs is +1 on the positive diagonal, -1 elsewhere."""
+    for r0, r1 in _tiles(num_rows, tile):
+        rows = torch.arange(r0, r1, device=device)[:, None]
+        for c0, c1 in _tiles(num_cols, tile):
+            signs = -torch.ones(r1 - r0, c1 - c0, device=device)
+            if positive_offset is not None:
+                signs[(torch.arange(c0, c1, device=device)[None, :] == rows + positive_offset)] = 1.0
+            yield r0, r1, c0, c1, signs
+
+
+def _sigmoid_loss_sum(queries, keys, scale, bias, positive_offset, tile_size: int) -> torch.Tensor:
+    """Σ -log σ(z · logits) over all (query, key) pairs; positive_offset None = negatives only."""
+    if tile_size:
+        return _TiledSigmoidLoss.apply(queries, keys, scale, bias, positive_offset, tile_size)
+    logits = scale * queries @ keys.T + bias  # (R, C)
+    signs = -torch.ones_like(logits)
+    if positive_offset is not None:
+        rows = torch.arange(queries.shape[0], device=queries.device)
+        signs[rows, rows + positive_offset] = 1.0
+    return -F.logsigmoid(signs * logits).sum()
 
 
 class ClipLoss(torch.nn.Module):
     """Symmetric InfoNCE: mean of image→text and text→image cross-entropy over the global batch."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, group=None) -> None:
+    def __init__(self, rank: int = 0, world_size: int = 1, tile_size: int = 0, group=None) -> None:
         super().__init__()
-        self.rank, self.world_size, self.group = rank, world_size, group
+        self.rank, self.world_size, self.tile_size, self.group = rank, world_size, tile_size, group
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
         image_features, text_features = image_features.float(), text_features.float()
+        scale = logit_scale.float()
         all_image = gather_with_grad(image_features, self.rank, self.world_size, self.group)  # (B_global, D)
         all_text = gather_with_grad(text_features, self.rank, self.world_size, self.group)  # (B_global, D)
-        scale = logit_scale.float()
+        if self.tile_size:
+            positives = scale * (image_features * text_features).sum(dim=1)  # (B_local,)
+            image_to_text = tiled_logsumexp(image_features, all_text, scale, self.tile_size) - positives
+            text_to_image = tiled_logsumexp(text_features, all_image, scale, self.tile_size) - positives
+            return {"contrastive": (image_to_text.mean() + text_to_image.mean()) / 2}
         logits_per_image = scale * image_features @ all_text.T  # (B_local, B_global)
         logits_per_text = scale * text_features @ all_image.T  # (B_local, B_global)
         offset = image_features.shape[0] * self.rank
         labels = torch.arange(offset, offset + image_features.shape[0], device=image_features.device)
         loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
         return {"contrastive": loss}
+
+
+class _NeighbourExchange(torch.autograd.Function):
+    """Send ``tensor`` to rank ``to``, receive one of the same shape from rank ``source``; gradients go back."""
+
+    @staticmethod
+    def forward(ctx, tensor, to, source, group):
+        ctx.to, ctx.source, ctx.group = to, source, group
+        return _exchange(tensor, to, source, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _exchange(grad, ctx.source, ctx.to, ctx.group), None, None, None
+
+
+def _exchange(tensor: torch.Tensor, to: int, source: int, group) -> torch.Tensor:
+    received = torch.empty_like(tensor)
+    requests = [dist.isend(tensor.contiguous(), to, group=group), dist.irecv(received, source, group=group)]
+    for request in requests:
+        request.wait()
+    return received
+
+
+class SigLipLoss(torch.nn.Module):
+    """Pairwise sigmoid loss (Zhai et al., 2023) with learnable temperature and bias."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, exchange: str = "all_gather", tile_size: int = 0,
+                 group=None) -> None:
+        super().__init__()
+        if exchange not in SIGLIP_EXCHANGES:
+            raise ValueError(f"loss.siglip_exchange: {exchange!r} is not one of {SIGLIP_EXCHANGES}")
+        self.rank, self.world_size, self.exchange = rank, world_size, exchange
+        self.tile_size, self.group = tile_size, group
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor) -> dict[str, torch.Tensor]:
+        image_features, text_features = image_features.float(), text_features.float()
+        scale, bias = logit_scale.float(), logit_bias.float()
+        local_batch = image_features.shape[0]
+        if self.world_size == 1 or self.exchange == "all_gather":
+            all_text = gather_with_grad(text_features, self.rank, self.world_size, self.group)  # (B_global, D)
+            total = _sigmoid_loss_sum(image_features, all_text, scale, bias, local_batch * self.rank, self.tile_size)
+            return {"contrastive": total / local_batch}
+        total = _sigmoid_loss_sum(image_features, text_features, scale, bias, 0, self.tile_size)
+        right, left = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
+        passing = text_features
+        for _ in range(self.world_size - 1):  # every other rank's texts, one hop at a time: negatives only
+            passing = _NeighbourExchange.apply(passing, right, left, self.group)
+            total = total + _sigmoid_loss_sum(image_features, passing, scale, bias, None, self.tile_size)
+        return {"contrastive": total / local_batch}
 
 
 def naive_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
@@ -69,9 +247,19 @@ def naive_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+def naive_siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                      logit_bias: torch.Tensor) -> torch.Tensor:
+    """Reference: the SigLIP paper's pseudocode on one process, normalised by the batch size."""
+    logits = logit_scale * image_features.float() @ text_features.float().T + logit_bias  # (B, B)
+    labels = 2 * torch.eye(logits.shape[0], device=logits.device) - 1
+    return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
+
+
 def build_loss(cfg: LossConfig, rank: int = 0, world_size: int = 1) -> torch.nn.Module:
     if cfg.kind == "clip":
-        return ClipLoss(rank, world_size)
+        return ClipLoss(rank, world_size, cfg.tile_size)
+    if cfg.kind == "siglip":
+        return SigLipLoss(rank, world_size, cfg.siglip_exchange, cfg.tile_size)
     raise ValueError(f"loss.kind: {cfg.kind!r} is not one of {LOSS_KINDS}")
 
 

@@ -64,6 +64,10 @@ POSITION_PHRASES = {
 RELATIONS = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 
+# Captions that leave colour out: colour alone would let the contrastive task ignore shape.
+COLORLESS_CAPTIONS = 0.5
+_COLOR_WORDS = re.compile(r"\b(" + "|".join(COLORS) + r") ")
+
 SPLIT_IDS = {"train": 0, "shapes": 1, "colors": 2, "retrieval": 3}
 
 
@@ -107,7 +111,7 @@ def _draw_combo(rng: np.random.Generator, heldout: str, avoid_shape: str | None 
 
 
 def _radius(rng: np.random.Generator, size: str) -> float:
-    return float(rng.uniform(0.09, 0.12) if size == "small" else rng.uniform(0.17, 0.21))
+    return float(rng.uniform(0.11, 0.14) if size == "small" else rng.uniform(0.19, 0.24))
 
 
 def _cell_center(rng: np.random.Generator, position: str, radius: float) -> tuple[float, float]:
@@ -193,6 +197,8 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
             "{c1} {s1} {rel} {c2} {s2}",
             "a {z} {c1} {s1} {rel} a {z} {c2} {s2}",
             "there is a {c1} {s1} {rel} a {c2} {s2}{bg}",
+            "a {s1} {rel} a {s2}",
+            "a {z} {s1} {rel} a {s2}{bg}",
         ]
         words = dict(c1=first.color, s1=first.shape, c2=second.color, s2=second.shape, rel=relation,
                      z=first.size)
@@ -211,13 +217,19 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
             "an image showing {n} {z} {c} {s}{pos}",
             "there {verb} {n} {c} {s}{pos}",
             "{z} {c} {s}{pos}",
+            "{n} {s}{pos}",
+            "a drawing of {n} {z} {s}{pos}{bg}",
         ]
         words = dict(n="a" if count == 1 else NUMBER_WORDS[count], z=obj.size, c=obj.color,
                      s=_noun(obj.shape, count), pos=position, verb="is" if count == 1 else "are")
     background = "" if scene.background == "plain" and rng.random() < 0.5 else f" on a {scene.background} background"
     words["bg"] = background if rng.random() < 0.5 else ""
     template = templates[rng.integers(len(templates))]
-    return re.sub(r"\ba ([aeiou])", r"an \1", template.format(**words))
+    text = template.format(**words)
+    if rng.random() < COLORLESS_CAPTIONS:
+        text = _COLOR_WORDS.sub("", text)
+    text = re.sub(r"\ban ([^aeiou])", r"a \1", text)
+    return re.sub(r"\ba ([aeiou])", r"an \1", text)
 
 
 # ---------------------------------------------------------------------------------------------

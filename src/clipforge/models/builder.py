@@ -33,6 +33,10 @@ class ModelConfig:
     directory. None = random init. Nothing is downloaded."""
     force_quick_gelu: bool = False
     """Use QuickGELU activations (as OpenAI's original CLIP weights need)."""
+    init_logit_scale: Optional[float] = None
+    """Initial log inverse temperature (None = the architecture's, log(1/0.07) for CLIP; SigLIP uses log(10))."""
+    init_logit_bias: Optional[float] = None
+    """Initial logit bias; set it (SigLIP: -10) to give the model the learnable bias the sigmoid loss needs."""
 
 
 @dataclass
@@ -80,9 +84,14 @@ def load_weights(model: torch.nn.Module, source: str) -> None:
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> BuiltModel:
     architecture = resolve_architecture(cfg.name)
+    model_kwargs: dict[str, Any] = {}
+    if cfg.init_logit_scale is not None:
+        model_kwargs["init_logit_scale"] = cfg.init_logit_scale
+    if cfg.init_logit_bias is not None:
+        model_kwargs["init_logit_bias"] = cfg.init_logit_bias
     model, train_transform, eval_transform = open_clip.create_model_and_transforms(
         architecture, pretrained=None, device=device, force_quick_gelu=cfg.force_quick_gelu,
-        pretrained_text=False, output_dict=True,
+        pretrained_text=False, output_dict=True, **model_kwargs,
     )
     if cfg.pretrained:
         load_weights(model, cfg.pretrained)

@@ -26,7 +26,7 @@ from clipforge.train.checkpoint import Checkpointer, load_checkpoint, rng_state,
 from clipforge.train.metrics import MetricLogger, plot_curves
 from clipforge.train.optim import build_optimizer, build_scheduler
 from clipforge.train.parallel import parallelize, unwrap
-from clipforge.train.step import AUTOCAST_DTYPES, PlainStep
+from clipforge.train.step import AUTOCAST_DTYPES, build_step
 
 if TYPE_CHECKING:
     from clipforge.config import RunConfig
@@ -50,6 +50,9 @@ class TrainConfig:
     """Seed of model init and torch RNG (the rank is added)."""
     precision: str = "fp32"
     """fp32, or bf16 autocast (the loss is always computed in fp32)."""
+    accum_steps: int = 1
+    """Split each batch into k micro-batches with cached features (GradCache): the loss still sees all of
+    data.batch_size as negatives, activation memory is one micro-batch's."""
     resume: Optional[str] = None
     """Resume from a checkpoint directory, or 'latest' for the newest complete one in this run (none = fresh)."""
 
@@ -60,6 +63,8 @@ class TrainConfig:
             raise ValueError(f"train.checkpoint_every: must be positive, got {self.checkpoint_every}")
         if self.keep_last < 1:
             raise ValueError(f"train.keep_last: must be >= 1, got {self.keep_last}")
+        if self.accum_steps < 1:
+            raise ValueError(f"train.accum_steps: must be >= 1, got {self.accum_steps}")
         if self.precision not in AUTOCAST_DTYPES:
             raise ValueError(f"train.precision: {self.precision!r} is not one of {tuple(AUTOCAST_DTYPES)}")
 
@@ -118,6 +123,10 @@ def _train(cfg: "RunConfig", dist_info: DistInfo, config_yaml: str) -> dict[str,
     _seed_everything(cfg.train.seed + dist_info.rank)
 
     built = build_model(cfg.model)
+    if not cfg.loss.learn_temperature:
+        for name in ("logit_scale", "logit_bias"):
+            if getattr(built.model, name, None) is not None:
+                getattr(built.model, name).requires_grad_(False)
     model = parallelize(built.model, dist_info)
     loss_fn = build_loss(cfg.loss, dist_info.rank, dist_info.world_size)
     optimizer = build_optimizer(cfg.optim, built.model)
@@ -138,8 +147,8 @@ def _train(cfg: "RunConfig", dist_info: DistInfo, config_yaml: str) -> dict[str,
         set_rng_state(state["rng"])
         step = int(state["step"])
         log.info("resumed from %s at step %d", resume_from, step)
-    step_fn = PlainStep(model, loss_fn, optimizer, scheduler, dist_info.device, cfg.train.precision,
-                        cfg.optim.grad_clip_norm, cfg.loss.max_logit_scale)
+    step_fn = build_step(model, loss_fn, optimizer, scheduler, dist_info.device, cfg.train.precision,
+                         cfg.optim.grad_clip_norm, cfg.loss.max_logit_scale, cfg.train.accum_steps)
     logger = MetricLogger(run_dir, cfg.logging, cfg.train.steps, step, dist_info.is_main)
 
     def save() -> Path:

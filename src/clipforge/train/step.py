@@ -1,8 +1,18 @@
 """Step strategies: how one batch becomes one optimizer update. Chosen once, at build time.
 
 ``PlainStep``: forward both towers under autocast, contrastive loss in fp32, backward, clip the
-gradient norm, AdamW step, schedule step, clamp the temperature. It returns detached tensors
-only: nothing here forces a host sync.
+gradient norm, AdamW step, schedule step, clamp the temperature.
+
+``CachedAccumulationStep`` (``train.accum_steps = k > 1``): GradCache (Gao et al., 2021). The batch
+is split into k micro-batches whose features are computed without a graph; the loss is taken
+once over all of them, so the negatives are the whole accumulated batch, exactly as one k×
+larger batch would see; then each micro-batch is forwarded again, with its RNG state replayed (so
+dropout and patch dropout draw the same masks), and backpropagated with the cached feature
+gradients. Peak activation memory is one micro-batch's. The temperature and bias gradients come
+from the one loss evaluation and are injected through the last re-forward, so DDP reduces every
+gradient exactly once.
+
+Both return detached tensors only: nothing here forces a host sync.
 """
 
 from __future__ import annotations
@@ -30,20 +40,100 @@ class PlainStep:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+    def _loss(self, image_features, text_features, logit_scale, logit_bias) -> dict[str, torch.Tensor]:
+        if logit_bias is None:
+            return self.loss_fn(image_features, text_features, logit_scale)
+        return self.loss_fn(image_features, text_features, logit_scale, logit_bias)
+
+    def backward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Gradients of the batch's loss in ``.grad``; returns the loss terms and the scale used."""
         images = batch["images"].to(self.device, non_blocking=True)
         texts = batch["texts"].to(self.device, non_blocking=True)
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             out = self.model(images, texts)
-        losses = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        losses = self._loss(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
         loss = sum(losses.values())
         loss.backward()
+        return {"loss": loss.detach(), "logit_scale": out["logit_scale"].detach().float(),
+                **{k: v.detach() for k, v in losses.items()}}
+
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = self.backward(batch)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.grad_clip_norm if self.grad_clip_norm else float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         clamp_logit_scale(unwrap(self.model).logit_scale, self.max_logit_scale)
-        return {"loss": loss.detach(), "grad_norm": grad_norm.detach(),
-                "logit_scale": out["logit_scale"].detach().float(), **{k: v.detach() for k, v in losses.items()}}
+        return {**metrics, "grad_norm": grad_norm.detach()}
+
+
+class CachedAccumulationStep(PlainStep):
+    def __init__(self, *args, accum_steps: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.accum_steps = accum_steps
+
+    def _rng_state(self):
+        if self.device.type == "cuda":
+            return torch.get_rng_state(), torch.cuda.get_rng_state(self.device)
+        return torch.get_rng_state(), None
+
+    def _set_rng_state(self, state) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
+
+    @torch.no_grad()
+    def cache_features(self, chunks):
+        """Features of every micro-batch without graphs, and the RNG state each one started from."""
+        states, image_features, text_features = [], [], []
+        for images, texts in chunks:
+            states.append(self._rng_state())
+            with self._autocast():
+                out = self.model(images, texts)
+            image_features.append(out["image_features"].float())
+            text_features.append(out["text_features"].float())
+        return states, torch.cat(image_features), torch.cat(text_features)
+
+    def backward(self, batch: dict) -> dict[str, torch.Tensor]:
+        images = batch["images"].to(self.device, non_blocking=True)
+        texts = batch["texts"].to(self.device, non_blocking=True)
+        chunks = list(zip(images.chunk(self.accum_steps), texts.chunk(self.accum_steps)))
+        states, image_features, text_features = self.cache_features(chunks)
+        core = unwrap(self.model)
+        image_features.requires_grad_()
+        text_features.requires_grad_()
+        scale = core.logit_scale.detach().exp().requires_grad_()
+        bias = core.logit_bias.detach().clone().requires_grad_() if getattr(core, "logit_bias", None) is not None \
+            else None
+        losses = self._loss(image_features, text_features, scale, bias)
+        loss = sum(losses.values())
+        loss.backward()
+        sizes = [len(chunk_images) for chunk_images, _ in chunks]
+        image_grads, text_grads = image_features.grad.split(sizes), text_features.grad.split(sizes)
+        end_state = self._rng_state()
+        for index, ((chunk_images, chunk_texts), state) in enumerate(zip(chunks, states)):
+            last = index == len(chunks) - 1
+            self._set_rng_state(state)
+            sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                with self._autocast():
+                    out = self.model(chunk_images, chunk_texts)
+                surrogate = (out["image_features"].float() * image_grads[index]).sum() + \
+                    (out["text_features"].float() * text_grads[index]).sum()
+                if last:  # temperature and bias: their gradient from the one loss evaluation
+                    surrogate = surrogate + (out["logit_scale"].float() * scale.grad).sum()
+                    if bias is not None:
+                        surrogate = surrogate + (out["logit_bias"].float() * bias.grad).sum()
+                surrogate.backward()
+        self._set_rng_state(end_state)
+        return {"loss": loss.detach(), "logit_scale": scale.detach(), **{k: v.detach() for k, v in losses.items()}}
+
+
+def build_step(model, loss_fn, optimizer, scheduler, device: str, precision: str, grad_clip_norm, max_logit_scale,
+               accum_steps: int = 1) -> PlainStep:
+    args = (model, loss_fn, optimizer, scheduler, device, precision, grad_clip_norm, max_logit_scale)
+    if accum_steps > 1:
+        return CachedAccumulationStep(*args, accum_steps=accum_steps)
+    return PlainStep(*args)

@@ -1,0 +1,67 @@
+"""Step strategies: GradCache accumulation equals one k×-sized batch, gradient for gradient."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from clipforge.losses import LossConfig, build_loss
+from clipforge.models import ModelConfig, build_model
+from clipforge.train.step import CachedAccumulationStep, PlainStep, build_step
+
+from conftest import TINY_MODEL
+
+
+def make_step(model, loss_fn, accum_steps):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return build_step(model, loss_fn, optimizer, scheduler, "cpu", "fp32", 1.0, 100.0, accum_steps)
+
+
+def batch(built, size=32):
+    generator = torch.Generator().manual_seed(0)
+    words = ["red", "blue", "circle", "square", "star", "two", "small", "large", "above", "left"]
+    captions = [" ".join(words[i] for i in torch.randint(0, 10, (5,), generator=generator)) for _ in range(size)]
+    return {"images": torch.randn(size, 3, 32, 32, generator=generator), "texts": built.tokenizer(captions)}
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_cached_accumulation_equals_one_large_batch(kind, tiny_model_json):
+    extra = {"init_logit_scale": 2.302585, "init_logit_bias": -10.0} if kind == "siglip" else {}
+    built = build_model(ModelConfig(name=tiny_model_json, **extra))
+    data = batch(built)
+    grads = {}
+    for accum_steps in (1, 4):
+        model = copy.deepcopy(built.model).train()
+        step = make_step(model, build_loss(LossConfig(kind=kind)), accum_steps)
+        assert isinstance(step, CachedAccumulationStep if accum_steps > 1 else PlainStep)
+        metrics = step.backward(data)
+        grads[accum_steps] = ({n: p.grad.clone() for n, p in model.named_parameters()}, metrics["loss"])
+    (reference, reference_loss), (cached, cached_loss) = grads[1], grads[4]
+    torch.testing.assert_close(cached_loss, reference_loss, rtol=1e-5, atol=1e-6)
+    assert "logit_scale" in cached and (kind == "clip" or "logit_bias" in cached)
+    for name, grad in reference.items():
+        torch.testing.assert_close(cached[name], grad, rtol=1e-5, atol=1e-5 * grad.abs().max().item())
+        assert (cached[name] - grad).norm() <= 1e-5 * grad.norm(), name
+
+
+def test_replayed_rng_reproduces_patch_dropout(tmp_path):
+    config = json.loads(json.dumps(TINY_MODEL))
+    config["vision_cfg"]["patch_dropout"] = 0.5
+    path = tmp_path / "dropout-tiny.json"
+    path.write_text(json.dumps(config))
+    built = build_model(ModelConfig(name=str(path)))
+    model = built.model.train()
+    step = make_step(model, build_loss(LossConfig()), 4)
+    data = batch(built)
+    chunks = list(zip(data["images"].chunk(4), data["texts"].chunk(4)))
+    states, image_features, _ = step.cache_features(chunks)
+    replayed, fresh = [], []
+    with torch.no_grad():
+        for (images, texts), state in zip(chunks, states):
+            step._set_rng_state(state)
+            replayed.append(model(images, texts)["image_features"])
+            fresh.append(model(images, texts)["image_features"])  # a new draw of the dropout mask
+    torch.testing.assert_close(torch.cat(replayed), image_features)
+    assert not torch.allclose(torch.cat(fresh), image_features)
