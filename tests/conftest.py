@@ -41,3 +41,18 @@ def synth_suite(synth_data, tmp_path_factory) -> Path:
                   for name, task in (("shapes", "zeroshot_classification"), ("colors", "zeroshot_classification"),
                                      ("retrieval", "zeroshot_retrieval"))))
     return path
+
+
+TINY_RESNET = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet_json(tmp_path_factory) -> str:
+    """A tiny CLIP-ResNet: learns the synthetic shapes much faster than a tiny ViT on a CPU."""
+    path = tmp_path_factory.mktemp("models") / "test-tiny-rn-32.json"
+    path.write_text(json.dumps(TINY_RESNET))
+    return str(path)

@@ -48,3 +48,10 @@ def test_only_distributed_reads_launch_environment():
         text = path.read_text()
         for variable in ("SLURM_PROCID", '"RANK"', "LOCAL_RANK", '"WORLD_SIZE"'):
             assert variable not in text, f"{path.relative_to(PACKAGE)} reads {variable}"
+
+
+def test_losses_never_sync_with_the_host():
+    """No .item()/.cpu()/.tolist() in the loss: the distributed path adds only its collectives."""
+    text = (PACKAGE / "losses.py").read_text()
+    for call in (".item()", ".cpu()", ".tolist()", ".numpy()"):
+        assert call not in text, call

@@ -25,8 +25,8 @@ def losses(run_dir):
     return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
-def test_loss_falls_and_zero_shot_beats_chance(synth_data, synth_suite, tiny_model_json, tmp_path):
-    cfg = config(synth_data, tiny_model_json, tmp_path / "run", "train.steps=150", "train.checkpoint_every=1000",
+def test_loss_falls_and_zero_shot_beats_chance(synth_data, synth_suite, tiny_resnet_json, tmp_path):
+    cfg = config(synth_data, tiny_resnet_json, tmp_path / "run", "train.steps=150", "train.checkpoint_every=1000",
                  f"eval.suite={synth_suite}", "eval.batch_size=100", "logging.plot=true")
     initial = build_model(cfg.model)
     untrained = run_suite(OpenClipEncoder(initial.model.eval()), initial.tokenizer, initial.eval_transform,
@@ -34,7 +34,7 @@ def test_loss_falls_and_zero_shot_beats_chance(synth_data, synth_suite, tiny_mod
     result = train(cfg)
     curve = losses(tmp_path / "run")
     first, last = sum(curve[s] for s in range(1, 11)) / 10, sum(curve[s] for s in range(141, 151)) / 10
-    assert last < 0.6 * first, (first, last)
+    assert last < 0.7 * first, (first, last)
     evaluated = json.loads((tmp_path / "run" / "eval" / "step_00000150.json").read_text())
     assert result["eval"]["eval/colors/acc1"] == evaluated["colors"]["acc1"]
     assert evaluated["colors"]["acc1"] > 0.5 > untrained["colors"]["acc1"] + 0.15  # chance is 1/6
@@ -78,3 +78,26 @@ def test_incomplete_checkpoints_are_ignored(synth_data, tiny_model_json, tmp_pat
     broken.mkdir()
     (broken / "model.safetensors").write_bytes(b"half")
     assert Checkpointer(checkpoints).latest().name == "step_00000002"
+
+
+def test_fixed_temperature_and_siglip_training(synth_data, tiny_model_json, tmp_path):
+    import math
+
+    cfg = config(synth_data, tiny_model_json, tmp_path / "run", "train.steps=3", "loss.kind=siglip",
+                 "loss.learn_temperature=false", "model.init_logit_scale=2.302585", "model.init_logit_bias=-10",
+                 "train.accum_steps=4", "loss.tile_size=16")
+    train(cfg)
+    weights = load_file(tmp_path / "run" / "checkpoints" / "latest" / "model.safetensors")
+    assert weights["logit_scale"].item() == pytest.approx(math.log(10), abs=1e-6)
+    assert weights["logit_bias"].item() == -10.0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train/temperature"] == pytest.approx(0.1, rel=1e-5) for r in records if "train/loss" in r)
+
+
+def test_siglip_needs_a_bias_in_the_config(synth_data, tiny_model_json, tmp_path):
+    from clipforge.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.init_logit_bias"):
+        config(synth_data, tiny_model_json, tmp_path, "loss.kind=siglip")
+    with pytest.raises(ConfigError, match="not divisible by train.accum_steps=5"):
+        config(synth_data, tiny_model_json, tmp_path, "train.accum_steps=5")

@@ -35,6 +35,8 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"train.resume={args.resume}")
     cfg = load_config(args.config, overrides)
     result = train(cfg)
+    if result.get("eval_table"):
+        print(f"\nzero-shot results at step {result['step']} ({cfg.eval.suite}):\n\n{result['eval_table']}")
     print(json.dumps({"step": result["step"], "checkpoint": result["checkpoint"]}))
     return 0
 

@@ -79,7 +79,8 @@ class _TiledLogSumExp(torch.autograd.Function):
     def forward(ctx, queries, keys, scale, tile):
         lse = torch.empty(queries.shape[0], device=queries.device, dtype=torch.float32)
         for r0, r1 in _tiles(queries.shape[0], tile):
-            parts = [torch.logsumexp(scale * queries[r0:r1] @ keys[c0:c1].T, dim=1)  # (tile_r,)
+            scaled = queries[r0:r1] * scale
+            parts = [torch.logsumexp(scaled @ keys[c0:c1].T, dim=1)  # (tile_r,)
                      for c0, c1 in _tiles(keys.shape[0], tile)]
             lse[r0:r1] = torch.logsumexp(torch.stack(parts), dim=0)
         ctx.save_for_backward(queries, keys, scale, lse)
@@ -93,13 +94,14 @@ class _TiledLogSumExp(torch.autograd.Function):
         grad_scale = torch.zeros((), device=queries.device, dtype=torch.float32)
         for r0, r1 in _tiles(queries.shape[0], ctx.tile):
             q, g, row_lse = queries[r0:r1], grad_lse[r0:r1, None], lse[r0:r1, None]
+            scaled = q * scale
             for c0, c1 in _tiles(keys.shape[0], ctx.tile):
                 k = keys[c0:c1]
-                dots = q @ k.T  # (tile_r, tile_c)
-                weights = torch.exp(scale * dots - row_lse).mul_(g)  # softmax × upstream gradient
-                grad_queries[r0:r1] += scale * (weights @ k)
-                grad_keys[c0:c1] += scale * (weights.T @ q)
-                grad_scale += (weights * dots).sum()
+                weights = (scaled @ k.T).sub_(row_lse).exp_().mul_(g)  # softmax × upstream gradient, (tile_r, tile_c)
+                weighted_keys = weights @ k
+                grad_queries[r0:r1] += scale * weighted_keys
+                grad_keys[c0:c1] += weights.T @ scaled
+                grad_scale += (q * weighted_keys).sum()  # Σ weights ⊙ (q kᵀ), without a tile-sized product
         return grad_queries, grad_keys, grad_scale, None
 
 
@@ -107,18 +109,64 @@ def tiled_logsumexp(queries: torch.Tensor, keys: torch.Tensor, scale: torch.Tens
     return _TiledLogSumExp.apply(queries, keys, scale, tile)
 
 
-class _TiledSigmoidLoss(torch.autograd.Function):
-    """Σ_ij -log σ(z_ij (scale · q_i · k_j + bias)), z = +1 at (i, i + positive_offset), else -1."""
+class _SymmetricTiledLogSumExp(torch.autograd.Function):
+    """Row and column log-sum-exp of scale · A Bᵀ for square (N, D) inputs, sharing every tile's product.
+
+    One process holding the whole batch needs both directions of the same matrix: each tile is
+    multiplied once in forward and once in backward (four products in all, against six for
+    materialised logits).
+    """
 
     @staticmethod
-    def forward(ctx, queries, keys, scale, bias, positive_offset, tile):
+    def forward(ctx, rows, cols, scale, tile):
+        row_lse = torch.full((rows.shape[0],), -math.inf, device=rows.device)
+        col_lse = torch.full((cols.shape[0],), -math.inf, device=rows.device)
+        for r0, r1 in _tiles(rows.shape[0], tile):
+            scaled = rows[r0:r1] * scale
+            for c0, c1 in _tiles(cols.shape[0], tile):
+                logits = scaled @ cols[c0:c1].T  # (tile_r, tile_c)
+                row_lse[r0:r1] = torch.logaddexp(row_lse[r0:r1], torch.logsumexp(logits, dim=1))
+                col_lse[c0:c1] = torch.logaddexp(col_lse[c0:c1], torch.logsumexp(logits, dim=0))
+        ctx.save_for_backward(rows, cols, scale, row_lse, col_lse)
+        ctx.tile = tile
+        return row_lse, col_lse
+
+    @staticmethod
+    def backward(ctx, grad_row_lse, grad_col_lse):
+        rows, cols, scale, row_lse, col_lse = ctx.saved_tensors
+        grad_rows, grad_cols = torch.zeros_like(rows), torch.zeros_like(cols)
+        grad_scale = torch.zeros((), device=rows.device, dtype=torch.float32)
+        for r0, r1 in _tiles(rows.shape[0], ctx.tile):
+            q = rows[r0:r1]
+            scaled = q * scale
+            for c0, c1 in _tiles(cols.shape[0], ctx.tile):
+                k = cols[c0:c1]
+                logits = scaled @ k.T
+                weights = torch.exp(logits - row_lse[r0:r1, None]).mul_(grad_row_lse[r0:r1, None])
+                weights += logits.sub_(col_lse[None, c0:c1]).exp_().mul_(grad_col_lse[None, c0:c1])
+                weighted_cols = weights @ k
+                grad_rows[r0:r1] += scale * weighted_cols
+                grad_cols[c0:c1] += weights.T @ scaled
+                grad_scale += (q * weighted_cols).sum()
+        return grad_rows, grad_cols, grad_scale, None
+
+
+class _TiledSoftplusSum(torch.autograd.Function):
+    """Σ_ij softplus(scale · q_i · k_j + bias) for queries (R, D), keys (C, D), in (tile × tile) blocks.
+
+    The sigmoid loss of a negative pair is -log σ(-logit) = softplus(logit); a positive pair's
+    -log σ(logit) = softplus(logit) - logit, so the caller subtracts the positive logits.
+    """
+
+    @staticmethod
+    def forward(ctx, queries, keys, scale, bias, tile):
         total = torch.zeros((), device=queries.device, dtype=torch.float32)
-        for r0, r1, c0, c1, signs in _sigmoid_blocks(queries.shape[0], keys.shape[0], positive_offset, tile,
-                                                      queries.device):
-            logits = scale * queries[r0:r1] @ keys[c0:c1].T + bias
-            total += -F.logsigmoid(signs * logits).sum()
+        for r0, r1 in _tiles(queries.shape[0], tile):
+            scaled = queries[r0:r1] * scale
+            for c0, c1 in _tiles(keys.shape[0], tile):
+                total += F.softplus(torch.addmm(bias, scaled, keys[c0:c1].T)).sum()
         ctx.save_for_backward(queries, keys, scale, bias)
-        ctx.positive_offset, ctx.tile = positive_offset, tile
+        ctx.tile = tile
         return total
 
     @staticmethod
@@ -127,34 +175,29 @@ class _TiledSigmoidLoss(torch.autograd.Function):
         grad_queries, grad_keys = torch.zeros_like(queries), torch.zeros_like(keys)
         grad_scale = torch.zeros((), device=queries.device, dtype=torch.float32)
         grad_bias = torch.zeros((), device=queries.device, dtype=torch.float32)
-        for r0, r1, c0, c1, signs in _sigmoid_blocks(queries.shape[0], keys.shape[0], ctx.positive_offset, ctx.tile,
-                                                      queries.device):
-            q, k = queries[r0:r1], keys[c0:c1]
-            dots = q @ k.T
-            # d/dlogit of -log σ(z · logit) = -z σ(-z · logit)
-            grad_logits = (-signs * torch.sigmoid(-signs * (scale * dots + bias))) * grad_total
-            grad_queries[r0:r1] += scale * (grad_logits @ k)
-            grad_keys[c0:c1] += scale * (grad_logits.T @ q)
-            grad_scale += (grad_logits * dots).sum()
-            grad_bias += grad_logits.sum()
-        return grad_queries, grad_keys, grad_scale, grad_bias, None, None
-
-
-def _sigmoid_blocks(num_rows: int, num_cols: int, positive_offset, tile: int, device):
-    """(r0, r1, c0, c1, signs) per tile; signs is +1 on the positive diagonal, -1 elsewhere."""
-    for r0, r1 in _tiles(num_rows, tile):
-        rows = torch.arange(r0, r1, device=device)[:, None]
-        for c0, c1 in _tiles(num_cols, tile):
-            signs = -torch.ones(r1 - r0, c1 - c0, device=device)
-            if positive_offset is not None:
-                signs[(torch.arange(c0, c1, device=device)[None, :] == rows + positive_offset)] = 1.0
-            yield r0, r1, c0, c1, signs
+        for r0, r1 in _tiles(queries.shape[0], ctx.tile):
+            q = queries[r0:r1]
+            scaled = q * scale
+            for c0, c1 in _tiles(keys.shape[0], ctx.tile):
+                k = keys[c0:c1]
+                grad_logits = torch.addmm(bias, scaled, k.T).sigmoid_().mul_(grad_total)  # softplus' = sigmoid
+                weighted_keys = grad_logits @ k
+                grad_queries[r0:r1] += scale * weighted_keys
+                grad_keys[c0:c1] += grad_logits.T @ scaled
+                grad_scale += (q * weighted_keys).sum()
+                grad_bias += grad_logits.sum()
+        return grad_queries, grad_keys, grad_scale, grad_bias, None
 
 
 def _sigmoid_loss_sum(queries, keys, scale, bias, positive_offset, tile_size: int) -> torch.Tensor:
-    """Σ -log σ(z · logits) over all (query, key) pairs; positive_offset None = negatives only."""
+    """Σ -log σ(z · logits) over all (query, key) pairs, z = +1 at (i, i + positive_offset), else -1;
+    positive_offset None = negatives only."""
     if tile_size:
-        return _TiledSigmoidLoss.apply(queries, keys, scale, bias, positive_offset, tile_size)
+        total = _TiledSoftplusSum.apply(queries, keys, scale, bias, tile_size)
+        if positive_offset is not None:
+            partners = keys[positive_offset : positive_offset + queries.shape[0]]
+            total = total - (scale * (queries * partners).sum(dim=1) + bias).sum()
+        return total
     logits = scale * queries @ keys.T + bias  # (R, C)
     signs = -torch.ones_like(logits)
     if positive_offset is not None:
@@ -178,9 +221,13 @@ class ClipLoss(torch.nn.Module):
         all_text = gather_with_grad(text_features, self.rank, self.world_size, self.group)  # (B_global, D)
         if self.tile_size:
             positives = scale * (image_features * text_features).sum(dim=1)  # (B_local,)
-            image_to_text = tiled_logsumexp(image_features, all_text, scale, self.tile_size) - positives
-            text_to_image = tiled_logsumexp(text_features, all_image, scale, self.tile_size) - positives
-            return {"contrastive": (image_to_text.mean() + text_to_image.mean()) / 2}
+            if self.world_size == 1:  # one matrix, both directions
+                image_lse, text_lse = _SymmetricTiledLogSumExp.apply(image_features, text_features, scale,
+                                                                     self.tile_size)
+            else:  # this rank's rows of two different (B_local, B_global) matrices
+                image_lse = tiled_logsumexp(image_features, all_text, scale, self.tile_size)
+                text_lse = tiled_logsumexp(text_features, all_image, scale, self.tile_size)
+            return {"contrastive": ((image_lse - positives).mean() + (text_lse - positives).mean()) / 2}
         logits_per_image = scale * image_features @ all_text.T  # (B_local, B_global)
         logits_per_text = scale * text_features @ all_image.T  # (B_local, B_global)
         offset = image_features.shape[0] * self.rank

@@ -9,6 +9,9 @@ Bad input is skipped and counted, never fatal and never slow: a shard that canno
 truncated tar, a corrupt image, a caption that is missing, empty or not UTF-8. Each batch carries
 its worker's running counts; ``TrainLoader.skipped`` sums them.
 
+Augmentation is seeded per sample from (seed, epoch, rank, worker, position), so a sample gets the
+same random crop whether or not the run was interrupted.
+
 Exact resume: every batch also carries how many shuffled samples its worker has consumed. The
 ``TrainLoader`` state (epoch, consumed per worker, which worker is next) goes into the
 checkpoint; on resume each worker replays its shuffle, drops the consumed samples before
@@ -25,6 +28,7 @@ import logging
 import random
 import tarfile
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -169,7 +173,10 @@ class ShardedImageText(IterableDataset):
             consumed += 1
             if consumed <= skip:
                 continue
-            decoded = self._decode(sample, counter)
+            with torch.random.fork_rng(devices=[]):  # augmentation draws depend on the sample's place only
+                torch.manual_seed(zlib.crc32(f"{self.cfg.seed}-{self.epoch}-{self.rank}-{worker}".encode()) * 1_000_003
+                                  + consumed)
+                decoded = self._decode(sample, counter)
             if decoded is None:
                 continue
             images.append(decoded[0])

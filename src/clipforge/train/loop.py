@@ -190,4 +190,6 @@ def _train(cfg: "RunConfig", dist_info: DistInfo, config_yaml: str) -> dict[str,
     logger.close()
     if dist_info.is_main and cfg.logging.plot:
         plot_curves(run_dir)
-    return {"step": step, "checkpoint": str(final), "metrics": metrics, "eval": results}
+    table = run_dir / "eval" / f"step_{step:08d}.md"
+    return {"step": step, "checkpoint": str(final), "metrics": metrics, "eval": results,
+            "eval_table": table.read_text() if results and table.is_file() else None}
