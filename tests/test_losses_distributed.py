@@ -65,6 +65,7 @@ def worker(rank, world_size, port, cfg, out_path):
         if rank == 0:
             grads = {n: p.grad.clone() for n, p in model.module.named_parameters()}
             torch.save((mean_loss.item() / world_size, grads), out_path)
+        torch.distributed.barrier()  # no rank tears gloo down while another still talks (SIGABRT otherwise)
     finally:
         destroy_process_group()
 

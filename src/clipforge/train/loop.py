@@ -108,7 +108,10 @@ def train(cfg: "RunConfig") -> dict[str, Any]:
     dist_info = DistInfo.from_env(os.environ)
     init_process_group(dist_info, os.environ)
     try:
-        return _train(cfg, dist_info, to_yaml(cfg))
+        result = _train(cfg, dist_info, to_yaml(cfg))
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # gloo aborts if a rank tears down while a peer still talks
+        return result
     finally:
         destroy_process_group()
 
