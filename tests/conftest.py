@@ -16,11 +16,16 @@ TINY_MODEL = {
 }
 
 
+def _write_model(tmp_path_factory, name: str, config: dict) -> str:
+    path = tmp_path_factory.mktemp("models") / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_json(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("models") / "test-tiny-32.json"
-    path.write_text(json.dumps(TINY_MODEL))
-    return str(path)
+    """A tiny ViT (32 px, patch 8)."""
+    return _write_model(tmp_path_factory, "test-tiny-32", TINY_MODEL)
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +58,4 @@ TINY_RESNET = {
 @pytest.fixture(scope="session")
 def tiny_resnet_json(tmp_path_factory) -> str:
     """A tiny CLIP-ResNet: learns the synthetic shapes much faster than a tiny ViT on a CPU."""
-    path = tmp_path_factory.mktemp("models") / "test-tiny-rn-32.json"
-    path.write_text(json.dumps(TINY_RESNET))
-    return str(path)
+    return _write_model(tmp_path_factory, "test-tiny-rn-32", TINY_RESNET)

@@ -85,23 +85,6 @@ def expand_urls(urls: str) -> list[str]:
     return shards
 
 
-def count_samples(shards: list[str]) -> Optional[int]:
-    """Samples in ``shards`` from an img2dataset-style sizes.json beside them, if there is one."""
-    total = 0
-    sizes_cache: dict[Path, dict] = {}
-    for shard in shards:
-        sizes_path = Path(shard).parent / "sizes.json"
-        if sizes_path not in sizes_cache:
-            if not sizes_path.is_file():
-                return None
-            sizes_cache[sizes_path] = json.loads(sizes_path.read_text())
-        sizes = sizes_cache[sizes_path]
-        if Path(shard).name not in sizes:
-            return None
-        total += int(sizes[Path(shard).name])
-    return total
-
-
 class SkipCounter:
     """Counts skipped inputs by kind, logging the first of each kind with its shard and key."""
 
