@@ -42,7 +42,7 @@ def test_wrong_type_is_named(tmp_path):
 
 
 def test_missing_required_value_is_named():
-    with pytest.raises(ConfigError, match=r"data\.train_urls"):
+    with pytest.raises(ConfigError, match=r"data\.sources: no training data"):
         load_config(None, [])
 
 
@@ -71,4 +71,4 @@ def test_every_field_is_documented():
     for line in text.splitlines():
         if line.startswith("      "):
             assert line.strip(), f"undocumented field above: {text}"
-    assert "data.train_urls = (required)" in text and "optim.lr = 0.0005" in text
+    assert "data.sources = []" in text and "optim.lr = 0.0005" in text

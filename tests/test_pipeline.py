@@ -11,7 +11,7 @@ from PIL import Image
 from clipforge.data import DataConfig, build_train_loader
 from clipforge.data.shards import write_tar
 
-TRANSFORM = open_clip.image_transform(32, is_train=True)
+PREPROCESS = {"size": (32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bicubic"}
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32", context_length=24)
 
 
@@ -21,16 +21,17 @@ def jpeg(color=(200, 30, 30), size=32) -> bytes:
     return buffer.getvalue()
 
 
-def loader(urls, **overrides):
-    cfg = DataConfig(train_urls=urls, batch_size=overrides.pop("batch_size", 16), num_workers=overrides.pop("workers", 0),
+def loader(urls, rank=0, world_size=1, agree=bool, **overrides):
+    sources = {"train_urls": urls} if isinstance(urls, str) else {"sources": urls}
+    cfg = DataConfig(**sources, batch_size=overrides.pop("batch_size", 16), num_workers=overrides.pop("workers", 0),
                      shuffle_buffer=overrides.pop("shuffle_buffer", 50), shuffle_initial=10, **overrides)
-    return build_train_loader(cfg, TRANSFORM, TOKENIZER)
+    return build_train_loader(cfg, PREPROCESS, TOKENIZER, rank, world_size, agree=agree)
 
 
 def test_batches_have_the_right_shapes(synth_data):
     batches = loader(f"{synth_data}/train/{{00000..00005}}.tar", workers=2)
     batch = next(batches)
-    assert batch["images"].shape == (16, 3, 32, 32) and batch["images"].dtype == torch.float32
+    assert batch["images"].shape == (16, 3, 32, 32) and batch["images"].dtype == torch.uint8
     assert batch["texts"].shape == (16, 24) and batch["texts"].dtype == torch.long
     assert len(batch["keys"]) == 16 and len(set(batch["keys"])) == 16
     assert batches.skipped == {}

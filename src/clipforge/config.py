@@ -88,6 +88,9 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
     if missing:
         raise ConfigError(f"{source}: required value missing for {', '.join(missing)} (set it in the YAML "
                           f"or with --set {missing[0]}=...)")
+    if merged.data.train_urls is None and not merged.data.sources:
+        raise ConfigError(f"{source}: data.sources: no training data given (set data.sources, or data.train_urls "
+                          "for a single source)")
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:

@@ -96,3 +96,21 @@ def gather_with_grad(tensor: torch.Tensor, rank: int, world_size: int, group=Non
     if world_size == 1:
         return tensor
     return _GatherWithGrad.apply(tensor, rank, world_size, group)
+
+
+def make_agreement(info: DistInfo):
+    """``agree(flag) -> bool``: True only if ``flag`` is True on every rank.
+
+    The data loader asks it every step in epoch mode (do all ranks still have a batch?). It runs on a
+    gloo group of its own, on a CPU tensor, so under NCCL it never synchronises the GPU stream.
+    """
+    if not info.is_distributed:
+        return bool
+    group = dist.new_group(backend="gloo") if info.backend != "gloo" else None
+
+    def agree(flag: bool) -> bool:
+        value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+        return bool(value.item())
+
+    return agree

@@ -1,57 +1,83 @@
-"""The training stream: shards → split by rank and worker → tar samples → shuffle → decode → batches.
+"""The training stream: sources → shard plan per rank and worker → tar samples → shuffle → decode → batches.
 
-Per epoch, the shard list is permuted with a seed shared by all ranks, then split disjointly by
-rank and by DataLoader worker. Each worker reads its tars with webdataset's tar reader, shuffles
-samples in a buffer with a seeded RNG, decodes and transforms images, tokenizes captions in
-batches and yields whole batches, so the main process only receives tensors.
+Two modes (``data.mode``):
 
-Bad input is skipped and counted, never fatal and never slow: a shard that cannot be opened, a
-truncated tar, a corrupt image, a caption that is missing, empty or not UTF-8. Each batch carries
-its worker's running counts; ``TrainLoader.skipped`` sums them.
+* ``epoch``: each epoch the shards of all sources are permuted with a seed shared by every rank and
+  split disjointly over ranks × workers, balanced by their sample counts where known. Each sample is
+  seen at most once per epoch. Ranks whose shards hold fewer samples run dry first; so that no rank
+  ever waits in a collective for a peer that has stopped, every step the ranks agree (one tiny
+  all-reduce on a CPU process group) on whether all still have a batch, and the epoch ends for all
+  of them together when one has none. The samples left on the other ranks are dropped for that
+  epoch (as OpenCLIP drops the tail); balancing keeps that to less than a batch per worker.
+* ``resampled``: every worker draws shards with replacement (source ∝ weight / mean shard size, so
+  that weights are per-sample proportions; shard uniform within the source), seeded by (seed,
+  epoch, rank, worker). An epoch is ``epoch_samples`` samples (default: all sources' samples), the
+  same number of batches on every rank, so no agreement is needed.
 
-Augmentation is seeded per sample from (seed, epoch, rank, worker, position), so a sample gets the
-same random crop whether or not the run was interrupted.
+Each worker reads its tars with webdataset's tar reader (local, ``pipe:`` or fsspec streams, see
+``sources.py``), shuffles samples in a seeded buffer, decodes images (``images.py``), reads and
+cleans the caption, tokenizes whole batches and yields uint8 image batches, so the main process
+only receives tensors.
 
-Exact resume: every batch also carries how many shuffled samples its worker has consumed. The
-``TrainLoader`` state (epoch, consumed per worker, which worker is next) goes into the
-checkpoint; on resume each worker replays its shuffle, drops the consumed samples before
-decoding them (cheap), and the worker order is rotated so that the DataLoader's round robin
-continues where it stopped. The resumed run then sees exactly the batches the uninterrupted one
-would have.
+Bad input is skipped and counted, never slow (no sleeping handler): an unreadable shard, a
+truncated tar, a corrupt, zero-byte or over-large image, a caption that is missing, empty or not
+UTF-8. The first of each kind is logged with its shard and key; each batch carries its worker's
+running counts and ``TrainLoader.skipped`` sums them (they go to the training metrics). With
+``data.strict`` any of them stops the run instead.
+
+Exact resume: every batch carries how many shuffled samples its worker has consumed (and, in
+resampled mode, how many batches it has produced). The ``TrainLoader`` state (epoch, consumed and
+produced per worker, which worker is next) goes into the checkpoint; on resume each worker replays
+its shard plan and shuffle, drops the consumed samples before decoding them, and the worker order
+is rotated so that the DataLoader's round robin continues where it stopped. Augmentation and
+caption choice are seeded per sample from its place in the stream, so the resumed run sees exactly
+the batches the uninterrupted one would have.
 """
 
 from __future__ import annotations
 
-import io
+import heapq
 import json
 import logging
 import random
 import tarfile
-import warnings
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import braceexpand
 import torch
 import webdataset as wds
-from PIL import Image
+from open_clip.tokenizer import basic_clean, whitespace_clean
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from clipforge.data.images import DecompressionBomb, ImageTransform
+from clipforge.data.sources import Source, SourceConfig, open_shard
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MODES = ("epoch", "resampled")
+
+
+class DataError(RuntimeError):
+    """A bad input met in strict mode."""
 
 
 @dataclass
 class DataConfig:
     """Where training pairs come from and how they are batched."""
 
-    train_urls: str = "???"
-    """WebDataset shards, brace-expanded: data/synth/train/{00000..00019}.tar (img2dataset layout)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Shard sets: [{urls: ..., weight: 1.0, num_samples: null}, ...]. See clipforge/data/sources.py."""
+    train_urls: Optional[str] = None
+    """Shorthand for one source: sources=[{urls: TRAIN_URLS}] (OpenCLIP's --train-data, '::'-separated)."""
+    mode: str = "epoch"
+    """epoch: every sample once per epoch, shards split disjointly; resampled: shards drawn with replacement."""
+    epoch_samples: Optional[int] = None
+    """Resampled mode: samples per epoch (None = the sources' total, from num_samples or sizes.json)."""
+    shard_shortage: str = "error"
+    """Epoch mode with fewer shards than ranks × workers: error, or resample (switch to resampled mode)."""
     batch_size: int = 256
     """Samples per rank per step (the global batch is batch_size × world size)."""
     num_workers: int = 2
@@ -61,40 +87,53 @@ class DataConfig:
     shuffle_initial: int = 500
     """Samples buffered before the first one is yielded."""
     caption_key: str = "txt"
-    """Which member holds the caption: txt, or json:FIELD for a field of the sample's JSON."""
+    """Caption member: txt (the whole text), txt:lines (one line at random), or json:FIELD (a string, or a list:
+    one at random)."""
+    max_image_pixels: int = 89_478_485
+    """Images whose header declares more pixels are skipped as decompression bombs (Pillow's default limit)."""
+    strict: bool = False
+    """Stop at the first bad input instead of skipping and counting it."""
     seed: int = 0
-    """Seed of shard order and shuffle buffers (epoch, rank and worker are mixed in)."""
+    """Seed of shard order, resampling and shuffle buffers (epoch, rank and worker are mixed in)."""
     prefetch_factor: int = 4
     """Batches each worker prepares ahead."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "shuffle_buffer"):
+        for name in ("batch_size", "shuffle_buffer", "max_image_pixels"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"data.{name}: must be positive, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers: must be >= 0, got {self.num_workers}")
-        if not (self.caption_key == "txt" or self.caption_key.startswith("json:")):
-            raise ValueError(f"data.caption_key: expected 'txt' or 'json:FIELD', got {self.caption_key!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"data.mode: expected one of {MODES}, got {self.mode!r}")
+        if self.shard_shortage not in ("error", "resample"):
+            raise ValueError(f"data.shard_shortage: expected 'error' or 'resample', got {self.shard_shortage!r}")
+        if self.epoch_samples is not None and self.epoch_samples <= 0:
+            raise ValueError(f"data.epoch_samples: must be positive, got {self.epoch_samples}")
+        if not (self.caption_key in ("txt", "txt:lines") or self.caption_key.startswith("json:")):
+            raise ValueError(f"data.caption_key: expected 'txt', 'txt:lines' or 'json:FIELD', got {self.caption_key!r}")
+        if self.train_urls is not None and self.sources:
+            raise ValueError("data.train_urls and data.sources are both set; give one of them")
 
-
-def expand_urls(urls: str) -> list[str]:
-    """Brace-expand ``urls`` (``::`` separates several patterns)."""
-    shards = [url for pattern in urls.split("::") for url in braceexpand.braceexpand(pattern)]
-    if not shards:
-        raise ValueError(f"data.train_urls: {urls!r} expands to no shards")
-    return shards
+    def source_configs(self) -> list[SourceConfig]:
+        if self.train_urls is None and not self.sources:
+            raise ValueError("data.sources: no training data given (set data.sources or data.train_urls)")
+        return [SourceConfig(urls=self.train_urls)] if self.train_urls is not None else list(self.sources)
 
 
 class SkipCounter:
     """Counts skipped inputs by kind, logging the first of each kind with its shard and key."""
 
-    def __init__(self) -> None:
+    def __init__(self, strict: bool = False) -> None:
         self.counts: Counter[str] = Counter()
+        self.strict = strict
 
     def skip(self, kind: str, where: str, detail: str = "") -> None:
+        message = f"{kind.replace('_', ' ')} at {where}" + (f": {detail}" if detail else "")
+        if self.strict:
+            raise DataError(f"{message} (data.strict is set; unset it to skip and count bad inputs)")
         if self.counts[kind] == 0:
-            log.warning("skipping %s at %s%s (further ones are counted, not logged)", kind.replace("_", " "), where,
-                        f": {detail}" if detail else "")
+            log.warning("skipping %s (further ones are counted, not logged)", message)
         self.counts[kind] += 1
 
     def tar_handler(self, exn: Exception) -> bool:
@@ -108,110 +147,199 @@ class SkipCounter:
         return True  # keep going
 
 
-def decode_image(data: bytes) -> Image.Image:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    return image.convert("RGB")
+def read_caption(sample: dict[str, Any], caption_key: str, rng: random.Random) -> str:
+    """The cleaned caption (ftfy + whitespace, as open_clip's tokenizer cleans).
+
+    Raises KeyError if missing, UnicodeDecodeError/ValueError if not UTF-8 or not JSON.
+    """
+    if caption_key.startswith("txt"):
+        text = sample["txt"].decode("utf-8")
+        if caption_key == "txt:lines":
+            lines = [line for line in text.splitlines() if line.strip()]
+            text = rng.choice(lines) if lines else ""
+    else:
+        value = json.loads(sample["json"].decode("utf-8"))[caption_key.split(":", 1)[1]]
+        if isinstance(value, list):
+            value = rng.choice(value) if value else ""
+        text = "" if value is None else str(value)
+    return whitespace_clean(basic_clean(text))
 
 
-def read_caption(sample: dict[str, Any], caption_key: str) -> str:
-    """Caption from the sample; raises KeyError if missing, UnicodeDecodeError if not UTF-8."""
-    if caption_key == "txt":
-        return sample["txt"].decode("utf-8")
-    field = caption_key.split(":", 1)[1]
-    return str(json.loads(sample["json"].decode("utf-8"))[field])
+def assign_shards(shards: list[str], sizes: dict[str, Optional[int]], seed: int, epoch: int,
+                  slots: int) -> list[list[str]]:
+    """Split ``shards`` into ``slots`` disjoint lists with balanced sample counts, the same on every rank.
+
+    The shards are permuted (seeded by seed and epoch), then placed largest first on the least loaded
+    slot; each slot keeps the permuted order. Unknown sizes count as the mean known size.
+    """
+    order = list(shards)
+    random.Random(f"{seed}-shards-{epoch}").shuffle(order)
+    known = [v for v in sizes.values() if v is not None]
+    default = sum(known) / len(known) if known else 1.0
+    position = {shard: i for i, shard in enumerate(order)}
+    weight = {shard: sizes.get(shard) if sizes.get(shard) is not None else default for shard in order}
+    heap = [(0.0, slot) for slot in range(slots)]
+    out: list[list[str]] = [[] for _ in range(slots)]
+    for shard in sorted(order, key=lambda s: -weight[s]):  # stable: equal sizes keep the permuted order
+        load, slot = heapq.heappop(heap)
+        out[slot].append(shard)
+        heapq.heappush(heap, (load + weight[shard], slot))
+    for slot_shards in out:
+        slot_shards.sort(key=position.__getitem__)
+    return out
 
 
 class ShardedImageText(IterableDataset):
-    """Yields whole batches: {"images", "texts", "keys", "worker", "consumed", "skipped"}."""
+    """Yields whole batches: {"images" (uint8), "texts", "keys", "worker", "consumed", "produced", "skipped"}."""
 
-    def __init__(self, shards: list[str], cfg: DataConfig, transform: Callable, tokenizer: Callable,
-                 rank: int = 0, world_size: int = 1) -> None:
-        self.shards, self.cfg, self.transform, self.tokenizer = shards, cfg, transform, tokenizer
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, sources: list[Source], cfg: DataConfig, transform: ImageTransform, tokenizer: Callable,
+                 rank: int = 0, world_size: int = 1, mode: str = "epoch") -> None:
+        self.sources, self.cfg, self.transform, self.tokenizer = sources, cfg, transform, tokenizer
+        self.rank, self.world_size, self.mode = rank, world_size, mode
+        self.shards = [shard for source in sources for shard in source.shards]
+        self.sizes = {shard: size for source in sources for shard, size in source.sizes.items()}
         self.epoch = 0
         self.resume_consumed: dict[int, int] = {}
+        self.resume_produced: dict[int, int] = {}
+        self.worker_batches: dict[int, int] = {}  # resampled mode: batches each logical worker yields per epoch
         self.rotation = 0
 
-    def shards_for(self, logical_worker: int, num_workers: int) -> list[str]:
-        order = list(self.shards)
-        random.Random(f"{self.cfg.seed}-shards-{self.epoch}").shuffle(order)  # same on every rank
-        return order[self.rank :: self.world_size][logical_worker::num_workers]
+    def shards_for(self, logical_worker: int, num_workers: int) -> Iterator[str]:
+        if self.mode == "epoch":
+            plan = assign_shards(self.shards, self.sizes, self.cfg.seed, self.epoch, self.world_size * num_workers)
+            yield from plan[self.rank * num_workers + logical_worker]
+            return
+        rng = random.Random(f"{self.cfg.seed}-resample-{self.epoch}-{self.rank}-{logical_worker}")
+        weights = []
+        for source in self.sources:
+            known = [v for v in source.sizes.values() if v]
+            weights.append(source.weight / (sum(known) / len(known) if known else 1.0))
+        while True:
+            source = rng.choices(self.sources, weights)[0]
+            yield rng.choice(source.shards)
+
+    def _open(self, shards: Iterator[str], counter: SkipCounter, since_sample: list[int]) -> Iterator[dict[str, Any]]:
+        for url in shards:
+            since_sample[0] += 1
+            if since_sample[0] > 10 * len(self.shards) + 100:  # an endless resampled plan must not spin forever
+                raise ValueError(f"rank {self.rank}: {since_sample[0]} shards in a row yielded no sample; are the "
+                                 f"shards readable? (first: {self.shards[0]})")
+            try:
+                stream = open_shard(url)
+            except Exception as exn:
+                counter.skip("unreadable_shard", url, repr(exn))
+                continue
+            try:
+                yield {"url": url, "stream": stream}
+            finally:
+                try:
+                    stream.close()
+                except Exception as exn:  # e.g. a pipe: command that exited non-zero
+                    counter.skip("unreadable_shard", url, repr(exn))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         num_workers = info.num_workers if info else 1
         worker = ((info.id if info else 0) + self.rotation) % num_workers  # logical id, see module doc
-        shards = self.shards_for(worker, num_workers)
-        counter = SkipCounter()
-        samples = wds.tarfile_samples([{"url": url} for url in shards], handler=counter.tar_handler)
+        counter = SkipCounter(self.cfg.strict)
+        since_sample = [0]
+        files = wds.tariterators.tar_file_expander(
+            self._open(self.shards_for(worker, num_workers), counter, since_sample), handler=counter.tar_handler)
+        samples = wds.tariterators.group_by_keys(files, handler=counter.tar_handler)
         rng = random.Random(f"{self.cfg.seed}-buffer-{self.epoch}-{self.rank}-{worker}")
         shuffled = wds.filters._shuffle(samples, self.cfg.shuffle_buffer, self.cfg.shuffle_initial, rng=rng)
         skip = self.resume_consumed.get(worker, 0)
+        produced = self.resume_produced.get(worker, 0)
+        quota = self.worker_batches.get(worker) if self.mode == "resampled" else None
         consumed = 0
         images, texts, keys = [], [], []
+        place = f"{self.cfg.seed}-{self.epoch}-{self.rank}-{worker}"
         for sample in shuffled:
+            if quota is not None and produced >= quota:
+                break
             consumed += 1
+            since_sample[0] = 0
             if consumed <= skip:
                 continue
-            with torch.random.fork_rng(devices=[]):  # augmentation draws depend on the sample's place only
-                torch.manual_seed(zlib.crc32(f"{self.cfg.seed}-{self.epoch}-{self.rank}-{worker}".encode()) * 1_000_003
-                                  + consumed)
-                decoded = self._decode(sample, counter)
+            decoded = self._decode(sample, counter, random.Random(f"{place}-{consumed}"))
             if decoded is None:
                 continue
             images.append(decoded[0])
             texts.append(decoded[1])
             keys.append(sample["__key__"])
             if len(images) == self.cfg.batch_size:
+                produced += 1
                 yield {"images": torch.stack(images), "texts": self.tokenizer(texts), "keys": keys, "worker": worker,
-                       "consumed": consumed, "skipped": dict(counter.counts)}
+                       "consumed": consumed, "produced": produced, "skipped": dict(counter.counts)}
                 images, texts, keys = [], [], []
         # A last record without images carries the final counts (skips after the last full batch).
-        yield {"images": None, "worker": worker, "consumed": consumed, "skipped": dict(counter.counts)}
+        yield {"images": None, "worker": worker, "consumed": consumed, "produced": produced,
+               "skipped": dict(counter.counts)}
 
-    def _decode(self, sample: dict[str, Any], counter: SkipCounter) -> Optional[tuple[torch.Tensor, str]]:
+    def _decode(self, sample: dict[str, Any], counter: SkipCounter,
+                rng: random.Random) -> Optional[tuple[torch.Tensor, str]]:
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"
         extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if extension is None:
             counter.skip("missing_image", where)
             return None
         try:
-            caption = read_caption(sample, self.cfg.caption_key)
-        except (KeyError, ValueError, UnicodeDecodeError) as exn:
+            caption = read_caption(sample, self.cfg.caption_key, rng)
+        except (KeyError, ValueError, UnicodeDecodeError, TypeError) as exn:
             counter.skip("bad_caption", where, repr(exn))
             return None
-        caption = " ".join(caption.split())
         if not caption:
             counter.skip("empty_caption", where)
             return None
         try:
-            image = self.transform(decode_image(sample[extension]))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
+            image = self.transform(sample[extension], rng)
+        except DecompressionBomb as exn:
             counter.skip("decompression_bomb", where, str(exn))
             return None
-        except Exception as exn:  # PIL raises many types for corrupt data: all mean "skip this image"
+        except Exception as exn:  # decoders raise many types for corrupt data: all mean "skip this image"
             counter.skip("corrupt_image", where, repr(exn))
             return None
         return image, caption
 
 
+def _all_ranks_agree(flag: bool) -> bool:
+    return flag
+
+
 class TrainLoader:
-    """Endless iterator over training batches, epoch after epoch, whose position can be saved."""
+    """Endless iterator over training batches, epoch after epoch, whose position can be saved.
+
+    ``agree(flag) -> bool`` must return True only if ``flag`` is True on every rank (a MIN all-reduce);
+    in epoch mode it is asked every step whether all ranks still have a batch.
+    """
 
     def __init__(self, dataset: ShardedImageText, num_workers: int, prefetch_factor: int = 4,
-                 pin_memory: bool = False) -> None:
-        self.dataset, self.num_workers = dataset, num_workers
-        self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
+                 pin_memory: bool = False, agree: Callable[[bool], bool] = _all_ranks_agree) -> None:
+        self.dataset, self.num_workers, self.transform = dataset, num_workers, dataset.transform
+        self.prefetch_factor, self.pin_memory, self.agree = prefetch_factor, pin_memory, agree
         self.epoch = 0
         self.consumed: dict[int, int] = {}
+        self.produced: dict[int, int] = {}
         self.next_worker = 0
         self.epoch_skipped: dict[int, dict[str, int]] = {}
         self.skipped_before: Counter[str] = Counter()
         self._iterator: Optional[Iterator] = None
         self._epoch_yielded = False
+        if dataset.mode == "resampled":
+            steps = self.steps_per_epoch
+            workers = max(1, num_workers)
+            dataset.worker_batches = {w: steps // workers + (w < steps % workers) for w in range(workers)}
+
+    @property
+    def steps_per_epoch(self) -> Optional[int]:
+        """Batches per rank per epoch: exact in resampled mode, an upper bound in epoch mode (None if unknown)."""
+        global_batch = self.dataset.cfg.batch_size * self.dataset.world_size
+        if self.dataset.mode == "resampled":
+            total = self.dataset.cfg.epoch_samples or sum(s.num_samples or 0 for s in self.dataset.sources)
+            return max(1, total // global_batch)
+        if any(v is None for v in self.dataset.sizes.values()):
+            return None
+        return sum(v or 0 for v in self.dataset.sizes.values()) // global_batch
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -223,6 +351,7 @@ class TrainLoader:
     def _start_epoch(self) -> Iterator:
         self.dataset.epoch = self.epoch
         self.dataset.resume_consumed = dict(self.consumed)
+        self.dataset.resume_produced = dict(self.produced)
         self.dataset.rotation = self.next_worker
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None)
@@ -231,64 +360,93 @@ class TrainLoader:
     def __iter__(self) -> "TrainLoader":
         return self
 
-    def __next__(self) -> dict[str, Any]:
-        empty_epochs = 0
-        while True:
-            if self._iterator is None:
-                self._iterator = self._start_epoch()
-                self._epoch_yielded = False
-            try:
-                batch = next(self._iterator)
-            except StopIteration:
-                self._iterator = None
-                for counts in self.epoch_skipped.values():
-                    self.skipped_before.update(counts)
-                self.epoch, self.consumed, self.next_worker, self.epoch_skipped = self.epoch + 1, {}, 0, {}
-                empty_epochs = 0 if self._epoch_yielded else empty_epochs + 1
-                if empty_epochs == 2:  # a resumed epoch may legitimately be empty; two in a row cannot
-                    raise ValueError(f"{len(self.dataset.shards)} shards yielded no full batch of "
-                                     f"{self.dataset.cfg.batch_size} on rank {self.dataset.rank}; "
-                                     "check data.train_urls and data.batch_size") from None
-                continue
+    def _next_in_epoch(self) -> Optional[dict[str, Any]]:
+        """The next batch of the current epoch on this rank, or None when this rank's epoch is over."""
+        if self._iterator is None:
+            self._iterator = self._start_epoch()
+            self._epoch_yielded = False
+        for batch in self._iterator:
             worker = batch.pop("worker")
             self.consumed[worker] = batch.pop("consumed")
+            self.produced[worker] = batch.pop("produced")
             self.epoch_skipped[worker] = batch.pop("skipped")
             if batch["images"] is None:
                 continue
-            self._epoch_yielded = True
             self.next_worker = (worker + 1) % max(1, self.num_workers)
             return batch
+        return None
+
+    def __next__(self) -> dict[str, Any]:
+        empty_epochs = 0
+        while True:
+            batch = self._next_in_epoch()
+            have = batch is not None
+            if self.dataset.mode == "epoch" and self.dataset.world_size > 1:
+                have = self.agree(have)  # every rank ends the epoch at the same step
+            if have:
+                self._epoch_yielded = True
+                return batch
+            self._iterator = None
+            for counts in self.epoch_skipped.values():
+                self.skipped_before.update(counts)
+            self.epoch, self.consumed, self.produced, self.next_worker, self.epoch_skipped = self.epoch + 1, {}, {}, 0, {}
+            empty_epochs = 0 if self._epoch_yielded else empty_epochs + 1
+            self._epoch_yielded = False
+            if empty_epochs == 2:  # a resumed epoch may legitimately be empty; two in a row cannot
+                raise ValueError(f"{len(self.dataset.shards)} shards yielded no full batch of "
+                                 f"{self.dataset.cfg.batch_size} on some rank (this is rank {self.dataset.rank}); "
+                                 "check data.sources and data.batch_size")
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "consumed": {str(k): v for k, v in self.consumed.items()},
-                "next_worker": self.next_worker, "num_workers": self.num_workers,
+                "produced": {str(k): v for k, v in self.produced.items()},
+                "next_worker": self.next_worker, "num_workers": self.num_workers, "mode": self.dataset.mode,
                 "batch_size": self.dataset.cfg.batch_size, "world_size": self.dataset.world_size,
                 "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, have in (("num_workers", self.num_workers), ("batch_size", self.dataset.cfg.batch_size),
-                          ("world_size", self.dataset.world_size)):
-            if state[key] != have:
+                          ("world_size", self.dataset.world_size), ("mode", self.dataset.mode)):
+            if state.get(key, have) != have:
                 raise ValueError(f"cannot resume the data position exactly: the checkpoint was written with "
                                  f"{key}={state[key]}, this run has {have}")
         self.epoch = int(state["epoch"])
         self.consumed = {int(k): int(v) for k, v in state["consumed"].items()}
+        self.produced = {int(k): int(v) for k, v in state.get("produced", {}).items()}
         self.next_worker = int(state["next_worker"])
         self.skipped_before = Counter(state.get("skipped", {}))
         self.epoch_skipped = {}
         self._iterator = None
 
 
-def build_train_loader(cfg: DataConfig, transform: Callable, tokenizer: Callable, rank: int = 0,
-                       world_size: int = 1, pin_memory: bool = False) -> TrainLoader:
-    shards = expand_urls(cfg.train_urls)
-    local = [s for s in shards if "://" not in s and not s.startswith("pipe:")]
-    missing = [s for s in local if not Path(s).exists()]
-    if missing and len(missing) == len(shards):
-        raise FileNotFoundError(f"data.train_urls: none of the {len(shards)} shards exist (first: {missing[0]})")
+def build_train_loader(cfg: DataConfig, preprocess_cfg: dict[str, Any], tokenizer: Callable, rank: int = 0,
+                       world_size: int = 1, pin_memory: bool = False,
+                       agree: Callable[[bool], bool] = _all_ranks_agree) -> TrainLoader:
+    """The training loader for this rank. ``preprocess_cfg`` is open_clip's (``model.visual.preprocess_cfg``):
+    output size, mean, std, interpolation. Batches hold uint8 images; ``loader.transform.normalize`` makes
+    the model's float input from them on the training device."""
+    sources = [Source.resolve(source, i) for i, source in enumerate(cfg.source_configs())]
+    transform = ImageTransform.from_preprocess_cfg(preprocess_cfg, train=True, max_pixels=cfg.max_image_pixels)
+    mode = cfg.mode
+    num_shards = sum(len(source.shards) for source in sources)
     slots = world_size * max(1, cfg.num_workers)
-    if len(shards) < slots:
-        raise ValueError(f"data.train_urls: {len(shards)} shards cannot feed world_size × num_workers = {slots} "
-                         "readers disjointly; write more, smaller shards or lower data.num_workers")
-    dataset = ShardedImageText(shards, cfg, transform, tokenizer, rank, world_size)
-    return TrainLoader(dataset, cfg.num_workers, cfg.prefetch_factor, pin_memory)
+    if mode == "epoch":
+        for i, source in enumerate(sources):
+            if source.weight != 1.0 and len(sources) > 1:
+                raise ValueError(f"data.sources[{i}].weight={source.weight}: weights only apply in resampled mode "
+                                 "(epoch mode reads every sample once); set data.mode=resampled")
+        if num_shards < slots:
+            message = (f"data.sources: {num_shards} shards cannot feed world_size × num_workers = {slots} readers "
+                       "disjointly")
+            if cfg.shard_shortage == "error":
+                raise ValueError(message + "; write more, smaller shards, lower data.num_workers, or set "
+                                 "data.shard_shortage=resample")
+            log.warning("%s: switching to resampled mode (data.shard_shortage=resample)", message)
+            mode = "resampled"
+    if mode == "resampled" and cfg.epoch_samples is None:
+        unknown = [i for i, source in enumerate(sources) if source.num_samples is None]
+        if unknown:
+            raise ValueError(f"data.sources[{unknown[0]}]: resampled mode needs the sample count: set its "
+                             "num_samples, or data.epoch_samples, or write sizes.json beside the shards")
+    dataset = ShardedImageText(sources, cfg, transform, tokenizer, rank, world_size, mode)
+    return TrainLoader(dataset, cfg.num_workers, cfg.prefetch_factor, pin_memory, agree)

@@ -44,6 +44,7 @@ class BuiltModel:
     model: torch.nn.Module
     train_transform: Callable
     eval_transform: Callable
+    preprocess_cfg: dict[str, Any]
     tokenizer: Callable[[list[str]], torch.Tensor]
     architecture: str
     model_cfg: dict[str, Any]
@@ -97,4 +98,5 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> BuiltMo
         load_weights(model, cfg.pretrained)
     tokenizer = open_clip.get_tokenizer(architecture)
     model_cfg = open_clip.get_model_config(architecture)
-    return BuiltModel(model, train_transform, eval_transform, tokenizer, architecture, model_cfg)
+    preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
+    return BuiltModel(model, train_transform, eval_transform, preprocess_cfg, tokenizer, architecture, model_cfg)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from clipforge.data.pipeline import build_train_loader
-from clipforge.distributed import DistInfo, destroy_process_group, init_process_group
+from clipforge.distributed import DistInfo, destroy_process_group, init_process_group, make_agreement
 from clipforge.evaluation import OpenClipEncoder, load_suite, markdown_table, run_suite
 from clipforge.evaluation.suite import headline
 from clipforge.losses import build_loss
@@ -134,8 +134,9 @@ def _train(cfg: "RunConfig", dist_info: DistInfo, config_yaml: str) -> dict[str,
     loss_fn = build_loss(cfg.loss, dist_info.rank, dist_info.world_size)
     optimizer = build_optimizer(cfg.optim, built.model)
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
-    loader = build_train_loader(cfg.data, built.train_transform, built.tokenizer, dist_info.rank,
-                                dist_info.world_size, pin_memory=dist_info.device.startswith("cuda"))
+    loader = build_train_loader(cfg.data, built.preprocess_cfg, built.tokenizer, dist_info.rank,
+                                dist_info.world_size, pin_memory=dist_info.device.startswith("cuda"),
+                                agree=make_agreement(dist_info))
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_last, dist_info.rank)
     step = 0
     resume_from = _resolve_resume(cfg.train.resume, checkpointer)
@@ -166,6 +167,7 @@ def _train(cfg: "RunConfig", dist_info: DistInfo, config_yaml: str) -> dict[str,
         fetch_start = time.perf_counter()
         batch = next(loader)
         data_wait += time.perf_counter() - fetch_start
+        batch["images"] = loader.transform.normalize(batch["images"].to(dist_info.device, non_blocking=True))
         out = step_fn(batch)
         step += 1
         window_steps += 1
