@@ -9,15 +9,14 @@ included) to 1e-5 relative.
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from clipforge.distributed import DistInfo, destroy_process_group, init_process_group
+from ranks import run_ranks
+
 from clipforge.losses import LossConfig, build_loss, naive_clip_loss, naive_siglip_loss
 
 LOCAL_BATCH = 6
@@ -51,36 +50,19 @@ def loss_of(loss_fn, kind, model, images, texts):
     return loss_fn(image_features, text_features, core.logit_scale.exp(), core.logit_bias)["contrastive"]
 
 
-def worker(rank, world_size, port, cfg, out_path):
-    info = DistInfo(rank=rank, world_size=world_size, local_world_size=world_size)
-    init_process_group(info, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    try:
-        model = DistributedDataParallel(TinyDualEncoder(cfg.kind == "siglip"))
-        images, texts = global_batch(world_size)
-        local = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-        loss = loss_of(build_loss(cfg, rank, world_size), cfg.kind, model, images[local], texts[local])
-        loss.backward()
-        mean_loss = loss.detach().clone()
-        torch.distributed.all_reduce(mean_loss)
-        if rank == 0:
-            grads = {n: p.grad.clone() for n, p in model.module.named_parameters()}
-            torch.save((mean_loss.item() / world_size, grads), out_path)
-        torch.distributed.barrier()  # no rank tears gloo down while another still talks (SIGABRT otherwise)
-    finally:
-        destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def worker(rank, world_size, cfg):
+    model = DistributedDataParallel(TinyDualEncoder(cfg.kind == "siglip"))
+    images, texts = global_batch(world_size)
+    local = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    loss = loss_of(build_loss(cfg, rank, world_size), cfg.kind, model, images[local], texts[local])
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    torch.distributed.all_reduce(mean_loss)
+    return mean_loss.item() / world_size, {n: p.grad.clone() for n, p in model.module.named_parameters()}
 
 
 def run_distributed(cfg, world_size, tmp_path):
-    out_path = tmp_path / "rank0.pt"
-    mp.start_processes(worker, args=(world_size, free_port(), cfg, str(out_path)), nprocs=world_size, join=True,
-                       start_method="spawn")
-    return torch.load(out_path, weights_only=True)
+    return run_ranks(worker, world_size, tmp_path / "ranks", cfg)[0]
 
 
 def single_process_reference(kind, world_size):
