@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# img2dataset pins webdataset 0.2.x and pandas 2.x, which clash with ours: it lives in a venv of its own,
+# used by tests/test_img2dataset.py (as a user runs it: a separate tool that writes shards).
+I2D := .venv-img2dataset
+I2D_STAMP := $(I2D)/.installed-stamp
 
 .PHONY: setup demo test clean-demo
 
@@ -22,5 +26,10 @@ demo: $(STAMP) data/synth/train/sizes.json
 	rm -rf runs/demo
 	$(BIN)/clipforge train configs/demo.yaml
 
-test: $(STAMP)
+$(I2D_STAMP):
+	test -x $(I2D)/bin/python || $(PYTHON) -m venv $(I2D)
+	$(I2D)/bin/pip install img2dataset==1.47.0
+	touch $(I2D_STAMP)
+
+test: $(STAMP) $(I2D_STAMP)
 	$(BIN)/pytest

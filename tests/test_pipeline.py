@@ -83,18 +83,26 @@ def test_no_shards_is_a_clear_error(tmp_path):
         loader(f"{tmp_path}/0.tar", workers=2)
 
 
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_gives_exactly_the_same_batches(synth_data, workers):
+def test_resume_gives_exactly_the_same_batches(synth_data, workers, mode):
     urls = f"{synth_data}/train/{{00000..00005}}.tar"
-    reference = loader(urls, workers=workers, batch_size=64)
-    expected = [next(reference)["keys"] for _ in range(60)]  # crosses into epoch 1
-    first = loader(urls, workers=workers, batch_size=64)
-    for _ in range(17):
-        next(first)
-    state = json.loads(json.dumps(first.state_dict()))  # what the checkpoint stores
-    resumed = loader(urls, workers=workers, batch_size=64)
-    resumed.load_state_dict(state)
-    assert [next(resumed)["keys"] for _ in range(43)] == expected[17:]
+    options = dict(workers=workers, batch_size=64, mode=mode)
+    reference = loader(urls, **options)
+    expected = [next(reference) for _ in range(60)]  # crosses into epoch 1
+    assert reference.epoch == 1
+    for stop in (17, 45):  # mid-epoch 0, and mid-epoch 1
+        first = loader(urls, **options)
+        for _ in range(stop):
+            next(first)
+        state = json.loads(json.dumps(first.state_dict()))  # what the checkpoint stores
+        resumed = loader(urls, **options)
+        resumed.load_state_dict(state)
+        for want in expected[stop:]:
+            got = next(resumed)
+            assert got["keys"] == want["keys"]
+            assert torch.equal(got["images"], want["images"])  # the same random crops
+            assert torch.equal(got["texts"], want["texts"])
 
 
 def test_resume_refuses_a_different_layout(synth_data):

@@ -1,6 +1,9 @@
 """``clipforge prep|train|eval``: thin wrappers, one entry function each.
 
     clipforge prep synthetic --out data/synth --num-samples 20000
+    clipforge prep table captions.csv --out data/mine --image-column filepath --caption-column title
+    clipforge prep hf path/to/saved_dataset --out data/mine        (or a folder of images: --imagefolder)
+    clipforge prep inspect data/mine
     clipforge train configs/demo.yaml --set optim.lr=5e-4 --set data.batch_size=256
     clipforge eval runs/demo/checkpoints/latest --suite eval/synthetic.yaml
 """
@@ -24,6 +27,88 @@ def _prep(args: argparse.Namespace) -> int:
     summary = write_synthetic(spec, progress=not args.quiet)
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def _prep_table(args: argparse.Namespace) -> int:
+    from clipforge.data.prep import write_from_table
+
+    summary = write_from_table(args.table, args.out, args.image_column, args.caption_column,
+                               samples_per_shard=args.samples_per_shard, resize_to=args.resize,
+                               num_workers=args.workers, progress=not args.quiet, image_root=args.image_root)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _prep_hf(args: argparse.Namespace) -> int:
+    from clipforge.data.prep import write_from_hf
+
+    summary = write_from_hf(args.dataset, args.out, args.image_column, args.caption_column,
+                            samples_per_shard=args.samples_per_shard, resize_to=args.resize, num_workers=args.workers,
+                            progress=not args.quiet, split=args.split, imagefolder=args.imagefolder)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _prep_inspect(args: argparse.Namespace) -> int:
+    from clipforge.data.prep import inspect_shards
+
+    report = inspect_shards(args.shards, write_stats=not args.no_write, num_workers=args.workers,
+                            progress=not args.quiet)
+    print(json.dumps({key: value for key, value in report.items() if key != "per_shard"}, indent=1))
+    return 0 if report["ok"] else 1
+
+
+def _add_writer_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output directory for 00000.tar ..., sizes.json, _stats.json")
+    parser.add_argument("--resize", type=int, metavar="N",
+                        help="resize so the shorter side is N pixels, up or down, aspect kept (img2dataset's "
+                             "keep_ratio), and re-encode as JPEG quality 95; default: store the original image bytes")
+    parser.add_argument("--samples-per-shard", type=int, default=10_000, help="input rows per shard (10000)")
+    parser.add_argument("--workers", type=int, default=2, help="writer processes; 1 writes in this process (2)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_prep_sources(prep_kinds: argparse._SubParsersAction) -> None:
+    resumable = ("Shards already complete (NNNNN.tar + NNNNN_stats.json) are kept, so an interrupted run can simply be "
+                 "repeated. Rows with a missing or undecodable image or an empty caption are skipped and counted.")
+    table = prep_kinds.add_parser(
+        "table", help="a CSV/TSV/parquet table of local image paths and captions → img2dataset-layout shards",
+        description="Write the rows of TABLE (.csv, .tsv, .parquet) as img2dataset-layout shards: OUT/00000.tar "
+                    "(KEY.jpg|png|webp, KEY.txt, KEY.json) ... " + resumable)
+    table.add_argument("table", help="CSV (.tsv: tab-separated) or parquet file")
+    table.add_argument("--image-column", required=True,
+                       help="column holding image paths (or, in parquet, image bytes)")
+    table.add_argument("--caption-column", required=True, help="column holding the captions")
+    table.add_argument("--image-root", help="directory that relative image paths start from (default: the table's)")
+    _add_writer_options(table)
+    table.set_defaults(func=_prep_table)
+
+    hf = prep_kinds.add_parser(
+        "hf", help="a Hugging Face datasets dataset (save_to_disk folder or imagefolder) → img2dataset-layout shards",
+        description="Write a Hugging Face dataset as img2dataset-layout shards. DATASET is a directory written by "
+                    "Dataset.save_to_disk, or with --imagefolder a folder of images with metadata.jsonl (file_name "
+                    "and a caption column) read by load_dataset('imagefolder', data_dir=DATASET). " + resumable)
+    hf.add_argument("dataset", help="save_to_disk directory, or image folder with --imagefolder")
+    hf.add_argument("--image-column", default="image", help="image column: Image feature, paths or bytes (image)")
+    hf.add_argument("--caption-column", default="text", help="caption column (text)")
+    hf.add_argument("--imagefolder", action="store_true",
+                    help="DATASET is a folder of images loaded with load_dataset('imagefolder', data_dir=...)")
+    hf.add_argument("--split", help="split of a DatasetDict (default: train, or the only one)")
+    _add_writer_options(hf)
+    hf.set_defaults(func=_prep_hf)
+
+    inspect = prep_kinds.add_parser(
+        "inspect", help="validate shards; write counts, problems and histograms to _stats.json",
+        description="Read every sample of SHARDS (a directory of .tar files, or brace-expanded paths such as "
+                    "data/{00000..00099}.tar), decode images and captions, and report counts, problems by kind "
+                    "(corrupt or missing images, missing or empty captions, truncated tars, sizes.json mismatches) "
+                    "and caption-length / image-size histograms. The report goes into _stats.json (key 'inspect') "
+                    "beside the shards; sizes.json is written if absent. Exit status 1 when a problem is found.")
+    inspect.add_argument("shards", help="directory of .tar shards, or brace-expanded shard paths")
+    inspect.add_argument("--workers", type=int, default=2, help="reader processes; 1 reads in this process (2)")
+    inspect.add_argument("--no-write", action="store_true", help="only print the report; write no file")
+    inspect.add_argument("--quiet", action="store_true", help="no progress bar")
+    inspect.set_defaults(func=_prep_inspect)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -93,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--workers", type=int, default=2, help="writer processes (2)")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=_prep)
+    _add_prep_sources(prep_kinds)
 
     train = commands.add_parser(
         "train", help="train a dual encoder from a YAML config", formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -1,0 +1,709 @@
+"""Turning image–caption data into training shards, and checking shards.
+
+Sources: a CSV/TSV/parquet table of local image paths (or image bytes) and captions
+(``write_from_table``), and a Hugging Face ``datasets`` dataset: saved with ``save_to_disk``, an
+``imagefolder`` directory with a caption column in ``metadata.jsonl``/``.csv``, or a ``Dataset`` object
+(``write_from_hf``). Output is img2dataset's webdataset layout: ``00000.tar`` … with ``KEY.jpg|png|webp``,
+``KEY.txt`` and ``KEY.json``, a ``00000_stats.json`` per shard, ``sizes.json`` (what OpenCLIP's
+``get_dataset_size`` reads) and ``_stats.json``.
+
+As in img2dataset, shard k holds input rows ``k * samples_per_shard`` … and a key is the shard number
+(5 digits) then the row's index in the shard (4 digits), so a key names its input row and a shard's
+keys have gaps where rows were skipped. Rows with a missing image file, an undecodable image or an
+empty caption are skipped, counted by kind and the first of each kind is logged with its row.
+
+Images are stored as their original bytes (extension from the decoded format; formats other than
+JPEG, PNG and WebP are re-encoded as PNG). With ``resize_to=N`` they are resized so the shorter side
+is N pixels, aspect ratio kept, up or down (img2dataset's ``keep_ratio``), EXIF orientation applied,
+and re-encoded as JPEG (quality 95).
+
+Resume: a tar is written under a temporary name and renamed, then its ``NNNNN_stats.json``; a shard
+counts as complete only when both exist and the stats match this run, so re-running the same command
+after an interruption writes only the missing shards. Shards written with other settings or from
+another source stop the run with an error rather than being mixed.
+
+``inspect_shards`` reads shards (ours, img2dataset's, anyone's), decodes every image and caption, and
+reports counts, problems by kind, caption-length and image-size histograms into ``_stats.json``.
+
+Entry points: ``clipforge prep table FILE --out DIR --image-column filepath --caption-column title``,
+``clipforge prep hf PATH --out DIR [--imagefolder]``, ``clipforge prep inspect DIR``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import re
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from clipforge.data.shards import write_tar
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_STORED_AS_IS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How input rows become shards, whatever the source."""
+
+    samples_per_shard: int = 10_000
+    """Input rows per shard; a shard holds fewer samples where rows are skipped."""
+    resize_to: int | None = None
+    """Shorter side in pixels (aspect ratio kept, re-encoded as JPEG); None stores the original bytes."""
+    jpeg_quality: int = 95
+    """JPEG quality when re-encoding resized images."""
+    num_workers: int = 2
+    """Writer processes; 0 or 1 writes in this process."""
+
+    def check(self) -> None:
+        if self.samples_per_shard <= 0:
+            raise ValueError(f"samples_per_shard must be positive, got {self.samples_per_shard}")
+        if self.resize_to is not None and self.resize_to <= 0:
+            raise ValueError(f"resize_to must be positive, got {self.resize_to}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One input row as the shard writer sees it."""
+
+    index: int
+    """Position in the input (0-based)."""
+    image: str | bytes | None
+    """A file path or the encoded image."""
+    caption: Any
+    url: str
+    """Where the image came from, as the input names it (kept as ``url`` in ``KEY.json``)."""
+
+
+class _Skip(Exception):
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind, self.detail = kind, detail
+
+
+# ---------------------------------------------------------------------------------------------------- one sample
+
+
+def caption_text(value: Any) -> str:
+    """The caption of a cell: strings stripped, None/NaN empty, a list gives its first non-empty string."""
+    if isinstance(value, (list, tuple)):
+        value = next((v for v in value if isinstance(v, str) and v.strip()), "")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    return str(value).strip()
+
+
+def image_reference(value: Any, root: Path | None) -> tuple[str | bytes | None, str]:
+    """(path or bytes, url) from a cell: a path string, raw bytes, or a ``{"bytes", "path"}`` dict."""
+    if isinstance(value, dict):
+        path = value.get("path") or ""
+        if value.get("bytes"):
+            return value["bytes"], path
+        value = path
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value), ""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip():
+        return None, ""
+    path = Path(str(value)).expanduser()
+    if root is not None and not path.is_absolute():
+        path = root / path
+    return str(path), str(value)
+
+
+def _read_image(row: Row) -> bytes:
+    if row.image is None:
+        raise _Skip("missing_image", "no image in this row")
+    if isinstance(row.image, bytes):
+        return row.image
+    try:
+        return Path(row.image).read_bytes()
+    except OSError as exc:
+        raise _Skip("missing_file", f"{row.image}: {exc.strerror or exc}") from None
+
+
+def _flatten(image: Image.Image) -> Image.Image:
+    """RGB, with transparent areas on white."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def _decode_error(exc: Exception) -> str:
+    if isinstance(exc, UnidentifiedImageError):  # its message names an anonymous BytesIO
+        return "not an image format PIL can identify"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def shorter_side_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """(width, height) scaled so the shorter side is ``side``, aspect ratio kept."""
+    scale = side / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def encode_image(data: bytes, options: WriteOptions) -> tuple[str, bytes, dict[str, int]]:
+    """(extension, bytes to store, sizes) for an image file; raises ``_Skip`` when it does not decode."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            original = image.size
+            if options.resize_to is not None and image.format == "JPEG":
+                image.draft("RGB", shorter_side_size(*image.size, options.resize_to))  # DCT scaling: faster
+            image.load()  # a full decode: truncated or corrupt files fail here, not in training
+            if options.resize_to is None:
+                sizes = {"width": image.width, "height": image.height}
+                extension = _STORED_AS_IS.get(image.format or "")
+                if extension:
+                    return extension, data, {**sizes, "original_width": original[0], "original_height": original[1]}
+                buffer = io.BytesIO()
+                keep = image.mode if image.mode in ("RGB", "RGBA", "L", "LA") else "RGBA"
+                image.convert(keep).save(buffer, format="PNG")
+                return "png", buffer.getvalue(), {**sizes, "original_width": original[0],
+                                                  "original_height": original[1]}
+            upright = _flatten(ImageOps.exif_transpose(image))
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise _Skip("corrupt_image", _decode_error(exc)) from None
+    size = shorter_side_size(*upright.size, options.resize_to)
+    if size != upright.size:
+        upright = upright.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    buffer = io.BytesIO()
+    upright.save(buffer, format="JPEG", quality=options.jpeg_quality)
+    return "jpg", buffer.getvalue(), {"width": upright.width, "height": upright.height,
+                                      "original_width": original[0], "original_height": original[1]}
+
+
+def make_sample(row: Row, key: str, options: WriteOptions) -> dict[str, Any]:
+    """The webdataset sample for a row; raises ``_Skip`` (with its kind) for a row that cannot be used."""
+    data = _read_image(row)
+    caption = caption_text(row.caption)
+    if not caption:
+        raise _Skip("empty_caption", "the caption is empty")
+    extension, stored, sizes = encode_image(data, options)
+    meta = {"key": key, "caption": caption, "url": row.url, "row": row.index, **sizes, "status": "success"}
+    return {"__key__": key, extension: stored, "txt": caption, "json": json.dumps(meta, ensure_ascii=False)}
+
+
+# ---------------------------------------------------------------------------------------------------- one shard
+
+
+@dataclass
+class RowList:
+    """Rows shipped to the worker as they are."""
+
+    rows: list[Row]
+
+    def __iter__(self) -> Iterator[Row]:
+        return iter(self.rows)
+
+
+@dataclass
+class DatasetRows:
+    """Rows ``start:stop`` of a Hugging Face dataset, read in the worker (memory-mapped datasets pickle by path)."""
+
+    dataset: Any
+    image_column: str
+    caption_column: str
+    start: int
+    stop: int
+
+    def __iter__(self) -> Iterator[Row]:
+        for offset in range(self.start, self.stop, 256):
+            batch = self.dataset[offset:min(offset + 256, self.stop)]
+            cells = zip(batch[self.image_column], batch[self.caption_column], strict=True)
+            for index, (value, caption) in enumerate(cells, start=offset):
+                image, url = image_reference(value, None)
+                yield Row(index, image, caption, url)
+
+
+@dataclass
+class ShardJob:
+    """Write one shard: its rows, where, and how."""
+
+    out: str
+    name: str
+    """File stem, e.g. ``00012``."""
+    shard: int
+    num_rows: int
+    first_row: int
+    rows: Iterable[Row]
+    options: WriteOptions
+    settings: dict[str, Any]
+    source: str
+    key_digits: int = 4
+
+
+def write_shard(job: ShardJob) -> dict[str, Any]:
+    """Write ``NAME.tar`` then ``NAME_stats.json`` (both atomically); returns the stats."""
+    started = time.time()
+    skipped: Counter[str] = Counter()
+    first_skipped: dict[str, str] = {}
+
+    def samples() -> Iterator[dict[str, Any]]:
+        for row in job.rows:
+            key = f"{job.shard:0{len(job.name)}d}{row.index - job.first_row:0{job.key_digits}d}"
+            try:
+                yield make_sample(row, key, job.options)
+            except _Skip as skip:
+                skipped[skip.kind] += 1
+                where = f"{job.source} row {row.index}" + (f" ({row.url})" if row.url else "")
+                first_skipped.setdefault(skip.kind, f"{where}: {skip.detail}")
+
+    successes = write_tar(Path(job.out) / f"{job.name}.tar", samples())
+    stats = {"shard": f"{job.name}.tar", "count": job.num_rows, "successes": successes,
+             "failed": sum(skipped.values()), "skipped": dict(skipped), "first_skipped": first_skipped,
+             "settings": job.settings, "duration": round(time.time() - started, 3), "status": "success"}
+    write_json(Path(job.out) / f"{job.name}_stats.json", stats)
+    return stats
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON under a temporary name, then rename."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    os.replace(temporary, path)
+
+
+def _complete_stats(out: Path, name: str, num_rows: int, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The stats of a shard already written completely by an equivalent run, else None."""
+    stats_path = out / f"{name}_stats.json"
+    if not (out / f"{name}.tar").is_file() or not stats_path.is_file():
+        return None
+    try:
+        stats = json.loads(stats_path.read_text())
+    except ValueError:
+        return None
+    if stats.get("settings") != settings:
+        raise ValueError(f"{out}: {name}.tar was written with {stats.get('settings')}, this run asks for {settings}; "
+                         f"use another output directory or the same source and settings")
+    return stats if stats.get("count") == num_rows else None
+
+
+def run_jobs(jobs: Iterable[Any], work: Callable[[Any], Any], num_workers: int) -> Iterator[Any]:
+    """``work(job)`` for each job, in ``num_workers`` processes (in this one if ≤ 1), results as they finish.
+
+    At most two jobs per worker are in flight, so rows are never all materialised at once.
+    """
+    if num_workers <= 1:
+        yield from map(work, jobs)
+        return
+    pool = ProcessPoolExecutor(max_workers=num_workers)
+    try:
+        pending: set[Future] = set()
+        for job in jobs:
+            pending.add(pool.submit(work, job))
+            if len(pending) >= 2 * num_workers:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                yield from (future.result() for future in done)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            yield from (future.result() for future in done)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _settings(options: WriteOptions, source: str) -> dict[str, Any]:
+    """What must match for an existing shard to count as written by this run."""
+    return {"source": source, "samples_per_shard": options.samples_per_shard, "resize_to": options.resize_to,
+            "jpeg_quality": options.jpeg_quality if options.resize_to else None}
+
+
+def _plan(out: Path, num_rows: int, options: WriteOptions,
+          source: str) -> tuple[list[str], list[ShardJob], dict[int, dict[str, Any]]]:
+    """Shard names, the shards still to write (rows not yet attached), and the stats of those already complete.
+
+    Runs before any writing, so outputs from other settings or sources are refused with nothing changed.
+    """
+    per_shard = options.samples_per_shard
+    num_shards = -(-num_rows // per_shard)
+    names = [f"{shard:0{max(5, len(str(num_shards - 1)))}d}" for shard in range(num_shards)]
+    key_digits = max(4, len(str(per_shard - 1)))
+    settings = _settings(options, source)
+    todo, complete = [], {}
+    for shard, name in enumerate(names):
+        count = min(per_shard, num_rows - shard * per_shard)
+        stats = _complete_stats(out, name, count, settings)
+        if stats is None:
+            todo.append(ShardJob(str(out), name, shard, count, shard * per_shard, (), options, settings, source,
+                                 key_digits))
+        else:
+            complete[shard] = stats
+    return names, todo, complete
+
+
+def write_shards(out: str | Path, num_rows: int, rows_for: Callable[[int, int], Iterable[Row]],
+                 options: WriteOptions, source: str, progress: bool = True) -> dict[str, Any]:
+    """Write ``num_rows`` rows (``rows_for(start, stop)``) as shards under ``out``; skip complete shards."""
+    options.check()
+    if num_rows <= 0:
+        raise ValueError(f"{source}: no rows to write")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names, todo, stats_by_shard = _plan(out, num_rows, options, source)
+    num_shards, resumed = len(names), len(stats_by_shard)
+    if resumed:
+        log.info("%s: %d of %d shards already complete, writing the other %d", out, resumed, num_shards, len(todo))
+
+    def jobs() -> Iterator[ShardJob]:
+        for job in todo:
+            job.rows = rows_for(job.first_row, job.first_row + job.num_rows)
+            yield job
+
+    skipped: Counter[str] = Counter()
+    for stats in stats_by_shard.values():
+        skipped.update(stats["skipped"])
+    bar = tqdm(total=num_rows, initial=sum(s["count"] for s in stats_by_shard.values()), unit="row",
+               desc=f"writing {out}", disable=not progress)
+    with bar:
+        for stats in run_jobs(jobs(), write_shard, options.num_workers):
+            for kind, where in stats["first_skipped"].items():
+                if not skipped[kind]:
+                    log.warning("skipping %s: %s (further ones are counted, not logged)", kind.replace("_", " "), where)
+            skipped.update(stats["skipped"])
+            stats_by_shard[int(stats["shard"].split(".")[0])] = stats
+            bar.update(stats["count"])
+            if skipped:
+                bar.set_postfix(skipped=sum(skipped.values()))
+    sizes = {f"{name}.tar": stats_by_shard[shard]["successes"] for shard, name in enumerate(names)}
+    samples = sum(sizes.values())
+    write_json(out / "sizes.json", sizes)
+    summary = {"out": str(out), "source": source, "rows": num_rows, "samples": samples, "shards": num_shards,
+               "resumed_shards": resumed, "skipped": dict(sorted(skipped.items())),
+               "urls": str(out / f"{{{names[0]}..{names[-1]}}}.tar"),
+               **{k: v for k, v in _settings(options, source).items() if k != "source"}}
+    write_json(out / "_stats.json", {"count": num_rows, "successes": samples, "failed": num_rows - samples,
+                                     **summary})
+    if skipped:
+        log.warning("%s: %d samples written, %d rows skipped: %s", out, samples, num_rows - samples,
+                    ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items())))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+
+
+def _table_reader(path: Path) -> tuple[str, dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return "parquet", {}
+    return "csv", {"sep": "\t" if suffix == ".tsv" else ","}
+
+
+def read_table(path: str | Path, image_column: str, caption_column: str) -> tuple[list[Any], list[Any]]:
+    """The image and caption columns of a CSV (``.tsv``: tab-separated) or parquet file."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such table file")
+    kind, csv_options = _table_reader(path)
+    if kind == "parquet":
+        columns = list(pq.read_schema(path).names)
+    else:
+        columns = list(pd.read_csv(path, nrows=0, **csv_options).columns)
+    for role, column in (("image", image_column), ("caption", caption_column)):
+        if column not in columns:
+            raise ValueError(f"{path}: no {role} column {column!r} (columns: {', '.join(map(str, columns))})")
+    wanted = list(dict.fromkeys([image_column, caption_column]))
+    if kind == "parquet":
+        frame = pd.read_parquet(path, columns=wanted)
+    else:
+        frame = pd.read_csv(path, usecols=wanted, dtype=str, keep_default_na=False, **csv_options)
+    return frame[image_column].tolist(), frame[caption_column].tolist()
+
+
+def write_from_table(path: str | Path, out: str | Path, image_column: str, caption_column: str,
+                     samples_per_shard: int = 10_000, resize_to: int | None = None, num_workers: int = 2,
+                     progress: bool = True, image_root: str | Path | None = None) -> dict[str, Any]:
+    """Shards from a table of image paths (relative ones resolve against ``image_root``, default the
+    table's directory) or image bytes, and captions. Returns the summary also written to ``_stats.json``."""
+    options = WriteOptions(samples_per_shard=samples_per_shard, resize_to=resize_to, num_workers=num_workers)
+    options.check()
+    images, captions = read_table(path, image_column, caption_column)
+    root = Path(image_root) if image_root is not None else Path(path).resolve().parent
+
+    def rows_for(start: int, stop: int) -> RowList:
+        rows = []
+        for index in range(start, stop):
+            image, url = image_reference(images[index], root)
+            rows.append(Row(index, image, captions[index], url))
+        return RowList(rows)
+
+    return write_shards(out, len(images), rows_for, options, str(Path(path).resolve()), progress)
+
+
+def open_hf_dataset(source: Any, split: str | None = None, imagefolder: bool = False,
+                    cache_dir: str | None = None) -> tuple[Any, str]:
+    """(``datasets.Dataset``, a name for messages) from a Dataset/DatasetDict, a ``save_to_disk`` directory,
+    or (``imagefolder=True``) a folder of images for ``load_dataset("imagefolder", data_dir=...)``."""
+    import datasets
+
+    name = "dataset"
+    if isinstance(source, (str, Path)):
+        name = str(Path(source).resolve())
+        if not Path(source).exists():
+            raise FileNotFoundError(f"{source}: no such dataset directory")
+        if imagefolder:
+            source = datasets.load_dataset("imagefolder", data_dir=str(source), cache_dir=cache_dir)
+        else:
+            try:
+                source = datasets.load_from_disk(str(source))
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"{source}: not a dataset saved with save_to_disk ({exc}); for a folder "
+                                        f"of images with metadata.jsonl use imagefolder") from None
+    if isinstance(source, datasets.DatasetDict):
+        splits = list(source)
+        chosen = split or ("train" if "train" in splits else splits[0] if len(splits) == 1 else None)
+        if chosen not in splits:
+            raise ValueError(f"{name}: choose a split with split= / --split (splits: {', '.join(splits)})")
+        source, name = source[chosen], f"{name}[{chosen}]"
+    if not isinstance(source, datasets.Dataset):
+        raise ValueError(f"{name}: expected a datasets.Dataset, got {type(source).__name__}")
+    return source, name
+
+
+def write_from_hf(source: Any, out: str | Path, image_column: str = "image", caption_column: str = "text",
+                  samples_per_shard: int = 10_000, resize_to: int | None = None, num_workers: int = 2,
+                  progress: bool = True, split: str | None = None, imagefolder: bool = False,
+                  cache_dir: str | None = None) -> dict[str, Any]:
+    """Shards from a Hugging Face dataset (see ``open_hf_dataset``). Image columns of the ``Image`` feature are
+    read undecoded, so original bytes are stored; string columns are paths, binary columns image bytes."""
+    import datasets
+
+    options = WriteOptions(samples_per_shard=samples_per_shard, resize_to=resize_to, num_workers=num_workers)
+    options.check()
+    dataset, name = open_hf_dataset(source, split, imagefolder, cache_dir)
+    for role, column in (("image", image_column), ("caption", caption_column)):
+        if column not in dataset.column_names:
+            raise ValueError(f"{name}: no {role} column {column!r} (columns: {', '.join(dataset.column_names)})")
+    dataset = dataset.select_columns(list(dict.fromkeys([image_column, caption_column]))).with_format(None)
+    if isinstance(dataset.features[image_column], datasets.Image):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    on_disk = bool(dataset.cache_files)  # memory-mapped: workers get the dataset by path, not by value
+
+    def rows_for(start: int, stop: int) -> Iterable[Row]:
+        rows = DatasetRows(dataset, image_column, caption_column, start, stop)
+        return rows if on_disk or options.num_workers <= 1 else RowList(list(rows))
+
+    return write_shards(out, len(dataset), rows_for, options, name, progress)
+
+
+# ---------------------------------------------------------------------------------------------------- inspection
+
+_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset's base_plus_ext: key up to the first dot
+_SIDE_EDGES = (32, 64, 128, 256, 512, 1024, 2048)
+_WORD_EDGES = (2, 4, 8, 16, 32, 64, 128)
+_ASPECT_EDGES = (0.5, 0.75, 0.95, 1.05, 1.33, 2.0)
+
+
+def histogram_labels(edges: tuple[float, ...]) -> list[str]:
+    """Bin labels for edges (a, b, ...): ``<a``, ``a-b`` (integer edges: ``a-(b-1)``), …, ``>=last``."""
+    def span(low: float, high: float) -> str:
+        return f"{low}-{high - 1}" if isinstance(high, int) and high - 1 > low else (
+            f"{low}" if isinstance(high, int) else f"{low}-{high}")
+    return [f"<{edges[0]}"] + [span(a, b) for a, b in zip(edges, edges[1:], strict=False)] + [f">={edges[-1]}"]
+
+
+def _bin(value: float, edges: tuple[float, ...]) -> int:
+    return sum(value >= edge for edge in edges)
+
+
+@dataclass
+class ShardReport:
+    """What one shard holds."""
+
+    shard: str
+    samples: int = 0
+    valid: int = 0
+    problems: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+    extensions: Counter = field(default_factory=Counter)
+    words: list[int] = field(default_factory=lambda: [0] * (len(_WORD_EDGES) + 1))
+    sides: list[int] = field(default_factory=lambda: [0] * (len(_SIDE_EDGES) + 1))
+    aspects: list[int] = field(default_factory=lambda: [0] * (len(_ASPECT_EDGES) + 1))
+    chars_total: int = 0
+    chars_max: int = 0
+    width_range: list[int] = field(default_factory=list)
+    height_range: list[int] = field(default_factory=list)
+
+    def problem(self, kind: str, where: str) -> None:
+        self.problems[kind] += 1
+        self.examples.setdefault(kind, f"{self.shard}: {where}" if self.shard else where)
+
+    def add(self, key: str, files: dict[str, bytes]) -> None:
+        self.samples += 1
+        if "json" in files:
+            try:
+                json.loads(files["json"])
+            except ValueError as exc:
+                self.problem("invalid_json", f"{key}.json: {exc}")
+        extension = next((e for e in IMAGE_EXTENSIONS if e in files), None)
+        if extension is None:
+            return self.problem("missing_image", f"{key}: no {'/'.join(IMAGE_EXTENSIONS)} member")
+        try:
+            with Image.open(io.BytesIO(files[extension])) as image:
+                image.load()
+                width, height = image.size
+        except Exception as exc:  # PIL raises many types for bad data
+            return self.problem("corrupt_image", f"{key}.{extension}: {_decode_error(exc)}")
+        if "txt" not in files:
+            return self.problem("missing_caption", f"{key}: no .txt member")
+        try:
+            caption = files["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            return self.problem("bad_caption_encoding", f"{key}.txt: {exc}")
+        if not caption:
+            return self.problem("empty_caption", f"{key}.txt is empty")
+        self.valid += 1
+        self.extensions[extension] += 1
+        self.words[_bin(len(caption.split()), _WORD_EDGES)] += 1
+        self.chars_total += len(caption)
+        self.chars_max = max(self.chars_max, len(caption))
+        self.sides[_bin(min(width, height), _SIDE_EDGES)] += 1
+        self.aspects[_bin(width / height, _ASPECT_EDGES)] += 1
+        for bounds, value in ((self.width_range, width), (self.height_range, height)):
+            bounds[:] = [min(bounds[0], value), max(bounds[1], value)] if bounds else [value, value]
+
+
+def inspect_shard(path: str) -> ShardReport:
+    """Read one tar as a loader would (members grouped by key, in order) and check every sample."""
+    report = ShardReport(Path(path).name)
+    seen: set[str] = set()
+    key, files = None, {}
+    try:
+        tar = tarfile.open(path, mode="r|*")
+    except (OSError, tarfile.TarError) as exc:
+        report.problem("unreadable_shard", f"{type(exc).__name__}: {exc}")
+        return report
+    try:
+        with tar:
+            for member in tar:
+                match = _KEY_RE.match(member.name) if member.isfile() else None
+                if match is None:
+                    continue
+                name, extension = match.group(1), match.group(2).lower()
+                if name != key:
+                    if key is not None:
+                        report.add(key, files)
+                    if name in seen:
+                        report.problem("duplicate_key", f"{name}: appears again after other keys")
+                    key, files = name, {}
+                    seen.add(name)
+                files[extension] = tar.extractfile(member).read()
+    except (OSError, EOFError, tarfile.TarError) as exc:  # the sample being read when the tar broke is dropped
+        report.problem("truncated_shard", f"after {report.samples} samples: {type(exc).__name__}: {exc}")
+        return report
+    if key is not None:
+        report.add(key, files)
+    return report
+
+
+def shard_paths(urls_or_dir: str | Path) -> list[Path]:
+    """The ``*.tar`` files of a directory, or a brace-expanded list of local shard paths."""
+    path = Path(urls_or_dir)
+    if path.is_dir():
+        shards = sorted(path.glob("*.tar"))
+        if not shards:
+            raise FileNotFoundError(f"{path}: no .tar shards in this directory")
+        return shards
+    shards = [Path(url) for url in braceexpand.braceexpand(str(urls_or_dir))]
+    if not any(shard.exists() for shard in shards):
+        raise FileNotFoundError(f"{urls_or_dir}: no such shard or directory")
+    return shards
+
+
+def _histogram(values: list[int], edges: tuple[float, ...]) -> dict[str, int]:
+    return dict(zip(histogram_labels(edges), values, strict=True))
+
+
+def inspect_shards(urls_or_dir: str | Path, write_stats: bool = True, num_workers: int = 2,
+                   progress: bool = False) -> dict[str, Any]:
+    """Check every sample of some shards; returns the report and (``write_stats``) stores it as ``"inspect"`` in
+    ``_stats.json`` beside the first shard, keeping what is there, and writes ``sizes.json`` if there is none.
+
+    ``ok`` is true when there is no problem: every shard reads to its end, every sample has a decodable image
+    and a non-empty UTF-8 caption, and ``sizes.json`` (if present) matches the shards.
+    """
+    shards = shard_paths(urls_or_dir)
+    reports = list(tqdm(run_jobs((str(p) for p in shards), inspect_shard, num_workers), total=len(shards),
+                        unit="shard", desc="inspecting", disable=not progress))
+    reports.sort(key=lambda report: report.shard)
+    total = ShardReport("")
+    for report in reports:
+        total.samples += report.samples
+        total.valid += report.valid
+        total.problems.update(report.problems)
+        for kind, where in report.examples.items():
+            total.examples.setdefault(kind, where)
+        total.extensions.update(report.extensions)
+        for mine, theirs in ((total.words, report.words), (total.sides, report.sides),
+                             (total.aspects, report.aspects)):
+            mine[:] = [a + b for a, b in zip(mine, theirs, strict=True)]
+        total.chars_total += report.chars_total
+        total.chars_max = max(total.chars_max, report.chars_max)
+        for mine, theirs in ((total.width_range, report.width_range), (total.height_range, report.height_range)):
+            if theirs:
+                mine[:] = [min(mine[0], theirs[0]), max(mine[1], theirs[1])] if mine else list(theirs)
+    directory = shards[0].parent
+    counts = {report.shard: report.samples for report in reports}
+    sizes_json = _check_sizes(directory / "sizes.json", counts, total)
+    result = {
+        "shards": len(reports), "samples": total.samples, "valid": total.valid, "ok": not total.problems,
+        "problems": dict(sorted(total.problems.items())), "examples": dict(sorted(total.examples.items())),
+        "sizes_json": sizes_json, "extensions": dict(sorted(total.extensions.items())),
+        "caption_words": _histogram(total.words, _WORD_EDGES),
+        "caption_chars": {"mean": round(total.chars_total / max(total.valid, 1), 2), "max": total.chars_max},
+        "image_shorter_side": _histogram(total.sides, _SIDE_EDGES),
+        "image_aspect_ratio": _histogram(total.aspects, _ASPECT_EDGES),
+        "image_width": dict(zip(("min", "max"), total.width_range, strict=False)),
+        "image_height": dict(zip(("min", "max"), total.height_range, strict=False)),
+        "per_shard": {r.shard: {"samples": r.samples, "valid": r.valid, **({"problems": dict(r.problems)}
+                                                                           if r.problems else {})} for r in reports},
+    }
+    if write_stats:
+        stats_path = directory / "_stats.json"
+        try:
+            stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+        except ValueError:
+            stats = {}
+        write_json(stats_path, {**(stats if isinstance(stats, dict) else {}), "inspect": result})
+        if sizes_json == "absent" and not {"truncated_shard", "unreadable_shard"} & set(total.problems):
+            write_json(directory / "sizes.json", counts)
+            result["sizes_json"] = "written"
+    return result
+
+
+def _check_sizes(path: Path, counts: dict[str, int], total: ShardReport) -> str:
+    if not path.is_file():
+        return "absent"
+    try:
+        sizes = json.loads(path.read_text())
+    except ValueError as exc:
+        total.problem("sizes_json_mismatch", f"sizes.json does not parse: {exc}")
+        return "mismatch"
+    wrong = {name: (sizes.get(name), count) for name, count in counts.items() if sizes.get(name) != count}
+    for name, (listed, found) in wrong.items():
+        total.problem("sizes_json_mismatch", f"sizes.json says {listed} samples in {name}, it holds {found}")
+    return "mismatch" if wrong else "matches"
+
+
