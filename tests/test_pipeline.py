@@ -1,6 +1,7 @@
 import io
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import open_clip
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 
 from clipforge.data import DataConfig, build_train_loader
+from clipforge.data.pipeline import DataError
 from clipforge.data.shards import write_tar
 
 PREPROCESS = {"size": (32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bicubic"}
@@ -110,3 +112,65 @@ def test_resume_refuses_a_different_layout(synth_data):
     state = loader(urls, workers=2).state_dict()
     with pytest.raises(ValueError, match="num_workers=2"):
         loader(urls, workers=0).load_state_dict(state)
+
+
+def all_of_epoch(batches):
+    keys, texts = [], []
+    while batches.epoch == 0:
+        batch = next(batches)
+        if batches.epoch == 0:
+            keys += batch["keys"]
+            texts += batch["texts"].tolist()
+    return keys, texts
+
+
+def test_captions_from_json_lists_lines_and_cleaned(tmp_path):
+    options = ["a red square", "a crimson box", "one red block"]
+    samples = [{"__key__": f"s{i:02d}", "jpg": jpeg(), "txt": "\n".join(options) + "\n",
+                "json": json.dumps({"captions": options, "title": "caf\u00c3\u00a9 &amp;   t\u00e9a\t\n"})}
+               for i in range(40)]
+    samples.append({"__key__": "s_empty", "jpg": jpeg(), "txt": "x", "json": json.dumps({"captions": [], "title": " "})})
+    write_tar(tmp_path / "0.tar", iter(samples))
+    urls = str(tmp_path / "0.tar")
+
+    expected = {tuple(TOKENIZER([option])[0].tolist()): option for option in options}
+    for key in ("json:captions", "txt:lines"):
+        batches = loader(urls, batch_size=5, caption_key=key)
+        keys, texts = all_of_epoch(batches)
+        chosen = Counter(expected[tuple(t)] for t in texts)  # every token row is one whole option
+        assert set(chosen) == set(options) and min(chosen.values()) >= 5, chosen  # picked at random, all used
+    # ftfy + html unescape + whitespace, as open_clip cleans: mojibake "cafÃ©" becomes "café"
+    batches = loader(urls, batch_size=5, caption_key="json:title")
+    keys, texts = all_of_epoch(batches)
+    assert texts[0] == TOKENIZER(["café & téa"])[0].tolist()
+    assert dict(batches.skipped_before) == {"empty_caption": 1}
+    # the whole txt is one caption by default
+    keys, texts = all_of_epoch(loader(urls, batch_size=5))
+    assert texts[0] == TOKENIZER([" ".join(options)])[0].tolist()
+
+
+def test_strict_mode_stops_at_the_first_bad_input_naming_it(tmp_path):
+    write_tar(tmp_path / "0.tar", iter([{"__key__": f"g{i}", "jpg": jpeg(), "txt": "fine"} for i in range(5)]
+                                       + [{"__key__": "b_corrupt", "jpg": b"\xff\xd8\xff junk", "txt": "broken"}]))
+    with pytest.raises(DataError, match=r"corrupt image at .*0\.tar:b_corrupt.*data\.strict"):
+        next(loader(str(tmp_path / "0.tar"), batch_size=8, strict=True))
+
+
+def test_bad_input_costs_no_sleep_and_the_pixel_limit_is_configurable(tmp_path, monkeypatch, caplog):
+    import time
+
+    monkeypatch.setattr(time, "sleep", lambda seconds: pytest.fail(f"slept {seconds} s for a bad sample"))
+    big = io.BytesIO()
+    Image.new("RGB", (300, 300), (5, 5, 5)).save(big, format="PNG")
+    samples = [{"__key__": f"b{i:03d}", "jpg": b"\xff\xd8\xff bad", "txt": "broken"} for i in range(200)]
+    samples += [{"__key__": f"big{i}", "png": big.getvalue(), "txt": "too many pixels"} for i in range(3)]
+    samples += [{"__key__": f"g{i:03d}", "jpg": jpeg(), "txt": "fine"} for i in range(20)]
+    write_tar(tmp_path / "0.tar", iter(samples))
+    with caplog.at_level(logging.WARNING):
+        batches = loader(str(tmp_path / "0.tar"), batch_size=4, max_image_pixels=200 * 200)
+        keys, _ = all_of_epoch(batches)
+    assert dict(batches.skipped_before) == {"corrupt_image": 200, "decompression_bomb": 3}  # epoch 0's counts
+    assert sorted(keys) == [f"g{i:03d}" for i in range(20)]
+    next(batches)  # well into epoch 1, where the same bad samples are met again
+    assert caplog.text.count("skipping corrupt image") == 1  # logged once per kind per run, with shard and key
+    assert caplog.text.count("skipping decompression bomb") == 1 and "0.tar:big" in caplog.text

@@ -4,9 +4,9 @@ What OpenCLIP does per sample (PIL decode at full size, PIL bicubic RandomResize
 Normalize) costs ~2 ms for a 256 px JPEG and ~6 ms for a 512 px one on a CPU core. Here:
 
 * JPEGs are decoded by libjpeg-turbo (``simplejpeg``) with DCT-domain scaling: the crop is drawn
-  first from the header's size, then the image is decoded at the smallest scale (n/8) at which the
-  crop still covers the output size, so no resolution the output needs is thrown away and a 512 px
-  image bound for 224 px decodes at half size. Other formats (and JPEGs libjpeg-turbo cannot convert,
+  first from the header's size, then the image is decoded at the smallest of 1, 1/2, 1/4, 1/8 at
+  which the crop still covers the output size, so no resolution the output needs is thrown away and
+  a 512 px image bound for 224 px decodes at half size (a 256 px one decodes in full). Other formats (and JPEGs libjpeg-turbo cannot convert,
   e.g. CMYK) go through Pillow, with its JPEG draft mode.
 * The crop is resized by torch's uint8 antialiased bicubic kernel (within ±2 grey levels of
   Pillow's bicubic, ~4× faster).
@@ -99,6 +99,16 @@ class ImageTransform:
             crop_w, crop_h = width, height
         return (width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h
 
+    def reduction(self, crop_w: int, crop_h: int) -> float:
+        """The DCT-domain scale to decode at: 1/2, 1/4 or 1/8 when the crop still covers the output at that
+        scale, else 1 (the output is not much smaller than the crop: decode in full, resample once)."""
+        out_h, out_w = self.size
+        needed = max(out_w / crop_w, out_h / crop_h)
+        reduction = 1.0
+        while reduction / 2 >= needed and reduction > 1 / 8:
+            reduction /= 2
+        return reduction
+
     # -- decode ------------------------------------------------------------------------------------
 
     def _check_pixels(self, width: int, height: int) -> None:
@@ -113,11 +123,10 @@ class ImageTransform:
             return None  # let Pillow have a go (and produce the error if it is corrupt)
         self._check_pixels(width, height)
         left, top, crop_w, crop_h = self.crop_box(width, height, rng)
-        out_h, out_w = self.size
-        # smallest n/8 scale at which the crop still covers the output
-        min_w, min_h = math.ceil(width * min(1.0, out_w / crop_w)), math.ceil(height * min(1.0, out_h / crop_h))
+        reduction = self.reduction(crop_w, crop_h)
         try:
-            array = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=min_w, min_height=min_h)
+            array = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=math.ceil(width * reduction),
+                                           min_height=math.ceil(height * reduction))
         except ValueError:
             return None
         factor_w, factor_h = array.shape[1] / width, array.shape[0] / height
@@ -131,12 +140,11 @@ class ImageTransform:
             width, height = image.size
             self._check_pixels(width, height)
             left, top, crop_w, crop_h = self.crop_box(width, height, rng)
-            if image.format == "JPEG":
-                out_h, out_w = self.size
-                image.draft("RGB", (math.ceil(width * min(1.0, out_w / crop_w)),
-                                    math.ceil(height * min(1.0, out_h / crop_h))))
+            reduction = self.reduction(crop_w, crop_h)
+            if image.format == "JPEG" and reduction < 1:
+                image.draft("RGB", (math.ceil(width * reduction), math.ceil(height * reduction)))
             image = image.convert("RGB")
-        array = np.asarray(image)
+        array = np.array(image)  # a writable copy (torch refuses to wrap Pillow's read-only buffer)
         factor_w, factor_h = array.shape[1] / width, array.shape[0] / height
         return array, (left * factor_w, top * factor_h, crop_w * factor_w, crop_h * factor_h)
 

@@ -21,8 +21,9 @@ only receives tensors.
 
 Bad input is skipped and counted, never slow (no sleeping handler): an unreadable shard, a
 truncated tar, a corrupt, zero-byte or over-large image, a caption that is missing, empty or not
-UTF-8. The first of each kind is logged with its shard and key; each batch carries its worker's
-running counts and ``TrainLoader.skipped`` sums them (they go to the training metrics). With
+UTF-8. Each batch carries its worker's running counts and the first occurrence of each kind; the
+``TrainLoader`` logs each kind once per run with its shard and key, and ``TrainLoader.skipped`` sums
+the counts (they go to the training metrics). With
 ``data.strict`` any of them stops the run instead.
 
 Exact resume: every batch carries how many shuffled samples its worker has consumed (and, in
@@ -122,18 +123,22 @@ class DataConfig:
 
 
 class SkipCounter:
-    """Counts skipped inputs by kind, logging the first of each kind with its shard and key."""
+    """Counts skipped inputs by kind and remembers the first of each kind (shard, key, reason).
+
+    Workers do not log: the counts and first occurrences travel with each batch and the
+    ``TrainLoader`` logs each kind once per run, in the main process.
+    """
 
     def __init__(self, strict: bool = False) -> None:
         self.counts: Counter[str] = Counter()
+        self.first: dict[str, str] = {}
         self.strict = strict
 
     def skip(self, kind: str, where: str, detail: str = "") -> None:
         message = f"{kind.replace('_', ' ')} at {where}" + (f": {detail}" if detail else "")
         if self.strict:
             raise DataError(f"{message} (data.strict is set; unset it to skip and count bad inputs)")
-        if self.counts[kind] == 0:
-            log.warning("skipping %s (further ones are counted, not logged)", message)
+        self.first.setdefault(kind, message)
         self.counts[kind] += 1
 
     def tar_handler(self, exn: Exception) -> bool:
@@ -270,11 +275,12 @@ class ShardedImageText(IterableDataset):
             if len(images) == self.cfg.batch_size:
                 produced += 1
                 yield {"images": torch.stack(images), "texts": self.tokenizer(texts), "keys": keys, "worker": worker,
-                       "consumed": consumed, "produced": produced, "skipped": dict(counter.counts)}
+                       "consumed": consumed, "produced": produced, "skipped": dict(counter.counts),
+                       "first_skips": dict(counter.first)}
                 images, texts, keys = [], [], []
         # A last record without images carries the final counts (skips after the last full batch).
         yield {"images": None, "worker": worker, "consumed": consumed, "produced": produced,
-               "skipped": dict(counter.counts)}
+               "skipped": dict(counter.counts), "first_skips": dict(counter.first)}
 
     def _decode(self, sample: dict[str, Any], counter: SkipCounter,
                 rng: random.Random) -> Optional[tuple[torch.Tensor, str]]:
@@ -325,6 +331,7 @@ class TrainLoader:
         self.skipped_before: Counter[str] = Counter()
         self._iterator: Optional[Iterator] = None
         self._epoch_yielded = False
+        self._logged: set[str] = set()
         if dataset.mode == "resampled":
             steps = self.steps_per_epoch
             workers = max(1, num_workers)
@@ -370,6 +377,10 @@ class TrainLoader:
             self.consumed[worker] = batch.pop("consumed")
             self.produced[worker] = batch.pop("produced")
             self.epoch_skipped[worker] = batch.pop("skipped")
+            for kind, message in batch.pop("first_skips").items():
+                if kind not in self._logged:
+                    self._logged.add(kind)
+                    log.warning("skipping %s (further ones are counted, not logged)", message)
             if batch["images"] is None:
                 continue
             self.next_worker = (worker + 1) % max(1, self.num_workers)
