@@ -182,3 +182,26 @@ def test_open_clip_train_loader_reads_img2dataset_output(img2dataset_run, monkey
     tokenizer = open_clip.get_tokenizer("RN50")
     seen = sorted(tuple(row.tolist()) for _, texts in batches for row in texts)
     assert seen == sorted(tuple(tokenizer(c)[0].tolist()) for c in img2dataset_run.captions.values())
+
+
+def test_training_runs_on_img2dataset_output(img2dataset_run, tiny_model_json, tmp_path):
+    import json as json_module
+    import math
+
+    from clipforge.config import load_config
+    from clipforge.train.loop import train
+
+    shards = sorted(p.name for p in img2dataset_run.out.glob("*.tar"))
+    urls = f"{img2dataset_run.out}/{{{shards[0][:-4]}..{shards[-1][:-4]}}}.tar"
+    cfg = load_config(None, [
+        f"data.train_urls={urls}", "data.batch_size=4", "data.num_workers=1", "data.shuffle_buffer=8",
+        "data.shuffle_initial=2", f"model.name={tiny_model_json}", "train.steps=8", "train.checkpoint_every=4",
+        f"train.output_dir={tmp_path / 'run'}", "logging.log_every=1", "logging.progress_bar=false",
+        "logging.tensorboard=false"])
+    result = train(cfg)
+    records = [json_module.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert result["step"] == 8 and len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    assert records[-1]["train/epoch"] >= 2  # 12 samples, 4 per step: several epochs went by
+    assert not any(k.startswith("data/skipped") for r in records for k in r)  # img2dataset wrote only good ones
+    assert (tmp_path / "run" / "checkpoints" / "step_00000008" / "model.safetensors").is_file()

@@ -101,3 +101,18 @@ def test_siglip_needs_a_bias_in_the_config(synth_data, tiny_model_json, tmp_path
         config(synth_data, tiny_model_json, tmp_path, "loss.kind=siglip")
     with pytest.raises(ConfigError, match="not divisible by train.accum_steps=5"):
         config(synth_data, tiny_model_json, tmp_path, "train.accum_steps=5")
+
+
+def test_skipped_inputs_reach_the_training_metrics(synth_data, tiny_model_json, tmp_path):
+    from clipforge.data.shards import write_tar
+
+    write_tar(tmp_path / "bad.tar", iter([{"__key__": f"bad{i}", "jpg": b"\xff\xd8\xff junk", "txt": "corrupt"}
+                                          for i in range(3)] + [{"__key__": "nocap", "jpg": b"\xff\xd8\xff"}]))
+    cfg = config(synth_data, tiny_model_json, tmp_path / "run", "train.steps=10", "train.checkpoint_every=100")
+    cfg.data.train_urls = f"{synth_data}/train/00000.tar::{tmp_path}/bad.tar"  # 500 samples: 7 steps an epoch
+    train(cfg)
+    last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["train/epoch"] == 1
+    # counts accumulate over the run: 3 corrupt images and 1 missing caption per pass over bad.tar
+    passes = last["data/skipped_bad_caption"]
+    assert passes in (1, 2) and last["data/skipped_corrupt_image"] == 3 * passes
