@@ -92,7 +92,8 @@ def main() -> None:
             def cell(result, key, width, fmt):
                 return f"{format(result[key], fmt):>{width}}" if key in result else f"{result['error']:>{width}}"
             if "error" not in theirs and "error" not in ours:
-                ratios = (f"{ours['peak_mb'] / theirs['peak_mb']:>12.3f} {ours['seconds'] / theirs['seconds']:>10.2f} | "
+                memory_ratio, time_ratio = ours["peak_mb"] / theirs["peak_mb"], ours["seconds"] / theirs["seconds"]
+                ratios = (f"{memory_ratio:>12.3f} {time_ratio:>10.2f} | "
                           f"{abs(ours['loss'] - theirs['loss']):>8.1e}")
             else:
                 ratios = f"{'':>12} {'':>10} | {'':>8}"

@@ -44,7 +44,8 @@ def test_large_jpeg_is_decoded_at_reduced_size_without_losing_what_the_output_ne
 
     seen = []
     decode = simplejpeg.decode_jpeg
-    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: seen.append(decode(*a, **k).shape) or decode(*a, **k))
+    monkeypatch.setattr(simplejpeg, "decode_jpeg",
+                        lambda *a, **k: seen.append(decode(*a, **k).shape) or decode(*a, **k))
     data = photo(1024, 768)
     transform = ImageTransform.from_preprocess_cfg(CFG, train=True)
     out = transform(data, random.Random(0))

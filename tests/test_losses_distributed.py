@@ -13,9 +13,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
-
 from ranks import run_ranks
+from torch.nn.parallel import DistributedDataParallel
 
 from clipforge.losses import LossConfig, build_loss, naive_clip_loss, naive_siglip_loss
 

@@ -2,7 +2,6 @@ import io
 import json
 import logging
 from collections import Counter
-from pathlib import Path
 
 import open_clip
 import pytest
@@ -129,7 +128,8 @@ def test_captions_from_json_lists_lines_and_cleaned(tmp_path):
     samples = [{"__key__": f"s{i:02d}", "jpg": jpeg(), "txt": "\n".join(options) + "\n",
                 "json": json.dumps({"captions": options, "title": "caf\u00c3\u00a9 &amp;   t\u00e9a\t\n"})}
                for i in range(40)]
-    samples.append({"__key__": "s_empty", "jpg": jpeg(), "txt": "x", "json": json.dumps({"captions": [], "title": " "})})
+    samples.append({"__key__": "s_empty", "jpg": jpeg(), "txt": "x",
+                    "json": json.dumps({"captions": [], "title": " "})})
     write_tar(tmp_path / "0.tar", iter(samples))
     urls = str(tmp_path / "0.tar")
 

@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 from clipforge.losses import LossConfig, build_loss
 from clipforge.models import ModelConfig, build_model
 from clipforge.train.step import CachedAccumulationStep, PlainStep, build_step
-
-from conftest import TINY_MODEL
 
 
 def make_step(model, loss_fn, accum_steps):

@@ -55,3 +55,14 @@ def test_losses_never_sync_with_the_host():
     text = (PACKAGE / "losses.py").read_text()
     for call in (".item()", ".cpu()", ".tolist()", ".numpy()"):
         assert call not in text, call
+
+
+def test_ruff_is_clean():
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    done = subprocess.run([ruff, "check", "src", "tests", "bench", "data_prep"], cwd=PACKAGE.parents[1], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout[-3000:]

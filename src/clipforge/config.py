@@ -15,7 +15,6 @@ import inspect
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -24,9 +23,9 @@ from clipforge.data.pipeline import DataConfig
 from clipforge.evaluation.suite import EvalConfig
 from clipforge.losses import LossConfig
 from clipforge.models.builder import ModelConfig
+from clipforge.train.loop import TrainConfig
 from clipforge.train.metrics import LoggingConfig
 from clipforge.train.optim import OptimConfig
-from clipforge.train.loop import TrainConfig
 
 
 @dataclass
@@ -61,7 +60,7 @@ def _describe(exc: OmegaConfBaseException) -> str:
     return f"key {key!r}: {message}" if key else message
 
 
-def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
     """Defaults, then the YAML at ``path``, then ``a.b=value`` overrides; validated completely."""
     merged = OmegaConf.structured(RunConfig)
     if path is not None:

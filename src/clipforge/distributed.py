@@ -12,7 +12,6 @@ the whole global batch.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -39,7 +38,7 @@ class DistInfo:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], cuda_available: bool | None = None) -> "DistInfo":
+    def from_env(cls, env: Mapping[str, str], cuda_available: bool | None = None) -> DistInfo:
         """Read rank and world size from torchrun/accelerate, SLURM, or default to one process."""
         if cuda_available is None:
             cuda_available = torch.cuda.is_available()
@@ -67,7 +66,8 @@ def init_process_group(info: DistInfo, env: Mapping[str, str], timeout_s: float 
                          "(torchrun and accelerate set them; under srun export them in the sbatch script)")
     if info.device.startswith("cuda"):
         torch.cuda.set_device(info.local_rank)
-    dist.init_process_group(backend=info.backend, init_method=f"tcp://{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29500')}",
+    address = f"tcp://{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29500')}"
+    dist.init_process_group(backend=info.backend, init_method=address,
                             rank=info.rank, world_size=info.world_size, timeout=timedelta(seconds=timeout_s))
 
 

@@ -6,8 +6,8 @@ Normalize) costs ~2 ms for a 256 px JPEG and ~6 ms for a 512 px one on a CPU cor
 * JPEGs are decoded by libjpeg-turbo (``simplejpeg``) with DCT-domain scaling: the crop is drawn
   first from the header's size, then the image is decoded at the smallest of 1, 1/2, 1/4, 1/8 at
   which the crop still covers the output size, so no resolution the output needs is thrown away and
-  a 512 px image bound for 224 px decodes at half size (a 256 px one decodes in full). Other formats (and JPEGs libjpeg-turbo cannot convert,
-  e.g. CMYK) go through Pillow, with its JPEG draft mode.
+  a 512 px image bound for 224 px decodes at half size (a 256 px one decodes in full). Other formats
+  (and JPEGs libjpeg-turbo cannot convert, e.g. CMYK) go through Pillow, with its JPEG draft mode.
 * The crop is resized by torch's uint8 antialiased bicubic kernel (within ±2 grey levels of
   Pillow's bicubic, ~4× faster).
 * Workers ship uint8 tensors (a quarter of float32's bytes through shared memory); normalisation
@@ -28,7 +28,7 @@ import math
 import random
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import simplejpeg
@@ -64,7 +64,7 @@ class ImageTransform:
             raise ValueError(f"interpolation: expected bicubic or bilinear, got {self.interpolation!r}")
 
     @classmethod
-    def from_preprocess_cfg(cls, cfg: dict[str, Any], train: bool, **overrides: Any) -> "ImageTransform":
+    def from_preprocess_cfg(cls, cfg: dict[str, Any], train: bool, **overrides: Any) -> ImageTransform:
         """From open_clip's ``model.visual.preprocess_cfg`` (size, mean, std, interpolation)."""
         interpolation = cfg.get("interpolation", "bicubic")
         return cls(size=cfg["size"], mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
@@ -72,7 +72,7 @@ class ImageTransform:
 
     # -- crop geometry (header only) --------------------------------------------------------------
 
-    def crop_box(self, width: int, height: int, rng: Optional[random.Random]) -> tuple[int, int, int, int]:
+    def crop_box(self, width: int, height: int, rng: random.Random | None) -> tuple[int, int, int, int]:
         """(left, top, crop_width, crop_height) in the original image's pixels."""
         out_h, out_w = self.size
         if not self.train:
@@ -116,7 +116,7 @@ class ImageTransform:
             raise DecompressionBomb(f"{width}x{height} = {width * height} pixels exceeds the limit of "
                                     f"{self.max_pixels} (data.max_image_pixels)")
 
-    def _decode_jpeg(self, data: bytes, rng: Optional[random.Random]) -> Optional[tuple[np.ndarray, tuple]]:
+    def _decode_jpeg(self, data: bytes, rng: random.Random | None) -> tuple[np.ndarray, tuple] | None:
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         except ValueError:
@@ -133,7 +133,7 @@ class ImageTransform:
         box = (left * factor_w, top * factor_h, crop_w * factor_w, crop_h * factor_h)
         return array, box
 
-    def _decode_pil(self, data: bytes, rng: Optional[random.Random]) -> tuple[np.ndarray, tuple]:
+    def _decode_pil(self, data: bytes, rng: random.Random | None) -> tuple[np.ndarray, tuple]:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
@@ -148,7 +148,7 @@ class ImageTransform:
         factor_w, factor_h = array.shape[1] / width, array.shape[0] / height
         return array, (left * factor_w, top * factor_h, crop_w * factor_w, crop_h * factor_h)
 
-    def __call__(self, data: bytes, rng: Optional[random.Random] = None) -> torch.Tensor:
+    def __call__(self, data: bytes, rng: random.Random | None = None) -> torch.Tensor:
         """Encoded image bytes → uint8 tensor (3, H, W) of the output size."""
         decoded = self._decode_jpeg(data, rng) if data[:3] == JPEG_MAGIC else None
         if decoded is None:

@@ -45,7 +45,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import webdataset as wds
@@ -71,11 +71,11 @@ class DataConfig:
 
     sources: list[SourceConfig] = field(default_factory=list)
     """Shard sets: [{urls: ..., weight: 1.0, num_samples: null}, ...]. See clipforge/data/sources.py."""
-    train_urls: Optional[str] = None
+    train_urls: str | None = None
     """Shorthand for one source: sources=[{urls: TRAIN_URLS}] (OpenCLIP's --train-data, '::'-separated)."""
     mode: str = "epoch"
     """epoch: every sample once per epoch, shards split disjointly; resampled: shards drawn with replacement."""
-    epoch_samples: Optional[int] = None
+    epoch_samples: int | None = None
     """Resampled mode: samples per epoch (None = the sources' total, from num_samples or sizes.json)."""
     shard_shortage: str = "error"
     """Epoch mode with fewer shards than ranks × workers: error, or resample (switch to resampled mode)."""
@@ -170,7 +170,7 @@ def read_caption(sample: dict[str, Any], caption_key: str, rng: random.Random) -
     return whitespace_clean(basic_clean(text))
 
 
-def assign_shards(shards: list[str], sizes: dict[str, Optional[int]], seed: int, epoch: int,
+def assign_shards(shards: list[str], sizes: dict[str, int | None], seed: int, epoch: int,
                   slots: int) -> list[list[str]]:
     """Split ``shards`` into ``slots`` disjoint lists with balanced sample counts, the same on every rank.
 
@@ -283,7 +283,7 @@ class ShardedImageText(IterableDataset):
                "skipped": dict(counter.counts), "first_skips": dict(counter.first)}
 
     def _decode(self, sample: dict[str, Any], counter: SkipCounter,
-                rng: random.Random) -> Optional[tuple[torch.Tensor, str]]:
+                rng: random.Random) -> tuple[torch.Tensor, str] | None:
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"
         extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if extension is None:
@@ -329,7 +329,7 @@ class TrainLoader:
         self.next_worker = 0
         self.epoch_skipped: dict[int, dict[str, int]] = {}
         self.skipped_before: Counter[str] = Counter()
-        self._iterator: Optional[Iterator] = None
+        self._iterator: Iterator | None = None
         self._epoch_yielded = False
         self._logged: set[str] = set()
         if dataset.mode == "resampled":
@@ -338,7 +338,7 @@ class TrainLoader:
             dataset.worker_batches = {w: steps // workers + (w < steps % workers) for w in range(workers)}
 
     @property
-    def steps_per_epoch(self) -> Optional[int]:
+    def steps_per_epoch(self) -> int | None:
         """Batches per rank per epoch: exact in resampled mode, an upper bound in epoch mode (None if unknown)."""
         global_batch = self.dataset.cfg.batch_size * self.dataset.world_size
         if self.dataset.mode == "resampled":
@@ -364,10 +364,10 @@ class TrainLoader:
                             prefetch_factor=self.prefetch_factor if self.num_workers else None)
         return iter(loader)
 
-    def __iter__(self) -> "TrainLoader":
+    def __iter__(self) -> TrainLoader:
         return self
 
-    def _next_in_epoch(self) -> Optional[dict[str, Any]]:
+    def _next_in_epoch(self) -> dict[str, Any] | None:
         """The next batch of the current epoch on this rank, or None when this rank's epoch is over."""
         if self._iterator is None:
             self._iterator = self._start_epoch()
@@ -400,7 +400,8 @@ class TrainLoader:
             self._iterator = None
             for counts in self.epoch_skipped.values():
                 self.skipped_before.update(counts)
-            self.epoch, self.consumed, self.produced, self.next_worker, self.epoch_skipped = self.epoch + 1, {}, {}, 0, {}
+            self.epoch, self.next_worker = self.epoch + 1, 0
+            self.consumed, self.produced, self.epoch_skipped = {}, {}, {}
             empty_epochs = 0 if self._epoch_yielded else empty_epochs + 1
             self._epoch_yielded = False
             if empty_epochs == 2:  # a resumed epoch may legitimately be empty; two in a row cannot

@@ -22,7 +22,7 @@ import logging
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO
 
 import braceexpand
 
@@ -37,7 +37,7 @@ class SourceConfig:
     """Shards, brace-expanded; '::' joins several patterns. Local paths, pipe:COMMAND, or fsspec URLs (s3://, hf://)."""
     weight: float = 1.0
     """Relative sampling weight in resampled mode (per sample drawn, not per shard)."""
-    num_samples: Optional[int] = None
+    num_samples: int | None = None
     """Samples in this source; None = read sizes.json / *_stats.json beside the shards."""
 
 
@@ -69,7 +69,7 @@ def open_shard(url: str) -> IO[bytes]:
         raise ImportError(f"{url}: {exn}") from exn
 
 
-def _read_json(url: str) -> Optional[dict]:
+def _read_json(url: str) -> dict | None:
     try:
         if is_local(url) or url.startswith("file://"):
             with open(url.removeprefix("file://"), encoding="utf-8") as handle:
@@ -85,9 +85,9 @@ def _read_json(url: str) -> Optional[dict]:
         return None
 
 
-def shard_sizes(shards: list[str]) -> dict[str, Optional[int]]:
+def shard_sizes(shards: list[str]) -> dict[str, int | None]:
     """Sample count of each shard from sizes.json or NNNNN_stats.json next to it; None where unknown."""
-    sizes: dict[str, Optional[int]] = dict.fromkeys(shards)
+    sizes: dict[str, int | None] = dict.fromkeys(shards)
     by_dir: dict[str, list[str]] = {}
     for shard in shards:
         if not shard.startswith("pipe:"):
@@ -111,12 +111,12 @@ class Source:
     """A source resolved: its shards, their counts, its weight."""
 
     shards: list[str]
-    sizes: dict[str, Optional[int]]
+    sizes: dict[str, int | None]
     weight: float
-    num_samples: Optional[int]
+    num_samples: int | None
 
     @classmethod
-    def resolve(cls, cfg: SourceConfig, index: int) -> "Source":
+    def resolve(cls, cfg: SourceConfig, index: int) -> Source:
         where = f"data.sources[{index}]"
         shards = expand_urls(cfg.urls, where)
         local = [s for s in shards if is_local(s)]

@@ -17,7 +17,7 @@ import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import webdataset as wds
@@ -32,15 +32,15 @@ class Benchmark:
     name: str
     task: str  # "zeroshot_classification" or "zeroshot_retrieval"
     samples: list[dict[str, Any]]  # raw: {"__key__", image bytes under its extension, "cls" or "txt"}
-    classnames: Optional[list[str]] = None
-    templates: Optional[list[str]] = None
+    classnames: list[str] | None = None
+    templates: list[str] | None = None
 
 
 def _read_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def load_benchmark(path: str | Path, name: Optional[str] = None, split: str = "test") -> Benchmark:
+def load_benchmark(path: str | Path, name: str | None = None, split: str = "test") -> Benchmark:
     root = Path(path)
     nshards_file = root / split / "nshards.txt"
     if not nshards_file.is_file():

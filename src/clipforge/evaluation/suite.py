@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import yaml
 
@@ -36,7 +35,7 @@ TASKS = ("zeroshot_classification", "zeroshot_retrieval")
 class EvalConfig:
     """Zero-shot evaluation during and after training."""
 
-    suite: Optional[str] = None
+    suite: str | None = None
     """Suite YAML (eval/*.yaml) run at the end of training and every eval.every_n_steps. None = no evaluation."""
     every_n_steps: int = 0
     """Also evaluate every N optimizer steps (0 = only at the end)."""

@@ -8,9 +8,10 @@ its tokenizer. Model code here knows nothing of distribution, optimizers or loss
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import open_clip
 import torch
@@ -28,14 +29,14 @@ class ModelConfig:
     name: str = "ViT-B-32"
     """open_clip architecture name (e.g. ViT-B-32, see `open_clip.list_models()`), the stem of a JSON file in
     configs/models/, or a path to an open_clip-style JSON model config."""
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
     """Local weights to start from: an open_clip weights file (.pt/.bin/.safetensors) or a clipforge checkpoint
     directory. None = random init. Nothing is downloaded."""
     force_quick_gelu: bool = False
     """Use QuickGELU activations (as OpenAI's original CLIP weights need)."""
-    init_logit_scale: Optional[float] = None
+    init_logit_scale: float | None = None
     """Initial log inverse temperature (None = the architecture's, log(1/0.07) for CLIP; SigLIP uses log(10))."""
-    init_logit_bias: Optional[float] = None
+    init_logit_bias: float | None = None
     """Initial logit bias; set it (SigLIP: -10) to give the model the learnable bias the sigmoid loss needs."""
 
 

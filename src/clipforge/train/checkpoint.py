@@ -16,7 +16,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -104,10 +104,11 @@ class Checkpointer:
         """Complete checkpoints, oldest first."""
         if not self.directory.is_dir():
             return []
-        found = [p for p in self.directory.glob("step_*") if p.is_dir() and all((p / f).is_file() for f in REQUIRED_FILES)]
+        found = [p for p in self.directory.glob("step_*")
+                 if p.is_dir() and all((p / f).is_file() for f in REQUIRED_FILES)]
         return sorted(found, key=lambda p: p.name)
 
-    def latest(self) -> Optional[Path]:
+    def latest(self) -> Path | None:
         complete = self.complete()
         return complete[-1] if complete else None
 

@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -53,7 +53,7 @@ class TrainConfig:
     accum_steps: int = 1
     """Split each batch into k micro-batches with cached features (GradCache): the loss still sees all of
     data.batch_size as negatives, activation memory is one micro-batch's."""
-    resume: Optional[str] = None
+    resume: str | None = None
     """Resume from a checkpoint directory, or 'latest' for the newest complete one in this run (none = fresh)."""
 
     def __post_init__(self) -> None:
@@ -74,7 +74,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _resolve_resume(resume: Optional[str], checkpointer: Checkpointer) -> Optional[Path]:
+def _resolve_resume(resume: str | None, checkpointer: Checkpointer) -> Path | None:
     if not resume:
         return None
     if resume == "latest":
@@ -85,7 +85,7 @@ def _resolve_resume(resume: Optional[str], checkpointer: Checkpointer) -> Option
     return Path(resume)
 
 
-def _evaluate(model, built, cfg: "RunConfig", dist_info: DistInfo, step: int, run_dir: Path) -> dict[str, float]:
+def _evaluate(model, built, cfg: RunConfig, dist_info: DistInfo, step: int, run_dir: Path) -> dict[str, float]:
     """Rank 0 runs the suite and writes eval/step_N.json and .md; returns the headline metrics."""
     import json
 
@@ -101,7 +101,7 @@ def _evaluate(model, built, cfg: "RunConfig", dist_info: DistInfo, step: int, ru
     return {f"eval/{k}": v for k, v in headline(results).items()}
 
 
-def train(cfg: "RunConfig") -> dict[str, Any]:
+def train(cfg: RunConfig) -> dict[str, Any]:
     """Train as configured; returns the final step, last metrics and final eval results."""
     from clipforge.config import to_yaml
 
@@ -116,7 +116,7 @@ def train(cfg: "RunConfig") -> dict[str, Any]:
         destroy_process_group()
 
 
-def _train(cfg: "RunConfig", dist_info: DistInfo, config_yaml: str) -> dict[str, Any]:
+def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str) -> dict[str, Any]:
     run_dir = Path(cfg.train.output_dir)
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -33,7 +32,7 @@ class OptimConfig:
     """After warmup: cosine (decay to min_lr at the last step) or constant."""
     min_lr: float = 0.0
     """Final learning rate of the cosine schedule."""
-    grad_clip_norm: Optional[float] = 1.0
+    grad_clip_norm: float | None = 1.0
     """Clip the global gradient norm to this value (null = no clipping)."""
 
     def __post_init__(self) -> None:
