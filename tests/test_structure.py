@@ -63,6 +63,6 @@ def test_ruff_is_clean():
     import sys
 
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    done = subprocess.run([ruff, "check", "src", "tests", "bench", "data_prep"], cwd=PACKAGE.parents[1], capture_output=True,
-                          text=True)
+    done = subprocess.run([ruff, "check", "src", "tests", "bench", "data_prep"], cwd=PACKAGE.parents[1],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:]
