@@ -51,14 +51,20 @@ def write_tar(path: Path, samples: Iterator[dict]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     count = 0
-    with open(temporary, "wb") as stream:
-        writer = wds.TarWriter(stream, mtime=FIXED_MTIME)
-        for sample in samples:
-            writer.write(sample)
-            count += 1
-        writer.close()
-        stream.flush()
-        os.fsync(stream.fileno())
+    try:
+        with open(temporary, "wb") as stream:
+            writer = wds.TarWriter(stream, mtime=FIXED_MTIME)
+            try:
+                for sample in samples:
+                    writer.write(sample)
+                    count += 1
+            finally:
+                writer.close()
+            stream.flush()
+            os.fsync(stream.fileno())
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # an interrupted shard leaves nothing behind
+        raise
     os.replace(temporary, path)
     return count
 
