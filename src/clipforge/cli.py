@@ -112,7 +112,7 @@ def _add_prep_sources(prep_kinds: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from clipforge.config import load_config
-    from clipforge.train.loop import train
+    from clipforge.train.loop import EXIT_PREEMPTED, train
 
     overrides = list(args.set)
     if args.resume:
@@ -121,8 +121,8 @@ def _train(args: argparse.Namespace) -> int:
     result = train(cfg)
     if result.get("eval_table"):
         print(f"\nzero-shot results at step {result['step']} ({cfg.eval.suite}):\n\n{result['eval_table']}")
-    print(json.dumps({"step": result["step"], "checkpoint": result["checkpoint"]}))
-    return 0
+    print(json.dumps({"step": result["step"], "checkpoint": result["checkpoint"], "preempted": result["preempted"]}))
+    return EXIT_PREEMPTED if result["preempted"] else 0
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -185,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="run config YAML, e.g. configs/demo.yaml")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set optim.lr=5e-4 (repeatable)")
-    train.add_argument("--resume", metavar="latest|DIR",
-                       help="continue from the newest checkpoint of this run (latest) or a checkpoint directory")
+    train.add_argument("--resume", metavar="auto|DIR",
+                       help="continue from the newest intact checkpoint of this run (auto; 'latest' is an alias) or a "
+                            "checkpoint directory. Exit code 75: stopped by SIGUSR1/SIGTERM after a checkpoint")
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("eval", help="zero-shot evaluation of a checkpoint on a benchmark suite")

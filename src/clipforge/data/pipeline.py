@@ -41,6 +41,7 @@ import heapq
 import json
 import logging
 import random
+import signal
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -308,6 +309,13 @@ class ShardedImageText(IterableDataset):
         return image, caption
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Pre-emption signals (SLURM sends them to every process of the step) are the trainer's business: a worker
+    that died of one would take the epoch down with it; workers exit with their parent instead."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _all_ranks_agree(flag: bool) -> bool:
     return flag
 
@@ -361,7 +369,8 @@ class TrainLoader:
         self.dataset.resume_produced = dict(self.produced)
         self.dataset.rotation = self.next_worker
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=self.prefetch_factor if self.num_workers else None)
+                            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                            worker_init_fn=_ignore_stop_signals if self.num_workers else None)
         return iter(loader)
 
     def __iter__(self) -> TrainLoader:

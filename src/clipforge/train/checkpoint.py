@@ -4,12 +4,16 @@ A checkpoint is a directory ``checkpoints/step_00000100/`` with ``model.safetens
 (optimizer, scheduler, train state, RNG), ``data_rank{R}.json`` (each rank's data position) and
 ``config.yaml`` (the resolved run config). It is written under a hidden temporary name, every
 file fsynced, then renamed: a crash or kill never leaves a partial directory under a final name.
-``latest`` is a symlink to the newest one, replaced atomically. Loading uses
-``torch.load(weights_only=True)``: no arbitrary object is ever unpickled.
+``latest`` is a symlink to the newest one, replaced atomically. ``manifest.json`` (written last)
+records every file's size and SHA-256; loading verifies them, so a truncated or corrupted
+checkpoint (a full disk, a bad copy) is detected and named, and ``latest_intact`` falls back to the
+previous one. Loading uses safetensors and ``torch.load(weights_only=True)``: no arbitrary object
+is ever unpickled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,7 +28,36 @@ from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
 
-REQUIRED_FILES = ("model.safetensors", "state.pt", "config.yaml")
+REQUIRED_FILES = ("model.safetensors", "state.pt", "config.yaml", "manifest.json")
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint's files do not match its manifest, or cannot be read."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(path: Path) -> None:
+    """Raise CorruptCheckpoint unless every file in the manifest is there with its size and hash."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError) as exn:
+        raise CorruptCheckpoint(f"checkpoint {path}: unreadable manifest.json ({exn})") from exn
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CorruptCheckpoint(f"checkpoint {path}: {name} is missing")
+        if file.stat().st_size != expected["bytes"]:
+            raise CorruptCheckpoint(f"checkpoint {path}: {name} has {file.stat().st_size} bytes, the manifest says "
+                                    f"{expected['bytes']} (truncated?)")
+        if _sha256(file) != expected["sha256"]:
+            raise CorruptCheckpoint(f"checkpoint {path}: {name} does not match its SHA-256 in manifest.json")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -82,6 +115,10 @@ class Checkpointer:
             _write_synced(temporary / "model.safetensors", lambda p: save_file(weights, str(p)))
             _write_synced(temporary / "state.pt", lambda p: torch.save(state, p))
             _write_synced(temporary / "config.yaml", lambda p: p.write_text(config_yaml))
+            files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                     for f in sorted(temporary.iterdir()) if f.is_file()}
+            _write_synced(temporary / "manifest.json",
+                          lambda p: p.write_text(json.dumps({"step": step, "files": files}, indent=1)))
             _fsync_dir(temporary)
             if final.exists():
                 shutil.rmtree(final)
@@ -112,6 +149,16 @@ class Checkpointer:
         complete = self.complete()
         return complete[-1] if complete else None
 
+    def latest_intact(self) -> Path | None:
+        """The newest checkpoint whose files match their manifest; corrupt ones are skipped with a warning."""
+        for candidate in reversed(self.complete()):
+            try:
+                verify(candidate)
+                return candidate
+            except CorruptCheckpoint as exn:
+                log.warning("skipping corrupt checkpoint: %s", exn)
+        return None
+
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load weights into ``model``; return (state, this rank's data position). Nothing arbitrary is unpickled."""
@@ -119,6 +166,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, rank: int = 0) -> 
     missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    verify(path)
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     data_file = path / f"data_rank{rank}.json"

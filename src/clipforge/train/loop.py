@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
+import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +52,17 @@ class TrainConfig:
     seed: int = 0
     """Seed of model init and torch RNG (the rank is added)."""
     precision: str = "fp32"
-    """fp32, or bf16 autocast (the loss is always computed in fp32)."""
+    """fp32, bf16 autocast, or fp16 autocast with a dynamic gradient scaler (the loss is always fp32)."""
     accum_steps: int = 1
     """Split each batch into k micro-batches with cached features (GradCache): the loss still sees all of
     data.batch_size as negatives, activation memory is one micro-batch's."""
     resume: str | None = None
-    """Resume from a checkpoint directory, or 'latest' for the newest complete one in this run (none = fresh)."""
+    """Resume from a checkpoint directory, or 'auto' (alias 'latest') for the newest intact one in this run (none
+    yet = start fresh). Corrupt or truncated checkpoints are skipped with a warning."""
+    max_nonfinite_steps: int = 5
+    """A non-finite loss or gradient skips the update; this many in a row abort the run (naming step and keys)."""
+    requeue: bool = False
+    """On SIGUSR1/SIGTERM under SLURM: after the pre-emption checkpoint, `scontrol requeue` the job (rank 0)."""
 
     def __post_init__(self) -> None:
         if self.steps <= 0:
@@ -65,6 +73,8 @@ class TrainConfig:
             raise ValueError(f"train.keep_last: must be >= 1, got {self.keep_last}")
         if self.accum_steps < 1:
             raise ValueError(f"train.accum_steps: must be >= 1, got {self.accum_steps}")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"train.max_nonfinite_steps: must be >= 1, got {self.max_nonfinite_steps}")
         if self.precision not in AUTOCAST_DTYPES:
             raise ValueError(f"train.precision: {self.precision!r} is not one of {tuple(AUTOCAST_DTYPES)}")
 
@@ -77,12 +87,55 @@ def _seed_everything(seed: int) -> None:
 def _resolve_resume(resume: str | None, checkpointer: Checkpointer) -> Path | None:
     if not resume:
         return None
-    if resume == "latest":
-        found = checkpointer.latest()
+    if resume in ("auto", "latest"):
+        found = checkpointer.latest_intact()
         if found is None:
-            log.info("resume=latest: no checkpoint in %s yet, starting fresh", checkpointer.directory)
+            log.info("resume=%s: no intact checkpoint in %s yet, starting fresh", resume, checkpointer.directory)
         return found
     return Path(resume)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal after checkpointing; run again with --resume auto
+
+
+class StopSignals:
+    """SIGUSR1 / SIGTERM request a stop after the current step (DataLoader workers ignore both)."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            log.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _requeue(dist_info: DistInfo) -> None:
+    job = os.environ.get("SLURM_JOB_ID")
+    if not dist_info.is_main or not job:
+        return
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if done.returncode:
+        log.error("scontrol requeue %s failed (%d): %s", job, done.returncode, done.stderr.strip())
+    else:
+        log.info("requeued SLURM job %s", job)
 
 
 def _evaluate(model, built, cfg: RunConfig, dist_info: DistInfo, step: int, run_dir: Path) -> dict[str, float]:
@@ -108,7 +161,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     dist_info = DistInfo.from_env(os.environ)
     init_process_group(dist_info, os.environ)
     try:
-        result = _train(cfg, dist_info, to_yaml(cfg))
+        with StopSignals() as stop:
+            result = _train(cfg, dist_info, to_yaml(cfg), stop)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # gloo aborts if a rank tears down while a peer still talks
         return result
@@ -116,7 +170,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         destroy_process_group()
 
 
-def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str) -> dict[str, Any]:
+def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSignals) -> dict[str, Any]:
     run_dir = Path(cfg.train.output_dir)
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -134,35 +188,40 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str) -> dict[str, A
     loss_fn = build_loss(cfg.loss, dist_info.rank, dist_info.world_size)
     optimizer = build_optimizer(cfg.optim, built.model)
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
+    agree = make_agreement(dist_info)
     loader = build_train_loader(cfg.data, built.preprocess_cfg, built.tokenizer, dist_info.rank,
-                                dist_info.world_size, pin_memory=dist_info.device.startswith("cuda"),
-                                agree=make_agreement(dist_info))
+                                dist_info.world_size, pin_memory=dist_info.device.startswith("cuda"), agree=agree)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_last, dist_info.rank)
     step = 0
     resume_from = _resolve_resume(cfg.train.resume, checkpointer)
     if resume_from is None and checkpointer.latest() is not None:
         raise ValueError(f"{run_dir} already holds checkpoints (newest: {checkpointer.latest().name}); continue it "
                          "with --resume latest, or set another train.output_dir")
+    step_fn = build_step(model, loss_fn, optimizer, scheduler, dist_info.device, cfg.train.precision,
+                         cfg.optim.grad_clip_norm, cfg.loss.max_logit_scale, cfg.train.accum_steps)
     if resume_from is not None:
         state, data_state = load_checkpoint(resume_from, built.model, dist_info.rank)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if step_fn.scaler is not None and "scaler" in state:
+            step_fn.scaler.load_state_dict(state["scaler"])
         loader.load_state_dict(data_state)
         set_rng_state(state["rng"])
         step = int(state["step"])
         log.info("resumed from %s at step %d", resume_from, step)
-    step_fn = build_step(model, loss_fn, optimizer, scheduler, dist_info.device, cfg.train.precision,
-                         cfg.optim.grad_clip_norm, cfg.loss.max_logit_scale, cfg.train.accum_steps)
     logger = MetricLogger(run_dir, cfg.logging, cfg.train.steps, step, dist_info.is_main)
 
     def save() -> Path:
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": rng_state()}
+        if step_fn.scaler is not None:
+            state["scaler"] = step_fn.scaler.state_dict()
         return checkpointer.save(step, unwrap(model), state, loader.state_dict(), config_yaml)
 
     global_batch = cfg.data.batch_size * dist_info.world_size
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
     metrics: dict[str, Any] = {}
+    nonfinite_run, nonfinite_total, preempted = 0, 0, False
     while step < cfg.train.steps:
         fetch_start = time.perf_counter()
         batch = next(loader)
@@ -170,6 +229,17 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str) -> dict[str, A
         batch["images"] = loader.transform.normalize(batch["images"].to(dist_info.device, non_blocking=True))
         out = step_fn(batch)
         step += 1
+        if out["nonfinite"]:
+            nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
+            keys = batch.get("keys", [])
+            log.warning("step %d: non-finite loss or gradient (loss %s); update skipped (%d in a row)", step,
+                        out["loss"].item(), nonfinite_run)
+            if nonfinite_run >= cfg.train.max_nonfinite_steps:
+                raise NonFiniteError(f"{nonfinite_run} steps in a row with a non-finite loss or gradient, the last "
+                                     f"at step {step} on rank {dist_info.rank}; its batch's first keys: {keys[:8]} "
+                                     "(train.max_nonfinite_steps)")
+        else:
+            nonfinite_run = 0
         window_steps += 1
         logger.advance()
         if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
@@ -179,16 +249,29 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str) -> dict[str, A
                        "train/logit_scale": scale, "train/temperature": 1.0 / scale,
                        "train/grad_norm": out["grad_norm"].item(), "train/epoch": loader.epoch,
                        "perf/samples_per_s": window_steps * global_batch / elapsed,
-                       "perf/data_wait_fraction": data_wait / elapsed,
+                       "perf/data_wait_fraction": data_wait / elapsed, "train/nonfinite_steps": nonfinite_total,
                        **{f"data/skipped_{k}": v for k, v in loader.skipped.items()}}
             logger.log(step, metrics)
             window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
         if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < cfg.train.steps:
             logger.log(step, _evaluate(model, built, cfg, dist_info, step, run_dir))
             window_start = time.perf_counter()
+        stop_now = stop.received is not None
+        if dist_info.is_distributed:
+            stop_now = not agree(not stop_now)  # any rank signalled: all stop at this same step
+        if stop_now and step < cfg.train.steps:
+            preempted = True
+            break
         if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
             save()
     final = save()
+    if preempted:
+        logger.close()
+        log.warning("stopped at step %d on a signal; checkpoint %s; continue with --resume auto", step, final)
+        if cfg.train.requeue:
+            _requeue(dist_info)
+        return {"step": step, "checkpoint": str(final), "metrics": metrics, "eval": {}, "eval_table": None,
+                "preempted": True}
     results = _evaluate(model, built, cfg, dist_info, step, run_dir)
     if results:
         logger.log(step, results)
@@ -197,4 +280,4 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str) -> dict[str, A
         plot_curves(run_dir)
     table = run_dir / "eval" / f"step_{step:08d}.md"
     return {"step": step, "checkpoint": str(final), "metrics": metrics, "eval": results,
-            "eval_table": table.read_text() if results and table.is_file() else None}
+            "eval_table": table.read_text() if results and table.is_file() else None, "preempted": False}

@@ -12,7 +12,13 @@ gradients. Peak activation memory is one micro-batch's. The temperature and bias
 from the one loss evaluation and are injected through the last re-forward, so DDP reduces every
 gradient exactly once.
 
-Both return detached tensors only: nothing here forces a host sync.
+Precision: fp32; bf16 autocast; fp16 autocast with a dynamic gradient scaler (an overflowing
+step is skipped by the scaler and the scale lowered, as usual). The loss is always fp32.
+
+Numerics guard: a non-finite loss (or, without a scaler, a non-finite gradient norm) skips the
+optimizer update — weights and optimizer state stay as they were — and the step reports
+``nonfinite=True``; the loop counts these and aborts after N in a row. That check is the one host
+sync per step (GradScaler needs the same one); everything else returned is a detached tensor.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 from clipforge.losses import clamp_logit_scale
 from clipforge.train.parallel import unwrap
 
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class PlainStep:
@@ -34,6 +40,7 @@ class PlainStep:
         self.device = torch.device(device)
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.grad_clip_norm, self.max_logit_scale = grad_clip_norm, max_logit_scale
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -51,22 +58,37 @@ class PlainStep:
         texts = batch["texts"].to(self.device, non_blocking=True)
         with self._autocast():
             out = self.model(images, texts)
-        losses = self._loss(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
+        losses = self._loss(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float(),
+                            None if out.get("logit_bias") is None else out["logit_bias"].float())
         loss = sum(losses.values())
-        loss.backward()
+        self._backward(loss)
         return {"loss": loss.detach(), "logit_scale": out["logit_scale"].detach().float(),
                 **{k: v.detach() for k, v in losses.items()}}
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = self.backward(batch)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.grad_clip_norm if self.grad_clip_norm else float("inf"))
-        self.optimizer.step()
+        loss_finite = torch.isfinite(metrics["loss"])
+        finite = loss_finite if self.scaler is not None else loss_finite & torch.isfinite(grad_norm)
+        nonfinite = not bool(finite)  # the one host sync per step
+        if self.scaler is not None:
+            if nonfinite:
+                self.optimizer.zero_grad(set_to_none=True)  # the scaler then finds nothing to apply
+            self.scaler.step(self.optimizer)  # skips the update itself when a gradient overflowed
+            self.scaler.update()
+        elif not nonfinite:
+            self.optimizer.step()
         self.scheduler.step()
         clamp_logit_scale(unwrap(self.model).logit_scale, self.max_logit_scale)
-        return {**metrics, "grad_norm": grad_norm.detach()}
+        return {**metrics, "grad_norm": grad_norm.detach(), "nonfinite": nonfinite}
 
 
 class CachedAccumulationStep(PlainStep):
@@ -109,7 +131,7 @@ class CachedAccumulationStep(PlainStep):
             else None
         losses = self._loss(image_features, text_features, scale, bias)
         loss = sum(losses.values())
-        loss.backward()
+        self._backward(loss)
         sizes = [len(chunk_images) for chunk_images, _ in chunks]
         image_grads, text_grads = image_features.grad.split(sizes), text_features.grad.split(sizes)
         end_state = self._rng_state()
@@ -126,7 +148,7 @@ class CachedAccumulationStep(PlainStep):
                     surrogate = surrogate + (out["logit_scale"].float() * scale.grad).sum()
                     if bias is not None:
                         surrogate = surrogate + (out["logit_bias"].float() * bias.grad).sum()
-                surrogate.backward()
+                surrogate.backward()  # the cached feature gradients already carry the fp16 loss scale
         self._set_rng_state(end_state)
         return {"loss": loss.detach(), "logit_scale": scale.detach(), **{k: v.detach() for k, v in losses.items()}}
 
