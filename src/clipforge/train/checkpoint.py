@@ -1,8 +1,9 @@
 """Atomic checkpoints: weights as safetensors, optimizer/schedule/loop/RNG state as a tensors-only pickle.
 
 A checkpoint is a directory ``checkpoints/step_00000100/`` with ``model.safetensors``, ``state.pt``
-(optimizer, scheduler, train state, RNG), ``data_rank{R}.json`` (each rank's data position) and
-``config.yaml`` (the resolved run config). It is written under a hidden temporary name, every
+(optimizer, scheduler, train state, RNG), ``data_rank{R}.json`` (each rank's data position),
+``sync_rank{R}.json`` (a digest of each rank's weights: rank 0 refuses to save if replicas
+diverged) and ``config.yaml`` (the resolved run config). It is written under a hidden temporary name, every
 file fsynced, then renamed: a crash or kill never leaves a partial directory under a final name.
 ``latest`` is a symlink to the newest one, replaced atomically. ``manifest.json`` (written last)
 records every file's size and SHA-256; loading verifies them, so a truncated or corrupted
@@ -89,6 +90,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's parameters (not buffers: BatchNorm running statistics legitimately differ between
+    data-parallel ranks after a forward pass; DDP re-broadcasts rank 0's before the next one)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -109,7 +120,11 @@ class Checkpointer:
         _barrier()
         _write_synced(temporary / f"data_rank{self.rank}.json",
                       lambda p: p.write_text(json.dumps(data_state, sort_keys=True)))
+        _write_synced(temporary / f"sync_rank{self.rank}.json",
+                      lambda p: p.write_text(json.dumps({"weights_sha256": weights_digest(model)})))
         _barrier()
+        if self.rank == 0:
+            self._check_ranks_agree(temporary)
         if self.rank == 0:
             weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
             _write_synced(temporary / "model.safetensors", lambda p: save_file(weights, str(p)))
@@ -131,6 +146,14 @@ class Checkpointer:
             self._prune()
         _barrier()
         return final
+
+    @staticmethod
+    def _check_ranks_agree(directory: Path) -> None:
+        """Data parallelism keeps every rank's weights identical; a checkpoint is where that is checked."""
+        digests = {f.name: json.loads(f.read_text())["weights_sha256"] for f in sorted(directory.glob("sync_rank*"))}
+        if len(set(digests.values())) > 1:
+            raise RuntimeError(f"ranks hold different weights at this checkpoint ({digests}); data-parallel replicas "
+                               "diverged — refusing to write a checkpoint from rank 0 alone")
 
     def _prune(self) -> None:
         complete = self.complete()

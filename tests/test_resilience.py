@@ -1,0 +1,183 @@
+"""Surviving kills, signals, corrupt checkpoints and bad numerics; launching under torchrun and accelerate.
+
+The trainer runs as real processes here (``python -m clipforge train``, ``torchrun``, ``accelerate
+launch``), killed and signalled from outside, as a scheduler would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from ranks import free_port
+from safetensors.torch import load_file
+
+from clipforge.config import load_config
+from clipforge.train.checkpoint import Checkpointer, CorruptCheckpoint, load_checkpoint
+from clipforge.train.loop import EXIT_PREEMPTED, NonFiniteError, train
+
+BIN = Path(sys.executable).parent
+
+
+def write_config(path: Path, synth_data, model_json, out: Path, **train_options) -> Path:
+    cfg = {
+        "data": {"train_urls": f"{synth_data}/train/{{00000..00005}}.tar", "batch_size": 32, "num_workers": 1,
+                 "shuffle_buffer": 200, "shuffle_initial": 50},
+        "model": {"name": model_json},
+        "optim": {"lr": 2e-3, "warmup_steps": 2, "weight_decay": 0.05},
+        "train": {"output_dir": str(out), "steps": 12, "checkpoint_every": 3, "keep_last": 10, **train_options},
+        "logging": {"log_every": 1, "progress_bar": False, "tensorboard": False},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def env(**extra) -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")}
+    out.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return out
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"trainer exited early with {process.returncode}")
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file() and max(losses(run_dir) or {0: 0}) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def reference_run(synth_data, tiny_model_json, tmp_path_factory):
+    """An uninterrupted 12-step run, as a subprocess."""
+    root = tmp_path_factory.mktemp("reference")
+    config = write_config(root / "cfg.yaml", synth_data, tiny_model_json, root / "run")
+    subprocess.run([sys.executable, "-m", "clipforge", "train", str(config)], check=True, env=env(),
+                   capture_output=True)
+    return root / "run"
+
+
+def test_sigkill_then_resume_auto_is_exact(reference_run, synth_data, tiny_model_json, tmp_path):
+    config = write_config(tmp_path / "cfg.yaml", synth_data, tiny_model_json, tmp_path / "run")
+    command = [sys.executable, "-m", "clipforge", "train", str(config), "--resume", "auto"]
+    process = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step(tmp_path / "run", 7, process)
+    process.send_signal(signal.SIGKILL)  # no chance to clean up: mid-step, maybe mid-checkpoint
+    process.wait()
+    assert max(losses(tmp_path / "run")) < 12
+    subprocess.run(command, env=env(), check=True, capture_output=True)
+    expected, resumed = losses(reference_run), losses(tmp_path / "run")
+    assert sorted(resumed) == list(range(1, 13))
+    for step in range(1, 13):
+        assert resumed[step] == expected[step], step  # bit-identical: same batches, same RNG, same updates
+    final = "checkpoints/step_00000012/model.safetensors"
+    a, b = load_file(reference_run / final), load_file(tmp_path / "run" / final)
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_corrupt_newest_checkpoint_is_skipped_with_a_clear_message(reference_run, tmp_path, caplog):
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(reference_run / "checkpoints", checkpoints, symlinks=True)
+    weights = checkpoints / "step_00000012" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated, as by a full disk
+    with pytest.raises(CorruptCheckpoint, match=r"step_00000012: model\.safetensors has \d+ bytes.*truncated"):
+        load_checkpoint(checkpoints / "step_00000012", None)
+    state = checkpoints / "step_00000009" / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
+    state.write_bytes(bytes(data))
+    found = Checkpointer(checkpoints).latest_intact()
+    assert found is not None and found.name == "step_00000006"
+    assert "step_00000012" in caplog.text and "state.pt does not match its SHA-256" in caplog.text
+
+
+def test_nonfinite_steps_are_skipped_then_abort_with_the_keys(synth_data, tiny_model_json, tmp_path, caplog):
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", synth_data, tiny_model_json, tmp_path / "run",
+                                   max_nonfinite_steps=3))
+    cfg.optim.lr, cfg.optim.warmup_steps = 1e30, 0  # the first update blows the weights up; then every loss is NaN
+    with pytest.raises(NonFiniteError, match=r"3 steps in a row .* at step 4 on rank 0; its batch's first keys: "
+                                             r"\['\d{9}'"):
+        train(cfg)
+    assert caplog.text.count("update skipped") == 3
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(records[0]["train/loss"]) and records[2]["train/nonfinite_steps"] == 2
+
+
+def test_fp16_with_a_gradient_scaler_trains_and_resumes_its_scale(synth_data, tiny_model_json, tmp_path):
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", synth_data, tiny_model_json, tmp_path / "run",
+                                   precision="fp16", steps=4, checkpoint_every=2))
+    result = train(cfg)
+    assert not result["preempted"] and all(math.isfinite(v) for v in losses(tmp_path / "run").values())
+    import torch
+
+    state = torch.load(tmp_path / "run" / "checkpoints" / "latest" / "state.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
+
+
+def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    return env(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(synth_data, tiny_model_json, tmp_path):
+    config = write_config(tmp_path / "cfg.yaml", synth_data, tiny_model_json, tmp_path / "run", steps=200,
+                          checkpoint_every=100)
+    port = free_port()
+    command = [sys.executable, "-m", "clipforge", "train", str(config)]
+    ranks = [subprocess.Popen(command, env=rank_env(rank, 2, port), start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in range(2)]
+    wait_for_step(tmp_path / "run", 4, ranks[0])
+    # as SLURM does on pre-emption: the signal goes to rank 1's whole process group, DataLoader worker included
+    os.killpg(ranks[1].pid, signal.SIGTERM)
+    outputs = [process.communicate(timeout=240)[0].decode() for process in ranks]
+    assert [process.returncode for process in ranks] == [EXIT_PREEMPTED, EXIT_PREEMPTED], outputs
+    stopped = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    assert stopped[0]["step"] == stopped[1]["step"] < 200 and stopped[0]["preempted"]
+    checkpoint = Path(stopped[0]["checkpoint"])
+    assert checkpoint.name == f"step_{stopped[0]['step']:08d}"
+    assert {p.name for p in checkpoint.iterdir()} >= {"data_rank0.json", "data_rank1.json", "model.safetensors"}
+    assert "received SIGTERM" in outputs[1] and "Traceback" not in outputs[0] + outputs[1]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_launchers_run_two_ranks_in_sync(launcher, synth_data, tiny_model_json, tmp_path):
+    config = write_config(tmp_path / "cfg.yaml", synth_data, tiny_model_json, tmp_path / "run", steps=6,
+                          checkpoint_every=3)
+    port = str(free_port())
+    if launcher == "torchrun":
+        command = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", port, "-m", "clipforge", "train",
+                   str(config)]
+        extra = {}
+    else:  # several CPU processes: --multi_gpu with ACCELERATE_USE_CPU (--cpu starts only one)
+        command = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port, "-m",
+                   "clipforge", "train", str(config)]
+        extra = {"ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run(command, env=env(**extra), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for step in ("step_00000003", "step_00000006"):
+        checkpoint = tmp_path / "run" / "checkpoints" / step
+        digests = [json.loads((checkpoint / f"sync_rank{r}.json").read_text())["weights_sha256"] for r in range(2)]
+        assert digests[0] == digests[1]  # both replicas hold identical weights
+        assert (checkpoint / "data_rank1.json").is_file()
+    data = [json.loads((tmp_path / "run" / "checkpoints" / "step_00000006" / f"data_rank{r}.json").read_text())
+            for r in range(2)]
+    assert [(d["world_size"], d["consumed"]) for d in data] == [(2, {"0": 6 * 32})] * 2  # each rank: 6 local batches
