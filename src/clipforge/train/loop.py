@@ -61,6 +61,10 @@ class TrainConfig:
     yet = start fresh). Corrupt or truncated checkpoints are skipped with a warning."""
     max_nonfinite_steps: int = 5
     """A non-finite loss or gradient skips the update; this many in a row abort the run (naming step and keys)."""
+    compile: bool = False
+    """torch.compile the model (in place, so checkpoints keep plain parameter names)."""
+    channels_last: bool = False
+    """channels-last memory format for the model and images (helps convolutional towers on GPUs)."""
     requeue: bool = False
     """On SIGUSR1/SIGTERM under SLURM: after the pre-emption checkpoint, `scontrol requeue` the job (rank 0)."""
 
@@ -184,6 +188,10 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
         for name in ("logit_scale", "logit_bias"):
             if getattr(built.model, name, None) is not None:
                 getattr(built.model, name).requires_grad_(False)
+    if cfg.train.channels_last:
+        built.model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        built.model.compile()
     model = parallelize(built.model, dist_info)
     loss_fn = build_loss(cfg.loss, dist_info.rank, dist_info.world_size)
     optimizer = build_optimizer(cfg.optim, built.model)
@@ -227,6 +235,8 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
         batch = next(loader)
         data_wait += time.perf_counter() - fetch_start
         batch["images"] = loader.transform.normalize(batch["images"].to(dist_info.device, non_blocking=True))
+        if cfg.train.channels_last:
+            batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
         out = step_fn(batch)
         step += 1
         if out["nonfinite"]:

@@ -6,10 +6,13 @@ temperature ``logit_scale`` (what open_clip_train excludes, plus the embeddings)
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +37,8 @@ class OptimConfig:
     """Final learning rate of the cosine schedule."""
     grad_clip_norm: float | None = 1.0
     """Clip the global gradient norm to this value (null = no clipping)."""
+    fused: bool = True
+    """Fused AdamW kernel (one kernel for all parameters) where the device supports it; else the foreach one."""
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "constant"):
@@ -54,7 +59,13 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Ada
         {"params": [p for n, p in named if no_weight_decay(n, p)], "weight_decay": 0.0},
         {"params": [p for n, p in named if not no_weight_decay(n, p)], "weight_decay": cfg.weight_decay},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.fused:
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except RuntimeError as exn:  # e.g. a device without the fused kernel
+            log.info("fused AdamW unavailable (%s); using the foreach implementation", exn)
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
