@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import yaml
 
 from clipforge.data.pipeline import build_train_loader
 from clipforge.distributed import DistInfo, destroy_process_group, init_process_group, make_agreement
@@ -97,6 +98,15 @@ def _resolve_resume(resume: str | None, checkpointer: Checkpointer) -> Path | No
             log.info("resume=%s: no intact checkpoint in %s yet, starting fresh", resume, checkpointer.directory)
         return found
     return Path(resume)
+
+
+def _max_memory_mb(device: str) -> float:
+    """Peak accelerator memory allocated by torch, or the process's peak resident memory on a CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 class NonFiniteError(RuntimeError):
@@ -217,7 +227,8 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
         set_rng_state(state["rng"])
         step = int(state["step"])
         log.info("resumed from %s at step %d", resume_from, step)
-    logger = MetricLogger(run_dir, cfg.logging, cfg.train.steps, step, dist_info.is_main)
+    logger = MetricLogger(run_dir, cfg.logging, cfg.train.steps, step, dist_info.is_main,
+                          config=yaml.safe_load(config_yaml))
 
     def save() -> Path:
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -228,6 +239,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
 
     global_batch = cfg.data.batch_size * dist_info.world_size
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+    parameters = sum(p.numel() for p in built.model.parameters())
     metrics: dict[str, Any] = {}
     nonfinite_run, nonfinite_total, preempted = 0, 0, False
     while step < cfg.train.steps:
@@ -259,6 +271,10 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
                        "train/logit_scale": scale, "train/temperature": 1.0 / scale,
                        "train/grad_norm": out["grad_norm"].item(), "train/epoch": loader.epoch,
                        "perf/samples_per_s": window_steps * global_batch / elapsed,
+                       "perf/samples_per_s_per_device": window_steps * cfg.data.batch_size / elapsed,
+                       "perf/step_time_s": elapsed / window_steps,
+                       "perf/compute_time_s": (elapsed - data_wait) / window_steps,
+                       "perf/max_memory_mb": _max_memory_mb(dist_info.device), "model/parameters": parameters,
                        "perf/data_wait_fraction": data_wait / elapsed, "train/nonfinite_steps": nonfinite_total,
                        **{f"data/skipped_{k}": v for k, v in loader.skipped.items()}}
             logger.log(step, metrics)

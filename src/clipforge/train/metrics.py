@@ -1,4 +1,5 @@
-"""Training metrics: console, TensorBoard, a JSONL file, a progress bar, and the loss/temperature plot.
+"""Training metrics: console, TensorBoard, a JSONL file, a progress bar, Weights & Biases (optional, through
+accelerate's ``WandBTracker``), and the loss/temperature plot.
 
 Only rank 0 writes. ``metrics.jsonl`` in the run directory holds one record per logged step and
 is what ``plot_curves`` reads to draw ``curves.png`` (loss and temperature over steps).
@@ -6,6 +7,7 @@ is what ``plot_curves`` reads to draw ``curves.png`` (loss and temperature over 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from dataclasses import dataclass
@@ -29,20 +31,33 @@ class LoggingConfig:
     """Show a progress bar with ETA on rank 0."""
     plot: bool = True
     """Write RUN_DIR/curves.png (loss and temperature over steps) at the end of training."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install wandb`; offline with WANDB_MODE=offline). A resumed run
+    continues the same W&B run."""
+    wandb_project: str = "clipforge"
+    """W&B project."""
+    wandb_run_name: str | None = None
+    """W&B run name (None = the run directory's name)."""
 
     def __post_init__(self) -> None:
         if self.log_every <= 0:
             raise ValueError(f"logging.log_every: must be positive, got {self.log_every}")
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            raise ValueError("logging.wandb=true needs the wandb package: pip install wandb")
 
 
 class MetricLogger:
-    def __init__(self, run_dir: Path, cfg: LoggingConfig, total_steps: int, start_step: int, enabled: bool) -> None:
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, total_steps: int, start_step: int, enabled: bool,
+                 config: dict[str, Any] | None = None) -> None:
         self.enabled, self.cfg = enabled, cfg
         self.writer = None
         self.bar = None
         self.jsonl = None
+        self.wandb = None
         if not enabled:
             return
+        if cfg.wandb:
+            self.wandb = _start_wandb(run_dir, cfg, config or {})
         path = run_dir / "metrics.jsonl"
         kept = []
         if start_step > 0 and path.is_file():  # resumed: drop what was logged after the checkpoint
@@ -66,10 +81,12 @@ class MetricLogger:
         record = {"step": step, **metrics}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, step)
+            for key, value in numbers.items():
+                self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
         text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         if self.bar is not None:
             self.bar.set_postfix(loss=metrics.get("train/loss"), refresh=False)
@@ -84,6 +101,35 @@ class MetricLogger:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str, type(None))) else str(value)
+    return flat
+
+
+def _start_wandb(run_dir: Path, cfg: LoggingConfig, config: dict[str, Any]):
+    """accelerate's WandBTracker, resuming the run whose id is kept in RUN_DIR/wandb_id.txt."""
+    from accelerate import PartialState
+    from accelerate.tracking import WandBTracker
+
+    PartialState()  # accelerate's trackers log through its state; it adopts our already-initialised process group
+
+    id_file = run_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    tracker = WandBTracker(cfg.wandb_project, name=cfg.wandb_run_name or run_dir.name, dir=str(run_dir), id=run_id,
+                           resume="allow")
+    tracker.start()
+    id_file.write_text(tracker.run.id + "\n")
+    tracker.store_init_configuration(_flatten(config))
+    return tracker
 
 
 def plot_curves(run_dir: Path) -> Path:
