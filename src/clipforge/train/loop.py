@@ -168,6 +168,37 @@ def _evaluate(model, built, cfg: RunConfig, dist_info: DistInfo, step: int, run_
     return {f"eval/{k}": v for k, v in headline(results).items()}
 
 
+def dry_run(cfg: RunConfig) -> dict[str, Any]:
+    """What a run would train, without touching data: parameter counts and FLOPs per sample.
+
+    FLOPs are counted by ``torch.utils.flop_counter`` on one forward pass of each tower (one image at the
+    model's size, one full-length caption); a training step costs about 3× the forward (forward + backward).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    built = build_model(cfg.model)
+    model = built.model.train()  # in eval mode attention takes a fused fast path the flop counter cannot see
+    counts = {"parameters": sum(p.numel() for p in model.parameters()),
+              "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "image_tower_parameters": sum(p.numel() for p in model.visual.parameters())}
+    counts["text_tower_parameters"] = counts["parameters"] - counts["image_tower_parameters"]
+    size = built.preprocess_cfg["size"]
+    height, width = (size, size) if isinstance(size, int) else size
+    context = built.model_cfg["text_cfg"].get("context_length", 77)
+    flops = {}
+    with torch.no_grad():
+        for tower, run in (("image", lambda: model.encode_image(torch.zeros(1, 3, height, width))),
+                           ("text", lambda: model.encode_text(torch.zeros(1, context, dtype=torch.long)))):
+            with FlopCounterMode(display=False) as counter:
+                run()
+            flops[f"{tower}_forward_gflops_per_sample"] = counter.get_total_flops() / 1e9
+    forward = sum(flops.values())
+    global_batch = cfg.data.batch_size * int(os.environ.get("WORLD_SIZE", 1))
+    return {"architecture": built.architecture, "image_size": [height, width], "context_length": context, **counts,
+            **flops, "train_gflops_per_sample": 3 * forward,
+            "train_pflops_total": 3 * forward * 1e9 * global_batch * cfg.train.steps / 1e15}
+
+
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Train as configured; returns the final step, last metrics and final eval results."""
     from clipforge.config import to_yaml

@@ -1,0 +1,50 @@
+"""The shipped recipes load, say what hardware they are for, and --dry-run reports what they train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from clipforge.cli import main
+from clipforge.config import load_config
+from clipforge.train.loop import dry_run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+
+
+def test_the_recipes_an_openclip_user_expects_are_there():
+    assert {"demo.yaml", "vit-b-32.yaml", "vit-b-16.yaml", "siglip-vit-b-16.yaml"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_loads_and_states_its_hardware(name):
+    cfg = load_config(CONFIGS / name)
+    header = "".join(line for line in (CONFIGS / name).read_text().splitlines(keepends=True) if line.startswith("#"))
+    assert any(word in header for word in ("GPU", "CPU", "H100", "A100")), f"{name} does not say what it is meant for"
+    assert cfg.train.steps > 0
+
+
+@pytest.mark.parametrize("name,parameters,image_gflops,text_gflops", [
+    # published: OpenAI CLIP ViT-B/32 151.28M parameters, 4.4 GMACs image / 2.9 GMACs text (open_clip's profile)
+    ("vit-b-32.yaml", 151_277_313, 2 * 4.41, 2 * 2.91),
+    # ViT-B/16: 149.62M parameters, 17.58 GMACs image (timm/open_clip profile)
+    ("vit-b-16.yaml", 149_620_737, 2 * 17.58, 2 * 2.91),
+])
+def test_dry_run_counts_parameters_and_flops_like_the_published_figures(name, parameters, image_gflops, text_gflops):
+    summary = dry_run(load_config(CONFIGS / name))
+    assert summary["parameters"] == parameters
+    assert summary["image_forward_gflops_per_sample"] == pytest.approx(image_gflops, rel=0.06)
+    assert summary["text_forward_gflops_per_sample"] == pytest.approx(text_gflops, rel=0.06)
+    assert summary["train_gflops_per_sample"] == pytest.approx(
+        3 * (summary["image_forward_gflops_per_sample"] + summary["text_forward_gflops_per_sample"]))
+
+
+def test_dry_run_from_the_command_line_prints_config_and_counts(capsys, tmp_path):
+    out_dir = tmp_path / "never"
+    assert main(["train", str(CONFIGS / "demo.yaml"), "--dry-run", "--set", f"train.output_dir={out_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert "model:\n  name: tiny-rn-64" in out and f"output_dir: {out_dir}" in out
+    assert "parameters                       8,500,249" in out and "train_gflops_per_sample" in out
+    assert not out_dir.exists()  # nothing was started
