@@ -174,3 +174,17 @@ def test_bad_input_costs_no_sleep_and_the_pixel_limit_is_configurable(tmp_path, 
     next(batches)  # well into epoch 1, where the same bad samples are met again
     assert caplog.text.count("skipping corrupt image") == 1  # logged once per kind per run, with shard and key
     assert caplog.text.count("skipping decompression bomb") == 1 and "0.tar:big" in caplog.text
+
+
+def test_workers_can_normalise_for_a_cpu_run(synth_data):
+    urls = f"{synth_data}/train/{{00000..00005}}.tar"
+    raw = loader(urls, workers=2, batch_size=32)
+    cfg = DataConfig(train_urls=urls, batch_size=32, num_workers=2, shuffle_buffer=50, shuffle_initial=10)
+    normalised = build_train_loader(cfg, PREPROCESS, TOKENIZER, normalize_in_workers=True)
+    for _ in range(3):
+        a, b = next(raw), next(normalised)
+        assert a["keys"] == b["keys"] and b["images"].dtype == torch.float32
+        expected = raw.transform.normalize(a["images"])
+        assert torch.allclose(b["images"], expected) and b["images"].mean().abs() < 3
+        assert normalised.transform.normalize(b["images"]) is b["images"]  # the trainer's call passes it through
+        assert torch.allclose(expected, (a["images"].float() / 255 - 0.5) / 0.25, atol=1e-5)  # PREPROCESS mean, std

@@ -199,8 +199,9 @@ class ShardedImageText(IterableDataset):
     """Yields whole batches: {"images" (uint8), "texts", "keys", "worker", "consumed", "produced", "skipped"}."""
 
     def __init__(self, sources: list[Source], cfg: DataConfig, transform: ImageTransform, tokenizer: Callable,
-                 rank: int = 0, world_size: int = 1, mode: str = "epoch") -> None:
+                 rank: int = 0, world_size: int = 1, mode: str = "epoch", normalize_in_workers: bool = False) -> None:
         self.sources, self.cfg, self.transform, self.tokenizer = sources, cfg, transform, tokenizer
+        self.normalize_in_workers = normalize_in_workers
         self.rank, self.world_size, self.mode = rank, world_size, mode
         self.shards = [shard for source in sources for shard in source.shards]
         self.sizes = {shard: size for source in sources for shard, size in source.sizes.items()}
@@ -275,7 +276,10 @@ class ShardedImageText(IterableDataset):
             keys.append(sample["__key__"])
             if len(images) == self.cfg.batch_size:
                 produced += 1
-                yield {"images": torch.stack(images), "texts": self.tokenizer(texts), "keys": keys, "worker": worker,
+                stacked = torch.stack(images)
+                if self.normalize_in_workers:
+                    stacked = self.transform.normalize(stacked)
+                yield {"images": stacked, "texts": self.tokenizer(texts), "keys": keys, "worker": worker,
                        "consumed": consumed, "produced": produced, "skipped": dict(counter.counts),
                        "first_skips": dict(counter.first)}
                 images, texts, keys = [], [], []
@@ -442,10 +446,12 @@ class TrainLoader:
 
 def build_train_loader(cfg: DataConfig, preprocess_cfg: dict[str, Any], tokenizer: Callable, rank: int = 0,
                        world_size: int = 1, pin_memory: bool = False,
-                       agree: Callable[[bool], bool] = _all_ranks_agree) -> TrainLoader:
+                       agree: Callable[[bool], bool] = _all_ranks_agree,
+                       normalize_in_workers: bool = False) -> TrainLoader:
     """The training loader for this rank. ``preprocess_cfg`` is open_clip's (``model.visual.preprocess_cfg``):
-    output size, mean, std, interpolation. Batches hold uint8 images; ``loader.transform.normalize`` makes
-    the model's float input from them on the training device."""
+    output size, mean, std, interpolation. Batches hold uint8 images and ``loader.transform.normalize`` makes
+    the model's float input from them on the training device; with ``normalize_in_workers`` (training on a
+    CPU) the workers do that and batches arrive normalised (``normalize`` then passes them through)."""
     sources = [Source.resolve(source, i) for i, source in enumerate(cfg.source_configs())]
     transform = ImageTransform.from_preprocess_cfg(preprocess_cfg, train=True, max_pixels=cfg.max_image_pixels)
     mode = cfg.mode
@@ -469,5 +475,5 @@ def build_train_loader(cfg: DataConfig, preprocess_cfg: dict[str, Any], tokenize
         if unknown:
             raise ValueError(f"data.sources[{unknown[0]}]: resampled mode needs the sample count: set its "
                              "num_samples, or data.epoch_samples, or write sizes.json beside the shards")
-    dataset = ShardedImageText(sources, cfg, transform, tokenizer, rank, world_size, mode)
+    dataset = ShardedImageText(sources, cfg, transform, tokenizer, rank, world_size, mode, normalize_in_workers)
     return TrainLoader(dataset, cfg.num_workers, cfg.prefetch_factor, pin_memory, agree)

@@ -5,7 +5,8 @@ Training shards follow img2dataset: ``00000.tar`` … each holding ``KEY.jpg``, 
 per shard, read by the loader to size an epoch). Evaluation sets follow CLIP_benchmark's
 ``build_wds_dataset``: ``test/{0..n-1}.tar`` + ``test/nshards.txt``, with ``classnames.txt`` and
 ``zeroshot_classification_templates.txt`` for classification (``KEY.jpg`` + ``KEY.cls``) or
-``dataset_type.txt`` = ``retrieval`` (``KEY.jpg`` + ``KEY.txt`` with one caption per line).
+``dataset_type.txt`` = ``retrieval`` (``KEY.jpg`` + ``KEY.txt`` with one caption per line). The
+classification sets also get a ``train/`` split (for linear probes) drawn from the same distribution.
 
 Shards are written under a temporary name and renamed, so an interrupted run never leaves a
 truncated ``.tar`` behind, and a re-run skips the shards that are already complete.
@@ -43,6 +44,7 @@ class SyntheticSpec:
     num_eval_samples: int = 1_000
     num_retrieval_samples: int = 500
     captions_per_image: int = 5
+    num_eval_train_samples: int = 1_000  # train split of each classification set (linear probe); 0 = none
     num_workers: int = 2
 
 
@@ -90,9 +92,13 @@ def _write_train_shard(spec: SyntheticSpec, shard: int) -> tuple[str, int]:
     return path.name, write_tar(path, _train_samples(spec, shard))
 
 
-def _classification_samples(spec: SyntheticSpec, split: str, label_of: Callable) -> Iterator[dict]:
-    for index in range(spec.num_eval_samples):
-        rng = synthetic.sample_rng(spec.seed, split, index)
+# The train split of a classification set draws sample indices from here on: a stream disjoint from its test split.
+TRAIN_SPLIT_OFFSET = 10**12
+
+
+def _classification_samples(spec: SyntheticSpec, split: str, label_of: Callable, train: bool = False) -> Iterator[dict]:
+    for index in range(spec.num_eval_train_samples if train else spec.num_eval_samples):
+        rng = synthetic.sample_rng(spec.seed, split, index + (TRAIN_SPLIT_OFFSET if train else 0))
         # Half the objects use (shape, colour) combinations that training never shows.
         heldout = "only" if index % 2 == 0 else "exclude"
         scene = synthetic.sample_scene(rng, heldout=heldout, kind="group")
@@ -118,9 +124,9 @@ def _retrieval_samples(spec: SyntheticSpec) -> Iterator[dict]:
         yield {"__key__": f"s{index:07d}", "jpg": synthetic.encode_jpeg(image), "txt": "\n".join(captions)}
 
 
-def _write_benchmark(root: Path, samples: Iterator[dict], metadata: dict[str, str]) -> int:
-    count = write_tar(root / "test" / "0.tar", samples)
-    (root / "test" / "nshards.txt").write_text("1\n")
+def _write_benchmark(root: Path, samples: Iterator[dict], metadata: dict[str, str], split: str = "test") -> int:
+    count = write_tar(root / split / "0.tar", samples)
+    (root / split / "nshards.txt").write_text("1\n")
     for name, text in metadata.items():
         (root / name).write_text(text)
     return count
@@ -134,18 +140,22 @@ def write_eval_sets(spec: SyntheticSpec) -> dict[str, int]:
     shape_templates = ["a photo of a {c}.", "a drawing of a {c}.", "a {c}.", "a picture of a {c}.",
                        "there is a {c} in the image.", "a {c} on a background."]
     color_templates = ["a {c} shape.", "a photo of a {c} object.", "something {c}.", "a {c} thing."]
+    label_of = {"shapes": lambda o: shapes.index(o.shape), "colors": lambda o: colors.index(o.color)}
     counts = {
         "shapes": _write_benchmark(
-            root / "shapes", _classification_samples(spec, "shapes", lambda o: shapes.index(o.shape)),
+            root / "shapes", _classification_samples(spec, "shapes", label_of["shapes"]),
             {"classnames.txt": "\n".join(shapes) + "\n",
              "zeroshot_classification_templates.txt": "\n".join(shape_templates) + "\n"}),
         "colors": _write_benchmark(
-            root / "colors", _classification_samples(spec, "colors", lambda o: colors.index(o.color)),
+            root / "colors", _classification_samples(spec, "colors", label_of["colors"]),
             {"classnames.txt": "\n".join(colors) + "\n",
              "zeroshot_classification_templates.txt": "\n".join(color_templates) + "\n"}),
         "retrieval": _write_benchmark(root / "retrieval", _retrieval_samples(spec),
                                       {"dataset_type.txt": "retrieval\n"}),
     }
+    for name in ("shapes", "colors") if spec.num_eval_train_samples > 0 else ():
+        counts[f"{name}/train"] = _write_benchmark(
+            root / name, _classification_samples(spec, name, label_of[name], train=True), {}, split="train")
     return counts
 
 

@@ -239,7 +239,8 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
     agree = make_agreement(dist_info)
     loader = build_train_loader(cfg.data, built.preprocess_cfg, built.tokenizer, dist_info.rank,
-                                dist_info.world_size, pin_memory=dist_info.device.startswith("cuda"), agree=agree)
+                                dist_info.world_size, pin_memory=dist_info.device.startswith("cuda"), agree=agree,
+                                normalize_in_workers=not dist_info.device.startswith("cuda"))
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_last, dist_info.rank)
     step = 0
     resume_from = _resolve_resume(cfg.train.resume, checkpointer)
