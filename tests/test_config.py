@@ -22,9 +22,9 @@ def test_every_shipped_config_loads():
 
 def test_yaml_and_overrides_merge_in_order(tmp_path):
     path = write(tmp_path, "data:\n  train_urls: a/{0..3}.tar\n  batch_size: 64\noptim:\n  lr: 0.01\n")
-    cfg = load_config(path, ["optim.lr=5e-4", "train.steps=7", "model.pretrained=null"])
+    cfg = load_config(path, ["optim.lr=5e-4", "train.steps=7", "model.init_from=null"])
     assert cfg.data.batch_size == 64 and cfg.optim.lr == 5e-4 and cfg.train.steps == 7
-    assert cfg.data.train_urls == "a/{0..3}.tar" and cfg.model.pretrained is None
+    assert cfg.data.train_urls == "a/{0..3}.tar" and cfg.model.init_from is None
 
 
 def test_unknown_key_is_named(tmp_path):

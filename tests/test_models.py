@@ -33,8 +33,8 @@ def test_loads_local_weights_file_and_checkpoint_dir(tiny_model_json, tmp_path):
     torch.save(source.state_dict(), tmp_path / "weights.pt")
     (tmp_path / "ckpt").mkdir()
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "ckpt" / "model.safetensors")
-    for pretrained in (tmp_path / "weights.pt", tmp_path / "ckpt"):
-        loaded = build_model(ModelConfig(name=tiny_model_json, pretrained=str(pretrained))).model
+    for init_from in (tmp_path / "weights.pt", tmp_path / "ckpt"):
+        loaded = build_model(ModelConfig(name=tiny_model_json, init_from=str(init_from))).model
         for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
             assert torch.equal(a, b), name
 
@@ -45,5 +45,7 @@ def test_bad_names_and_paths_are_clear_errors(tiny_model_json, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_model(ModelConfig(name=str(tmp_path / "missing.json")))
     model = build_model(ModelConfig(name=tiny_model_json)).model
-    with pytest.raises(FileNotFoundError, match="without model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors"):
         load_weights(model, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="model.init_from: .* does not exist"):
+        build_model(ModelConfig(name=tiny_model_json, init_from=str(tmp_path / "missing.pt")))

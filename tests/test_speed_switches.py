@@ -32,6 +32,8 @@ SWITCHES = {
     "foreach_adamw": ["optim.fused=false"],
     "channels_last": ["train.channels_last=true"],
     "compile": ["train.compile=true"],
+    "grad_checkpointing": ["model.grad_checkpointing=true"],
+    "patch_dropout": ["model.patch_dropout=0.5"],
 }
 SLOW = {"compile"}  # inductor compiles for ~2 minutes on a 2-core CPU
 
@@ -47,3 +49,29 @@ def test_training_with_the_switch_learns(switch, synth_data, tiny_model_json, tm
     initial = build_model(cfg.model).model.state_dict()
     moved = [k for k in weights if not torch.equal(initial[k], weights[k])]
     assert len(moved) > 0.8 * len(weights), f"only {len(moved)} of {len(weights)} tensors changed"
+
+
+def test_lit_locked_image_tower_stays_frozen_while_the_text_tower_learns(synth_data, tiny_model_json, tmp_path):
+    cfg, curve, weights = run(synth_data, tiny_model_json, tmp_path / "run", "model.lock_image=true",
+                              "model.lock_image_unlocked_groups=1", steps=6)
+    torch.manual_seed(cfg.train.seed)
+    initial = build_model(cfg.model).model
+    trainable = {n for n, p in initial.named_parameters() if p.requires_grad}
+    state = initial.state_dict()
+    image = [k for k in weights if k.startswith("visual.")]
+    frozen = [k for k in image if k not in trainable]
+    unlocked = [k for k in image if k in trainable]
+    assert frozen and unlocked  # one group (the last: ln_post and proj) left trainable
+    assert all(torch.equal(state[k], weights[k]) for k in frozen)  # locked: bit-identical after training
+    assert all(not torch.equal(state[k], weights[k]) for k in unlocked)
+    text = [k for k in weights if k.startswith(("transformer.", "token_embedding"))]
+    assert sum(not torch.equal(state[k], weights[k]) for k in text) > 0.8 * len(text)
+
+
+def test_switches_that_cannot_apply_are_refused(tiny_resnet_json):
+    from clipforge.models import ModelConfig
+
+    with pytest.raises(ValueError, match="model.patch_dropout: ModifiedResNet image towers have no patches"):
+        build_model(ModelConfig(name=tiny_resnet_json, patch_dropout=0.5))
+    with pytest.raises(ValueError, match="model.patch_dropout: must be in"):
+        ModelConfig(patch_dropout=1.5)

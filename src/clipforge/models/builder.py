@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 # JSON architectures shipped with the project (``configs/models/NAME.json``); a config may also
 # name a JSON file anywhere by path.
 PROJECT_MODEL_DIR = Path(__file__).resolve().parents[3] / "configs" / "models"
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
 @dataclass
@@ -29,15 +30,41 @@ class ModelConfig:
     name: str = "ViT-B-32"
     """open_clip architecture name (e.g. ViT-B-32, see `open_clip.list_models()`), the stem of a JSON file in
     configs/models/, or a path to an open_clip-style JSON model config."""
-    pretrained: str | None = None
-    """Local weights to start from: an open_clip weights file (.pt/.bin/.safetensors) or a clipforge checkpoint
-    directory. None = random init. Nothing is downloaded."""
+    init_from: str | None = None
+    """Weights to start from, all local (nothing is downloaded): a clipforge checkpoint directory, an open_clip
+    weights file (.pt/.bin/.safetensors) or folder (open_clip_config.json + open_clip_model.safetensors), or a
+    transformers CLIPModel/SiglipModel folder (config.json + model.safetensors), converted exactly. The weights must
+    fit the architecture (model.name, model.force_quick_gelu). None = random init."""
     force_quick_gelu: bool = False
     """Use QuickGELU activations (as OpenAI's original CLIP weights need)."""
     init_logit_scale: float | None = None
     """Initial log inverse temperature (None = the architecture's, log(1/0.07) for CLIP; SigLIP uses log(10))."""
     init_logit_bias: float | None = None
     """Initial logit bias; set it (SigLIP: -10) to give the model the learnable bias the sigmoid loss needs."""
+    grad_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass: less memory, ~30% more compute."""
+    patch_dropout: float = 0.0
+    """FLIP patch dropout: the fraction of image patches dropped in training (ViT image towers only)."""
+    lock_image: bool = False
+    """LiT: freeze the image tower (typically loaded with model.init_from)."""
+    lock_image_unlocked_groups: int = 0
+    """With lock_image: leave the last N layer groups of the image tower trainable."""
+    lock_image_freeze_bn_stats: bool = False
+    """With lock_image: also freeze BatchNorm running statistics (ResNet towers)."""
+    lock_text: bool = False
+    """Freeze the text tower."""
+    lock_text_unlocked_layers: int = 0
+    """With lock_text: leave the last N layer groups trainable (open_clip's grouping, from the end: final LayerNorm
+    + projection, then one group per transformer block, then the embeddings)."""
+    lock_text_freeze_layer_norm: bool = True
+    """With lock_text: keep the frozen layers' LayerNorms frozen too (open_clip's built-in text tower requires it)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"model.patch_dropout: must be in [0, 1), got {self.patch_dropout}")
+        for name in ("lock_image_unlocked_groups", "lock_text_unlocked_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name}: must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -70,18 +97,54 @@ def resolve_architecture(name: str) -> str:
     return name
 
 
-def load_weights(model: torch.nn.Module, source: str) -> None:
-    """Load local weights strictly: a clipforge checkpoint directory or an open_clip weights file."""
+def load_weights(model: torch.nn.Module, source: str) -> list[str]:
+    """Load local weights strictly into ``model``; returns notes on anything not loaded as is.
+
+    ``source`` is a clipforge checkpoint directory (model.safetensors), an open_clip weights file or
+    folder (open_clip_config.json beside its weights), or a transformers CLIPModel/SiglipModel folder
+    (config.json), which goes through ``clipforge.export``'s exact converter after its architecture
+    is checked against the model's.
+    """
     path = Path(source)
-    if path.is_dir():
-        weights = path / "model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"model.pretrained: {source} is a directory without model.safetensors")
-        model.load_state_dict(load_file(str(weights)), strict=True)
-    elif path.is_file():
+    if path.is_file():
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
-    else:
-        raise FileNotFoundError(f"model.pretrained: {source} does not exist")
+        return []
+    if not path.is_dir():
+        raise FileNotFoundError(f"{source} does not exist")
+    if (path / "open_clip_config.json").is_file():
+        weights = [path / name for name in OPEN_CLIP_WEIGHT_FILES if (path / name).is_file()]
+        if not weights:
+            raise FileNotFoundError(f"{source}: open_clip folder without {' or '.join(OPEN_CLIP_WEIGHT_FILES)}")
+        open_clip.load_checkpoint(model, str(weights[0]), strict=True, weights_only=True)
+        return []
+    if (path / "config.json").is_file():
+        from clipforge.export.convert import load_transformers_folder  # the export package owns the converters
+
+        return load_transformers_folder(model, path)
+    if (path / "model.safetensors").is_file():
+        model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+        return []
+    raise FileNotFoundError(f"{source}: a directory with neither model.safetensors (clipforge checkpoint), "
+                            "open_clip_config.json (open_clip folder) nor config.json (transformers folder)")
+
+
+def _apply_training_options(model: torch.nn.Module, cfg: ModelConfig) -> None:
+    """Patch dropout check, gradient checkpointing and tower locking (open_clip's own implementations)."""
+    if cfg.patch_dropout and not hasattr(model.visual, "patch_dropout"):
+        raise ValueError(f"model.patch_dropout: {type(model.visual).__name__} image towers have no patches to drop "
+                         "(FLIP patch dropout needs a ViT)")
+    if cfg.grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(True)
+        except AssertionError as exn:  # open_clip's ModifiedResNet: "not supported"
+            raise ValueError(f"model.grad_checkpointing: not supported by {type(model.visual).__name__} "
+                             "image towers") from exn
+    if cfg.lock_image:
+        model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
+                               freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
+    if cfg.lock_text:
+        model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers,
+                              freeze_layer_norm=cfg.lock_text_freeze_layer_norm)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> BuiltModel:
@@ -91,12 +154,18 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> BuiltMo
         model_kwargs["init_logit_scale"] = cfg.init_logit_scale
     if cfg.init_logit_bias is not None:
         model_kwargs["init_logit_bias"] = cfg.init_logit_bias
+    if cfg.patch_dropout:
+        model_kwargs["force_patch_dropout"] = cfg.patch_dropout
     model, train_transform, eval_transform = open_clip.create_model_and_transforms(
         architecture, pretrained=None, device=device, force_quick_gelu=cfg.force_quick_gelu,
         pretrained_text=False, output_dict=True, **model_kwargs,
     )
-    if cfg.pretrained:
-        load_weights(model, cfg.pretrained)
+    if cfg.init_from:
+        try:
+            load_weights(model, cfg.init_from)
+        except (FileNotFoundError, ValueError) as exc:
+            raise type(exc)(f"model.init_from: {exc}") from exc
+    _apply_training_options(model, cfg)
     tokenizer = open_clip.get_tokenizer(architecture)
     model_cfg = open_clip.get_model_config(architecture)
     preprocess_cfg = open_clip.get_model_preprocess_cfg(model)

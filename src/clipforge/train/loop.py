@@ -193,7 +193,7 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
                 run()
             flops[f"{tower}_forward_gflops_per_sample"] = counter.get_total_flops() / 1e9
     forward = sum(flops.values())
-    global_batch = cfg.data.batch_size * int(os.environ.get("WORLD_SIZE", 1))
+    global_batch = cfg.data.batch_size * DistInfo.from_env(os.environ).world_size
     return {"architecture": built.architecture, "image_size": [height, width], "context_length": context, **counts,
             **flops, "train_gflops_per_sample": 3 * forward,
             "train_pflops_total": 3 * forward * 1e9 * global_batch * cfg.train.steps / 1e15}

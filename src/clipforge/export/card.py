@@ -1,0 +1,176 @@
+"""The model card (README.md): Hub metadata, results, training data and recipe, how to load.
+
+Metadata (library, tags, license, datasets, pipeline tag) is written with ``huggingface_hub``'s
+``ModelCardData`` so the Hub parses it as it parses its own. Results come from a ``clipforge eval``
+JSON (``{dataset: metrics}``) rendered by the evaluation package's ``markdown_table``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+from clipforge.models import BuiltModel
+
+
+@dataclass
+class CardInfo:
+    """What the card says beyond the model itself."""
+
+    name: str
+    """Repository id (org/name) or folder name: the title and the name in the loading snippets."""
+    source: str = ""
+    """The exported checkpoint."""
+    run_config: dict[str, Any] | None = None
+    """The run's resolved config (config.yaml as a dict): training data and recipe."""
+    eval_results: dict[str, Any] | None = None
+    eval_source: str | None = None
+    license: str = "mit"
+    datasets: list[str] = field(default_factory=list)
+    """Hub dataset ids for the metadata, besides those read from hf://datasets/... training URLs."""
+
+
+def find_eval_results(run_dir: Path, checkpoint_name: str) -> tuple[Path, dict] | None:
+    """The run's ``clipforge eval`` JSON for this checkpoint (``*{checkpoint_name}.json``), else the newest one."""
+    files = sorted((run_dir / "eval").glob("*.json"), key=lambda path: path.stat().st_mtime)
+    if not files:
+        return None
+    matching = [path for path in files if path.stem.endswith(checkpoint_name)]
+    chosen = (matching or files)[-1]
+    return chosen, json.loads(chosen.read_text())
+
+
+def _sources(run_config: dict) -> list[dict]:
+    data = run_config.get("data") or {}
+    sources = list(data.get("sources") or [])
+    if data.get("train_urls"):
+        sources += [{"urls": urls} for urls in str(data["train_urls"]).split("::")]
+    return sources
+
+
+def hub_datasets(run_config: dict | None, extra: list[str]) -> list[str]:
+    found = list(extra)
+    for source in _sources(run_config or {}):
+        match = re.match(r"hf://datasets/([^/@]+/[^/@]+)", str(source.get("urls", "")))
+        if match and match.group(1) not in found:
+            found.append(match.group(1))
+    return found
+
+
+def _results_section(info: CardInfo) -> str:
+    if not info.eval_results:
+        return "No `clipforge eval` results were found for this run.\n"
+    from clipforge.evaluation import markdown_table
+
+    try:
+        table = markdown_table(info.eval_results)
+    except (KeyError, TypeError, AttributeError):  # a results file of another shape: list its numbers
+        rows = [f"| {name} | {key} | {value:.4g} |" for name, metrics in info.eval_results.items()
+                if isinstance(metrics, dict) for key, value in metrics.items() if isinstance(value, (int, float))]
+        table = "\n".join(["| dataset | metric | value |", "|---|---|---|", *rows])
+    return f"Zero-shot results from `clipforge eval` (`{info.eval_source}`):\n\n{table}\n"
+
+
+RECIPE = (("model.name", "architecture"), ("model.init_from", "initialised from"), ("loss.kind", "loss"),
+          ("train.steps", "steps"), ("data.batch_size", "global batch size"), ("train.accum_steps", "accumulation"),
+          ("optim.lr", "peak learning rate"), ("optim.warmup_steps", "warmup steps"),
+          ("optim.weight_decay", "weight decay"), ("train.precision", "precision"), ("data.mode", "data mode"))
+
+
+def _training_section(info: CardInfo) -> str:
+    if not info.run_config:
+        return "The training configuration was not available to the export.\n"
+    lines = ["Training data:", ""]
+    for source in _sources(info.run_config):
+        weight = f" (weight {source['weight']})" if source.get("weight") not in (None, 1, 1.0) else ""
+        lines.append(f"- `{source.get('urls')}`{weight}")
+    lines += ["", "| setting | value |", "|---|---|"]
+    for dotted, label in RECIPE:
+        section, key = dotted.split(".")
+        value = (info.run_config.get(section) or {}).get(key)
+        if value is not None:
+            lines.append(f"| {label} | `{value}` |")
+    config_yaml = yaml.safe_dump(info.run_config, sort_keys=False)
+    lines += ["", "<details><summary>Full resolved run config</summary>", "", "```yaml", config_yaml.rstrip(), "```",
+              "", "</details>"]
+    return "\n".join(lines) + "\n"
+
+
+def _usage_section(name: str, formats: list[str], family: str | None, context_length: int) -> str:
+    parts = []
+    if "hf" in formats and family == "siglip":
+        parts.append(f"""### transformers
+
+```python
+from transformers import SiglipModel
+
+model = SiglipModel.from_pretrained("{name}")
+```
+""")
+    elif "hf" in formats:
+        parts.append(f"""### transformers
+
+```python
+from transformers import CLIPModel, CLIPProcessor, pipeline
+
+model = CLIPModel.from_pretrained("{name}")
+processor = CLIPProcessor.from_pretrained("{name}")
+inputs = processor(text=["a red circle", "a blue star"], images=image, return_tensors="pt", padding=True)
+probs = model(**inputs).logits_per_image.softmax(dim=-1)
+
+classifier = pipeline("zero-shot-image-classification", model="{name}")
+classifier(image, candidate_labels=["circle", "star"])
+```
+
+The tokenizer is open_clip's BPE with a context of {context_length} tokens (`truncation=True` cuts longer
+captions as open_clip does). Images that need resizing are preprocessed exactly as in training's evaluation with
+`AutoImageProcessor.from_pretrained("{name}", backend="pil")`; the default torchvision backend resizes tensors
+and differs slightly. open_clip also cleans text with `ftfy` and HTML unescaping; for captions with curly
+quotes, ligatures, full-width letters or HTML entities apply `open_clip.tokenizer.basic_clean` first to get
+identical token ids.
+""")
+    if "open_clip" in formats:
+        parts.append(f"""### open_clip
+
+```python
+import open_clip
+
+model, _, preprocess = open_clip.create_model_and_transforms("hf-hub:{name}")
+tokenizer = open_clip.get_tokenizer("hf-hub:{name}")
+```
+
+A local copy loads with `"local-dir:PATH"` in place of `"hf-hub:{name}"`.
+""")
+    return "\n".join(parts)
+
+
+def model_card(built: BuiltModel, info: CardInfo, formats: list[str], family: str | None,
+               notes: list[str]) -> ModelCard:
+    """The README.md for an export folder written in ``formats`` ("hf", "open_clip")."""
+    tags = ["clip", "clipforge", "zero-shot-image-classification"] + (["siglip"] if family == "siglip" else [])
+    tags += ["open_clip"] if "open_clip" in formats else []
+    data = ModelCardData(library_name="transformers" if "hf" in formats else "open_clip", license=info.license,
+                         tags=tags, datasets=hub_datasets(info.run_config, info.datasets) or None,
+                         pipeline_tag="zero-shot-image-classification")
+    text_cfg, vision_cfg = built.model_cfg.get("text_cfg", {}), built.model_cfg.get("vision_cfg", {})
+    image_tower = (f"timm {vision_cfg['timm_model_name']}" if vision_cfg.get("timm_model_name") else
+                   "ResNet" if isinstance(vision_cfg.get("layers"), list) else "ViT")
+    body = [
+        f"# {info.name}", "",
+        f"A CLIP-style image–text dual encoder trained with clipforge from `{info.source}`: "
+        f"architecture `{built.architecture}` ({image_tower} image tower at {vision_cfg.get('image_size')} px, "
+        f"text transformer of width {text_cfg.get('width')} × {text_cfg.get('layers')} layers, context "
+        f"{text_cfg.get('context_length')}; {built.model_cfg.get('embed_dim')}-d embeddings).", "",
+        "## Results", "", _results_section(info),
+        "## Training", "", _training_section(info),
+        "## How to load", "", _usage_section(info.name, formats, family, text_cfg.get("context_length", 77)),
+    ]
+    if notes:
+        body += ["## Conversion notes", "", *[f"- {note}" for note in notes], ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))

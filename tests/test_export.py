@@ -1,0 +1,449 @@
+"""Export checked against the libraries that load it: transformers' CLIPModel, tokenizers, processor and pipeline,
+open_clip's own ``local-dir:`` loader, huggingface_hub's model-card parser and HfApi's signatures."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import yaml
+from huggingface_hub import HfApi, ModelCard
+from PIL import Image
+from safetensors.torch import save_file
+
+from clipforge.cli import main
+from clipforge.config import load_config, to_yaml
+from clipforge.evaluation import OpenClipEncoder, build_classifier
+from clipforge.export import CannotConvert, CardInfo, export_model, push_to_hub, write_transformers
+from clipforge.models import ModelConfig, build_model
+
+TOLERANCE = 1e-5
+CAPTIONS = ["a red circle", "two small blue stars!!!", "x", "a green square above a yellow triangle, on stripes",
+            "a very long caption that keeps going " * 6]
+
+
+def export(built, out: Path, formats=("hf",)) -> Path:
+    export_model(built, out, formats, CardInfo(name=out.name))
+    return out
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_model_json, tmp_path_factory) -> dict:
+    """Tiny random ViT CLIPs, one with GELU and one with QuickGELU, each with a folder holding both formats."""
+    made = {}
+    for activation in ("gelu", "quick_gelu"):
+        torch.manual_seed(0)
+        built = build_model(ModelConfig(name=tiny_model_json, force_quick_gelu=activation == "quick_gelu"))
+        built.model.eval()
+        made[activation] = (built, export(built, tmp_path_factory.mktemp(activation) / "tiny", ("hf", "open_clip")))
+    return made
+
+
+@pytest.fixture(params=["gelu", "quick_gelu"])
+def clip_export(request, exports):
+    return request.param, *exports[request.param]
+
+
+@pytest.fixture
+def gelu_export(exports):
+    return "gelu", *exports["gelu"]
+
+
+def images(count: int = 4, size: int = 32, seed: int = 0) -> list[Image.Image]:
+    generator = np.random.default_rng(seed)
+    return [Image.fromarray(generator.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+@torch.no_grad()
+def test_clip_model_gives_clipforge_embeddings(clip_export):
+    from transformers import AutoImageProcessor, CLIPConfig, CLIPModel, CLIPProcessor
+
+    activation, built, folder = clip_export
+    hf = CLIPModel.from_pretrained(folder).eval()
+    processor = CLIPProcessor.from_pretrained(folder)
+    assert hf.config.vision_config.hidden_act == hf.config.text_config.hidden_act == activation
+    pictures = images()
+    pixels = torch.stack([built.eval_transform(picture) for picture in pictures])  # (4, 3, 32, 32)
+    inputs = processor(text=CAPTIONS, images=pictures, return_tensors="pt", padding=True, truncation=True)
+    torch.testing.assert_close(inputs["pixel_values"], pixels, atol=1e-6, rtol=0)
+    # Images that need resizing: transformers' PIL backend resizes and crops exactly as open_clip's transform
+    # (its default torchvision backend resizes tensors, a few hundredths off).
+    resized = images(2, size=45) + [images(1, size=77)[0].crop((0, 0, 77, 40))]
+    pil_processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+    torch.testing.assert_close(pil_processor(images=resized, return_tensors="pt")["pixel_values"],
+                               torch.stack([built.eval_transform(picture) for picture in resized]), atol=1e-6, rtol=0)
+    ours_image, ours_text = built.model.encode_image(pixels), built.model.encode_text(built.tokenizer(CAPTIONS))
+    theirs_image = hf.get_image_features(pixel_values=pixels).pooler_output
+    theirs_text = hf.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    assert (theirs_image - ours_image).abs().max() < TOLERANCE
+    assert (theirs_text.pooler_output - ours_text).abs().max() < TOLERANCE
+    output = hf(**inputs)
+    encoder = OpenClipEncoder(built.model)
+    assert (output.image_embeds - encoder.encode_image(pixels)).abs().max() < TOLERANCE
+    assert (output.text_embeds - encoder.encode_text(built.tokenizer(CAPTIONS))).abs().max() < TOLERANCE
+    assert hf.logit_scale.item() == built.model.logit_scale.item()
+    # The activation is carried, and it matters: the other one gives visibly different embeddings.
+    config = CLIPConfig.from_pretrained(folder)
+    other = "gelu" if activation == "quick_gelu" else "quick_gelu"
+    config.vision_config.hidden_act = config.text_config.hidden_act = other
+    wrong = CLIPModel.from_pretrained(folder, config=config).eval()
+    assert (wrong.get_image_features(pixel_values=pixels).pooler_output - ours_image).abs().max() > 1e-3
+
+
+WORDS = ["a photo of a cat.", "hello!!! wow?! ...", "emoji 🐱🚀!", "don't won't I'm we've they'll she'd it's",
+         "café naïve Ünïcödé", "cafe\u0301 decomposed", "日本語のキャプション", "Ελληνικά и русский", "x",
+         "  many   spaces\tand\nnewlines ", "numbers 12345 and 3.14 and 1,000,000", "UPPER case MiXeD",
+         "<end_of_text> literal <start_of_text>", "a-b_c/d\\e|f~g`h", "İstanbul straße", "",
+         "a very long caption about a dog running on the beach at sunset " * 4]
+FTFY_CHANGES = ["It’s a “quoted” caption", "the ﬁsh", "ＦＵＬＬ ｗｉｄｔｈ", "Tom &amp; Jerry &lt;3", "mojibake: cafÃ©"]
+
+
+def text_mask(tokens: torch.Tensor) -> torch.Tensor:
+    """(N, L) True up to and including the last end-of-text token (open_clip pads with 0, also the id of "!")."""
+    length = tokens.shape[1] - (tokens.flip(1) == 49407).int().argmax(dim=1, keepdim=True)
+    return torch.arange(tokens.shape[1]) < length
+
+
+def test_tokenizers_give_open_clip_ids(gelu_export):
+    from open_clip.tokenizer import basic_clean
+    from transformers import AutoTokenizer, CLIPTokenizer, CLIPTokenizerFast
+
+    _, built, folder = gelu_export
+    reference = built.tokenizer  # open_clip's SimpleTokenizer, context 24: long captions get truncated
+    for tokenizer_class in (CLIPTokenizer, CLIPTokenizerFast, AutoTokenizer):
+        tokenizer = tokenizer_class.from_pretrained(folder)
+        encoded = tokenizer(WORDS, padding="max_length", truncation=True, return_tensors="pt")
+        expected = reference(WORDS)
+        mask = encoded["attention_mask"].bool()
+        assert encoded["input_ids"].shape == expected.shape == (len(WORDS), 24)
+        assert torch.equal(mask, text_mask(expected))  # the same lengths, up to and including the end of text
+        assert torch.equal(encoded["input_ids"][mask], expected[mask])
+        assert (encoded["input_ids"][~mask] == 49407).all() and (expected[~mask] == 0).all()  # pad ids differ
+        # Captions that open_clip's ftfy/html cleaning changes give the same ids once cleaned the same way.
+        cleaned = tokenizer([basic_clean(text) for text in FTFY_CHANGES], padding="max_length", truncation=True,
+                            return_tensors="pt")
+        expected = reference(FTFY_CHANGES)
+        assert torch.equal(cleaned["input_ids"][cleaned["attention_mask"].bool()], expected[text_mask(expected)])
+
+
+def read_wds(root: Path) -> tuple[list[Image.Image], torch.Tensor]:
+    """The images and labels of a CLIP_benchmark WebDataset split, read with tarfile (independent of our reader)."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in sorted((root / "test").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, extension = member.name.rsplit(".", 1)
+                samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
+    keys = sorted(samples)
+    pictures = [Image.open(io.BytesIO(next(samples[key][ext] for ext in ("png", "jpg", "webp") if ext in samples[key])))
+                .convert("RGB") for key in keys]
+    return pictures, torch.tensor([int(samples[key]["cls"]) for key in keys])
+
+
+def write_checkpoint(built, config_yaml: str, run_dir: Path, step: int = 30) -> Path:
+    checkpoint = run_dir / "checkpoints" / f"step_{step:08d}"
+    checkpoint.mkdir(parents=True)
+    save_file({key: value.contiguous() for key, value in built.model.state_dict().items()},
+              str(checkpoint / "model.safetensors"))
+    (checkpoint / "config.yaml").write_text(config_yaml)
+    return checkpoint
+
+
+def test_pipeline_predicts_what_clipforge_eval_predicts(synth_data, tiny_model_json, tmp_path):
+    """clipforge eval → clipforge export (CLI) → pipeline("zero-shot-image-classification"): the same labels."""
+    from transformers import pipeline
+
+    benchmark = tmp_path / "colors"
+    shutil.copytree(synth_data / "eval" / "colors", benchmark)
+    template = (benchmark / "zeroshot_classification_templates.txt").read_text().splitlines()[0]
+    (benchmark / "zeroshot_classification_templates.txt").write_text(template + "\n")  # the pipeline takes one
+    classnames = (benchmark / "classnames.txt").read_text().split()
+    pictures, labels = read_wds(benchmark)
+    cfg = load_config(None, ["data.train_urls=hf://datasets/org/shapes/{0..9}.tar", f"model.name={tiny_model_json}"])
+    torch.manual_seed(0)
+    built = build_model(cfg.model)
+    model = built.model.eval()
+    with torch.no_grad():  # a least-squares image projection, so that the tiny model's predictions vary by image
+        pixels = torch.stack([built.eval_transform(picture) for picture in pictures])
+        targets = model.encode_text(built.tokenizer([template.replace("{c}", name) for name in classnames]), True)
+        model.visual.proj.copy_(torch.eye(model.visual.proj.shape[0]))
+        model.visual.proj.copy_(torch.linalg.lstsq(model.encode_image(pixels), targets[labels]).solution)
+    checkpoint = write_checkpoint(built, to_yaml(cfg), tmp_path / "run")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"name: one\ndatasets:\n  - name: colors\n    task: zeroshot_classification\n"
+                     f"    path: {benchmark}\n")
+    assert main(["eval", str(checkpoint), "--suite", str(suite), "--workers", "0", "--quiet", "--no-plots"]) == 0
+    results = json.loads((tmp_path / "run" / "eval" / "one_step_00000030.json").read_text())
+    assert main(["export", str(checkpoint), "--format", "hf", "--out", str(tmp_path / "exported")]) == 0
+
+    encoder = OpenClipEncoder(model)
+    ours = (encoder.encode_image(pixels) @ build_classifier(encoder, built.tokenizer, classnames, [template])).argmax(1)
+    classify = pipeline("zero-shot-image-classification", model=str(tmp_path / "exported"))
+    answers = classify(pictures, candidate_labels=classnames, hypothesis_template=template.replace("{c}", "{}"),
+                       batch_size=100)
+    theirs = torch.tensor([classnames.index(answer[0]["label"]) for answer in answers])
+    assert len(set(ours.tolist())) == len(classnames)  # a real test: every class is predicted somewhere
+    assert torch.equal(theirs, ours)
+    assert (theirs == labels).float().mean().item() == pytest.approx(results["colors"]["acc1"])
+    card = ModelCard.load(tmp_path / "exported" / "README.md")
+    assert card.data.datasets == ["org/shapes"] and card.data.library_name == "transformers"
+    assert "## Results" in card.text and f"| {results['colors']['acc1']:.1%} |" in card.text  # the eval table
+
+
+def test_open_clip_loads_the_open_clip_folder(clip_export):
+    activation, built, folder = clip_export
+    loaded, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    loaded.eval()
+    expected = built.model.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()  # weights really loaded: open_clip only warns if none are
+    assert all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items())
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    assert torch.equal(tokenizer(WORDS), built.tokenizer(WORDS))
+    pictures = images(2, size=45)  # resized and cropped by both transforms
+    pixels = torch.stack([preprocess(picture) for picture in pictures])
+    assert torch.equal(pixels, torch.stack([built.eval_transform(picture) for picture in pictures]))
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(pixels), built.model.encode_image(pixels))
+        assert torch.equal(loaded.encode_text(tokenizer(CAPTIONS)), built.model.encode_text(tokenizer(CAPTIONS)))
+    assert json.loads((folder / "open_clip_config.json").read_text())["model_cfg"].get("quick_gelu", False) == (
+        activation == "quick_gelu")
+
+
+def transformers_files_only(folder: Path) -> Path:
+    """The CLIPModel files of an export, without the open_clip weights that init_from would prefer."""
+    target = folder.parent / "hf_only"
+    target.mkdir(exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(folder / name, target / name)
+    return target
+
+
+def test_round_trip_open_clip_transformers_open_clip_is_bit_exact(clip_export, tiny_model_json):
+    activation, built, folder = clip_export
+    quick = activation == "quick_gelu"
+    restored = build_model(ModelConfig(name=tiny_model_json, force_quick_gelu=quick,
+                                       init_from=str(transformers_files_only(folder)))).model
+    assert restored.state_dict().keys() == built.model.state_dict().keys()
+    for key, value in built.model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+
+
+def test_init_from_refuses_another_architecture(clip_export, tiny_model_json, tmp_path):
+    from conftest import TINY_MODEL
+
+    activation, _, folder = clip_export
+    source = str(transformers_files_only(folder))
+    with pytest.raises(ValueError, match=r"model.init_from: .*hidden_act is '(quick_)?gelu' in the folder"):
+        build_model(ModelConfig(name=tiny_model_json, force_quick_gelu=activation != "quick_gelu", init_from=source))
+    smaller = tmp_path / "smaller.json"
+    smaller.write_text(json.dumps({**TINY_MODEL, "embed_dim": 32}))
+    with pytest.raises(ValueError, match="projection_dim is 64 in the folder, 32 in the model"):
+        build_model(ModelConfig(name=str(smaller), init_from=source))
+
+
+def test_resnet_tower_is_a_clear_error_for_transformers_and_exports_to_open_clip(tiny_resnet_json, tmp_path, capsys):
+    built = build_model(ModelConfig(name=tiny_resnet_json))
+    with pytest.raises(CannotConvert, match="cannot convert test-tiny-rn-32 to transformers: .*CLIPModel has no "
+                                            "ResNet image tower"):
+        write_transformers(built, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    cfg = load_config(None, ["data.train_urls=x.tar", f"model.name={tiny_resnet_json}"])
+    checkpoint = write_checkpoint(built, to_yaml(cfg), tmp_path / "run")
+    assert main(["export", str(checkpoint), "--format", "both", "--out", str(tmp_path / "both")]) == 2
+    assert "CLIPModel has no ResNet image tower" in capsys.readouterr().err
+    assert not (tmp_path / "both").exists() and not list(tmp_path.glob(".both*"))
+    assert main(["export", str(checkpoint), "--format", "open_clip", "--out", str(tmp_path / "oc")]) == 0
+    loaded, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'oc'}")
+    expected = built.model.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items())
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval().encode_image(pixels), built.model.eval().encode_image(pixels))
+    card = ModelCard.load(tmp_path / "oc" / "README.md")
+    assert card.data.library_name == "open_clip" and "hf-hub:oc" in card.text
+
+
+SIGLIP_VIT = "clipforge_test_siglip_vit"
+TINY_SIGLIP = {  # open_clip's ViT-B-16-SigLIP layout scaled down; the name avoids "siglip", whose tokenizer downloads
+    "embed_dim": 64, "init_logit_bias": -10, "custom_text": True,
+    "vision_cfg": {"image_size": 32, "timm_model_name": SIGLIP_VIT, "timm_model_pretrained": False,
+                   "timm_pool": "map", "timm_proj": "none"},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
+                 "no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6}},
+}
+
+
+@pytest.fixture(scope="module")
+def siglip_vit() -> str:
+    """A tiny timm ViT laid out as vit_base_patch16_siglip_224, registered with timm for open_clip to build."""
+    import timm
+    from timm.models import register_model
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not timm.list_models(SIGLIP_VIT):
+        def clipforge_test_siglip_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
+            """vit_base_patch16_siglip_224 (no class token, MAP head) at 32 px, width 64, 2 layers."""
+            kwargs = {key: value for key, value in kwargs.items() if not key.startswith(("pretrained", "cache"))}
+            return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
+                                     class_token=False, **{"global_pool": "map", **kwargs})
+
+        register_model(clipforge_test_siglip_vit)
+    return SIGLIP_VIT
+
+
+@pytest.fixture(scope="module")
+def tiny_siglip_json(siglip_vit, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("models") / "test-tiny-sigmoid.json"
+    path.write_text(json.dumps(TINY_SIGLIP))
+    return str(path)
+
+
+@torch.no_grad()
+def test_siglip_architecture_converts_to_siglip_model(tiny_siglip_json, tmp_path):
+    from transformers import SiglipModel
+
+    torch.manual_seed(0)
+    built = build_model(ModelConfig(name=tiny_siglip_json, init_logit_bias=-10.0, init_logit_scale=2.302585))
+    model = built.model.eval()
+    summary = export_model(built, tmp_path / "siglip", ("hf", "open_clip"), CardInfo(name="siglip"))
+    assert summary["written"][0]["class"] == "SiglipModel" and "no tokenizer written" in summary["notes"][0]
+    hf = SiglipModel.from_pretrained(tmp_path / "siglip").eval()
+    pixels, tokens = torch.randn(3, 3, 32, 32), built.tokenizer(CAPTIONS)  # padded with 0 to 24, no mask
+    image_difference = hf.get_image_features(pixel_values=pixels).pooler_output - model.encode_image(pixels)
+    text_difference = hf.get_text_features(input_ids=tokens).pooler_output - model.encode_text(tokens)
+    assert image_difference.abs().max() < TOLERANCE and text_difference.abs().max() < TOLERANCE
+    assert hf.logit_bias.item() == model.logit_bias.item() and hf.logit_scale.item() == model.logit_scale.item()
+    assert hf.config.vision_config.hidden_act == hf.config.text_config.hidden_act == "gelu"  # open_clip's exact GELU
+    (tmp_path / "siglip" / "open_clip_config.json").unlink()  # init_from reads the transformers files then
+    restored = build_model(ModelConfig(name=tiny_siglip_json, init_logit_bias=0.0, init_from=str(tmp_path / "siglip")))
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.model.state_dict()[key], value), key
+
+
+@torch.no_grad()
+def test_siglip_with_a_local_transformers_tokenizer_runs_in_the_pipeline(siglip_vit, tmp_path):
+    """Where open_clip's SigLIP tokenizer is a transformers one (here a local CLIP BPE standing in for SigLIP's
+    sentencepiece, which needs a download), the pipeline gives open_clip's sigmoid scores: padding, no mask."""
+    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+    from transformers import pipeline
+
+    from clipforge.export.processor import clip_tokenizer
+
+    clip_tokenizer(SimpleTokenizer(), 64).save_pretrained(tmp_path / "tokenizer")
+    text_cfg = {**TINY_SIGLIP["text_cfg"], "hf_tokenizer_name": str(tmp_path / "tokenizer"), "context_length": 64,
+                "tokenizer_kwargs": {"clean": "canonicalize"}}  # 64: the pipeline pads SigLIP text to 64, always
+    (tmp_path / "test-tiny-sigmoid-hf.json").write_text(json.dumps({**TINY_SIGLIP, "text_cfg": text_cfg}))
+    torch.manual_seed(0)
+    built = build_model(ModelConfig(name=str(tmp_path / "test-tiny-sigmoid-hf.json"), init_logit_bias=0.0,
+                                    init_logit_scale=2.302585))
+    assert isinstance(built.tokenizer, HFTokenizer)
+    export_model(built, tmp_path / "out", ("hf", "open_clip"), CardInfo(name="out"))
+    labels, pictures = ["red circle", "blue star", "green square"], images(3)
+    classify = pipeline("zero-shot-image-classification", model=str(tmp_path / "out"))
+    answers = classify(pictures, candidate_labels=labels, hypothesis_template="a photo of a {}")
+    model = built.model.eval()
+    image = model.encode_image(torch.stack([built.eval_transform(picture) for picture in pictures]), normalize=True)
+    text = model.encode_text(built.tokenizer([f"a photo of a {label}" for label in labels]), normalize=True)
+    expected = torch.sigmoid(image @ text.T * model.logit_scale.exp() + model.logit_bias)  # (3 images, 3 labels)
+    scores = torch.tensor([[{a["label"]: a["score"] for a in answer}[label] for label in labels] for answer in answers])
+    assert (scores - expected).abs().max() < TOLERANCE and expected.std() > 1e-3
+    assert torch.equal(open_clip.get_tokenizer(f"local-dir:{tmp_path / 'out'}")(WORDS), built.tokenizer(WORDS))
+
+
+def test_model_card_has_hub_metadata_results_recipe_and_usage(gelu_export, tmp_path):
+    _, built, _ = gelu_export
+    run_config = yaml.safe_load(to_yaml(load_config(None, [
+        "data.train_urls=hf://datasets/laion/pairs/{0..9}.tar::/data/cc12m/{0..3}.tar", "train.steps=700",
+        "optim.lr=2e-3"])))
+    results = {"shapes": {"task": "zeroshot_classification", "acc1": 0.795, "acc5": 1.0,
+                          "mean_per_class_recall": 0.792, "chance_acc1": 1 / 6}}
+    card_info = CardInfo(name="org/tiny-clip", source="runs/demo/checkpoints/step_00000700", run_config=run_config,
+                         eval_results=results, eval_source="runs/demo/eval/synthetic_step_00000700.json",
+                         license="apache-2.0", datasets=["org/extra"])
+    export_model(built, tmp_path / "card", ("hf", "open_clip"), card_info)
+    card = ModelCard.load(tmp_path / "card" / "README.md")
+    assert card.data.library_name == "transformers" and card.data.license == "apache-2.0"
+    assert card.data.pipeline_tag == "zero-shot-image-classification"
+    assert {"clip", "clipforge", "open_clip"} <= set(card.data.tags)
+    assert card.data.datasets == ["org/extra", "laion/pairs"]
+    for expected in ("| shapes | classification | top-1 | 79.5% | 16.7% |", "`hf://datasets/laion/pairs/{0..9}.tar`",
+                     "`/data/cc12m/{0..3}.tar`", "| steps | `700` |", "| peak learning rate | `0.002` |",
+                     'CLIPModel.from_pretrained("org/tiny-clip")',
+                     'create_model_and_transforms("hf-hub:org/tiny-clip")'):
+        assert expected in card.text, expected
+
+
+def fake_hub(files: list[str] | None) -> mock.NonCallableMagicMock:
+    """An HfApi with HfApi's real signatures (a wrong argument fails) that answers as a Hub holding ``files``."""
+    api = mock.create_autospec(HfApi, instance=True)
+    api.repo_exists.return_value = files is not None
+    api.list_repo_files.return_value = files or []
+    api.upload_folder.return_value.commit_url = "https://huggingface.co/org/name/commit/abc"
+    return api
+
+
+def test_push_creates_the_repo_and_uploads_with_revision_and_message(gelu_export):
+    _, _, folder = gelu_export
+    api = fake_hub(None)
+    url = push_to_hub(folder, "org/name", private=True, revision="v1", commit_message="first", api=api)
+    assert url == "https://huggingface.co/org/name/commit/abc"
+    api.create_repo.assert_called_once_with("org/name", repo_type="model", private=True, exist_ok=True)
+    api.create_branch.assert_called_once_with("org/name", branch="v1", repo_type="model", exist_ok=True)
+    api.upload_folder.assert_called_once_with(repo_id="org/name", folder_path=folder, repo_type="model", revision="v1",
+                                              commit_message="first", delete_patterns="*")
+    api = fake_hub([".gitattributes", "README.md", "clipforge_export.json", "model.safetensors"])  # ours: mirrored
+    push_to_hub(folder, "org/name", api=api)
+    api.create_repo.assert_not_called()
+    api.create_branch.assert_not_called()
+    assert api.upload_folder.call_args.kwargs["delete_patterns"] == "*"
+
+
+def test_push_refuses_a_repo_clipforge_did_not_write_unless_forced(gelu_export):
+    _, _, folder = gelu_export
+    api = fake_hub([".gitattributes", "README.md", "pytorch_model.bin"])
+    with pytest.raises(ValueError, match="org/theirs exists and was not written by clipforge .* --force"):
+        push_to_hub(folder, "org/theirs", api=api)
+    api.upload_folder.assert_not_called()
+    push_to_hub(folder, "org/theirs", force=True, api=api)
+    assert api.upload_folder.call_args.kwargs["delete_patterns"] is None  # forced: add and replace, delete nothing
+    push_to_hub(folder, "org/empty", api=fake_hub([".gitattributes"]))  # an empty repo is fine
+
+
+def test_cli_push_uses_hf_api_with_the_environment_token(gelu_export, tiny_model_json, tmp_path, monkeypatch):
+    _, built, _ = gelu_export
+    cfg = load_config(None, ["data.train_urls=x.tar", f"model.name={tiny_model_json}"])
+    checkpoint = write_checkpoint(built, to_yaml(cfg), tmp_path / "run")
+    api = fake_hub(None)
+    api_class = mock.Mock(return_value=api)
+    monkeypatch.setattr("clipforge.export.hub.HfApi", api_class)
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "out"), "--push", "org/name", "--private",
+                 "--commit-message", "m"]) == 0
+    api_class.assert_called_once_with(token=None)  # HfApi itself reads HF_TOKEN or the stored login
+    assert api.upload_folder.call_args.kwargs["commit_message"] == "m"
+    assert ModelCard.load(tmp_path / "out" / "README.md").text.count('from_pretrained("org/name")') == 2
+
+
+def test_export_replaces_only_its_own_folders(gelu_export, tmp_path):
+    _, built, _ = gelu_export
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a clipforge export"):
+        export(built, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    export(built, tmp_path / "again", ("hf", "open_clip"))
+    export(built, tmp_path / "again", ("hf",))  # a re-export leaves no stale open_clip weights behind
+    assert not (tmp_path / "again" / "open_clip_model.safetensors").exists()
+
+
+def test_export_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--help"])
+    assert exit_info.value.code == 0 and "--push" in capsys.readouterr().out
