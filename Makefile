@@ -19,10 +19,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-data/synth/train/sizes.json: | $(STAMP)
+data/synth/eval/colors/train/nshards.txt: | $(STAMP)  # written last: the whole set (incl. the linear-probe split)
 	$(BIN)/clipforge prep synthetic --out data/synth --num-samples 20000
 
-demo: $(STAMP) data/synth/train/sizes.json
+demo: $(STAMP) data/synth/eval/colors/train/nshards.txt
 	rm -rf runs/demo
 	$(BIN)/clipforge train configs/demo.yaml
 

@@ -1,5 +1,9 @@
 """Evaluators against hand-built encoders whose right answers are known, and brute force."""
 
+import json
+
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -95,3 +99,126 @@ def test_retrieval_matches_brute_force():
         assert metrics[f"image_retrieval_recall@{k}"] == t2i
         assert metrics[f"text_retrieval_recall@{k}"] == i2t
     assert metrics["text_retrieval_recall@1"] >= 0.5  # the planted pairs are found
+
+
+def test_top5_is_none_below_five_classes_as_clip_benchmark_gives_nan():
+    labels = torch.tensor([0, 1, 2, 3] * 3)
+    loader = [(image_batch(labels.tolist()), labels)]
+    metrics = zero_shot_classification(FakeEncoder(), tokenizer, loader, CLASSNAMES[:4], ["{c}"])
+    assert metrics["acc1"] == 1.0 and metrics["acc5"] is None
+
+
+def test_class_specific_templates_average_their_own_prompts():
+    prompts = {name: [f"a {name}", f"one {name} here", f"{name}!"] for name in CLASSNAMES}
+    prompts["dog"] = ["a dog", "a cat-like dog"]  # "cat-like dog" names the cat first: its embedding is the cat's
+    classifier = build_classifier(FakeEncoder(), tokenizer, CLASSNAMES, prompts)
+    encoder = FakeEncoder()
+    expected_dog = F.normalize((encoder.encode_text(tokenizer(["a dog"])) +
+                                encoder.encode_text(tokenizer(["a cat-like dog"]))).squeeze(0) / 2, dim=0)
+    torch.testing.assert_close(classifier[:, 1], expected_dog)
+    torch.testing.assert_close(classifier[:, 0], encoder.encode_text(tokenizer(["a cat"]))[0])
+
+
+class CountingEncoder:
+    """Mean colour of the image as its embedding, token ids through a fixed random table; counts its calls."""
+
+    def __init__(self):
+        generator = torch.Generator().manual_seed(0)
+        self.table = torch.randn(49408, 3, generator=generator)
+        self.images = self.texts = 0
+
+    def encode_image(self, images):
+        self.images += len(images)
+        return F.normalize(images.mean(dim=(2, 3)), dim=-1)
+
+    def encode_text(self, tokens):
+        self.texts += len(tokens)
+        return F.normalize(self.table[tokens].sum(dim=1), dim=-1)
+
+
+def test_a_suite_embeds_each_split_once_and_builds_each_classifier_once(synth_data, tmp_path):
+    import open_clip
+
+    from clipforge.evaluation import load_suite, run_suite
+
+    shapes = synth_data / "eval" / "shapes"
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: cache\ndatasets:\n" + "".join(
+        f"  - {{name: {name}, task: {task}, path: {shapes}}}\n"
+        for name, task in (("shapes", "zeroshot_classification"), ("shapes-again", "zeroshot_classification"),
+                           ("shapes-probe", "linear_probe"))))
+    encoder = CountingEncoder()
+    transform = lambda image: torch.from_numpy(np.asarray(image, dtype="float32")).permute(2, 0, 1)
+    results = run_suite(encoder, open_clip.get_tokenizer("ViT-B-32"), transform, load_suite(suite), 128, 0)
+    templates = (shapes / "zeroshot_classification_templates.txt").read_text().split("\n")
+    assert encoder.images == 300 + 1000  # the test split once for three entries, the train split once
+    assert encoder.texts == 6 * len([t for t in templates if t])  # one classifier for two identical entries
+    assert results["shapes"]["acc1"] == results["shapes-again"]["acc1"]
+    assert results["shapes-probe"]["num_train"] + results["shapes-probe"]["num_val"] == 1000
+
+
+def fake_results(num_classes):
+    generator = torch.Generator().manual_seed(num_classes)
+    per_class = {f"class {i}": torch.rand(1, generator=generator).item() for i in range(num_classes)}
+    mean = sum(per_class.values()) / num_classes
+    return {"task": "zeroshot_classification", "acc1": mean, "acc5": None if num_classes < 5 else 0.9,
+            "mean_per_class_recall": mean, "per_class_accuracy": per_class, "chance_acc1": 1 / num_classes,
+            "num_samples": 10 * num_classes, "seconds": 1.0}
+
+
+def test_report_table_headline_and_plots(tmp_path):
+    from eval_fixtures import assert_valid_png
+
+    from clipforge.evaluation import headline, markdown_table, write_report
+
+    results = {"few": fake_results(4), "many": fake_results(200)}
+    table = markdown_table(results)
+    assert "| few | classification | top-1 |" in table and "| few | classification | top-5 |" not in table
+    assert "| many | classification | top-5 | 90.0% | 2.5% |" in table
+    assert set(headline(results)) == {"few/acc1", "few/mean_per_class_recall", "many/acc1", "many/acc5",
+                                      "many/mean_per_class_recall"}
+    written = write_report(results, tmp_path, "run")
+    assert [path.name for path in written] == ["run.json", "run.md", "run_few_per_class.png", "run_many_per_class.png"]
+    for path in written[2:]:
+        assert_valid_png(path)
+    assert json.loads(written[0].read_text())["few"]["acc5"] is None
+
+
+def test_every_shipped_suite_loads_and_says_how_to_get_its_data(monkeypatch):
+    from pathlib import Path
+
+    from clipforge.evaluation import load_suite
+    from clipforge.evaluation.suite import DATA_ROOT_ENV
+
+    monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
+    suites = sorted((Path(__file__).parents[1] / "eval").glob("*.yaml"))
+    assert {path.stem for path in suites} >= {"synthetic", "imagenet1k", "cifar10", "cifar100", "coco", "flickr30k"}
+    for path in suites:
+        suite = load_suite(path, check=False)
+        for entry in suite.datasets:
+            assert entry.get and ("{path}" in entry.get or entry.get.startswith("clipforge prep")), entry
+    imagenet = load_suite(Path(__file__).parents[1] / "eval" / "imagenet1k.yaml", check=False).datasets[0]
+    assert imagenet.path == "data/benchmarks/wds_imagenet1k" and len(imagenet.classnames) == 1000
+    assert len(imagenet.templates) == 80 and imagenet.format == "wds"
+
+
+def test_data_root_comes_from_the_flag_then_the_environment_then_the_suite(tmp_path, monkeypatch):
+    from clipforge.evaluation import load_suite
+    from clipforge.evaluation.suite import DATA_ROOT_ENV
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: s\ndata_root: /from/suite\ndatasets:\n"
+                     "  - {name: a, task: zeroshot_retrieval, path: '{data_root}/a'}\n")
+    monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
+    assert load_suite(suite, check=False).datasets[0].path == "/from/suite/a"
+    monkeypatch.setenv(DATA_ROOT_ENV, "/from/env")
+    assert load_suite(suite, check=False).datasets[0].path == "/from/env/a"
+    assert load_suite(suite, "/from/flag", check=False).datasets[0].path == "/from/flag/a"
+    with pytest.raises(FileNotFoundError, match=r"(?s)expects its files at /from/flag/a .*--data-root"):
+        load_suite(suite, "/from/flag")
+    suite.write_text("name: s\ndatasets:\n  - {name: a, task: zero_shot, path: x}\n")
+    with pytest.raises(ValueError, match="task = 'zero_shot' is not one of"):
+        load_suite(suite, check=False)
+    suite.write_text("name: s\ndatasets:\n  - {name: a, task: linear_probe, path: x, split_name: y}\n")
+    with pytest.raises(ValueError, match=r"unknown \['split_name'\]"):
+        load_suite(suite, check=False)

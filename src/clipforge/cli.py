@@ -6,6 +6,7 @@
     clipforge prep inspect data/mine
     clipforge train configs/demo.yaml --set optim.lr=5e-4 --set data.batch_size=256
     clipforge eval runs/demo/checkpoints/latest --suite eval/synthetic.yaml
+    clipforge export runs/demo/checkpoints/latest --format hf --out exported/demo [--push org/name]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -118,6 +120,17 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         overrides.append(f"train.resume={args.resume}")
     cfg = load_config(args.config, overrides)
+    if args.dry_run:
+        from clipforge.config import to_yaml
+        from clipforge.train.loop import dry_run
+
+        print(to_yaml(cfg))
+        summary = dry_run(cfg)
+        width = max(map(len, summary))
+        print("\n".join(f"{key:<{width}}  {value:,.3f}" if isinstance(value, float) else
+                        f"{key:<{width}}  {value:,}" if isinstance(value, int) else f"{key:<{width}}  {value}"
+                        for key, value in summary.items()))
+        return 0
     result = train(cfg)
     if result.get("eval_table"):
         print(f"\nzero-shot results at step {result['step']} ({cfg.eval.suite}):\n\n{result['eval_table']}")
@@ -126,29 +139,107 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from clipforge.config import load_config
-    from clipforge.evaluation import OpenClipEncoder, load_suite, markdown_table, run_suite
-    from clipforge.models import build_model, load_weights
+    import torch
+
+    from clipforge.evaluation import load_eval_model, load_suite, run_suite, write_report
+    from clipforge.evaluation.loading import model_kind
+    from clipforge.evaluation.report import markdown_table
+
+    # Cheap checks first: a wrong model path, a bad suite or missing data fail before the model is built.
+    model_kind(args.checkpoint, args.model, args.weights)
+    suite = load_suite(args.suite, args.data_root)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_eval_model(args.checkpoint, args.model, args.weights, device, args.amp)
+    results = run_suite(loaded.encoder, loaded.tokenizer, loaded.transform, suite, args.batch_size, args.workers,
+                        progress=not args.quiet)
+    if args.out:
+        out = Path(args.out)
+    elif loaded.kind == "clipforge":
+        out = Path(args.checkpoint).resolve().parent.parent / "eval"
+    else:
+        out = Path("eval_results")
+    written = write_report(results, out, f"{suite.name}_{loaded.name}", plots=not args.no_plots)
+    print(markdown_table(results))
+    print(f"\nresults: {written[0]}" + (f" (+ {len(written) - 2} plots)" if len(written) > 2 else ""))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import yaml
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from clipforge.export import CannotConvert, CardInfo, export_model, find_eval_results, push_to_hub
+    from clipforge.models import ModelConfig, build_model, load_weights
 
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "config.yaml").is_file():
         raise FileNotFoundError(f"{checkpoint}: not a clipforge checkpoint directory (no config.yaml)")
-    cfg = load_config(checkpoint / "config.yaml")
-    suite = load_suite(args.suite)
-    built = build_model(cfg.model)
+    run_config = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
+    # Only the architecture is needed: the checkpoint's weights replace the run's initial ones (init_from, or
+    # pretrained in configs written before it was renamed), so those keys are not read.
+    model_keys = {key: value for key, value in (run_config.get("model") or {}).items()
+                  if key not in ("init_from", "pretrained")}
+    try:
+        model_cfg = ModelConfig(**model_keys)
+    except TypeError as exc:
+        raise ValueError(f"{checkpoint / 'config.yaml'}: model section: {exc}") from exc
+    built = build_model(model_cfg)
     load_weights(built.model, str(checkpoint))
-    encoder = OpenClipEncoder(built.model, "cpu")
-    results = run_suite(encoder, built.tokenizer, built.eval_transform, suite, args.batch_size, args.workers,
-                        progress=not args.quiet)
-    table = markdown_table(results)
-    out = Path(args.out) if args.out else checkpoint.resolve().parent.parent / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{suite.name}_{checkpoint.resolve().name}"
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    (out / f"{stem}.md").write_text(table + "\n")
-    print(table)
-    print(f"\nresults: {out / (stem + '.json')}")
+    built.model.eval()
+    if args.eval_results:
+        found = (Path(args.eval_results), json.loads(Path(args.eval_results).read_text()))
+    else:
+        found = find_eval_results(checkpoint.resolve().parent.parent, checkpoint.resolve().name)
+    card = CardInfo(name=args.push or Path(args.out).name, source=str(checkpoint),
+                    run_config=run_config, eval_results=found[1] if found else None,
+                    eval_source=str(found[0]) if found else None, license=args.license, datasets=args.dataset)
+    formats = ["hf", "open_clip"] if args.format == "both" else [args.format]
+    try:
+        summary = export_model(built, args.out, formats, card)
+    except FileExistsError as exc:
+        raise ValueError(str(exc)) from exc
+    except CannotConvert as exc:
+        raise CannotConvert(f"{exc} (--format open_clip exports every architecture)") from exc
+    print(f"exported {checkpoint} ({', '.join(formats)}) to {args.out}")
+    if args.push:
+        try:
+            summary["pushed"] = push_to_hub(args.out, args.push, private=args.private, revision=args.revision,
+                                            commit_message=args.commit_message, force=args.force)
+        except HfHubHTTPError as exc:
+            print(f"clipforge export: push to {args.push} failed: {exc}", file=sys.stderr)
+            return 1
+        print(f"pushed: {summary['pushed']}")
+    for note in summary["notes"]:
+        print(f"note: {note}")
     return 0
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export", help="write a checkpoint as a transformers and/or open_clip folder; optionally push it to the Hub",
+        description="Write CHECKPOINT as a folder that transformers (CLIPModel/SiglipModel + processor, --format hf) "
+                    "or open_clip (open_clip_config.json + open_clip_model.safetensors, --format open_clip) loads "
+                    "as it is, with a model card (README.md) holding the run's latest `clipforge eval` results. "
+                    "An architecture transformers has no class for (e.g. the CLIP-ResNet image tower) is an error "
+                    "naming why; the open_clip format takes every architecture.")
+    export.add_argument("checkpoint", help="clipforge checkpoint directory, e.g. runs/demo/checkpoints/latest")
+    export.add_argument("--format", choices=("hf", "open_clip", "both"), default="hf",
+                        help="hf: transformers folder; open_clip: open_clip folder; both: one folder with both (hf)")
+    export.add_argument("--out", required=True, help="output folder (replaced if it holds an earlier export)")
+    export.add_argument("--push", metavar="ORG/NAME",
+                        help="upload the folder to this Hub model repo (token: HF_TOKEN or `hf auth login`)")
+    export.add_argument("--private", action="store_true", help="create the Hub repo private (a new repo only)")
+    export.add_argument("--revision", help="branch to push to, created from main if missing (default: main)")
+    export.add_argument("--commit-message", help="Hub commit message (default: 'clipforge export (OUT)')")
+    export.add_argument("--force", action="store_true",
+                        help="push even into a Hub repo that holds files not written by clipforge")
+    export.add_argument("--license", default="mit", help="license id in the model card metadata (mit)")
+    export.add_argument("--dataset", action="append", default=[], metavar="HUB_ID",
+                        help="Hub dataset id for the card metadata (repeatable; hf://datasets/... sources are added)")
+    export.add_argument("--eval-results", metavar="JSON",
+                        help="`clipforge eval` results for the card (default: RUN_DIR/eval/*CHECKPOINT.json, else "
+                             "the newest)")
+    export.set_defaults(func=_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,20 +279,47 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="auto|DIR",
                        help="continue from the newest intact checkpoint of this run (auto; 'latest' is an alias) or a "
                             "checkpoint directory. Exit code 75: stopped by SIGUSR1/SIGTERM after a checkpoint")
+    train.add_argument("--dry-run", action="store_true",
+                       help="print the resolved config, parameter counts and FLOPs per sample, then exit")
     train.set_defaults(func=_train)
 
-    evaluate = commands.add_parser("eval", help="zero-shot evaluation of a checkpoint on a benchmark suite")
-    evaluate.add_argument("checkpoint", help="clipforge checkpoint directory, e.g. runs/demo/checkpoints/latest")
+    evaluate = commands.add_parser(
+        "eval", help="zero-shot classification, retrieval and linear probes of a model on a benchmark suite",
+        description="Evaluate a clipforge checkpoint, an open_clip folder, a transformers CLIP folder, or an open_clip "
+                    "architecture with a local weights file (--model, --weights) on the datasets of a suite "
+                    "(eval/*.yaml). Writes SUITE_MODEL.json (every metric), SUITE_MODEL.md (the table) and PNG plots.")
+    evaluate.add_argument("checkpoint", nargs="?",
+                          help="clipforge checkpoint directory (e.g. runs/demo/checkpoints/latest), open_clip folder "
+                               "(open_clip_config.json + weights) or transformers CLIP folder")
     evaluate.add_argument("--suite", required=True, help="suite YAML listing the datasets, e.g. eval/synthetic.yaml")
-    evaluate.add_argument("--out", help="where to write SUITE_CHECKPOINT.json/.md (default: RUN_DIR/eval)")
+    evaluate.add_argument("--model", metavar="ARCH",
+                          help="open_clip architecture (e.g. ViT-B-32), configs/models stem or JSON config; "
+                               "needs --weights")
+    evaluate.add_argument("--weights", metavar="FILE",
+                          help="local weights for --model: an open_clip file (.safetensors/.pt/.bin) or anything "
+                               "model.init_from takes")
+    evaluate.add_argument("--data-root", metavar="DIR",
+                          help="what {data_root} in suite paths means (default: $CLIPFORGE_DATA_ROOT, else the "
+                               "suite's data_root)")
+    evaluate.add_argument("--out", help="where to write the results (default: RUN_DIR/eval for a checkpoint, else "
+                                        "eval_results/)")
     evaluate.add_argument("--batch-size", type=int, default=256, help="images per batch (256)")
     evaluate.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images (2)")
+    evaluate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    evaluate.add_argument("--amp", action="store_true", help="bf16 autocast for the towers (embeddings stay fp32)")
+    evaluate.add_argument("--no-plots", action="store_true", help="write only the JSON and markdown")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(func=_eval)
+    _add_export(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["eval"]:
+        # Evaluation decodes in DataLoader workers beside torch's CPU threads. With other processes busy on the
+        # cores, OpenMP threads that spin while waiting made the image tower ~5x slower (2 cores); on an idle
+        # machine passive waiting costs nothing measurable. OpenMP reads it when torch loads, so set it first.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("clipforge").setLevel(logging.INFO)  # ours at INFO; libraries' chatter stays at WARNING
     args = build_parser().parse_args(argv)

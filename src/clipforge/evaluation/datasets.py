@@ -1,83 +1,343 @@
-"""Benchmark datasets in CLIP_benchmark's WebDataset layout, read from a local directory.
+"""Benchmark datasets from local files: CLIP_benchmark WebDataset directories, image folders, HF datasets.
 
-Layout (as ``clip_benchmark.datasets.builder.build_wds_dataset`` reads it)::
+Formats (``format:`` in a suite entry; detected from the files when left out):
+
+``wds`` — CLIP_benchmark's layout (as ``clip_benchmark.datasets.builder.build_wds_dataset`` reads it)::
 
     DIR/test/nshards.txt, DIR/test/0.tar ...      samples: KEY.{webp,png,jpg,jpeg} + KEY.cls | KEY.txt
     DIR/classnames.txt                            one class name per line (classification)
     DIR/zeroshot_classification_templates.txt     one template per line, with {c}
-    DIR/dataset_type.txt                          "retrieval" for image–caption sets
+    DIR/dataset_type.txt                          "retrieval" for image–caption sets (one caption per line)
 
-Raw samples are read from the tars in the main process (cheap: bytes only); decoding and the
-image transform run in DataLoader workers, in order, so results never depend on worker count.
+``imagefolder`` — torchvision's ``ImageFolder``: ``DIR/SPLIT/CLASS/*.jpg`` (or ``DIR/CLASS/*.jpg`` for the
+test split). Class names are the folder names with ``_`` read as a space, unless ``DIR/classnames.txt``
+lists them (in sorted folder order); templates come from ``DIR/zeroshot_classification_templates.txt``.
+
+``hf`` — a Hugging Face ``datasets`` directory written by ``save_to_disk`` (a ``Dataset``, or a
+``DatasetDict`` whose split is chosen): an image column plus a label column (``ClassLabel`` names are the
+class names) or a caption column (a string or a list of strings per image).
+
+Every format becomes a map-style source with ``image(index)`` (PIL) and ``target(index)`` (class
+index or list of captions), so loading runs in ``DataLoader`` workers, in index order, and results never
+depend on the worker count. WebDataset tars are indexed once (member headers only) and read by offset,
+so a 6 GB ImageNet split is never held in memory.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
+IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")  # the order CLIP_benchmark's to_tuple tries them in
+FORMATS = ("wds", "imagefolder", "hf")
+CLASSIFICATION, RETRIEVAL = "classification", "retrieval"
+HF_CAPTION_COLUMNS = ("captions", "caption", "sentences", "text", "texts")
+HF_LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
+
+Target = int | list[str]
 
 
-@dataclass
-class Benchmark:
-    name: str
-    task: str  # "zeroshot_classification" or "zeroshot_retrieval"
-    samples: list[dict[str, Any]]  # raw: {"__key__", image bytes under its extension, "cls" or "txt"}
-    classnames: list[str] | None = None
-    templates: list[str] | None = None
+def read_lines(path: Path) -> list[str]:
+    """One entry per line, stripped, blank lines kept: as CLIP_benchmark reads classnames.txt, so that class
+    indices line up with its labels."""
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def _read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+class WdsSource:
+    """Random access to the samples of CLIP_benchmark WebDataset shards.
 
+    Samples are grouped as webdataset groups them: consecutive members sharing the name up to the
+    first dot of the basename; the extension is lower-cased.
+    """
 
-def load_benchmark(path: str | Path, name: str | None = None, split: str = "test") -> Benchmark:
-    root = Path(path)
-    nshards_file = root / split / "nshards.txt"
-    if not nshards_file.is_file():
-        raise FileNotFoundError(f"{root}: not a CLIP_benchmark WebDataset directory ({nshards_file} is missing)")
-    nshards = int(nshards_file.read_text().strip())
-    type_file = root / "dataset_type.txt"
-    dataset_type = type_file.read_text().strip().lower() if type_file.is_file() else "classification"
-    urls = [str(root / split / f"{index}.tar") for index in range(nshards)]
-    samples = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
-    if not samples:
-        raise ValueError(f"{root}: the benchmark has no samples")
-    name = name or root.name
-    if dataset_type == "retrieval":
-        return Benchmark(name, "zeroshot_retrieval", samples)
-    for required in ("classnames.txt", "zeroshot_classification_templates.txt"):
-        if not (root / required).is_file():
-            raise FileNotFoundError(f"{root}: classification benchmark without {required}")
-    return Benchmark(name, "zeroshot_classification", samples, _read_lines(root / "classnames.txt"),
-                     _read_lines(root / "zeroshot_classification_templates.txt"))
-
-
-class _Decoded(Dataset):
-    def __init__(self, benchmark: Benchmark, transform: Callable) -> None:
-        self.samples, self.transform, self.task = benchmark.samples, transform, benchmark.task
+    def __init__(self, root: Path, split: str) -> None:
+        nshards_file = root / split / "nshards.txt"
+        if not nshards_file.is_file():
+            raise FileNotFoundError(f"{root}: no split {split!r} in CLIP_benchmark WebDataset layout "
+                                    f"({nshards_file} is missing)")
+        type_file = root / "dataset_type.txt"
+        self.kind = type_file.read_text().strip().lower() if type_file.is_file() else CLASSIFICATION
+        if self.kind not in (CLASSIFICATION, RETRIEVAL):
+            raise ValueError(f"{root}: dataset_type.txt says {self.kind!r}; only classification and retrieval "
+                             "sets are supported")
+        self.shards = [str(root / split / f"{index}.tar") for index in range(int(nshards_file.read_text().strip()))]
+        self.samples: list[tuple[int, dict[str, tuple[int, int]]]] = []  # (shard, {extension: (offset, size)})
+        for shard, url in enumerate(self.shards):
+            self.samples.extend((shard, members) for members in _index_tar(url))
+        self._files: dict[int, Any] = {}
+        self._pid = -1
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
-        sample = self.samples[index]
-        extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    def _read(self, index: int, extension: str) -> bytes:
+        if self._pid != os.getpid():  # a DataLoader worker: open its own file handles
+            self._files, self._pid = {}, os.getpid()
+        shard, members = self.samples[index]
+        if shard not in self._files:
+            self._files[shard] = open(self.shards[shard], "rb")  # kept open for the run
+        offset, size = members[extension]
+        stream = self._files[shard]
+        stream.seek(offset)
+        return stream.read(size)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_files": {}, "_pid": -1}
+
+    def image(self, index: int) -> Image.Image:
+        members = self.samples[index][1]
+        extension = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
         if extension is None:
-            raise ValueError(f"benchmark sample {sample['__key__']} has no image ({', '.join(IMAGE_EXTENSIONS)})")
-        image = self.transform(Image.open(io.BytesIO(sample[extension])).convert("RGB"))
-        if self.task == "zeroshot_retrieval":
-            return image, sample["txt"].decode("utf-8").splitlines()
-        return image, int(sample["cls"].decode("utf-8").strip())
+            raise ValueError(f"{self.shards[self.samples[index][0]]}: sample {index} has no image "
+                             f"({', '.join(IMAGE_EXTENSIONS)})")
+        return Image.open(io.BytesIO(self._read(index, extension))).convert("RGB")
+
+    def target(self, index: int) -> Target:
+        extension = "txt" if self.kind == RETRIEVAL else "cls"
+        if extension not in self.samples[index][1]:
+            raise ValueError(f"{self.shards[self.samples[index][0]]}: sample {index} has no .{extension}")
+        text = self._read(index, extension).decode("utf-8")
+        return text.splitlines() if self.kind == RETRIEVAL else int(text.strip())
+
+
+def _index_tar(path: str) -> list[dict[str, tuple[int, int]]]:
+    """Per sample, {extension: (data offset, size)}: tar headers are read, file data is skipped."""
+    samples: list[dict[str, tuple[int, int]]] = []
+    current_key = None
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            name = member.name
+            if not member.isfile() or ("/" not in name and name.startswith("__")):
+                continue
+            directory, _, base = name.rpartition("/")
+            if "." not in base:
+                continue
+            stem, extension = base.split(".", 1)
+            key = f"{directory}/{stem}"
+            if key != current_key:
+                samples.append({})
+                current_key = key
+            samples[-1][extension.lower()] = (member.offset_data, member.size)
+    return samples
+
+
+class ImageFolderSource:
+    """torchvision ``ImageFolder``: one sub-folder per class, classes in sorted order."""
+
+    kind = CLASSIFICATION
+
+    def __init__(self, root: Path) -> None:
+        from torchvision.datasets import ImageFolder
+
+        folder = ImageFolder(str(root))
+        self.samples, self.classes = folder.samples, folder.classes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def image(self, index: int) -> Image.Image:
+        with open(self.samples[index][0], "rb") as stream:
+            return Image.open(stream).convert("RGB")
+
+    def target(self, index: int) -> Target:
+        return self.samples[index][1]
+
+
+class HFSource:
+    """A ``datasets.Dataset`` on disk: an image column and a label or caption column."""
+
+    def __init__(self, root: Path, split: str, kind: str, image_column: str | None = None,
+                 label_column: str | None = None, caption_column: str | None = None) -> None:
+        import datasets
+
+        loaded = datasets.load_from_disk(str(root))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"{root}: no split {split!r} in this DatasetDict (it has {sorted(loaded)})")
+            loaded = loaded[split]
+        features = loaded.features
+        image_column = image_column or next((name for name, feature in features.items()
+                                             if isinstance(feature, datasets.Image)), None)
+        if image_column is None or image_column not in features:
+            raise ValueError(f"{root}: no image column (columns: {sorted(features)}); set image_column")
+        if not isinstance(features[image_column], datasets.Image):
+            loaded = loaded.cast_column(image_column, datasets.Image())  # paths or bytes
+        self.kind, self.classes = kind, None
+        if kind == CLASSIFICATION:
+            target_column = label_column or next(
+                (name for name, feature in features.items() if isinstance(feature, datasets.ClassLabel)),
+                next((name for name in HF_LABEL_COLUMNS if name in features), None))
+            if target_column is None or target_column not in features:
+                raise ValueError(f"{root}: no label column (columns: {sorted(features)}); set label_column")
+            if isinstance(features[target_column], datasets.ClassLabel):
+                self.classes = list(features[target_column].names)
+        else:
+            target_column = caption_column or next((name for name in HF_CAPTION_COLUMNS if name in features), None)
+            if target_column is None or target_column not in features:
+                raise ValueError(f"{root}: no caption column (columns: {sorted(features)}); set caption_column")
+        self.dataset = loaded.select_columns([image_column, target_column])
+        self.image_column, self.target_column = image_column, target_column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def image(self, index: int) -> Image.Image:
+        return self.dataset[index][self.image_column].convert("RGB")
+
+    def target(self, index: int) -> Target:
+        value = self.dataset[index][self.target_column]
+        if self.kind == CLASSIFICATION:
+            return int(value)
+        return [value] if isinstance(value, str) else list(value)
+
+
+Source = WdsSource | ImageFolderSource | HFSource
+
+
+@dataclass
+class Benchmark:
+    """A benchmark split ready to load: ``kind`` is "classification" or "retrieval"."""
+
+    name: str
+    kind: str
+    source: Source
+    format: str
+    path: str
+    split: str
+    classnames: list[str] | None = None
+    templates: list[str] | dict[str, list[str]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def image(self, index: int) -> Image.Image:
+        return self.source.image(index)
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies the split (``reopen`` takes it back), and its size."""
+        described = {"format": self.format, "path": self.path, "split": self.split, "kind": self.kind,
+                     "num_images": len(self)}
+        if isinstance(self.source, HFSource):
+            target = "caption_column" if self.kind == RETRIEVAL else "label_column"
+            described.update({"image_column": self.source.image_column, target: self.source.target_column})
+        return described
+
+
+def reopen(described: dict[str, Any], name: str | None = None) -> Benchmark:
+    """The benchmark that ``Benchmark.describe`` described (to fetch images for a report)."""
+    columns = {key: described[key] for key in ("image_column", "label_column", "caption_column") if key in described}
+    return load_benchmark(described["path"], name, described["split"], described["format"], described["kind"],
+                          **columns)
+
+
+def detect_format(root: Path, split: str = "test") -> str:
+    if (root / split / "nshards.txt").is_file() or (root / "dataset_type.txt").is_file():
+        return "wds"
+    if any((root / name).is_file() for name in ("dataset_dict.json", "state.json", "dataset_info.json")):
+        return "hf"
+    if root.is_dir() and any(child.is_dir() for child in root.iterdir()):
+        return "imagefolder"
+    raise ValueError(f"{root}: cannot tell the format (no {split}/nshards.txt for wds, no dataset_dict.json or "
+                     "state.json for a saved HF dataset, no class folders for an image folder); set format:")
+
+
+def _imagefolder_root(root: Path, split: str) -> Path:
+    if (root / split).is_dir():
+        return root / split
+    if split != "test" or any((root / name).is_dir() for name in ("train", "val", "validation")):
+        raise FileNotFoundError(f"{root}: image folder without a {split!r} sub-folder")
+    return root  # DIR/CLASS/*.jpg is the test split
+
+
+def load_benchmark(path: str | Path, name: str | None = None, split: str = "test", format: str | None = None,
+                   kind: str | None = None, classnames: list[str] | None = None,
+                   templates: list[str] | dict[str, list[str]] | None = None, **columns: str | None) -> Benchmark:
+    """Open one split. ``classnames``/``templates`` given here override the dataset's own files.
+
+    ``kind`` ("classification"/"retrieval") is required for HF datasets and checked for the others;
+    ``columns``: ``image_column``, ``label_column``, ``caption_column`` (HF datasets only).
+    """
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"{root} does not exist")
+    format = format or detect_format(root, split)
+    if format not in FORMATS:
+        raise ValueError(f"{root}: format {format!r} is not one of {FORMATS}")
+    if format == "wds":
+        source: Source = WdsSource(root, split)
+    elif format == "imagefolder":
+        source = ImageFolderSource(_imagefolder_root(root, split))
+    else:
+        source = HFSource(root, split, kind or CLASSIFICATION, **columns)
+    if kind is not None and source.kind != kind:
+        raise ValueError(f"{root} holds a {source.kind} set, expected {kind}")
+    if len(source) == 0:
+        raise ValueError(f"{root}: split {split!r} has no samples")
+    benchmark = Benchmark(name or root.name, source.kind, source, format, str(root), split)
+    if source.kind == CLASSIFICATION:
+        benchmark.classnames = classnames or _dataset_classnames(root, source)
+        benchmark.templates = templates or _dataset_templates(root)
+    return benchmark
+
+
+def _dataset_classnames(root: Path, source: Source) -> list[str] | None:
+    if (root / "classnames.txt").is_file():
+        return read_lines(root / "classnames.txt")
+    classes = getattr(source, "classes", None)
+    if isinstance(source, ImageFolderSource):
+        return [name.replace("_", " ") for name in classes]
+    return classes
+
+
+def _dataset_templates(root: Path) -> list[str] | None:
+    path = root / "zeroshot_classification_templates.txt"
+    return read_lines(path) if path.is_file() else None
+
+
+def resolve_names(value: str | list | dict, what: str, base: Path | None = None) -> list[str] | dict[str, list[str]]:
+    """Class names (``what="classnames"``) or templates named in a suite: ``openai_imagenet`` (OpenAI's
+    ImageNet names or 80 templates, from ``open_clip.zero_shot_metadata``), a file (.txt: one per line;
+    .json: a list, or for templates a {class name: [prompts]} dict as CuPL's), or an inline list."""
+    if isinstance(value, (list, dict)):
+        return value
+    if value == "openai_imagenet":
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+        if what == "classnames":
+            return list(IMAGENET_CLASSNAMES)
+        return [template("{c}") for template in OPENAI_IMAGENET_TEMPLATES]
+    path = Path(value)
+    if base is not None and not path.is_absolute() and not path.exists():
+        path = base / path
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {value!r} is neither openai_imagenet nor an existing file")
+    if path.suffix == ".json":
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(loaded, (list, dict)):
+            raise ValueError(f"{path}: expected a JSON list (or a dict of per-class prompts)")
+        return loaded
+    return read_lines(path)
+
+
+class _Decoded(Dataset):
+    def __init__(self, benchmark: Benchmark, transform: Callable) -> None:
+        self.source, self.transform = benchmark.source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.source.image(index)), self.source.target(index)
 
 
 def _collate(batch):
@@ -90,6 +350,7 @@ def _collate(batch):
 
 def benchmark_loader(benchmark: Benchmark, transform: Callable, batch_size: int = 256,
                      num_workers: int = 2) -> DataLoader:
-    """Batches of (images (B, 3, H, W), labels (B,) or list of caption lists), in file order."""
+    """Batches of (images (B, 3, H, W), labels (B,) or list of caption lists), in index order."""
     return DataLoader(_Decoded(benchmark, transform), batch_size=batch_size, num_workers=num_workers,
-                      collate_fn=_collate, shuffle=False)
+                      collate_fn=_collate, shuffle=False, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False)

@@ -1,34 +1,63 @@
-"""Benchmark suites (``eval/*.yaml``): which datasets to run, with which task, and the report.
+"""Benchmark suites (``eval/*.yaml``): which datasets to run, with which task; ``run_suite`` runs them.
 
 A suite file::
 
-    name: synthetic
+    name: imagenet1k
+    data_root: data/benchmarks        # what {data_root} means; --data-root or CLIPFORGE_DATA_ROOT override it
     datasets:
-      - name: shapes
-        task: zeroshot_classification      # or zeroshot_retrieval
-        path: data/synth/eval/shapes       # CLIP_benchmark WebDataset directory, relative to the CWD
+      - name: imagenet1k
+        task: zeroshot_classification # or zeroshot_retrieval, linear_probe
+        path: "{data_root}/wds_imagenet1k"   # relative paths start at the working directory
+        format: wds                   # wds | imagefolder | hf; detected from the files when left out
+        split: test                   # the split scored (test)
+        classnames: openai_imagenet   # override the dataset's: openai_imagenet, a .txt/.json file, or a list
+        templates: openai_imagenet    # same; templates use {c}
+        get: hf download clip-benchmark/wds_imagenet1k --repo-type dataset --local-dir {path}
 
-``run_suite`` returns ``{dataset name: metrics}``; ``markdown_table`` renders the headline
-metrics next to chance level.
+Optional per dataset: ``recall_k`` (retrieval, [1, 5, 10]); ``train_split`` (train), ``val_split``
+(none: a ``val_proportion`` of 0.2 of train is held out) and ``seed`` (0) for linear probes;
+``image_column``, ``label_column``, ``caption_column`` for HF datasets. ``get`` is the command that
+fetches missing data; the error for a missing dataset prints it.
+
+``run_suite`` returns ``{dataset name: metrics}``. Image embeddings are computed once per dataset
+split and text classifiers once per (class names, templates) in a run, so a zero-shot and a
+linear-probe entry on the same split embed its images once.
 
 Entry point: ``clipforge eval runs/demo/checkpoints/latest --suite eval/synthetic.yaml``.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from clipforge.evaluation.datasets import benchmark_loader, load_benchmark
+from clipforge.evaluation.datasets import (
+    CLASSIFICATION,
+    FORMATS,
+    RETRIEVAL,
+    Benchmark,
+    benchmark_loader,
+    load_benchmark,
+    resolve_names,
+)
 from clipforge.evaluation.encoder import Encoder, Tokenizer
-from clipforge.evaluation.retrieval import retrieval
-from clipforge.evaluation.zeroshot import zero_shot_classification
+from clipforge.evaluation.linear_probe import linear_probe
+from clipforge.evaluation.report import headline, markdown_table  # noqa: F401 — part of this module's interface
+from clipforge.evaluation.retrieval import embed_captions, retrieval_examples, retrieval_metrics
+from clipforge.evaluation.zeroshot import build_classifier, classify, embed_images
 
-TASKS = ("zeroshot_classification", "zeroshot_retrieval")
+TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
+DATA_ROOT_ENV = "CLIPFORGE_DATA_ROOT"
+DEFAULT_DATA_ROOT = "data/benchmarks"
+ENTRY_KEYS = {"name", "task", "path", "format", "split", "classnames", "templates", "get", "recall_k", "train_split",
+              "val_split", "val_proportion", "seed", "image_column", "label_column", "caption_column"}
 
 
 @dataclass
@@ -54,89 +83,212 @@ class SuiteEntry:
     name: str
     task: str
     path: str
+    format: str | None = None
+    split: str = "test"
+    classnames: Any = None
+    templates: Any = None
+    get: str | None = None
+    recall_k: tuple[int, ...] = (1, 5, 10)
+    train_split: str = "train"
+    val_split: str | None = None
+    val_proportion: float = 0.2
+    seed: int = 0
+    image_column: str | None = None
+    label_column: str | None = None
+    caption_column: str | None = None
+    data_root: str | None = None  # what {data_root} in the path stood for, if it was used
+
+    @property
+    def kind(self) -> str:
+        return RETRIEVAL if self.task == "zeroshot_retrieval" else CLASSIFICATION
+
+    def columns(self) -> dict[str, str]:
+        """The HF dataset columns the suite names (other formats ignore them)."""
+        named = {"image_column": self.image_column, "label_column": self.label_column,
+                 "caption_column": self.caption_column}
+        return {key: value for key, value in named.items() if value is not None}
 
 
 @dataclass
 class Suite:
     name: str
     datasets: list[SuiteEntry] = field(default_factory=list)
+    path: str | None = None
 
 
-def load_suite(path: str | Path) -> Suite:
+def resolve_data_root(suite_default: str | None, data_root: str | None = None) -> str:
+    """--data-root, else $CLIPFORGE_DATA_ROOT, else the suite's data_root, else data/benchmarks."""
+    return data_root or os.environ.get(DATA_ROOT_ENV) or suite_default or DEFAULT_DATA_ROOT
+
+
+def _entry(path: Path, index: int, item: Any, data_root: str) -> SuiteEntry:
+    where = f"{path}: datasets[{index}]"
+    if not isinstance(item, dict):
+        raise ValueError(f"{where} must be a mapping with name, task, path")
+    missing, extra = {"name", "task", "path"} - set(item), set(item) - ENTRY_KEYS
+    if missing or extra:
+        raise ValueError(f"{where} needs name, task, path (missing {sorted(missing)}) and knows only "
+                         f"{sorted(ENTRY_KEYS)} (unknown {sorted(extra)})")
+    if item["task"] not in TASKS:
+        raise ValueError(f"{where}.task = {item['task']!r} is not one of {TASKS}")
+    if item.get("format") is not None and item["format"] not in FORMATS:
+        raise ValueError(f"{where}.format = {item['format']!r} is not one of {FORMATS}")
+    values = {key: value for key, value in item.items() if value is not None}
+    values["name"], values["path"] = str(item["name"]), str(item["path"]).replace("{data_root}", data_root)
+    values["data_root"] = data_root if "{data_root}" in str(item["path"]) else None
+    if "recall_k" in values:
+        values["recall_k"] = tuple(int(k) for k in values["recall_k"])
+    if not 0 < float(values.get("val_proportion", 0.2)) < 1:
+        raise ValueError(f"{where}.val_proportion must be between 0 and 1")
+    base = path.parent
+    for key in ("classnames", "templates"):
+        if key in values:
+            values[key] = resolve_names(values[key], key, base)
+    return SuiteEntry(**values)
+
+
+def load_suite(path: str | Path, data_root: str | None = None, check: bool = True) -> Suite:
+    """Read and validate a suite; with ``check``, also that every dataset's files are there (see ``check_data``),
+    so a run fails before any model is built or trained."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"eval suite {path} does not exist")
     raw = yaml.safe_load(path.read_text()) or {}
-    unknown = set(raw) - {"name", "datasets"}
+    unknown = set(raw) - {"name", "datasets", "data_root"}
     if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)} (expected name, datasets)")
-    entries = []
-    for index, item in enumerate(raw.get("datasets") or []):
-        missing = {"name", "task", "path"} - set(item)
-        extra = set(item) - {"name", "task", "path"}
-        if missing or extra:
-            raise ValueError(f"{path}: datasets[{index}] needs exactly name, task, path "
-                             f"(missing {sorted(missing)}, unknown {sorted(extra)})")
-        if item["task"] not in TASKS:
-            raise ValueError(f"{path}: datasets[{index}].task = {item['task']!r} is not one of {TASKS}")
-        entries.append(SuiteEntry(str(item["name"]), item["task"], str(item["path"])))
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)} (expected name, data_root, datasets)")
+    root = resolve_data_root(raw.get("data_root"), data_root)
+    entries = [_entry(path, index, item, root) for index, item in enumerate(raw.get("datasets") or [])]
     if not entries:
         raise ValueError(f"{path}: the suite lists no datasets")
-    return Suite(str(raw.get("name", path.stem)), entries)
+    names = [entry.name for entry in entries]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: dataset names must be unique, got {names}")
+    suite = Suite(str(raw.get("name", path.stem)), entries, str(path))
+    if check:
+        check_data(suite)
+    return suite
+
+
+LAYOUTS = {
+    "wds": "CLIP_benchmark WebDataset layout: {path}/{split}/nshards.txt, {path}/{split}/0.tar ...",
+    "imagefolder": "image folder layout: {path}/{split}/CLASS/*.jpg",
+    "hf": "a Hugging Face dataset written by save_to_disk",
+}
+
+
+def check_data(suite: Suite) -> None:
+    """Before any work: every dataset's directory exists, or one error says where each goes and how to get it."""
+    problems = []
+    for entry in suite.datasets:
+        splits = [entry.split] + ([entry.train_split] if entry.task == "linear_probe" else [])
+        root = Path(entry.path)
+        if root.exists() and (entry.format != "wds" or all((root / s / "nshards.txt").is_file() for s in splits)):
+            continue
+        split_text = splits[0] if len(splits) == 1 else "{" + ",".join(splits) + "}"
+        layout = LAYOUTS[entry.format or "wds"].format(path=entry.path, split=split_text)
+        lines = [f"dataset {entry.name!r} ({entry.task}, splits {', '.join(splits)}) expects its files at "
+                 f"{entry.path} ({layout})."]
+        if entry.get:
+            lines.append(f"  Get them with:  {entry.get.replace('{path}', entry.path)}")
+        if entry.data_root is not None:
+            lines.append(f"  or point --data-root (or ${DATA_ROOT_ENV}) at the folder that holds {root.name} "
+                         f"(now {entry.data_root}).")
+        problems.append("\n".join(lines))
+    if problems:
+        raise FileNotFoundError(f"suite {suite.name!r} ({suite.path}): data missing\n" + "\n".join(problems))
+
+
+class _Run:
+    """One suite run's caches: opened benchmarks, image embeddings per split, text classifiers."""
+
+    def __init__(self, encoder: Encoder, tokenizer: Tokenizer, transform: Callable, batch_size: int,
+                 num_workers: int, progress: bool) -> None:
+        self.encoder, self.tokenizer, self.transform = encoder, tokenizer, transform
+        self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
+        self.benchmarks: dict[tuple, Benchmark] = {}
+        self.features: dict[tuple, tuple] = {}
+        self.classifiers: dict[tuple, Any] = {}
+
+    def benchmark(self, entry: SuiteEntry, split: str) -> Benchmark:
+        key = (entry.path, split, entry.format, entry.kind, tuple(sorted(entry.columns().items())))
+        if key not in self.benchmarks:
+            self.benchmarks[key] = load_benchmark(entry.path, entry.name, split, entry.format, entry.kind,
+                                                  entry.classnames, entry.templates, **entry.columns())
+        return self.benchmarks[key]
+
+    def embedded(self, benchmark: Benchmark) -> tuple:
+        key = (benchmark.path, benchmark.split, benchmark.format, benchmark.kind)
+        if key not in self.features:
+            loader = benchmark_loader(benchmark, self.transform, self.batch_size, self.num_workers)
+            self.features[key] = embed_images(self.encoder, loader, self.progress,
+                                              desc=f"{benchmark.name} {benchmark.split}")
+        return self.features[key]
+
+    def classifier(self, classnames: list[str], templates) -> Any:
+        key = (tuple(classnames), json.dumps(templates, sort_keys=True))
+        if key not in self.classifiers:
+            self.classifiers[key] = build_classifier(self.encoder, self.tokenizer, classnames, templates,
+                                                     progress=self.progress)
+        return self.classifiers[key]
+
+
+def _classification(run: _Run, entry: SuiteEntry) -> dict:
+    benchmark = run.benchmark(entry, entry.split)
+    if not benchmark.classnames or not benchmark.templates:
+        raise ValueError(f"dataset {entry.name!r} ({entry.path}): zero-shot classification needs class names and "
+                         "templates; the dataset has none, so set classnames: / templates: in the suite "
+                         "(openai_imagenet, a file, or a list)")
+    features, labels = run.embedded(benchmark)
+    metrics = classify(features, labels, run.classifier(benchmark.classnames, benchmark.templates),
+                       benchmark.classnames)
+    metrics["chance_acc1"] = 1 / len(benchmark.classnames)
+    return {**metrics, "dataset": benchmark.describe()}
+
+
+def _retrieval(run: _Run, entry: SuiteEntry) -> dict:
+    benchmark = run.benchmark(entry, entry.split)
+    image_features, captions = run.embedded(benchmark)
+    text_features, texts, caption_image = embed_captions(run.encoder, run.tokenizer, captions,
+                                                         progress=run.progress)
+    metrics = retrieval_metrics(image_features, text_features, caption_image, entry.recall_k)
+    # A random ranking puts a match first with probability 1/num_images, both ways.
+    metrics["chance_recall@1"] = 1 / metrics["num_images"]
+    metrics["examples"] = retrieval_examples(image_features, text_features, texts, caption_image)
+    return {**metrics, "dataset": benchmark.describe()}
+
+
+def _linear_probe(run: _Run, entry: SuiteEntry) -> dict:
+    test = run.benchmark(entry, entry.split)
+    train = run.benchmark(entry, entry.train_split)
+    val = run.benchmark(entry, entry.val_split) if entry.val_split else None
+    test_features, test_labels = run.embedded(test)
+    train_features, train_labels = run.embedded(train)
+    val_features, val_labels = run.embedded(val) if val is not None else (None, None)
+    classnames = test.classnames
+    num_classes = len(classnames) if classnames else int(max(train_labels.max(), test_labels.max())) + 1
+    metrics = linear_probe(train_features, train_labels, test_features, test_labels, num_classes, val_features,
+                           val_labels, entry.val_proportion, entry.seed)
+    if classnames:
+        metrics["per_class_accuracy"] = {classnames[c]: v for c, v in metrics["per_class_accuracy"].items()}
+    metrics["chance_acc1"] = 1 / num_classes
+    return {**metrics, "dataset": {**test.describe(), "train_split": entry.train_split,
+                                   "val_split": entry.val_split}}
+
+
+RUNNERS = {"zeroshot_classification": _classification, "zeroshot_retrieval": _retrieval,
+           "linear_probe": _linear_probe}
 
 
 def run_suite(encoder: Encoder, tokenizer: Tokenizer, transform: Callable, suite: Suite, batch_size: int = 256,
               num_workers: int = 2, progress: bool = False) -> dict[str, dict]:
+    """Run every dataset of ``suite``; ``transform`` maps a PIL image to the encoder's input tensor."""
+    check_data(suite)
+    run = _Run(encoder, tokenizer, transform, batch_size, num_workers, progress)
     results = {}
     for entry in suite.datasets:
-        if not Path(entry.path).exists():
-            raise FileNotFoundError(f"suite {suite.name!r}: dataset {entry.name!r} expects its files at {entry.path} "
-                                    "(CLIP_benchmark WebDataset layout); for the synthetic suite run "
-                                    "`clipforge prep synthetic --out data/synth`")
         start = time.perf_counter()
-        benchmark = load_benchmark(entry.path, entry.name)
-        if benchmark.task != entry.task:
-            raise ValueError(f"suite {suite.name!r}: {entry.path} holds a {benchmark.task} set, "
-                             f"the suite says {entry.task}")
-        loader = benchmark_loader(benchmark, transform, batch_size, num_workers)
-        if entry.task == "zeroshot_classification":
-            metrics = zero_shot_classification(encoder, tokenizer, loader, benchmark.classnames, benchmark.templates,
-                                               progress)
-            metrics["chance_acc1"] = 1 / len(benchmark.classnames)
-        else:
-            metrics = retrieval(encoder, tokenizer, loader, progress=progress)
-            # A random ranking puts a match first with probability 1/num_images, both ways.
-            metrics["chance_recall@1"] = 1 / metrics["num_images"]
+        metrics = RUNNERS[entry.task](run, entry)
         metrics["task"], metrics["seconds"] = entry.task, time.perf_counter() - start
         results[entry.name] = metrics
     return results
-
-
-def headline(results: dict[str, dict]) -> dict[str, float]:
-    """Flat {dataset/metric: value} of the metrics worth logging."""
-    flat = {}
-    for name, metrics in results.items():
-        keys = (("acc1", "acc5", "mean_per_class_recall") if metrics["task"] == "zeroshot_classification" else
-                ("image_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@1",
-                 "text_retrieval_recall@5"))
-        flat.update({f"{name}/{key}": metrics[key] for key in keys})
-    return flat
-
-
-def markdown_table(results: dict[str, dict]) -> str:
-    rows = ["| dataset | task | metric | value | chance |", "|---|---|---|---|---|"]
-    for name, metrics in results.items():
-        if metrics["task"] == "zeroshot_classification":
-            chance = metrics["chance_acc1"]
-            rows.append(f"| {name} | classification | top-1 | {metrics['acc1']:.1%} | {chance:.1%} |")
-            rows.append(f"| {name} | classification | top-5 | {metrics['acc5']:.1%} | {min(1.0, 5 * chance):.1%} |")
-            rows.append(f"| {name} | classification | mean per-class recall | {metrics['mean_per_class_recall']:.1%} "
-                        f"| {chance:.1%} |")
-        else:
-            for k in (1, 5, 10):
-                rows.append(f"| {name} | text→image | R@{k} | {metrics[f'image_retrieval_recall@{k}']:.1%} "
-                            f"| {min(1.0, k * metrics['chance_recall@1']):.1%} |")
-            for k in (1, 5, 10):
-                rows.append(f"| {name} | image→text | R@{k} | {metrics[f'text_retrieval_recall@{k}']:.1%} "
-                            f"| {min(1.0, k * metrics['chance_recall@1']):.1%} |")
-    return "\n".join(rows)

@@ -1,9 +1,12 @@
 """Zero-shot classification with CLIP_benchmark's semantics.
 
 The classifier has one column per class: the mean of the L2-normalised embeddings of every
-template filled with the class name, renormalised. An image's logits are 100 × its normalised
-embedding times the classifier. Metrics: top-1 and top-5 accuracy, and mean per-class recall
-(balanced accuracy over the classes present in the labels), plus per-class accuracy.
+template filled with the class name (``{c}``), renormalised; templates may also be a
+{class name: [prompts]} dict (class-specific prompts, as CuPL's). An image's logits are 100 × its
+normalised embedding times the classifier. Metrics, as ``clip_benchmark.metrics.zeroshot_classification``
+computes them: top-1 and top-5 accuracy (top-5 is None below 5 classes, where CLIP_benchmark gives
+NaN), mean per-class recall (balanced accuracy over the classes present in the labels), plus
+per-class accuracy and the number of samples.
 """
 
 from __future__ import annotations
@@ -17,23 +20,38 @@ from tqdm import tqdm
 from clipforge.evaluation.encoder import Encoder, Tokenizer
 
 
+def class_prompts(classnames: list[str], templates: list[str] | dict[str, list[str]]) -> list[list[str]]:
+    if isinstance(templates, dict):
+        missing = [name for name in classnames if name not in templates]
+        if missing:
+            raise ValueError(f"class-specific templates lack the classes {missing[:5]}")
+        return [list(templates[name]) for name in classnames]
+    return [[template.replace("{c}", name) for template in templates] for name in classnames]
+
+
 @torch.no_grad()
-def build_classifier(encoder: Encoder, tokenizer: Tokenizer, classnames: list[str], templates: list[str],
-                     batch_size: int = 256) -> torch.Tensor:
-    """(D, C) zero-shot classifier from class names × templates (templates use ``{c}``)."""
-    texts = [template.replace("{c}", name) for name in classnames for template in templates]
+def build_classifier(encoder: Encoder, tokenizer: Tokenizer, classnames: list[str],
+                     templates: list[str] | dict[str, list[str]], batch_size: int = 256,
+                     progress: bool = False) -> torch.Tensor:
+    """(D, C) zero-shot classifier from class names × templates."""
+    prompts = class_prompts(classnames, templates)
+    texts = [text for class_texts in prompts for text in class_texts]
+    starts = range(0, len(texts), batch_size)
     embeddings = torch.cat([encoder.encode_text(tokenizer(texts[start : start + batch_size]))
-                            for start in range(0, len(texts), batch_size)])  # (C * T, D)
-    embeddings = embeddings.view(len(classnames), len(templates), -1).mean(dim=1)  # (C, D)
-    return F.normalize(embeddings, dim=-1).T
+                            for start in tqdm(starts, desc="text classifier", disable=not progress, leave=False)])
+    columns, offset = [], 0  # (C_texts, D) per class → mean → (D,)
+    for class_texts in prompts:
+        columns.append(embeddings[offset : offset + len(class_texts)].mean(dim=0))
+        offset += len(class_texts)
+    return F.normalize(torch.stack(columns), dim=-1).T
 
 
 @torch.no_grad()
 def embed_images(encoder: Encoder, loader: Iterable, progress: bool = False, desc: str = "images"):
-    """Concatenated (N, D) image embeddings and the targets, one pass over ``loader``."""
+    """Concatenated (N, D) image embeddings and the targets (labels (N,) or N caption lists), one pass."""
     features, targets = [], []
-    for images, batch_targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        features.append(encoder.encode_image(images))
+    for images, batch_targets in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
+        features.append(encoder.encode_image(images).cpu())
         if isinstance(batch_targets, torch.Tensor):
             targets.append(batch_targets)
         else:
@@ -43,7 +61,7 @@ def embed_images(encoder: Encoder, loader: Iterable, progress: bool = False, des
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
-    """top-1/top-5 accuracy, mean per-class recall and per-class accuracy from (N, C) logits."""
+    """top-1/top-5 accuracy, mean per-class recall and per-class accuracy (class index → value) from (N, C) logits."""
     labels = labels.to(logits.device)
     k = min(5, num_classes)
     topk = logits.topk(k, dim=1).indices  # (N, k)
@@ -56,19 +74,25 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
             per_class[cls] = (predictions[mask] == cls).sum().item() / mask.sum().item()
     return {
         "acc1": correct[:, :1].any(dim=1).sum().item() / len(labels),
-        "acc5": correct.any(dim=1).sum().item() / len(labels),
+        "acc5": correct.any(dim=1).sum().item() / len(labels) if num_classes >= 5 else None,
         "mean_per_class_recall": sum(per_class.values()) / len(per_class),
         "per_class_accuracy": per_class,
     }
 
 
-def zero_shot_classification(encoder: Encoder, tokenizer: Tokenizer, loader: Iterable, classnames: list[str],
-                             templates: list[str], progress: bool = False) -> dict:
-    """Evaluate on batches of (images, labels): see module docstring for the metrics."""
-    classifier = build_classifier(encoder, tokenizer, classnames, templates)
-    image_features, labels = embed_images(encoder, loader, progress)
-    logits = 100.0 * image_features @ classifier  # (N, C)
+def classify(image_features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor,
+             classnames: list[str]) -> dict:
+    """Metrics of (N, D) normalised image embeddings against a (D, C) classifier."""
+    logits = 100.0 * image_features @ classifier.to(image_features.device)  # (N, C)
     metrics = classification_metrics(logits, labels, len(classnames))
     metrics["per_class_accuracy"] = {classnames[c]: v for c, v in metrics["per_class_accuracy"].items()}
     metrics["num_samples"] = len(labels)
     return metrics
+
+
+def zero_shot_classification(encoder: Encoder, tokenizer: Tokenizer, loader: Iterable, classnames: list[str],
+                             templates: list[str] | dict[str, list[str]], progress: bool = False) -> dict:
+    """Evaluate on batches of (images, labels): see module docstring for the metrics."""
+    classifier = build_classifier(encoder, tokenizer, classnames, templates, progress=progress)
+    image_features, labels = embed_images(encoder, loader, progress)
+    return classify(image_features, labels, classifier, classnames)
