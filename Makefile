@@ -31,5 +31,7 @@ $(I2D_STAMP):
 	$(I2D)/bin/pip install img2dataset==1.47.0
 	touch $(I2D_STAMP)
 
+# The default run (-m 'not slow', pyproject's addopts) then the slow tests (torch.compile's ~2 minute build).
 test: $(STAMP) $(I2D_STAMP)
 	$(BIN)/pytest
+	$(BIN)/pytest -m slow

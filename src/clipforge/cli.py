@@ -315,10 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if (sys.argv[1:] if argv is None else argv)[:1] == ["eval"]:
-        # Evaluation decodes in DataLoader workers beside torch's CPU threads. With other processes busy on the
-        # cores, OpenMP threads that spin while waiting made the image tower ~5x slower (2 cores); on an idle
-        # machine passive waiting costs nothing measurable. OpenMP reads it when torch loads, so set it first.
+    if (sys.argv[1:] if argv is None else argv)[:1] in (["eval"], ["train"]):
+        # Training and evaluation decode in DataLoader workers beside torch's CPU threads. OpenMP threads that
+        # spin while they wait take the cores those workers need: with the cores shared, the image tower ran
+        # ~5x slower (2 cores); passive waiting costs nothing measurable on an idle machine or on a GPU run.
+        # OpenMP reads it when torch loads, so it is set first (an explicit OMP_WAIT_POLICY wins).
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("clipforge").setLevel(logging.INFO)  # ours at INFO; libraries' chatter stays at WARNING
