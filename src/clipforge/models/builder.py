@@ -70,7 +70,6 @@ class ModelConfig:
 @dataclass
 class BuiltModel:
     model: torch.nn.Module
-    train_transform: Callable
     eval_transform: Callable
     preprocess_cfg: dict[str, Any]
     tokenizer: Callable[[list[str]], torch.Tensor]
@@ -156,7 +155,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> BuiltMo
         model_kwargs["init_logit_bias"] = cfg.init_logit_bias
     if cfg.patch_dropout:
         model_kwargs["force_patch_dropout"] = cfg.patch_dropout
-    model, train_transform, eval_transform = open_clip.create_model_and_transforms(
+    model, _, eval_transform = open_clip.create_model_and_transforms(  # training crops: clipforge.data.images
         architecture, pretrained=None, device=device, force_quick_gelu=cfg.force_quick_gelu,
         pretrained_text=False, output_dict=True, **model_kwargs,
     )
@@ -169,4 +168,4 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> BuiltMo
     tokenizer = open_clip.get_tokenizer(architecture)
     model_cfg = open_clip.get_model_config(architecture)
     preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
-    return BuiltModel(model, train_transform, eval_transform, preprocess_cfg, tokenizer, architecture, model_cfg)
+    return BuiltModel(model, eval_transform, preprocess_cfg, tokenizer, architecture, model_cfg)
