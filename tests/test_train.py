@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from clipforge.config import load_config
-from clipforge.evaluation import OpenClipEncoder, load_suite, run_suite
+from clipforge.evaluation import OpenClipEncoder, load_eval_model, load_suite, run_suite
 from clipforge.models import build_model
 from clipforge.train.loop import train
 
@@ -39,9 +39,29 @@ def test_loss_falls_and_zero_shot_beats_chance(synth_data, synth_suite, tiny_res
     assert result["eval"]["eval/colors/acc1"] == evaluated["colors"]["acc1"]
     assert evaluated["colors"]["acc1"] > 0.5 > untrained["colors"]["acc1"] + 0.15  # chance is 1/6
     assert evaluated["retrieval"]["image_retrieval_recall@5"] > 3 * 5 / 100  # chance is 5%
+    # the trainer evaluated in eval mode: `clipforge eval` of the saved checkpoint gives the very same numbers
+    loaded = load_eval_model(str(tmp_path / "run" / "checkpoints" / "latest"), None, None, "cpu", False)
+    again = run_suite(loaded.encoder, loaded.tokenizer, loaded.transform, load_suite(synth_suite), 100, 0)
+    assert again["shapes"]["acc1"] == evaluated["shapes"]["acc1"]
+    assert again["retrieval"]["text_retrieval_recall@1"] == evaluated["retrieval"]["text_retrieval_recall@1"]
     assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
     assert (tmp_path / "run" / "config.yaml").read_text() == (tmp_path / "run" / "checkpoints" / "latest" /
                                                               "config.yaml").read_text()
+
+
+def test_evaluation_during_training_leaves_training_unchanged(synth_data, synth_suite, tiny_resnet_json, tmp_path):
+    """Evaluating every 2 steps must not touch the model: batch-norm statistics included (the tiny ResNet has them)."""
+    common = ("train.steps=6", "train.checkpoint_every=100", "data.shuffle_buffer=100", "data.num_workers=0",
+              f"eval.suite={synth_suite}", "eval.batch_size=100")
+    train(config(synth_data, tiny_resnet_json, tmp_path / "plain", *common))
+    train(config(synth_data, tiny_resnet_json, tmp_path / "evaluated", *common, "eval.every_n_steps=2"))
+    assert sorted(p.name for p in (tmp_path / "evaluated" / "eval").glob("*.json")) == [
+        "step_00000002.json", "step_00000004.json", "step_00000006.json"]
+    plain = load_file(tmp_path / "plain" / "checkpoints" / "latest" / "model.safetensors")
+    evaluated = load_file(tmp_path / "evaluated" / "checkpoints" / "latest" / "model.safetensors")
+    assert any("running_mean" in name for name in plain)
+    assert all(plain[name].equal(evaluated[name]) for name in plain)
+    assert losses(tmp_path / "plain") == losses(tmp_path / "evaluated")
 
 
 def test_resume_continues_exactly(synth_data, tiny_model_json, tmp_path):

@@ -158,9 +158,14 @@ def _evaluate(model, built, cfg: RunConfig, dist_info: DistInfo, step: int, run_
 
     if cfg.eval.suite is None or not dist_info.is_main:
         return {}
-    encoder = OpenClipEncoder(unwrap(model), dist_info.device, AUTOCAST_DTYPES[cfg.train.precision])
-    results = run_suite(encoder, built.tokenizer, built.eval_transform, load_suite(cfg.eval.suite),
-                        cfg.eval.batch_size, cfg.eval.num_workers)
+    module = unwrap(model)
+    module.eval()  # batch norm from its running statistics (and left untouched), no dropout, as `clipforge eval`
+    try:
+        encoder = OpenClipEncoder(module, dist_info.device, AUTOCAST_DTYPES[cfg.train.precision])
+        results = run_suite(encoder, built.tokenizer, built.eval_transform, load_suite(cfg.eval.suite),
+                            cfg.eval.batch_size, cfg.eval.num_workers)
+    finally:
+        module.train()
     out = run_dir / "eval"
     out.mkdir(exist_ok=True)
     (out / f"step_{step:08d}.json").write_text(json.dumps(results, indent=1))
