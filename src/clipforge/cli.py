@@ -1,4 +1,4 @@
-"""``clipforge prep|train|eval``: thin wrappers, one entry function each.
+"""``clipforge prep|train|eval|export|submit``: thin wrappers, one entry function each.
 
     clipforge prep synthetic --out data/synth --num-samples 20000
     clipforge prep table captions.csv --out data/mine --image-column filepath --caption-column title
@@ -7,6 +7,7 @@
     clipforge train configs/demo.yaml --set optim.lr=5e-4 --set data.batch_size=256
     clipforge eval runs/demo/checkpoints/latest --suite eval/synthetic.yaml
     clipforge export runs/demo/checkpoints/latest --format hf --out exported/demo [--push org/name]
+    clipforge submit configs/vit-b-32.yaml --nodes 16 --gpus-per-node 8 --partition gpu --time 48:00:00
 """
 
 from __future__ import annotations
@@ -134,7 +135,9 @@ def _train(args: argparse.Namespace) -> int:
     result = train(cfg)
     if result.get("eval_table"):
         print(f"\nzero-shot results at step {result['step']} ({cfg.eval.suite}):\n\n{result['eval_table']}")
-    print(json.dumps({"step": result["step"], "checkpoint": result["checkpoint"], "preempted": result["preempted"]}))
+    if result["is_main"]:
+        print(json.dumps({"step": result["step"], "checkpoint": result["checkpoint"],
+                          "preempted": result["preempted"]}))
     return EXIT_PREEMPTED if result["preempted"] else 0
 
 
@@ -311,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(func=_eval)
     _add_export(commands)
+    from clipforge.submit import add_parser as add_submit
+
+    add_submit(commands)
     return parser
 
 
@@ -321,7 +327,13 @@ def main(argv: list[str] | None = None) -> int:
         # ~5x slower (2 cores); passive waiting costs nothing measurable on an idle machine or on a GPU run.
         # OpenMP reads it when torch loads, so it is set first (an explicit OMP_WAIT_POLICY wins).
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = ""
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["train"]:
+        from clipforge.distributed import DistInfo
+
+        info = DistInfo.from_env(os.environ, cuda_available=False)
+        rank = f"rank {info.rank} " if info.is_distributed else ""  # several ranks write to one SLURM log
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s")
     logging.getLogger("clipforge").setLevel(logging.INFO)  # ours at INFO; libraries' chatter stays at WARNING
     args = build_parser().parse_args(argv)
     from clipforge.config import ConfigError

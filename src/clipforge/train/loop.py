@@ -142,8 +142,12 @@ class StopSignals:
 
 
 def _requeue(dist_info: DistInfo) -> None:
+    """``scontrol requeue`` this job from rank 0: SLURM ends it now and starts it again (``--resume auto``)."""
     job = os.environ.get("SLURM_JOB_ID")
-    if not dist_info.is_main or not job:
+    if not dist_info.is_main:
+        return
+    if not job:
+        log.warning("train.requeue is set but this is not a SLURM job (no SLURM_JOB_ID): not requeued")
         return
     done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if done.returncode:
@@ -215,6 +219,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             result = _train(cfg, dist_info, to_yaml(cfg), stop)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # gloo aborts if a rank tears down while a peer still talks
+        result["is_main"] = dist_info.is_main
+        if result["preempted"] and cfg.train.requeue:
+            _requeue(dist_info)  # after the barrier: every rank has written its part of the checkpoint
         return result
     finally:
         destroy_process_group()
@@ -331,8 +338,6 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
     if preempted:
         logger.close()
         log.warning("stopped at step %d on a signal; checkpoint %s; continue with --resume auto", step, final)
-        if cfg.train.requeue:
-            _requeue(dist_info)
         return {"step": step, "checkpoint": str(final), "metrics": metrics, "eval": {}, "eval_table": None,
                 "preempted": True}
     results = _evaluate(model, built, cfg, dist_info, step, run_dir)

@@ -7,9 +7,12 @@ is what ``plot_curves`` reads to draw ``curves.png`` (loss and temperature over 
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import json
 import logging
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,8 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard event files to RUN_DIR/tensorboard."""
     progress_bar: bool = True
-    """Show a progress bar with ETA on rank 0."""
+    """Show a progress bar with ETA on rank 0 (when stderr is a terminal; in a log file each step line ends
+    with the ETA instead)."""
     plot: bool = True
     """Write RUN_DIR/curves.png (loss and temperature over steps) at the end of training."""
     wandb: bool = False
@@ -50,6 +54,7 @@ class MetricLogger:
     def __init__(self, run_dir: Path, cfg: LoggingConfig, total_steps: int, start_step: int, enabled: bool,
                  config: dict[str, Any] | None = None) -> None:
         self.enabled, self.cfg = enabled, cfg
+        self.total_steps, self.start_step, self.started = total_steps, start_step, time.monotonic()
         self.writer = None
         self.bar = None
         self.jsonl = None
@@ -68,7 +73,7 @@ class MetricLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-        if cfg.progress_bar:
+        if cfg.progress_bar and sys.stderr.isatty():  # in a log file (SLURM) the step lines carry the ETA instead
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def advance(self) -> None:
@@ -92,7 +97,14 @@ class MetricLogger:
             self.bar.set_postfix(loss=metrics.get("train/loss"), refresh=False)
             self.bar.write(f"step {step}: {text}")
         else:
-            log.info("step %d: %s", step, text)
+            log.info("step %d/%d%s: %s", step, self.total_steps, self._eta(step), text)
+
+    def _eta(self, step: int) -> str:
+        done = step - self.start_step
+        if done <= 0:
+            return ""
+        remaining = (time.monotonic() - self.started) / done * (self.total_steps - step)
+        return f" (eta {datetime.timedelta(seconds=round(remaining))})"
 
     def close(self) -> None:
         if self.bar is not None:
