@@ -215,7 +215,7 @@ if __name__ == "__main__":
         sys.exit(__doc__.splitlines()[2].strip())
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # kill PID stops the daemons too
     with SlurmCluster(sys.argv[2]) as cluster:
-        print(f"export SLURM_CONF={cluster.conf}   # node {cluster.node_name}, {cluster.cpus} CPUs; Ctrl-C or kill stops",
+        print(f"export SLURM_CONF={cluster.conf}   # node {cluster.node_name}, {cluster.cpus} CPUs; Ctrl-C/kill stops",
               flush=True)
         try:
             while True:

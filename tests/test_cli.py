@@ -6,7 +6,7 @@ import pytest
 from clipforge.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", [["prep", "synthetic"], ["train"], ["eval"]])
+@pytest.mark.parametrize("command", [["prep", "synthetic"], ["train"], ["eval"], ["export"], ["submit"]])
 def test_every_subcommand_explains_every_option(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])

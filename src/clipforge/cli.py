@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(func=_eval)
     _add_export(commands)
-    from clipforge.submit import add_parser as add_submit
+    from clipforge.launch import add_parser as add_submit
 
     add_submit(commands)
     return parser

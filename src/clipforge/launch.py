@@ -1,9 +1,10 @@
 """``clipforge submit``: render ``slurm/train.sbatch`` for one run and hand it to ``sbatch``.
 
-The template is the same file users can ``sbatch`` by hand; submission fills its two marked blocks — the
-``#SBATCH`` options (nodes, GPUs, tasks and CPUs for the chosen launcher, partition, time, account, pre-emption
-signal, requeue, log file) and the settings (resolved config, launcher, interpreter, set-up line) — and writes
-into the run directory::
+The templates ship as package data (``clipforge/templates/{train,eval}.sbatch``; ``slurm/`` in the repository
+links to them). The training template is the same file users can ``sbatch`` by hand; submission fills its two
+marked blocks — the ``#SBATCH`` options (nodes, GPUs, tasks and CPUs for the chosen launcher, partition, time,
+account, pre-emption signal, requeue, log file) and the settings (resolved config, launcher, interpreter, set-up
+line) — and writes into the run directory::
 
     RUN/slurm/config.yaml      the resolved config the job trains (train.resume=auto, train.requeue)
     RUN/slurm/train.sbatch     the rendered script
@@ -22,6 +23,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 LAUNCHERS = ("srun", "torchrun", "accelerate")
@@ -73,12 +75,11 @@ class JobSpec:
             raise SubmitError(f"--signal-seconds: must be >= 0, got {self.signal_seconds}")
 
 
-def template_path() -> Path:
-    """``slurm/train.sbatch`` of the source checkout this package is installed from (``pip install -e``)."""
-    path = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
+def template_path(name: str = "train.sbatch") -> Path:
+    """A job template shipped with the package (``slurm/`` in the repository links to the same files)."""
+    path = Path(str(resources.files("clipforge") / "templates" / name))
     if not path.is_file():
-        raise SubmitError(f"no SLURM template at {path}: clipforge submit renders slurm/train.sbatch from the source "
-                          "checkout (pip install -e .); pass --template PATH to use another")
+        raise SubmitError(f"the SLURM template {path} is missing from the installed package; pass --template PATH")
     return path
 
 
@@ -187,7 +188,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                                         "venv/bin/activate' (default: activate the venv clipforge runs from)")
     parser.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION",
                         help="extra #SBATCH option, e.g. --sbatch-arg=--exclusive (repeatable)")
-    parser.add_argument("--template", help="sbatch template (default: slurm/train.sbatch of this checkout)")
+    parser.add_argument("--template",
+                        help="sbatch template with the same two marked blocks (default: slurm/train.sbatch)")
     parser.add_argument("--wait", action="store_true",
                         help="wait for the job to end (sbatch --wait); exit with its exit code")
     parser.add_argument("--dry-run", action="store_true", help="print the rendered script; write and submit nothing")
