@@ -17,6 +17,37 @@ log-sum-exp in forward and recomputes (tile × tile) blocks in backward (Inf-CL,
 2024); the sigmoid loss is a sum of elementwise terms and is tiled the same way. Peak memory is
 O(tile²) instead of O(B_local × B_global); results equal the untiled loss to float rounding.
 
+Options of the CLIP loss, each off by default (the default path is the plain loss above, unchanged):
+
+* Multi-positive (``positives`` = caption / image / caption_or_image): samples of the *global* batch
+  whose caption (image, either) is identical are positives of each other, not negatives. The loss
+  takes per-sample int64 ids (``caption_ids`` / ``image_ids``, e.g. 63-bit hashes from the data
+  pipeline), all-gathered without gradient, and replaces each row's cross-entropy by the
+  supervised-contrastive "L_out" of Khosla et al. (2020): with P(i) the positive columns of row i,
+
+      loss_i = -1/|P(i)| Σ_{p ∈ P(i)} log softmax(logits_i)_p = LSE_j(logits_ij) - mean_{p ∈ P(i)} logits_ip,
+
+  symmetric (image→text and text→image rows, the same mask) and averaged over the global batch
+  exactly as CLIP's cross-entropy is, so distinct ids give the plain CLIP loss.
+* Hard negatives (``hard_negative_beta`` = β, ``debias_tau_plus`` = τ⁺): Robinson et al. (2021),
+  "Contrastive Learning with Hard Negative Samples", in the form of their official code with
+  CLIP's logits s_ij = t · cos(x_i, y_j), t = logit_scale (their s = cos / temperature). Row i has
+  the positive s_ii and N = B_global - 1 negatives j ≠ i:
+
+      w_ij   = exp(β s_ij) = exp(β t cos_ij)                      importance weights (not detached)
+      R_i    = N Σ_j w_ij exp(s_ij) / Σ_j w_ij                    reweighted negative term
+      log R_i = log N + LSE_j((1 + β) s_ij) - LSE_j(β s_ij)
+      Ng_i   = max((R_i - N τ⁺ exp(s_ii)) / (1 - τ⁺), N exp(-t))   debiased; the floor is N · min exp(s_ij)
+      loss_i = -log(exp(s_ii) / (exp(s_ii) + Ng_i)) = logaddexp(s_ii, log Ng_i) - s_ii
+
+  symmetric and averaged like CLIP. Everything is in log space (LSE; log R - N τ⁺ exp(s_ii) as
+  log R + log(1 - exp(d)), d < 0), so β t cos never overflows. β = 0, τ⁺ = 0 is the CLIP loss.
+  Note the concentration on the cosine is β · t: as CLIP's learned t grows towards 100, a fixed β
+  weights the hardest negatives ever more sharply.
+
+Both options need the (B_local, B_global) logits: loss.kind=clip with tile_size=0 only, one of them
+at a time (``LossConfig`` refuses other combinations, naming the keys).
+
 ``naive_clip_loss`` and ``naive_siglip_loss`` are the single-process references of the tests;
 ``clamp_logit_scale`` is the post-step temperature clamp (CLIP: logit scale ≤ 100).
 """
@@ -34,6 +65,31 @@ from clipforge.distributed import gather_with_grad
 
 LOSS_KINDS = ("clip", "siglip")
 SIGLIP_EXCHANGES = ("all_gather", "ring")
+POSITIVES = ("pairs", "caption", "image", "caption_or_image")
+
+
+def check_clip_options(kind: str, tile_size: int, positives: str, hard_negative_beta: float,
+                       debias_tau_plus: float) -> None:
+    """Refuse invalid values and combinations of the CLIP-only options (messages name the loss.* keys)."""
+    if positives not in POSITIVES:
+        raise ValueError(f"loss.positives: {positives!r} is not one of {POSITIVES}")
+    if not hard_negative_beta >= 0:
+        raise ValueError(f"loss.hard_negative_beta: must be >= 0 (0 = off), got {hard_negative_beta}")
+    if not 0 <= debias_tau_plus < 1:
+        raise ValueError(f"loss.debias_tau_plus: must be in [0, 1) (0 = off), got {debias_tau_plus}")
+    options = [name for name, on in (("loss.positives", positives != "pairs"),
+                                     ("loss.hard_negative_beta", hard_negative_beta > 0),
+                                     ("loss.debias_tau_plus", debias_tau_plus > 0)) if on]
+    if not options:
+        return
+    if kind != "clip":
+        raise ValueError(f"{' and '.join(options)} apply to loss.kind=clip only, not loss.kind={kind}")
+    if tile_size:
+        raise ValueError(f"{' and '.join(options)} need the materialised logits: set loss.tile_size=0 "
+                         f"(got {tile_size})")
+    if positives != "pairs" and len(options) > 1:
+        raise ValueError(f"loss.positives={positives} cannot be combined with {' and '.join(options[1:])}: "
+                         "use multi-positive or hard negatives, not both")
 
 
 @dataclass
@@ -50,6 +106,23 @@ class LossConfig:
     """0 = materialise the (B_local, B_global) logits; N > 0 = compute them in N × N tiles (memory-flat)."""
     siglip_exchange: str = "all_gather"
     """How SigLIP sees other ranks' texts: all_gather, or ring (neighbour exchange, no all-gather)."""
+    positives: str = "pairs"
+    """pairs = each image's positive is its own caption (CLIP). caption / image / caption_or_image = samples
+    of the global batch with an identical caption (image, either) are positives of each other, not negatives
+    (supervised-contrastive L_out; the data must give per-sample caption_ids / image_ids). Switch on for web
+    data with many duplicate captions ("image", product titles, boilerplate alt-text) or several captions per
+    image, which plain CLIP pushes apart as negatives. Cost: an all-gather of int64 ids and a
+    (B_local, B_global) mask per step. clip only, tile_size=0."""
+    hard_negative_beta: float = 0.0
+    """Hard-negative concentration β (Robinson et al. 2021): negatives are weighted by exp(β · logit), so the
+    ones most similar to the anchor dominate. 0 = off (plain CLIP). The paper's code defaults to β=1, τ⁺=0.1 at
+    temperature 0.5 (logit_scale 2); the concentration on the cosine is β × logit_scale, so with CLIP's learned
+    scale (up to 100) use much smaller β. For small batches or fine-grained data where most in-batch negatives
+    are easy. Cost: one more log-sum-exp over the logits. clip only, tile_size=0."""
+    debias_tau_plus: float = 0.0
+    """Debiasing class prior τ⁺ in [0, 1) (Chuang et al. 2020, as in Robinson et al. 2021): the expected share
+    of in-batch "negatives" that are really positives, subtracted from the negative term. 0 = off. For data
+    with many near-duplicates when ids for loss.positives are not available. clip only, tile_size=0."""
 
     def __post_init__(self) -> None:
         if self.kind not in LOSS_KINDS:
@@ -60,6 +133,7 @@ class LossConfig:
             raise ValueError(f"loss.tile_size: must be >= 0, got {self.tile_size}")
         if self.siglip_exchange not in SIGLIP_EXCHANGES:
             raise ValueError(f"loss.siglip_exchange: {self.siglip_exchange!r} is not one of {SIGLIP_EXCHANGES}")
+        check_clip_options(self.kind, self.tile_size, self.positives, self.hard_negative_beta, self.debias_tau_plus)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,19 +280,68 @@ def _sigmoid_loss_sum(queries, keys, scale, bias, positive_offset, tile_size: in
     return -F.logsigmoid(signs * logits).sum()
 
 
+def _gather_ids(ids: torch.Tensor, world_size: int, group) -> torch.Tensor:
+    """All-gather per-sample ids (B_local,) → (B_global,), no gradient."""
+    if world_size == 1:
+        return ids
+    parts = [torch.empty_like(ids) for _ in range(world_size)]
+    dist.all_gather(parts, ids.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def _hard_negative_loss(logits: torch.Tensor, diagonal: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
+                        beta: float, tau_plus: float) -> torch.Tensor:
+    """Mean over rows of Robinson et al.'s loss for logits (R, C) whose positive of row r is column labels[r]."""
+    positive = logits.gather(1, labels[:, None]).squeeze(1)  # (R,)
+    num_negatives = logits.shape[1] - 1
+    if num_negatives == 0:  # a global batch of one: no negatives, Ng = 0, loss = -log 1
+        return (positive * 0).mean()
+    log_n = math.log(num_negatives)
+    if beta:
+        log_reweighted = (log_n + torch.logsumexp(((1 + beta) * logits).masked_fill(diagonal, -math.inf), dim=1)
+                          - torch.logsumexp((beta * logits).masked_fill(diagonal, -math.inf), dim=1))
+    else:  # uniform weights: R = Σ_j exp(s_ij)
+        log_reweighted = torch.logsumexp(logits.masked_fill(diagonal, -math.inf), dim=1)
+    floor = log_n - scale  # log(N exp(-t)): every negative at cosine -1
+    if tau_plus:
+        gap = math.log(num_negatives * tau_plus) + positive - log_reweighted  # log(N τ⁺ exp(s_ii) / R)
+        valid = gap < 0  # else the debiased term is not positive and the floor applies
+        safe_gap = torch.where(valid, gap, torch.full_like(gap, -1.0))  # no NaN in the branch not taken
+        debiased = log_reweighted + torch.log(-torch.expm1(safe_gap)) - math.log1p(-tau_plus)
+        log_ng = torch.where(valid, torch.maximum(debiased, floor), floor)
+    else:
+        log_ng = torch.maximum(log_reweighted, floor)
+    return (torch.logaddexp(positive, log_ng) - positive).mean()
+
+
 class ClipLoss(torch.nn.Module):
-    """Symmetric InfoNCE: mean of image→text and text→image cross-entropy over the global batch."""
+    """Symmetric InfoNCE: mean of image→text and text→image cross-entropy over the global batch.
 
-    def __init__(self, rank: int = 0, world_size: int = 1, tile_size: int = 0, group=None) -> None:
+    ``positives``, ``hard_negative_beta`` and ``debias_tau_plus`` are the options of ``LossConfig``
+    (multi-positive needs ``caption_ids`` / ``image_ids`` in ``forward``); their defaults are the plain loss.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, tile_size: int = 0, group=None, *,
+                 positives: str = "pairs", hard_negative_beta: float = 0.0, debias_tau_plus: float = 0.0) -> None:
         super().__init__()
+        check_clip_options("clip", tile_size, positives, hard_negative_beta, debias_tau_plus)
         self.rank, self.world_size, self.tile_size, self.group = rank, world_size, tile_size, group
+        self.positives, self.hard_negative_beta, self.debias_tau_plus = positives, hard_negative_beta, debias_tau_plus
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, *,
+                caption_ids: torch.Tensor | None = None,
+                image_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``caption_ids`` / ``image_ids``: int64 (B_local,) per-sample ids, used only by multi-positive
+        (``positives`` other than pairs), which needs the ones its mode compares; ignored otherwise."""
         image_features, text_features = image_features.float(), text_features.float()
         scale = logit_scale.float()
         all_image = gather_with_grad(image_features, self.rank, self.world_size, self.group)  # (B_global, D)
         all_text = gather_with_grad(text_features, self.rank, self.world_size, self.group)  # (B_global, D)
+        if self.positives != "pairs":
+            return {"contrastive": self._multi_positive(image_features, text_features, all_image, all_text, scale,
+                                                        caption_ids, image_ids)}
+        if self.hard_negative_beta or self.debias_tau_plus:
+            return {"contrastive": self._hard_negatives(image_features, text_features, all_image, all_text, scale)}
         if self.tile_size:
             positives = scale * (image_features * text_features).sum(dim=1)  # (B_local,)
             if self.world_size == 1:  # one matrix, both directions
@@ -234,6 +357,46 @@ class ClipLoss(torch.nn.Module):
         labels = torch.arange(offset, offset + image_features.shape[0], device=image_features.device)
         loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
         return {"contrastive": loss}
+
+    def _labels(self, local_batch: int, global_batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's diagonal: the global column of each local row, and the (B_local, B_global) mask of it."""
+        rows = torch.arange(local_batch, device=device)
+        labels = rows + local_batch * self.rank
+        diagonal = torch.zeros(local_batch, global_batch, dtype=torch.bool, device=device)
+        diagonal[rows, labels] = True
+        return labels, diagonal
+
+    def _ids(self, ids: torch.Tensor | None, name: str, local_batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if ids is None:
+            raise ValueError(f"loss.positives={self.positives} needs {name}: pass {name}=(B_local,) int64 ids "
+                             "of each sample to the loss")
+        if ids.shape != (local_batch,) or ids.is_floating_point() or ids.is_complex():
+            raise ValueError(f"{name}: expected integer ids of shape ({local_batch},), got {ids.dtype} "
+                             f"{tuple(ids.shape)}")
+        ids = ids.to(device=device, dtype=torch.int64)
+        return ids, _gather_ids(ids, self.world_size, self.group)
+
+    def _multi_positive(self, image_features, text_features, all_image, all_text, scale, caption_ids, image_ids):
+        local_batch, device = image_features.shape[0], image_features.device
+        _, positive = self._labels(local_batch, all_text.shape[0], device)  # a sample is always its own positive
+        if self.positives in ("caption", "caption_or_image"):
+            local_ids, global_ids = self._ids(caption_ids, "caption_ids", local_batch, device)
+            positive |= local_ids[:, None] == global_ids[None, :]
+        if self.positives in ("image", "caption_or_image"):
+            local_ids, global_ids = self._ids(image_ids, "image_ids", local_batch, device)
+            positive |= local_ids[:, None] == global_ids[None, :]
+        weights = positive / positive.sum(dim=1, keepdim=True)  # 1/|P(i)| on the positives, (B_local, B_global)
+
+        def l_out(logits):  # -1/|P(i)| Σ_p log softmax(logits_i)_p, mean over rows
+            return (torch.logsumexp(logits, dim=1) - (weights * logits).sum(dim=1)).mean()
+
+        return (l_out(scale * image_features @ all_text.T) + l_out(scale * text_features @ all_image.T)) / 2
+
+    def _hard_negatives(self, image_features, text_features, all_image, all_text, scale):
+        labels, diagonal = self._labels(image_features.shape[0], all_text.shape[0], image_features.device)
+        options = (diagonal, labels, scale, self.hard_negative_beta, self.debias_tau_plus)
+        return (_hard_negative_loss(scale * image_features @ all_text.T, *options)
+                + _hard_negative_loss(scale * text_features @ all_image.T, *options)) / 2
 
 
 class _NeighbourExchange(torch.autograd.Function):
@@ -304,7 +467,8 @@ def naive_siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
 
 def build_loss(cfg: LossConfig, rank: int = 0, world_size: int = 1) -> torch.nn.Module:
     if cfg.kind == "clip":
-        return ClipLoss(rank, world_size, cfg.tile_size)
+        return ClipLoss(rank, world_size, cfg.tile_size, positives=cfg.positives,
+                        hard_negative_beta=cfg.hard_negative_beta, debias_tau_plus=cfg.debias_tau_plus)
     if cfg.kind == "siglip":
         return SigLipLoss(rank, world_size, cfg.siglip_exchange, cfg.tile_size)
     raise ValueError(f"loss.kind: {cfg.kind!r} is not one of {LOSS_KINDS}")
