@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from clipforge.data.pipeline import DataConfig
 from clipforge.evaluation.suite import EvalConfig
+from clipforge.health import HealthConfig
 from clipforge.losses import LossConfig
 from clipforge.models.builder import ModelConfig
 from clipforge.train.loop import TrainConfig
@@ -37,6 +38,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     def __post_init__(self) -> None:
         """Contradictions between sections."""
@@ -45,6 +47,9 @@ class RunConfig:
                              "model.init_logit_scale (SigLIP: 2.302585, i.e. log 10)")
         if self.loss.kind == "clip" and self.model.init_logit_bias is not None:
             raise ValueError("model.init_logit_bias is set but loss.kind=clip ignores the bias; unset it")
+        if self.health.every_n_steps and self.health.dataset is None and self.eval.suite is None:
+            raise ValueError("health.every_n_steps needs held-out image–caption pairs: set health.dataset or "
+                             "eval.suite (its first zeroshot_retrieval dataset is used)")
         if self.data.batch_size % self.train.accum_steps:
             raise ValueError(f"data.batch_size={self.data.batch_size} is not divisible by "
                              f"train.accum_steps={self.train.accum_steps}")

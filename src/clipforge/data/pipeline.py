@@ -37,6 +37,7 @@ the batches the uninterrupted one would have.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import logging
@@ -199,9 +200,11 @@ class ShardedImageText(IterableDataset):
     """Yields whole batches: {"images" (uint8), "texts", "keys", "worker", "consumed", "produced", "skipped"}."""
 
     def __init__(self, sources: list[Source], cfg: DataConfig, transform: ImageTransform, tokenizer: Callable,
-                 rank: int = 0, world_size: int = 1, mode: str = "epoch", normalize_in_workers: bool = False) -> None:
+                 rank: int = 0, world_size: int = 1, mode: str = "epoch", normalize_in_workers: bool = False,
+                 sample_ids: bool = False) -> None:
         self.sources, self.cfg, self.transform, self.tokenizer = sources, cfg, transform, tokenizer
         self.normalize_in_workers = normalize_in_workers
+        self.sample_ids = sample_ids  # batches carry caption_ids / image_ids (content hashes) for loss.positives
         self.rank, self.world_size, self.mode = rank, world_size, mode
         self.shards = [shard for source in sources for shard in source.shards]
         self.sizes = {shard: size for source in sources for shard, size in source.sizes.items()}
@@ -259,7 +262,7 @@ class ShardedImageText(IterableDataset):
         produced = self.resume_produced.get(worker, 0)
         quota = self.worker_batches.get(worker) if self.mode == "resampled" else None
         consumed = 0
-        images, texts, keys = [], [], []
+        images, texts, keys, ids = [], [], [], []
         place = f"{self.cfg.seed}-{self.epoch}-{self.rank}-{worker}"
         for sample in shuffled:
             if quota is not None and produced >= quota:
@@ -274,21 +277,26 @@ class ShardedImageText(IterableDataset):
             images.append(decoded[0])
             texts.append(decoded[1])
             keys.append(sample["__key__"])
+            if self.sample_ids:
+                ids.append(decoded[2])
             if len(images) == self.cfg.batch_size:
                 produced += 1
                 stacked = torch.stack(images)
                 if self.normalize_in_workers:
                     stacked = self.transform.normalize(stacked)
-                yield {"images": stacked, "texts": self.tokenizer(texts), "keys": keys, "worker": worker,
-                       "consumed": consumed, "produced": produced, "skipped": dict(counter.counts),
-                       "first_skips": dict(counter.first)}
-                images, texts, keys = [], [], []
+                batch = {"images": stacked, "texts": self.tokenizer(texts), "keys": keys, "worker": worker,
+                         "consumed": consumed, "produced": produced, "skipped": dict(counter.counts),
+                         "first_skips": dict(counter.first)}
+                if self.sample_ids:
+                    batch["caption_ids"], batch["image_ids"] = torch.tensor(ids, dtype=torch.int64).unbind(1)
+                yield batch
+                images, texts, keys, ids = [], [], [], []
         # A last record without images carries the final counts (skips after the last full batch).
         yield {"images": None, "worker": worker, "consumed": consumed, "produced": produced,
                "skipped": dict(counter.counts), "first_skips": dict(counter.first)}
 
     def _decode(self, sample: dict[str, Any], counter: SkipCounter,
-                rng: random.Random) -> tuple[torch.Tensor, str] | None:
+                rng: random.Random) -> tuple[torch.Tensor, str] | tuple[torch.Tensor, str, tuple[int, int]] | None:
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"
         extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if extension is None:
@@ -310,7 +318,14 @@ class ShardedImageText(IterableDataset):
         except Exception as exn:  # decoders raise many types for corrupt data: all mean "skip this image"
             counter.skip("corrupt_image", where, repr(exn))
             return None
+        if self.sample_ids:
+            return image, caption, (stable_id(caption.encode()), stable_id(sample[extension]))
         return image, caption
+
+
+def stable_id(data: bytes) -> int:
+    """A 63-bit content hash (BLAKE2b): equal captions / image files get equal ids on every rank and worker."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -447,11 +462,13 @@ class TrainLoader:
 def build_train_loader(cfg: DataConfig, preprocess_cfg: dict[str, Any], tokenizer: Callable, rank: int = 0,
                        world_size: int = 1, pin_memory: bool = False,
                        agree: Callable[[bool], bool] = _all_ranks_agree,
-                       normalize_in_workers: bool = False) -> TrainLoader:
+                       normalize_in_workers: bool = False, sample_ids: bool = False) -> TrainLoader:
     """The training loader for this rank. ``preprocess_cfg`` is open_clip's (``model.visual.preprocess_cfg``):
     output size, mean, std, interpolation. Batches hold uint8 images and ``loader.transform.normalize`` makes
     the model's float input from them on the training device; with ``normalize_in_workers`` (training on a
-    CPU) the workers do that and batches arrive normalised (``normalize`` then passes them through)."""
+    CPU) the workers do that and batches arrive normalised (``normalize`` then passes them through). With
+    ``sample_ids`` batches also hold ``caption_ids`` and ``image_ids`` (int64 (B,), 63-bit BLAKE2b hashes of the
+    cleaned caption and of the image file's bytes) for the multi-positive loss."""
     sources = [Source.resolve(source, i) for i, source in enumerate(cfg.source_configs())]
     transform = ImageTransform.from_preprocess_cfg(preprocess_cfg, train=True, max_pixels=cfg.max_image_pixels)
     mode = cfg.mode
@@ -475,5 +492,6 @@ def build_train_loader(cfg: DataConfig, preprocess_cfg: dict[str, Any], tokenize
         if unknown:
             raise ValueError(f"data.sources[{unknown[0]}]: resampled mode needs the sample count: set its "
                              "num_samples, or data.epoch_samples, or write sizes.json beside the shards")
-    dataset = ShardedImageText(sources, cfg, transform, tokenizer, rank, world_size, mode, normalize_in_workers)
+    dataset = ShardedImageText(sources, cfg, transform, tokenizer, rank, world_size, mode, normalize_in_workers,
+                               sample_ids)
     return TrainLoader(dataset, cfg.num_workers, cfg.prefetch_factor, pin_memory, agree)

@@ -24,6 +24,7 @@ from clipforge.data.pipeline import build_train_loader
 from clipforge.distributed import DistInfo, destroy_process_group, init_process_group, make_agreement
 from clipforge.evaluation import OpenClipEncoder, load_suite, markdown_table, run_suite
 from clipforge.evaluation.suite import headline
+from clipforge.health import CollapseError, CollapseMonitor, HealthProbe
 from clipforge.losses import build_loss
 from clipforge.models import build_model
 from clipforge.train.checkpoint import Checkpointer, load_checkpoint, rng_state, set_rng_state
@@ -177,6 +178,48 @@ def _evaluate(model, built, cfg: RunConfig, dist_info: DistInfo, step: int, run_
     return {f"eval/{k}": v for k, v in headline(results).items()}
 
 
+def _health_probe(cfg: RunConfig, built, dist_info: DistInfo, agree) -> HealthProbe | None:
+    """Rank 0's held-out batch for health.every_n_steps; a failure to load it stops every rank at once."""
+    if not cfg.health.every_n_steps:
+        return None
+    probe, problem = None, None
+    if dist_info.is_main:
+        try:
+            probe = HealthProbe.from_config(cfg.health, cfg.eval.suite, built.eval_transform, built.tokenizer,
+                                            cfg.eval.batch_size)
+            log.info("health diagnostics every %d steps on %s", cfg.health.every_n_steps, probe.source)
+        except (OSError, ValueError) as exc:
+            problem = exc
+    if dist_info.is_distributed and not agree(problem is None):
+        raise problem or ValueError("rank 0 could not load the health.dataset batch (see its log)")
+    if problem is not None:
+        raise problem
+    return probe
+
+
+def _check_health(model, probe: HealthProbe | None, monitor: CollapseMonitor, cfg: RunConfig, dist_info: DistInfo,
+                  agree, step: int, logger: MetricLogger) -> None:
+    """Rank 0 measures the held-out batch in eval mode, logs health/*, and alarms; a stop is agreed by all ranks."""
+    collapsed = None
+    if probe is not None:
+        module = unwrap(model)
+        module.eval()
+        try:
+            metrics = probe.measure(OpenClipEncoder(module, dist_info.device, AUTOCAST_DTYPES[cfg.train.precision]))
+        finally:
+            module.train()
+        logger.log(step, metrics)
+        try:
+            monitor.check_embeddings(step, metrics)
+        except CollapseError as exc:
+            collapsed = exc
+    if dist_info.is_distributed and not agree(collapsed is None):
+        raise collapsed or CollapseError(f"step {step}: rank 0 found the embeddings collapsing (its log says which "
+                                         "metric); health.stop_on_collapse")
+    if collapsed is not None:
+        raise collapsed
+
+
 def dry_run(cfg: RunConfig) -> dict[str, Any]:
     """What a run would train, without touching data: parameter counts and FLOPs per sample.
 
@@ -252,7 +295,10 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
     agree = make_agreement(dist_info)
     loader = build_train_loader(cfg.data, built.preprocess_cfg, built.tokenizer, dist_info.rank,
                                 dist_info.world_size, pin_memory=dist_info.device.startswith("cuda"), agree=agree,
-                                normalize_in_workers=not dist_info.device.startswith("cuda"))
+                                normalize_in_workers=not dist_info.device.startswith("cuda"),
+                                sample_ids=cfg.loss.positives != "pairs")
+    probe = _health_probe(cfg, built, dist_info, agree)
+    monitor = CollapseMonitor(cfg.health, cfg.loss.max_logit_scale)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_last, dist_info.rank)
     step = 0
     resume_from = _resolve_resume(cfg.train.resume, checkpointer)
@@ -323,6 +369,12 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
                        **{f"data/skipped_{k}": v for k, v in loader.skipped.items()}}
             logger.log(step, metrics)
             window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+        if cfg.health.max_clamped_steps:
+            # after the step's clamp; the same value on every rank, so all ranks stop together
+            monitor.check_temperature(step, unwrap(model).logit_scale.detach().exp())
+        if cfg.health.every_n_steps and step % cfg.health.every_n_steps == 0:
+            _check_health(model, probe, monitor, cfg, dist_info, agree, step, logger)
+            window_start = time.perf_counter()
         if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < cfg.train.steps:
             logger.log(step, _evaluate(model, built, cfg, dist_info, step, run_dir))
             window_start = time.perf_counter()

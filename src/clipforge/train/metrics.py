@@ -145,20 +145,32 @@ def _start_wandb(run_dir: Path, cfg: LoggingConfig, config: dict[str, Any]):
 
 
 def plot_curves(run_dir: Path) -> Path:
-    """curves.png: training loss and temperature (1/logit_scale) against step, from metrics.jsonl."""
+    """curves.png (1000 × 400 px; 1500 × 400 with health metrics): training loss and temperature (1/logit_scale)
+    against step, and alignment / uniformity of the held-out batch when ``health.every_n_steps`` measured them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    records = [r for r in records if "train/loss" in r]
+    all_records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [r for r in all_records if "train/loss" in r]
+    health = [r for r in all_records if "health/alignment" in r]
     steps = [r["step"] for r in records]
-    figure, (loss_axis, temp_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, axes = plt.subplots(1, 3 if health else 2, figsize=(15 if health else 10, 4))
+    loss_axis, temp_axis = axes[0], axes[1]
     loss_axis.plot(steps, [r["train/loss"] for r in records])
     loss_axis.set(xlabel="step", ylabel="contrastive loss", title="training loss")
     temp_axis.plot(steps, [r["train/temperature"] for r in records], color="tab:orange")
     temp_axis.set(xlabel="step", ylabel="temperature (1 / logit scale)", title="temperature")
+    if health:
+        health_steps = [r["step"] for r in health]
+        axes[2].plot(health_steps, [r["health/alignment"] for r in health], marker="o", label="alignment (lower: "
+                     "pairs closer)")
+        for modality, style in (("image", "--"), ("text", ":")):
+            axes[2].plot(health_steps, [r[f"health/uniformity_{modality}"] for r in health], style, marker="s",
+                         label=f"uniformity {modality} (lower: more spread)")
+        axes[2].set(xlabel="step", ylabel="Wang & Isola (2020)", title="held-out alignment / uniformity")
+        axes[2].legend(fontsize=8)
     figure.tight_layout()
     out = run_dir / "curves.png"
     figure.savefig(out, dpi=100)

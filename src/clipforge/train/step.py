@@ -47,10 +47,15 @@ class PlainStep:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _loss(self, image_features, text_features, logit_scale, logit_bias) -> dict[str, torch.Tensor]:
+    def _loss(self, image_features, text_features, logit_scale, logit_bias, ids=None) -> dict[str, torch.Tensor]:
         if logit_bias is None:
-            return self.loss_fn(image_features, text_features, logit_scale)
+            return self.loss_fn(image_features, text_features, logit_scale, **(ids or {}))
         return self.loss_fn(image_features, text_features, logit_scale, logit_bias)
+
+    def _ids(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-sample caption / image ids for loss.positives (the whole batch's, also under GradCache)."""
+        return {key: batch[key].to(self.device, non_blocking=True) for key in ("caption_ids", "image_ids")
+                if key in batch}
 
     def backward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Gradients of the batch's loss in ``.grad``; returns the loss terms and the scale used."""
@@ -59,7 +64,7 @@ class PlainStep:
         with self._autocast():
             out = self.model(images, texts)
         losses = self._loss(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float(),
-                            None if out.get("logit_bias") is None else out["logit_bias"].float())
+                            None if out.get("logit_bias") is None else out["logit_bias"].float(), self._ids(batch))
         loss = sum(losses.values())
         self._backward(loss)
         return {"loss": loss.detach(), "logit_scale": out["logit_scale"].detach().float(),
@@ -129,7 +134,7 @@ class CachedAccumulationStep(PlainStep):
         scale = core.logit_scale.detach().exp().requires_grad_()
         bias = core.logit_bias.detach().clone().requires_grad_() if getattr(core, "logit_bias", None) is not None \
             else None
-        losses = self._loss(image_features, text_features, scale, bias)
+        losses = self._loss(image_features, text_features, scale, bias, self._ids(batch))
         loss = sum(losses.values())
         self._backward(loss)
         sizes = [len(chunk_images) for chunk_images, _ in chunks]
