@@ -146,15 +146,17 @@ def _eval(args: argparse.Namespace) -> int:
 
     from clipforge.evaluation import load_eval_model, load_suite, run_suite, write_report
     from clipforge.evaluation.loading import model_kind
-    from clipforge.evaluation.report import markdown_table
+    from clipforge.evaluation.report import health_table, markdown_table
 
     # Cheap checks first: a wrong model path, a bad suite or missing data fail before the model is built.
     model_kind(args.checkpoint, args.model, args.weights)
     suite = load_suite(args.suite, args.data_root)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_eval_model(args.checkpoint, args.model, args.weights, device, args.amp)
+    if args.embedding_plots and args.no_plots:
+        raise ValueError("--embedding-plots and --no-plots contradict each other")
     results = run_suite(loaded.encoder, loaded.tokenizer, loaded.transform, suite, args.batch_size, args.workers,
-                        progress=not args.quiet)
+                        progress=not args.quiet, diagnostics=args.embedding_plots)
     if args.out:
         out = Path(args.out)
     elif loaded.kind == "clipforge":
@@ -162,7 +164,8 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         out = Path("eval_results")
     written = write_report(results, out, f"{suite.name}_{loaded.name}", plots=not args.no_plots)
-    print(markdown_table(results))
+    health = health_table(results)
+    print(markdown_table(results) + (f"\n\n{health}" if health else ""))
     print(f"\nresults: {written[0]}" + (f" (+ {len(written) - 2} plots)" if len(written) > 2 else ""))
     return 0
 
@@ -311,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     evaluate.add_argument("--amp", action="store_true", help="bf16 autocast for the towers (embeddings stay fp32)")
     evaluate.add_argument("--no-plots", action="store_true", help="write only the JSON and markdown")
+    evaluate.add_argument("--embedding-plots", action="store_true",
+                          help="also draw a t-SNE of image and class-text embeddings per classification set, and an "
+                               "image–caption similarity heatmap and positive/negative similarity histogram per "
+                               "retrieval set (t-SNE takes a few seconds per 1000 images)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(func=_eval)
     _add_export(commands)

@@ -90,3 +90,69 @@ def plot_retrieval_grid(name: str, metrics: dict, path: Path) -> Path:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+PROJECTION_SIZE = (800, 800)
+HEATMAP_SIZE = (700, 600)
+HISTOGRAM_SIZE = (800, 450)
+DPI = 100
+
+
+def _save(figure, path: Path) -> Path:
+    figure.savefig(path, dpi=DPI)  # no bbox_inches="tight": the PNG is exactly the figure's stated size
+    plt.close(figure)
+    return path
+
+
+def plot_projection(name: str, metrics: dict, classnames: list[str] | None, path: Path) -> Path:
+    """A 2-D t-SNE of image embeddings coloured by class, with each class's text embedding as a labelled star
+    (PROJECTION_SIZE pixels)."""
+    projection = metrics["projection"]
+    image_xy, labels, class_xy = projection["image_xy"], projection["image_labels"], projection["class_xy"]
+    colours = plt.get_cmap("tab20" if len(class_xy) > 10 else "tab10")
+    figure, axes = plt.subplots(figsize=(PROJECTION_SIZE[0] / DPI, PROJECTION_SIZE[1] / DPI))
+    axes.scatter([x for x, _ in image_xy], [y for _, y in image_xy], s=8, alpha=0.6,
+                 c=[colours(label % colours.N) for label in labels], linewidths=0)
+    for index, (x, y) in enumerate(class_xy):
+        axes.scatter([x], [y], marker="*", s=260, color=colours(index % colours.N), edgecolors="black", zorder=3)
+        if classnames and len(class_xy) <= MAX_LABELLED_CLASSES:
+            axes.annotate(classnames[index], (x, y), xytext=(5, 5), textcoords="offset points", fontsize=8)
+    axes.set_title(f"{name}: {projection['method']} of {len(image_xy)} image embeddings (dots) and the "
+                   f"{len(class_xy)} class text embeddings (stars)", fontsize=9)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_similarity_heatmap(name: str, metrics: dict, path: Path) -> Path:
+    """Cosine similarity of the first images (rows) against their captions (columns): a bright diagonal is a
+    model that matches pairs (HEATMAP_SIZE pixels)."""
+    sample = metrics["similarity_sample"]
+    figure, axes = plt.subplots(figsize=(HEATMAP_SIZE[0] / DPI, HEATMAP_SIZE[1] / DPI))
+    shown = axes.imshow(sample, cmap="viridis", vmin=-1, vmax=1)
+    figure.colorbar(shown, ax=axes, label="cosine similarity")
+    axes.set(xlabel="caption (of image j)", ylabel="image i",
+             title=f"{name}: image–caption similarity, first {len(sample)} pairs")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_similarity_histogram(name: str, metrics: dict, path: Path) -> Path:
+    """Histograms of positive-pair against negative-pair cosine similarities, each normalised to its own total
+    (HISTOGRAM_SIZE pixels); their overlap is what retrieval gets wrong."""
+    histogram = metrics["similarity_histogram"]
+    edges = histogram["edges"]
+    centres = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
+    width = edges[1] - edges[0]
+    figure, axes = plt.subplots(figsize=(HISTOGRAM_SIZE[0] / DPI, HISTOGRAM_SIZE[1] / DPI))
+    for key, colour in (("negative", "#c44e52"), ("positive", "#4c72b0")):
+        counts = histogram[key]
+        total = max(1, sum(counts))
+        axes.bar(centres, [count / total for count in counts], width=width, alpha=0.6, color=colour,
+                 label=f"{key} pairs ({sum(counts):,})")
+    axes.set(xlabel="cosine similarity", ylabel="fraction of pairs", xlim=(-1, 1),
+             title=f"{name}: positive vs negative image–caption similarities")
+    axes.legend()
+    figure.tight_layout()
+    return _save(figure, path)

@@ -1,8 +1,9 @@
 """Reports of a suite run: headline metrics, a markdown table, and the files ``clipforge eval`` writes.
 
-``write_report`` puts ``STEM.json`` (every metric), ``STEM.md`` (the table) and the plots
-(``STEM_NAME_per_class.png`` per classification set, ``STEM_NAME_retrieval.png`` per retrieval set)
-in one directory.
+``write_report`` puts ``STEM.json`` (every metric), ``STEM.md`` (the tables: results, sizes, representation
+health of the retrieval sets) and the plots (``STEM_NAME_per_class.png`` per classification set,
+``STEM_NAME_retrieval.png`` per retrieval set; with ``clipforge eval --embedding-plots`` also
+``STEM_NAME_tsne.png``, ``STEM_NAME_similarity.png`` and ``STEM_NAME_similarity_hist.png``) in one directory.
 """
 
 from __future__ import annotations
@@ -77,14 +78,48 @@ def write_report(results: dict[str, dict], out_dir: str | Path, stem: str, plots
     out.mkdir(parents=True, exist_ok=True)
     written = [out / f"{stem}.json", out / f"{stem}.md"]
     written[0].write_text(json.dumps(results, indent=1))
-    written[1].write_text(markdown_table(results) + "\n\n" + sizes_table(results) + "\n")
+    health = health_table(results)
+    written[1].write_text(markdown_table(results) + "\n\n" + sizes_table(results) + "\n"
+                          + (f"\n{health}\n" if health else ""))
     if plots:
-        from clipforge.evaluation.plots import plot_per_class_accuracy, plot_retrieval_grid
+        from clipforge.evaluation import plots as draw
 
         for name, metrics in results.items():
             safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
             if metrics.get("per_class_accuracy"):
-                written.append(plot_per_class_accuracy(name, metrics, out / f"{stem}_{safe}_per_class.png"))
+                written.append(draw.plot_per_class_accuracy(name, metrics, out / f"{stem}_{safe}_per_class.png"))
             if metrics.get("examples"):
-                written.append(plot_retrieval_grid(name, metrics, out / f"{stem}_{safe}_retrieval.png"))
+                written.append(draw.plot_retrieval_grid(name, metrics, out / f"{stem}_{safe}_retrieval.png"))
+            if metrics.get("projection"):
+                classnames = list(metrics.get("per_class_accuracy") or {}) or None
+                written.append(draw.plot_projection(name, metrics, classnames, out / f"{stem}_{safe}_tsne.png"))
+            if metrics.get("similarity_sample"):
+                written.append(draw.plot_similarity_heatmap(name, metrics, out / f"{stem}_{safe}_similarity.png"))
+                written.append(draw.plot_similarity_histogram(name, metrics,
+                                                              out / f"{stem}_{safe}_similarity_hist.png"))
     return written
+
+
+HEALTH_ROWS = (("health/alignment", "alignment ‖x−y‖² (lower: pairs closer)"),
+               ("health/uniformity_image", "uniformity, images (lower: more spread)"),
+               ("health/uniformity_text", "uniformity, captions"),
+               ("health/positive_cos", "positive-pair cosine"),
+               ("health/hardest_negative_cos_i2t", "hardest-negative cosine, image→text"),
+               ("health/hardest_negative_cos_t2i", "hardest-negative cosine, text→image"),
+               ("health/mean_rank_i2t", "mean rank of the positive, image→text"),
+               ("health/mean_rank_t2i", "mean rank of the positive, text→image"),
+               ("health/effective_rank_image", "effective rank, images"),
+               ("health/effective_rank_text", "effective rank, captions"),
+               ("health/std_mean_image", "per-dimension std (mean), images"),
+               ("health/std_mean_text", "per-dimension std (mean), captions"))
+
+
+def health_table(results: dict[str, dict]) -> str:
+    """Representation health of every retrieval set (each image with its first caption); '' if there is none."""
+    healthy = {name: metrics["health"] for name, metrics in results.items() if metrics.get("health")}
+    if not healthy:
+        return ""
+    rows = ["| representation health | " + " | ".join(healthy) + " |", "|---|" + "---:|" * len(healthy)]
+    for key, label in HEALTH_ROWS:
+        rows.append(f"| {label} | " + " | ".join(f"{health[key]:.4g}" for health in healthy.values()) + " |")
+    return "\n".join(rows)

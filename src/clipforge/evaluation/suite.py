@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from clipforge.evaluation.datasets import (
@@ -52,6 +53,7 @@ from clipforge.evaluation.linear_probe import linear_probe
 from clipforge.evaluation.report import headline, markdown_table  # noqa: F401 — part of this module's interface
 from clipforge.evaluation.retrieval import embed_captions, retrieval_examples, retrieval_metrics
 from clipforge.evaluation.zeroshot import build_classifier, classify, embed_images
+from clipforge.health import embedding_health
 
 TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
 DATA_ROOT_ENV = "CLIPFORGE_DATA_ROOT"
@@ -203,9 +205,10 @@ class _Run:
     """One suite run's caches: opened benchmarks, image embeddings per split, text classifiers."""
 
     def __init__(self, encoder: Encoder, tokenizer: Tokenizer, transform: Callable, batch_size: int,
-                 num_workers: int, progress: bool) -> None:
+                 num_workers: int, progress: bool, diagnostics: bool = False) -> None:
         self.encoder, self.tokenizer, self.transform = encoder, tokenizer, transform
         self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
+        self.diagnostics = diagnostics
         self.benchmarks: dict[tuple, Benchmark] = {}
         self.features: dict[tuple, tuple] = {}
         self.classifiers: dict[tuple, Any] = {}
@@ -243,6 +246,9 @@ def _classification(run: _Run, entry: SuiteEntry) -> dict:
     metrics = classify(features, labels, run.classifier(benchmark.classnames, benchmark.templates),
                        benchmark.classnames)
     metrics["chance_acc1"] = 1 / len(benchmark.classnames)
+    if run.diagnostics:
+        metrics["projection"] = project_embeddings(features, labels, run.classifier(benchmark.classnames,
+                                                                                    benchmark.templates))
     return {**metrics, "dataset": benchmark.describe()}
 
 
@@ -255,6 +261,15 @@ def _retrieval(run: _Run, entry: SuiteEntry) -> dict:
     # A random ranking puts a match first with probability 1/num_images, both ways.
     metrics["chance_recall@1"] = 1 / metrics["num_images"]
     metrics["examples"] = retrieval_examples(image_features, text_features, texts, caption_image)
+    # each image with its first caption: the paired embeddings the health diagnostics are defined on
+    first: dict[int, int] = {}
+    for caption, image in enumerate(caption_image.tolist()):
+        first.setdefault(image, caption)
+    paired_images, paired_texts = image_features[list(first)], text_features[list(first.values())]
+    if len(paired_images) >= 2:
+        metrics["health"] = embedding_health(paired_images, paired_texts)
+        if run.diagnostics:
+            metrics.update(similarity_diagnostics(paired_images, paired_texts))
     return {**metrics, "dataset": benchmark.describe()}
 
 
@@ -280,11 +295,41 @@ RUNNERS = {"zeroshot_classification": _classification, "zeroshot_retrieval": _re
            "linear_probe": _linear_probe}
 
 
+def project_embeddings(features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor,
+                       max_images: int = 1000, seed: int = 0) -> dict:
+    """A 2-D t-SNE of (up to ``max_images``, evenly spaced) image embeddings together with the class text
+    embeddings (``classifier``, (D, C)), for the projection plot."""
+    from sklearn.manifold import TSNE
+
+    keep = torch.linspace(0, len(features) - 1, min(max_images, len(features))).round().long().unique()
+    points = torch.cat([features[keep], classifier.T.cpu().float()]).numpy()
+    perplexity = float(min(30.0, max(2.0, (len(points) - 1) / 3)))
+    xy = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(points)
+    return {"method": "t-SNE", "image_xy": xy[:len(keep)].round(4).tolist(),
+            "image_labels": labels[keep].tolist(), "class_xy": xy[len(keep):].round(4).tolist()}
+
+
+def similarity_diagnostics(image: torch.Tensor, text: torch.Tensor, sample: int = 32, bins: int = 50) -> dict:
+    """Cosine similarities of paired embeddings: the (sample × sample) block of the first pairs, and histograms
+    of positive (diagonal) against negative (off-diagonal) similarities, for the heatmap and histogram plots."""
+    similarity = image @ text.T
+    diagonal = torch.eye(len(image), dtype=torch.bool)
+    edges = torch.linspace(-1, 1, bins + 1)
+    return {"similarity_sample": similarity[:sample, :sample].round(decimals=4).tolist(),
+            "similarity_histogram": {"edges": edges.tolist(),
+                                     "positive": torch.histc(similarity[diagonal], bins, -1, 1).long().tolist(),
+                                     "negative": torch.histc(similarity[~diagonal], bins, -1, 1).long().tolist()}}
+
+
 def run_suite(encoder: Encoder, tokenizer: Tokenizer, transform: Callable, suite: Suite, batch_size: int = 256,
-              num_workers: int = 2, progress: bool = False) -> dict[str, dict]:
-    """Run every dataset of ``suite``; ``transform`` maps a PIL image to the encoder's input tensor."""
+              num_workers: int = 2, progress: bool = False, diagnostics: bool = False) -> dict[str, dict]:
+    """Run every dataset of ``suite``; ``transform`` maps a PIL image to the encoder's input tensor.
+
+    Every retrieval set also reports ``health`` (``clipforge.health.embedding_health`` of each image with its
+    first caption). ``diagnostics`` adds what the embedding plots draw: a t-SNE ``projection`` per
+    classification set, ``similarity_sample`` and ``similarity_histogram`` per retrieval set."""
     check_data(suite)
-    run = _Run(encoder, tokenizer, transform, batch_size, num_workers, progress)
+    run = _Run(encoder, tokenizer, transform, batch_size, num_workers, progress, diagnostics)
     results = {}
     for entry in suite.datasets:
         start = time.perf_counter()
