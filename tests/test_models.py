@@ -49,3 +49,53 @@ def test_bad_names_and_paths_are_clear_errors(tiny_model_json, tmp_path):
         load_weights(model, str(tmp_path))
     with pytest.raises(FileNotFoundError, match="model.init_from: .* does not exist"):
         build_model(ModelConfig(name=tiny_model_json, init_from=str(tmp_path / "missing.pt")))
+
+
+def test_text_trimming_gives_the_same_features_and_gradients(tiny_model_json):
+    """Cutting the padding after the batch's last EOT token changes nothing but the work (causal mask, EOT pooling)."""
+    import copy
+
+    from clipforge.losses import naive_clip_loss
+    from clipforge.models import enable_text_trimming
+
+    torch.manual_seed(0)
+    built = build_model(ModelConfig(name=tiny_model_json))
+    # float64: the two are the same computation; in fp32 kernels for other shapes round differently (~1e-4)
+    full_model, trimmed_model = built.model.double(), copy.deepcopy(built.model).double()
+    assert enable_text_trimming(trimmed_model)
+    captions = ["a red circle", "two small blue squares above a large green star on a striped background", "x",
+                "a cat"]
+    tokens = built.tokenizer(captions)
+    length = int(tokens.argmax(dim=1).max()) + 1
+    assert length < tokens.shape[1]
+    images = torch.randn(len(captions), 3, 32, 32, dtype=torch.float64)
+    results = []
+    for model, texts in ((full_model, tokens), (trimmed_model, tokens[:, :length])):
+        out = model(images, texts)
+        loss = naive_clip_loss(out["image_features"], out["text_features"], out["logit_scale"].exp())
+        loss.backward()
+        results.append((out["text_features"].detach(), loss.detach(),
+                        {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}))
+    (full_features, full_loss, full_grads), (trim_features, trim_loss, trim_grads) = results
+    torch.testing.assert_close(trim_features, full_features, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(trim_loss, full_loss, rtol=1e-10, atol=1e-12)
+    assert full_grads.keys() == trim_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(trim_grads[name], full_grads[name], rtol=1e-9, atol=1e-11,
+                                   msg=lambda message, name=name: f"{name}: {message}")
+    # full-length tokens (evaluation) still go through the trimmed model unchanged
+    torch.testing.assert_close(trimmed_model.encode_text(tokens), full_model.encode_text(tokens))
+
+
+def test_text_trimming_is_refused_where_it_would_change_the_result(tmp_path):
+    import json
+
+    from conftest import TINY_MODEL
+
+    from clipforge.models import enable_text_trimming
+
+    # a text tower without the causal mask (as SigLIP's): padding is attended to, so cutting it changes the result
+    config = {**TINY_MODEL, "text_cfg": {**TINY_MODEL["text_cfg"], "no_causal_mask": True, "pool_type": "last"}}
+    (tmp_path / "bidirectional.json").write_text(json.dumps(config))
+    model = build_model(ModelConfig(name=str(tmp_path / "bidirectional.json"))).model
+    assert not enable_text_trimming(model)

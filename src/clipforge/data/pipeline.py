@@ -201,10 +201,11 @@ class ShardedImageText(IterableDataset):
 
     def __init__(self, sources: list[Source], cfg: DataConfig, transform: ImageTransform, tokenizer: Callable,
                  rank: int = 0, world_size: int = 1, mode: str = "epoch", normalize_in_workers: bool = False,
-                 sample_ids: bool = False) -> None:
+                 sample_ids: bool = False, trim_text: bool = False) -> None:
         self.sources, self.cfg, self.transform, self.tokenizer = sources, cfg, transform, tokenizer
         self.normalize_in_workers = normalize_in_workers
         self.sample_ids = sample_ids  # batches carry caption_ids / image_ids (content hashes) for loss.positives
+        self.trim_text = trim_text  # token batches end at their longest caption (models.enable_text_trimming)
         self.rank, self.world_size, self.mode = rank, world_size, mode
         self.shards = [shard for source in sources for shard in source.shards]
         self.sizes = {shard: size for source in sources for shard, size in source.sizes.items()}
@@ -284,7 +285,10 @@ class ShardedImageText(IterableDataset):
                 stacked = torch.stack(images)
                 if self.normalize_in_workers:
                     stacked = self.transform.normalize(stacked)
-                batch = {"images": stacked, "texts": self.tokenizer(texts), "keys": keys, "worker": worker,
+                tokens = self.tokenizer(texts)
+                if self.trim_text:  # drop the columns after the batch's last end-of-text token (the highest id)
+                    tokens = tokens[:, : int(tokens.argmax(dim=1).max()) + 1].contiguous()
+                batch = {"images": stacked, "texts": tokens, "keys": keys, "worker": worker,
                          "consumed": consumed, "produced": produced, "skipped": dict(counter.counts),
                          "first_skips": dict(counter.first)}
                 if self.sample_ids:
@@ -462,13 +466,15 @@ class TrainLoader:
 def build_train_loader(cfg: DataConfig, preprocess_cfg: dict[str, Any], tokenizer: Callable, rank: int = 0,
                        world_size: int = 1, pin_memory: bool = False,
                        agree: Callable[[bool], bool] = _all_ranks_agree,
-                       normalize_in_workers: bool = False, sample_ids: bool = False) -> TrainLoader:
+                       normalize_in_workers: bool = False, sample_ids: bool = False,
+                       trim_text: bool = False) -> TrainLoader:
     """The training loader for this rank. ``preprocess_cfg`` is open_clip's (``model.visual.preprocess_cfg``):
     output size, mean, std, interpolation. Batches hold uint8 images and ``loader.transform.normalize`` makes
     the model's float input from them on the training device; with ``normalize_in_workers`` (training on a
     CPU) the workers do that and batches arrive normalised (``normalize`` then passes them through). With
     ``sample_ids`` batches also hold ``caption_ids`` and ``image_ids`` (int64 (B,), 63-bit BLAKE2b hashes of the
-    cleaned caption and of the image file's bytes) for the multi-positive loss."""
+    cleaned caption and of the image file's bytes) for the multi-positive loss. With ``trim_text`` each batch's
+    tokens stop after its longest caption's end-of-text token (for a model ``enable_text_trimming`` accepted)."""
     sources = [Source.resolve(source, i) for i, source in enumerate(cfg.source_configs())]
     transform = ImageTransform.from_preprocess_cfg(preprocess_cfg, train=True, max_pixels=cfg.max_image_pixels)
     mode = cfg.mode
@@ -493,5 +499,5 @@ def build_train_loader(cfg: DataConfig, preprocess_cfg: dict[str, Any], tokenize
             raise ValueError(f"data.sources[{unknown[0]}]: resampled mode needs the sample count: set its "
                              "num_samples, or data.epoch_samples, or write sizes.json beside the shards")
     dataset = ShardedImageText(sources, cfg, transform, tokenizer, rank, world_size, mode, normalize_in_workers,
-                               sample_ids)
+                               sample_ids, trim_text)
     return TrainLoader(dataset, cfg.num_workers, cfg.prefetch_factor, pin_memory, agree)

@@ -1,5 +1,14 @@
 """Dual encoders: open_clip architectures by name or our JSON configs, random init or local weights."""
 
-from clipforge.models.builder import BuiltModel, ModelConfig, build_model, load_weights, resolve_architecture
+from clipforge.models.builder import (
+    BuiltModel,
+    ModelConfig,
+    build_model,
+    enable_text_trimming,
+    load_weights,
+    resolve_architecture,
+    trims_text_padding,
+)
 
-__all__ = ["BuiltModel", "ModelConfig", "build_model", "load_weights", "resolve_architecture"]
+__all__ = ["BuiltModel", "ModelConfig", "build_model", "enable_text_trimming", "load_weights", "resolve_architecture",
+           "trims_text_padding"]

@@ -26,7 +26,7 @@ from clipforge.evaluation import OpenClipEncoder, load_suite, markdown_table, ru
 from clipforge.evaluation.suite import headline
 from clipforge.health import CollapseError, CollapseMonitor, HealthProbe
 from clipforge.losses import build_loss
-from clipforge.models import build_model
+from clipforge.models import build_model, enable_text_trimming
 from clipforge.train.checkpoint import Checkpointer, load_checkpoint, rng_state, set_rng_state
 from clipforge.train.metrics import MetricLogger, plot_curves
 from clipforge.train.optim import build_optimizer, build_scheduler
@@ -67,6 +67,10 @@ class TrainConfig:
     """torch.compile the model (in place, so checkpoints keep plain parameter names)."""
     channels_last: bool = False
     """channels-last memory format for the model and images (helps convolutional towers on GPUs)."""
+    trim_text_padding: bool = True
+    """Cut each batch's token columns after its longest caption (and the text tower's work on them) where that is
+    exact: a causal text tower pooled at the end-of-text token (open_clip's CLIP class). Same features and
+    gradients; the text tower's cost follows the captions' length instead of the context length."""
     requeue: bool = False
     """On SIGUSR1/SIGTERM under SLURM: after the pre-emption checkpoint, `scontrol requeue` the job (rank 0)."""
 
@@ -284,6 +288,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
         for name in ("logit_scale", "logit_bias"):
             if getattr(built.model, name, None) is not None:
                 getattr(built.model, name).requires_grad_(False)
+    trim_text = cfg.train.trim_text_padding and enable_text_trimming(built.model)
     if cfg.train.channels_last:
         built.model.to(memory_format=torch.channels_last)
     if cfg.train.compile:
@@ -296,7 +301,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
     loader = build_train_loader(cfg.data, built.preprocess_cfg, built.tokenizer, dist_info.rank,
                                 dist_info.world_size, pin_memory=dist_info.device.startswith("cuda"), agree=agree,
                                 normalize_in_workers=not dist_info.device.startswith("cuda"),
-                                sample_ids=cfg.loss.positives != "pairs")
+                                sample_ids=cfg.loss.positives != "pairs", trim_text=trim_text)
     probe = _health_probe(cfg, built, dist_info, agree)
     monitor = CollapseMonitor(cfg.health, cfg.loss.max_logit_scale)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_last, dist_info.rank)
