@@ -50,6 +50,8 @@ class RunConfig:
         if self.health.every_n_steps and self.health.dataset is None and self.eval.suite is None:
             raise ValueError("health.every_n_steps needs held-out image–caption pairs: set health.dataset or "
                              "eval.suite (its first zeroshot_retrieval dataset is used)")
+        if self.loss.queue_size and self.train.accum_steps > 1:
+            raise ValueError("loss.queue_size cannot be combined with train.accum_steps > 1 (GradCache)")
         if self.data.batch_size % self.train.accum_steps:
             raise ValueError(f"data.batch_size={self.data.batch_size} is not divisible by "
                              f"train.accum_steps={self.train.accum_steps}")

@@ -124,7 +124,22 @@ class LossConfig:
     of in-batch "negatives" that are really positives, subtracted from the negative term. 0 = off. For data
     with many near-duplicates when ids for loss.positives are not available. clip only, tile_size=0."""
 
+    queue_size: int = 0
+    """Negative queue (MoCo / ALBEF; clipforge.train.momentum): also contrast against the momentum-encoder
+    embeddings of the last K samples of earlier steps. 0 = off. For small batches, where in-batch negatives are
+    few; costs one more forward of both towers per step. clip only, tile_size=0, train.accum_steps=1."""
+    queue_momentum: float = 0.995
+    """EMA factor of the momentum encoder that makes the queue's keys (with loss.queue_size)."""
+
     def __post_init__(self) -> None:
+        if self.queue_size < 0:
+            raise ValueError(f"loss.queue_size: must be >= 0 (0 = off), got {self.queue_size}")
+        if not 0 <= self.queue_momentum < 1:
+            raise ValueError(f"loss.queue_momentum: must be in [0, 1), got {self.queue_momentum}")
+        if self.queue_size and (self.kind != "clip" or self.tile_size or self.positives != "pairs"
+                                or self.hard_negative_beta or self.debias_tau_plus):
+            raise ValueError("loss.queue_size works with the plain CLIP loss only: loss.kind=clip, loss.tile_size=0, "
+                             "loss.positives=pairs, no loss.hard_negative_beta / loss.debias_tau_plus")
         if self.kind not in LOSS_KINDS:
             raise ValueError(f"loss.kind: {self.kind!r} is not one of {LOSS_KINDS}")
         if not self.max_logit_scale > 0:

@@ -29,6 +29,7 @@ from clipforge.losses import build_loss
 from clipforge.models import build_model, enable_text_trimming
 from clipforge.train.checkpoint import Checkpointer, load_checkpoint, rng_state, set_rng_state
 from clipforge.train.metrics import MetricLogger, plot_curves
+from clipforge.train.momentum import MomentumQueue
 from clipforge.train.optim import build_optimizer, build_scheduler
 from clipforge.train.parallel import parallelize, unwrap
 from clipforge.train.step import AUTOCAST_DTYPES, build_step
@@ -310,14 +311,21 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
     if resume_from is None and checkpointer.latest() is not None:
         raise ValueError(f"{run_dir} already holds checkpoints (newest: {checkpointer.latest().name}); continue it "
                          "with --resume latest, or set another train.output_dir")
+    queue = MomentumQueue(model, cfg.loss.queue_size, cfg.loss.queue_momentum, dist_info.rank,
+                          dist_info.world_size) if cfg.loss.queue_size else None
     step_fn = build_step(model, loss_fn, optimizer, scheduler, dist_info.device, cfg.train.precision,
-                         cfg.optim.grad_clip_norm, cfg.loss.max_logit_scale, cfg.train.accum_steps)
+                         cfg.optim.grad_clip_norm, cfg.loss.max_logit_scale, cfg.train.accum_steps, queue,
+                         dist_info.rank)
     if resume_from is not None:
         state, data_state = load_checkpoint(resume_from, built.model, dist_info.rank)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if step_fn.scaler is not None and "scaler" in state:
             step_fn.scaler.load_state_dict(state["scaler"])
+        if queue is not None:
+            if "queue" not in state:
+                raise ValueError(f"{resume_from} was written without loss.queue_size; it cannot resume a queue run")
+            queue.load_state_dict(state["queue"])
         loader.load_state_dict(data_state)
         set_rng_state(state["rng"])
         step = int(state["step"])
@@ -330,6 +338,8 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
                  "rng": rng_state()}
         if step_fn.scaler is not None:
             state["scaler"] = step_fn.scaler.state_dict()
+        if queue is not None:
+            state["queue"] = queue.state_dict()
         return checkpointer.save(step, unwrap(model), state, loader.state_dict(), config_yaml)
 
     global_batch = cfg.data.batch_size * dist_info.world_size

@@ -28,6 +28,7 @@ from contextlib import nullcontext
 import torch
 
 from clipforge.losses import clamp_logit_scale
+from clipforge.train.momentum import queue_contrastive_loss
 from clipforge.train.parallel import unwrap
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -96,6 +97,36 @@ class PlainStep:
         return {**metrics, "grad_norm": grad_norm.detach(), "nonfinite": nonfinite}
 
 
+class QueueStep(PlainStep):
+    """The plain step with a negative queue (``loss.queue_size``; ``clipforge.train.momentum``): the loss takes
+    the momentum keys of the batch and the queue; after an applied update the momentum encoder follows the model
+    and the batch's keys are enqueued."""
+
+    def __init__(self, *args, queue, rank: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue, self.rank = queue, rank
+        self._keys = None
+
+    def backward(self, batch: dict) -> dict[str, torch.Tensor]:
+        images = batch["images"].to(self.device, non_blocking=True)
+        texts = batch["texts"].to(self.device, non_blocking=True)
+        self._keys = self.queue.keys(images, texts, self._autocast)
+        with self._autocast():
+            out = self.model(images, texts)
+        scale = out["logit_scale"].float()
+        loss = queue_contrastive_loss(out["image_features"].float(), out["text_features"].float(), *self._keys,
+                                      *self.queue.queued(), scale, self.rank)
+        self._backward(loss)
+        return {"loss": loss.detach(), "logit_scale": scale.detach(), "contrastive": loss.detach()}
+
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        result = super().__call__(batch)
+        if not result["nonfinite"]:
+            self.queue.update_encoder(self.model)
+            self.queue.enqueue(*self._keys)
+        return result
+
+
 class CachedAccumulationStep(PlainStep):
     def __init__(self, *args, accum_steps: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -159,8 +190,12 @@ class CachedAccumulationStep(PlainStep):
 
 
 def build_step(model, loss_fn, optimizer, scheduler, device: str, precision: str, grad_clip_norm, max_logit_scale,
-               accum_steps: int = 1) -> PlainStep:
+               accum_steps: int = 1, queue=None, rank: int = 0) -> PlainStep:
     args = (model, loss_fn, optimizer, scheduler, device, precision, grad_clip_norm, max_logit_scale)
+    if queue is not None:
+        if accum_steps > 1:
+            raise ValueError("loss.queue_size cannot be combined with train.accum_steps > 1")
+        return QueueStep(*args, queue=queue, rank=rank)
     if accum_steps > 1:
         return CachedAccumulationStep(*args, accum_steps=accum_steps)
     return PlainStep(*args)
