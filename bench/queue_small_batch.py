@@ -1,7 +1,7 @@
 """Does the negative queue help at a small batch? The demo recipe at batch 32, with and without
 ``loss.queue_size``, same data, steps and seed; prints held-out zero-shot accuracy and retrieval of each.
 
-    python bench/queue_small_batch.py                          # batch 32, 1200 steps, queue 4096, momentum 0.995
+    python bench/queue_small_batch.py                          # batch 32, 1200 steps, queue 1024, momentum 0.99
     python bench/queue_small_batch.py --batch-size 16 --steps 2000 --queue-size 8192
 
 Needs the demo's data (``make demo`` writes it, or ``clipforge prep synthetic --out data/synth``).
@@ -40,8 +40,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--queue-size", type=int, default=4096)
-    parser.add_argument("--momentum", type=float, default=0.995)
+    parser.add_argument("--queue-size", type=int, default=1024)
+    parser.add_argument("--momentum", type=float, default=0.99)
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
     if not (ROOT / "data" / "synth" / "eval" / "colors" / "train" / "nshards.txt").is_file():

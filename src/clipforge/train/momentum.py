@@ -8,10 +8,11 @@ With ``loss.queue_size = K > 0`` each step contrasts this rank's online image (t
 
 The keys ``k`` come from a copy of the model whose weights (and floating buffers, e.g. batch-norm statistics)
 follow the trained ones by an exponential moving average with ``loss.queue_momentum`` m after every update
-(θ_k ← m θ_k + (1 − m) θ), run in eval mode without gradient; slow-moving keys keep the queue consistent. Keys
-carry no gradient, so every rank computes only its own rows and DDP's average equals one process on the global
-batch. The queue starts empty and fills (first in, first out); it, the momentum weights and the write position
-are in every checkpoint, so a resumed run continues exactly.
+(θ_k ← m θ_k + (1 − m) θ), run in train mode (batch statistics, as MoCo's key encoder) without gradient;
+slow-moving keys keep the queue consistent. Keys carry no gradient, so every rank computes only its own rows
+and DDP's average equals one process on the global batch. The queue starts empty and fills (first in, first
+out); it, the momentum weights and the write position are in every checkpoint, so a resumed run continues
+exactly.
 
 Meant for small batches (a few hundred or less), where in-batch negatives are too few; it costs one more
 forward pass of both towers per step and K × D floats per modality.
@@ -45,7 +46,9 @@ class MomentumQueue:
     def __init__(self, model: torch.nn.Module, size: int, momentum: float, rank: int = 0, world_size: int = 1,
                  group=None) -> None:
         online = unwrap(model)
-        self.encoder = copy.deepcopy(online).eval().requires_grad_(False)
+        # train mode, as MoCo's key encoder: batch-norm towers normalise keys with the batch's statistics, like the
+        # online model's queries (running statistics of a fast-changing network lag behind it)
+        self.encoder = copy.deepcopy(online).train().requires_grad_(False)
         self.size, self.momentum = size, momentum
         self.rank, self.world_size, self.group = rank, world_size, group
         device = next(online.parameters()).device
