@@ -188,3 +188,34 @@ def test_workers_can_normalise_for_a_cpu_run(synth_data):
         assert torch.allclose(b["images"], expected) and b["images"].mean().abs() < 3
         assert normalised.transform.normalize(b["images"]) is b["images"]  # the trainer's call passes it through
         assert torch.allclose(expected, (a["images"].float() / 255 - 0.5) / 0.25, atol=1e-5)  # PREPROCESS mean, std
+
+
+CLOSE_SCRIPT = """
+import sys
+from clipforge.config import load_config
+from clipforge.data.pipeline import build_train_loader
+from clipforge.models import build_model
+
+cfg = load_config(None, [f"data.train_urls={sys.argv[1]}/train/{{00000..00005}}.tar", "data.batch_size=32",
+                         "data.num_workers=2", f"model.name={sys.argv[2]}"])
+built = build_model(cfg.model)
+LOADER = build_train_loader(cfg.data, built.preprocess_cfg, built.tokenizer, normalize_in_workers=True)
+next(LOADER)
+workers = list(LOADER._iterator._workers)
+CYCLE = [LOADER]
+CYCLE.append(CYCLE)  # still referenced when the interpreter exits, as objects in a reference cycle can be
+LOADER.close()
+print("alive after close:", sum(worker.is_alive() for worker in workers), flush=True)
+"""
+
+
+def test_close_stops_the_workers_so_the_process_can_exit(synth_data, tiny_resnet_json):
+    """Workers ignore SIGTERM; without close() a process still holding the loader at exit waits for them forever
+    (multiprocessing terminates daemonic children with SIGTERM, then joins them): seen as a hung SLURM job."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", CLOSE_SCRIPT, str(synth_data), tiny_resnet_json],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "alive after close: 0" in done.stdout

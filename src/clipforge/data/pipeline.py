@@ -399,6 +399,20 @@ class TrainLoader:
     def __iter__(self) -> TrainLoader:
         return self
 
+    def close(self) -> None:
+        """Stop the current epoch's workers now. They ignore SIGTERM (pre-emption is the trainer's business), so
+        the interpreter's exit, which terminates daemonic children and then joins them, would wait for them
+        forever if the iterator had not been collected by then; the trainer calls this when it is done."""
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is None:  # no workers, or none started
+            return
+        shutdown()  # done event + a None to each worker; joins them with a timeout
+        for worker in getattr(iterator, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=10)
+
     def _next_in_epoch(self) -> dict[str, Any] | None:
         """The next batch of the current epoch on this rank, or None when this rank's epoch is over."""
         if self._iterator is None:

@@ -6,6 +6,7 @@ Entry points: ``clipforge train configs/demo.yaml`` (one process) and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -263,8 +264,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     dist_info = DistInfo.from_env(os.environ)
     init_process_group(dist_info, os.environ)
     try:
-        with StopSignals() as stop:
-            result = _train(cfg, dist_info, to_yaml(cfg), stop)
+        with StopSignals() as stop, contextlib.ExitStack() as cleanup:
+            result = _train(cfg, dist_info, to_yaml(cfg), stop, cleanup)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # gloo aborts if a rank tears down while a peer still talks
         result["is_main"] = dist_info.is_main
@@ -275,7 +276,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         destroy_process_group()
 
 
-def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSignals) -> dict[str, Any]:
+def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSignals,
+           cleanup: contextlib.ExitStack) -> dict[str, Any]:
     run_dir = Path(cfg.train.output_dir)
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -303,6 +305,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
                                 dist_info.world_size, pin_memory=dist_info.device.startswith("cuda"), agree=agree,
                                 normalize_in_workers=not dist_info.device.startswith("cuda"),
                                 sample_ids=cfg.loss.positives != "pairs", trim_text=trim_text)
+    cleanup.callback(loader.close)  # on return or error: the DataLoader workers stop before the process exits
     probe = _health_probe(cfg, built, dist_info, agree)
     monitor = CollapseMonitor(cfg.health, cfg.loss.max_logit_scale)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_last, dist_info.rank)
