@@ -163,20 +163,27 @@ def _requeue(dist_info: DistInfo) -> None:
         log.info("requeued SLURM job %s", job)
 
 
+@contextlib.contextmanager
+def _eval_mode(model, dist_info: DistInfo, cfg: RunConfig):
+    """The model as an evaluation encoder, in eval mode (batch norm from its running statistics, left untouched;
+    no dropout), as `clipforge eval` sees a checkpoint; back in train mode afterwards."""
+    module = unwrap(model)
+    module.eval()
+    try:
+        yield OpenClipEncoder(module, dist_info.device, AUTOCAST_DTYPES[cfg.train.precision])
+    finally:
+        module.train()
+
+
 def _evaluate(model, built, cfg: RunConfig, dist_info: DistInfo, step: int, run_dir: Path) -> dict[str, float]:
     """Rank 0 runs the suite and writes eval/step_N.json and .md; returns the headline metrics."""
     import json
 
     if cfg.eval.suite is None or not dist_info.is_main:
         return {}
-    module = unwrap(model)
-    module.eval()  # batch norm from its running statistics (and left untouched), no dropout, as `clipforge eval`
-    try:
-        encoder = OpenClipEncoder(module, dist_info.device, AUTOCAST_DTYPES[cfg.train.precision])
+    with _eval_mode(model, dist_info, cfg) as encoder:
         results = run_suite(encoder, built.tokenizer, built.eval_transform, load_suite(cfg.eval.suite),
                             cfg.eval.batch_size, cfg.eval.num_workers)
-    finally:
-        module.train()
     out = run_dir / "eval"
     out.mkdir(exist_ok=True)
     (out / f"step_{step:08d}.json").write_text(json.dumps(results, indent=1))
@@ -208,12 +215,8 @@ def _check_health(model, probe: HealthProbe | None, monitor: CollapseMonitor, cf
     """Rank 0 measures the held-out batch in eval mode, logs health/*, and alarms; a stop is agreed by all ranks."""
     collapsed = None
     if probe is not None:
-        module = unwrap(model)
-        module.eval()
-        try:
-            metrics = probe.measure(OpenClipEncoder(module, dist_info.device, AUTOCAST_DTYPES[cfg.train.precision]))
-        finally:
-            module.train()
+        with _eval_mode(model, dist_info, cfg) as encoder:
+            metrics = probe.measure(encoder)
         logger.log(step, metrics)
         try:
             monitor.check_embeddings(step, metrics)
@@ -390,12 +393,12 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
         if cfg.health.max_clamped_steps:
             # after the step's clamp; the same value on every rank, so all ranks stop together
             monitor.check_temperature(step, unwrap(model).logit_scale.detach().exp())
+        paused = time.perf_counter()  # health and evaluation time stays out of the throughput window
         if cfg.health.every_n_steps and step % cfg.health.every_n_steps == 0:
             _check_health(model, probe, monitor, cfg, dist_info, agree, step, logger)
-            window_start = time.perf_counter()
         if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < cfg.train.steps:
             logger.log(step, _evaluate(model, built, cfg, dist_info, step, run_dir))
-            window_start = time.perf_counter()
+        window_start += time.perf_counter() - paused
         stop_now = stop.received is not None
         if dist_info.is_distributed:
             stop_now = not agree(not stop_now)  # any rank signalled: all stop at this same step
