@@ -464,6 +464,17 @@ class SigLipLoss(torch.nn.Module):
         return {"contrastive": total / local_batch}
 
 
+def queue_contrastive_loss(image: torch.Tensor, text: torch.Tensor, image_keys: torch.Tensor,
+                           text_keys: torch.Tensor, image_queue: torch.Tensor, text_queue: torch.Tensor,
+                           logit_scale: torch.Tensor, rank: int = 0) -> torch.Tensor:
+    """Online (B_local, D) embeddings against momentum keys of the global batch (B_global, D) and the queues
+    (Q, D); row i's positive is global key ``rank · B_local + i``."""
+    labels = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
+    logits_per_image = logit_scale * image.float() @ torch.cat([text_keys, text_queue]).float().T
+    logits_per_text = logit_scale * text.float() @ torch.cat([image_keys, image_queue]).float().T
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
 def naive_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
                     logit_scale: torch.Tensor) -> torch.Tensor:
     """Reference: the full (B, B) logits of one process, straight from the CLIP paper's pseudocode."""

@@ -6,8 +6,9 @@ With ``loss.queue_size = K > 0`` each step contrasts this rank's online image (t
     logits_i2t = t · q_img @ [k_txt(global batch); queue_txt]ᵀ      target: the sample's own k_txt
     logits_t2i = t · q_txt @ [k_img(global batch); queue_img]ᵀ      loss = (CE(i2t) + CE(t2i)) / 2
 
-The keys ``k`` come from a copy of the model whose weights (and floating buffers, e.g. batch-norm statistics)
-follow the trained ones by an exponential moving average with ``loss.queue_momentum`` m after every update
+The loss is ``clipforge.losses.queue_contrastive_loss``; this module holds its state. The keys ``k`` come
+from a copy of the model whose weights (and floating buffers, e.g. batch-norm statistics) follow the trained
+ones by an exponential moving average with ``loss.queue_momentum`` m after every update
 (θ_k ← m θ_k + (1 − m) θ), run in train mode (batch statistics, as MoCo's key encoder) without gradient;
 slow-moving keys keep the queue consistent. Keys carry no gradient, so every rank computes only its own rows
 and DDP's average equals one process on the global batch. The queue starts empty and fills (first in, first
@@ -27,17 +28,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from clipforge.train.parallel import unwrap
-
-
-def queue_contrastive_loss(image: torch.Tensor, text: torch.Tensor, image_keys: torch.Tensor,
-                           text_keys: torch.Tensor, image_queue: torch.Tensor, text_queue: torch.Tensor,
-                           logit_scale: torch.Tensor, rank: int = 0) -> torch.Tensor:
-    """Online (B_local, D) embeddings against momentum keys of the global batch (B_global, D) and the queues
-    (Q, D); row i's positive is global key ``rank · B_local + i``."""
-    labels = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
-    logits_per_image = logit_scale * image.float() @ torch.cat([text_keys, text_queue]).float().T
-    logits_per_text = logit_scale * text.float() @ torch.cat([image_keys, image_queue]).float().T
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
 class MomentumQueue:

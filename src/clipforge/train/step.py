@@ -27,8 +27,7 @@ from contextlib import nullcontext
 
 import torch
 
-from clipforge.losses import clamp_logit_scale
-from clipforge.train.momentum import queue_contrastive_loss
+from clipforge.losses import clamp_logit_scale, queue_contrastive_loss
 from clipforge.train.parallel import unwrap
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
