@@ -199,8 +199,9 @@ class CollapseError(RuntimeError):
 class CollapseMonitor:
     """Turns health metrics and the temperature into warnings (and a ``CollapseError`` if so configured)."""
 
-    def __init__(self, cfg: HealthConfig, max_logit_scale: float) -> None:
-        self.cfg, self.max_logit_scale = cfg, max_logit_scale
+    def __init__(self, cfg: HealthConfig, max_logit_scale: float, log_warnings: bool = True) -> None:
+        """``log_warnings``: False on every rank but the first, which all check the (shared) temperature."""
+        self.cfg, self.max_logit_scale, self.log_warnings = cfg, max_logit_scale, log_warnings
         self.clamped_steps = 0
 
     def check_embeddings(self, step: int, metrics: dict[str, float]) -> list[str]:
@@ -238,7 +239,7 @@ class CollapseMonitor:
             "a too-easy task or collapsing embeddings)"])
 
     def _report(self, warnings: list[str]) -> list[str]:
-        for warning in warnings:
+        for warning in warnings if self.log_warnings else ():
             logger.warning(warning)
         if warnings and self.cfg.stop_on_collapse:
             raise CollapseError("\n".join(warnings))

@@ -310,7 +310,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
                                 sample_ids=cfg.loss.positives != "pairs", trim_text=trim_text)
     cleanup.callback(loader.close)  # on return or error: the DataLoader workers stop before the process exits
     probe = _health_probe(cfg, built, dist_info, agree)
-    monitor = CollapseMonitor(cfg.health, cfg.loss.max_logit_scale)
+    monitor = CollapseMonitor(cfg.health, cfg.loss.max_logit_scale, log_warnings=dist_info.is_main)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_last, dist_info.rank)
     step = 0
     resume_from = _resolve_resume(cfg.train.resume, checkpointer)
