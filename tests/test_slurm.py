@@ -132,7 +132,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_weights(
     assert len(stopped) == 2, log[-4000:]  # both ranks, at the same step
     step = int(stopped[0].split("stopped at step ")[1].split()[0])
     assert f"stopped at step {step} " in stopped[1] and 15 <= step < STEPS
-    assert f"requeued SLURM job {job_id}" in log
+    assert f"requeueing SLURM job {job_id}" in log
     assert "(restart 1)" in log
     assert log.count(f"resumed from {run_dir / 'checkpoints' / f'step_{step:08d}'} at step {step}") == 2
     # the requeued job ran to the end; its weights are the uninterrupted run's, bit for bit
