@@ -14,11 +14,19 @@ drops those markers before OpenCLIP's own grouping, and changes nothing else.
 
     python bench/train_throughput.py                       # demo model (tiny-rn-64, 64 px), batch 128, 2 workers
     python bench/train_throughput.py --model tiny-vit-64 --steps 120 --repeats 3
+
+``--against REF`` adds a third trainer: clipforge as it was at git commit REF (checked out into a temporary
+worktree and imported from there), so a change's cost to the default path is measured in the same run, against
+the same OpenCLIP reference. ``--set KEY=VALUE`` overrides apply to the current clipforge only (REF may not know
+the key), e.g. to compare the current default path without a newer speed-up::
+
+    python bench/train_throughput.py --against df39410 --set train.trim_text_padding=false
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -90,9 +98,13 @@ def run_open_clip(args, urls: str, work: Path, index: int) -> list[float]:
     return [args.batch_size / t for t in step_times[args.skip_windows:]]
 
 
-def run_clipforge(args, urls: str, work: Path, index: int) -> list[float]:
-    out = work / f"clipforge_{index}"
-    command = [sys.executable, "-m", "clipforge", "train", str(ROOT / "configs" / "demo.yaml"),
+def run_clipforge(args, urls: str, work: Path, index: int, tree: Path = ROOT, label: str = "clipforge",
+                  overrides: tuple[str, ...] = ()) -> list[float]:
+    out = work / f"{label}_{index}"
+    env = environment(args.threads)
+    if tree != ROOT:  # an older checkout: its src/ ahead of the installed (editable) clipforge
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree / "src"), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "clipforge", "train", str(tree / "configs" / "demo.yaml"),
                "--set", f"data.train_urls={urls}", "--set", "data.sources=[]",
                "--set", f"data.batch_size={args.batch_size}", "--set", f"data.num_workers={args.workers}",
                "--set", f"model.name={model_json(args.model)}", "--set", f"optim.lr={args.lr}",
@@ -100,10 +112,11 @@ def run_clipforge(args, urls: str, work: Path, index: int) -> list[float]:
                "--set", f"train.checkpoint_every={args.steps}", "--set", f"train.output_dir={out}",
                "--set", "train.precision=fp32", "--set", "eval.suite=null",
                "--set", f"logging.log_every={args.log_every}", "--set", "logging.progress_bar=false",
-               "--set", "logging.tensorboard=false", "--set", "logging.plot=false"]
-    done = subprocess.run(command, capture_output=True, text=True, env=environment(args.threads), cwd=work)
+               "--set", "logging.tensorboard=false", "--set", "logging.plot=false",
+               *[part for kv in overrides for part in ("--set", kv)]]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=work)
     if done.returncode != 0:
-        raise RuntimeError(f"clipforge train failed ({done.returncode}):\n{(done.stdout + done.stderr)[-4000:]}")
+        raise RuntimeError(f"{label} train failed ({done.returncode}):\n{(done.stdout + done.stderr)[-4000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["perf/samples_per_s"] for r in records if "perf/samples_per_s" in r]
     return rates[args.skip_windows:-1]  # the last window is cut short by the end of the run
@@ -120,6 +133,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP threads of each trainer")
+    parser.add_argument("--against", metavar="REF", help="also time clipforge as of this git commit")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the current clipforge only (repeatable)")
     parser.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "clipforge-bench-train"))
     args = parser.parse_args()
     if args.steps // args.log_every <= args.skip_windows + 1:
@@ -135,17 +151,51 @@ def main() -> None:
           f"workers, {args.steps} steps, {args.repeats} alternating repeats")
     print(f"# torch {torch.__version__}, open_clip {open_clip.__version__}, python {platform.python_version()}, "
           f"{os.cpu_count()} CPUs, {args.threads} threads per trainer\n")
-    ours, theirs = [], []
-    with tempfile.TemporaryDirectory() as scratch:
+    if args.overrides:
+        print(f"# clipforge overrides: {' '.join(args.overrides)}")
+    ours, theirs, before = [], [], []
+    with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
+        old = stack.enter_context(worktree(args.against, Path(scratch))) if args.against else None
         for index in range(args.repeats):
-            ours.append(statistics.mean(run_clipforge(args, urls, Path(scratch), index)))
+            ours.append(statistics.mean(run_clipforge(args, urls, Path(scratch), index,
+                                                      overrides=tuple(args.overrides))))
             theirs.append(statistics.mean(run_open_clip(args, urls, Path(scratch), index)))
-            print(f"repeat {index}: clipforge {ours[-1]:.1f} samples/s, open_clip_train {theirs[-1]:.1f} samples/s")
+            line = f"repeat {index}: clipforge {ours[-1]:.1f} samples/s, open_clip_train {theirs[-1]:.1f} samples/s"
+            if old is not None:
+                before.append(statistics.mean(run_clipforge(args, urls, Path(scratch), index, old, "clipforge_ref")))
+                line += f", clipforge@{args.against} {before[-1]:.1f} samples/s"
+            print(line, flush=True)
     mine, reference = statistics.median(ours), statistics.median(theirs)
     print("\n| trainer | samples/s (median of repeats) | ratio |")
     print("|---|---:|---:|")
     print(f"| open_clip_train.main | {reference:.1f} | 1.00 |")
+    if before:
+        print(f"| clipforge train @ {args.against} | {statistics.median(before):.1f} | "
+              f"{statistics.median(before) / reference:.2f} |")
     print(f"| clipforge train | {mine:.1f} | {mine / reference:.2f} |")
+    if before:
+        paired = [now / then for now, then in zip(ours, before)]  # same repeat, adjacent in time: less drift
+        print(f"\nclipforge now / @{args.against}: {mine / statistics.median(before):.3f} (medians); per repeat "
+              f"{', '.join(f'{r:.3f}' for r in paired)}, median {statistics.median(paired):.3f}")
+
+
+@contextlib.contextmanager
+def worktree(ref: str, scratch: Path):
+    """REF checked out (detached) in a temporary git worktree, removed afterwards."""
+    path = scratch / "ref-tree"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), ref], check=True,
+                   capture_output=True, text=True)
+    try:
+        shown = subprocess.run(["git", "-C", str(path), "log", "-1", "--format=%h %s"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        imported = subprocess.run([sys.executable, "-c", "import clipforge; print(clipforge.__file__)"],
+                                  env={**os.environ, "PYTHONPATH": str(path / "src")}, capture_output=True, text=True)
+        if not imported.stdout.startswith(str(path)):
+            raise RuntimeError(f"clipforge@{ref} does not import from its worktree: {imported.stdout}{imported.stderr}")
+        print(f"# clipforge@{ref}: {shown[:100]}")
+        yield path
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], capture_output=True)
 
 
 if __name__ == "__main__":
