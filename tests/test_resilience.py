@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -83,7 +84,9 @@ def test_sigkill_then_resume_auto_is_exact(reference_run, synth_data, tiny_model
     process.send_signal(signal.SIGKILL)  # no chance to clean up: mid-step, maybe mid-checkpoint
     process.wait()
     assert max(losses(tmp_path / "run")) < 12
-    subprocess.run(command, env=env(), check=True, capture_output=True)
+    done = subprocess.run(command, env=env(), check=True, capture_output=True, text=True)
+    # it continued from a checkpoint written before the kill, not from scratch
+    assert re.search(r"resumed from \S+step_0000000[369] at step [369]", done.stdout + done.stderr), done.stderr[-2000:]
     expected, resumed = losses(reference_run), losses(tmp_path / "run")
     assert sorted(resumed) == list(range(1, 13))
     for step in range(1, 13):
@@ -122,14 +125,22 @@ def test_nonfinite_steps_are_skipped_then_abort_with_the_keys(synth_data, tiny_m
 
 
 def test_fp16_with_a_gradient_scaler_trains_and_resumes_its_scale(synth_data, tiny_model_json, tmp_path):
-    cfg = load_config(write_config(tmp_path / "cfg.yaml", synth_data, tiny_model_json, tmp_path / "run",
-                                   precision="fp16", steps=4, checkpoint_every=2))
-    result = train(cfg)
-    assert not result["preempted"] and all(math.isfinite(v) for v in losses(tmp_path / "run").values())
     import torch
 
-    state = torch.load(tmp_path / "run" / "checkpoints" / "latest" / "state.pt", weights_only=True)
-    assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
+    config = write_config(tmp_path / "cfg.yaml", synth_data, tiny_model_json, tmp_path / "run", precision="fp16",
+                          steps=4, checkpoint_every=2)
+    result = train(load_config(config))
+    assert not result["preempted"] and all(math.isfinite(v) for v in losses(tmp_path / "run").values())
+    # resume from the step-2 checkpoint: the same later losses and the same scaler state as the uninterrupted run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
+    train(load_config(config, [f"train.output_dir={resumed}", "train.resume=auto"]))
+    assert sorted(losses(resumed)) == [3, 4]
+    assert all(losses(resumed)[step] == losses(tmp_path / "run")[step] for step in (3, 4))
+    states = [torch.load(run / "checkpoints" / "step_00000004" / "state.pt", weights_only=True)["scaler"]
+              for run in (tmp_path / "run", resumed)]
+    assert states[0] == states[1] and states[0]["scale"] > 0
+    assert states[0]["_growth_tracker"] == 4  # counted from step 1, across the resume
 
 
 def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
@@ -183,3 +194,103 @@ def test_launchers_run_two_ranks_in_sync(launcher, synth_data, tiny_model_json, 
     data = [json.loads((tmp_path / "run" / "checkpoints" / "step_00000006" / f"data_rank{r}.json").read_text())
             for r in range(2)]
     assert [(d["world_size"], d["consumed"]) for d in data] == [(2, {"0": 6 * 32})] * 2  # each rank: 6 local batches
+
+
+def test_keep_last_prunes_older_checkpoints(tmp_path):
+    import torch
+
+    checkpointer = Checkpointer(tmp_path / "checkpoints", keep_last=2)
+    model = torch.nn.Linear(3, 2)
+    for step in (1, 2, 3, 4):
+        checkpointer.save(step, model, {"step": step}, {}, "train: {}\n")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000003",
+                                                                            "step_00000004"]
+    assert (tmp_path / "checkpoints" / "latest").resolve().name == "step_00000004"
+
+
+class _Payload:
+    """An object whose unpickling would run code: what weights_only=True must refuse."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["CLIPFORGE_TEST_MARKER"]),))
+
+
+def test_loading_never_unpickles_arbitrary_objects(tmp_path, monkeypatch):
+    import torch
+
+    from clipforge.train.checkpoint import _sha256
+
+    checkpointer = Checkpointer(tmp_path / "checkpoints")
+    model = torch.nn.Linear(3, 2)
+    path = checkpointer.save(1, model, {"step": 1}, {}, "train: {}\n")
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("CLIPFORGE_TEST_MARKER", str(marker))
+    torch.save({"step": 1, "payload": _Payload()}, path / "state.pt")
+    manifest = json.loads((path / "manifest.json").read_text())  # a consistent manifest: only the pickle is bad
+    manifest["files"]["state.pt"] = {"bytes": (path / "state.pt").stat().st_size, "sha256": _sha256(path / "state.pt")}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_checkpoint(path, model)
+    assert not marker.exists()
+
+
+def _diverged_save(rank, world_size, out):
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    if rank == 1:
+        with torch.no_grad():
+            model.weight[0, 0] += 1.0  # a replica that drifted
+    try:
+        Checkpointer(Path(out), rank=rank).save(1, model, {"step": 1}, {}, "train: {}\n")
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+def test_diverged_replicas_are_refused_on_every_rank(tmp_path):
+    from ranks import run_ranks
+
+    messages = run_ranks(_diverged_save, 2, tmp_path / "ranks", str(tmp_path / "checkpoints"))
+    assert all(m is not None and "ranks hold different weights" in m for m in messages), messages
+    assert not list((tmp_path / "checkpoints").glob("step_*"))
+
+
+FAULTY_RANK = """
+import os, sys
+from clipforge.train import step
+
+if os.environ["RANK"] == "1":  # this rank alone reports non-finite steps from its third step on
+    original = step.PlainStep.__call__
+
+    def faulty(self, batch):
+        out = original(self, batch)
+        self.calls = getattr(self, "calls", 0) + 1
+        out["nonfinite"] = out["nonfinite"] or self.calls >= 3
+        return out
+
+    step.PlainStep.__call__ = faulty
+from clipforge.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_numerics_abort_on_one_rank_stops_every_rank(synth_data, tiny_model_json, tmp_path):
+    config = write_config(tmp_path / "cfg.yaml", synth_data, tiny_model_json, tmp_path / "run", steps=50,
+                          checkpoint_every=100, max_nonfinite_steps=2)
+    script = tmp_path / "faulty.py"
+    script.write_text(FAULTY_RANK)
+    port = free_port()
+    ranks = [subprocess.Popen([sys.executable, str(script), "train", str(config)], env=rank_env(rank, 2, port),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    try:
+        outputs = [process.communicate(timeout=240)[0] for process in ranks]
+    finally:
+        for process in ranks:
+            process.kill()
+    assert all(process.returncode != 0 for process in ranks), outputs
+    assert "NonFiniteError: 2 steps in a row with a non-finite loss or gradient, the last at step 4 on rank 1" in \
+        outputs[1], outputs[1][-3000:]
+    assert "NonFiniteError: step 4: another rank reached train.max_nonfinite_steps" in outputs[0], outputs[0][-3000:]

@@ -99,18 +99,22 @@ def gather_with_grad(tensor: torch.Tensor, rank: int, world_size: int, group=Non
 
 
 def make_agreement(info: DistInfo):
-    """``agree(flag) -> bool``: True only if ``flag`` is True on every rank.
+    """``agree(flag) -> bool``: True only if ``flag`` is True on every rank; ``agree(a, b, ...)`` agrees on several
+    flags in the same all-reduce and returns a tuple.
 
-    The data loader asks it every step in epoch mode (do all ranks still have a batch?). It runs on a
-    gloo group of its own, on a CPU tensor, so under NCCL it never synchronises the GPU stream.
+    The data loader asks it every step in epoch mode (do all ranks still have a batch?); the trainer once per step
+    (no stop signal and no numerics abort on any rank?). It runs on a gloo group of its own, on a CPU tensor, so
+    under NCCL it never synchronises the GPU stream.
     """
-    if not info.is_distributed:
-        return bool
-    group = dist.new_group(backend="gloo") if info.backend != "gloo" else None
+    group = dist.new_group(backend="gloo") if info.is_distributed and info.backend != "gloo" else None
 
-    def agree(flag: bool) -> bool:
-        value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
-        return bool(value.item())
+    def agree(*flags: bool):
+        if info.is_distributed:
+            value = torch.tensor([1 if flag else 0 for flag in flags], dtype=torch.int32)
+            dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+            flags = tuple(bool(v) for v in value.tolist())
+        else:
+            flags = tuple(bool(flag) for flag in flags)
+        return flags[0] if len(flags) == 1 else flags
 
     return agree

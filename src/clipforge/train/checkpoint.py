@@ -2,8 +2,8 @@
 
 A checkpoint is a directory ``checkpoints/step_00000100/`` with ``model.safetensors``, ``state.pt``
 (optimizer, scheduler, train state, RNG), ``data_rank{R}.json`` (each rank's data position),
-``sync_rank{R}.json`` (a digest of each rank's weights: rank 0 refuses to save if replicas
-diverged) and ``config.yaml`` (the resolved run config). It is written under a hidden temporary name, every
+``sync_rank{R}.json`` (a digest of each rank's weights: if replicas diverged, every rank raises and
+nothing is saved) and ``config.yaml`` (the resolved run config). It is written under a hidden temporary name, every
 file fsynced, then renamed: a crash or kill never leaves a partial directory under a final name.
 ``latest`` is a symlink to the newest one, replaced atomically. ``manifest.json`` (written last)
 records every file's size and SHA-256; loading verifies them, so a truncated or corrupted
@@ -123,8 +123,7 @@ class Checkpointer:
         _write_synced(temporary / f"sync_rank{self.rank}.json",
                       lambda p: p.write_text(json.dumps({"weights_sha256": weights_digest(model)})))
         _barrier()
-        if self.rank == 0:
-            self._check_ranks_agree(temporary)
+        self._check_ranks_agree(temporary)  # on every rank, so that all of them raise, none waits for rank 0
         if self.rank == 0:
             weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
             _write_synced(temporary / "model.safetensors", lambda p: save_file(weights, str(p)))
@@ -153,7 +152,7 @@ class Checkpointer:
         digests = {f.name: json.loads(f.read_text())["weights_sha256"] for f in sorted(directory.glob("sync_rank*"))}
         if len(set(digests.values())) > 1:
             raise RuntimeError(f"ranks hold different weights at this checkpoint ({digests}); data-parallel replicas "
-                               "diverged — refusing to write a checkpoint from rank 0 alone")
+                               f"diverged — refusing to write {directory.name} from rank 0 alone")
 
     def _prune(self) -> None:
         complete = self.complete()

@@ -363,15 +363,16 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
             batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
         out = step_fn(batch)
         step += 1
+        abort = None
         if out["nonfinite"]:
             nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
             keys = batch.get("keys", [])
             log.warning("step %d: non-finite loss or gradient (loss %s); update skipped (%d in a row)", step,
                         out["loss"].item(), nonfinite_run)
             if nonfinite_run >= cfg.train.max_nonfinite_steps:
-                raise NonFiniteError(f"{nonfinite_run} steps in a row with a non-finite loss or gradient, the last "
-                                     f"at step {step} on rank {dist_info.rank}; its batch's first keys: {keys[:8]} "
-                                     "(train.max_nonfinite_steps)")
+                abort = NonFiniteError(f"{nonfinite_run} steps in a row with a non-finite loss or gradient, the last "
+                                       f"at step {step} on rank {dist_info.rank}; its batch's first keys: {keys[:8]} "
+                                       "(train.max_nonfinite_steps)")
         else:
             nonfinite_run = 0
         window_steps += 1
@@ -402,7 +403,14 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
         window_start += time.perf_counter() - paused
         stop_now = stop.received is not None
         if dist_info.is_distributed:
-            stop_now = not agree(not stop_now)  # any rank signalled: all stop at this same step
+            # one all-reduce per step: a signal or a numerics abort on any rank ends every rank at this same step
+            go_on, healthy = agree(not stop_now, abort is None)
+            stop_now = not go_on
+            if not healthy and abort is None:
+                abort = NonFiniteError(f"step {step}: another rank reached train.max_nonfinite_steps non-finite steps "
+                                       "in a row (its log names the step and the batch keys); every rank stops")
+        if abort is not None:
+            raise abort
         if stop_now and step < cfg.train.steps:
             preempted = True
             break
