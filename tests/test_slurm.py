@@ -2,7 +2,8 @@
 
 The cluster (slurmctld + slurmd + munged, Debian's slurm-wlm 22.05) is installed if missing and started once for
 this module; every test here is skipped, with the reason printed, when it cannot start (not root, no package
-mirror, a daemon that dies). Jobs train the demo config (its model and recipe; the test's small shards, 40
+mirror, a daemon that dies). All carry the ``slurm`` marker: ``pytest -m "not slow and not slurm"`` leaves them out
+(and installs nothing). Jobs train the demo config (its model and recipe; the test's small shards, 40
 steps) with 2 CPU processes on gloo.
 """
 
@@ -23,6 +24,7 @@ from clipforge.train.checkpoint import verify
 REPO = Path(__file__).resolve().parents[1]
 CLIPFORGE = [sys.executable, "-m", "clipforge"]
 STEPS = 40
+pytestmark = pytest.mark.slurm
 
 
 @pytest.fixture(scope="module")
