@@ -51,6 +51,33 @@ def test_training_with_the_switch_learns(switch, synth_data, tiny_model_json, tm
     assert len(moved) > 0.8 * len(weights), f"only {len(moved)} of {len(weights)} tensors changed"
 
 
+def test_channels_last_auto_is_on_for_a_convolutional_tower_only(tiny_model_json, tiny_resnet_json):
+    from clipforge.models import ModelConfig
+    from clipforge.train.loop import use_channels_last
+
+    resnet, vit = (build_model(ModelConfig(name=name)).model for name in (tiny_resnet_json, tiny_model_json))
+    assert use_channels_last("auto", resnet) and not use_channels_last("auto", vit)
+    assert use_channels_last(True, vit) and not use_channels_last(False, resnet)
+    with pytest.raises(ValueError, match="train.channels_last: must be true, false or 'auto', got 'yes please'"):
+        load_config(None, ["data.train_urls=x.tar", "train.channels_last=yes please"])
+
+
+def test_channels_last_changes_the_layout_not_the_training(synth_data, tiny_resnet_json, tmp_path):
+    """The convolutional tower (where 'auto' turns it on) trains to the same losses and weights either way."""
+    runs = {flag: run(synth_data, tiny_resnet_json, tmp_path / flag, f"train.channels_last={flag}", steps=6)
+            for flag in ("true", "false")}
+    (_, curve_cl, weights_cl), (cfg, curve, weights) = runs["true"], runs["false"]
+    # summation order differs (convolution, batch norm): equal to float rounding, compounded over 6 steps
+    torch.testing.assert_close(torch.tensor(curve_cl), torch.tensor(curve), rtol=1e-3, atol=1e-5)
+    torch.manual_seed(cfg.train.seed)
+    initial = build_model(cfg.model).model.state_dict()
+    float_keys = [k for k, v in weights.items() if v.is_floating_point()]
+    moved = sum((weights[k] - initial[k]).double().norm() ** 2 for k in float_keys) ** 0.5
+    apart = sum((weights_cl[k] - weights[k]).double().norm() ** 2 for k in float_keys) ** 0.5
+    assert apart < 0.01 * moved, (apart, moved)  # the runs differ by rounding, not by what they learned
+    assert all(value.is_contiguous() for value in weights_cl.values())  # checkpoints keep the standard layout
+
+
 def test_lit_locked_image_tower_stays_frozen_while_the_text_tower_learns(synth_data, tiny_model_json, tmp_path):
     cfg, curve, weights = run(synth_data, tiny_model_json, tmp_path / "run", "model.lock_image=true",
                               "model.lock_image_unlocked_groups=1", steps=6)
