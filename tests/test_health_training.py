@@ -56,6 +56,31 @@ def test_health_is_measured_on_the_held_out_pairs_and_plotted(synth_data, synth_
     ranks = [1 + (x[i] @ y.T > x[i] @ y[i] + 1e-6).sum() + ((abs(x[i] @ y.T - x[i] @ y[i]) <= 1e-6).sum() - 1) / 2
              for i in range(64)]
     assert measured[1]["health/mean_rank_i2t"] == pytest.approx(np.mean(ranks), abs=1e-6)
+    ranks_t2i = [1 + (y[i] @ x.T > y[i] @ x[i] + 1e-6).sum() + ((abs(y[i] @ x.T - y[i] @ x[i]) <= 1e-6).sum() - 1) / 2
+                 for i in range(64)]
+    similarity = x @ y.T
+    off_diagonal = similarity + np.diag(np.full(64, -np.inf))
+
+    def uniformity(z):
+        upper = np.triu_indices(len(z), 1)
+        return np.log(np.exp(-2 * ((z[:, None] - z[None]) ** 2).sum(-1)[upper]).mean())
+
+    def effective_rank(z):  # singular values under float32 rounding of the centring count as zero (its rule)
+        singular = np.linalg.svd(z - z.mean(0), compute_uv=False)
+        singular = singular[singular > max(z.shape) * np.finfo(np.float32).eps * np.linalg.norm(z)]
+        p = singular / singular.sum()
+        return np.exp(-(p * np.log(p)).sum())
+
+    expected = {"health/uniformity_image": uniformity(x), "health/uniformity_text": uniformity(y),
+                "health/positive_cos": np.diag(similarity).mean(),
+                "health/hardest_negative_cos_i2t": off_diagonal.max(1).mean(),
+                "health/hardest_negative_cos_t2i": off_diagonal.max(0).mean(),
+                "health/mean_rank_t2i": np.mean(ranks_t2i),
+                "health/effective_rank_image": effective_rank(x), "health/effective_rank_text": effective_rank(y),
+                "health/std_mean_image": x.std(0).mean(), "health/std_min_image": x.std(0).min(),
+                "health/std_mean_text": y.std(0).mean(), "health/std_min_text": y.std(0).min()}
+    for key, value in expected.items():
+        assert measured[1][key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
     with Image.open(run_dir / "curves.png") as curves:
         assert curves.size == (1500, 400)  # loss, temperature and the alignment / uniformity panel
 
