@@ -49,7 +49,16 @@ def test_metrics_cover_loss_lr_temperature_throughput_memory_and_wandb(synth_dat
                 "perf/compute_time_s", "perf/max_memory_mb", "train/nonfinite_steps"):
         assert key in last, key
     assert last["perf/max_memory_mb"] > 50 and 0 <= last["perf/data_wait_fraction"] <= 1
-    assert (tmp_path / "run" / "tensorboard").is_dir()
+    # TensorBoard: the same scalars at the same steps as metrics.jsonl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    logged = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+    scalars = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert scalars.keys() == logged.keys() and len(logged) == 2
+    assert all(scalars[step] == pytest.approx(logged[step], rel=1e-6) for step in logged)  # stored as float32
+    assert {e.step for e in events.Scalars("perf/samples_per_s")} == logged.keys()
     # W&B: one run, in the run directory, the whole config, and exactly the numbers of metrics.jsonl
     assert fake.inits == [{"project": "proj", "name": "run", "dir": str(tmp_path / "run"), "id": None,
                            "resume": "allow"}]
@@ -67,3 +76,15 @@ def test_wandb_without_the_package_is_refused_before_any_work(monkeypatch, tmp_p
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     with pytest.raises(ConfigError, match="logging.wandb=true needs the wandb package"):
         load_config(None, ["data.train_urls=x.tar", "logging.wandb=true"])
+
+
+def test_progress_bar_only_on_rank_0(tmp_path, monkeypatch):
+    from clipforge.train.metrics import LoggingConfig, MetricLogger
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # as in a terminal
+    loggers = [MetricLogger(tmp_path, LoggingConfig(tensorboard=False), 10, 0, rank == 0)
+               for rank in (0, 1)]
+    assert loggers[0].bar is not None and loggers[0].bar.total == 10
+    assert loggers[1].bar is None
+    for logger in loggers:
+        logger.close()
