@@ -95,6 +95,23 @@ def test_lit_locked_image_tower_stays_frozen_while_the_text_tower_learns(synth_d
     assert sum(not torch.equal(state[k], weights[k]) for k in text) > 0.8 * len(text)
 
 
+def test_locked_text_tower_stays_frozen_while_the_image_tower_learns(synth_data, tiny_model_json, tmp_path):
+    cfg, curve, weights = run(synth_data, tiny_model_json, tmp_path / "run", "model.lock_text=true",
+                              "model.lock_text_unlocked_layers=1", steps=6)
+    torch.manual_seed(cfg.train.seed)
+    initial = build_model(cfg.model).model
+    trainable = {n for n, p in initial.named_parameters() if p.requires_grad}
+    state = initial.state_dict()
+    text = [k for k in weights if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")]
+    frozen = [k for k in text if k not in trainable]
+    unlocked = [k for k in text if k in trainable]
+    assert frozen and unlocked == ["text_projection"]  # open_clip's last group
+    assert all(torch.equal(state[k], weights[k]) for k in frozen)  # locked: bit-identical after training
+    assert all(not torch.equal(state[k], weights[k]) for k in unlocked)
+    image = [k for k in weights if k.startswith("visual.")]
+    assert sum(not torch.equal(state[k], weights[k]) for k in image) > 0.8 * len(image)
+
+
 def test_switches_that_cannot_apply_are_refused(tiny_resnet_json):
     from clipforge.models import ModelConfig
 

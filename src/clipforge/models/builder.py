@@ -56,8 +56,9 @@ class ModelConfig:
     lock_text: bool = False
     """Freeze the text tower."""
     lock_text_unlocked_layers: int = 0
-    """With lock_text: leave the last N layer groups trainable (open_clip's grouping, from the end: final LayerNorm
-    + projection, then one group per transformer block, then the embeddings)."""
+    """With lock_text: leave the last N layer groups trainable (open_clip's grouping, from the end: the projection,
+    then the last transformer block with the final LayerNorm, then one group per earlier block, then the
+    embeddings)."""
     lock_text_freeze_layer_norm: bool = True
     """With lock_text: keep the frozen layers' LayerNorms frozen too (open_clip's built-in text tower requires it)."""
 
