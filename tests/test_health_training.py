@@ -99,6 +99,38 @@ def test_collapse_alarm_warns_names_the_metric_and_can_stop_the_run(synth_data, 
         train(config(synth_data, tiny_resnet_json, tmp_path / "stop", *impossible, "health.stop_on_collapse=true"))
 
 
+def test_a_collapse_stop_found_by_rank_0_stops_both_ranks(synth_data, synth_suite, tiny_resnet_json, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from ranks import free_port
+
+    from clipforge.config import to_yaml
+
+    cfg = config(synth_data, tiny_resnet_json, tmp_path / "run", "train.steps=20", f"eval.suite={synth_suite}",
+                 "eval.batch_size=100", "health.every_n_steps=2", "health.num_samples=32",
+                 "health.min_effective_rank=1000", "health.stop_on_collapse=true")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(to_yaml(cfg))
+    port = str(free_port())
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_"))}
+    ranks = [subprocess.Popen([sys.executable, "-m", "clipforge", "train", str(path)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**base, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+                                   "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                   "OMP_NUM_THREADS": "1"})
+             for rank in range(2)]
+    try:
+        outputs = [process.communicate(timeout=240)[0] for process in ranks]
+    finally:
+        for process in ranks:
+            process.kill()
+    assert all(process.returncode != 0 for process in ranks), outputs
+    assert "CollapseError: step 2: health/effective_rank_image = " in outputs[0], outputs[0][-3000:]
+    assert "CollapseError: step 2: rank 0 found the embeddings collapsing" in outputs[1], outputs[1][-3000:]
+
+
 def test_temperature_pinned_at_its_clamp_is_an_alarm(synth_data, tiny_resnet_json, tmp_path):
     # logit_scale starts at 1/0.07 = 14.29; a clamp at 1 pins it from the first step (the loss pushes it up)
     with pytest.raises(CollapseError, match=r"step 3: logit_scale = 1 has sat at loss.max_logit_scale 1 for 3"):
