@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import socket
+import subprocess
 from pathlib import Path
 
 import torch
@@ -38,3 +40,23 @@ def run_ranks(fn, world_size: int, out_dir: Path, *args) -> list:
     mp.start_processes(_entry, args=(fn, world_size, free_port(), str(out_dir), args), nprocs=world_size, join=True,
                        start_method="spawn")
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+
+
+def launch_ranks(command: list[str], world_size: int, timeout: float = 240, **env: str) -> list[tuple[int, str]]:
+    """``command`` as each rank of a torchrun-style launch on this host (RANK, WORLD_SIZE, MASTER_* set; any
+    launcher or SLURM variables of the calling environment removed); (exit code, stdout + stderr) per rank."""
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
+    port = str(free_port())
+    processes = [subprocess.Popen(command, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  env={**base, "RANK": str(rank), "WORLD_SIZE": str(world_size),
+                                       "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size),
+                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
+                                       "PYTHONUNBUFFERED": "1", **env})
+                 for rank in range(world_size)]
+    try:
+        outputs = [process.communicate(timeout=timeout)[0] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    return [(process.returncode, output) for process, output in zip(processes, outputs)]

@@ -100,11 +100,9 @@ def test_collapse_alarm_warns_names_the_metric_and_can_stop_the_run(synth_data, 
 
 
 def test_a_collapse_stop_found_by_rank_0_stops_both_ranks(synth_data, synth_suite, tiny_resnet_json, tmp_path):
-    import os
-    import subprocess
     import sys
 
-    from ranks import free_port
+    from ranks import launch_ranks
 
     from clipforge.config import to_yaml
 
@@ -113,22 +111,10 @@ def test_a_collapse_stop_found_by_rank_0_stops_both_ranks(synth_data, synth_suit
                  "health.min_effective_rank=1000", "health.stop_on_collapse=true")
     path = tmp_path / "cfg.yaml"
     path.write_text(to_yaml(cfg))
-    port = str(free_port())
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_"))}
-    ranks = [subprocess.Popen([sys.executable, "-m", "clipforge", "train", str(path)], text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env={**base, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-                                   "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                                   "OMP_NUM_THREADS": "1"})
-             for rank in range(2)]
-    try:
-        outputs = [process.communicate(timeout=240)[0] for process in ranks]
-    finally:
-        for process in ranks:
-            process.kill()
-    assert all(process.returncode != 0 for process in ranks), outputs
-    assert "CollapseError: step 2: health/effective_rank_image = " in outputs[0], outputs[0][-3000:]
-    assert "CollapseError: step 2: rank 0 found the embeddings collapsing" in outputs[1], outputs[1][-3000:]
+    (code0, out0), (code1, out1) = launch_ranks([sys.executable, "-m", "clipforge", "train", str(path)], 2)
+    assert code0 != 0 and code1 != 0
+    assert "CollapseError: step 2: health/effective_rank_image = " in out0, out0[-3000:]
+    assert "CollapseError: step 2: rank 0 found the embeddings collapsing" in out1, out1[-3000:]
 
 
 def test_temperature_pinned_at_its_clamp_is_an_alarm(synth_data, tiny_resnet_json, tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ranks import free_port
+from ranks import free_port, launch_ranks
 from safetensors.torch import load_file
 
 from clipforge.config import load_config
@@ -282,15 +282,8 @@ def test_a_numerics_abort_on_one_rank_stops_every_rank(synth_data, tiny_model_js
                           checkpoint_every=100, max_nonfinite_steps=2)
     script = tmp_path / "faulty.py"
     script.write_text(FAULTY_RANK)
-    port = free_port()
-    ranks = [subprocess.Popen([sys.executable, str(script), "train", str(config)], env=rank_env(rank, 2, port),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
-    try:
-        outputs = [process.communicate(timeout=240)[0] for process in ranks]
-    finally:
-        for process in ranks:
-            process.kill()
-    assert all(process.returncode != 0 for process in ranks), outputs
+    (code0, out0), (code1, out1) = launch_ranks([sys.executable, str(script), "train", str(config)], 2)
+    assert code0 != 0 and code1 != 0
     assert "NonFiniteError: 2 steps in a row with a non-finite loss or gradient, the last at step 4 on rank 1" in \
-        outputs[1], outputs[1][-3000:]
-    assert "NonFiniteError: step 4: another rank reached train.max_nonfinite_steps" in outputs[0], outputs[0][-3000:]
+        out1, out1[-3000:]
+    assert "NonFiniteError: step 4: another rank reached train.max_nonfinite_steps" in out0, out0[-3000:]
