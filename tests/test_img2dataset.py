@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipforge.data import prep
+from clipforge.data.inspection import inspect_shards
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_GOOD = 12
@@ -157,7 +157,7 @@ def test_img2dataset_downloads_every_good_url_once_with_its_caption(img2dataset_
 def test_inspect_validates_img2dataset_output_and_writes_sizes_json(img2dataset_run):
     out = img2dataset_run.out
     assert not (out / "sizes.json").exists()  # img2dataset writes none; OpenCLIP needs it (or --train-num-samples)
-    report = prep.inspect_shards(out, num_workers=1)
+    report = inspect_shards(out, num_workers=1)
     assert report["ok"], report["problems"]
     assert report["samples"] == report["valid"] == NUM_GOOD and report["extensions"] == {"jpg": NUM_GOOD}
     assert report["image_shorter_side"]["64-127"] == NUM_GOOD
@@ -174,7 +174,7 @@ def test_open_clip_train_loader_reads_img2dataset_output(img2dataset_run, monkey
 
     out = img2dataset_run.out
     if not (out / "sizes.json").exists():
-        prep.inspect_shards(out, num_workers=1)
+        inspect_shards(out, num_workers=1)
     batches, loader = read_with_open_clip(str(out / "{00000..00002}.tar"), monkeypatch, batch_size=4, image_size=48)
     assert loader.num_samples == NUM_GOOD and len(batches) == NUM_GOOD // 4
     for images, texts in batches:

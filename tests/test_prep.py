@@ -1,4 +1,5 @@
-"""clipforge.data.prep: tables and HF datasets → img2dataset-layout shards; inspect; OpenCLIP reads the output."""
+"""clipforge.data.prep: tables and HF datasets → img2dataset-layout shards; clipforge.data.inspection checks them;
+OpenCLIP reads the output."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from PIL import Image
 
 from clipforge.cli import build_parser, main
 from clipforge.data import prep
+from clipforge.data.inspection import inspect_shards
 from clipforge.data.shards import write_tar
 
 SAMPLES_PER_SHARD = 5
@@ -309,7 +311,7 @@ def truncated_copy(shard: Path, target: Path, sample_index: int) -> None:
 
 
 def test_inspect_reports_counts_problems_by_kind_and_histograms(table_shards, inputs, tmp_path):
-    report = prep.inspect_shards(table_shards, num_workers=2)
+    report = inspect_shards(table_shards, num_workers=2)
     assert report["ok"] and report["problems"] == {}
     assert report["shards"] == 6 and report["samples"] == report["valid"] == NUM_GOOD
     assert report["sizes_json"] == "matches"
@@ -332,7 +334,7 @@ def test_inspect_reports_counts_problems_by_kind_and_histograms(table_shards, in
     write_bad_shard(bad / "00000.tar")
     truncated_copy(table_shards / "00002.tar", bad / "00001.tar", sample_index=2)
     (bad / "00002.tar").write_bytes(b"this is not a tar file at all" * 30)
-    report = prep.inspect_shards(bad, num_workers=1)
+    report = inspect_shards(bad, num_workers=1)
     assert not report["ok"] and report["shards"] == 3
     assert report["problems"] == {"corrupt_image": 1, "missing_caption": 1, "empty_caption": 1,
                                   "bad_caption_encoding": 1, "missing_image": 1, "invalid_json": 1,
@@ -350,18 +352,18 @@ def test_inspect_checks_sizes_json_and_writes_it_when_absent(table_shards, tmp_p
     shutil.copytree(table_shards, copy)
     sizes = json.loads((copy / "sizes.json").read_text())
     (copy / "sizes.json").write_text(json.dumps({**sizes, "00003.tar": 7}))
-    report = prep.inspect_shards(f"{copy}/{{00000..00005}}.tar", write_stats=False, num_workers=1)
+    report = inspect_shards(f"{copy}/{{00000..00005}}.tar", write_stats=False, num_workers=1)
     assert report["problems"] == {"sizes_json_mismatch": 1} and not report["ok"]
     assert "sizes.json says 7 samples in 00003.tar, it holds 5" in report["examples"]["sizes_json_mismatch"]
     (copy / "sizes.json").unlink()
-    report = prep.inspect_shards(copy, num_workers=1)
+    report = inspect_shards(copy, num_workers=1)
     assert report["ok"] and report["sizes_json"] == "written"
     assert json.loads((copy / "sizes.json").read_text()) == sizes
     with pytest.raises(FileNotFoundError, match="bad: no such shard or directory"):
-        prep.inspect_shards(tmp_path / "bad")
+        inspect_shards(tmp_path / "bad")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no .tar shards"):
-        prep.inspect_shards(tmp_path / "empty")
+        inspect_shards(tmp_path / "empty")
 
 
 def test_cli_prep_table_hf_and_inspect(inputs, tmp_path, capsys):

@@ -52,7 +52,7 @@ def _prep_hf(args: argparse.Namespace) -> int:
 
 
 def _prep_inspect(args: argparse.Namespace) -> int:
-    from clipforge.data.prep import inspect_shards
+    from clipforge.data.inspection import inspect_shards
 
     report = inspect_shards(args.shards, write_stats=not args.no_write, num_workers=args.workers,
                             progress=not args.quiet)
