@@ -81,6 +81,17 @@ def test_resampled_weights_are_per_sample_proportions(tmp_path):
     assert 0.68 < share_b < 0.82, counts  # 3:1 → 75% of samples from b
 
 
+def test_resampled_weights_use_num_samples_when_shards_have_no_counts(tmp_path):
+    # like an hf:// or s3:// source with only data.sources[i].num_samples: its shard size is num_samples / shards
+    a = write_source(tmp_path / "a", "a", 2, 40)
+    b = write_source(tmp_path / "b", "b", 4, 10, counts=None)
+    loader = make_loader([SourceConfig(urls=a, weight=1.0), SourceConfig(urls=b, weight=3.0, num_samples=40)],
+                         mode="resampled", epoch_samples=4000, batch_size=50)
+    counts = Counter(key[0] for _ in range(loader.steps_per_epoch) for key in next(loader)["keys"])
+    share_b = counts["b"] / (counts["a"] + counts["b"])
+    assert 0.68 < share_b < 0.82, counts  # 3:1 → 75% from b (it was 100%: b's shards counted as 1 sample each)
+
+
 def test_pipe_and_fsspec_urls(tmp_path):
     local = write_source(tmp_path / "a", "a", 2, 6)
     piped = f"pipe:cat {tmp_path}/a/{{00000..00001}}.tar"

@@ -221,10 +221,7 @@ class ShardedImageText(IterableDataset):
             yield from plan[self.rank * num_workers + logical_worker]
             return
         rng = random.Random(f"{self.cfg.seed}-resample-{self.epoch}-{self.rank}-{logical_worker}")
-        weights = []
-        for source in self.sources:
-            known = [v for v in source.sizes.values() if v]
-            weights.append(source.weight / (sum(known) / len(known) if known else 1.0))
+        weights = [source.weight / source.mean_shard_size() for source in self.sources]  # per-sample proportions
         while True:
             source = rng.choices(self.sources, weights)[0]
             yield rng.choice(source.shards)

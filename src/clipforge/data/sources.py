@@ -133,3 +133,13 @@ class Source:
         if cfg.weight <= 0:
             raise ValueError(f"{where}.weight: must be positive, got {cfg.weight}")
         return cls(shards, sizes, cfg.weight, num_samples)
+
+    def mean_shard_size(self) -> float:
+        """Samples per shard: from the shards' counts, else the source's num_samples spread over its shards. A
+        source is drawn with probability weight / mean_shard_size per shard, so that weights are sample shares."""
+        known = [v for v in self.sizes.values() if v]
+        if known:
+            return sum(known) / len(known)
+        if self.num_samples:
+            return self.num_samples / len(self.shards)
+        return 1.0  # no count at all (refused in resampled mode before it gets here)
