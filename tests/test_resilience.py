@@ -287,3 +287,33 @@ def test_a_numerics_abort_on_one_rank_stops_every_rank(synth_data, tiny_model_js
     assert "NonFiniteError: 2 steps in a row with a non-finite loss or gradient, the last at step 4 on rank 1" in \
         out1, out1[-3000:]
     assert "NonFiniteError: step 4: another rank reached train.max_nonfinite_steps" in out0, out0[-3000:]
+
+
+def _save_then_load_own_rng(rank, world_size, out):
+    import random as python_random
+
+    import torch
+
+    from clipforge.train.checkpoint import rng_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)  # the same replica on both ranks
+    torch.manual_seed(100 + rank)  # but each rank's generators are its own
+    python_random.seed(rank)
+    saved = rng_state()
+    Checkpointer(Path(out), rank=rank).save(1, model, {"step": 1, "rng": saved}, {"rank": rank}, "train: {}\n")
+    torch.manual_seed(12345)
+    state, data = load_checkpoint(Path(out) / "step_00000001", model, rank)
+    return {"torch": torch.equal(state["rng"]["torch"], saved["torch"]),
+            "python": tuple(state["rng"]["python"][1]) == saved["python"][1], "data": data,
+            "draw": (torch.set_rng_state(state["rng"]["torch"]), torch.rand(3))[1]}
+
+
+def test_every_rank_resumes_its_own_random_generators(tmp_path):
+    from ranks import run_ranks
+
+    ranks = run_ranks(_save_then_load_own_rng, 2, tmp_path / "ranks", str(tmp_path / "checkpoints"))
+    assert all(r["torch"] and r["python"] for r in ranks), ranks
+    assert [r["data"] for r in ranks] == [{"rank": 0}, {"rank": 1}]
+    assert ranks[0]["draw"].tolist() != ranks[1]["draw"].tolist()  # rank 1 did not get rank 0's stream
+    assert {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in (tmp_path / "checkpoints" / "step_00000001").iterdir()}

@@ -1,7 +1,8 @@
 """Atomic checkpoints: weights as safetensors, optimizer/schedule/loop/RNG state as a tensors-only pickle.
 
 A checkpoint is a directory ``checkpoints/step_00000100/`` with ``model.safetensors``, ``state.pt``
-(optimizer, scheduler, train state, RNG), ``data_rank{R}.json`` (each rank's data position),
+(optimizer, scheduler, train state), ``data_rank{R}.json`` (each rank's data position),
+``rng_rank{R}.pt`` (each rank's torch/CUDA/Python generator states),
 ``sync_rank{R}.json`` (a digest of each rank's weights: if replicas diverged, every rank raises and
 nothing is saved) and ``config.yaml`` (the resolved run config). It is written under a hidden temporary name, every
 file fsynced, then renamed: a crash or kill never leaves a partial directory under a final name.
@@ -120,6 +121,10 @@ class Checkpointer:
         _barrier()
         _write_synced(temporary / f"data_rank{self.rank}.json",
                       lambda p: p.write_text(json.dumps(data_state, sort_keys=True)))
+        state = dict(state)
+        if "rng" in state:  # every rank's own generators (dropout, patch-dropout masks differ between ranks)
+            rng = state.pop("rng")
+            _write_synced(temporary / f"rng_rank{self.rank}.pt", lambda p: torch.save(rng, p))
         _write_synced(temporary / f"sync_rank{self.rank}.json",
                       lambda p: p.write_text(json.dumps({"weights_sha256": weights_digest(model)})))
         _barrier()
@@ -191,6 +196,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, rank: int = 0) -> 
     verify(path)
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    rng_file = path / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        state["rng"] = torch.load(rng_file, map_location="cpu", weights_only=True)
     data_file = path / f"data_rank{rank}.json"
     if not data_file.is_file():
         raise FileNotFoundError(f"checkpoint {path} has no data position for rank {rank} ({data_file.name}); "
