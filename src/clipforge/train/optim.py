@@ -1,7 +1,9 @@
-"""AdamW with CLIP's parameter groups, and a warmup + cosine learning-rate schedule.
+"""AdamW with open_clip_train's parameter groups, and a warmup + cosine learning-rate schedule.
 
-No weight decay on biases, norm weights, embeddings (token, positional, class) and the
-temperature ``logit_scale`` (what open_clip_train excludes, plus the embeddings).
+No weight decay on what open_clip_train exempts (its ``main.py``: parameters with fewer than 2 dimensions, or
+"bn", "ln", "bias" or "logit_scale" in the name), so a recipe copied from OpenCLIP decays exactly the same
+tensors; the 2-D token and positional embeddings are decayed, as there. ``optim.weight_decay_embeddings: false``
+also exempts the embeddings (token, positional, class; timm's ``pos_embed`` and ``cls_token``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import torch
 log = logging.getLogger(__name__)
 
 
+SCHEDULES = ("cosine", "constant", "constant-cooldown")
+
+
 @dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
@@ -22,7 +27,9 @@ class OptimConfig:
     lr: float = 5e-4
     """Peak learning rate (after warmup)."""
     weight_decay: float = 0.2
-    """AdamW decoupled weight decay on weight matrices (none on biases, norms, embeddings, logit_scale)."""
+    """AdamW decoupled weight decay, on the tensors open_clip_train decays (none on biases, norms, logit_scale)."""
+    weight_decay_embeddings: bool = True
+    """Decay the 2-D token / positional embeddings too, as open_clip_train does; false exempts them."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.98
@@ -32,32 +39,45 @@ class OptimConfig:
     warmup_steps: int = 100
     """Linear warmup from 0 to lr over this many steps."""
     schedule: str = "cosine"
-    """After warmup: cosine (decay to min_lr at the last step) or constant."""
+    """After warmup: cosine (decay to min_lr at the last step), constant, or constant-cooldown (constant, then
+    the last cooldown_steps decay to min_lr: OpenCLIP's const-cooldown)."""
     min_lr: float = 0.0
-    """Final learning rate of the cosine schedule."""
+    """Final learning rate of the cosine and constant-cooldown schedules."""
+    cooldown_steps: int = 0
+    """constant-cooldown: length of the final decay."""
+    cooldown_power: float = 1.0
+    """constant-cooldown: 1 = linear decay, else polynomial (OpenCLIP's --lr-cooldown-power)."""
     grad_clip_norm: float | None = 1.0
     """Clip the global gradient norm to this value (null = no clipping)."""
     fused: bool = True
     """Fused AdamW kernel (one kernel for all parameters) where the device supports it; else the foreach one."""
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"optim.schedule: {self.schedule!r} is not one of ('cosine', 'constant')")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule: {self.schedule!r} is not one of {SCHEDULES}")
+        if self.schedule == "constant-cooldown" and self.cooldown_steps <= 0:
+            raise ValueError(f"optim.cooldown_steps: constant-cooldown needs a positive length, got "
+                             f"{self.cooldown_steps}")
         if self.lr <= 0:
             raise ValueError(f"optim.lr: must be positive, got {self.lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
 
 
-def no_weight_decay(name: str, parameter: torch.nn.Parameter) -> bool:
-    return parameter.ndim < 2 or "embedding" in name or "logit_scale" in name or "logit_bias" in name
+EMBEDDINGS = ("token_embedding", "positional_embedding", "class_embedding", "pos_embed", "cls_token")
+
+
+def no_weight_decay(name: str, parameter: torch.nn.Parameter, decay_embeddings: bool = True) -> bool:
+    exempt = parameter.ndim < 2 or any(part in name for part in ("bn", "ln", "bias", "logit_scale"))
+    return exempt or (not decay_embeddings and any(part in name for part in EMBEDDINGS))
 
 
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.AdamW:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    exempt = {n for n, p in named if no_weight_decay(n, p, cfg.weight_decay_embeddings)}
     groups = [
-        {"params": [p for n, p in named if no_weight_decay(n, p)], "weight_decay": 0.0},
-        {"params": [p for n, p in named if not no_weight_decay(n, p)], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in named if n in exempt], "weight_decay": 0.0},
+        {"params": [p for n, p in named if n not in exempt], "weight_decay": cfg.weight_decay},
     ]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if cfg.fused:
@@ -74,8 +94,14 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
     floor = cfg.min_lr / cfg.lr
+    if cfg.schedule == "constant-cooldown":
+        start = total_steps - cfg.cooldown_steps
+        if step < start:
+            return 1.0
+        decay = (1 - (step - start) / cfg.cooldown_steps) ** cfg.cooldown_power
+        return decay * (1 - floor) + floor
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 

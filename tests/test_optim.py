@@ -1,0 +1,66 @@
+"""AdamW groups and learning-rate schedules against open_clip_train's own code (its installed source)."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import open_clip_train
+import pytest
+import torch
+from open_clip_train.scheduler import const_lr_cooldown, cosine_lr
+
+from clipforge.models import ModelConfig, build_model
+from clipforge.train.optim import OptimConfig, build_optimizer, build_scheduler
+
+
+def open_clip_exclude():
+    """The weight-decay exemption rule as written in open_clip_train/main.py (``exclude = lambda n, p: ...``)."""
+    source = (Path(open_clip_train.__file__).parent / "main.py").read_text()
+    line = re.search(r"exclude = (lambda n, p: .*)", source).group(1)
+    return eval(line)
+
+
+@pytest.mark.parametrize("siglip", [False, True])
+def test_decayed_tensors_are_open_clips(siglip, tiny_model_json, tiny_resnet_json):
+    exclude = open_clip_exclude()
+    for name in (tiny_model_json, tiny_resnet_json):
+        extra = {"init_logit_scale": 2.302585, "init_logit_bias": -10.0} if siglip else {}
+        model = build_model(ModelConfig(name=name, **extra)).model
+        optimizer = build_optimizer(OptimConfig(weight_decay=0.2), model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+        expected = {n for n, p in model.named_parameters() if not exclude(n, p)}
+        assert decayed == expected and {"token_embedding.weight", "positional_embedding"} <= decayed
+        exempt = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+        assert exempt | decayed == set(names.values()) and "logit_scale" in exempt
+        optimizer = build_optimizer(OptimConfig(weight_decay=0.2, weight_decay_embeddings=False), model)
+        decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+        embeddings = {n for n in expected if n.endswith(("token_embedding.weight", "positional_embedding"))}
+        assert decayed == expected - embeddings and "positional_embedding" in embeddings
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant-cooldown"])
+def test_learning_rate_per_step_is_open_clips(schedule):
+    steps, warmup, lr = 200, 30, 5e-4
+    reference_optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    if schedule == "cosine":
+        reference = cosine_lr(reference_optimizer, lr, warmup, steps)
+        cfg = OptimConfig(lr=lr, warmup_steps=warmup, schedule="cosine")
+    else:
+        reference = const_lr_cooldown(reference_optimizer, lr, warmup, steps, 50, 2.0, 1e-5)
+        cfg = OptimConfig(lr=lr, warmup_steps=warmup, schedule="constant-cooldown", cooldown_steps=50,
+                          cooldown_power=2.0, min_lr=1e-5)
+    parameter = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.AdamW([parameter], lr=lr)
+    scheduler = build_scheduler(cfg, optimizer, steps)
+    for step in range(steps):  # the lr of the update at `step`, as OpenCLIP sets it before that update
+        assert math.isclose(optimizer.param_groups[0]["lr"], reference(step), rel_tol=1e-12, abs_tol=1e-15), step
+        optimizer.step()
+        scheduler.step()
+
+
+def test_constant_cooldown_needs_a_length():
+    with pytest.raises(ValueError, match="optim.cooldown_steps"):
+        OptimConfig(schedule="constant-cooldown")
