@@ -12,7 +12,7 @@ import torch
 from open_clip_train.scheduler import const_lr_cooldown, cosine_lr
 
 from clipforge.models import ModelConfig, build_model
-from clipforge.train.optim import OptimConfig, build_optimizer, build_scheduler
+from clipforge.train.optim import OptimConfig, build_optimizer, build_scheduler, load_schedule_state
 
 
 def open_clip_exclude():
@@ -64,3 +64,35 @@ def test_learning_rate_per_step_is_open_clips(schedule):
 def test_constant_cooldown_needs_a_length():
     with pytest.raises(ValueError, match="optim.cooldown_steps"):
         OptimConfig(schedule="constant-cooldown")
+
+
+def test_resumed_schedule_follows_the_config_and_is_unchanged_when_the_config_is():
+    def make(lr):
+        parameter = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.AdamW([parameter], lr=lr)
+        cfg = OptimConfig(lr=lr, warmup_steps=5)
+        return parameter, optimizer, build_scheduler(cfg, optimizer, 40), cfg
+
+    def run(parameter, optimizer, scheduler, steps):
+        lrs = []
+        for _ in range(steps):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            parameter.grad = torch.ones(3)
+            optimizer.step()
+            scheduler.step()
+        return lrs
+
+    parameter, optimizer, scheduler, _ = make(1e-3)
+    run(parameter, optimizer, scheduler, 12)
+    saved = (optimizer.state_dict(), scheduler.state_dict())
+    uninterrupted = run(parameter, optimizer, scheduler, 28)
+    for lr in (1e-3, 3e-4):  # resumed with the same config, then with another optim.lr
+        parameter, optimizer, scheduler, cfg = make(lr)
+        optimizer.load_state_dict(saved[0])
+        load_schedule_state(scheduler, optimizer, saved[1], cfg, 40)
+        resumed = run(parameter, optimizer, scheduler, 28)
+        if lr == 1e-3:
+            assert resumed == uninterrupted  # bit-identical
+        else:
+            assert resumed == pytest.approx([x * 0.3 for x in uninterrupted], rel=1e-12)
+            assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-15)  # the cosine ends at min_lr

@@ -31,7 +31,7 @@ from clipforge.models import build_model, enable_text_trimming
 from clipforge.train.checkpoint import Checkpointer, load_checkpoint, rng_state, set_rng_state
 from clipforge.train.metrics import MetricLogger, plot_curves
 from clipforge.train.momentum import MomentumQueue
-from clipforge.train.optim import build_optimizer, build_scheduler
+from clipforge.train.optim import build_optimizer, build_scheduler, load_schedule_state
 from clipforge.train.parallel import parallelize, unwrap
 from clipforge.train.step import AUTOCAST_DTYPES, build_step
 
@@ -340,7 +340,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
     if resume_from is not None:
         state, data_state = load_checkpoint(resume_from, built.model, dist_info.rank)
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        load_schedule_state(scheduler, optimizer, state["scheduler"], cfg.optim, cfg.train.steps)
         if step_fn.scaler is not None and "scaler" in state:
             step_fn.scaler.load_state_dict(state["scaler"])
         if queue is not None:

@@ -107,3 +107,15 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
+
+
+def load_schedule_state(scheduler, optimizer: torch.optim.Optimizer, state: dict, cfg: OptimConfig,
+                        total_steps: int) -> None:
+    """Resume the schedule's position (its step count) from a checkpoint, after ``optimizer.load_state_dict``. The
+    learning rate itself follows this run's config (optim.lr, warmup, schedule, train.steps), as open_clip_train
+    recomputes it from its arguments every step; with an unchanged config it is the same number."""
+    scheduler.load_state_dict({k: v for k, v in state.items() if k not in ("base_lrs", "_last_lr")})
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    lr = cfg.lr * lr_factor(scheduler.last_epoch, cfg, total_steps)  # LambdaLR's own expression: base * factor
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["lr"] = cfg.lr, lr
