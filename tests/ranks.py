@@ -45,18 +45,29 @@ def run_ranks(fn, world_size: int, out_dir: Path, *args) -> list:
 def launch_ranks(command: list[str], world_size: int, timeout: float = 240, **env: str) -> list[tuple[int, str]]:
     """``command`` as each rank of a torchrun-style launch on this host (RANK, WORLD_SIZE, MASTER_* set; any
     launcher or SLURM variables of the calling environment removed); (exit code, stdout + stderr) per rank."""
+    import tempfile
+    import time
+
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
     port = str(free_port())
-    processes = [subprocess.Popen(command, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    logs = [tempfile.TemporaryFile(mode="w+") for _ in range(world_size)]  # no pipe fills while another is read
+    processes = [subprocess.Popen(command, text=True, stdout=logs[rank], stderr=subprocess.STDOUT,
                                   env={**base, "RANK": str(rank), "WORLD_SIZE": str(world_size),
                                        "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size),
                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
                                        "PYTHONUNBUFFERED": "1", **env})
                  for rank in range(world_size)]
     try:
-        outputs = [process.communicate(timeout=timeout)[0] for process in processes]
+        deadline = time.time() + timeout
+        for process in processes:
+            process.wait(timeout=max(1.0, deadline - time.time()))
     finally:
         for process in processes:
             process.kill()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
     return [(process.returncode, output) for process, output in zip(processes, outputs)]

@@ -96,3 +96,19 @@ def test_resumed_schedule_follows_the_config_and_is_unchanged_when_the_config_is
         else:
             assert resumed == pytest.approx([x * 0.3 for x in uninterrupted], rel=1e-12)
             assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-15)  # the cosine ends at min_lr
+
+
+def test_resuming_with_other_weight_decay_groups_names_the_setting(synth_data, tiny_model_json, tmp_path):
+    from clipforge.config import load_config
+    from clipforge.train.loop import train
+
+    common = [f"data.train_urls={synth_data}/train/{{00000..00005}}.tar", "data.batch_size=16", "data.num_workers=0",
+              "data.shuffle_buffer=50", f"model.name={tiny_model_json}", f"train.output_dir={tmp_path / 'run'}",
+              "train.checkpoint_every=2", "logging.progress_bar=false", "logging.tensorboard=false"]
+    train(load_config(None, [*common, "train.steps=2", "optim.weight_decay_embeddings=false"]))
+    with pytest.raises(ValueError, match=r"step_00000002: its optimizer state does not fit .* "
+                                         r"optim\.weight_decay_embeddings=false"):
+        train(load_config(None, [*common, "train.steps=4", "train.resume=auto"]))
+    result = train(load_config(None, [*common, "train.steps=4", "train.resume=auto",
+                                      "optim.weight_decay_embeddings=false"]))
+    assert result["step"] == 4

@@ -54,6 +54,10 @@ def test_sample_counts_from_sizes_json_stats_files_or_the_config(tmp_path):
     assert Source.resolve(SourceConfig(urls=c, num_samples=8), 2).num_samples == 8
     with pytest.raises(ValueError, match=r"data\.sources\[1\]: resampled mode needs the sample count"):
         make_loader([SourceConfig(urls=a), SourceConfig(urls=c)], mode="resampled")
+    # with data.epoch_samples a lone source needs no count, but mixing needs each source's (weights are per sample)
+    assert make_loader([SourceConfig(urls=c)], mode="resampled", epoch_samples=20).steps_per_epoch == 2
+    with pytest.raises(ValueError, match=r"data\.sources\[1\]: resampled mode needs its sample count to weight"):
+        make_loader([SourceConfig(urls=a), SourceConfig(urls=c)], mode="resampled", epoch_samples=20)
 
 
 def test_epoch_mode_reads_every_source_once(tmp_path):

@@ -142,4 +142,4 @@ class Source:
             return sum(known) / len(known)
         if self.num_samples:
             return self.num_samples / len(self.shards)
-        return 1.0  # no count at all (refused in resampled mode before it gets here)
+        return 1.0  # no count at all: a lone source (mixing several without counts is refused)

@@ -69,7 +69,7 @@ class TrainConfig:
     """torch.compile the model (in place, so checkpoints keep plain parameter names)."""
     channels_last: bool | str = "auto"
     """channels-last memory format for the model and images: true, false, or 'auto' = on for a convolutional
-    image tower (ResNet, ConvNeXt: +20% end-to-end samples/s for the demo's on a 2-core CPU), off for a ViT (its one
+    image tower (ResNet, ConvNeXt: +20-28% end-to-end samples/s for the demo's on a 2-core CPU), off for a ViT (its one
     convolution is the patch embedding)."""
     trim_text_padding: bool = True
     """Cut each batch's token columns after its longest caption (and the text tower's work on them) where that is
@@ -339,7 +339,13 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
                          dist_info.rank)
     if resume_from is not None:
         state, data_state = load_checkpoint(resume_from, built.model, dist_info.rank)
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as exc:  # torch: "... parameter group that doesn't match the size of optimizer's group"
+            raise ValueError(f"{resume_from}: its optimizer state does not fit this run's parameter groups ({exc}). "
+                             "Checkpoints written before clipforge decayed the embeddings as OpenCLIP does resume "
+                             "with optim.weight_decay_embeddings=false; otherwise the model, its locked towers or "
+                             "the weight-decay setting differ from the run that wrote it") from exc
         load_schedule_state(scheduler, optimizer, state["scheduler"], cfg.optim, cfg.train.steps)
         if step_fn.scaler is not None and "scaler" in state:
             step_fn.scaler.load_state_dict(state["scaler"])

@@ -3,7 +3,8 @@
 No weight decay on what open_clip_train exempts (its ``main.py``: parameters with fewer than 2 dimensions, or
 "bn", "ln", "bias" or "logit_scale" in the name), so a recipe copied from OpenCLIP decays exactly the same
 tensors; the 2-D token and positional embeddings are decayed, as there. ``optim.weight_decay_embeddings: false``
-also exempts the embeddings (token, positional, class; timm's ``pos_embed`` and ``cls_token``).
+also exempts the embeddings (any name with "embedding"; timm's ``pos_embed`` and ``cls_token``): the rule of
+clipforge checkpoints written before 2026-11-30, which resume only with it (the optimizer's groups must match).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
 
 
-EMBEDDINGS = ("token_embedding", "positional_embedding", "class_embedding", "pos_embed", "cls_token")
+EMBEDDINGS = ("embedding", "pos_embed", "cls_token")  # open_clip/HF "*embedding*", timm's pos_embed, cls_token
 
 
 def no_weight_decay(name: str, parameter: torch.nn.Parameter, decay_embeddings: bool = True) -> bool:
@@ -99,7 +100,7 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
         start = total_steps - cfg.cooldown_steps
         if step < start:
             return 1.0
-        decay = (1 - (step - start) / cfg.cooldown_steps) ** cfg.cooldown_power
+        decay = (1 - min(1.0, (step - start) / cfg.cooldown_steps)) ** cfg.cooldown_power
         return decay * (1 - floor) + floor
     progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
