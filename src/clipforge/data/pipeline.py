@@ -504,14 +504,13 @@ def build_train_loader(cfg: DataConfig, preprocess_cfg: dict[str, Any], tokenize
                                  "data.shard_shortage=resample")
             log.warning("%s: switching to resampled mode (data.shard_shortage=resample)", message)
             mode = "resampled"
-    if mode == "resampled":
-        unknown = [i for i, source in enumerate(sources) if source.num_samples is None]
-        if unknown and (cfg.epoch_samples is None or len(sources) > 1):
-            needs = "the sample count" if cfg.epoch_samples is None else \
-                "its sample count to weight sources by samples"
-            raise ValueError(f"data.sources[{unknown[0]}]: resampled mode needs {needs}: set its num_samples"
-                             f"{', or data.epoch_samples' if cfg.epoch_samples is None else ''}, or write sizes.json "
-                             "beside the shards")
+    unknown = [i for i, source in enumerate(sources) if source.num_samples is None]
+    if mode == "resampled" and unknown and cfg.epoch_samples is None:
+        raise ValueError(f"data.sources[{unknown[0]}]: resampled mode needs the sample count: set its num_samples, or "
+                         "data.epoch_samples, or write sizes.json beside the shards")
+    if mode == "resampled" and unknown and len(sources) > 1:  # weights are shares of samples, not of shards
+        raise ValueError(f"data.sources[{unknown[0]}]: resampled mode needs its sample count to weight sources by "
+                         "samples: set its num_samples, or write sizes.json beside the shards")
     dataset = ShardedImageText(sources, cfg, transform, tokenizer, rank, world_size, mode, normalize_in_workers,
                                sample_ids, trim_text)
     return TrainLoader(dataset, cfg.num_workers, cfg.prefetch_factor, pin_memory, agree)

@@ -157,7 +157,7 @@ class Checkpointer:
         digests = {f.name: json.loads(f.read_text())["weights_sha256"] for f in sorted(directory.glob("sync_rank*"))}
         if len(set(digests.values())) > 1:
             raise RuntimeError(f"ranks hold different weights at this checkpoint ({digests}); data-parallel replicas "
-                               f"diverged — refusing to write {directory.name} from rank 0 alone")
+                               f"diverged — every rank refuses to write {directory.name}")
 
     def _prune(self) -> None:
         complete = self.complete()
