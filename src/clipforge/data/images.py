@@ -20,7 +20,16 @@ eval = resize the shorter side to ``size`` and centre-crop; mean, std and interp
 the model's ``preprocess_cfg``. Random draws come from a ``random.Random`` the caller seeds per
 sample, so a sample gets the same crop whether or not the run was interrupted.
 
-Images over ``max_pixels`` are refused from their header, before any pixel is decoded.
+Images over ``max_pixels`` (``data.max_image_pixels``) are refused from their header, before any pixel is
+decoded, whatever the format: that setting is the one limit (Pillow's own bomb check, which would refuse a PNG
+over its default limit whatever the setting says, is off while we open an image).
+
+What an image looks like is one rule, ``to_rgb`` + EXIF orientation, shared by this stream, ``clipforge prep``
+(``--resize``) and ``clipforge prep inspect``: the picture a viewer shows. EXIF orientation is applied;
+transparent pixels are composited over white; 16-bit and 32-bit integer greyscale (``I;16*``, ``I``) is scaled
+from 0–65535 to 0–255 (Pillow's own conversion clips it, so mid-grey would become white); float greyscale
+(``F``) is read as 0.0–1.0; premultiplied alpha (``La``, ``RGBa``) is un-premultiplied first; CMYK, YCbCr,
+palette and 1-bit images are converted by Pillow.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from __future__ import annotations
 import io
 import math
 import random
-import warnings
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,13 +45,107 @@ import numpy as np
 import simplejpeg
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # the image members a training sample may have (img2dataset's)
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default decompression-bomb limit
+_TRANSPARENT_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_INTEGER_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class DecompressionBomb(ValueError):
     """The image's header declares more pixels than the configured limit."""
+
+
+def decode_error(exc: Exception) -> str:
+    """A decoder's exception as one line (Pillow's "cannot identify" names an anonymous BytesIO)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format Pillow can identify"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise DecompressionBomb(f"{width}x{height} = {width * height} pixels exceeds the limit of "
+                                f"{max_pixels} (data.max_image_pixels)")
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Pillow's lazy image (header read, no pixels decoded), refused as a ``DecompressionBomb`` over ``max_pixels``.
+
+    Pillow's global check is off for the ``open`` itself: it would refuse a PNG over its own default whatever the
+    setting (and call a bomb a corrupt image); ``max_pixels`` is checked right after instead. Loader workers are
+    single-threaded, so switching the global for the call does not leak into other images."""
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        image = Image.open(io.BytesIO(data))
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    check_pixels(*image.size, max_pixels)
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The RGB picture a viewer shows for ``image`` in any Pillow mode (see the module docstring for the rule)."""
+    mode = image.mode
+    if mode in _INTEGER_GREY_MODES:  # Pillow's convert clips these at 255
+        values = np.asarray(image).astype(np.float64)
+        grey = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "F":
+        grey = np.clip(np.rint(np.nan_to_num(np.asarray(image), nan=0.0) * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "La":  # premultiplied: Pillow un-premultiplies only on the way to LA
+        image, mode = image.convert("LA"), "LA"
+    if mode in _TRANSPARENT_MODES or (mode == "P" and "transparency" in image.info) or (
+            mode in ("L", "RGB") and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF orientation (1–8) of a JPEG, read from its APP1 segment without decoding; 1 when absent.
+
+    Pillow's ``getexif`` gives the same answer at about 10× the cost, which the training stream pays per image."""
+    position = 2
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker in (0xDA, 0xD9):  # start of scan / end of image: no more metadata
+            return 1
+        length = struct.unpack(">H", data[position + 2:position + 4])[0]
+        if marker == 0xE1 and data[position + 4:position + 10] == b"Exif\x00\x00":
+            return _tiff_orientation(data[position + 10:position + 2 + length])
+        position += 2 + length
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    order = "<" if tiff[:2] == b"II" else ">"
+    offset = struct.unpack(order + "I", tiff[4:8])[0]
+    if offset + 2 > len(tiff):
+        return 1
+    (count,) = struct.unpack(order + "H", tiff[offset:offset + 2])
+    for entry in range(count):
+        start = offset + 2 + 12 * entry
+        if start + 12 > len(tiff):
+            return 1
+        tag, kind = struct.unpack(order + "HH", tiff[start:start + 4])
+        if tag == 0x0112 and kind == 3:  # Orientation, SHORT
+            value = struct.unpack(order + "H", tiff[start + 8:start + 10])[0]
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The whole image as a viewer shows it (EXIF orientation applied, ``to_rgb``), in full resolution."""
+    image = open_image(data, max_pixels)
+    image.load()  # a truncated or corrupt file fails here
+    return to_rgb(ImageOps.exif_transpose(image))
 
 
 @dataclass
@@ -56,7 +159,7 @@ class ImageTransform:
     train: bool = True
     scale: tuple[float, float] = (0.9, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    max_pixels: int = 89_478_485  # Pillow's default decompression-bomb limit
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         if isinstance(self.size, int):
@@ -113,17 +216,15 @@ class ImageTransform:
 
     # -- decode ------------------------------------------------------------------------------------
 
-    def _check_pixels(self, width: int, height: int) -> None:
-        if width * height > self.max_pixels:
-            raise DecompressionBomb(f"{width}x{height} = {width * height} pixels exceeds the limit of "
-                                    f"{self.max_pixels} (data.max_image_pixels)")
-
     def _decode_jpeg(self, data: bytes, rng: random.Random | None) -> tuple[np.ndarray, tuple] | None:
+        """libjpeg-turbo's decode at a DCT-domain reduction; None where Pillow must do it (CMYK, a rotated image)."""
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         except ValueError:
             return None  # let Pillow have a go (and produce the error if it is corrupt)
-        self._check_pixels(width, height)
+        check_pixels(width, height, self.max_pixels)
+        if jpeg_orientation(data) != 1:
+            return None  # the crop is drawn in the upright frame, which Pillow's path builds
         left, top, crop_w, crop_h = self.crop_box(width, height, rng)
         reduction = self.reduction(crop_w, crop_h)
         try:
@@ -136,16 +237,19 @@ class ImageTransform:
         return array, box
 
     def _decode_pil(self, data: bytes, rng: random.Random | None) -> tuple[np.ndarray, tuple]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        image = open_image(data, self.max_pixels)
+        if image.format == "JPEG" and image.getexif().get(0x0112, 1) == 1:
             width, height = image.size
-            self._check_pixels(width, height)
             left, top, crop_w, crop_h = self.crop_box(width, height, rng)
             reduction = self.reduction(crop_w, crop_h)
-            if image.format == "JPEG" and reduction < 1:
-                image.draft("RGB", (math.ceil(width * reduction), math.ceil(height * reduction)))
-            image = image.convert("RGB")
+            if reduction < 1:
+                image.draft(image.mode, (math.ceil(width * reduction), math.ceil(height * reduction)))
+            image = to_rgb(image)
+        else:  # upright first (EXIF orientation), then the crop is drawn in the frame a viewer shows
+            image.load()
+            image = to_rgb(ImageOps.exif_transpose(image))
+            width, height = image.size
+            left, top, crop_w, crop_h = self.crop_box(width, height, rng)
         array = np.array(image)  # a writable copy (torch refuses to wrap Pillow's read-only buffer)
         factor_w, factor_h = array.shape[1] / width, array.shape[0] / height
         return array, (left * factor_w, top * factor_h, crop_w * factor_w, crop_h * factor_h)

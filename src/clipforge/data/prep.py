@@ -14,8 +14,9 @@ empty caption are skipped, counted by kind and the first of each kind is logged 
 
 Images are stored as their original bytes (extension from the decoded format; formats other than
 JPEG, PNG and WebP are re-encoded as PNG). With ``resize_to=N`` they are resized so the shorter side
-is N pixels, aspect ratio kept, up or down (img2dataset's ``keep_ratio``), EXIF orientation applied,
-and re-encoded as JPEG (quality 95).
+is N pixels, aspect ratio kept, up or down (img2dataset's ``keep_ratio``), and re-encoded as JPEG
+(quality 95), after the training stream's rule (``clipforge.data.images.to_rgb``): EXIF orientation
+applied, transparency over white, 16-bit greyscale scaled.
 
 Resume: a tar is written under a temporary name and renamed, then its ``NNNNN_stats.json``; a shard
 counts as complete only when both exist and the stats match this run, so re-running the same command
@@ -41,14 +42,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from clipforge.data.images import DecompressionBomb, decode_error, open_image, to_rgb
 from clipforge.data.shards import write_tar
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _STORED_AS_IS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
@@ -135,21 +136,6 @@ def _read_image(row: Row) -> bytes:
         raise _Skip("missing_file", f"{row.image}: {exc.strerror or exc}") from None
 
 
-def _flatten(image: Image.Image) -> Image.Image:
-    """RGB, with transparent areas on white."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image).convert("RGB")
-    return image.convert("RGB")
-
-
-def decode_error(exc: Exception) -> str:
-    if isinstance(exc, UnidentifiedImageError):  # its message names an anonymous BytesIO
-        return "not an image format PIL can identify"
-    return f"{type(exc).__name__}: {exc}"
-
-
 def shorter_side_size(width: int, height: int, side: int) -> tuple[int, int]:
     """(width, height) scaled so the shorter side is ``side``, aspect ratio kept."""
     scale = side / min(width, height)
@@ -159,7 +145,7 @@ def shorter_side_size(width: int, height: int, side: int) -> tuple[int, int]:
 def encode_image(data: bytes, options: WriteOptions) -> tuple[str, bytes, dict[str, int]]:
     """(extension, bytes to store, sizes) for an image file; raises ``_Skip`` when it does not decode."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data) as image:
             original = image.size
             if options.resize_to is not None and image.format == "JPEG":
                 image.draft("RGB", shorter_side_size(*image.size, options.resize_to))  # DCT scaling: faster
@@ -170,11 +156,13 @@ def encode_image(data: bytes, options: WriteOptions) -> tuple[str, bytes, dict[s
                 if extension:
                     return extension, data, {**sizes, "original_width": original[0], "original_height": original[1]}
                 buffer = io.BytesIO()
-                keep = image.mode if image.mode in ("RGB", "RGBA", "L", "LA") else "RGBA"
-                image.convert(keep).save(buffer, format="PNG")
+                keep = image if image.mode in ("RGB", "RGBA", "L", "LA") else to_rgb(image)  # the stream's rule
+                keep.save(buffer, format="PNG")
                 return "png", buffer.getvalue(), {**sizes, "original_width": original[0],
                                                   "original_height": original[1]}
-            upright = _flatten(ImageOps.exif_transpose(image))
+            upright = to_rgb(ImageOps.exif_transpose(image))  # the stream's rule: what a viewer shows
+    except DecompressionBomb as exc:
+        raise _Skip("decompression_bomb", str(exc)) from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         raise _Skip("corrupt_image", decode_error(exc)) from None
     size = shorter_side_size(*upright.size, options.resize_to)
@@ -402,18 +390,32 @@ def _table_reader(path: Path) -> tuple[str, dict[str, Any]]:
     return "csv", {"sep": "\t" if suffix == ".tsv" else ","}
 
 
-def read_table(path: str | Path, image_column: str, caption_column: str) -> tuple[list[Any], list[Any]]:
-    """The image and caption columns of a CSV (``.tsv``: tab-separated) or parquet file."""
-    import pandas as pd
-    import pyarrow.parquet as pq
-
+def read_table(path: str | Path, image_column: str, caption_column: str,
+               encoding: str = "utf-8") -> tuple[list[Any], list[Any]]:
+    """The image and caption columns of a CSV (``.tsv``: tab-separated; text in ``encoding``) or parquet file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such table file")
     kind, csv_options = _table_reader(path)
+    try:
+        return _read_columns(path, kind, csv_options, image_column, caption_column, encoding)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not {encoding} text ({exc.reason}: byte 0x{exc.object[exc.start]:02x} at offset "
+                         f"{exc.start}); give the file's encoding with --encoding, e.g. --encoding latin-1 or "
+                         "--encoding cp1252") from None
+    except LookupError as exc:  # an unknown codec name
+        raise ValueError(f"{path}: --encoding {encoding!r}: {exc}") from None
+
+
+def _read_columns(path: Path, kind: str, csv_options: dict[str, Any], image_column: str, caption_column: str,
+                  encoding: str) -> tuple[list[Any], list[Any]]:
+    import pandas as pd
+    import pyarrow.parquet as pq
+
     if kind == "parquet":
         columns = list(pq.read_schema(path).names)
     else:
+        csv_options = {**csv_options, "encoding": encoding}
         columns = list(pd.read_csv(path, nrows=0, **csv_options).columns)
     for role, column in (("image", image_column), ("caption", caption_column)):
         if column not in columns:
@@ -428,12 +430,13 @@ def read_table(path: str | Path, image_column: str, caption_column: str) -> tupl
 
 def write_from_table(path: str | Path, out: str | Path, image_column: str, caption_column: str,
                      samples_per_shard: int = 10_000, resize_to: int | None = None, num_workers: int = 2,
-                     progress: bool = True, image_root: str | Path | None = None) -> dict[str, Any]:
+                     progress: bool = True, image_root: str | Path | None = None,
+                     encoding: str = "utf-8") -> dict[str, Any]:
     """Shards from a table of image paths (relative ones resolve against ``image_root``, default the
     table's directory) or image bytes, and captions. Returns the summary also written to ``_stats.json``."""
     options = WriteOptions(samples_per_shard=samples_per_shard, resize_to=resize_to, num_workers=num_workers)
     options.check()
-    images, captions = read_table(path, image_column, caption_column)
+    images, captions = read_table(path, image_column, caption_column, encoding)
     root = Path(image_root) if image_root is not None else Path(path).resolve().parent
 
     def rows_for(start: int, stop: int) -> RowList:
