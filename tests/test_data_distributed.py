@@ -31,11 +31,12 @@ def write_uneven_shards(root, with_sizes: bool):
     return f"{root}/{{00000..{len(SHARD_SIZES) - 1:05d}}}.tar"
 
 
-def make_loader(urls, rank, world_size, mode, agree=bool, **extra):
+def make_loader(urls, rank, world_size, mode, agree=None, **extra):
     cfg = DataConfig(train_urls=urls, batch_size=BATCH, num_workers=2, shuffle_buffer=40, shuffle_initial=10,
                      mode=mode, **extra)
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=16)
-    return build_train_loader(cfg, PREPROCESS, tokenizer, rank, world_size, agree=agree)
+    return build_train_loader(cfg, PREPROCESS, tokenizer, rank, world_size,
+                              **({} if agree is None else {"agree": agree}))
 
 
 def first_epoch_keys(rank, world_size, urls, mode, extra):

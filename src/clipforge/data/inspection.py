@@ -1,27 +1,30 @@
-"""Checking shards: ``inspect_shards`` reads shards (ours, img2dataset's, anyone's) as a loader would, decodes every
-image and caption, and reports counts, problems by kind (each with its first example), caption-length and image-size
-histograms, and whether ``sizes.json`` matches, into ``_stats.json`` beside them (writing ``sizes.json`` when there is
-none). Entry point: ``clipforge prep inspect DIR`` (or ``data_prep/inspect_shards.py``).
+"""Checking shards: ``inspect_shards`` reads shards (ours, img2dataset's, anyone's) exactly as training reads them
+(``samples.read_tar`` and ``samples.SampleDecoder``: the same tar reader, caption rule, image decoder and pixel
+limit), and reports counts, problems by kind under training's names (``samples.SKIP_KINDS``, each with its first
+example), caption-length and image-size histograms, and whether ``sizes.json`` matches, into ``_stats.json`` beside
+them (writing ``sizes.json`` when there is none). Entry point: ``clipforge prep inspect DIR`` (or
+``data_prep/inspect_shards.py``).
 """
 
 from __future__ import annotations
 
-import io
 import json
-import re
-import tarfile
+import random
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import braceexpand
-from PIL import Image
 from tqdm import tqdm
 
-from clipforge.data.prep import IMAGE_EXTENSIONS, decode_error, run_jobs, write_json
+from clipforge.data.images import DEFAULT_MAX_PIXELS, ImageTransform, open_image
+from clipforge.data.prep import run_jobs, write_json
+from clipforge.data.samples import SampleDecoder, SkipCounter, read_tar
+from clipforge.data.sources import open_shard
 
-_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset's base_plus_ext: key up to the first dot
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # what tarfile's "r|*" (the training reader) opens
 _SIDE_EDGES = (32, 64, 128, 256, 512, 1024, 2048)
 _WORD_EDGES = (2, 4, 8, 16, 32, 64, 128)
 _ASPECT_EDGES = (0.5, 0.75, 0.95, 1.05, 1.33, 2.0)
@@ -59,32 +62,9 @@ class ShardReport:
 
     def problem(self, kind: str, where: str) -> None:
         self.problems[kind] += 1
-        self.examples.setdefault(kind, f"{self.shard}: {where}" if self.shard else where)
+        self.examples.setdefault(kind, where)
 
-    def add(self, key: str, files: dict[str, bytes]) -> None:
-        self.samples += 1
-        if "json" in files:
-            try:
-                json.loads(files["json"])
-            except ValueError as exc:
-                self.problem("invalid_json", f"{key}.json: {exc}")
-        extension = next((e for e in IMAGE_EXTENSIONS if e in files), None)
-        if extension is None:
-            return self.problem("missing_image", f"{key}: no {'/'.join(IMAGE_EXTENSIONS)} member")
-        try:
-            with Image.open(io.BytesIO(files[extension])) as image:
-                image.load()
-                width, height = image.size
-        except Exception as exc:  # PIL raises many types for bad data
-            return self.problem("corrupt_image", f"{key}.{extension}: {decode_error(exc)}")
-        if "txt" not in files:
-            return self.problem("missing_caption", f"{key}: no .txt member")
-        try:
-            caption = files["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError as exc:
-            return self.problem("bad_caption_encoding", f"{key}.txt: {exc}")
-        if not caption:
-            return self.problem("empty_caption", f"{key}.txt is empty")
+    def add(self, caption: str, extension: str, width: int, height: int) -> None:
         self.valid += 1
         self.extensions[extension] += 1
         self.words[_bin(len(caption.split()), _WORD_EDGES)] += 1
@@ -96,36 +76,26 @@ class ShardReport:
             bounds[:] = [min(bounds[0], value), max(bounds[1], value)] if bounds else [value, value]
 
 
-def inspect_shard(path: str) -> ShardReport:
-    """Read one tar as a loader would (members grouped by key, in order) and check every sample."""
-    report = ShardReport(Path(path).name)
-    seen: set[str] = set()
-    key, files = None, {}
+def inspect_shard(url: str, caption_key: str = "txt", max_pixels: int = DEFAULT_MAX_PIXELS) -> ShardReport:
+    """Read one shard as training does and check every sample (its image decoded in full, its caption read)."""
+    report = ShardReport(Path(url).name)
+    counter = SkipCounter()
+    decode = SampleDecoder(ImageTransform(size=(64, 64), train=False, max_pixels=max_pixels), caption_key)
     try:
-        tar = tarfile.open(path, mode="r|*")
-    except (OSError, tarfile.TarError) as exc:
-        report.problem("unreadable_shard", f"{type(exc).__name__}: {exc}")
-        return report
-    try:
-        with tar:
-            for member in tar:
-                match = _KEY_RE.match(member.name) if member.isfile() else None
-                if match is None:
-                    continue
-                name, extension = match.group(1), match.group(2).lower()
-                if name != key:
-                    if key is not None:
-                        report.add(key, files)
-                    if name in seen:
-                        report.problem("duplicate_key", f"{name}: appears again after other keys")
-                    key, files = name, {}
-                    seen.add(name)
-                files[extension] = tar.extractfile(member).read()
-    except (OSError, EOFError, tarfile.TarError) as exc:  # the sample being read when the tar broke is dropped
-        report.problem("truncated_shard", f"after {report.samples} samples: {type(exc).__name__}: {exc}")
-        return report
-    if key is not None:
-        report.add(key, files)
+        stream = open_shard(url)
+    except Exception as exc:
+        counter.skip("unreadable_shard", url, f"{type(exc).__name__}: {exc}")
+    else:
+        with stream:
+            for sample in read_tar(url, stream, counter):
+                report.samples += 1
+                decoded = decode(sample, counter, random.Random(0))
+                if decoded is not None:
+                    width, height = open_image(sample[decoded[2]], max_pixels).size
+                    report.add(decoded[1], decoded[2], width, height)
+    for kind, count in counter.counts.items():
+        report.problems[kind] += count
+        report.examples[kind] = counter.first[kind]
     return report
 
 
@@ -133,9 +103,9 @@ def shard_paths(urls_or_dir: str | Path) -> list[Path]:
     """The ``*.tar`` files of a directory, or a brace-expanded list of local shard paths."""
     path = Path(urls_or_dir)
     if path.is_dir():
-        shards = sorted(path.glob("*.tar"))
+        shards = sorted(p for p in path.iterdir() if p.name.endswith(SHARD_SUFFIXES))
         if not shards:
-            raise FileNotFoundError(f"{path}: no .tar shards in this directory")
+            raise FileNotFoundError(f"{path}: no .tar shards in this directory ({', '.join(SHARD_SUFFIXES)})")
         return shards
     shards = [Path(url) for url in braceexpand.braceexpand(str(urls_or_dir))]
     if not any(shard.exists() for shard in shards):
@@ -148,15 +118,18 @@ def _histogram(values: list[int], edges: tuple[float, ...]) -> dict[str, int]:
 
 
 def inspect_shards(urls_or_dir: str | Path, write_stats: bool = True, num_workers: int = 2,
-                   progress: bool = False) -> dict[str, Any]:
+                   progress: bool = False, caption_key: str = "txt",
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
     """Check every sample of some shards; returns the report and (``write_stats``) stores it as ``"inspect"`` in
     ``_stats.json`` beside the first shard, keeping what is there, and writes ``sizes.json`` if there is none.
 
-    ``ok`` is true when there is no problem: every shard reads to its end, every sample has a decodable image
-    and a non-empty UTF-8 caption, and ``sizes.json`` (if present) matches the shards.
+    ``ok`` is true when there is no problem: every shard reads to its end, and training would keep every sample
+    (``caption_key`` and ``max_pixels`` as ``data.caption_key`` and ``data.max_image_pixels``); and ``sizes.json``
+    (if present) matches the shards.
     """
     shards = shard_paths(urls_or_dir)
-    reports = list(tqdm(run_jobs((str(p) for p in shards), inspect_shard, num_workers), total=len(shards),
+    check = partial(inspect_shard, caption_key=caption_key, max_pixels=max_pixels)
+    reports = list(tqdm(run_jobs((str(p) for p in shards), check, num_workers), total=len(shards),
                         unit="shard", desc="inspecting", disable=not progress))
     reports.sort(key=lambda report: report.shard)
     total = ShardReport("")
@@ -198,7 +171,7 @@ def inspect_shards(urls_or_dir: str | Path, write_stats: bool = True, num_worker
         except ValueError:
             stats = {}
         write_json(stats_path, {**(stats if isinstance(stats, dict) else {}), "inspect": result})
-        if sizes_json == "absent" and not {"truncated_shard", "unreadable_shard"} & set(total.problems):
+        if sizes_json == "absent" and not {"truncated_tar", "unreadable_shard"} & set(total.problems):
             write_json(directory / "sizes.json", counts)
             result["sizes_json"] = "written"
     return result

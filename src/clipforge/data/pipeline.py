@@ -12,19 +12,25 @@ Two modes (``data.mode``):
 * ``resampled``: every worker draws shards with replacement (source ∝ weight / mean shard size, so
   that weights are per-sample proportions; shard uniform within the source), seeded by (seed,
   epoch, rank, worker). An epoch is ``epoch_samples`` samples (default: all sources' samples), the
-  same number of batches on every rank, so no agreement is needed.
+  same number of batches on every rank.
 
-Each worker reads its tars with webdataset's tar reader (local, ``pipe:`` or fsspec streams, see
+With several ranks the ``TrainLoader`` asks the ranks every step, in both modes, in one tiny all-reduce:
+does everyone have a batch, has no rank's data failed, has no rank been asked to stop while it waited?
+
+Each worker reads its tars with ``samples.read_tar`` (local, ``pipe:`` or fsspec streams, see
 ``sources.py``), shuffles samples in a seeded buffer, decodes images (``images.py``), reads and
-cleans the caption, tokenizes whole batches and yields uint8 image batches, so the main process
-only receives tensors.
+cleans the caption (``samples.py``), tokenizes whole batches and yields uint8 image batches, so the
+main process only receives tensors.
 
-Bad input is skipped and counted, never slow (no sleeping handler): an unreadable shard, a
-truncated tar, a corrupt, zero-byte or over-large image, a caption that is missing, empty or not
-UTF-8. Each batch carries its worker's running counts and the first occurrence of each kind; the
+Bad input is skipped and counted by kind (``samples.SKIP_KINDS``), never slow (no sleeping handler).
+Each batch carries its worker's running counts and the first occurrence of each kind; the
 ``TrainLoader`` logs each kind once per run with its shard and key, and ``TrainLoader.skipped`` sums
-the counts (they go to the training metrics). With
-``data.strict`` any of them stops the run instead.
+the counts (they go to the training metrics). With ``data.strict`` any of them stops the run instead.
+
+Nothing spins or waits forever: a worker that reads ``data.max_skips_in_a_row`` samples (or opens as many
+shards) without keeping one, or a rank that waits ``data.max_wait_seconds`` for a batch, stops every rank with
+a one-line ``DataError`` naming the sources and the skip counts. Worker errors travel as records, not as
+exceptions, so the main process raises them as one line rather than a wrapped worker traceback.
 
 Exact resume: every batch carries how many shuffled samples its worker has consumed (and, in
 resampled mode, how many batches it has produced). The ``TrainLoader`` state (epoch, consumed and
@@ -39,11 +45,10 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import json
 import logging
 import random
 import signal
-import tarfile
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -51,20 +56,22 @@ from typing import Any
 
 import torch
 import webdataset as wds
-from open_clip.tokenizer import basic_clean, whitespace_clean
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clipforge.data.images import DecompressionBomb, ImageTransform
+from clipforge.data.images import ImageTransform
+from clipforge.data.samples import DataError, SampleDecoder, SkipCounter, read_tar
 from clipforge.data.sources import Source, SourceConfig, open_shard
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MODES = ("epoch", "resampled")
+POLL_SECONDS = 1.0  # how often a rank waiting for its workers checks for a stop request and for a stall
+
+__all__ = ["DataConfig", "DataError", "StopRequested", "TrainLoader", "build_train_loader"]
 
 
-class DataError(RuntimeError):
-    """A bad input met in strict mode."""
+class StopRequested(Exception):
+    """A stop (pre-emption signal) was requested while this rank waited for data; every rank raises it together."""
 
 
 @dataclass
@@ -93,16 +100,25 @@ class DataConfig:
     """Caption member: txt (the whole text), txt:lines (one line at random), or json:FIELD (a string, or a list:
     one at random)."""
     max_image_pixels: int = 89_478_485
-    """Images whose header declares more pixels are skipped as decompression bombs (Pillow's default limit)."""
+    """Images whose header declares more pixels are skipped as decompression bombs, whatever the format (the
+    default is Pillow's default limit; this setting replaces Pillow's own check)."""
     strict: bool = False
     """Stop at the first bad input instead of skipping and counting it."""
+    max_skips_in_a_row: int = 10_000
+    """A worker that reads this many samples (or opens this many shards) in a row without keeping one stops the run
+    on every rank with an error naming the sources and the skip counts by kind, instead of spinning forever."""
+    max_wait_seconds: float = 900.0
+    """Stop the run on every rank when a rank has waited this long for a batch (a stalled pipe: or network
+    stream); 0 waits forever. The first batch counts too: raise it for a slow first shuffle-buffer fill."""
     seed: int = 0
     """Seed of shard order, resampling and shuffle buffers (epoch, rank and worker are mixed in)."""
     prefetch_factor: int = 4
     """Batches each worker prepares ahead."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "shuffle_buffer", "max_image_pixels"):
+        if self.max_wait_seconds < 0:
+            raise ValueError(f"data.max_wait_seconds: must be >= 0 (0 = no limit), got {self.max_wait_seconds}")
+        for name in ("batch_size", "shuffle_buffer", "max_image_pixels", "max_skips_in_a_row"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"data.{name}: must be positive, got {getattr(self, name)}")
         if self.num_workers < 0:
@@ -122,54 +138,6 @@ class DataConfig:
         if self.train_urls is None and not self.sources:
             raise ValueError("data.sources: no training data given (set data.sources or data.train_urls)")
         return [SourceConfig(urls=self.train_urls)] if self.train_urls is not None else list(self.sources)
-
-
-class SkipCounter:
-    """Counts skipped inputs by kind and remembers the first of each kind (shard, key, reason).
-
-    Workers do not log: the counts and first occurrences travel with each batch and the
-    ``TrainLoader`` logs each kind once per run, in the main process.
-    """
-
-    def __init__(self, strict: bool = False) -> None:
-        self.counts: Counter[str] = Counter()
-        self.first: dict[str, str] = {}
-        self.strict = strict
-
-    def skip(self, kind: str, where: str, detail: str = "") -> None:
-        message = f"{kind.replace('_', ' ')} at {where}" + (f": {detail}" if detail else "")
-        if self.strict:
-            raise DataError(f"{message} (data.strict is set; unset it to skip and count bad inputs)")
-        self.first.setdefault(kind, message)
-        self.counts[kind] += 1
-
-    def tar_handler(self, exn: Exception) -> bool:
-        where = " ".join(str(a) for a in exn.args[1:] if isinstance(a, str)) or "?"
-        if isinstance(exn, (tarfile.ReadError, EOFError)) or "unexpected end" in str(exn):
-            self.skip("truncated_tar", where, str(exn.args[0]) if exn.args else "")
-        elif isinstance(exn, OSError):
-            self.skip("unreadable_shard", where, str(exn))
-        else:
-            self.skip("malformed_sample", where, str(exn))
-        return True  # keep going
-
-
-def read_caption(sample: dict[str, Any], caption_key: str, rng: random.Random) -> str:
-    """The cleaned caption (ftfy + whitespace, as open_clip's tokenizer cleans).
-
-    Raises KeyError if missing, UnicodeDecodeError/ValueError if not UTF-8 or not JSON.
-    """
-    if caption_key.startswith("txt"):
-        text = sample["txt"].decode("utf-8")
-        if caption_key == "txt:lines":
-            lines = [line for line in text.splitlines() if line.strip()]
-            text = rng.choice(lines) if lines else ""
-    else:
-        value = json.loads(sample["json"].decode("utf-8"))[caption_key.split(":", 1)[1]]
-        if isinstance(value, list):
-            value = rng.choice(value) if value else ""
-        text = "" if value is None else str(value)
-    return whitespace_clean(basic_clean(text))
 
 
 def assign_shards(shards: list[str], sizes: dict[str, int | None], seed: int, epoch: int,
@@ -214,6 +182,7 @@ class ShardedImageText(IterableDataset):
         self.resume_produced: dict[int, int] = {}
         self.worker_batches: dict[int, int] = {}  # resampled mode: batches each logical worker yields per epoch
         self.rotation = 0
+        self.stop_requested: Callable[[], bool] | None = None  # polled per sample when loading in-process
 
     def shards_for(self, logical_worker: int, num_workers: int) -> Iterator[str]:
         if self.mode == "epoch":
@@ -226,102 +195,97 @@ class ShardedImageText(IterableDataset):
             source = rng.choices(self.sources, weights)[0]
             yield rng.choice(source.shards)
 
-    def _open(self, shards: Iterator[str], counter: SkipCounter, since_sample: list[int]) -> Iterator[dict[str, Any]]:
+    def _read(self, shards: Iterator[str], counter: SkipCounter, unkept: list[int],
+              worker: int) -> Iterator[dict[str, Any]]:
         for url in shards:
-            since_sample[0] += 1
-            if since_sample[0] > 10 * len(self.shards) + 100:  # an endless resampled plan must not spin forever
-                raise ValueError(f"rank {self.rank}: {since_sample[0]} shards in a row yielded no sample; are the "
-                                 f"shards readable? (first: {self.shards[0]})")
+            self._count_unkept(unkept, counter, worker)  # a plan of shards that yield nothing must not spin forever
             try:
                 stream = open_shard(url)
             except Exception as exn:
-                counter.skip("unreadable_shard", url, repr(exn))
+                counter.skip("unreadable_shard", url, f"{type(exn).__name__}: {exn}")
                 continue
             try:
-                yield {"url": url, "stream": stream}
+                yield from read_tar(url, stream, counter)
             finally:
                 try:
                     stream.close()
                 except Exception as exn:  # e.g. a pipe: command that exited non-zero
-                    counter.skip("unreadable_shard", url, repr(exn))
+                    counter.skip("unreadable_shard", url, f"{type(exn).__name__}: {exn}")
+
+    def _count_unkept(self, unkept: list[int], counter: SkipCounter, worker: int) -> None:
+        """One more sample read (or shard opened) since a sample was last kept; too many in a row is an error."""
+        unkept[0] += 1
+        if unkept[0] <= self.cfg.max_skips_in_a_row:
+            return
+        counts = ", ".join(f"{kind} {n}" for kind, n in counter.counts.most_common()) or "no samples at all"
+        first = counter.first[counter.counts.most_common(1)[0][0]] if counter.counts else "-"
+        sources = " + ".join(source.urls for source in self.cfg.source_configs())
+        raise DataError(f"rank {self.rank} worker {worker}: {unkept[0] - 1} samples or shards in a row gave no usable "
+                        f"sample (data.max_skips_in_a_row={self.cfg.max_skips_in_a_row}) from {sources}; skipped so "
+                        f"far: {counts}; first: {first}")
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         num_workers = info.num_workers if info else 1
         worker = ((info.id if info else 0) + self.rotation) % num_workers  # logical id, see module doc
         counter = SkipCounter(self.cfg.strict)
-        since_sample = [0]
-        files = wds.tariterators.tar_file_expander(
-            self._open(self.shards_for(worker, num_workers), counter, since_sample), handler=counter.tar_handler)
-        samples = wds.tariterators.group_by_keys(files, handler=counter.tar_handler)
+        position = {"worker": worker, "consumed": 0, "produced": self.resume_produced.get(worker, 0)}
+        try:
+            yield from self._batches(worker, num_workers, counter, position)
+        except DataError as exn:  # sent as a record: re-raised in the main process as one line, not a traceback
+            yield {"images": None, **position, "skipped": dict(counter.counts), "first_skips": dict(counter.first),
+                   "error": str(exn)}
+            return
+        # A last record without images carries the final counts (skips after the last full batch).
+        yield {"images": None, **position, "skipped": dict(counter.counts), "first_skips": dict(counter.first)}
+
+    def _batches(self, worker: int, num_workers: int, counter: SkipCounter,
+                 position: dict[str, int]) -> Iterator[dict[str, Any]]:
+        unkept = [0]
+        samples = self._read(self.shards_for(worker, num_workers), counter, unkept, worker)
         rng = random.Random(f"{self.cfg.seed}-buffer-{self.epoch}-{self.rank}-{worker}")
         shuffled = wds.filters._shuffle(samples, self.cfg.shuffle_buffer, self.cfg.shuffle_initial, rng=rng)
         skip = self.resume_consumed.get(worker, 0)
-        produced = self.resume_produced.get(worker, 0)
         quota = self.worker_batches.get(worker) if self.mode == "resampled" else None
-        consumed = 0
+        decode = SampleDecoder(self.transform, self.cfg.caption_key)
         images, texts, keys, ids = [], [], [], []
         place = f"{self.cfg.seed}-{self.epoch}-{self.rank}-{worker}"
         for sample in shuffled:
-            if quota is not None and produced >= quota:
+            if quota is not None and position["produced"] >= quota:
                 break
-            consumed += 1
-            since_sample[0] = 0
-            if consumed <= skip:
+            if self.stop_requested is not None and self.stop_requested():  # in-process loading (no workers)
+                raise StopRequested
+            position["consumed"] += 1
+            if position["consumed"] <= skip:
                 continue
-            decoded = self._decode(sample, counter, random.Random(f"{place}-{consumed}"))
+            decoded = decode(sample, counter, random.Random(f"{place}-{position['consumed']}"))
             if decoded is None:
+                self._count_unkept(unkept, counter, worker)
                 continue
+            unkept[0] = 0
             images.append(decoded[0])
             texts.append(decoded[1])
             keys.append(sample["__key__"])
             if self.sample_ids:
-                ids.append(decoded[2])
+                ids.append((stable_id(decoded[1].encode()), stable_id(sample[decoded[2]])))
             if len(images) == self.cfg.batch_size:
-                produced += 1
-                stacked = torch.stack(images)
-                if self.normalize_in_workers:
-                    stacked = self.transform.normalize(stacked)
-                tokens = self.tokenizer(texts)
-                if self.trim_text:  # drop the columns after the batch's last end-of-text token (the highest id)
-                    tokens = tokens[:, : int(tokens.argmax(dim=1).max()) + 1].contiguous()
-                batch = {"images": stacked, "texts": tokens, "keys": keys, "worker": worker,
-                         "consumed": consumed, "produced": produced, "skipped": dict(counter.counts),
-                         "first_skips": dict(counter.first)}
-                if self.sample_ids:
-                    batch["caption_ids"], batch["image_ids"] = torch.tensor(ids, dtype=torch.int64).unbind(1)
-                yield batch
+                position["produced"] += 1
+                yield self._collate(images, texts, keys, ids, position, counter)
                 images, texts, keys, ids = [], [], [], []
-        # A last record without images carries the final counts (skips after the last full batch).
-        yield {"images": None, "worker": worker, "consumed": consumed, "produced": produced,
-               "skipped": dict(counter.counts), "first_skips": dict(counter.first)}
 
-    def _decode(self, sample: dict[str, Any], counter: SkipCounter,
-                rng: random.Random) -> tuple[torch.Tensor, str] | tuple[torch.Tensor, str, tuple[int, int]] | None:
-        where = f"{sample.get('__url__')}:{sample.get('__key__')}"
-        extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-        if extension is None:
-            counter.skip("missing_image", where)
-            return None
-        try:
-            caption = read_caption(sample, self.cfg.caption_key, rng)
-        except (KeyError, ValueError, UnicodeDecodeError, TypeError) as exn:
-            counter.skip("bad_caption", where, repr(exn))
-            return None
-        if not caption:
-            counter.skip("empty_caption", where)
-            return None
-        try:
-            image = self.transform(sample[extension], rng)
-        except DecompressionBomb as exn:
-            counter.skip("decompression_bomb", where, str(exn))
-            return None
-        except Exception as exn:  # decoders raise many types for corrupt data: all mean "skip this image"
-            counter.skip("corrupt_image", where, repr(exn))
-            return None
+    def _collate(self, images: list[torch.Tensor], texts: list[str], keys: list[str], ids: list[tuple[int, int]],
+                 position: dict[str, int], counter: SkipCounter) -> dict[str, Any]:
+        stacked = torch.stack(images)
+        if self.normalize_in_workers:
+            stacked = self.transform.normalize(stacked)
+        tokens = self.tokenizer(texts)
+        if self.trim_text:  # drop the columns after the batch's last end-of-text token (the highest id)
+            tokens = tokens[:, : int(tokens.argmax(dim=1).max()) + 1].contiguous()
+        batch = {"images": stacked, "texts": tokens, "keys": keys, **position, "skipped": dict(counter.counts),
+                 "first_skips": dict(counter.first)}
         if self.sample_ids:
-            return image, caption, (stable_id(caption.encode()), stable_id(sample[extension]))
-        return image, caption
+            batch["caption_ids"], batch["image_ids"] = torch.tensor(ids, dtype=torch.int64).unbind(1)
+        return batch
 
 
 def stable_id(data: bytes) -> int:
@@ -336,21 +300,34 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def _all_ranks_agree(flag: bool) -> bool:
-    return flag
+def _all_ranks_agree(*flags: bool) -> bool | tuple[bool, ...]:
+    return flags[0] if len(flags) == 1 else flags
+
+
+def _never() -> bool:
+    return False
 
 
 class TrainLoader:
     """Endless iterator over training batches, epoch after epoch, whose position can be saved.
 
-    ``agree(flag) -> bool`` must return True only if ``flag`` is True on every rank (a MIN all-reduce);
-    in epoch mode it is asked every step whether all ranks still have a batch.
+    ``agree(*flags) -> tuple`` must return each flag True only if it is True on every rank (a MIN all-reduce).
+    With several ranks it is asked every step, in both modes: does every rank have a batch (in epoch mode the
+    epoch ends for all when one has none), has no rank's data failed (a ``DataError`` on one rank stops every
+    rank, which would otherwise wait in the step's collectives), and has no rank been asked to stop while it
+    waited for data (``StopRequested`` on every rank). The batch a rank holds when the ranks agree to stop is
+    not counted as consumed: the resumed run reads it again.
+
+    ``stop_requested()`` is polled while this rank waits for its workers (every ``POLL_SECONDS``) or, without
+    workers, per sample, so a pending pre-emption stops even a loader that produces nothing.
     """
 
     def __init__(self, dataset: ShardedImageText, num_workers: int, prefetch_factor: int = 4,
-                 pin_memory: bool = False, agree: Callable[[bool], bool] = _all_ranks_agree) -> None:
+                 pin_memory: bool = False, agree: Callable[..., Any] = _all_ranks_agree,
+                 stop_requested: Callable[[], bool] = _never) -> None:
         self.dataset, self.num_workers, self.transform = dataset, num_workers, dataset.transform
         self.prefetch_factor, self.pin_memory, self.agree = prefetch_factor, pin_memory, agree
+        self.stop_requested = stop_requested
         self.epoch = 0
         self.consumed: dict[int, int] = {}
         self.produced: dict[int, int] = {}
@@ -388,9 +365,11 @@ class TrainLoader:
         self.dataset.resume_consumed = dict(self.consumed)
         self.dataset.resume_produced = dict(self.produced)
         self.dataset.rotation = self.next_worker
+        self.dataset.stop_requested = None if self.num_workers else self.stop_requested
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                            worker_init_fn=_ignore_stop_signals if self.num_workers else None)
+                            worker_init_fn=_ignore_stop_signals if self.num_workers else None,
+                            timeout=POLL_SECONDS if self.num_workers else 0)
         return iter(loader)
 
     def __iter__(self) -> TrainLoader:
@@ -410,34 +389,74 @@ class TrainLoader:
                 worker.kill()
                 worker.join(timeout=10)
 
+    def _receive(self) -> dict[str, Any] | None:
+        """The next record from this epoch's workers, or None at its end; a stop request or a stall raises."""
+        waiting_since = time.monotonic()
+        while True:
+            try:
+                return next(self._iterator)
+            except StopIteration:
+                return None
+            except RuntimeError as exn:  # the DataLoader's timeout: nothing has arrived for POLL_SECONDS
+                if "timed out" not in str(exn):
+                    raise
+            if self.stop_requested():
+                raise StopRequested
+            waited = time.monotonic() - waiting_since
+            limit = self.dataset.cfg.max_wait_seconds
+            if limit and waited > limit:
+                sources = " + ".join(source.urls for source in self.dataset.cfg.source_configs())
+                raise DataError(f"rank {self.dataset.rank}: no batch from {sources} for {waited:.0f} s "
+                                f"(data.max_wait_seconds={limit:g}); skipped so far: {self.skipped or 'nothing'}")
+
+    def _account(self, record: dict[str, Any]) -> None:
+        """Take a record's position and skip counts into this loader's state (a batch once every rank has one)."""
+        worker = record.pop("worker")
+        self.consumed[worker] = record.pop("consumed")
+        self.produced[worker] = record.pop("produced")
+        self.epoch_skipped[worker] = record.pop("skipped")
+        for kind, message in record.pop("first_skips").items():
+            if kind not in self._logged:
+                self._logged.add(kind)
+                log.warning("skipping %s (further ones are counted, not logged)", message)
+        if record["images"] is not None:
+            self.next_worker = (worker + 1) % max(1, self.num_workers)
+
     def _next_in_epoch(self) -> dict[str, Any] | None:
-        """The next batch of the current epoch on this rank, or None when this rank's epoch is over."""
+        """The next batch of the current epoch on this rank (not yet accounted), or None when its epoch is over."""
         if self._iterator is None:
             self._iterator = self._start_epoch()
             self._epoch_yielded = False
-        for batch in self._iterator:
-            worker = batch.pop("worker")
-            self.consumed[worker] = batch.pop("consumed")
-            self.produced[worker] = batch.pop("produced")
-            self.epoch_skipped[worker] = batch.pop("skipped")
-            for kind, message in batch.pop("first_skips").items():
-                if kind not in self._logged:
-                    self._logged.add(kind)
-                    log.warning("skipping %s (further ones are counted, not logged)", message)
-            if batch["images"] is None:
-                continue
-            self.next_worker = (worker + 1) % max(1, self.num_workers)
-            return batch
-        return None
+        while True:
+            record = self._receive()
+            if record is None or record["images"] is not None:
+                return record
+            error = record.pop("error", None)
+            self._account(record)  # a worker's last record: its final counts
+            if error is not None:
+                raise DataError(error)
 
     def __next__(self) -> dict[str, Any]:
         empty_epochs = 0
+        distributed = self.dataset.world_size > 1
         while True:
-            batch = self._next_in_epoch()
-            have = batch is not None
-            if self.dataset.mode == "epoch" and self.dataset.world_size > 1:
-                have = self.agree(have)  # every rank ends the epoch at the same step
+            batch, error, stopping = None, None, False
+            try:
+                batch = self._next_in_epoch()
+            except DataError as exn:
+                error = exn
+            except StopRequested:
+                stopping = True
+            have, healthy, go_on = batch is not None, error is None, not stopping
+            if distributed:  # every rank ends the epoch, fails or stops at the same step
+                have, healthy, go_on = self.agree(have, healthy, go_on)
+            if not healthy:
+                raise error or DataError(f"rank {self.dataset.rank}: another rank's training data failed (its log "
+                                         "says why); every rank stops")
+            if not go_on:
+                raise StopRequested
             if have:
+                self._account(batch)
                 self._epoch_yielded = True
                 return batch
             self._iterator = None
@@ -448,9 +467,9 @@ class TrainLoader:
             empty_epochs = 0 if self._epoch_yielded else empty_epochs + 1
             self._epoch_yielded = False
             if empty_epochs == 2:  # a resumed epoch may legitimately be empty; two in a row cannot
-                raise ValueError(f"{len(self.dataset.shards)} shards yielded no full batch of "
-                                 f"{self.dataset.cfg.batch_size} on some rank (this is rank {self.dataset.rank}); "
-                                 "check data.sources and data.batch_size")
+                raise DataError(f"{len(self.dataset.shards)} shards yielded no full batch of "
+                                f"{self.dataset.cfg.batch_size} on some rank (this is rank {self.dataset.rank}); "
+                                f"check data.sources and data.batch_size; skipped: {self.skipped or 'nothing'}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "consumed": {str(k): v for k, v in self.consumed.items()},
@@ -476,9 +495,9 @@ class TrainLoader:
 
 def build_train_loader(cfg: DataConfig, preprocess_cfg: dict[str, Any], tokenizer: Callable, rank: int = 0,
                        world_size: int = 1, pin_memory: bool = False,
-                       agree: Callable[[bool], bool] = _all_ranks_agree,
+                       agree: Callable[..., Any] = _all_ranks_agree,
                        normalize_in_workers: bool = False, sample_ids: bool = False,
-                       trim_text: bool = False) -> TrainLoader:
+                       trim_text: bool = False, stop_requested: Callable[[], bool] = _never) -> TrainLoader:
     """The training loader for this rank. ``preprocess_cfg`` is open_clip's (``model.visual.preprocess_cfg``):
     output size, mean, std, interpolation. Batches hold uint8 images and ``loader.transform.normalize`` makes
     the model's float input from them on the training device; with ``normalize_in_workers`` (training on a
@@ -513,4 +532,4 @@ def build_train_loader(cfg: DataConfig, preprocess_cfg: dict[str, Any], tokenize
                          "samples: set its num_samples, or write sizes.json beside the shards")
     dataset = ShardedImageText(sources, cfg, transform, tokenizer, rank, world_size, mode, normalize_in_workers,
                                sample_ids, trim_text)
-    return TrainLoader(dataset, cfg.num_workers, cfg.prefetch_factor, pin_memory, agree)
+    return TrainLoader(dataset, cfg.num_workers, cfg.prefetch_factor, pin_memory, agree, stop_requested)

@@ -1,0 +1,204 @@
+"""Samples out of tar shards, and what makes one unusable: the one reader behind training and ``prep inspect``.
+
+``read_tar(url, stream, counter)`` yields a shard's samples as webdataset groups them (``KEY.EXT`` members
+with the same key, consecutive in the tar, become ``{"__key__": KEY, "__url__": url, EXT: bytes, ...}``,
+the key ending at the file name's first dot). It is written here rather than taken from
+``webdataset.tariterators`` because the problems must be counted exactly once and named with their shard:
+webdataset's reader counts a tar cut inside a member twice (once for the member, once for the header
+after it) with no shard name, and passes a key repeated later in the tar on as a second sample.
+
+``SampleDecoder`` turns a sample into (uint8 image, cleaned caption) or counts why it cannot.
+``SKIP_KINDS`` is the one list of problem kinds; training logs and counts them (``data/skipped_*``) and
+``prep inspect`` reports them under the same names. ``SkipCounter`` counts and remembers the first of each
+kind; with ``data.strict`` the first problem stops the run instead.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from typing import IO, Any
+
+import torch
+from open_clip.tokenizer import basic_clean, whitespace_clean
+from webdataset.tariterators import base_plus_ext
+
+from clipforge.data.images import IMAGE_EXTENSIONS, DecompressionBomb, ImageTransform, decode_error
+
+SKIP_KINDS = {
+    "unreadable_shard": "a shard that cannot be opened or read (missing file, failing pipe: command)",
+    "truncated_tar": "a tar that ends inside a member or header; the samples before the cut are used",
+    "duplicate_key": "a key met again in the same tar; its first sample is used, the repeat dropped",
+    "dotted_key": "a member like a.b.jpg: webdataset's key ends at the first dot, so its extension reads b.jpg",
+    "missing_image": f"a sample with no {'/'.join(IMAGE_EXTENSIONS)} member",
+    "missing_caption": "a sample without the member (or JSON field) data.caption_key reads",
+    "bad_caption": "a caption that is not UTF-8, not JSON, or not a string (or list of strings)",
+    "empty_caption": "a caption that is empty after cleaning",
+    "decompression_bomb": "an image whose header declares more than data.max_image_pixels pixels",
+    "corrupt_image": "an image that does not decode (truncated, zero bytes, not an image)",
+}
+
+
+class DataError(ValueError):
+    """Bad input that stops the run: in strict mode, or a stream that keeps no sample at all."""
+
+
+class SkipCounter:
+    """Counts skipped inputs by kind and remembers the first of each kind (shard, key, reason).
+
+    Workers do not log: the counts and first occurrences travel with each batch and the ``TrainLoader`` logs each
+    kind once per run, in the main process.
+    """
+
+    def __init__(self, strict: bool = False) -> None:
+        self.counts: Counter[str] = Counter()
+        self.first: dict[str, str] = {}
+        self.strict = strict
+
+    def skip(self, kind: str, where: str, detail: str = "") -> None:
+        assert kind in SKIP_KINDS, kind
+        message = f"{kind.replace('_', ' ')} at {where}" + (f": {detail}" if detail else "")
+        if self.strict:
+            raise DataError(f"{message} (data.strict is set; unset it to skip and count bad inputs)")
+        self.first.setdefault(kind, message)
+        self.counts[kind] += 1
+
+
+def read_tar(url: str, stream: IO[bytes], counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    """The samples of one tar (plain or compressed), each problem counted once with the shard's name."""
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+    except (tarfile.TarError, OSError, EOFError) as exn:
+        counter.skip("unreadable_shard", url, f"not a tar: {exn}")
+        return
+    sample: dict[str, Any] | None = None
+    yielded = 0
+    seen: set[str] = set()
+    duplicates: set[str] = set()
+    try:
+        for member in tar:
+            if not member.isreg():
+                continue
+            key, suffix = base_plus_ext(member.name)
+            if key is None or key.startswith("__"):  # webdataset's metadata members
+                continue
+            suffix = suffix.lower()
+            if sample is None or key != sample["__key__"]:
+                if sample is not None:
+                    yielded += 1
+                    yield sample
+                sample = None
+                if key in seen:
+                    if key not in duplicates:
+                        duplicates.add(key)
+                        counter.skip("duplicate_key", f"{url}:{key}", "the key appears again later in the tar")
+                    continue
+                seen.add(key)
+                sample = {"__key__": key, "__url__": url}
+            if suffix in sample:
+                if key not in duplicates:
+                    duplicates.add(key)
+                    counter.skip("duplicate_key", f"{url}:{key}", f"two {key}.{suffix} members")
+                continue
+            sample[suffix] = tar.extractfile(member).read()  # after the previous sample went out whole
+    except (tarfile.TarError, OSError, EOFError) as exn:  # the sample being read when the tar broke is dropped
+        counter.skip("truncated_tar", url, f"after {yielded} samples: {type(exn).__name__}: {exn}")
+        return
+    if sample is not None:
+        yield sample
+
+
+def read_caption(sample: dict[str, Any], caption_key: str, rng: random.Random) -> str:
+    """The cleaned caption (ftfy + whitespace, as open_clip's tokenizer cleans).
+
+    Raises ``CaptionProblem`` with kind ``missing_caption`` or ``bad_caption``.
+    """
+    member = "txt" if caption_key.startswith("txt") else "json"
+    if member not in sample:
+        raise CaptionProblem("missing_caption", f"no .{member} member (data.caption_key={caption_key})")
+    try:
+        text = sample[member].decode("utf-8")
+    except UnicodeDecodeError as exn:
+        raise CaptionProblem("bad_caption", f".{member} is not UTF-8 ({exn})") from None
+    if caption_key == "txt:lines":
+        lines = [line for line in text.splitlines() if line.strip()]
+        text = rng.choice(lines) if lines else ""
+    elif member == "json":
+        field = caption_key.split(":", 1)[1]
+        try:
+            record = json.loads(text)
+        except ValueError as exn:
+            raise CaptionProblem("bad_caption", f".json does not parse ({exn})") from None
+        if not isinstance(record, dict) or field not in record:
+            raise CaptionProblem("missing_caption", f".json has no field {field!r} (data.caption_key={caption_key})")
+        text = _caption_value(record[field], field, rng)
+    return whitespace_clean(basic_clean(text))
+
+
+def _caption_value(value: Any, field: str, rng: random.Random) -> str:
+    """A JSON caption: a string, or a list of strings (one at random); null is empty, anything else is bad."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        options = [item for item in value if item.strip()]
+        return rng.choice(options) if options else ""
+    shown = json.dumps(value, ensure_ascii=False)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise CaptionProblem("bad_caption", f"JSON field {field!r} is a {type(value).__name__}, not a string or a list of "
+                                        f"strings: {shown}")
+
+
+class CaptionProblem(ValueError):
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind, self.detail = kind, detail
+
+
+def image_member(sample: dict[str, Any], where: str, counter: SkipCounter) -> str | None:
+    """The extension of the sample's image member, or None (counted: a missing image or a dotted key)."""
+    extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    if extension is not None:
+        return extension
+    dotted = [s for s in sample if not s.startswith("__") and "." in s and s.rsplit(".", 1)[1] in IMAGE_EXTENSIONS]
+    if dotted:
+        counter.skip("dotted_key", where, f"member {sample['__key__']}.{dotted[0]}: webdataset's key ends at the "
+                                          f"first dot of the file name, so this image's extension reads "
+                                          f"{dotted[0]!r}; rename the files without dots in the key")
+    else:
+        members = sorted(s for s in sample if not s.startswith("__"))
+        counter.skip("missing_image", where, f"members: {', '.join(members) or 'none'}")
+    return None
+
+
+class SampleDecoder:
+    """A sample → (uint8 image (3, H, W), cleaned caption, image member's extension), or None, the reason counted."""
+
+    def __init__(self, transform: ImageTransform, caption_key: str) -> None:
+        self.transform, self.caption_key = transform, caption_key
+
+    def __call__(self, sample: dict[str, Any], counter: SkipCounter,
+                 rng: random.Random) -> tuple[torch.Tensor, str, str] | None:
+        where = f"{sample.get('__url__')}:{sample.get('__key__')}"
+        extension = image_member(sample, where, counter)
+        if extension is None:
+            return None
+        try:
+            caption = read_caption(sample, self.caption_key, rng)
+        except CaptionProblem as problem:
+            counter.skip(problem.kind, where, problem.detail)
+            return None
+        if not caption:
+            counter.skip("empty_caption", where)
+            return None
+        try:
+            image = self.transform(sample[extension], rng)
+        except DecompressionBomb as exn:
+            counter.skip("decompression_bomb", where, str(exn))
+            return None
+        except Exception as exn:  # decoders raise many types for corrupt data: all mean "skip this image"
+            counter.skip("corrupt_image", where, decode_error(exn))
+            return None
+        return image, caption, extension
