@@ -218,7 +218,7 @@ class _Payload:
 def test_loading_never_unpickles_arbitrary_objects(tmp_path, monkeypatch):
     import torch
 
-    from clipforge.train.checkpoint import _sha256
+    from clipforge.models.checkpoint import sha256
 
     checkpointer = Checkpointer(tmp_path / "checkpoints")
     model = torch.nn.Linear(3, 2)
@@ -227,9 +227,9 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path, monkeypatch):
     monkeypatch.setenv("CLIPFORGE_TEST_MARKER", str(marker))
     torch.save({"step": 1, "payload": _Payload()}, path / "state.pt")
     manifest = json.loads((path / "manifest.json").read_text())  # a consistent manifest: only the pickle is bad
-    manifest["files"]["state.pt"] = {"bytes": (path / "state.pt").stat().st_size, "sha256": _sha256(path / "state.pt")}
+    manifest["files"]["state.pt"] = {"bytes": (path / "state.pt").stat().st_size, "sha256": sha256(path / "state.pt")}
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(Exception, match="Weights only load failed"):
+    with pytest.raises(CorruptCheckpoint, match="state.pt does not load with weights_only=True.*Weights only load"):
         load_checkpoint(path, model)
     assert not marker.exists()
 

@@ -17,7 +17,8 @@ from typing import Any
 import open_clip
 import torch
 from open_clip.transformer import text_global_pool
-from safetensors.torch import load_file
+
+from clipforge.models.checkpoint import is_checkpoint, read_weights
 
 # JSON architectures shipped with the project (``configs/models/NAME.json``); a config may also
 # name a JSON file anywhere by path.
@@ -123,8 +124,8 @@ def load_weights(model: torch.nn.Module, source: str) -> list[str]:
         from clipforge.export.convert import load_transformers_folder  # the export package owns the converters
 
         return load_transformers_folder(model, path)
-    if (path / "model.safetensors").is_file():
-        model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    if is_checkpoint(path):  # a clipforge checkpoint: its manifest is verified before anything loads
+        model.load_state_dict(read_weights(path), strict=True)
         return []
     raise FileNotFoundError(f"{source}: a directory with neither model.safetensors (clipforge checkpoint), "
                             "open_clip_config.json (open_clip folder) nor config.json (transformers folder)")

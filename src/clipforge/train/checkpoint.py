@@ -4,8 +4,10 @@ A checkpoint is a directory ``checkpoints/step_00000100/`` with ``model.safetens
 (optimizer, scheduler, train state), ``data_rank{R}.json`` (each rank's data position),
 ``rng_rank{R}.pt`` (each rank's torch/CUDA/Python generator states),
 ``sync_rank{R}.json`` (a digest of each rank's weights: if replicas diverged, every rank raises and
-nothing is saved) and ``config.yaml`` (the resolved run config). It is written under a hidden temporary name, every
-file fsynced, then renamed: a crash or kill never leaves a partial directory under a final name.
+nothing is saved) and ``config.yaml`` (the resolved run config). Reading is ``clipforge.models.checkpoint``,
+the one reader every command shares (resume, eval, export, ``model.init_from``). A checkpoint is written
+under a hidden temporary name, every file fsynced, then renamed: a crash or kill never leaves a partial
+directory under a final name.
 ``latest`` is a symlink to the newest one, replaced atomically. ``manifest.json`` (written last)
 records every file's size and SHA-256; loading verifies them, so a truncated or corrupted
 checkpoint (a full disk, a bad copy) is detected and named, and ``latest_intact`` falls back to the
@@ -26,41 +28,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from clipforge.models.checkpoint import REQUIRED_FILES, CorruptCheckpoint, read_weights, sha256, verify
 
 log = logging.getLogger(__name__)
-
-REQUIRED_FILES = ("model.safetensors", "state.pt", "config.yaml", "manifest.json")
-
-
-class CorruptCheckpoint(ValueError):
-    """A checkpoint's files do not match its manifest, or cannot be read."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify(path: Path) -> None:
-    """Raise CorruptCheckpoint unless every file in the manifest is there with its size and hash."""
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError) as exn:
-        raise CorruptCheckpoint(f"checkpoint {path}: unreadable manifest.json ({exn})") from exn
-    for name, expected in manifest["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise CorruptCheckpoint(f"checkpoint {path}: {name} is missing")
-        if file.stat().st_size != expected["bytes"]:
-            raise CorruptCheckpoint(f"checkpoint {path}: {name} has {file.stat().st_size} bytes, the manifest says "
-                                    f"{expected['bytes']} (truncated?)")
-        if _sha256(file) != expected["sha256"]:
-            raise CorruptCheckpoint(f"checkpoint {path}: {name} does not match its SHA-256 in manifest.json")
-
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -134,7 +106,7 @@ class Checkpointer:
             _write_synced(temporary / "model.safetensors", lambda p: save_file(weights, str(p)))
             _write_synced(temporary / "state.pt", lambda p: torch.save(state, p))
             _write_synced(temporary / "config.yaml", lambda p: p.write_text(config_yaml))
-            files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256(f)}
                      for f in sorted(temporary.iterdir()) if f.is_file()}
             _write_synced(temporary / "manifest.json",
                           lambda p: p.write_text(json.dumps({"step": step, "files": files}, indent=1)))
@@ -177,25 +149,34 @@ class Checkpointer:
         return complete[-1] if complete else None
 
     def latest_intact(self) -> Path | None:
-        """The newest checkpoint whose files match their manifest; corrupt ones are skipped with a warning."""
+        """The newest checkpoint whose files match their manifest; corrupt ones are skipped with a warning. When
+        there are checkpoints and every one is corrupt, that is a ``CorruptCheckpoint`` naming each problem: a
+        fresh start would silently throw the run away."""
+        problems = []
         for candidate in reversed(self.complete()):
             try:
                 verify(candidate)
                 return candidate
             except CorruptCheckpoint as exn:
                 log.warning("skipping corrupt checkpoint: %s", exn)
+                problems.append(str(exn))
+        if problems:
+            raise CorruptCheckpoint(f"every checkpoint in {self.directory} is corrupt, so there is nothing intact to "
+                                    f"resume from: {'; '.join(problems)}. Restore one, resume from a copy with "
+                                    "--resume DIR, or start afresh with another train.output_dir")
         return None
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load weights into ``model``; return (state, this rank's data position). Nothing arbitrary is unpickled."""
     path = Path(path).resolve()
-    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
-    verify(path)
-    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    model.load_state_dict(read_weights(path), strict=True)  # the manifest is verified first
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as exn:  # verified, yet unreadable (or refused by weights_only): never load it otherwise
+        raise CorruptCheckpoint(f"checkpoint {path}: state.pt does not load with weights_only=True ({exn})") from None
     rng_file = path / f"rng_rank{rank}.pt"
     if rng_file.is_file():
         state["rng"] = torch.load(rng_file, map_location="cpu", weights_only=True)
