@@ -36,7 +36,8 @@ def _prep_table(args: argparse.Namespace) -> int:
 
     summary = write_from_table(args.table, args.out, args.image_column, args.caption_column,
                                samples_per_shard=args.samples_per_shard, resize_to=args.resize,
-                               num_workers=args.workers, progress=not args.quiet, image_root=args.image_root)
+                               num_workers=args.workers, progress=not args.quiet, image_root=args.image_root,
+                               encoding=args.encoding)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -55,7 +56,7 @@ def _prep_inspect(args: argparse.Namespace) -> int:
     from clipforge.data.inspection import inspect_shards
 
     report = inspect_shards(args.shards, write_stats=not args.no_write, num_workers=args.workers,
-                            progress=not args.quiet)
+                            progress=not args.quiet, caption_key=args.caption_key, max_pixels=args.max_image_pixels)
     print(json.dumps({key: value for key, value in report.items() if key != "per_shard"}, indent=1))
     return 0 if report["ok"] else 1
 
@@ -82,6 +83,8 @@ def _add_prep_sources(prep_kinds: argparse._SubParsersAction) -> None:
                        help="column holding image paths (or, in parquet, image bytes)")
     table.add_argument("--caption-column", required=True, help="column holding the captions")
     table.add_argument("--image-root", help="directory that relative image paths start from (default: the table's)")
+    table.add_argument("--encoding", default="utf-8",
+                       help="text encoding of a CSV/TSV table, e.g. latin-1 or cp1252 (utf-8)")
     _add_writer_options(table)
     table.set_defaults(func=_prep_table)
 
@@ -101,14 +104,20 @@ def _add_prep_sources(prep_kinds: argparse._SubParsersAction) -> None:
 
     inspect = prep_kinds.add_parser(
         "inspect", help="validate shards; write counts, problems and histograms to _stats.json",
-        description="Read every sample of SHARDS (a directory of .tar files, or brace-expanded paths such as "
-                    "data/{00000..00099}.tar), decode images and captions, and report counts, problems by kind "
-                    "(corrupt or missing images, missing or empty captions, truncated tars, sizes.json mismatches) "
+        description="Read every sample of SHARDS (a directory of .tar/.tar.gz files, or brace-expanded paths such as "
+                    "data/{00000..00099}.tar) exactly as training reads them, decode images and captions, and report "
+                    "counts, problems by kind under training's names (corrupt_image, missing_caption, truncated_tar, "
+                    "duplicate_key, decompression_bomb, ..., and sizes.json mismatches) "
                     "and caption-length / image-size histograms. The report goes into _stats.json (key 'inspect') "
                     "beside the shards; sizes.json is written if absent. Exit status 1 when a problem is found.")
     inspect.add_argument("shards", help="directory of .tar shards, or brace-expanded shard paths")
     inspect.add_argument("--workers", type=int, default=2, help="reader processes; 1 reads in this process (2)")
     inspect.add_argument("--no-write", action="store_true", help="only print the report; write no file")
+    inspect.add_argument("--caption-key", default="txt",
+                         help="the caption training reads, as data.caption_key: txt, txt:lines or json:FIELD (txt)")
+    inspect.add_argument("--max-image-pixels", type=int, default=89_478_485,
+                         help="images over this many pixels count as decompression bombs, as data.max_image_pixels "
+                              "(89478485)")
     inspect.add_argument("--quiet", action="store_true", help="no progress bar")
     inspect.set_defaults(func=_prep_inspect)
 
@@ -324,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     from clipforge.launch import add_parser as add_submit
 
     add_submit(commands)
+    _add_debug_flag(parser)
+    parser.set_defaults(debug=False)
     return parser
 
 
@@ -343,10 +354,34 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s")
     logging.getLogger("clipforge").setLevel(logging.INFO)  # ours at INFO; libraries' chatter stays at WARNING
     args = build_parser().parse_args(argv)
-    from clipforge.config import ConfigError
-
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"clipforge {args.command}: error: {exc}", file=sys.stderr)
+    except _user_errors() as exc:
+        if args.debug or os.environ.get("CLIPFORGE_DEBUG", "") not in ("", "0"):
+            raise
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"clipforge {args.command}: error: {message} (--debug or CLIPFORGE_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What a user's input causes (a config, a path, bad data, a damaged checkpoint, a run that diverged): reported
+    as one line. Anything else is a bug in clipforge or a library and keeps its traceback."""
+    from clipforge.config import ConfigError
+    from clipforge.data.samples import DataError
+    from clipforge.health import CollapseError
+    from clipforge.models.checkpoint import CorruptCheckpoint
+    from clipforge.train.loop import NonFiniteError
+
+    return ConfigError, DataError, CorruptCheckpoint, CollapseError, NonFiniteError, FileNotFoundError, ValueError
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on every (sub)command, so it can go anywhere on the command line."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the whole traceback of an error (as CLIPFORGE_DEBUG=1 does)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                _add_debug_flag(sub)

@@ -67,6 +67,35 @@ def _describe(exc: OmegaConfBaseException) -> str:
     return f"key {key!r}: {message}" if key else message
 
 
+def _shape_mismatch(schema, given, prefix: str = "") -> str | None:
+    """Where ``given`` (plain containers) puts a mapping where the schema has a list, or the reverse; OmegaConf's
+    own error ("Cannot merge incompatible container types") names no key."""
+    if not isinstance(given, dict) or not isinstance(schema, dict):
+        return None
+    for key, value in given.items():
+        expected = schema.get(key)
+        where = f"{prefix}{key}"
+        if isinstance(expected, list) and isinstance(value, dict):
+            return f"key {where!r}: expected a list, got a mapping (write each item as '- key: value')"
+        if isinstance(expected, dict) and isinstance(value, list):
+            return f"key {where!r}: expected a mapping of keys, got a list"
+        found = _shape_mismatch(expected, value, f"{where}.")
+        if found:
+            return found
+    return None
+
+
+def _merge(merged, update, source: str):
+    try:
+        return OmegaConf.merge(merged, update)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from exc
+    except TypeError as exc:  # a mapping where a list belongs, or the reverse
+        plain = OmegaConf.to_container(update) if OmegaConf.is_config(update) else update
+        found = _shape_mismatch(OmegaConf.to_container(merged), plain)
+        raise ConfigError(f"{source}: {found or exc}") from exc
+
+
 def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
     """Defaults, then the YAML at ``path``, then ``a.b=value`` overrides; validated completely."""
     merged = OmegaConf.structured(RunConfig)
@@ -77,18 +106,15 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
         try:
             file_cfg = OmegaConf.load(path)
         except Exception as exc:  # YAML syntax errors come in several types
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        try:
-            merged = OmegaConf.merge(merged, file_cfg)
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"{path}: {_describe(exc)}") from exc
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+        if not OmegaConf.is_dict(file_cfg):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, model:, train:, ...), "
+                              f"got a {'list' if OmegaConf.is_list(file_cfg) else type(file_cfg).__name__}")
+        merged = _merge(merged, file_cfg, str(path))
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. optim.lr=5e-4")
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"--set {override!r}: {_describe(exc)}") from exc
+        merged = _merge(merged, OmegaConf.from_dotlist([override]), f"--set {override!r}")
     source = f"{path}" if path is not None else "config"
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
-from clipforge.data.pipeline import build_train_loader
+from clipforge.data.pipeline import StopRequested, build_train_loader
 from clipforge.distributed import DistInfo, destroy_process_group, init_process_group, make_agreement
 from clipforge.evaluation import OpenClipEncoder, load_suite, markdown_table, run_suite
 from clipforge.evaluation.suite import headline
@@ -322,7 +322,8 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
     loader = build_train_loader(cfg.data, built.preprocess_cfg, built.tokenizer, dist_info.rank,
                                 dist_info.world_size, pin_memory=dist_info.device.startswith("cuda"), agree=agree,
                                 normalize_in_workers=not dist_info.device.startswith("cuda"),
-                                sample_ids=cfg.loss.positives != "pairs", trim_text=trim_text)
+                                sample_ids=cfg.loss.positives != "pairs", trim_text=trim_text,
+                                stop_requested=lambda: stop.received is not None)
     cleanup.callback(loader.close)  # on return or error: the DataLoader workers stop before the process exits
     probe = _health_probe(cfg, built, dist_info, agree)
     monitor = CollapseMonitor(cfg.health, cfg.loss.max_logit_scale, log_warnings=dist_info.is_main)
@@ -376,7 +377,11 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
     nonfinite_run, nonfinite_total, preempted = 0, 0, False
     while step < cfg.train.steps:
         fetch_start = time.perf_counter()
-        batch = next(loader)
+        try:
+            batch = next(loader)
+        except StopRequested:  # a signal while waiting for data: every rank stops here, before the step
+            preempted = True
+            break
         data_wait += time.perf_counter() - fetch_start
         batch["images"] = loader.transform.normalize(batch["images"].to(dist_info.device, non_blocking=True))
         if channels_last:
