@@ -88,12 +88,10 @@ def _shape_mismatch(schema, given, prefix: str = "") -> str | None:
 def _merge(merged, update, source: str):
     try:
         return OmegaConf.merge(merged, update)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{source}: {_describe(exc)}") from exc
-    except TypeError as exc:  # a mapping where a list belongs, or the reverse
-        plain = OmegaConf.to_container(update) if OmegaConf.is_config(update) else update
-        found = _shape_mismatch(OmegaConf.to_container(merged), plain)
-        raise ConfigError(f"{source}: {found or exc}") from exc
+    except (OmegaConfBaseException, TypeError) as exc:  # TypeError: a mapping where a list belongs
+        found = _shape_mismatch(OmegaConf.to_container(merged), OmegaConf.to_container(update))
+        detail = _describe(exc) if isinstance(exc, OmegaConfBaseException) else str(exc)
+        raise ConfigError(f"{source}: {found or detail}") from exc
 
 
 def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:

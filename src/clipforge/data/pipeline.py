@@ -467,9 +467,11 @@ class TrainLoader:
             empty_epochs = 0 if self._epoch_yielded else empty_epochs + 1
             self._epoch_yielded = False
             if empty_epochs == 2:  # a resumed epoch may legitimately be empty; two in a row cannot
-                raise DataError(f"{len(self.dataset.shards)} shards yielded no full batch of "
-                                f"{self.dataset.cfg.batch_size} on some rank (this is rank {self.dataset.rank}); "
-                                f"check data.sources and data.batch_size; skipped: {self.skipped or 'nothing'}")
+                sources = " + ".join(source.urls for source in self.dataset.cfg.source_configs())
+                raise DataError(f"{len(self.dataset.shards)} shards ({sources}) yielded no full batch of "
+                                f"{self.dataset.cfg.batch_size} in two epochs on some rank (this is rank "
+                                f"{self.dataset.rank}); check data.sources and data.batch_size; skipped: "
+                                f"{self.skipped or 'nothing'}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "consumed": {str(k): v for k, v in self.consumed.items()},

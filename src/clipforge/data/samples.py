@@ -30,7 +30,8 @@ from clipforge.data.images import IMAGE_EXTENSIONS, DecompressionBomb, ImageTran
 
 SKIP_KINDS = {
     "unreadable_shard": "a shard that cannot be opened or read (missing file, failing pipe: command)",
-    "truncated_tar": "a tar that ends inside a member or header; the samples before the cut are used",
+    "truncated_tar": "a tar cut short (inside a member or header, or before its end-of-archive block); the samples "
+                     "before the cut are used, the one being read is dropped",
     "duplicate_key": "a key met again in the same tar; its first sample is used, the repeat dropped",
     "dotted_key": "a member like a.b.jpg: webdataset's key ends at the first dot, so its extension reads b.jpg",
     "missing_image": f"a sample with no {'/'.join(IMAGE_EXTENSIONS)} member",
@@ -107,6 +108,11 @@ def read_tar(url: str, stream: IO[bytes], counter: SkipCounter) -> Iterator[dict
     except (tarfile.TarError, OSError, EOFError) as exn:  # the sample being read when the tar broke is dropped
         counter.skip("truncated_tar", url, f"after {yielded} samples: {type(exn).__name__}: {exn}")
         return
+    # tarfile takes a header cut short, or none at all, after the first member for the end of the archive; a whole
+    # tar ends with a block of zeros, which is the last header read (512 bytes).
+    if tar.fileobj.tell() - tar.offset != tarfile.BLOCKSIZE:  # the sample in progress is whole: it is kept
+        counter.skip("truncated_tar", url, f"after {yielded + (sample is not None)} samples: the tar ends without "
+                                           "its end-of-archive block (cut short between or inside headers)")
     if sample is not None:
         yield sample
 
