@@ -17,7 +17,6 @@ import torch
 import yaml
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image
-from safetensors.torch import save_file
 
 from clipforge.cli import main
 from clipforge.config import load_config, to_yaml
@@ -149,12 +148,10 @@ def read_wds(root: Path) -> tuple[list[Image.Image], torch.Tensor]:
 
 
 def write_checkpoint(built, config_yaml: str, run_dir: Path, step: int = 30) -> Path:
-    checkpoint = run_dir / "checkpoints" / f"step_{step:08d}"
-    checkpoint.mkdir(parents=True)
-    save_file({key: value.contiguous() for key, value in built.model.state_dict().items()},
-              str(checkpoint / "model.safetensors"))
-    (checkpoint / "config.yaml").write_text(config_yaml)
-    return checkpoint
+    """A checkpoint as the trainer writes it (with its manifest, which every reader verifies)."""
+    from clipforge.train.checkpoint import Checkpointer
+
+    return Checkpointer(run_dir / "checkpoints").save(step, built.model, {"step": step}, {}, config_yaml)
 
 
 def test_pipeline_predicts_what_clipforge_eval_predicts(synth_data, tiny_model_json, tmp_path):

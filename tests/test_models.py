@@ -27,13 +27,12 @@ def test_demo_architecture_is_shipped():
 
 
 def test_loads_local_weights_file_and_checkpoint_dir(tiny_model_json, tmp_path):
-    from safetensors.torch import save_file
+    from clipforge.train.checkpoint import Checkpointer
 
     source = build_model(ModelConfig(name=tiny_model_json)).model
     torch.save(source.state_dict(), tmp_path / "weights.pt")
-    (tmp_path / "ckpt").mkdir()
-    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "ckpt" / "model.safetensors")
-    for init_from in (tmp_path / "weights.pt", tmp_path / "ckpt"):
+    checkpoint = Checkpointer(tmp_path / "checkpoints").save(1, source, {"step": 1}, {}, "train: {}\n")
+    for init_from in (tmp_path / "weights.pt", checkpoint):
         loaded = build_model(ModelConfig(name=tiny_model_json, init_from=str(init_from))).model
         for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
             assert torch.equal(a, b), name
