@@ -316,7 +316,8 @@ def test_train_on_bad_data_in_strict_mode_ends_in_one_line(tmp_path, tiny_model_
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
-    assert re.match(r"clipforge train: error: corrupt image at \S+\.tar:\d+: .*data\.strict is set", last), last
+    assert re.match(r"clipforge train: error: DataError: corrupt image at \S+\.tar:\d+: .*data\.strict is set",
+                    last), last
 
 
 def test_a_stop_signal_stops_a_starved_trainer_with_a_checkpoint(tmp_path, tiny_model_json):

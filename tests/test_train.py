@@ -134,5 +134,5 @@ def test_skipped_inputs_reach_the_training_metrics(synth_data, tiny_model_json, 
     last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["train/epoch"] == 1
     # counts accumulate over the run: 3 corrupt images and 1 missing caption per pass over bad.tar
-    passes = last["data/skipped_bad_caption"]
+    passes = last["data/skipped_missing_caption"]
     assert passes in (1, 2) and last["data/skipped_corrupt_image"] == 3 * passes

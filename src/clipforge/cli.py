@@ -360,8 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or os.environ.get("CLIPFORGE_DEBUG", "") not in ("", "0"):
             raise
         message = " ".join(str(exc).split())  # one line, whatever the message held
-        print(f"clipforge {args.command}: error: {message} (--debug or CLIPFORGE_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
+        kind = "" if type(exc).__module__ == "builtins" or type(exc).__name__ == "ConfigError" else \
+            f"{type(exc).__name__}: "  # what stopped a run: DataError, CorruptCheckpoint, NonFiniteError, ...
+        print(f"clipforge {args.command}: error: {kind}{message} (--debug or CLIPFORGE_DEBUG=1 shows the "
+              "traceback)", file=sys.stderr)
         return 2
 
 

@@ -172,7 +172,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, rank: int = 0) -> 
     path = Path(path).resolve()
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    model.load_state_dict(read_weights(path), strict=True)  # the manifest is verified first
+    weights = read_weights(path)  # the manifest is verified first
+    model.load_state_dict(weights, strict=True)
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as exn:  # verified, yet unreadable (or refused by weights_only): never load it otherwise
