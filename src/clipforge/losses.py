@@ -428,9 +428,16 @@ class _NeighbourExchange(torch.autograd.Function):
 
 
 def _exchange(tensor: torch.Tensor, to: int, source: int, group) -> torch.Tensor:
-    received = torch.empty_like(tensor)
-    requests = [dist.isend(tensor.contiguous(), to, group=group), dist.irecv(received, source, group=group)]
-    for request in requests:
+    """Send ``tensor`` (B, D) to ``to`` and receive a (B, D) one from ``source`` in one batched P2P call.
+
+    Under NCCL a lone send may hold its stream until the peer's matching receive runs; when every rank of the ring
+    posts its send first, the receives queue behind the sends and the ring can deadlock. ``batch_isend_irecv``
+    launches the pair as one NCCL group (open_clip's ``neighbour_exchange``)."""
+    tensor = tensor.contiguous()
+    received = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+    operations = [dist.P2POp(dist.isend, tensor, to, group=group),
+                  dist.P2POp(dist.irecv, received, source, group=group)]
+    for request in dist.batch_isend_irecv(operations):
         request.wait()
     return received
 
