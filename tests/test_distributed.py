@@ -25,9 +25,62 @@ SRUN = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_N
     ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, False, DistInfo(0, 0, 1, 1, "cpu", "gloo")),
 ])
 def test_from_env(env, cuda, expected):
-    assert DistInfo.from_env(env, cuda_available=cuda) == expected
+    assert DistInfo.from_env(env, cuda_available=cuda, device_count=4) == expected  # a GPU per local rank
+
+
+ONE_GPU_PER_TASK = {"SLURM_PROCID": "7", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3", "SLURM_NTASKS_PER_NODE": "4"}
+
+
+@pytest.mark.parametrize("env, device_count, expected", [
+    # srun --gpus-per-task=1: every task sees one GPU, its own, as cuda:0 (cuda:3 would be an invalid ordinal)
+    (ONE_GPU_PER_TASK, 1, DistInfo(7, 3, 8, 4, "cuda:0", "nccl")),
+    ({**TORCHRUN, "LOCAL_RANK": "3"}, 1, DistInfo(5, 3, 8, 4, "cuda:0", "nccl")),
+    (ONE_GPU_PER_TASK, 2, DistInfo(7, 3, 8, 4, "cuda:1", "nccl")),  # two GPUs shared by four tasks
+    (ONE_GPU_PER_TASK, 8, DistInfo(7, 3, 8, 4, "cuda:3", "nccl")),  # every GPU of the node visible
+    (ONE_GPU_PER_TASK, 0, DistInfo(7, 3, 8, 4, "cuda:0", "nccl")),
+])
+def test_the_device_is_the_local_rank_among_the_visible_gpus(env, device_count, expected):
+    assert DistInfo.from_env(env, cuda_available=True, device_count=device_count) == expected
+
+
+def test_the_device_count_is_read_only_for_a_gpu_run(monkeypatch):
+    import torch
+
+    def no_count():
+        raise AssertionError("torch.cuda.device_count() called for a CPU run")
+
+    monkeypatch.setattr(torch.cuda, "device_count", no_count)
+    assert DistInfo.from_env(ONE_GPU_PER_TASK, cuda_available=False).device == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # the default, when not passed in
+    assert DistInfo.from_env(ONE_GPU_PER_TASK, cuda_available=True).device == "cuda:0"
 
 
 def test_several_processes_need_a_rendezvous_address():
     with pytest.raises(ValueError, match="MASTER_ADDR and MASTER_PORT"):
         init_process_group(DistInfo.from_env(SRUN, cuda_available=False), SRUN)
+
+
+def test_one_gpu_per_task_binds_and_wraps_the_visible_device(monkeypatch):
+    """init_process_group and DDP use from_env's device (cuda:0 of one visible GPU), not the local rank (3)."""
+    import torch
+
+    from clipforge import distributed
+    from clipforge.train import parallel
+
+    info = DistInfo.from_env({**ONE_GPU_PER_TASK, "MASTER_ADDR": "node0"}, cuda_available=True, device_count=1)
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("set_device", device))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: calls.setdefault("init", kwargs))
+    distributed.init_process_group(info, {"MASTER_ADDR": "node0"})
+    assert calls["set_device"] == torch.device("cuda", 0)
+    assert calls["init"]["backend"] == "nccl" and calls["init"]["rank"] == 7
+
+    class Placed(torch.nn.Linear):
+        def to(self, *args, **kwargs):  # no GPU here: record the placement instead
+            calls["to"] = args
+            return self
+
+    monkeypatch.setattr(parallel, "DistributedDataParallel",
+                        lambda model, device_ids: calls.setdefault("device_ids", device_ids))
+    parallel.parallelize(Placed(2, 2), info)
+    assert calls["to"] == ("cuda:0",) and calls["device_ids"] == [0]

@@ -38,8 +38,13 @@ class DistInfo:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], cuda_available: bool | None = None) -> DistInfo:
-        """Read rank and world size from torchrun/accelerate, SLURM, or default to one process."""
+    def from_env(cls, env: Mapping[str, str], cuda_available: bool | None = None,
+                 device_count: int | None = None) -> DistInfo:
+        """Read rank and world size from torchrun/accelerate, SLURM, or default to one process.
+
+        The device is ``cuda:{local_rank % device_count}`` among the GPUs this process sees: srun binding one GPU
+        per task (``--gpus-per-task=1``, ``--gpu-bind``) leaves one visible device, ``cuda:0``, to every local
+        rank. ``cuda_available`` and ``device_count`` default to what torch reports."""
         if cuda_available is None:
             cuda_available = torch.cuda.is_available()
         if "WORLD_SIZE" in env and "RANK" in env:  # torchrun, accelerate launch, torch.distributed.launch
@@ -53,7 +58,12 @@ class DistInfo:
         else:
             rank, local_rank, world_size, local_world_size = 0, 0, 1, 1
         use_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not cuda_available
-        device = "cpu" if use_cpu else f"cuda:{local_rank}"
+        if use_cpu:
+            device = "cpu"
+        else:
+            if device_count is None:
+                device_count = torch.cuda.device_count()
+            device = f"cuda:{local_rank % max(1, device_count)}"
         return cls(rank, local_rank, world_size, local_world_size, device, "gloo" if use_cpu else "nccl")
 
 
@@ -65,7 +75,7 @@ def init_process_group(info: DistInfo, env: Mapping[str, str], timeout_s: float 
         raise ValueError("a multi-process launch needs MASTER_ADDR and MASTER_PORT in the environment "
                          "(torchrun and accelerate set them; under srun export them in the sbatch script)")
     if info.device.startswith("cuda"):
-        torch.cuda.set_device(info.local_rank)
+        torch.cuda.set_device(torch.device(info.device))  # the visible device from_env chose, not the local rank
     address = f"tcp://{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29500')}"
     dist.init_process_group(backend=info.backend, init_method=address,
                             rank=info.rank, world_size=info.world_size, timeout=timedelta(seconds=timeout_s))
