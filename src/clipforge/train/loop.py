@@ -354,7 +354,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
                 raise ValueError(f"{resume_from} was written without loss.queue_size; it cannot resume a queue run")
             queue.load_state_dict(state["queue"])
         loader.load_state_dict(data_state)
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], dist_info.device)
         step = int(state["step"])
         log.info("resumed from %s at step %d", resume_from, step)
     logger = MetricLogger(run_dir, cfg.logging, cfg.train.steps, step, dist_info.is_main,
@@ -362,7 +362,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
 
     def save() -> Path:
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_state()}
+                 "rng": rng_state(dist_info.device)}
         if step_fn.scaler is not None:
             state["scaler"] = step_fn.scaler.state_dict()
         if queue is not None:
