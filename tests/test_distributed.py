@@ -84,3 +84,25 @@ def test_one_gpu_per_task_binds_and_wraps_the_visible_device(monkeypatch):
                         lambda model, device_ids: calls.setdefault("device_ids", device_ids))
     parallel.parallelize(Placed(2, 2), info)
     assert calls["to"] == ("cuda:0",) and calls["device_ids"] == [0]
+
+
+def _gather_on_rank(rank, world_size):
+    import torch
+
+    from clipforge.distributed import all_gather
+
+    features = torch.arange(6, dtype=torch.float32).view(3, 2) + 100 * rank  # (B_local, D)
+    ids = torch.tensor([rank, 10 + rank], dtype=torch.int64)  # (B_local,)
+    return all_gather(features, world_size), all_gather(ids, world_size)
+
+
+def test_all_gather_concatenates_every_rank_in_rank_order(tmp_path):
+    import torch
+    from ranks import run_ranks
+
+    results = run_ranks(_gather_on_rank, 3, tmp_path / "ranks")
+    features = torch.cat([torch.arange(6, dtype=torch.float32).view(3, 2) + 100 * rank for rank in range(3)])
+    ids = torch.tensor([0, 10, 1, 11, 2, 12])
+    for gathered_features, gathered_ids in results:
+        assert torch.equal(gathered_features, features) and gathered_ids.dtype == torch.int64
+        assert torch.equal(gathered_ids, ids)

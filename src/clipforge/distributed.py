@@ -86,26 +86,43 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def all_gather(tensor: torch.Tensor, world_size: int, group=None) -> torch.Tensor:
+    """All-gather ``tensor`` (B_local, ...) → (world_size * B_local, ...) in rank order, without gradient.
+
+    One collective straight into the output (``all_gather_single``, the name ``all_gather_into_tensor`` has in
+    torch ≥ 2.14), instead of a list of world_size buffers and a copy by ``torch.cat``."""
+    if world_size == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    gathered = tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
+    dist.all_gather_single(gathered, tensor, group=group)
+    return gathered
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, rank: int, world_size: int, group) -> torch.Tensor:
-        ctx.rank, ctx.world_size, ctx.group = rank, world_size, group
-        parts = [torch.empty_like(tensor) for _ in range(world_size)]
-        dist.all_gather(parts, tensor.contiguous(), group=group)
-        return torch.cat(parts, dim=0)  # (world_size * B_local, ...)
+    def forward(ctx, tensor: torch.Tensor, world_size: int, group) -> torch.Tensor:
+        ctx.world_size, ctx.group = world_size, group
+        return all_gather(tensor, world_size, group)  # (world_size * B_local, ...)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # every rank's gradient for the gathered tensor, summed, and only this rank's rows kept: a reduce-scatter
+        # moves half the bytes of an all-reduce followed by a slice
         grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad.chunk(ctx.world_size, dim=0)[ctx.rank], None, None, None
+        local = grad.new_empty((grad.shape[0] // ctx.world_size, *grad.shape[1:]))
+        dist.reduce_scatter_single(local, grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return local, None, None
 
 
 def gather_with_grad(tensor: torch.Tensor, rank: int, world_size: int, group=None) -> torch.Tensor:
-    """All-gather ``tensor`` (B_local, ...) → (world_size * B_local, ...) with gradient to the owner."""
+    """All-gather ``tensor`` (B_local, ...) → (world_size * B_local, ...) with gradient to the owner.
+
+    ``rank`` (this process's rank in ``group``) names the rows that are this rank's; the reduce-scatter of the
+    backward pass returns exactly those."""
     if world_size == 1:
         return tensor
-    return _GatherWithGrad.apply(tensor, rank, world_size, group)
+    return _GatherWithGrad.apply(tensor, world_size, group)
 
 
 def make_agreement(info: DistInfo):

@@ -61,7 +61,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from clipforge.distributed import gather_with_grad
+from clipforge.distributed import all_gather, gather_with_grad
 
 LOSS_KINDS = ("clip", "siglip")
 SIGLIP_EXCHANGES = ("all_gather", "ring")
@@ -297,11 +297,7 @@ def _sigmoid_loss_sum(queries, keys, scale, bias, positive_offset, tile_size: in
 
 def _gather_ids(ids: torch.Tensor, world_size: int, group) -> torch.Tensor:
     """All-gather per-sample ids (B_local,) → (B_global,), no gradient."""
-    if world_size == 1:
-        return ids
-    parts = [torch.empty_like(ids) for _ in range(world_size)]
-    dist.all_gather(parts, ids.contiguous(), group=group)
-    return torch.cat(parts)
+    return all_gather(ids, world_size, group)
 
 
 def _hard_negative_loss(logits: torch.Tensor, diagonal: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
