@@ -79,8 +79,10 @@ class PlainStep:
         metrics = self.backward(batch)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.grad_clip_norm if self.grad_clip_norm else float("inf"))
+        if self.grad_clip_norm:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+        else:  # the norm is still logged; clipping to inf would multiply every gradient by 1, a pass for nothing
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         loss_finite = torch.isfinite(metrics["loss"])
         finite = loss_finite if self.scaler is not None else loss_finite & torch.isfinite(grad_norm)
         nonfinite = not bool(finite)  # the one host sync per step
