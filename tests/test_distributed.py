@@ -106,3 +106,29 @@ def test_all_gather_concatenates_every_rank_in_rank_order(tmp_path):
     for gathered_features, gathered_ids in results:
         assert torch.equal(gathered_features, features) and gathered_ids.dtype == torch.int64
         assert torch.equal(gathered_ids, ids)
+
+
+def _hang_in_a_receive(rank, world_size, marker):
+    import time
+    from pathlib import Path
+
+    import torch
+
+    if rank == 0:
+        time.sleep(600)  # never sends
+    Path(marker).touch()
+    torch.distributed.recv(torch.empty(1), src=0)
+
+
+def test_a_hung_collective_fails_the_launch_after_its_timeout(tmp_path):
+    """run_ranks(timeout=...) is what keeps a deadlocked NCCL test (tests/test_cuda.py) from stalling the suite."""
+    import time
+
+    from ranks import run_ranks
+
+    marker = tmp_path / "rank1_waiting"
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="not done after 20 s"):
+        run_ranks(_hang_in_a_receive, 2, tmp_path / "ranks", str(marker), timeout=20)
+    assert marker.exists()  # the timeout ended a rank blocked in a receive, not a slow start
+    assert time.monotonic() - start < 60
