@@ -18,7 +18,10 @@ step is skipped by the scaler and the scale lowered, as usual). The loss is alwa
 Numerics guard: a non-finite loss (or, without a scaler, a non-finite gradient norm) skips the
 optimizer update — weights and optimizer state stay as they were — and the step reports
 ``nonfinite=True``; the loop counts these and aborts after N in a row. That check is the one host
-sync per step (GradScaler needs the same one); everything else returned is a detached tensor.
+sync per step (tests/test_cuda.py counts it): the loop decides on it every step (skip count, abort with the
+batch's keys, the queue's enqueue), so keeping it on the device would move those decisions to logging steps.
+With fused AdamW, GradScaler itself needs no sync (it hands the optimizer its inf flag on the device).
+Everything else returned is a detached tensor.
 """
 
 from __future__ import annotations
