@@ -118,8 +118,8 @@ class _GatherWithGrad(torch.autograd.Function):
 def gather_with_grad(tensor: torch.Tensor, rank: int, world_size: int, group=None) -> torch.Tensor:
     """All-gather ``tensor`` (B_local, ...) → (world_size * B_local, ...) with gradient to the owner.
 
-    ``rank`` (this process's rank in ``group``) names the rows that are this rank's; the reduce-scatter of the
-    backward pass returns exactly those."""
+    This process's rows are the ones at its rank in ``group``: the backward pass's reduce-scatter returns them by
+    that rank, so ``rank`` itself is not needed by the collectives (the losses pass it, and use it for labels)."""
     if world_size == 1:
         return tensor
     return _GatherWithGrad.apply(tensor, world_size, group)
