@@ -1,4 +1,5 @@
-"""Run a function on N gloo processes (spawned) and collect what each rank returns."""
+"""Run a function on N gloo processes (spawned) and collect what each rank returns; on N GPUs under NCCL with
+``device="cuda"`` (rank r on cuda:r)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank, fn, world_size, port, out_dir, args):
+def _entry(rank, fn, world_size, port, out_dir, args, device="cpu"):
     # A spawned child defaults to spawning its own children; processes started by torchrun or srun fork
     # their DataLoader workers. Do as they do (spawned workers would re-import everything, ~20 s each).
     multiprocessing.set_start_method("fork", force=True)
-    info = DistInfo(rank=rank, world_size=world_size, local_world_size=world_size)
+    if device == "cuda":
+        info = DistInfo(rank=rank, local_rank=rank, world_size=world_size, local_world_size=world_size,
+                        device=f"cuda:{rank}", backend="nccl")
+    else:
+        info = DistInfo(rank=rank, world_size=world_size, local_world_size=world_size)
     init_process_group(info, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     try:
         result = fn(rank, world_size, *args)
@@ -34,11 +39,22 @@ def _entry(rank, fn, world_size, port, out_dir, args):
         destroy_process_group()
 
 
-def run_ranks(fn, world_size: int, out_dir: Path, *args) -> list:
-    """``fn(rank, world_size, *args)`` on each rank under an initialised gloo group; the results, by rank."""
+def run_ranks(fn, world_size: int, out_dir: Path, *args, device: str = "cpu", timeout: float | None = None) -> list:
+    """``fn(rank, world_size, *args)`` on each rank under an initialised gloo group (``device="cuda"``: NCCL, rank r
+    on cuda:r); the results, by rank. ``timeout`` seconds: a rank still running then (a hung collective) fails the
+    test with TimeoutError instead of stalling the suite."""
+    import time
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(_entry, args=(fn, world_size, free_port(), str(out_dir), args), nprocs=world_size, join=True,
-                       start_method="spawn")
+    context = mp.start_processes(_entry, args=(fn, world_size, free_port(), str(out_dir), args, device),
+                                 nprocs=world_size, join=False, start_method="spawn")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not context.join(None if deadline is None else max(0.0, deadline - time.monotonic())):
+        if deadline is not None and time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"{getattr(fn, '__name__', fn)} on {world_size} {device} ranks: not done after "
+                               f"{timeout} s (a collective that never completes?)")
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 

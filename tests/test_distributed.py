@@ -25,9 +25,110 @@ SRUN = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_N
     ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, False, DistInfo(0, 0, 1, 1, "cpu", "gloo")),
 ])
 def test_from_env(env, cuda, expected):
-    assert DistInfo.from_env(env, cuda_available=cuda) == expected
+    assert DistInfo.from_env(env, cuda_available=cuda, device_count=4) == expected  # a GPU per local rank
+
+
+ONE_GPU_PER_TASK = {"SLURM_PROCID": "7", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3", "SLURM_NTASKS_PER_NODE": "4"}
+
+
+@pytest.mark.parametrize("env, device_count, expected", [
+    # srun --gpus-per-task=1: every task sees one GPU, its own, as cuda:0 (cuda:3 would be an invalid ordinal)
+    (ONE_GPU_PER_TASK, 1, DistInfo(7, 3, 8, 4, "cuda:0", "nccl")),
+    ({**TORCHRUN, "LOCAL_RANK": "3"}, 1, DistInfo(5, 3, 8, 4, "cuda:0", "nccl")),
+    (ONE_GPU_PER_TASK, 2, DistInfo(7, 3, 8, 4, "cuda:1", "nccl")),  # two GPUs shared by four tasks
+    (ONE_GPU_PER_TASK, 8, DistInfo(7, 3, 8, 4, "cuda:3", "nccl")),  # every GPU of the node visible
+    (ONE_GPU_PER_TASK, 0, DistInfo(7, 3, 8, 4, "cuda:0", "nccl")),
+])
+def test_the_device_is_the_local_rank_among_the_visible_gpus(env, device_count, expected):
+    assert DistInfo.from_env(env, cuda_available=True, device_count=device_count) == expected
+
+
+def test_the_device_count_is_read_only_for_a_gpu_run(monkeypatch):
+    import torch
+
+    def no_count():
+        raise AssertionError("torch.cuda.device_count() called for a CPU run")
+
+    monkeypatch.setattr(torch.cuda, "device_count", no_count)
+    assert DistInfo.from_env(ONE_GPU_PER_TASK, cuda_available=False).device == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # the default, when not passed in
+    assert DistInfo.from_env(ONE_GPU_PER_TASK, cuda_available=True).device == "cuda:0"
 
 
 def test_several_processes_need_a_rendezvous_address():
     with pytest.raises(ValueError, match="MASTER_ADDR and MASTER_PORT"):
         init_process_group(DistInfo.from_env(SRUN, cuda_available=False), SRUN)
+
+
+def test_one_gpu_per_task_binds_and_wraps_the_visible_device(monkeypatch):
+    """init_process_group and DDP use from_env's device (cuda:0 of one visible GPU), not the local rank (3)."""
+    import torch
+
+    from clipforge import distributed
+    from clipforge.train import parallel
+
+    info = DistInfo.from_env({**ONE_GPU_PER_TASK, "MASTER_ADDR": "node0"}, cuda_available=True, device_count=1)
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("set_device", device))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: calls.setdefault("init", kwargs))
+    distributed.init_process_group(info, {"MASTER_ADDR": "node0"})
+    assert calls["set_device"] == torch.device("cuda", 0)
+    assert calls["init"]["backend"] == "nccl" and calls["init"]["rank"] == 7
+
+    class Placed(torch.nn.Linear):
+        def to(self, *args, **kwargs):  # no GPU here: record the placement instead
+            calls["to"] = args
+            return self
+
+    monkeypatch.setattr(parallel, "DistributedDataParallel",
+                        lambda model, device_ids: calls.setdefault("device_ids", device_ids))
+    parallel.parallelize(Placed(2, 2), info)
+    assert calls["to"] == ("cuda:0",) and calls["device_ids"] == [0]
+
+
+def _gather_on_rank(rank, world_size):
+    import torch
+
+    from clipforge.distributed import all_gather
+
+    features = torch.arange(6, dtype=torch.float32).view(3, 2) + 100 * rank  # (B_local, D)
+    ids = torch.tensor([rank, 10 + rank], dtype=torch.int64)  # (B_local,)
+    return all_gather(features, world_size), all_gather(ids, world_size)
+
+
+def test_all_gather_concatenates_every_rank_in_rank_order(tmp_path):
+    import torch
+    from ranks import run_ranks
+
+    results = run_ranks(_gather_on_rank, 3, tmp_path / "ranks")
+    features = torch.cat([torch.arange(6, dtype=torch.float32).view(3, 2) + 100 * rank for rank in range(3)])
+    ids = torch.tensor([0, 10, 1, 11, 2, 12])
+    for gathered_features, gathered_ids in results:
+        assert torch.equal(gathered_features, features) and gathered_ids.dtype == torch.int64
+        assert torch.equal(gathered_ids, ids)
+
+
+def _hang_in_a_receive(rank, world_size, marker):
+    import time
+    from pathlib import Path
+
+    import torch
+
+    if rank == 0:
+        time.sleep(600)  # never sends
+    Path(marker).touch()
+    torch.distributed.recv(torch.empty(1), src=0)
+
+
+def test_a_hung_collective_fails_the_launch_after_its_timeout(tmp_path):
+    """run_ranks(timeout=...) is what keeps a deadlocked NCCL test (tests/test_cuda.py) from stalling the suite."""
+    import time
+
+    from ranks import run_ranks
+
+    marker = tmp_path / "rank1_waiting"
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="not done after 20 s"):
+        run_ranks(_hang_in_a_receive, 2, tmp_path / "ranks", str(marker), timeout=20)
+    assert marker.exists()  # the timeout ended a rank blocked in a receive, not a slow start
+    assert time.monotonic() - start < 60

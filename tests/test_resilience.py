@@ -300,7 +300,7 @@ def _save_then_load_own_rng(rank, world_size, out):
     model = torch.nn.Linear(3, 2)  # the same replica on both ranks
     torch.manual_seed(100 + rank)  # but each rank's generators are its own
     python_random.seed(rank)
-    saved = rng_state()
+    saved = rng_state("cpu")
     Checkpointer(Path(out), rank=rank).save(1, model, {"step": 1, "rng": saved}, {"rank": rank}, "train: {}\n")
     torch.manual_seed(12345)
     state, data = load_checkpoint(Path(out) / "step_00000001", model, rank)

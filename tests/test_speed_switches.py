@@ -120,3 +120,29 @@ def test_switches_that_cannot_apply_are_refused(tiny_resnet_json):
         build_model(ModelConfig(name=tiny_resnet_json, patch_dropout=0.5))
     with pytest.raises(ValueError, match="model.patch_dropout: must be in"):
         ModelConfig(patch_dropout=1.5)
+
+
+@pytest.fixture
+def torch_backend_settings():
+    """apply_cuda_settings changes process-wide settings: put them back after each case."""
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.benchmark = False
+    yield
+    torch.set_float32_matmul_precision(saved[0])
+    torch.backends.cudnn.benchmark = saved[1]
+
+
+@pytest.mark.parametrize("device, options, precision, benchmark", [
+    ("cuda:0", {}, "high", True),  # the defaults on a GPU: TF32 matmuls, cuDNN autotuning
+    ("cuda:1", {"precision": "bf16"}, "highest", True),  # autocast runs keep their fp32 matmuls (the loss) in fp32
+    ("cuda:0", {"tf32": False, "cudnn_benchmark": False}, "highest", False),
+    ("cuda:0", {"tf32": False}, "highest", True),
+    ("cpu", {}, "highest", False),  # a CPU run leaves torch as it is
+])
+def test_cuda_settings_apply_on_a_gpu_device_as_switched(device, options, precision, benchmark, torch_backend_settings):
+    from clipforge.train.loop import TrainConfig, apply_cuda_settings
+
+    apply_cuda_settings(TrainConfig(**options), device)  # only flags: no GPU needed to set them
+    assert torch.get_float32_matmul_precision() == precision
+    assert torch.backends.cudnn.benchmark is benchmark

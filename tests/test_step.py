@@ -64,3 +64,61 @@ def test_replayed_rng_reproduces_patch_dropout(tmp_path):
             fresh.append(model(images, texts)["image_features"])  # a new draw of the dropout mask
     torch.testing.assert_close(torch.cat(replayed), image_features)
     assert not torch.allclose(torch.cat(fresh), image_features)
+
+
+def sgd_step_recording_gradients(model, grad_clip_norm):
+    """A plain step with SGD(lr=1e-3) whose optimizer keeps a copy of the gradients it was given."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    given = {}
+    optimizer.register_step_pre_hook(
+        lambda *_: given.update({n: p.grad.clone() for n, p in model.named_parameters()}))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    step = build_step(model, build_loss(LossConfig()), optimizer, scheduler, "cpu", "fp32", grad_clip_norm, 100.0)
+    return step, given
+
+
+def gradient_norm(grads: dict) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads.values()]))
+
+
+def reference_gradient_norm(built, data) -> torch.Tensor:
+    model = copy.deepcopy(built.model).train()
+    make_step(model, build_loss(LossConfig()), 1).backward(data)
+    return gradient_norm({n: p.grad for n, p in model.named_parameters()})
+
+
+def test_without_clipping_the_gradients_are_applied_as_they_are(tiny_model_json, monkeypatch):
+    """optim.grad_clip_norm=null: the step reports the gradient norm and updates with the unscaled gradients, without
+    going through clip_grad_norm_ (whose clip to inf multiplied every gradient by 1)."""
+    built = build_model(ModelConfig(name=tiny_model_json))
+    data = batch(built)
+    model = copy.deepcopy(built.model).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step, given = sgd_step_recording_gradients(model, None)
+
+    def no_clipping(*args, **kwargs):
+        raise AssertionError("clip_grad_norm_ called with clipping off")
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", no_clipping)
+    out = step(data)
+    norm = gradient_norm(given)
+    assert norm > 1.0  # a clip at the default 1.0 would have shrunk them
+    torch.testing.assert_close(norm, reference_gradient_norm(built, data), rtol=1e-4, atol=0)  # not scaled
+    torch.testing.assert_close(out["grad_norm"], norm, rtol=1e-4, atol=0)  # fp32 sums over 3M entries, two orders
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.detach(), before[name] - 1e-3 * given[name], rtol=1e-6, atol=1e-7)
+
+
+def test_clipping_scales_the_update_to_the_clip_norm(tiny_model_json):
+    built = build_model(ModelConfig(name=tiny_model_json))
+    data = batch(built)
+    reference_norm = reference_gradient_norm(built, data)
+    assert reference_norm > 0.5
+    model = copy.deepcopy(built.model).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step, given = sgd_step_recording_gradients(model, 0.5)
+    out = step(data)
+    torch.testing.assert_close(out["grad_norm"], reference_norm, rtol=1e-4, atol=0)  # the norm before clipping
+    torch.testing.assert_close(gradient_norm(given), torch.tensor(0.5), rtol=1e-4, atol=0)  # the update's, after
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.detach(), before[name] - 1e-3 * given[name], rtol=1e-6, atol=1e-7)

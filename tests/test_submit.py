@@ -111,3 +111,24 @@ def test_missing_sbatch_is_a_clear_error(tmp_path, capsys, monkeypatch):
                  "--gpus-per-node", "0"])
     assert code == 2
     assert "sbatch is not on PATH" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("environment", "nccl", "gloo"), [
+    ({}, "", ""),  # not set: each library chooses, as before
+    ({"CLIPFORGE_SOCKET_IFNAME": "ib0"}, "ib0", "ib0"),
+    ({"CLIPFORGE_SOCKET_IFNAME": "ib0", "NCCL_SOCKET_IFNAME": "^docker,lo"}, "^docker,lo", "ib0"),
+])
+def test_the_job_exports_the_socket_interface_to_the_ranks(environment, nccl, gloo, tmp_path):
+    """train.sbatch run by bash with stand-ins for scontrol and srun: srun's environment is what every rank gets."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("scontrol", "echo node0"),
+                       ("srun", 'echo "ranks see NCCL=[$NCCL_SOCKET_IFNAME] GLOO=[$GLOO_SOCKET_IFNAME]"')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
+    base = {k: v for k, v in os.environ.items() if not k.endswith("SOCKET_IFNAME") and not k.startswith("SLURM_")}
+    env = {**base, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CLIPFORGE_CONFIG": "cfg.yaml", "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NODELIST": "node0", "SLURM_NNODES": "1", **environment}
+    done = subprocess.run(["bash", str(template_path())], env=env, capture_output=True, text=True, check=True)
+    assert f"ranks see NCCL=[{nccl}] GLOO=[{gloo}]" in done.stdout, done.stdout + done.stderr
+    assert f"sockets NCCL {nccl or 'auto'} gloo {gloo or 'auto'}" in done.stdout

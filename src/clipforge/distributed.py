@@ -38,8 +38,13 @@ class DistInfo:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], cuda_available: bool | None = None) -> DistInfo:
-        """Read rank and world size from torchrun/accelerate, SLURM, or default to one process."""
+    def from_env(cls, env: Mapping[str, str], cuda_available: bool | None = None,
+                 device_count: int | None = None) -> DistInfo:
+        """Read rank and world size from torchrun/accelerate, SLURM, or default to one process.
+
+        The device is ``cuda:{local_rank % device_count}`` among the GPUs this process sees: srun binding one GPU
+        per task (``--gpus-per-task=1``, ``--gpu-bind``) leaves one visible device, ``cuda:0``, to every local
+        rank. ``cuda_available`` and ``device_count`` default to what torch reports."""
         if cuda_available is None:
             cuda_available = torch.cuda.is_available()
         if "WORLD_SIZE" in env and "RANK" in env:  # torchrun, accelerate launch, torch.distributed.launch
@@ -53,7 +58,12 @@ class DistInfo:
         else:
             rank, local_rank, world_size, local_world_size = 0, 0, 1, 1
         use_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not cuda_available
-        device = "cpu" if use_cpu else f"cuda:{local_rank}"
+        if use_cpu:
+            device = "cpu"
+        else:
+            if device_count is None:
+                device_count = torch.cuda.device_count()
+            device = f"cuda:{local_rank % max(1, device_count)}"
         return cls(rank, local_rank, world_size, local_world_size, device, "gloo" if use_cpu else "nccl")
 
 
@@ -65,7 +75,7 @@ def init_process_group(info: DistInfo, env: Mapping[str, str], timeout_s: float 
         raise ValueError("a multi-process launch needs MASTER_ADDR and MASTER_PORT in the environment "
                          "(torchrun and accelerate set them; under srun export them in the sbatch script)")
     if info.device.startswith("cuda"):
-        torch.cuda.set_device(info.local_rank)
+        torch.cuda.set_device(torch.device(info.device))  # the visible device from_env chose, not the local rank
     address = f"tcp://{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29500')}"
     dist.init_process_group(backend=info.backend, init_method=address,
                             rank=info.rank, world_size=info.world_size, timeout=timedelta(seconds=timeout_s))
@@ -76,26 +86,43 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def all_gather(tensor: torch.Tensor, world_size: int, group=None) -> torch.Tensor:
+    """All-gather ``tensor`` (B_local, ...) → (world_size * B_local, ...) in rank order, without gradient.
+
+    One collective straight into the output (``all_gather_single``, the name ``all_gather_into_tensor`` has in
+    torch ≥ 2.14), instead of a list of world_size buffers and a copy by ``torch.cat``."""
+    if world_size == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    gathered = tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
+    dist.all_gather_single(gathered, tensor, group=group)
+    return gathered
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, rank: int, world_size: int, group) -> torch.Tensor:
-        ctx.rank, ctx.world_size, ctx.group = rank, world_size, group
-        parts = [torch.empty_like(tensor) for _ in range(world_size)]
-        dist.all_gather(parts, tensor.contiguous(), group=group)
-        return torch.cat(parts, dim=0)  # (world_size * B_local, ...)
+    def forward(ctx, tensor: torch.Tensor, world_size: int, group) -> torch.Tensor:
+        ctx.world_size, ctx.group = world_size, group
+        return all_gather(tensor, world_size, group)  # (world_size * B_local, ...)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # every rank's gradient for the gathered tensor, summed, and only this rank's rows kept: a reduce-scatter
+        # moves half the bytes of an all-reduce followed by a slice
         grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad.chunk(ctx.world_size, dim=0)[ctx.rank], None, None, None
+        local = grad.new_empty((grad.shape[0] // ctx.world_size, *grad.shape[1:]))
+        dist.reduce_scatter_single(local, grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return local, None, None
 
 
 def gather_with_grad(tensor: torch.Tensor, rank: int, world_size: int, group=None) -> torch.Tensor:
-    """All-gather ``tensor`` (B_local, ...) → (world_size * B_local, ...) with gradient to the owner."""
+    """All-gather ``tensor`` (B_local, ...) → (world_size * B_local, ...) with gradient to the owner.
+
+    This process's rows are the ones at its rank in ``group``: the backward pass's reduce-scatter returns them by
+    that rank, so ``rank`` itself is not needed by the collectives (the losses pass it, and use it for labels)."""
     if world_size == 1:
         return tensor
-    return _GatherWithGrad.apply(tensor, rank, world_size, group)
+    return _GatherWithGrad.apply(tensor, world_size, group)
 
 
 def make_agreement(info: DistInfo):

@@ -61,7 +61,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from clipforge.distributed import gather_with_grad
+from clipforge.distributed import all_gather, gather_with_grad
 
 LOSS_KINDS = ("clip", "siglip")
 SIGLIP_EXCHANGES = ("all_gather", "ring")
@@ -297,11 +297,7 @@ def _sigmoid_loss_sum(queries, keys, scale, bias, positive_offset, tile_size: in
 
 def _gather_ids(ids: torch.Tensor, world_size: int, group) -> torch.Tensor:
     """All-gather per-sample ids (B_local,) → (B_global,), no gradient."""
-    if world_size == 1:
-        return ids
-    parts = [torch.empty_like(ids) for _ in range(world_size)]
-    dist.all_gather(parts, ids.contiguous(), group=group)
-    return torch.cat(parts)
+    return all_gather(ids, world_size, group)
 
 
 def _hard_negative_loss(logits: torch.Tensor, diagonal: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
@@ -428,9 +424,16 @@ class _NeighbourExchange(torch.autograd.Function):
 
 
 def _exchange(tensor: torch.Tensor, to: int, source: int, group) -> torch.Tensor:
-    received = torch.empty_like(tensor)
-    requests = [dist.isend(tensor.contiguous(), to, group=group), dist.irecv(received, source, group=group)]
-    for request in requests:
+    """Send ``tensor`` (B, D) to ``to`` and receive a (B, D) one from ``source`` in one batched P2P call.
+
+    Under NCCL a lone send may hold its stream until the peer's matching receive runs; when every rank of the ring
+    posts its send first, the receives queue behind the sends and the ring can deadlock. ``batch_isend_irecv``
+    launches the pair as one NCCL group (open_clip's ``neighbour_exchange``)."""
+    tensor = tensor.contiguous()
+    received = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+    operations = [dist.P2POp(dist.isend, tensor, to, group=group),
+                  dist.P2POp(dist.irecv, received, source, group=group)]
+    for request in dist.batch_isend_irecv(operations):
         request.wait()
     return received
 

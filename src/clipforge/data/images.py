@@ -276,6 +276,19 @@ class ImageTransform:
         in page faults than the arithmetic (3× slower on a CPU)."""
         if images.dtype != torch.uint8:
             return images  # already normalised (in the loader workers)
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1) * 255.0
-        scale = 1.0 / (torch.tensor(self.std, device=images.device).view(1, -1, 1, 1) * 255.0)
+        mean, scale = _normalize_constants(tuple(self.mean), tuple(self.std), images.device)
         return images.to(torch.float32).sub_(mean).mul_(scale)
+
+
+_NORMALIZE_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _normalize_constants(mean: tuple[float, ...], std: tuple[float, ...],
+                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, C, 1, 1) float32 ``255 · mean`` and ``1 / (255 · std)`` on ``device``, made on its first batch and reused:
+    ``torch.tensor(..., device=cuda)`` is a blocking host-to-device copy, a host sync on every step."""
+    key = (mean, std, device)
+    if key not in _NORMALIZE_CONSTANTS:
+        _NORMALIZE_CONSTANTS[key] = (torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0,
+                                     1.0 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0))
+    return _NORMALIZE_CONSTANTS[key]

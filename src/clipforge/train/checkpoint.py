@@ -2,7 +2,7 @@
 
 A checkpoint is a directory ``checkpoints/step_00000100/`` with ``model.safetensors``, ``state.pt``
 (optimizer, scheduler, train state), ``data_rank{R}.json`` (each rank's data position),
-``rng_rank{R}.pt`` (each rank's torch/CUDA/Python generator states),
+``rng_rank{R}.pt`` (each rank's torch and Python generators, and its own GPU's),
 ``sync_rank{R}.json`` (a digest of each rank's weights: if replicas diverged, every rank raises and
 nothing is saved) and ``config.yaml`` (the resolved run config). Reading is ``clipforge.models.checkpoint``,
 the one reader every command shares (resume, eval, export, ``model.init_from``). A checkpoint is written
@@ -48,19 +48,35 @@ def _write_synced(path: Path, write) -> None:
         os.fsync(stream.fileno())
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: str | torch.device) -> dict[str, Any]:
+    """This rank's generators: torch's CPU one, Python's, and under ``cuda_device`` (a uint8 tensor) the one of
+    ``device`` when it is a GPU. Other GPUs' generators belong to other ranks: saving them all made a resume with
+    fewer visible GPUs fail, and a CPU rank on a GPU host would initialise CUDA just to read them."""
+    device = torch.device(device)
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: str | torch.device) -> None:
+    """Restore ``rng_state``'s generators; the CUDA one only onto a GPU ``device`` (a GPU run resumed on a CPU
+    has no generator to give it to). Older checkpoints hold every visible GPU's state as a list under ``cuda``:
+    the entry of ``device``'s index is taken, if there is one."""
+    device = torch.device(device)
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type != "cuda":
+        return
+    cuda_state = state.get("cuda_device")
+    if cuda_state is None and "cuda" in state:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cuda_state = state["cuda"][index] if index < len(state["cuda"]) else None
+    if cuda_state is None:
+        log.warning("the checkpoint holds no CUDA generator state for %s; it keeps this run's seed", device)
+        return
+    torch.cuda.set_rng_state(cuda_state, device)
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -24,9 +24,9 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from clipforge.distributed import all_gather
 from clipforge.train.parallel import unwrap
 
 
@@ -56,20 +56,14 @@ class MomentumQueue:
             return projection.shape[1]
         raise ValueError("loss.queue_size: cannot tell the model's embedding size (no text_projection)")
 
-    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return tensor
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(parts, tensor.contiguous(), group=self.group)
-        return torch.cat(parts)
-
     @torch.no_grad()
     def keys(self, images: torch.Tensor, texts: torch.Tensor, autocast) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised momentum embeddings of this batch, gathered over the ranks: (B_global, D) each."""
         with autocast():
             image = self.encoder.encode_image(images)
             text = self.encoder.encode_text(texts)
-        return self._gather(F.normalize(image.float(), dim=-1)), self._gather(F.normalize(text.float(), dim=-1))
+        return (all_gather(F.normalize(image.float(), dim=-1), self.world_size, self.group),
+                all_gather(F.normalize(text.float(), dim=-1), self.world_size, self.group))
 
     def queued(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.image_queue[: self.filled], self.text_queue[: self.filled]

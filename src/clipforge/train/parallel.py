@@ -12,7 +12,8 @@ def parallelize(model: torch.nn.Module, dist_info: DistInfo) -> torch.nn.Module:
     model = model.to(dist_info.device)
     if not dist_info.is_distributed:
         return model
-    device_ids = [dist_info.local_rank] if dist_info.device.startswith("cuda") else None
+    device = torch.device(dist_info.device)
+    device_ids = [device.index] if device.type == "cuda" else None  # from_env's choice: local rank % visible GPUs
     return DistributedDataParallel(model, device_ids=device_ids)
 
 

@@ -18,7 +18,10 @@ step is skipped by the scaler and the scale lowered, as usual). The loss is alwa
 Numerics guard: a non-finite loss (or, without a scaler, a non-finite gradient norm) skips the
 optimizer update — weights and optimizer state stay as they were — and the step reports
 ``nonfinite=True``; the loop counts these and aborts after N in a row. That check is the one host
-sync per step (GradScaler needs the same one); everything else returned is a detached tensor.
+sync per step (tests/test_cuda.py counts it): the loop decides on it every step (skip count, abort with the
+batch's keys, the queue's enqueue), so keeping it on the device would move those decisions to logging steps.
+With fused AdamW, GradScaler itself needs no sync (it hands the optimizer its inf flag on the device).
+Everything else returned is a detached tensor.
 """
 
 from __future__ import annotations
@@ -79,8 +82,10 @@ class PlainStep:
         metrics = self.backward(batch)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.grad_clip_norm if self.grad_clip_norm else float("inf"))
+        if self.grad_clip_norm:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+        else:  # the norm is still logged; clipping to inf would multiply every gradient by 1, a pass for nothing
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         loss_finite = torch.isfinite(metrics["loss"])
         finite = loss_finite if self.scaler is not None else loss_finite & torch.isfinite(grad_norm)
         nonfinite = not bool(finite)  # the one host sync per step

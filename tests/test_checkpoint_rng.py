@@ -1,0 +1,104 @@
+"""The RNG state in a checkpoint: this rank's generators only, restored exactly, CUDA touched only for a GPU device.
+
+The GPU round trip itself is in tests/test_cuda.py; here the CUDA functions are replaced by fakes that raise (a CPU
+rank must never call them) or record which device's generator was read or set.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+
+from clipforge.train.checkpoint import Checkpointer, load_checkpoint, rng_state, set_rng_state
+
+CUDA_FUNCTIONS = ("is_available", "device_count", "current_device", "init", "_lazy_init", "get_rng_state",
+                  "get_rng_state_all", "set_rng_state", "set_rng_state_all")
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """Every torch.cuda function a generator save or restore could reach raises (the tests seed torch themselves:
+    torch.manual_seed queues a CUDA seed, which is no part of the code under test)."""
+    def forbidden(name):
+        def call(*args, **kwargs):
+            raise AssertionError(f"torch.cuda.{name} called for a CPU device")
+        return call
+
+    for name in CUDA_FUNCTIONS:
+        monkeypatch.setattr(torch.cuda, name, forbidden(name))
+
+
+def draws() -> tuple[list[float], list[float]]:
+    return torch.rand(5).tolist(), [random.random() for _ in range(3)]
+
+
+def test_a_cpu_rank_round_trips_its_generators_through_a_checkpoint_without_cuda(no_cuda, tmp_path):
+    torch.manual_seed(7)
+    random.seed(8)
+    draws()  # a generator somewhere in its stream, not at a seed
+    saved = rng_state("cpu")
+    assert set(saved) == {"torch", "python"}
+    expected = draws()
+    model = torch.nn.Linear(2, 2)
+    Checkpointer(tmp_path).save(1, model, {"step": 1, "rng": saved}, {}, "train: {}\n")
+    torch.manual_seed(0)
+    random.seed(0)
+    state, _ = load_checkpoint(tmp_path / "step_00000001", model)
+    set_rng_state(state["rng"], "cpu")
+    assert draws() == expected
+
+
+def test_a_gpu_checkpoint_of_the_old_format_resumes_on_a_cpu(no_cuda):
+    """Written before per-device states: every visible GPU's generator in a list under "cuda"; a CPU run ignores
+    it and still gets the torch and Python generators back."""
+    torch.manual_seed(3)
+    random.seed(4)
+    state = {**rng_state("cpu"), "cuda": [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]}
+    expected = draws()
+    set_rng_state(state, torch.device("cpu"))
+    assert draws() == expected
+
+
+class FakeCudaGenerators:
+    """torch.cuda's generator functions for two GPUs whose states are distinct tensors; reads and writes recorded."""
+
+    def __init__(self, monkeypatch):
+        self.states = {0: torch.full((16,), 10, dtype=torch.uint8), 1: torch.full((16,), 11, dtype=torch.uint8)}
+        self.set_calls: list[tuple[torch.Tensor, torch.device]] = []
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": self.states[torch.device(device).index])
+        monkeypatch.setattr(torch.cuda, "set_rng_state",
+                            lambda state, device="cuda": self.set_calls.append((state, torch.device(device))))
+        for name in ("get_rng_state_all", "set_rng_state_all"):
+            monkeypatch.setattr(torch.cuda, name, self._refuse(name))
+
+    @staticmethod
+    def _refuse(name):
+        def call(*args, **kwargs):
+            raise AssertionError(f"torch.cuda.{name}: every GPU's generator, not this rank's")
+        return call
+
+
+def test_a_gpu_rank_saves_and_restores_its_own_device_only(monkeypatch):
+    cuda = FakeCudaGenerators(monkeypatch)
+    state = rng_state("cuda:1")
+    assert set(state) == {"torch", "python", "cuda_device"}
+    assert torch.equal(state["cuda_device"], cuda.states[1])
+    set_rng_state(state, "cuda:1")
+    [(restored, device)] = cuda.set_calls
+    assert torch.equal(restored, cuda.states[1]) and device == torch.device("cuda", 1)
+
+
+def test_an_old_checkpoint_gives_a_gpu_rank_the_entry_of_its_device(monkeypatch, caplog):
+    cuda = FakeCudaGenerators(monkeypatch)
+    old = [torch.full((16,), 20, dtype=torch.uint8), torch.full((16,), 21, dtype=torch.uint8)]
+    set_rng_state({**rng_state("cpu"), "cuda": old}, "cuda:1")
+    [(restored, device)] = cuda.set_calls
+    assert torch.equal(restored, old[1]) and device == torch.device("cuda", 1)
+    # resumed with fewer visible GPUs than wrote it: nothing to take for cuda:1, no error
+    cuda.set_calls.clear()
+    with caplog.at_level(logging.WARNING):
+        set_rng_state({**rng_state("cpu"), "cuda": old[:1]}, "cuda:1")
+    assert cuda.set_calls == [] and "no CUDA generator state for cuda:1" in caplog.text
