@@ -226,3 +226,23 @@ def test_monitor_raises_when_configured():
         monitor.check_temperature(2, 50.0)
     image, text = paired(64, 16)
     assert CollapseMonitor(cfg, 100.0).check_embeddings(40, embedding_health(image, text)) == []
+
+
+def test_the_temperature_is_counted_on_the_device_and_read_only_at_logging_steps(monkeypatch):
+    monitor = CollapseMonitor(ALARMS, 100.0)
+    at_clamp, free = torch.tensor(100.0), torch.tensor(50.0)
+
+    def no_sync(*args):
+        raise AssertionError("a host sync in the per-step count")
+
+    with monkeypatch.context() as patch:
+        for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
+            patch.setattr(torch.Tensor, name, no_sync)
+        for value in (at_clamp, at_clamp, free, at_clamp, at_clamp, at_clamp, at_clamp):
+            monitor.count_clamped(value)
+    # read at a logging step (the 7th): 4 consecutive clamped steps, one max_clamped_steps=3 multiple
+    assert len(monitor.temperature_alarms(7, at_clamp)) == 1 and monitor.clamped_steps == 4
+    monitor.count_clamped(at_clamp)
+    assert monitor.temperature_alarms(8, at_clamp) == []  # 5: no new multiple of 3
+    monitor.count_clamped(at_clamp)
+    assert len(monitor.temperature_alarms(9, at_clamp)) == 1  # 6

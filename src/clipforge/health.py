@@ -167,7 +167,8 @@ class HealthConfig:
     this (complete collapse); 0 = no alarm."""
     max_clamped_steps: int = 0
     """Alarm when the temperature sits at loss.max_logit_scale for this many consecutive steps (and every as many
-    steps after, while it stays there); 0 = off. Checked every step, without the held-out batch."""
+    steps after, while it stays there); 0 = off. Counted every step on the device, without the held-out batch, and
+    read at logging steps (logging.log_every), so the alarm comes at the first logging step that sees the count."""
     stop_on_collapse: bool = False
     """Stop the run with a CollapseError at the first alarm instead of only logging a warning."""
     dataset: str | None = None
@@ -202,7 +203,9 @@ class CollapseMonitor:
     def __init__(self, cfg: HealthConfig, max_logit_scale: float, log_warnings: bool = True) -> None:
         """``log_warnings``: False on every rank but the first, which all check the (shared) temperature."""
         self.cfg, self.max_logit_scale, self.log_warnings = cfg, max_logit_scale, log_warnings
-        self.clamped_steps = 0
+        self.clamped_steps = 0  # as of the last temperature_alarms
+        self._clamped: torch.Tensor | None = None  # consecutive clamped steps, on the model's device
+        self._reported = 0  # max_clamped_steps multiples already warned about
 
     def check_embeddings(self, step: int, metrics: dict[str, float]) -> list[str]:
         """Warnings for the effective-rank and std thresholds; ``metrics`` as from ``embedding_health``."""
@@ -221,22 +224,35 @@ class CollapseMonitor:
                                     f"the {modality} embeddings are collapsing (samples barely differ)")
         return self._report(warnings)
 
-    def check_temperature(self, step: int, logit_scale: float | torch.Tensor) -> list[str]:
-        """Count consecutive steps with exp(logit_scale) at its clamp; warn at every ``max_clamped_steps``-th."""
-        if not self.cfg.max_clamped_steps:
+    def count_clamped(self, logit_scale: float | torch.Tensor) -> None:
+        """Every step: count consecutive steps with exp(logit_scale) at its clamp, on ``logit_scale``'s device (no
+        host sync: the count is read by ``temperature_alarms`` at logging steps)."""
+        value = torch.as_tensor(logit_scale).detach()
+        at_clamp = value >= self.max_logit_scale * (1 - CLAMP_TOLERANCE)
+        self._clamped = at_clamp.long() if self._clamped is None else torch.where(at_clamp, self._clamped + 1, 0)
+
+    def temperature_alarms(self, step: int, logit_scale: float | torch.Tensor) -> list[str]:
+        """A warning for each ``max_clamped_steps`` consecutive clamped steps counted since the last call (one host
+        sync; the loop calls it at logging steps)."""
+        if not self.cfg.max_clamped_steps or self._clamped is None:
             return []
-        value = float(logit_scale)
-        if value < self.max_logit_scale * (1 - CLAMP_TOLERANCE):
-            self.clamped_steps = 0
-            return []
-        self.clamped_steps += 1
-        if self.clamped_steps % self.cfg.max_clamped_steps:
+        self.clamped_steps = int(self._clamped)
+        multiple = self.clamped_steps // self.cfg.max_clamped_steps
+        alarm, self._reported = multiple > self._reported, multiple  # a count that fell back to 0 re-arms it
+        if not alarm:
             return []
         return self._report([
-            f"step {step}: logit_scale = {value:.4g} has sat at loss.max_logit_scale {self.max_logit_scale:g} for "
-            f"{self.clamped_steps} consecutive steps >= health.max_clamped_steps {self.cfg.max_clamped_steps}: "
-            "the temperature is pinned at its clamp (the loss wants sharper logits than allowed: duplicates, "
-            "a too-easy task or collapsing embeddings)"])
+            f"step {step}: logit_scale = {float(logit_scale):.4g} has sat at loss.max_logit_scale "
+            f"{self.max_logit_scale:g} for {self.clamped_steps} consecutive steps >= health.max_clamped_steps "
+            f"{self.cfg.max_clamped_steps}: the temperature is pinned at its clamp (the loss wants sharper logits than "
+            "allowed: duplicates, a too-easy task or collapsing embeddings)"])
+
+    def check_temperature(self, step: int, logit_scale: float | torch.Tensor) -> list[str]:
+        """``count_clamped`` then ``temperature_alarms``: the check of one step."""
+        if not self.cfg.max_clamped_steps:
+            return []
+        self.count_clamped(logit_scale)
+        return self.temperature_alarms(step, logit_scale)
 
     def _report(self, warnings: list[str]) -> list[str]:
         for warning in warnings if self.log_warnings else ():

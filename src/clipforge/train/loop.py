@@ -437,9 +437,11 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
                        **{f"data/skipped_{k}": v for k, v in loader.skipped.items()}}
             logger.log(step, metrics)
             window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-        if cfg.health.max_clamped_steps:
-            # after the step's clamp; the same value on every rank, so all ranks stop together
-            monitor.check_temperature(step, unwrap(model).logit_scale.detach().exp())
+        if cfg.health.max_clamped_steps:  # after the step's clamp; the same on every rank, so all stop together
+            logit_scale = unwrap(model).logit_scale.detach().exp()
+            monitor.count_clamped(logit_scale)  # on the device: no host sync in the step
+            if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
+                monitor.temperature_alarms(step, logit_scale)
         paused = time.perf_counter()  # health and evaluation time stays out of the throughput window
         if cfg.health.every_n_steps and step % cfg.health.every_n_steps == 0:
             _check_health(model, probe, monitor, cfg, dist_info, agree, step, logger)
