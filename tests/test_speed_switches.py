@@ -146,3 +146,35 @@ def test_cuda_settings_apply_on_a_gpu_device_as_switched(device, options, precis
     apply_cuda_settings(TrainConfig(**options), device)  # only flags: no GPU needed to set them
     assert torch.get_float32_matmul_precision() == precision
     assert torch.backends.cudnn.benchmark is benchmark
+
+
+def test_compiled_model_keeps_one_graph_for_every_trimmed_caption_length(synth_data, tiny_model_json):
+    """What the loop does with train.compile and trimmed captions (prepare_batch marks the length dynamic), counted
+    by dynamo's CompileCounter backend: unmarked, a second length recompiles."""
+    from torch._dynamo.testing import CompileCounter
+
+    from clipforge.data import DataConfig, build_train_loader
+    from clipforge.models import ModelConfig, enable_text_trimming
+    from clipforge.train.loop import prepare_batch
+
+    built = build_model(ModelConfig(name=tiny_model_json))
+    assert enable_text_trimming(built.model)
+    loader = build_train_loader(DataConfig(train_urls=f"{synth_data}/train/00000.tar", batch_size=4, num_workers=0,
+                                           shuffle_buffer=50), built.preprocess_cfg, built.tokenizer, trim_text=True)
+    batches = [next(loader) for _ in range(12)]
+    lengths = {batch["texts"].shape[1] for batch in batches}
+    assert len(lengths) >= 3, lengths  # the test is not vacuous: the trimmed length changes between batches
+    counts = {}
+    for dynamic in (True, False):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        model = build_model(ModelConfig(name=tiny_model_json)).model
+        enable_text_trimming(model)
+        model.compile(backend=counter)
+        for batch in batches:
+            fresh = {**batch, "texts": batch["texts"].clone()}  # the mark is an attribute of the tensor: not shared
+            prepared = prepare_batch(fresh, loader.transform, "cpu", False, dynamic_text=dynamic)
+            model(prepared["images"], prepared["texts"])
+        counts[dynamic] = counter.frame_count
+    torch._dynamo.reset()
+    assert counts == {True: 1, False: 2}, counts
