@@ -344,14 +344,15 @@ def test_a_stop_signal_stops_a_starved_trainer_with_a_checkpoint(tmp_path, tiny_
 
 @pytest.fixture()
 def checkpoint(tmp_path, tiny_model_json) -> Path:
+    from checkpointing import save_checkpoint
+
     from clipforge.config import load_config, to_yaml
     from clipforge.models import build_model
-    from clipforge.train.checkpoint import Checkpointer
 
     cfg = load_config(None, [f"model.name={tiny_model_json}", "data.train_urls=x.tar",
                              f"train.output_dir={tmp_path / 'run'}"])
     built = build_model(cfg.model)
-    return Checkpointer(tmp_path / "run" / "checkpoints").save(3, built.model, {"step": 3}, {}, to_yaml(cfg))
+    return save_checkpoint(tmp_path / "run" / "checkpoints", built.model, 3, to_yaml(cfg))
 
 
 def _flip(path: Path) -> None:
@@ -381,9 +382,10 @@ CHECKPOINT_CASES = {
 
 @pytest.mark.parametrize("case", CHECKPOINT_CASES, ids=list(CHECKPOINT_CASES))
 def test_every_checkpoint_reader_verifies_the_manifest_first(case, checkpoint, tmp_path, capsys, synth_suite):
+    from checkpointing import load_checkpoint
+
+    from clipforge.checkpoints import CorruptCheckpoint
     from clipforge.models import ModelConfig, build_model
-    from clipforge.models.checkpoint import CorruptCheckpoint
-    from clipforge.train.checkpoint import load_checkpoint
 
     name = yaml.safe_load((checkpoint / "config.yaml").read_text())["model"]["name"]
     damage, expected = CHECKPOINT_CASES[case]
@@ -401,7 +403,7 @@ def test_every_checkpoint_reader_verifies_the_manifest_first(case, checkpoint, t
 
 
 def test_resume_auto_when_every_checkpoint_is_corrupt_says_so(checkpoint):
-    from clipforge.models.checkpoint import CorruptCheckpoint
+    from clipforge.checkpoints import CorruptCheckpoint
     from clipforge.train.checkpoint import Checkpointer
 
     _flip(checkpoint / "model.safetensors")

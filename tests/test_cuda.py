@@ -20,6 +20,7 @@ import warnings
 
 import pytest
 import torch
+from checkpointing import load_checkpoint, save_checkpoint
 from ranks import run_ranks
 from test_losses_distributed import LOCAL_BATCH, TinyDualEncoder, global_batch, loss_of, single_process_reference
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -28,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from clipforge.data.images import ImageTransform
 from clipforge.losses import LossConfig, build_loss, naive_clip_loss
 from clipforge.models import ModelConfig, build_model
-from clipforge.train.checkpoint import Checkpointer, load_checkpoint, rng_state, set_rng_state
+from clipforge.train.checkpoint import rng_state
 from clipforge.train.optim import OptimConfig, build_optimizer
 from clipforge.train.step import build_step
 
@@ -149,15 +150,13 @@ def test_the_gpu_generator_round_trips_through_a_checkpoint(tmp_path):
     torch.manual_seed(5)
     random.seed(6)
     draws(DEVICE)  # somewhere in the streams, not at a seed
-    saved = rng_state(DEVICE)
-    assert set(saved) == {"torch", "python", "cuda_device"}
-    expected = draws(DEVICE)
+    assert set(rng_state(DEVICE)) == {"torch", "python", "cuda_device"}
     model = torch.nn.Linear(2, 2)
-    Checkpointer(tmp_path).save(1, model, {"step": 1, "rng": saved}, {}, "train: {}\n")
+    save_checkpoint(tmp_path, model, device=DEVICE)  # the generators as they are now
+    expected = draws(DEVICE)
     torch.manual_seed(0)
     random.seed(0)
-    state, _ = load_checkpoint(tmp_path / "step_00000001", model)
-    set_rng_state(state["rng"], DEVICE)
+    load_checkpoint(tmp_path / "step_00000001", model, device=DEVICE)
     assert draws(DEVICE) == expected
 
 
@@ -165,12 +164,11 @@ def test_the_gpu_generator_round_trips_through_a_checkpoint(tmp_path):
 def test_a_gpu_checkpoints_generators_resume_on_a_cpu_rank(tmp_path, monkeypatch):
     torch.manual_seed(9)
     random.seed(10)
-    saved = rng_state(torch.device(DEVICE))
-    expected = torch.rand(4).tolist(), random.random()
     model = torch.nn.Linear(2, 2)
-    Checkpointer(tmp_path).save(1, model, {"step": 1, "rng": saved}, {}, "train: {}\n")
-    state, _ = load_checkpoint(tmp_path / "step_00000001", model)
-    assert "cuda_device" in state["rng"]
+    save_checkpoint(tmp_path, model, device=DEVICE)
+    expected = torch.rand(4).tolist(), random.random()
+    state = torch.load(tmp_path / "step_00000001" / "rng_rank0.pt", weights_only=True)
+    assert "cuda_device" in state
     torch.manual_seed(0)
     random.seed(0)
 
@@ -179,7 +177,7 @@ def test_a_gpu_checkpoints_generators_resume_on_a_cpu_rank(tmp_path, monkeypatch
 
     for name in ("set_rng_state", "set_rng_state_all", "get_rng_state", "get_rng_state_all"):
         monkeypatch.setattr(torch.cuda, name, forbidden)
-    set_rng_state(state["rng"], "cpu")
+    load_checkpoint(tmp_path / "step_00000001", model, device="cpu")
     assert (torch.rand(4).tolist(), random.random()) == expected
 
 

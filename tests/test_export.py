@@ -149,9 +149,9 @@ def read_wds(root: Path) -> tuple[list[Image.Image], torch.Tensor]:
 
 def write_checkpoint(built, config_yaml: str, run_dir: Path, step: int = 30) -> Path:
     """A checkpoint as the trainer writes it (with its manifest, which every reader verifies)."""
-    from clipforge.train.checkpoint import Checkpointer
+    from checkpointing import save_checkpoint
 
-    return Checkpointer(run_dir / "checkpoints").save(step, built.model, {"step": step}, {}, config_yaml)
+    return save_checkpoint(run_dir / "checkpoints", built.model, step, config_yaml)
 
 
 def test_pipeline_predicts_what_clipforge_eval_predicts(synth_data, tiny_model_json, tmp_path):

@@ -27,11 +27,11 @@ def test_demo_architecture_is_shipped():
 
 
 def test_loads_local_weights_file_and_checkpoint_dir(tiny_model_json, tmp_path):
-    from clipforge.train.checkpoint import Checkpointer
+    from checkpointing import save_checkpoint
 
     source = build_model(ModelConfig(name=tiny_model_json)).model
     torch.save(source.state_dict(), tmp_path / "weights.pt")
-    checkpoint = Checkpointer(tmp_path / "checkpoints").save(1, source, {"step": 1}, {}, "train: {}\n")
+    checkpoint = save_checkpoint(tmp_path / "checkpoints", source)
     for init_from in (tmp_path / "weights.pt", checkpoint):
         loaded = build_model(ModelConfig(name=tiny_model_json, init_from=str(init_from))).model
         for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from checkpointing import load_checkpoint, model_pieces, save_checkpoint
 from ranks import free_port, launch_ranks
 from safetensors.torch import load_file
 
 from clipforge.config import load_config
-from clipforge.train.checkpoint import Checkpointer, CorruptCheckpoint, load_checkpoint
+from clipforge.train.checkpoint import Checkpointer, CorruptCheckpoint
 from clipforge.train.loop import EXIT_PREEMPTED, NonFiniteError, train
 
 BIN = Path(sys.executable).parent
@@ -102,7 +103,7 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_clear_message(reference_run
     weights = checkpoints / "step_00000012" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated, as by a full disk
     with pytest.raises(CorruptCheckpoint, match=r"step_00000012: model\.safetensors has \d+ bytes.*truncated"):
-        load_checkpoint(checkpoints / "step_00000012", None)
+        Checkpointer(checkpoints).load(checkpoints / "step_00000012", {})
     state = checkpoints / "step_00000009" / "state.pt"
     data = bytearray(state.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
@@ -202,7 +203,7 @@ def test_keep_last_prunes_older_checkpoints(tmp_path):
     checkpointer = Checkpointer(tmp_path / "checkpoints", keep_last=2)
     model = torch.nn.Linear(3, 2)
     for step in (1, 2, 3, 4):
-        checkpointer.save(step, model, {"step": step}, {}, "train: {}\n")
+        checkpointer.save(step, model_pieces(model, step), "train: {}\n")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000003",
                                                                             "step_00000004"]
     assert (tmp_path / "checkpoints" / "latest").resolve().name == "step_00000004"
@@ -218,11 +219,10 @@ class _Payload:
 def test_loading_never_unpickles_arbitrary_objects(tmp_path, monkeypatch):
     import torch
 
-    from clipforge.models.checkpoint import sha256
+    from clipforge.checkpoints import sha256
 
-    checkpointer = Checkpointer(tmp_path / "checkpoints")
     model = torch.nn.Linear(3, 2)
-    path = checkpointer.save(1, model, {"step": 1}, {}, "train: {}\n")
+    path = save_checkpoint(tmp_path / "checkpoints", model)
     marker = tmp_path / "code-ran"
     monkeypatch.setenv("CLIPFORGE_TEST_MARKER", str(marker))
     torch.save({"step": 1, "payload": _Payload()}, path / "state.pt")
@@ -243,7 +243,7 @@ def _diverged_save(rank, world_size, out):
         with torch.no_grad():
             model.weight[0, 0] += 1.0  # a replica that drifted
     try:
-        Checkpointer(Path(out), rank=rank).save(1, model, {"step": 1}, {}, "train: {}\n")
+        save_checkpoint(Path(out), model, rank=rank)
     except RuntimeError as exc:
         return str(exc)
     return None
@@ -301,12 +301,14 @@ def _save_then_load_own_rng(rank, world_size, out):
     torch.manual_seed(100 + rank)  # but each rank's generators are its own
     python_random.seed(rank)
     saved = rng_state("cpu")
-    Checkpointer(Path(out), rank=rank).save(1, model, {"step": 1, "rng": saved}, {"rank": rank}, "train: {}\n")
+    save_checkpoint(Path(out), model, rank=rank, data={"rank": rank})
     torch.manual_seed(12345)
-    state, data = load_checkpoint(Path(out) / "step_00000001", model, rank)
-    return {"torch": torch.equal(state["rng"]["torch"], saved["torch"]),
-            "python": tuple(state["rng"]["python"][1]) == saved["python"][1], "data": data,
-            "draw": (torch.set_rng_state(state["rng"]["torch"]), torch.rand(3))[1]}
+    python_random.seed(12345)
+    pieces = load_checkpoint(Path(out) / "step_00000001", model, rank)
+    restored = rng_state("cpu")
+    return {"torch": torch.equal(restored["torch"], saved["torch"]),
+            "python": tuple(restored["python"][1]) == saved["python"][1], "data": pieces["data"].stateful.state,
+            "draw": torch.rand(3)}
 
 
 def test_every_rank_resumes_its_own_random_generators(tmp_path):

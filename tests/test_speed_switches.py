@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from clipforge.config import load_config
 from clipforge.models import build_model
 from clipforge.train.loop import train
+from clipforge.train.parallel import apply_training_options
 
 
 def run(synth_data, model_json, out, *extra, steps=12):
@@ -54,7 +55,7 @@ def test_training_with_the_switch_learns(switch, synth_data, tiny_model_json, tm
 
 def test_channels_last_auto_is_on_for_a_convolutional_tower_only(tiny_model_json, tiny_resnet_json):
     from clipforge.models import ModelConfig
-    from clipforge.train.loop import use_channels_last
+    from clipforge.train.parallel import use_channels_last
 
     resnet, vit = (build_model(ModelConfig(name=name)).model for name in (tiny_resnet_json, tiny_model_json))
     assert use_channels_last("auto", resnet) and not use_channels_last("auto", vit)
@@ -88,6 +89,7 @@ def locked_run(synth_data, model_json, out, locked_tower, *switches):
     cfg, _, weights = run(synth_data, model_json, out, *switches, steps=6)
     torch.manual_seed(cfg.train.seed)  # the trainer's initialisation, rebuilt
     initial = build_model(cfg.model).model
+    apply_training_options(initial, cfg.model)  # the locks, as the trainer's preparation applies them
     trainable = {n for n, p in initial.named_parameters() if p.requires_grad}
     state = initial.state_dict()
     in_image = {k: k.startswith("visual.") for k in weights if k not in ("logit_scale", "logit_bias")}

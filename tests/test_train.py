@@ -85,7 +85,7 @@ def test_resume_continues_exactly(synth_data, tiny_model_json, tmp_path):
     for name, tensor in weights_full.items():
         assert torch.equal(tensor, weights_resumed[name]), name
     state = torch.load(partial / "latest" / "state.pt", weights_only=True)
-    assert state["step"] == 8 and state["scheduler"]["last_epoch"] == 8
+    assert state["train"]["step"] == 8 and state["schedule"]["last_epoch"] == 8
 
 
 def test_incomplete_checkpoints_are_ignored(synth_data, tiny_model_json, tmp_path):

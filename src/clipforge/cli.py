@@ -370,10 +370,10 @@ def main(argv: list[str] | None = None) -> int:
 def _user_errors() -> tuple[type[Exception], ...]:
     """What a user's input causes (a config, a path, bad data, a damaged checkpoint, a run that diverged): reported
     as one line. Anything else is a bug in clipforge or a library and keeps its traceback."""
+    from clipforge.checkpoints import CorruptCheckpoint
     from clipforge.config import ConfigError
     from clipforge.data.samples import DataError
     from clipforge.health import CollapseError
-    from clipforge.models.checkpoint import CorruptCheckpoint
     from clipforge.train.loop import NonFiniteError
 
     return ConfigError, DataError, CorruptCheckpoint, CollapseError, NonFiniteError, FileNotFoundError, ValueError

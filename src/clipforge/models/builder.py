@@ -18,7 +18,7 @@ import open_clip
 import torch
 from open_clip.transformer import text_global_pool
 
-from clipforge.models.checkpoint import is_checkpoint, read_weights
+from clipforge.checkpoints import is_checkpoint, read_weights
 
 # JSON architectures shipped with the project (``configs/models/NAME.json``); a config may also
 # name a JSON file anywhere by path.
@@ -131,23 +131,10 @@ def load_weights(model: torch.nn.Module, source: str) -> list[str]:
                             "open_clip_config.json (open_clip folder) nor config.json (transformers folder)")
 
 
-def _apply_training_options(model: torch.nn.Module, cfg: ModelConfig) -> None:
-    """Patch dropout check, gradient checkpointing and tower locking (open_clip's own implementations)."""
+def _check_patch_dropout(model: torch.nn.Module, cfg: ModelConfig) -> None:
     if cfg.patch_dropout and not hasattr(model.visual, "patch_dropout"):
         raise ValueError(f"model.patch_dropout: {type(model.visual).__name__} image towers have no patches to drop "
                          "(FLIP patch dropout needs a ViT)")
-    if cfg.grad_checkpointing:
-        try:
-            model.set_grad_checkpointing(True)
-        except AssertionError as exn:  # open_clip's ModifiedResNet: "not supported"
-            raise ValueError(f"model.grad_checkpointing: not supported by {type(model.visual).__name__} "
-                             "image towers") from exn
-    if cfg.lock_image:
-        model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
-                               freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
-    if cfg.lock_text:
-        model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers,
-                              freeze_layer_norm=cfg.lock_text_freeze_layer_norm)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> BuiltModel:
@@ -168,7 +155,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> BuiltMo
             load_weights(model, cfg.init_from)
         except (FileNotFoundError, ValueError) as exc:
             raise type(exc)(f"model.init_from: {exc}") from exc
-    _apply_training_options(model, cfg)
+    _check_patch_dropout(model, cfg)  # training-only options (locks, checkpointing): clipforge.train.parallel
     tokenizer = open_clip.get_tokenizer(architecture)
     model_cfg = open_clip.get_model_config(architecture)
     preprocess_cfg = open_clip.get_model_preprocess_cfg(model)

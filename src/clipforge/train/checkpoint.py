@@ -1,18 +1,24 @@
-"""Atomic checkpoints: weights as safetensors, optimizer/schedule/loop/RNG state as a tensors-only pickle.
+"""Atomic checkpoints of the restart state (``clipforge.train.state``): a directory the checkpointer fills by
+iterating the Stateful pieces.
 
-A checkpoint is a directory ``checkpoints/step_00000100/`` with ``model.safetensors``, ``state.pt``
-(optimizer, scheduler, train state), ``data_rank{R}.json`` (each rank's data position),
-``rng_rank{R}.pt`` (each rank's torch and Python generators, and its own GPU's),
-``sync_rank{R}.json`` (a digest of each rank's weights: if replicas diverged, every rank raises and
-nothing is saved) and ``config.yaml`` (the resolved run config). Reading is ``clipforge.models.checkpoint``,
-the one reader every command shares (resume, eval, export, ``model.init_from``). A checkpoint is written
-under a hidden temporary name, every file fsynced, then renamed: a crash or kill never leaves a partial
-directory under a final name.
-``latest`` is a symlink to the newest one, replaced atomically. ``manifest.json`` (written last)
-records every file's size and SHA-256; loading verifies them, so a truncated or corrupted
-checkpoint (a full disk, a bad copy) is detected and named, and ``latest_intact`` falls back to the
-previous one. Loading uses safetensors and ``torch.load(weights_only=True)``: no arbitrary object
-is ever unpickled.
+``checkpoints/step_00000100/`` holds, by kind of piece:
+
+* sharded (the model and the optimizer): under FSDP, ``torch.distributed.checkpoint`` shards, one
+  ``__R_0.distcp`` per rank plus ``.metadata``, each rank writing its own; under DDP or one process
+  ``model.safetensors`` (rank 0; the replicas are identical) and the optimizer inside ``state.pt``;
+* replicated (schedule, train step, fp16 scaler, queue): ``state.pt``, a tensors-only pickle, rank 0;
+* per rank (data position, generators): ``NAME_rank{R}.json`` or ``NAME_rank{R}.pt``;
+
+plus ``sync_rank{R}.json`` (DDP: a digest of each rank's weights; if replicas diverged, every rank raises and
+nothing is saved), ``config.yaml`` (the resolved run config) and ``manifest.json``, written last, with every file's
+size and SHA-256. A checkpoint is written under a hidden temporary name, every file fsynced, then renamed: a crash
+or kill (during the DCP write too) never leaves a partial directory under a final name. ``latest`` is a symlink
+to the newest one, replaced atomically; ``latest_intact`` falls back past a corrupt one.
+
+Reading goes through ``clipforge.checkpoints`` (the manifest verified first; DCP metadata through a restricted
+unpickler; ``torch.load(weights_only=True)``): no arbitrary object is ever unpickled. Checkpoints written before
+the restart state was iterated (``data_rank{R}.json``, ``state.pt`` with ``step``/``optimizer``/``scheduler``)
+still resume.
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,7 +35,18 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from clipforge.models.checkpoint import REQUIRED_FILES, CorruptCheckpoint, read_weights, sha256, verify
+from clipforge.checkpoints import (
+    CorruptCheckpoint,
+    check_complete,
+    is_sharded,
+    read_weights,
+    sha256,
+    storage_reader,
+    verify,
+)
+from clipforge.train.parallel import is_sharded as model_is_sharded
+from clipforge.train.parallel import unwrap
+from clipforge.train.state import PER_RANK, REPLICATED, SHARDED, Piece, RNGState
 
 log = logging.getLogger(__name__)
 
@@ -49,34 +65,12 @@ def _write_synced(path: Path, write) -> None:
 
 
 def rng_state(device: str | torch.device) -> dict[str, Any]:
-    """This rank's generators: torch's CPU one, Python's, and under ``cuda_device`` (a uint8 tensor) the one of
-    ``device`` when it is a GPU. Other GPUs' generators belong to other ranks: saving them all made a resume with
-    fewer visible GPUs fail, and a CPU rank on a GPU host would initialise CUDA just to read them."""
-    device = torch.device(device)
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda_device"] = torch.cuda.get_rng_state(device)
-    return state
+    """This rank's generators (``RNGState``)."""
+    return RNGState(device).state_dict()
 
 
 def set_rng_state(state: dict[str, Any], device: str | torch.device) -> None:
-    """Restore ``rng_state``'s generators; the CUDA one only onto a GPU ``device`` (a GPU run resumed on a CPU
-    has no generator to give it to). Older checkpoints hold every visible GPU's state as a list under ``cuda``:
-    the entry of ``device``'s index is taken, if there is one."""
-    device = torch.device(device)
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if device.type != "cuda":
-        return
-    cuda_state = state.get("cuda_device")
-    if cuda_state is None and "cuda" in state:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        cuda_state = state["cuda"][index] if index < len(state["cuda"]) else None
-    if cuda_state is None:
-        log.warning("the checkpoint holds no CUDA generator state for %s; it keeps this run's seed", device)
-        return
-    torch.cuda.set_rng_state(cuda_state, device)
+    RNGState(device).load_state_dict(state)
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -89,6 +83,14 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _is_complete(path: Path) -> bool:
+    try:
+        check_complete(path)
+        return True
+    except CorruptCheckpoint:
+        return False
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -98,28 +100,37 @@ class Checkpointer:
     def __init__(self, directory: str | Path, keep_last: int = 3, rank: int = 0) -> None:
         self.directory, self.keep_last, self.rank = Path(directory), keep_last, rank
 
-    def save(self, step: int, model: torch.nn.Module, state: dict[str, Any], data_state: dict[str, Any],
-             config_yaml: str) -> Path:
-        """Collective when distributed: every rank contributes its data position."""
+    def save(self, step: int, pieces: dict[str, Piece], config_yaml: str) -> Path:
+        """Write every piece of ``pieces`` (``clipforge.train.state.restart_state``); collective when distributed."""
         final = self.directory / f"step_{step:08d}"
         temporary = self.directory / f".step_{step:08d}.tmp"
         if self.rank == 0:
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir(parents=True)
         _barrier()
-        _write_synced(temporary / f"data_rank{self.rank}.json",
-                      lambda p: p.write_text(json.dumps(data_state, sort_keys=True)))
-        state = dict(state)
-        if "rng" in state:  # every rank's own generators (dropout, patch-dropout masks differ between ranks)
-            rng = state.pop("rng")
-            _write_synced(temporary / f"rng_rank{self.rank}.pt", lambda p: torch.save(rng, p))
-        _write_synced(temporary / f"sync_rank{self.rank}.json",
-                      lambda p: p.write_text(json.dumps({"weights_sha256": weights_digest(model)})))
+        for name, piece in pieces.items():
+            if piece.kind == PER_RANK:  # every rank's own: data positions and generators differ between ranks
+                _write_per_rank(temporary, name, self.rank, piece.stateful.state_dict())
+        model = pieces["model"].stateful.model
+        sharded = model_is_sharded(model)
+        if not sharded:
+            _write_synced(temporary / f"sync_rank{self.rank}.json",
+                          lambda p: p.write_text(json.dumps({"weights_sha256": weights_digest(unwrap(model))})))
         _barrier()
         self._check_ranks_agree(temporary)  # on every rank, so that all of them raise, none waits for rank 0
-        if self.rank == 0:
-            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        state = {name: piece.stateful.state_dict() for name, piece in pieces.items() if piece.kind == REPLICATED}
+        if sharded:  # every rank writes its shards (a collective)
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save({name: piece.stateful.state_dict() for name, piece in pieces.items() if piece.kind == SHARDED},
+                     storage_writer=dcp.FileSystemWriter(str(temporary), sync_files=True))
+        elif self.rank == 0:
+            weights = pieces["model"].stateful.state_dict()
             _write_synced(temporary / "model.safetensors", lambda p: save_file(weights, str(p)))
+            state.update({name: piece.stateful.state_dict() for name, piece in pieces.items()
+                          if piece.kind == SHARDED and name != "model"})
+        _barrier()
+        if self.rank == 0:
             _write_synced(temporary / "state.pt", lambda p: torch.save(state, p))
             _write_synced(temporary / "config.yaml", lambda p: p.write_text(config_yaml))
             files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256(f)}
@@ -139,6 +150,43 @@ class Checkpointer:
         _barrier()
         return final
 
+    def load(self, path: str | Path, pieces: dict[str, Piece]) -> None:
+        """Restore every piece from the checkpoint at ``path`` (verified against its manifest first)."""
+        path = Path(path).resolve()
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        check_complete(path)
+        verify(path)
+        state = _read_state(path)
+        state.update(_legacy_names(state))
+        sharded = {name: piece for name, piece in pieces.items() if piece.kind == SHARDED}
+        if is_sharded(path):
+            import torch.distributed.checkpoint as dcp
+
+            loaded = {name: piece.stateful.state_dict() for name, piece in sharded.items()}
+            try:
+                dcp.load(loaded, storage_reader=storage_reader(path))
+            except Exception as exn:  # the storage layer raises its own types for a bad or foreign shard
+                raise CorruptCheckpoint(f"checkpoint {path}: its shards do not load into this run's model and "
+                                        f"optimizer ({type(exn).__name__}: {exn})") from None
+            state.update(loaded)
+        else:
+            state["model"] = read_weights(path)
+        for name, piece in pieces.items():
+            if piece.kind == PER_RANK:
+                found = _read_per_rank(path, name, self.rank)
+            else:
+                found = state.get(name)
+            if found is None:
+                if not piece.required:
+                    continue
+                raise ValueError(f"checkpoint {path} holds no {name!r} state for rank {self.rank}: it was written by "
+                                 f"a run with other settings (another world size, or without this {name})")
+            try:
+                piece.stateful.load_state_dict(found)
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from exc
+
     @staticmethod
     def _check_ranks_agree(directory: Path) -> None:
         """Data parallelism keeps every rank's weights identical; a checkpoint is where that is checked."""
@@ -156,8 +204,7 @@ class Checkpointer:
         """Complete checkpoints, oldest first."""
         if not self.directory.is_dir():
             return []
-        found = [p for p in self.directory.glob("step_*")
-                 if p.is_dir() and all((p / f).is_file() for f in REQUIRED_FILES)]
+        found = [p for p in self.directory.glob("step_*") if p.is_dir() and _is_complete(p)]
         return sorted(found, key=lambda p: p.name)
 
     def latest(self) -> Path | None:
@@ -183,22 +230,45 @@ class Checkpointer:
         return None
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load weights into ``model``; return (state, this rank's data position). Nothing arbitrary is unpickled."""
-    path = Path(path).resolve()
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    weights = read_weights(path)  # the manifest is verified first
-    model.load_state_dict(weights, strict=True)
+def _legacy_names(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint from before the restart state was iterated: ``step`` and ``scheduler`` at the top of state.pt."""
+    renamed = {}
+    if "train" not in state and "step" in state:
+        renamed["train"] = {"step": state["step"]}
+    if "schedule" not in state and "scheduler" in state:
+        renamed["schedule"] = state["scheduler"]
+    return renamed
+
+
+def _read_state(path: Path) -> dict[str, Any]:
     try:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as exn:  # verified, yet unreadable (or refused by weights_only): never load it otherwise
         raise CorruptCheckpoint(f"checkpoint {path}: state.pt does not load with weights_only=True ({exn})") from None
-    rng_file = path / f"rng_rank{rank}.pt"
-    if rng_file.is_file():
-        state["rng"] = torch.load(rng_file, map_location="cpu", weights_only=True)
-    data_file = path / f"data_rank{rank}.json"
-    if not data_file.is_file():
-        raise FileNotFoundError(f"checkpoint {path} has no data position for rank {rank} ({data_file.name}); "
-                                "was it written with a different world size?")
-    return state, json.loads(data_file.read_text())
+
+
+def _write_per_rank(directory: Path, name: str, rank: int, value: dict[str, Any]) -> None:
+    """JSON where the state is plain (a data position reads as text), a tensors-only pickle otherwise."""
+    try:
+        text = json.dumps(value, sort_keys=True)
+    except TypeError:
+        _write_synced(directory / f"{name}_rank{rank}.pt", lambda p: torch.save(value, p))
+    else:
+        _write_synced(directory / f"{name}_rank{rank}.json", lambda p: p.write_text(text))
+
+
+def _read_per_rank(path: Path, name: str, rank: int) -> dict[str, Any] | None:
+    if (path / f"{name}_rank{rank}.json").is_file():
+        return json.loads((path / f"{name}_rank{rank}.json").read_text())
+    if (path / f"{name}_rank{rank}.pt").is_file():
+        try:
+            return torch.load(path / f"{name}_rank{rank}.pt", map_location="cpu", weights_only=True)
+        except Exception as exn:
+            raise CorruptCheckpoint(f"checkpoint {path}: {name}_rank{rank}.pt does not load with weights_only=True "
+                                    f"({exn})") from None
+    return None
+
+
+def load_weights_into(path: str | Path, model: torch.nn.Module) -> None:
+    """Only the weights of a checkpoint (either layout), verified, into a plain (unwrapped) model."""
+    unwrap(model).load_state_dict(read_weights(path), strict=True)

@@ -21,19 +21,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
-from clipforge.data.pipeline import StopRequested, build_train_loader
-from clipforge.distributed import DistInfo, destroy_process_group, init_process_group, make_agreement
+from clipforge.data.pipeline import StopRequested
+from clipforge.distributed import DistInfo, destroy_process_group, init_process_group
 from clipforge.evaluation import OpenClipEncoder, load_suite, markdown_table, run_suite
 from clipforge.evaluation.suite import headline
 from clipforge.health import CollapseError, CollapseMonitor, HealthProbe
-from clipforge.losses import build_loss
-from clipforge.models import build_model, enable_text_trimming
-from clipforge.train.checkpoint import Checkpointer, load_checkpoint, rng_state, set_rng_state
+from clipforge.models import build_model
+from clipforge.train.build import Run, build_run
 from clipforge.train.metrics import MetricLogger, plot_curves
-from clipforge.train.momentum import MomentumQueue
-from clipforge.train.optim import build_optimizer, build_scheduler, load_schedule_state
-from clipforge.train.parallel import parallelize, unwrap
-from clipforge.train.step import AUTOCAST_DTYPES, build_step
+from clipforge.train.parallel import apply_training_options, unwrap
+from clipforge.train.step import AUTOCAST_DTYPES
 
 if TYPE_CHECKING:
     from clipforge.config import RunConfig
@@ -107,14 +104,6 @@ class TrainConfig:
             raise ValueError(f"train.precision: {self.precision!r} is not one of {tuple(AUTOCAST_DTYPES)}")
 
 
-def use_channels_last(setting: bool | str, model: torch.nn.Module) -> bool:
-    """train.channels_last resolved: 'auto' is on when the image tower is convolutional (more than one Conv2d)."""
-    if setting != "auto":
-        return bool(setting)
-    visual = getattr(model, "visual", None)
-    return visual is not None and sum(isinstance(m, torch.nn.Conv2d) for m in visual.modules()) > 1
-
-
 def apply_cuda_settings(cfg: TrainConfig, device: str) -> None:
     """train.tf32 and train.cudnn_benchmark, process-wide torch settings, on a CUDA device only."""
     if not device.startswith("cuda"):
@@ -141,17 +130,6 @@ def prepare_batch(batch: dict[str, Any], transform, device: str, channels_last: 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _resolve_resume(resume: str | None, checkpointer: Checkpointer) -> Path | None:
-    if not resume:
-        return None
-    if resume in ("auto", "latest"):
-        found = checkpointer.latest_intact()
-        if found is None:
-            log.info("resume=%s: no intact checkpoint in %s yet, starting fresh", resume, checkpointer.directory)
-        return found
-    return Path(resume)
 
 
 def _max_memory_mb(device: str) -> float:
@@ -239,25 +217,6 @@ def _evaluate(model, built, cfg: RunConfig, dist_info: DistInfo, step: int, run_
     return {f"eval/{k}": v for k, v in headline(results).items()}
 
 
-def _health_probe(cfg: RunConfig, built, dist_info: DistInfo, agree) -> HealthProbe | None:
-    """Rank 0's held-out batch for health.every_n_steps; a failure to load it stops every rank at once."""
-    if not cfg.health.every_n_steps:
-        return None
-    probe, problem = None, None
-    if dist_info.is_main:
-        try:
-            probe = HealthProbe.from_config(cfg.health, cfg.eval.suite, built.eval_transform, built.tokenizer,
-                                            cfg.eval.batch_size)
-            log.info("health diagnostics every %d steps on %s", cfg.health.every_n_steps, probe.source)
-        except (OSError, ValueError) as exc:
-            problem = exc
-    if dist_info.is_distributed and not agree(problem is None):
-        raise problem or ValueError("rank 0 could not load the health.dataset batch (see its log)")
-    if problem is not None:
-        raise problem
-    return probe
-
-
 def _check_health(model, probe: HealthProbe | None, monitor: CollapseMonitor, cfg: RunConfig, dist_info: DistInfo,
                   agree, step: int, logger: MetricLogger) -> None:
     """Rank 0 measures the held-out batch in eval mode, logs health/*, and alarms; a stop is agreed by all ranks."""
@@ -286,6 +245,7 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     built = build_model(cfg.model)
+    apply_training_options(built.model, cfg.model, cfg.loss.learn_temperature)  # locks change the trainable count
     model = built.model.train()  # in eval mode attention takes a fused fast path the flop counter cannot see
     counts = {"parameters": sum(p.numel() for p in model.parameters()),
               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -329,167 +289,148 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
 def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSignals,
            cleanup: contextlib.ExitStack) -> dict[str, Any]:
-    run_dir = Path(cfg.train.output_dir)
     if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_yaml)
-    if cfg.eval.suite is not None:
-        load_suite(cfg.eval.suite)  # a bad suite file fails now, not after training
+        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.train.output_dir) / "config.yaml").write_text(config_yaml)
     _seed_everything(cfg.train.seed + dist_info.rank)
     apply_cuda_settings(cfg.train, dist_info.device)
-
-    built = build_model(cfg.model)
-    if not cfg.loss.learn_temperature:
-        for name in ("logit_scale", "logit_bias"):
-            if getattr(built.model, name, None) is not None:
-                getattr(built.model, name).requires_grad_(False)
-    trim_text = cfg.train.trim_text_padding and enable_text_trimming(built.model)
-    channels_last = use_channels_last(cfg.train.channels_last, built.model)
-    if channels_last:
-        built.model.to(memory_format=torch.channels_last)
-        log.info("channels-last memory format (train.channels_last: %s)", cfg.train.channels_last)
-    model = parallelize(built.model, dist_info)
-    if cfg.train.compile:
-        model.compile()
-    loss_fn = build_loss(cfg.loss, dist_info.rank, dist_info.world_size)
-    optimizer = build_optimizer(cfg.optim, built.model)
-    scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
-    agree = make_agreement(dist_info)
-    loader = build_train_loader(cfg.data, built.preprocess_cfg, built.tokenizer, dist_info.rank,
-                                dist_info.world_size, pin_memory=dist_info.device.startswith("cuda"), agree=agree,
-                                normalize_in_workers=not dist_info.device.startswith("cuda"),
-                                sample_ids=cfg.loss.positives != "pairs", trim_text=trim_text,
-                                stop_requested=lambda: stop.received is not None)
-    cleanup.callback(loader.close)  # on return or error: the DataLoader workers stop before the process exits
-    probe = _health_probe(cfg, built, dist_info, agree)
-    monitor = CollapseMonitor(cfg.health, cfg.loss.max_logit_scale, log_warnings=dist_info.is_main)
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_last, dist_info.rank)
-    step = 0
-    resume_from = _resolve_resume(cfg.train.resume, checkpointer)
-    if resume_from is None and checkpointer.latest() is not None:
-        raise ValueError(f"{run_dir} already holds checkpoints (newest: {checkpointer.latest().name}); continue it "
-                         "with --resume latest, or set another train.output_dir")
-    queue = MomentumQueue(model, cfg.loss.queue_size, cfg.loss.queue_momentum, dist_info.rank,
-                          dist_info.world_size) if cfg.loss.queue_size else None
-    step_fn = build_step(model, loss_fn, optimizer, scheduler, dist_info.device, cfg.train.precision,
-                         cfg.optim.grad_clip_norm, cfg.loss.max_logit_scale, cfg.train.accum_steps, queue,
-                         dist_info.rank)
-    if resume_from is not None:
-        state, data_state = load_checkpoint(resume_from, built.model, dist_info.rank)
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except ValueError as exc:  # torch: "... parameter group that doesn't match the size of optimizer's group"
-            raise ValueError(f"{resume_from}: its optimizer state does not fit this run's parameter groups ({exc}). "
-                             "Checkpoints written before clipforge decayed the embeddings as OpenCLIP does resume "
-                             "with optim.weight_decay_embeddings=false; otherwise the model, its locked towers or "
-                             "the weight-decay setting differ from the run that wrote it") from exc
-        load_schedule_state(scheduler, optimizer, state["scheduler"], cfg.optim, cfg.train.steps)
-        if step_fn.scaler is not None and "scaler" in state:
-            step_fn.scaler.load_state_dict(state["scaler"])
-        if queue is not None:
-            if "queue" not in state:
-                raise ValueError(f"{resume_from} was written without loss.queue_size; it cannot resume a queue run")
-            queue.load_state_dict(state["queue"])
-        loader.load_state_dict(data_state)
-        set_rng_state(state["rng"], dist_info.device)
-        step = int(state["step"])
-        log.info("resumed from %s at step %d", resume_from, step)
-    logger = MetricLogger(run_dir, cfg.logging, cfg.train.steps, step, dist_info.is_main,
+    run = build_run(cfg, dist_info, stop_requested=lambda: stop.received is not None)
+    cleanup.callback(run.loader.close)  # on return or error: the DataLoader workers stop before the process exits
+    if run.resume_from is not None:
+        run.checkpointer.load(run.resume_from, run.pieces)
+        log.info("resumed from %s at step %d", run.resume_from, run.state.step)
+    logger = MetricLogger(run.run_dir, cfg.logging, cfg.train.steps, run.state.step, dist_info.is_main,
                           config=yaml.safe_load(config_yaml))
-
-    def save() -> Path:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_state(dist_info.device)}
-        if step_fn.scaler is not None:
-            state["scaler"] = step_fn.scaler.state_dict()
-        if queue is not None:
-            state["queue"] = queue.state_dict()
-        return checkpointer.save(step, unwrap(model), state, loader.state_dict(), config_yaml)
-
-    global_batch = cfg.data.batch_size * dist_info.world_size
-    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-    parameters = sum(p.numel() for p in built.model.parameters())
-    metrics: dict[str, Any] = {}
-    nonfinite_run, nonfinite_total, preempted = 0, 0, False
-    while step < cfg.train.steps:
-        fetch_start = time.perf_counter()
+    meter, guard = StepMeter(cfg, dist_info, run), NumericsGuard(cfg.train.max_nonfinite_steps, dist_info.rank)
+    preempted = False
+    while run.state.step < cfg.train.steps:
         try:
-            batch = next(loader)
+            with meter.waiting():
+                batch = next(run.loader)
         except StopRequested:  # a signal while waiting for data: every rank stops here, before the step
             preempted = True
             break
-        data_wait += time.perf_counter() - fetch_start
-        batch = prepare_batch(batch, loader.transform, dist_info.device, channels_last,
-                              dynamic_text=cfg.train.compile and trim_text)
-        out = step_fn(batch)
-        step += 1
-        abort = None
-        if out["nonfinite"]:
-            nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
-            keys = batch.get("keys", [])
-            log.warning("step %d: non-finite loss or gradient (loss %s); update skipped (%d in a row)", step,
-                        out["loss"].item(), nonfinite_run)
-            if nonfinite_run >= cfg.train.max_nonfinite_steps:
-                abort = NonFiniteError(f"{nonfinite_run} steps in a row with a non-finite loss or gradient, the last "
-                                       f"at step {step} on rank {dist_info.rank}; its batch's first keys: {keys[:8]} "
-                                       "(train.max_nonfinite_steps)")
-        else:
-            nonfinite_run = 0
-        window_steps += 1
+        batch = prepare_batch(batch, run.loader.transform, dist_info.device, run.channels_last, run.dynamic_text)
+        out = run.step_fn(batch)
+        run.state.step += 1
+        step = run.state.step
+        abort = guard.check(step, out, batch)
         logger.advance()
-        if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
-            elapsed = time.perf_counter() - window_start
-            scale = out["logit_scale"].item()
-            metrics = {"train/loss": out["loss"].item(), "train/lr": scheduler.get_last_lr()[0],
-                       "train/logit_scale": scale, "train/temperature": 1.0 / scale,
-                       "train/grad_norm": out["grad_norm"].item(), "train/epoch": loader.epoch,
-                       "perf/samples_per_s": window_steps * global_batch / elapsed,
-                       "perf/samples_per_s_per_device": window_steps * cfg.data.batch_size / elapsed,
-                       "perf/step_time_s": elapsed / window_steps,
-                       "perf/compute_time_s": (elapsed - data_wait) / window_steps,
-                       "perf/max_memory_mb": _max_memory_mb(dist_info.device), "model/parameters": parameters,
-                       "perf/data_wait_fraction": data_wait / elapsed, "train/nonfinite_steps": nonfinite_total,
-                       **{f"data/skipped_{k}": v for k, v in loader.skipped.items()}}
-            logger.log(step, metrics)
-            window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+        logging_step = step % cfg.logging.log_every == 0 or step == cfg.train.steps
+        if logging_step:
+            logger.log(step, meter.metrics(out, guard.total))
         if cfg.health.max_clamped_steps:  # after the step's clamp; the same on every rank, so all stop together
-            logit_scale = unwrap(model).logit_scale.detach().exp()
-            monitor.count_clamped(logit_scale)  # on the device: no host sync in the step
-            if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
-                monitor.temperature_alarms(step, logit_scale)
-        paused = time.perf_counter()  # health and evaluation time stays out of the throughput window
-        if cfg.health.every_n_steps and step % cfg.health.every_n_steps == 0:
-            _check_health(model, probe, monitor, cfg, dist_info, agree, step, logger)
-        if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < cfg.train.steps:
-            logger.log(step, _evaluate(model, built, cfg, dist_info, step, run_dir))
-        window_start += time.perf_counter() - paused
+            logit_scale = unwrap(run.model).logit_scale.detach().exp()
+            run.monitor.count_clamped(logit_scale)  # on the device: no host sync in the step
+            if logging_step:
+                run.monitor.temperature_alarms(step, logit_scale)
+        with meter.paused():  # health and evaluation time stays out of the throughput window
+            if cfg.health.every_n_steps and step % cfg.health.every_n_steps == 0:
+                _check_health(run.model, run.probe, run.monitor, cfg, dist_info, run.agree, step, logger)
+            if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < cfg.train.steps:
+                logger.log(step, _evaluate(run.model, run.built, cfg, dist_info, step, run.run_dir))
         stop_now = stop.received is not None
         if dist_info.is_distributed:
             # one all-reduce per step: a signal or a numerics abort on any rank ends every rank at this same step
-            go_on, healthy = agree(not stop_now, abort is None)
+            go_on, healthy = run.agree(not stop_now, abort is None)
             stop_now = not go_on
-            if not healthy and abort is None:
-                abort = NonFiniteError(f"step {step}: another rank reached train.max_nonfinite_steps non-finite steps "
-                                       "in a row (its log names the step and the batch keys); every rank stops")
+            abort = abort or (None if healthy else guard.peer_abort(step))
         if abort is not None:
             raise abort
         if stop_now and step < cfg.train.steps:
             preempted = True
             break
         if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
-            save()
-    final = save()
+            run.checkpointer.save(step, run.pieces, config_yaml)
+    return _finish(cfg, dist_info, run, logger, meter, config_yaml, preempted)
+
+
+def _finish(cfg: RunConfig, dist_info: DistInfo, run: Run, logger: MetricLogger, meter: StepMeter,
+            config_yaml: str, preempted: bool) -> dict[str, Any]:
+    """The final checkpoint, then (unless pre-empted) the final evaluation, curves and the result table."""
+    step = run.state.step
+    final = run.checkpointer.save(step, run.pieces, config_yaml)
+    result = {"step": step, "checkpoint": str(final), "metrics": meter.last, "eval": {}, "eval_table": None,
+              "preempted": preempted}
     if preempted:
         logger.close()
         log.warning("stopped at step %d on a signal; checkpoint %s; continue with --resume auto", step, final)
-        return {"step": step, "checkpoint": str(final), "metrics": metrics, "eval": {}, "eval_table": None,
-                "preempted": True}
-    results = _evaluate(model, built, cfg, dist_info, step, run_dir)
+        return result
+    results = _evaluate(run.model, run.built, cfg, dist_info, step, run.run_dir)
     if results:
         logger.log(step, results)
     logger.close()
     if dist_info.is_main and cfg.logging.plot:
-        plot_curves(run_dir)
-    table = run_dir / "eval" / f"step_{step:08d}.md"
-    return {"step": step, "checkpoint": str(final), "metrics": metrics, "eval": results,
-            "eval_table": table.read_text() if results and table.is_file() else None, "preempted": False}
+        plot_curves(run.run_dir)
+    table = run.run_dir / "eval" / f"step_{step:08d}.md"
+    return {**result, "eval": results, "eval_table": table.read_text() if results and table.is_file() else None}
+
+
+class NumericsGuard:
+    """Counts steps whose update was skipped for a non-finite loss or gradient; too many in a row is an abort."""
+
+    def __init__(self, max_in_a_row: int, rank: int) -> None:
+        self.max_in_a_row, self.rank = max_in_a_row, rank
+        self.in_a_row, self.total = 0, 0
+
+    def check(self, step: int, out: dict[str, Any], batch: dict[str, Any]) -> NonFiniteError | None:
+        if not out["nonfinite"]:
+            self.in_a_row = 0
+            return None
+        self.in_a_row, self.total = self.in_a_row + 1, self.total + 1
+        log.warning("step %d: non-finite loss or gradient (loss %s); update skipped (%d in a row)", step,
+                    out["loss"].item(), self.in_a_row)
+        if self.in_a_row < self.max_in_a_row:
+            return None
+        return NonFiniteError(f"{self.in_a_row} steps in a row with a non-finite loss or gradient, the last at step "
+                              f"{step} on rank {self.rank}; its batch's first keys: {batch.get('keys', [])[:8]} "
+                              "(train.max_nonfinite_steps)")
+
+    @staticmethod
+    def peer_abort(step: int) -> NonFiniteError:
+        return NonFiniteError(f"step {step}: another rank reached train.max_nonfinite_steps non-finite steps in a row "
+                              "(its log names the step and the batch keys); every rank stops")
+
+
+class StepMeter:
+    """The throughput window between logging steps: samples/s, step and data-wait time, memory."""
+
+    def __init__(self, cfg: RunConfig, dist_info: DistInfo, run: Run) -> None:
+        self.cfg, self.dist_info, self.run = cfg, dist_info, run
+        self.parameters = sum(p.numel() for p in run.built.model.parameters())
+        self.start, self.steps, self.data_wait = time.perf_counter(), 0, 0.0
+        self.last: dict[str, Any] = {}
+
+    @contextlib.contextmanager
+    def waiting(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.data_wait += time.perf_counter() - started
+            self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - started
+
+    def metrics(self, out: dict[str, Any], nonfinite_total: int) -> dict[str, Any]:
+        """The logging step's metrics (host syncs happen here, not every step); starts a new window."""
+        elapsed = time.perf_counter() - self.start
+        batch_size, world_size = self.cfg.data.batch_size, self.dist_info.world_size
+        scale = out["logit_scale"].item()
+        self.last = {
+            "train/loss": out["loss"].item(), "train/lr": self.run.scheduler.get_last_lr()[0],
+            "train/logit_scale": scale, "train/temperature": 1.0 / scale, "train/grad_norm": out["grad_norm"].item(),
+            "train/epoch": self.run.loader.epoch, "perf/samples_per_s": self.steps * batch_size * world_size / elapsed,
+            "perf/samples_per_s_per_device": self.steps * batch_size / elapsed,
+            "perf/step_time_s": elapsed / self.steps, "perf/compute_time_s": (elapsed - self.data_wait) / self.steps,
+            "perf/max_memory_mb": _max_memory_mb(self.dist_info.device), "model/parameters": self.parameters,
+            "perf/data_wait_fraction": self.data_wait / elapsed, "train/nonfinite_steps": nonfinite_total,
+            **{f"data/skipped_{k}": v for k, v in self.run.loader.skipped.items()}}
+        self.start, self.steps, self.data_wait = time.perf_counter(), 0, 0.0
+        return self.last

@@ -1,0 +1,124 @@
+"""The build step: a ``RunConfig`` and the launch environment become the components of a run, before any step.
+
+Each component gets its own sub-config and the runtime objects it needs (``DistInfo``, the agreement function,
+the stop signals), never the whole config. ``build_run`` checks what can fail cheaply first (the suite file, the
+resume target) and returns a ``Run``: the prepared model, the step strategy, the loader, the restart state
+(``clipforge.train.state``), the checkpointer and the health monitor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from clipforge.data.pipeline import TrainLoader, build_train_loader
+from clipforge.distributed import DistInfo, make_agreement
+from clipforge.evaluation import load_suite
+from clipforge.health import CollapseMonitor, HealthProbe
+from clipforge.losses import build_loss
+from clipforge.models import BuiltModel, build_model
+from clipforge.train.checkpoint import Checkpointer
+from clipforge.train.momentum import MomentumQueue
+from clipforge.train.optim import build_optimizer, build_scheduler
+from clipforge.train.parallel import prepare_model
+from clipforge.train.state import Piece, TrainState, restart_state
+from clipforge.train.step import PlainStep, build_step
+
+if TYPE_CHECKING:
+    from clipforge.config import RunConfig
+
+log = logging.getLogger("clipforge.train")
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, built once."""
+
+    run_dir: Path
+    built: BuiltModel  # the plain model (weights, tokenizer, transforms)
+    model: torch.nn.Module  # what the step calls: prepared, wrapped, compiled
+    channels_last: bool
+    dynamic_text: bool  # mark each batch's (trimmed) caption length dynamic for the compiled model
+    loader: TrainLoader
+    step_fn: PlainStep
+    scheduler: Any
+    state: TrainState
+    pieces: dict[str, Piece]  # the restart state, iterated by the checkpointer
+    checkpointer: Checkpointer
+    resume_from: Path | None
+    agree: Callable[..., Any]
+    probe: HealthProbe | None
+    monitor: CollapseMonitor
+
+
+def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], bool]) -> Run:
+    run_dir = Path(cfg.train.output_dir)
+    if cfg.eval.suite is not None:
+        load_suite(cfg.eval.suite)  # a bad suite file fails now, not after training
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_last, dist_info.rank)
+    resume_from = resolve_resume(cfg.train.resume, checkpointer)
+    built = build_model(cfg.model)
+    prepared = prepare_model(built.model, cfg.model, cfg.train, cfg.loss.learn_temperature, dist_info)
+    optimizer = build_optimizer(cfg.optim, built.model)
+    scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
+    agree = make_agreement(dist_info)
+    on_gpu = dist_info.device.startswith("cuda")
+    loader = build_train_loader(cfg.data, built.preprocess_cfg, built.tokenizer, dist_info.rank,
+                                dist_info.world_size, pin_memory=on_gpu, agree=agree, normalize_in_workers=not on_gpu,
+                                sample_ids=cfg.loss.positives != "pairs", trim_text=prepared.trim_text,
+                                stop_requested=stop_requested)
+    queue = MomentumQueue(prepared.model, cfg.loss.queue_size, cfg.loss.queue_momentum, dist_info.rank,
+                          dist_info.world_size) if cfg.loss.queue_size else None
+    step_fn = build_step(prepared.model, build_loss(cfg.loss, dist_info.rank, dist_info.world_size), optimizer,
+                         scheduler, dist_info.device, cfg.train.precision, cfg.optim.grad_clip_norm,
+                         cfg.loss.max_logit_scale, cfg.train.accum_steps, queue, dist_info.rank)
+    state = TrainState()
+    pieces = restart_state(prepared.model, optimizer, scheduler, cfg.optim, cfg.train.steps, state, loader,
+                           dist_info.device, step_fn.scaler, queue)
+    probe = health_probe(cfg, built, dist_info, agree)
+    monitor = CollapseMonitor(cfg.health, cfg.loss.max_logit_scale, log_warnings=dist_info.is_main)
+    return Run(run_dir, built, prepared.model, prepared.channels_last, cfg.train.compile and prepared.trim_text,
+               loader, step_fn, scheduler, state, pieces, checkpointer, resume_from, agree, probe, monitor)
+
+
+def resolve_resume(resume: str | None, checkpointer: Checkpointer) -> Path | None:
+    """The checkpoint to resume from: train.resume as a directory, or 'auto'/'latest' = the newest intact one here
+    (None: start fresh). A fresh start in a directory that already holds checkpoints is refused."""
+    found = None
+    if resume in ("auto", "latest"):
+        found = checkpointer.latest_intact()
+        if found is None:
+            log.info("resume=%s: no intact checkpoint in %s yet, starting fresh", resume, checkpointer.directory)
+    elif resume:
+        found = Path(resume)
+        if not found.is_dir():
+            raise FileNotFoundError(f"train.resume: checkpoint {found} does not exist")
+    if found is None and checkpointer.latest() is not None:
+        raise ValueError(f"{checkpointer.directory.parent} already holds checkpoints (newest: "
+                         f"{checkpointer.latest().name}); continue it with --resume latest, or set another "
+                         "train.output_dir")
+    return found
+
+
+def health_probe(cfg: RunConfig, built: BuiltModel, dist_info: DistInfo, agree) -> HealthProbe | None:
+    """Rank 0's held-out batch for health.every_n_steps; a failure to load it stops every rank at once."""
+    if not cfg.health.every_n_steps:
+        return None
+    probe, problem = None, None
+    if dist_info.is_main:
+        try:
+            probe = HealthProbe.from_config(cfg.health, cfg.eval.suite, built.eval_transform, built.tokenizer,
+                                            cfg.eval.batch_size)
+            log.info("health diagnostics every %d steps on %s", cfg.health.every_n_steps, probe.source)
+        except (OSError, ValueError) as exc:
+            problem = exc
+    if dist_info.is_distributed and not agree(problem is None):
+        raise problem or ValueError("rank 0 could not load the health.dataset batch (see its log)")
+    if problem is not None:
+        raise problem
+    return probe
