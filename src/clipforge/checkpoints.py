@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,9 @@ def _read_sharded_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CorruptCheckpoint(f"checkpoint {path}: its shards hold no model tensors")
     state = {"model": template}
     try:
-        dcp.load(state, storage_reader=storage_reader(path), no_dist=True)
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=storage_reader(path), no_dist=True)
     except Exception as exn:  # the storage layer raises its own types for a bad shard
         raise CorruptCheckpoint(f"checkpoint {path}: its shards do not load ({type(exn).__name__}: {exn})") from None
     return state["model"]

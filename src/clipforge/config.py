@@ -52,6 +52,9 @@ class RunConfig:
                              "eval.suite (its first zeroshot_retrieval dataset is used)")
         if self.loss.queue_size and self.train.accum_steps > 1:
             raise ValueError("loss.queue_size cannot be combined with train.accum_steps > 1 (GradCache)")
+        if self.loss.queue_size and self.train.parallel == "fsdp":
+            raise ValueError("loss.queue_size (a momentum encoder copied from the model) is not supported with "
+                             "train.parallel=fsdp; use ddp")
         if self.data.batch_size % self.train.accum_steps:
             raise ValueError(f"data.batch_size={self.data.batch_size} is not divisible by "
                              f"train.accum_steps={self.train.accum_steps}")

@@ -75,6 +75,13 @@ class TrainConfig:
     """Cut each batch's token columns after its longest caption (and the text tower's work on them) where that is
     exact: a causal text tower pooled at the end-of-text token (open_clip's CLIP class). Same features and
     gradients; the text tower's cost follows the captions' length instead of the context length."""
+    parallel: str = "ddp"
+    """Data parallelism over the ranks: ddp (every rank holds the whole model, its gradients and AdamW state) or
+    fsdp (FSDP2: each rank holds 1/N of them, gathered block by block as they run; for towers that outgrow a device
+    under DDP; ViT towers; checkpoints become torch.distributed.checkpoint shards)."""
+    reshard_after_forward: bool = True
+    """fsdp: free each block's gathered weights after its forward and gather them again for the backward (less memory,
+    one more all-gather per block); false keeps them from forward to backward."""
     requeue: bool = False
     """On SIGUSR1/SIGTERM under SLURM: after the pre-emption checkpoint, `scontrol requeue` the job (rank 0)."""
     tf32: bool = True
@@ -100,6 +107,8 @@ class TrainConfig:
             raise ValueError(f"train.max_nonfinite_steps: must be >= 1, got {self.max_nonfinite_steps}")
         if isinstance(self.channels_last, str) and self.channels_last != "auto":
             raise ValueError(f"train.channels_last: must be true, false or 'auto', got {self.channels_last!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"train.parallel: expected 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.precision not in AUTOCAST_DTYPES:
             raise ValueError(f"train.precision: {self.precision!r} is not one of {tuple(AUTOCAST_DTYPES)}")
 

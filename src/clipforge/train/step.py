@@ -31,7 +31,7 @@ from contextlib import nullcontext
 import torch
 
 from clipforge.losses import clamp_logit_scale, queue_contrastive_loss
-from clipforge.train.parallel import unwrap
+from clipforge.train.parallel import no_gradient_sync, unwrap
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -178,7 +178,7 @@ class CachedAccumulationStep(PlainStep):
         for index, ((chunk_images, chunk_texts), state) in enumerate(zip(chunks, states)):
             last = index == len(chunks) - 1
             self._set_rng_state(state)
-            sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            sync = nullcontext() if last else no_gradient_sync(self.model)
             with sync:
                 with self._autocast():
                     out = self.model(chunk_images, chunk_texts)
