@@ -24,7 +24,7 @@ from clipforge.distributed import DistInfo
 from clipforge.losses import LossConfig, build_loss, clamp_logit_scale
 from clipforge.models import ModelConfig, build_model
 from clipforge.train.optim import OptimConfig, build_optimizer, build_scheduler
-from clipforge.train.parallel import parallelize, residual_blocks, unwrap
+from clipforge.train.parallel import apply_training_options, parallelize, residual_blocks, unwrap
 from clipforge.train.step import build_step
 
 GLOBAL_BATCH = 8
@@ -75,7 +75,9 @@ def train(rank: int, world_size: int, case: Case, strategy: str, model_path: str
     """NUM_STEPS steps of the real step strategy under ``strategy``; per-step metrics of this rank, and (full) the
     gradients after the last step and the weights before and after training."""
     torch.manual_seed(rank)  # ranks start different, as in the loop; both strategies take rank 0's weights
-    model = build_model(ModelConfig(name=model_path, **case.model)).model
+    model_cfg = ModelConfig(name=model_path, **case.model)
+    model = build_model(model_cfg).model
+    apply_training_options(model, model_cfg)  # the locks and checkpointing, as the trainer's preparation does
     info = DistInfo(rank=rank, world_size=world_size, local_world_size=world_size)
     model = parallelize(model, info, strategy=strategy)
     core = unwrap(model)
