@@ -122,3 +122,30 @@ def test_clipping_scales_the_update_to_the_clip_norm(tiny_model_json):
     torch.testing.assert_close(gradient_norm(given), torch.tensor(0.5), rtol=1e-4, atol=0)  # the update's, after
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter.detach(), before[name] - 1e-3 * given[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_nonfinite_batch_leaves_weights_and_optimizer_state_as_they_were(fused, tiny_model_json):
+    """Fused AdamW skips on the device (the flag handed over as found_inf), foreach AdamW on the host: either way a
+    NaN batch changes no weight, no moment and no step count, and the next finite batch updates as usual."""
+    from clipforge.train.optim import OptimConfig, build_optimizer, build_scheduler
+
+    built = build_model(ModelConfig(name=tiny_model_json))
+    cfg = OptimConfig(lr=1e-3, warmup_steps=0, fused=fused)
+    optimizer = build_optimizer(cfg, built.model)
+    step = build_step(built.model, build_loss(LossConfig()), optimizer, build_scheduler(cfg, optimizer, 10), "cpu",
+                      "fp32", None, 100.0)
+    assert step.skips_on_device == fused
+    data = batch(built, 8)
+    assert not step(data)["nonfinite"]
+    weights = copy.deepcopy(built.model.state_dict())
+    moments = copy.deepcopy(optimizer.state_dict()["state"])
+    poisoned = {**data, "images": data["images"].clone()}
+    poisoned["images"][0, 0, 0, 0] = float("nan")
+    out = step(poisoned)
+    assert isinstance(out["nonfinite"], torch.Tensor) and bool(out["nonfinite"])
+    assert all(torch.equal(weights[k], v) for k, v in built.model.state_dict().items())
+    after = optimizer.state_dict()["state"]
+    assert all(torch.equal(moments[i][k], after[i][k]) for i in moments for k in moments[i])  # step counts too
+    assert not step(data)["nonfinite"]
+    assert not torch.equal(weights["text_projection"], built.model.state_dict()["text_projection"])

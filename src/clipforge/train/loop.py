@@ -61,7 +61,8 @@ class TrainConfig:
     """Resume from a checkpoint directory, or 'auto' (alias 'latest') for the newest intact one in this run (none
     yet = start fresh). Corrupt or truncated checkpoints are skipped with a warning."""
     max_nonfinite_steps: int = 5
-    """A non-finite loss or gradient skips the update; this many in a row abort the run (naming step and keys)."""
+    """A non-finite loss or gradient skips the update; this many in a row abort the run (naming step and keys). The
+    skips are counted at logging steps (logging.log_every), so the abort comes at the first logging step after."""
     compile: bool = False
     """torch.compile the model (in place, so checkpoints keep plain parameter names). It is compiled after DDP wraps
     it: dynamo then splits the graph at DDP's gradient-bucket boundaries so the bucket all-reduces overlap the
@@ -323,9 +324,10 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
         out = run.step_fn(batch)
         run.state.step += 1
         step = run.state.step
-        abort = guard.check(step, out, batch)
+        guard.record(step, out, batch)
         logger.advance()
         logging_step = step % cfg.logging.log_every == 0 or step == cfg.train.steps
+        abort = guard.check() if logging_step else None  # the window's one host sync for the skip flags
         if logging_step:
             logger.log(step, meter.metrics(out, guard.total))
         if cfg.health.max_clamped_steps:  # after the step's clamp; the same on every rank, so all stop together
@@ -376,24 +378,37 @@ def _finish(cfg: RunConfig, dist_info: DistInfo, run: Run, logger: MetricLogger,
 
 
 class NumericsGuard:
-    """Counts steps whose update was skipped for a non-finite loss or gradient; too many in a row is an abort."""
+    """Counts steps whose update was skipped for a non-finite loss or gradient; too many in a row is an abort.
+
+    The step leaves its skip flag on the device; ``record`` keeps it (with the batch's keys) and ``check``, at
+    logging steps, reads the window's flags in one host sync: warnings name each skipped step, and an abort names
+    the step where the run of skips reached ``train.max_nonfinite_steps`` and that batch's first keys."""
 
     def __init__(self, max_in_a_row: int, rank: int) -> None:
         self.max_in_a_row, self.rank = max_in_a_row, rank
         self.in_a_row, self.total = 0, 0
+        self.pending: list[tuple[int, Any, Any, list[str]]] = []
 
-    def check(self, step: int, out: dict[str, Any], batch: dict[str, Any]) -> NonFiniteError | None:
-        if not out["nonfinite"]:
-            self.in_a_row = 0
+    def record(self, step: int, out: dict[str, Any], batch: dict[str, Any]) -> None:
+        self.pending.append((step, out["nonfinite"], out["loss"], batch.get("keys", [])[:8]))
+
+    def check(self) -> NonFiniteError | None:
+        pending, self.pending = self.pending, []
+        if not pending:
             return None
-        self.in_a_row, self.total = self.in_a_row + 1, self.total + 1
-        log.warning("step %d: non-finite loss or gradient (loss %s); update skipped (%d in a row)", step,
-                    out["loss"].item(), self.in_a_row)
-        if self.in_a_row < self.max_in_a_row:
-            return None
-        return NonFiniteError(f"{self.in_a_row} steps in a row with a non-finite loss or gradient, the last at step "
-                              f"{step} on rank {self.rank}; its batch's first keys: {batch.get('keys', [])[:8]} "
-                              "(train.max_nonfinite_steps)")
+        flags = torch.stack([torch.as_tensor(flag).reshape(()) for _, flag, _, _ in pending]).tolist()
+        for (step, _, loss, keys), nonfinite in zip(pending, flags, strict=True):
+            if not nonfinite:
+                self.in_a_row = 0
+                continue
+            self.in_a_row, self.total = self.in_a_row + 1, self.total + 1
+            log.warning("step %d: non-finite loss or gradient (loss %s); update skipped (%d in a row)", step,
+                        float(loss), self.in_a_row)
+            if self.in_a_row >= self.max_in_a_row:
+                return NonFiniteError(f"{self.in_a_row} steps in a row with a non-finite loss or gradient, the last "
+                                      f"at step {step} on rank {self.rank}; its batch's first keys: {keys} "
+                                      "(train.max_nonfinite_steps)")
+        return None
 
     @staticmethod
     def peer_abort(step: int) -> NonFiniteError:

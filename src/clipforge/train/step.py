@@ -16,12 +16,15 @@ Precision: fp32; bf16 autocast; fp16 autocast with a dynamic gradient scaler (an
 step is skipped by the scaler and the scale lowered, as usual). The loss is always fp32.
 
 Numerics guard: a non-finite loss (or, without a scaler, a non-finite gradient norm) skips the
-optimizer update — weights and optimizer state stay as they were — and the step reports
-``nonfinite=True``; the loop counts these and aborts after N in a row. That check is the one host
-sync per step (tests/test_cuda.py counts it): the loop decides on it every step (skip count, abort with the
-batch's keys, the queue's enqueue), so keeping it on the device would move those decisions to logging steps.
-With fused AdamW, GradScaler itself needs no sync (it hands the optimizer its inf flag on the device).
-Everything else returned is a detached tensor.
+optimizer update — weights and optimizer state stay as they were — and the step reports ``nonfinite``
+(a bool tensor on the device); the loop counts these at logging steps and aborts after N in a row. The skip
+stays on the device with fused AdamW (the default), as GradScaler skips an overflowing step: the optimizer is
+handed the flag as ``found_inf`` and its kernel leaves weights, moments and step count untouched, so a plain
+step makes no host sync and the CPU runs ahead (tests/test_cuda.py checks it under
+``set_sync_debug_mode("error")``). The foreach AdamW (``optim.fused: false``), fp16 with its gradient scaler, an
+FSDP-sharded model and the negative queue (whose enqueue depends on the skip) read the flag on the host: one sync
+per step there.
+Everything returned is a detached tensor.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ class PlainStep:
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.grad_clip_norm, self.max_logit_scale = grad_clip_norm, max_logit_scale
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        # fused AdamW takes the skip as a device flag; its kernel on DTensor shards is left to the host check
+        self.skips_on_device = optimizer.defaults.get("fused") is True and not any(
+            type(p).__name__ == "DTensor" for p in unwrap(model).parameters())
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -88,17 +94,22 @@ class PlainStep:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         loss_finite = torch.isfinite(metrics["loss"])
         finite = loss_finite if self.scaler is not None else loss_finite & torch.isfinite(grad_norm)
-        nonfinite = not bool(finite)  # the one host sync per step
         if self.scaler is not None:
-            if nonfinite:
-                self.optimizer.zero_grad(set_to_none=True)  # the scaler then finds nothing to apply
+            if not bool(finite):  # an infinite loss can have finite gradients the scaler would apply (a host sync)
+                self.optimizer.zero_grad(set_to_none=True)
             self.scaler.step(self.optimizer)  # skips the update itself when a gradient overflowed
             self.scaler.update()
-        elif not nonfinite:
+        elif self.skips_on_device:
+            self.optimizer.found_inf = (~finite).to(torch.float32)  # fused AdamW's skip flag (GradScaler's protocol)
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif bool(finite):  # the host sync of the foreach optimizer
             self.optimizer.step()
         self.scheduler.step()
         clamp_logit_scale(unwrap(self.model).logit_scale, self.max_logit_scale)
-        return {**metrics, "grad_norm": grad_norm.detach(), "nonfinite": nonfinite}
+        return {**metrics, "grad_norm": grad_norm.detach(), "nonfinite": ~finite}
 
 
 class QueueStep(PlainStep):
@@ -125,7 +136,7 @@ class QueueStep(PlainStep):
 
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
         result = super().__call__(batch)
-        if not result["nonfinite"]:
+        if not bool(result["nonfinite"]):  # the queue's one host sync: only an applied update is enqueued
             self.queue.update_encoder(self.model)
             self.queue.enqueue(*self._keys)
         return result
