@@ -167,6 +167,20 @@ def good_members(prefix: str, count: int) -> list[tuple[str, bytes]]:
     return members
 
 
+def _with_directory_and_link(data: bytes) -> bytes:
+    """``data`` (a tar) with a directory ``d.jpg/`` and a symlink ``l.jpg -> /etc/passwd`` in front."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as out:
+        for name, kind in (("d.jpg", tarfile.DIRTYPE), ("l.jpg", tarfile.SYMTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname, info.mtime = kind, "/etc/passwd" if kind == tarfile.SYMTYPE else "", 0
+            out.addfile(info)
+        with tarfile.open(fileobj=io.BytesIO(data)) as source:
+            for member in source.getmembers():
+                out.addfile(member, source.extractfile(member))
+    return buffer.getvalue()
+
+
 @dataclass
 class TarCase:
     name: str
@@ -203,8 +217,8 @@ def tar_cases() -> list[TarCase]:
         TarCase("an empty file", b"", {"unreadable_shard": 1}, 0, "not a tar"),
         TarCase("a zero-byte image member", tar_bytes([("z.jpg", b""), ("z.txt", b"zero bytes")] + good[:2]),
                 {"corrupt_image": 1}, 1, r"corrupt image at \S+:z"),
-        TarCase("metadata, directories and links are not samples",
-                tar_bytes([("__meta__.json", b"{}")] + good[:2]) , {}, 1),
+        TarCase("metadata, directories and links are not samples", _with_directory_and_link(
+            tar_bytes([("__meta__.json", b"{}")] + good[:2])), {}, 1),
         TarCase("a path outside the archive is only a key", tar_bytes([("../../etc/evil.jpg", jpeg()),
                                                                         ("../../etc/evil.txt", b"a caption")]),
                 {}, 1),
