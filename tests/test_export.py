@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -154,7 +156,7 @@ def write_checkpoint(built, config_yaml: str, run_dir: Path, step: int = 30) -> 
     return save_checkpoint(run_dir / "checkpoints", built.model, step, config_yaml)
 
 
-def test_pipeline_predicts_what_clipforge_eval_predicts(synth_data, tiny_model_json, tmp_path):
+def test_pipeline_predicts_what_clipforge_eval_predicts(synth_data, tiny_model_json, tmp_path, caplog):
     """clipforge eval → clipforge export (CLI) → pipeline("zero-shot-image-classification"): the same labels."""
     from transformers import pipeline
 
@@ -179,7 +181,13 @@ def test_pipeline_predicts_what_clipforge_eval_predicts(synth_data, tiny_model_j
                      f"    path: {benchmark}\n")
     assert main(["eval", str(checkpoint), "--suite", str(suite), "--workers", "0", "--quiet", "--no-plots"]) == 0
     results = json.loads((tmp_path / "run" / "eval" / "one_step_00000030.json").read_text())
-    assert main(["export", str(checkpoint), "--format", "hf", "--out", str(tmp_path / "exported")]) == 0
+    with caplog.at_level(logging.WARNING):
+        assert main(["export", str(checkpoint), "--format", "hf", "--out", str(tmp_path / "exported")]) == 0
+    assert "No pretrained weights loaded" not in caplog.text  # random init then the checkpoint: no false alarm
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "exported").iterdir()}
+    assert modes["model.safetensors"] == 0o666 & ~umask and set(modes.values()) == {0o666 & ~umask}, modes
 
     encoder = OpenClipEncoder(model)
     ours = (encoder.encode_image(pixels) @ build_classifier(encoder, built.tokenizer, classnames, [template])).argmax(1)
@@ -192,6 +200,7 @@ def test_pipeline_predicts_what_clipforge_eval_predicts(synth_data, tiny_model_j
     assert (theirs == labels).float().mean().item() == pytest.approx(results["colors"]["acc1"])
     card = ModelCard.load(tmp_path / "exported" / "README.md")
     assert card.data.datasets == ["org/shapes"] and card.data.library_name == "transformers"
+    assert card.text.lstrip().startswith("# run\n")  # titled after the run (RUN/checkpoints/step_N), not the folder
     assert "## Results" in card.text and f"| {results['colors']['acc1']:.1%} |" in card.text  # the eval table
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import warnings
 from pathlib import Path
@@ -68,6 +69,15 @@ def verify(path: str | Path) -> None:
                                     f"{expected['bytes']} (truncated?)")
         if sha256(file) != expected["sha256"]:
             raise CorruptCheckpoint(f"checkpoint {path}: {name} does not match its SHA-256 in manifest.json")
+
+
+def with_process_umask(*paths: str | Path) -> None:
+    """Give ``paths`` the mode the process umask gives any new file (0644 under the usual 022): safetensors, and so
+    transformers' ``save_pretrained``, creates its files 0600, unreadable to the rest of a team sharing them."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~mask)
 
 
 def is_checkpoint(path: str | Path) -> bool:

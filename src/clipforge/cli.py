@@ -205,7 +205,9 @@ def _export(args: argparse.Namespace) -> int:
         found = (Path(args.eval_results), json.loads(Path(args.eval_results).read_text()))
     else:
         found = find_eval_results(checkpoint.resolve().parent.parent, checkpoint.resolve().name)
-    card = CardInfo(name=args.push or Path(args.out).name, source=str(checkpoint),
+    resolved = checkpoint.resolve()  # RUN/checkpoints/step_N: the card is titled after the run, or the Hub repo
+    run_name = resolved.parent.parent.name if resolved.parent.name == "checkpoints" else resolved.name
+    card = CardInfo(name=args.push or run_name, source=str(checkpoint),
                     run_config=run_config, eval_results=found[1] if found else None,
                     eval_source=str(found[0]) if found else None, license=args.license, datasets=args.dataset)
     formats = ["hf", "open_clip"] if args.format == "both" else [args.format]

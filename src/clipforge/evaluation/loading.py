@@ -13,10 +13,8 @@ Sources, as ``clipforge eval`` takes them:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,21 +27,6 @@ from clipforge.models import ModelConfig, build_model, load_weights
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")  # what open_clip's local-dir: loader looks for
 INIT_KEYS = ("pretrained", "init_from")  # model.* keys naming initial weights, in older and newer configs
-
-
-@contextlib.contextmanager
-def _weights_loaded_after():
-    """Hide open_clip's "No pretrained weights loaded ... initialized randomly" (logged on the root logger): the
-    weights are loaded right after the model is built."""
-    def drop(record: logging.LogRecord) -> bool:
-        return "No pretrained weights loaded" not in record.getMessage()
-
-    root = logging.getLogger()
-    root.addFilter(drop)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop)
 
 
 @dataclass
@@ -84,8 +67,7 @@ def load_eval_model(source: str | None = None, architecture: str | None = None, 
     dtype = torch.bfloat16 if amp else None
     kind = model_kind(source, architecture, weights)
     if kind == "open_clip":
-        with _weights_loaded_after():
-            built = build_model(ModelConfig(name=architecture), device)
+        built = build_model(ModelConfig(name=architecture), device)
         load_weights(built.model, weights)
         return EvalModel(OpenClipEncoder(built.model.eval(), device, dtype), built.tokenizer, built.eval_transform,
                          Path(weights).stem, kind)
@@ -103,8 +85,7 @@ def _clipforge_checkpoint(path: Path, device, dtype) -> EvalModel:
     unknown = set(raw) - {field.name for field in dataclasses.fields(ModelConfig)}
     if unknown:
         raise ValueError(f"{path / 'config.yaml'}: unknown model keys {sorted(unknown)}")
-    with _weights_loaded_after():
-        built = build_model(ModelConfig(**raw), device)
+    built = build_model(ModelConfig(**raw), device)
     load_weights(built.model, str(path))
     name = path.resolve().name
     return EvalModel(OpenClipEncoder(built.model.eval(), device, dtype), built.tokenizer, built.eval_transform, name,

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from clipforge.checkpoints import with_process_umask
 from clipforge.export.card import CardInfo, find_eval_results, model_card
 from clipforge.export.convert import Converted, load_transformers_folder, to_transformers
 from clipforge.export.folders import write_open_clip, write_transformers
@@ -53,6 +54,7 @@ def export_model(built: BuiltModel, out: str | Path, formats: tuple[str, ...] | 
                    "eval_results": card.eval_source, "written": written, "notes": notes,
                    "files": sorted(path.name for path in staging.iterdir()) + [MARKER]}
         (staging / MARKER).write_text(json.dumps(summary, indent=1) + "\n")
+        with_process_umask(*(path for path in staging.rglob("*") if path.is_file()))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

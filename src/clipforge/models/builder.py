@@ -8,6 +8,8 @@ its tokenizer. Model code here knows nothing of distribution, optimizers or loss
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -137,6 +139,22 @@ def _check_patch_dropout(model: torch.nn.Module, cfg: ModelConfig) -> None:
                          "(FLIP patch dropout needs a ViT)")
 
 
+@contextlib.contextmanager
+def _random_init_intended():
+    """Hide open_clip's "No pretrained weights loaded ... initialized randomly" (logged on the root logger):
+    ``build_model`` never asks open_clip for weights; it initialises randomly on purpose, and ``init_from`` (or the
+    caller: a checkpoint, an export) loads weights right after. On an export it read as if the weights were lost."""
+    def drop(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> BuiltModel:
     architecture = resolve_architecture(cfg.name)
     model_kwargs: dict[str, Any] = {}
@@ -146,10 +164,11 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> BuiltMo
         model_kwargs["init_logit_bias"] = cfg.init_logit_bias
     if cfg.patch_dropout:
         model_kwargs["force_patch_dropout"] = cfg.patch_dropout
-    model, _, eval_transform = open_clip.create_model_and_transforms(  # training crops: clipforge.data.images
-        architecture, pretrained=None, device=device, force_quick_gelu=cfg.force_quick_gelu,
-        pretrained_text=False, output_dict=True, **model_kwargs,
-    )
+    with _random_init_intended():
+        model, _, eval_transform = open_clip.create_model_and_transforms(  # training crops: clipforge.data.images
+            architecture, pretrained=None, device=device, force_quick_gelu=cfg.force_quick_gelu,
+            pretrained_text=False, output_dict=True, **model_kwargs,
+        )
     if cfg.init_from:
         try:
             load_weights(model, cfg.init_from)

@@ -43,6 +43,7 @@ from clipforge.checkpoints import (
     sha256,
     storage_reader,
     verify,
+    with_process_umask,
 )
 from clipforge.train.parallel import is_sharded as model_is_sharded
 from clipforge.train.parallel import unwrap
@@ -127,6 +128,7 @@ class Checkpointer:
         elif self.rank == 0:
             weights = pieces["model"].stateful.state_dict()
             _write_synced(temporary / "model.safetensors", lambda p: save_file(weights, str(p)))
+            with_process_umask(temporary / "model.safetensors")
             state.update({name: piece.stateful.state_dict() for name, piece in pieces.items()
                           if piece.kind == SHARDED and name != "model"})
         _barrier()
