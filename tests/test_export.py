@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import LocalTokenNotFoundError
 from PIL import Image
 
 from clipforge.cli import main
@@ -274,7 +276,7 @@ def test_resnet_tower_is_a_clear_error_for_transformers_and_exports_to_open_clip
     with torch.no_grad():
         assert torch.equal(loaded.eval().encode_image(pixels), built.model.eval().encode_image(pixels))
     card = ModelCard.load(tmp_path / "oc" / "README.md")
-    assert card.data.library_name == "open_clip" and "hf-hub:oc" in card.text
+    assert card.data.library_name == "open_clip" and "hf-hub:run" in card.text  # the run's name, not the folder's
 
 
 SIGLIP_VIT = "clipforge_test_siglip_vit"
@@ -393,6 +395,7 @@ def fake_hub(files: list[str] | None) -> mock.NonCallableMagicMock:
     api.repo_exists.return_value = files is not None
     api.list_repo_files.return_value = files or []
     api.upload_folder.return_value.commit_url = "https://huggingface.co/org/name/commit/abc"
+    api.whoami.return_value = {"name": "me", "orgs": [{"name": "org"}]}
     return api
 
 
@@ -435,6 +438,39 @@ def test_cli_push_uses_hf_api_with_the_environment_token(gelu_export, tiny_model
     api_class.assert_called_once_with(token=None)  # HfApi itself reads HF_TOKEN or the stored login
     assert api.upload_folder.call_args.kwargs["commit_message"] == "m"
     assert ModelCard.load(tmp_path / "out" / "README.md").text.count('from_pretrained("org/name")') == 2
+
+
+PUSH_FAILURES = {
+    "offline mode": ({"HF_HUB_OFFLINE": "1"}, None, r"HF_HUB_OFFLINE is set"),
+    "no token": ({}, LocalTokenNotFoundError("Token is required"), r"no Hugging Face token: set HF_TOKEN"),
+    "no network": ({}, OSError("[Errno 111] Connection refused"), r"cannot reach the Hub \(OSError: \[Errno 111"),
+    "a namespace the token cannot write": ({}, None, r"the token belongs to me \(organisations: org\), who cannot "
+                                                     r"write to elsewhere/"),
+}
+
+
+@pytest.mark.parametrize("case", PUSH_FAILURES, ids=list(PUSH_FAILURES))
+def test_a_push_that_cannot_happen_fails_in_one_line_before_any_upload(case, gelu_export, tiny_model_json, tmp_path,
+                                                                       monkeypatch, capsys):
+    environment, whoami_error, expected = PUSH_FAILURES[case]
+    _, built, _ = gelu_export
+    cfg = load_config(None, ["data.train_urls=x.tar", f"model.name={tiny_model_json}"])
+    checkpoint = write_checkpoint(built, to_yaml(cfg), tmp_path / "run")
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    api = fake_hub(None)
+    if whoami_error is not None:
+        api.whoami.side_effect = whoami_error
+    monkeypatch.setattr("clipforge.export.hub.HfApi", mock.Mock(return_value=api))
+    repo = "elsewhere/name" if "namespace" in case else "org/name"
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "out"), "--push", repo]) == 1
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]  # (transformers' own progress bar for writing the weights comes before it)
+    assert "Traceback" not in err and last.startswith(f"clipforge export: push to {repo} failed: "), err
+    assert re.search(expected, last) and "the export is kept" in last, last
+    api.create_repo.assert_not_called()
+    api.upload_folder.assert_not_called()
+    assert (tmp_path / "out" / "model.safetensors").is_file()  # the local export stays
 
 
 def test_export_replaces_only_its_own_folders(gelu_export, tmp_path):

@@ -184,6 +184,7 @@ def _export(args: argparse.Namespace) -> int:
     from huggingface_hub.errors import HfHubHTTPError
 
     from clipforge.export import CannotConvert, CardInfo, export_model, find_eval_results, push_to_hub
+    from clipforge.export.hub import HubUnavailable
     from clipforge.models import ModelConfig, build_model, load_weights
 
     checkpoint = Path(args.checkpoint)
@@ -222,8 +223,9 @@ def _export(args: argparse.Namespace) -> int:
         try:
             summary["pushed"] = push_to_hub(args.out, args.push, private=args.private, revision=args.revision,
                                             commit_message=args.commit_message, force=args.force)
-        except HfHubHTTPError as exc:
-            print(f"clipforge export: push to {args.push} failed: {exc}", file=sys.stderr)
+        except (HubUnavailable, HfHubHTTPError, OSError) as exc:  # the export itself is written: only the push failed
+            message = " ".join(str(exc).split())
+            print(f"clipforge export: push to {args.push} failed: {message}", file=sys.stderr)
             return 1
         print(f"pushed: {summary['pushed']}")
     for note in summary["notes"]:

@@ -9,18 +9,58 @@ A repo that already holds files but no ``clipforge_export.json`` was not written
 is refused unless ``force``; then the upload only adds and replaces files. A clipforge repo is made
 to mirror the folder (files of an earlier export that this one lacks are deleted in the same
 commit), so a stale ``open_clip_model.safetensors`` cannot outlive the weights it belonged to.
+
+Before anything is created or uploaded, ``check_access`` asks the Hub who the token belongs to: offline mode, no
+token, a rejected token, no network, or a namespace the token cannot write to each end in one ``HubUnavailable``
+line saying what to do (the local export is already written and stays).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
 log = logging.getLogger(__name__)
 
 MARKER = "clipforge_export.json"
+
+
+class HubUnavailable(ValueError):
+    """The Hub cannot take this push (offline, no or a rejected token, no network, no write access)."""
+
+
+def check_access(api: HfApi, repo_id: str) -> str:
+    """The user the token belongs to, once token, network and write access to ``repo_id``'s namespace are known
+    good; else ``HubUnavailable`` naming what to do."""
+    later = f"the export is kept; push it later with `hf upload {repo_id} FOLDER`"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise HubUnavailable(f"HF_HUB_OFFLINE is set, so nothing can be pushed to {repo_id}; unset it, or {later}")
+    try:
+        me = api.whoami()
+    except LocalTokenNotFoundError:
+        raise HubUnavailable(f"no Hugging Face token: set HF_TOKEN or run `hf auth login` ({later})") from None
+    except HfHubHTTPError as exn:
+        status = getattr(getattr(exn, "response", None), "status_code", None)
+        if status == 401:
+            raise HubUnavailable(f"the Hub rejected the token (401): set a valid HF_TOKEN or run `hf auth login` "
+                                 f"({later})") from None
+        raise HubUnavailable(f"the Hub answered {status or 'an error'} ({str(exn).splitlines()[0]}); {later}") from None
+    except Exception as exn:  # httpx's and the OS's connection errors: no network, DNS, proxy
+        detail = " ".join(str(exn).split())[:200]
+        raise HubUnavailable(f"cannot reach the Hub ({type(exn).__name__}: {detail}); check the network or proxy, "
+                             f"or {later}") from None
+    user = me.get("name", "?")
+    namespaces = {user} | {org.get("name") for org in me.get("orgs", []) or []}
+    namespace = repo_id.split("/")[0] if "/" in repo_id else user
+    if namespace not in namespaces:
+        organisations = ", ".join(sorted(namespaces - {user})) or "none"
+        raise HubUnavailable(f"the token belongs to {user} (organisations: {organisations}), who cannot write to "
+                             f"{namespace}/; push to {user}/... or use a token of {namespace} ({later})")
+    return user
 
 
 def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
@@ -31,6 +71,7 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revi
     if not (folder / MARKER).is_file():
         raise FileNotFoundError(f"{folder} is not a clipforge export folder (no {MARKER})")
     api = api or HfApi(token=token)
+    check_access(api, repo_id)
     mirror = True
     if api.repo_exists(repo_id, repo_type="model"):
         files = api.list_repo_files(repo_id, repo_type="model")
