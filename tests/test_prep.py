@@ -160,7 +160,7 @@ def test_resize_sets_the_shorter_side_keeps_the_aspect_and_applies_exif_orientat
     names = ["wide.png", "tall.jpg", "small.png", "rotated.jpg"]
     (tmp_path / "t.csv").write_text("path,text\n" + "".join(f"{n},photo {n}\n" for n in names))
     summary = prep.write_from_table(tmp_path / "t.csv", tmp_path / "out", "path", "text", resize_to=32,
-                                    num_workers=1, progress=False)
+                                    samples_per_shard=10, num_workers=1, progress=False)
     assert summary["samples"] == 4 and summary["resize_to"] == 32
     samples = read_shards(tmp_path / "out")
     expected = {"wide.png": (64, 32), "tall.jpg": (32, 64), "small.png": (32, 64), "rotated.jpg": (32, 64)}
@@ -230,10 +230,16 @@ def test_parallel_rerun_rewrites_only_incomplete_shards_and_refuses_other_settin
     for name, (mtime, data) in after.items():
         assert data == before[name][1]
         assert (mtime == before[name][0]) == (name not in ("00001.tar", "00004.tar")), name
-    with pytest.raises(ValueError, match="was written with .*resize_to.*use another output directory"):
+    with pytest.raises(ValueError, match=r"out holds shards written with other settings: jpeg_quality None \(this run: "
+                                         r"95\), resize_to None \(this run: 16\); .*--overwrite"):
         prep.write_from_table(table, out, "filepath", "title", samples_per_shard=SAMPLES_PER_SHARD, resize_to=16,
                               progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == {n: m for n, (m, _) in after.items()}
+    (out / "notes.txt").write_text("mine")  # not prep's: --overwrite leaves it
+    summary = prep.write_from_table(table, out, "filepath", "title", resize_to=16, overwrite=True, progress=False)
+    assert summary["samples_per_shard"] == 1 and summary["shards"] == inputs["num_rows"]  # auto: 27 rows, one a shard
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.glob("*.tar")) == [f"{i:05d}.tar" for i in range(summary["shards"])]
 
 
 def hf_rows(inputs) -> tuple[list, list[str], dict[int, tuple[Path, str]]]:

@@ -37,7 +37,7 @@ def _prep_table(args: argparse.Namespace) -> int:
     summary = write_from_table(args.table, args.out, args.image_column, args.caption_column,
                                samples_per_shard=args.samples_per_shard, resize_to=args.resize,
                                num_workers=args.workers, progress=not args.quiet, image_root=args.image_root,
-                               encoding=args.encoding)
+                               encoding=args.encoding, overwrite=args.overwrite)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -47,7 +47,8 @@ def _prep_hf(args: argparse.Namespace) -> int:
 
     summary = write_from_hf(args.dataset, args.out, args.image_column, args.caption_column,
                             samples_per_shard=args.samples_per_shard, resize_to=args.resize, num_workers=args.workers,
-                            progress=not args.quiet, split=args.split, imagefolder=args.imagefolder)
+                            progress=not args.quiet, split=args.split, imagefolder=args.imagefolder,
+                            overwrite=args.overwrite)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -61,12 +62,26 @@ def _prep_inspect(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def _auto_or_int(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {value!r}") from None
+
+
 def _add_writer_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory for 00000.tar ..., sizes.json, _stats.json")
     parser.add_argument("--resize", type=int, metavar="N",
                         help="resize so the shorter side is N pixels, up or down, aspect kept (img2dataset's "
                              "keep_ratio), and re-encode as JPEG quality 95; default: store the original image bytes")
-    parser.add_argument("--samples-per-shard", type=int, default=10_000, help="input rows per shard (10000)")
+    parser.add_argument("--samples-per-shard", type=_auto_or_int, default=None, metavar="N|auto",
+                        help="input rows per shard; auto (the default): at least 64 shards and at most 10000 rows "
+                             "each, so the output feeds up to 64 readers (ranks × workers) as written")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the shards an earlier run wrote in --out (default: resume it with the same "
+                             "settings, or refuse other settings)")
     parser.add_argument("--workers", type=int, default=2, help="writer processes; 1 writes in this process (2)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,17 +57,20 @@ _STORED_AS_IS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 class WriteOptions:
     """How input rows become shards, whatever the source."""
 
-    samples_per_shard: int = 10_000
-    """Input rows per shard; a shard holds fewer samples where rows are skipped."""
+    samples_per_shard: int | None = None
+    """Input rows per shard (a shard holds fewer samples where rows are skipped); None = auto: enough shards for
+    many readers (see ``auto_samples_per_shard``)."""
     resize_to: int | None = None
     """Shorter side in pixels (aspect ratio kept, re-encoded as JPEG); None stores the original bytes."""
     jpeg_quality: int = 95
     """JPEG quality when re-encoding resized images."""
     num_workers: int = 2
     """Writer processes; 0 or 1 writes in this process."""
+    overwrite: bool = False
+    """Replace the shards (and their stats, sizes.json, _stats.json) an earlier run wrote in the output directory."""
 
     def check(self) -> None:
-        if self.samples_per_shard <= 0:
+        if self.samples_per_shard is not None and self.samples_per_shard <= 0:
             raise ValueError(f"samples_per_shard must be positive, got {self.samples_per_shard}")
         if self.resize_to is not None and self.resize_to <= 0:
             raise ValueError(f"resize_to must be positive, got {self.resize_to}")
@@ -265,8 +268,47 @@ def write_json(path: Path, value: Any) -> None:
     os.replace(temporary, path)
 
 
-def _complete_stats(out: Path, name: str, num_rows: int, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The stats of a shard already written completely by an equivalent run, else None."""
+MIN_SHARDS = 64  # enough for 8 ranks × 8 workers to read disjoint shards in epoch mode
+MAX_SAMPLES_PER_SHARD = 10_000  # img2dataset's default: ~1 GB of typical web images per shard
+
+
+def auto_samples_per_shard(num_rows: int) -> int:
+    """At least ``MIN_SHARDS`` shards, and at most ``MAX_SAMPLES_PER_SHARD`` rows each (whichever gives more
+    shards): 2,000 pairs become 64 shards of 32, 10M pairs 1,000 shards of 10,000."""
+    return max(1, min(MAX_SAMPLES_PER_SHARD, math.ceil(num_rows / MIN_SHARDS)))
+
+
+def _shard_stats_files(out: Path) -> list[Path]:
+    """The per-shard stats prep writes (``NNNNN_stats.json``): they mark the shards of an earlier run."""
+    return sorted(path for path in out.glob("*_stats.json") if path.name.split("_")[0].isdigit())
+
+
+def _remove_earlier_output(out: Path) -> None:
+    """What an earlier prep run wrote (shards, their stats, sizes.json, _stats.json); other files are left alone."""
+    for stats in _shard_stats_files(out):
+        (out / f"{stats.name.split('_')[0]}.tar").unlink(missing_ok=True)
+        stats.unlink()
+    for name in ("sizes.json", "_stats.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _refuse_other_settings(out: Path, settings: dict[str, Any]) -> None:
+    """One sentence naming the settings an earlier run in ``out`` used differently, before anything is written."""
+    differing: dict[str, Any] = {}
+    for path in _shard_stats_files(out):
+        try:
+            earlier = json.loads(path.read_text()).get("settings") or {}
+        except ValueError:
+            continue
+        differing.update({key: earlier.get(key) for key in settings if earlier.get(key) != settings[key]})
+    if differing:
+        named = ", ".join(f"{key} {differing[key]!r} (this run: {settings[key]!r})" for key in sorted(differing))
+        raise ValueError(f"{out} holds shards written with other settings: {named}; write to another --out, repeat "
+                         "the earlier settings to resume it, or pass --overwrite to replace it")
+
+
+def _complete_stats(out: Path, name: str, num_rows: int) -> dict[str, Any] | None:
+    """The stats of a shard already written completely by an equivalent run (settings checked before), else None."""
     stats_path = out / f"{name}_stats.json"
     if not (out / f"{name}.tar").is_file() or not stats_path.is_file():
         return None
@@ -274,9 +316,6 @@ def _complete_stats(out: Path, name: str, num_rows: int, settings: dict[str, Any
         stats = json.loads(stats_path.read_text())
     except ValueError:
         return None
-    if stats.get("settings") != settings:
-        raise ValueError(f"{out}: {name}.tar was written with {stats.get('settings')}, this run asks for {settings}; "
-                         f"use another output directory or the same source and settings")
     return stats if stats.get("count") == num_rows else None
 
 
@@ -320,10 +359,11 @@ def _plan(out: Path, num_rows: int, options: WriteOptions,
     names = [f"{shard:0{max(5, len(str(num_shards - 1)))}d}" for shard in range(num_shards)]
     key_digits = max(4, len(str(per_shard - 1)))
     settings = _settings(options, source)
+    _refuse_other_settings(out, settings)
     todo, complete = [], {}
     for shard, name in enumerate(names):
         count = min(per_shard, num_rows - shard * per_shard)
-        stats = _complete_stats(out, name, count, settings)
+        stats = _complete_stats(out, name, count)
         if stats is None:
             todo.append(ShardJob(str(out), name, shard, count, shard * per_shard, (), options, settings, source,
                                  key_digits))
@@ -338,8 +378,12 @@ def write_shards(out: str | Path, num_rows: int, rows_for: Callable[[int, int], 
     options.check()
     if num_rows <= 0:
         raise ValueError(f"{source}: no rows to write")
+    if options.samples_per_shard is None:
+        options = replace(options, samples_per_shard=auto_samples_per_shard(num_rows))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if options.overwrite:
+        _remove_earlier_output(out)
     names, todo, stats_by_shard = _plan(out, num_rows, options, source)
     num_shards, resumed = len(names), len(stats_by_shard)
     if resumed:
@@ -429,12 +473,13 @@ def _read_columns(path: Path, kind: str, csv_options: dict[str, Any], image_colu
 
 
 def write_from_table(path: str | Path, out: str | Path, image_column: str, caption_column: str,
-                     samples_per_shard: int = 10_000, resize_to: int | None = None, num_workers: int = 2,
+                     samples_per_shard: int | None = None, resize_to: int | None = None, num_workers: int = 2,
                      progress: bool = True, image_root: str | Path | None = None,
-                     encoding: str = "utf-8") -> dict[str, Any]:
+                     encoding: str = "utf-8", overwrite: bool = False) -> dict[str, Any]:
     """Shards from a table of image paths (relative ones resolve against ``image_root``, default the
     table's directory) or image bytes, and captions. Returns the summary also written to ``_stats.json``."""
-    options = WriteOptions(samples_per_shard=samples_per_shard, resize_to=resize_to, num_workers=num_workers)
+    options = WriteOptions(samples_per_shard=samples_per_shard, resize_to=resize_to, num_workers=num_workers,
+                           overwrite=overwrite)
     options.check()
     images, captions = read_table(path, image_column, caption_column, encoding)
     root = Path(image_root) if image_root is not None else Path(path).resolve().parent
@@ -480,14 +525,15 @@ def open_hf_dataset(source: Any, split: str | None = None, imagefolder: bool = F
 
 
 def write_from_hf(source: Any, out: str | Path, image_column: str = "image", caption_column: str = "text",
-                  samples_per_shard: int = 10_000, resize_to: int | None = None, num_workers: int = 2,
+                  samples_per_shard: int | None = None, resize_to: int | None = None, num_workers: int = 2,
                   progress: bool = True, split: str | None = None, imagefolder: bool = False,
-                  cache_dir: str | None = None) -> dict[str, Any]:
+                  cache_dir: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Shards from a Hugging Face dataset (see ``open_hf_dataset``). Image columns of the ``Image`` feature are
     read undecoded, so original bytes are stored; string columns are paths, binary columns image bytes."""
     import datasets
 
-    options = WriteOptions(samples_per_shard=samples_per_shard, resize_to=resize_to, num_workers=num_workers)
+    options = WriteOptions(samples_per_shard=samples_per_shard, resize_to=resize_to, num_workers=num_workers,
+                           overwrite=overwrite)
     options.check()
     dataset, name = open_hf_dataset(source, split, imagefolder, cache_dir)
     for role, column in (("image", image_column), ("caption", caption_column)):

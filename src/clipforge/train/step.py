@@ -92,6 +92,8 @@ class PlainStep:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
         else:  # the norm is still logged; clipping to inf would multiply every gradient by 1, a pass for nothing
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: the whole gradient's norm, replicated; the plain tensor of it
+            grad_norm = grad_norm.full_tensor()
         loss_finite = torch.isfinite(metrics["loss"])
         finite = loss_finite if self.scaler is not None else loss_finite & torch.isfinite(grad_norm)
         if self.scaler is not None:
