@@ -314,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the newest intact checkpoint of this run (auto; 'latest' is an alias) or a "
                             "checkpoint directory. Exit code 75: stopped by SIGUSR1/SIGTERM after a checkpoint")
     train.add_argument("--dry-run", action="store_true",
-                       help="print the resolved config, parameter counts and FLOPs per sample, then exit")
+                       help="print the resolved config, parameter counts and FLOPs per sample, then exit, after the "
+                            "checks the run makes before its first step (the eval suite, the resume target, the "
+                            "sources: shards found, sample counts, enough shards for world size × data.num_workers)")
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser(

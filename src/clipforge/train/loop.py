@@ -246,8 +246,10 @@ def _check_health(model, probe: HealthProbe | None, monitor: CollapseMonitor, cf
         raise collapsed
 
 
-def dry_run(cfg: RunConfig) -> dict[str, Any]:
-    """What a run would train, without touching data: parameter counts and FLOPs per sample.
+def dry_run(cfg: RunConfig, check_inputs: bool = True) -> dict[str, Any]:
+    """What a run would train: parameter counts and FLOPs per sample; with ``check_inputs``, after every check the
+    real run makes before its first step (the suite file, the resume target, the sources: shards found, sample
+    counts, enough shards for world size × data.num_workers), reading no sample.
 
     FLOPs are counted by ``torch.utils.flop_counter`` on one forward pass of each tower (one image at the
     model's size, one full-length caption); a training step costs about 3× the forward (forward + backward).
@@ -272,10 +274,27 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
                 run()
             flops[f"{tower}_forward_gflops_per_sample"] = counter.get_total_flops() / 1e9
     forward = sum(flops.values())
-    global_batch = cfg.data.batch_size * DistInfo.from_env(os.environ).world_size
+    dist_info = DistInfo.from_env(os.environ)
+    global_batch = cfg.data.batch_size * dist_info.world_size
+    inputs = _check_inputs(cfg, built, dist_info) if check_inputs else {}
     return {"architecture": built.architecture, "image_size": [height, width], "context_length": context, **counts,
             **flops, "train_gflops_per_sample": 3 * forward,
-            "train_pflops_total": 3 * forward * 1e9 * global_batch * cfg.train.steps / 1e15}
+            "train_pflops_total": 3 * forward * 1e9 * global_batch * cfg.train.steps / 1e15, **inputs}
+
+
+def _check_inputs(cfg: RunConfig, built, dist_info: DistInfo) -> dict[str, Any]:
+    """The run's own checks of its inputs, as ``build_run`` makes them (rank 0's view of the data)."""
+    from clipforge.data.pipeline import build_train_loader
+    from clipforge.train.build import resolve_resume
+    from clipforge.train.checkpoint import Checkpointer
+
+    if cfg.eval.suite is not None:
+        load_suite(cfg.eval.suite)
+    resume = resolve_resume(cfg.train.resume, Checkpointer(Path(cfg.train.output_dir) / "checkpoints"))
+    loader = build_train_loader(cfg.data, built.preprocess_cfg, built.tokenizer, 0, dist_info.world_size)
+    return {"shards": len(loader.dataset.shards), "data_mode": loader.dataset.mode,
+            "steps_per_epoch": loader.steps_per_epoch if loader.steps_per_epoch is not None else "unknown",
+            "resume_from": str(resume) if resume else "none (fresh start)"}
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
