@@ -264,3 +264,24 @@ def test_clamp_logit_scale_on_a_sharded_parameter(tmp_path):
     """clamp_logit_scale works in place on a DTensor parameter too (were the temperature ever sharded)."""
     for clamped in run_ranks(clamp_dtensor, 2, tmp_path):
         torch.testing.assert_close(clamped, torch.tensor([math.log(100.0), 0.0, 1.0, math.log(100.0)]))
+
+
+def _mixed_precision_dtypes(rank, world_size, model_path):
+    model = build_model(ModelConfig(name=model_path)).model
+    info = DistInfo(rank=rank, world_size=world_size, local_world_size=world_size)
+    model = parallelize(model, info, strategy="fsdp", mixed_precision=torch.bfloat16)
+    block = model.visual.transformer.resblocks[0]
+    seen = []
+    block.register_forward_pre_hook(lambda module, args: seen.append(next(module.parameters()).dtype))
+    images, texts = torch.randn(2, 3, 32, 32), torch.randint(1, 1000, (2, 24))
+    texts[:, -1] = 49407
+    out = model(images, texts)
+    (out["image_features"].float().sum() + out["text_features"].float().sum()).backward()
+    parameter = next(block.parameters())
+    return {"in_forward": seen[0], "at_rest": parameter.to_local().dtype, "gradient": parameter.grad.to_local().dtype}
+
+
+def test_bf16_runs_keep_bf16_parameters_in_compute_and_fp32_shards_and_reductions(tmp_path, tiny_model_json):
+    """train.precision=bf16 under fsdp: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)."""
+    for dtypes in run_ranks(_mixed_precision_dtypes, 2, tmp_path / "ranks", tiny_model_json):
+        assert dtypes == {"in_forward": torch.bfloat16, "at_rest": torch.float32, "gradient": torch.float32}, dtypes
