@@ -7,6 +7,7 @@ import argparse
 import io
 import json
 import logging
+import re
 import shutil
 import tarfile
 from collections import Counter
@@ -381,7 +382,12 @@ def test_cli_prep_table_hf_and_inspect(inputs, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["samples"] == NUM_GOOD and summary["shards"] == 3 and summary["resize_to"] == 16
     assert main(["prep", "inspect", str(out), "--quiet"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert "warning" not in captured.err  # 3 shards feed 1 rank × 2 workers
+    assert main(["prep", "inspect", str(out), "--quiet", "--no-write", "--world-size", "2"]) == 0
+    assert re.search(r"warning: 3 shards cannot feed world size 2 × data.num_workers 2 = 4 readers",
+                     capsys.readouterr().err)
     assert report["valid"] == NUM_GOOD and report["image_shorter_side"]["<32"] == NUM_GOOD
     assert report["image_width"]["min"] == report["image_height"]["min"] == 16 and report["extensions"] == {
         "jpg": NUM_GOOD}

@@ -59,6 +59,12 @@ def _prep_inspect(args: argparse.Namespace) -> int:
     report = inspect_shards(args.shards, write_stats=not args.no_write, num_workers=args.workers,
                             progress=not args.quiet, caption_key=args.caption_key, max_pixels=args.max_image_pixels)
     print(json.dumps({key: value for key, value in report.items() if key != "per_shard"}, indent=1))
+    readers = args.world_size * max(1, args.num_workers)
+    if report["shards"] < readers:  # what `clipforge train` would refuse in epoch mode, said now
+        print(f"clipforge prep: warning: {report['shards']} shards cannot feed world size {args.world_size} × "
+              f"data.num_workers {args.num_workers} = {readers} readers disjointly: training refuses them in epoch "
+              "mode (data.shard_shortage=resample resamples instead); write more, smaller shards "
+              "(--samples-per-shard auto)", file=sys.stderr)
     return 0 if report["ok"] else 1
 
 
@@ -128,6 +134,10 @@ def _add_prep_sources(prep_kinds: argparse._SubParsersAction) -> None:
     inspect.add_argument("shards", help="directory of .tar shards, or brace-expanded shard paths")
     inspect.add_argument("--workers", type=int, default=2, help="reader processes; 1 reads in this process (2)")
     inspect.add_argument("--no-write", action="store_true", help="only print the report; write no file")
+    inspect.add_argument("--world-size", type=int, default=1,
+                         help="ranks that will train on these shards: warn when the shards are too few for them (1)")
+    inspect.add_argument("--num-workers", type=int, default=2,
+                         help="data.num_workers of the training run, for the same warning (2)")
     inspect.add_argument("--caption-key", default="txt",
                          help="the caption training reads, as data.caption_key: txt, txt:lines or json:FIELD (txt)")
     inspect.add_argument("--max-image-pixels", type=int, default=89_478_485,
