@@ -13,7 +13,7 @@ import pytest
 import torch
 from checkpointing import load_checkpoint, save_checkpoint
 
-from clipforge.train.checkpoint import rng_state, set_rng_state
+from clipforge.train.state import RNGState
 
 CUDA_FUNCTIONS = ("is_available", "device_count", "current_device", "init", "_lazy_init", "get_rng_state",
                   "get_rng_state_all", "set_rng_state", "set_rng_state_all")
@@ -40,7 +40,7 @@ def test_a_cpu_rank_round_trips_its_generators_through_a_checkpoint_without_cuda
     torch.manual_seed(7)
     random.seed(8)
     draws()  # a generator somewhere in its stream, not at a seed
-    assert set(rng_state("cpu")) == {"torch", "python"}
+    assert set(RNGState("cpu").state_dict()) == {"torch", "python"}
     model = torch.nn.Linear(2, 2)
     save_checkpoint(tmp_path, model)  # the generators as they are now
     expected = draws()
@@ -55,9 +55,10 @@ def test_a_gpu_checkpoint_of_the_old_format_resumes_on_a_cpu(no_cuda):
     it and still gets the torch and Python generators back."""
     torch.manual_seed(3)
     random.seed(4)
-    state = {**rng_state("cpu"), "cuda": [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]}
+    old = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
+    state = {**RNGState("cpu").state_dict(), "cuda": old}
     expected = draws()
-    set_rng_state(state, torch.device("cpu"))
+    RNGState(torch.device("cpu")).load_state_dict(state)
     assert draws() == expected
 
 
@@ -82,10 +83,10 @@ class FakeCudaGenerators:
 
 def test_a_gpu_rank_saves_and_restores_its_own_device_only(monkeypatch):
     cuda = FakeCudaGenerators(monkeypatch)
-    state = rng_state("cuda:1")
+    state = RNGState("cuda:1").state_dict()
     assert set(state) == {"torch", "python", "cuda_device"}
     assert torch.equal(state["cuda_device"], cuda.states[1])
-    set_rng_state(state, "cuda:1")
+    RNGState("cuda:1").load_state_dict(state)
     [(restored, device)] = cuda.set_calls
     assert torch.equal(restored, cuda.states[1]) and device == torch.device("cuda", 1)
 
@@ -93,11 +94,11 @@ def test_a_gpu_rank_saves_and_restores_its_own_device_only(monkeypatch):
 def test_an_old_checkpoint_gives_a_gpu_rank_the_entry_of_its_device(monkeypatch, caplog):
     cuda = FakeCudaGenerators(monkeypatch)
     old = [torch.full((16,), 20, dtype=torch.uint8), torch.full((16,), 21, dtype=torch.uint8)]
-    set_rng_state({**rng_state("cpu"), "cuda": old}, "cuda:1")
+    RNGState("cuda:1").load_state_dict({**RNGState("cpu").state_dict(), "cuda": old})
     [(restored, device)] = cuda.set_calls
     assert torch.equal(restored, old[1]) and device == torch.device("cuda", 1)
     # resumed with fewer visible GPUs than wrote it: nothing to take for cuda:1, no error
     cuda.set_calls.clear()
     with caplog.at_level(logging.WARNING):
-        set_rng_state({**rng_state("cpu"), "cuda": old[:1]}, "cuda:1")
+        RNGState("cuda:1").load_state_dict({**RNGState("cpu").state_dict(), "cuda": old[:1]})
     assert cuda.set_calls == [] and "no CUDA generator state for cuda:1" in caplog.text

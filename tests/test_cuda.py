@@ -29,8 +29,8 @@ from torch.nn.parallel import DistributedDataParallel
 from clipforge.data.images import ImageTransform
 from clipforge.losses import LossConfig, build_loss, naive_clip_loss
 from clipforge.models import ModelConfig, build_model
-from clipforge.train.checkpoint import rng_state
 from clipforge.train.optim import OptimConfig, build_optimizer
+from clipforge.train.state import RNGState
 from clipforge.train.step import build_step
 
 pytestmark = pytest.mark.cuda
@@ -150,7 +150,7 @@ def test_the_gpu_generator_round_trips_through_a_checkpoint(tmp_path):
     torch.manual_seed(5)
     random.seed(6)
     draws(DEVICE)  # somewhere in the streams, not at a seed
-    assert set(rng_state(DEVICE)) == {"torch", "python", "cuda_device"}
+    assert set(RNGState(DEVICE).state_dict()) == {"torch", "python", "cuda_device"}
     model = torch.nn.Linear(2, 2)
     save_checkpoint(tmp_path, model, device=DEVICE)  # the generators as they are now
     expected = draws(DEVICE)

@@ -294,18 +294,18 @@ def _save_then_load_own_rng(rank, world_size, out):
 
     import torch
 
-    from clipforge.train.checkpoint import rng_state
+    from clipforge.train.state import RNGState
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)  # the same replica on both ranks
     torch.manual_seed(100 + rank)  # but each rank's generators are its own
     python_random.seed(rank)
-    saved = rng_state("cpu")
+    saved = RNGState("cpu").state_dict()
     save_checkpoint(Path(out), model, rank=rank, data={"rank": rank})
     torch.manual_seed(12345)
     python_random.seed(12345)
     pieces = load_checkpoint(Path(out) / "step_00000001", model, rank)
-    restored = rng_state("cpu")
+    restored = RNGState("cpu").state_dict()
     return {"torch": torch.equal(restored["torch"], saved["torch"]),
             "python": tuple(restored["python"][1]) == saved["python"][1], "data": pieces["data"].stateful.state,
             "draw": torch.rand(3)}

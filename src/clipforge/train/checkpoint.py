@@ -47,7 +47,7 @@ from clipforge.checkpoints import (
 )
 from clipforge.train.parallel import is_sharded as model_is_sharded
 from clipforge.train.parallel import unwrap
-from clipforge.train.state import PER_RANK, REPLICATED, SHARDED, Piece, RNGState
+from clipforge.train.state import PER_RANK, REPLICATED, SHARDED, Piece
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +63,6 @@ def _write_synced(path: Path, write) -> None:
     write(path)
     with open(path, "rb+") as stream:
         os.fsync(stream.fileno())
-
-
-def rng_state(device: str | torch.device) -> dict[str, Any]:
-    """This rank's generators (``RNGState``)."""
-    return RNGState(device).state_dict()
-
-
-def set_rng_state(state: dict[str, Any], device: str | torch.device) -> None:
-    RNGState(device).load_state_dict(state)
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -269,8 +260,3 @@ def _read_per_rank(path: Path, name: str, rank: int) -> dict[str, Any] | None:
             raise CorruptCheckpoint(f"checkpoint {path}: {name}_rank{rank}.pt does not load with weights_only=True "
                                     f"({exn})") from None
     return None
-
-
-def load_weights_into(path: str | Path, model: torch.nn.Module) -> None:
-    """Only the weights of a checkpoint (either layout), verified, into a plain (unwrapped) model."""
-    unwrap(model).load_state_dict(read_weights(path), strict=True)
