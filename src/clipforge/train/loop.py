@@ -435,6 +435,15 @@ class NumericsGuard:
                               "(its log names the step and the batch keys); every rank stops")
 
 
+@contextlib.contextmanager
+def _timed(record):
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        record(time.perf_counter() - started)
+
+
 class StepMeter:
     """The throughput window between logging steps: samples/s, step and data-wait time, memory."""
 
@@ -444,22 +453,19 @@ class StepMeter:
         self.start, self.steps, self.data_wait = time.perf_counter(), 0, 0.0
         self.last: dict[str, Any] = {}
 
-    @contextlib.contextmanager
     def waiting(self):
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.data_wait += time.perf_counter() - started
-            self.steps += 1
+        """Around the wait for a batch: its time is data wait, and one more step is in the window."""
+        return _timed(self._waited)
 
-    @contextlib.contextmanager
     def paused(self):
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.start += time.perf_counter() - started
+        """Around health checks and evaluation: their time stays out of the throughput window."""
+        return _timed(self._paused)
+
+    def _waited(self, seconds: float) -> None:
+        self.data_wait, self.steps = self.data_wait + seconds, self.steps + 1
+
+    def _paused(self, seconds: float) -> None:
+        self.start += seconds
 
     def metrics(self, out: dict[str, Any], nonfinite_total: int) -> dict[str, Any]:
         """The logging step's metrics (host syncs happen here, not every step); starts a new window."""
