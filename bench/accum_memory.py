@@ -58,12 +58,19 @@ def main() -> None:
     print(f"{'accum_steps':>11} {'micro-batch':>11} {'peak MB':>8} {'vs plain':>8} {'loss':>8}")
     plain = None
     for accum in args.accum:
-        proc = subprocess.run([sys.executable, __file__, "--one", args.model, str(args.batch), str(accum)],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", args.model, str(args.batch), str(accum)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         plain = plain or result["peak_mb"]
-        print(f"{accum:>11} {args.batch // accum:>11} {result['peak_mb']:>8.0f} {result['peak_mb'] / plain:>8.2f} "
-              f"{result['loss']:>8.4f}", flush=True)
+        print(
+            f"{accum:>11} {args.batch // accum:>11} {result['peak_mb']:>8.0f} {result['peak_mb'] / plain:>8.2f} "
+            f"{result['loss']:>8.4f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -61,18 +61,59 @@ import numpy as np
 GENERATOR_VERSION = 1
 TARGET = 1.5
 WORDS = {
-    "adj": ["a blurry", "a bright", "an old", "a close-up", "a vintage", "a professional", "a candid", "a dark",
-            "a colourful", "a wide-angle", "an aerial", "a black and white"],
+    "adj": [
+        "a blurry",
+        "a bright",
+        "an old",
+        "a close-up",
+        "a vintage",
+        "a professional",
+        "a candid",
+        "a dark",
+        "a colourful",
+        "a wide-angle",
+        "an aerial",
+        "a black and white",
+    ],
     "kind": ["photo", "picture", "snapshot", "image", "shot", "photograph"],
     "count": ["a", "two", "three", "several", "a few", "many"],
     "color": ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "brown"],
-    "noun": ["balloons", "cars", "umbrellas", "chairs", "kites", "boats", "flowers", "buildings", "cups",
-             "bicycles", "hats", "lamps"],
+    "noun": [
+        "balloons",
+        "cars",
+        "umbrellas",
+        "chairs",
+        "kites",
+        "boats",
+        "flowers",
+        "buildings",
+        "cups",
+        "bicycles",
+        "hats",
+        "lamps",
+    ],
     "prep": ["next to", "in front of", "behind", "on top of", "near", "under", "beside"],
-    "place": ["the old bridge", "a wooden table", "the city park", "a sandy beach", "the train station",
-              "a snowy mountain", "the kitchen window", "a busy market street"],
-    "tail": ["", "", ", shot at sunset", " on a cloudy day", ", high resolution", " | stock photo",
-             " - free image for commercial use", ", 4k wallpaper", " (2019)"],
+    "place": [
+        "the old bridge",
+        "a wooden table",
+        "the city park",
+        "a sandy beach",
+        "the train station",
+        "a snowy mountain",
+        "the kitchen window",
+        "a busy market street",
+    ],
+    "tail": [
+        "",
+        "",
+        ", shot at sunset",
+        " on a cloudy day",
+        ", high resolution",
+        " | stock photo",
+        " - free image for commercial use",
+        ", 4k wallpaper",
+        " (2019)",
+    ],
 }
 
 
@@ -105,7 +146,7 @@ def photo_like_jpeg(rng: np.random.Generator, width: int, height: int, noise: np
             draw.polygon([tuple(p) for p in rng.uniform(0, 1, (5, 2)) * (width, height)], fill=color)
     image = image.filter(ImageFilter.BoxBlur(1))
     y, x = int(rng.integers(0, 1024 - height + 1)), int(rng.integers(0, 1024 - width + 1))
-    grain = noise[y:y + height, x:x + width]
+    grain = noise[y : y + height, x : x + width]
     pixels = np.asarray(image, dtype=np.float32) + grain * np.float32(rng.uniform(3, 7)) + grain[:, :, :1] * 3
     out = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90, subsampling=2)
@@ -114,8 +155,7 @@ def photo_like_jpeg(rng: np.random.Generator, width: int, height: int, noise: np
 
 def caption(rng: random.Random) -> str:
     w = {key: rng.choice(values) for key, values in WORDS.items()}
-    return (f"{w['adj']} {w['kind']} of {w['count']} {w['color']} {w['noun']} {w['prep']} {w['place']}"
-            f"{w['tail']}")
+    return f"{w['adj']} {w['kind']} of {w['count']} {w['color']} {w['noun']} {w['prep']} {w['place']}{w['tail']}"
 
 
 def image_size(resolution: int, rng: np.random.Generator) -> tuple[int, int]:
@@ -138,8 +178,12 @@ def _write_shard(out: str, resolution: int, shard: int, first: int, count: int) 
             text = caption(random.Random(f"{resolution}-{index}"))
             key = f"{shard:05d}{index - first:04d}"
             meta = {"key": key, "caption": text, "width": width, "height": height, "status": "success"}
-            yield {"__key__": key, "jpg": photo_like_jpeg(rng, width, height, noise), "txt": text,
-                   "json": json.dumps(meta)}
+            yield {
+                "__key__": key,
+                "jpg": photo_like_jpeg(rng, width, height, noise),
+                "txt": text,
+                "json": json.dumps(meta),
+            }
 
     path = Path(out) / f"{shard:05d}.tar"
     return path.name, write_tar(path, samples())
@@ -148,8 +192,7 @@ def _write_shard(out: str, resolution: int, shard: int, first: int, count: int) 
 def ensure_shards(data_dir: Path, resolution: int, num_samples: int, shard_size: int, jobs: int) -> dict:
     """Write (once) the shard set for ``resolution``; returns {urls, dir, samples, shards, mean_kb}."""
     out = data_dir / f"{resolution}px"
-    spec = {"generator": GENERATOR_VERSION, "resolution": resolution, "samples": num_samples,
-            "shard_size": shard_size}
+    spec = {"generator": GENERATOR_VERSION, "resolution": resolution, "samples": num_samples, "shard_size": shard_size}
     num_shards = -(-num_samples // shard_size)
     marker = out / "bench_spec.json"
     if not (marker.exists() and json.loads(marker.read_text()) == spec and (out / "sizes.json").exists()):
@@ -157,17 +200,27 @@ def ensure_shards(data_dir: Path, resolution: int, num_samples: int, shard_size:
             stale.unlink()
         start = time.perf_counter()
         out.mkdir(parents=True, exist_ok=True)
-        args = [(str(out), resolution, s, s * shard_size, min(shard_size, num_samples - s * shard_size))
-                for s in range(num_shards)]
+        args = [
+            (str(out), resolution, s, s * shard_size, min(shard_size, num_samples - s * shard_size))
+            for s in range(num_shards)
+        ]
         with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
             sizes = dict(pool.map(_write_shard, *zip(*args)))
         (out / "sizes.json").write_text(json.dumps(sizes, indent=1, sort_keys=True) + "\n")
         marker.write_text(json.dumps(spec))
-        print(f"wrote {num_samples} samples at {resolution} px in {num_shards} shards to {out} "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        print(
+            f"wrote {num_samples} samples at {resolution} px in {num_shards} shards to {out} "
+            f"({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
     total_bytes = sum(p.stat().st_size for p in out.glob("*.tar"))
-    return {"urls": str(out / f"{{00000..{num_shards - 1:05d}}}.tar"), "dir": out, "samples": num_samples,
-            "shards": num_shards, "mean_kb": total_bytes / num_samples / 1024}
+    return {
+        "urls": str(out / f"{{00000..{num_shards - 1:05d}}}.tar"),
+        "dir": out,
+        "samples": num_samples,
+        "shards": num_shards,
+        "mean_kb": total_bytes / num_samples / 1024,
+    }
 
 
 def read_samples(shard: Path, limit: int) -> list[tuple[bytes, str]]:
@@ -256,8 +309,18 @@ def worker_pids(iterator) -> list[int]:
     return pids
 
 
-def time_stream(batches, to_model_input, images: int, warmup: int, batch_size: int, size: int, who: str,
-                stats: ChannelStats | None, workers, dtype=None) -> dict:
+def time_stream(
+    batches,
+    to_model_input,
+    images: int,
+    warmup: int,
+    batch_size: int,
+    size: int,
+    who: str,
+    stats: ChannelStats | None,
+    workers,
+    dtype=None,
+) -> dict:
     """Wall time, and CPU time of the main process + workers, of ``images`` images after ``warmup`` batches.
 
     ``to_model_input(batch) -> (images, texts)`` is what the training step would get; ``workers()`` lists the
@@ -277,8 +340,7 @@ def time_stream(batches, to_model_input, images: int, warmup: int, batch_size: i
         seen += x.shape[0]
     wall, main_cpu = time.perf_counter() - start, time.process_time() - cpu
     total_cpu = main_cpu + cpu_seconds(pids) - cpu_workers
-    return {"rate": seen / wall, "images": seen, "wall": wall, "main_cpu": main_cpu,
-            "cpu_ms": 1000 * total_cpu / seen}
+    return {"rate": seen / wall, "images": seen, "wall": wall, "main_cpu": main_cpu, "cpu_ms": 1000 * total_cpu / seen}
 
 
 def open_clip_batches(shards: dict, args, preprocess_train, tokenizer, workers: int):
@@ -286,19 +348,41 @@ def open_clip_batches(shards: dict, args, preprocess_train, tokenizer, workers: 
     from open_clip_train.data import get_wds_dataset
 
     namespace = argparse.Namespace(
-        train_data=shards["urls"], val_data=None, train_num_samples=None, dataset_resampled=False,
-        train_data_upsampling_factors=None, seed=args.seed, batch_size=args.batch_size, workers=workers,
-        world_size=1, rank=0, distributed=False)
+        train_data=shards["urls"],
+        val_data=None,
+        train_num_samples=None,
+        dataset_resampled=False,
+        train_data_upsampling_factors=None,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        workers=workers,
+        world_size=1,
+        rank=0,
+        distributed=False,
+    )
     webloader = get_wds_dataset(namespace, preprocess_train, is_train=True, tokenizer=tokenizer).dataloader
     return iter(webloader), webloader.pipeline[0]  # wds.WebLoader wraps a torch DataLoader
 
 
-def our_loader(shards: dict, args, preprocess_cfg, tokenizer, shuffle: tuple[int, int], workers: int,
-               normalize_in_workers: bool = True):
+def our_loader(
+    shards: dict,
+    args,
+    preprocess_cfg,
+    tokenizer,
+    shuffle: tuple[int, int],
+    workers: int,
+    normalize_in_workers: bool = True,
+):
     from clipforge.data import DataConfig, build_train_loader
 
-    cfg = DataConfig(train_urls=shards["urls"], batch_size=args.batch_size, num_workers=workers,
-                     shuffle_buffer=shuffle[0], shuffle_initial=shuffle[1], seed=args.seed)
+    cfg = DataConfig(
+        train_urls=shards["urls"],
+        batch_size=args.batch_size,
+        num_workers=workers,
+        shuffle_buffer=shuffle[0],
+        shuffle_initial=shuffle[1],
+        seed=args.seed,
+    )
     return build_train_loader(cfg, preprocess_cfg, tokenizer, normalize_in_workers=normalize_in_workers)
 
 
@@ -326,21 +410,48 @@ class OursToModelInput:
 def run_open_clip(shards: dict, args, preprocess_train, tokenizer, stats: ChannelStats, size: int) -> dict:
     iterator, dataloader = open_clip_batches(shards, args, preprocess_train, tokenizer, args.workers)
     try:
-        return time_stream(iterator, lambda batch: batch, args.images, args.warmup_batches, args.batch_size,
-                           size, "OpenCLIP", stats, lambda: worker_pids(dataloader._iterator))
+        return time_stream(
+            iterator,
+            lambda batch: batch,
+            args.images,
+            args.warmup_batches,
+            args.batch_size,
+            size,
+            "OpenCLIP",
+            stats,
+            lambda: worker_pids(dataloader._iterator),
+        )
     finally:
         shutdown(dataloader._iterator)  # persistent workers: the DataLoader keeps its iterator
 
 
-def run_ours(shards: dict, args, preprocess_cfg, tokenizer, shuffle: tuple[int, int], stats: ChannelStats | None,
-             size: int, normalize: bool = True) -> dict:
+def run_ours(
+    shards: dict,
+    args,
+    preprocess_cfg,
+    tokenizer,
+    shuffle: tuple[int, int],
+    stats: ChannelStats | None,
+    size: int,
+    normalize: bool = True,
+) -> dict:
     import torch
 
     loader = our_loader(shards, args, preprocess_cfg, tokenizer, shuffle, args.workers, normalize_in_workers=normalize)
     to_model_input = OursToModelInput(loader, size, normalize)
     try:
-        out = time_stream(loader, to_model_input, args.images, args.warmup_batches, args.batch_size, size, "ours",
-                          stats, lambda: worker_pids(loader._iterator), None if normalize else torch.uint8)
+        out = time_stream(
+            loader,
+            to_model_input,
+            args.images,
+            args.warmup_batches,
+            args.batch_size,
+            size,
+            "ours",
+            stats,
+            lambda: worker_pids(loader._iterator),
+            None if normalize else torch.uint8,
+        )
     finally:
         shutdown(loader._iterator)
     out["normalize_ms"] = 1000 * to_model_input.seconds / max(1, to_model_input.batches)
@@ -350,8 +461,9 @@ def run_ours(shards: dict, args, preprocess_cfg, tokenizer, shuffle: tuple[int, 
 # -- single process ------------------------------------------------------------------------------
 
 
-def in_process_pipeline(shards: dict, args, preprocess_train, preprocess_cfg, tokenizer, shuffle, size: int,
-                        batches: int) -> dict:
+def in_process_pipeline(
+    shards: dict, args, preprocess_train, preprocess_cfg, tokenizer, shuffle, size: int, batches: int
+) -> dict:
     """CPU ms per image of each whole pipeline run in this process (workers=0, one thread), normalisation
     included; the first batch (shuffle-buffer fill) is not counted."""
     import torch
@@ -381,8 +493,9 @@ def in_process_pipeline(shards: dict, args, preprocess_train, preprocess_cfg, to
         torch.set_num_threads(threads)
 
 
-def per_image_costs(samples: list[tuple[bytes, str]], preprocess_train, preprocess_cfg, tokenizer, batch_size: int,
-                    rounds: int = 2) -> dict:
+def per_image_costs(
+    samples: list[tuple[bytes, str]], preprocess_train, preprocess_cfg, tokenizer, batch_size: int, rounds: int = 2
+) -> dict:
     """ms per image of each stage on one thread (best of ``rounds``), and the same-crop pixel difference."""
     import torch
     import torchvision.transforms.functional as TF
@@ -428,17 +541,25 @@ def per_image_costs(samples: list[tuple[bytes, str]], preprocess_train, preproce
         }
         rng = random.Random(0)
         ours = {
-            "decode": best(lambda: [transform._decode_jpeg(data, random.Random(i))
-                                    for i, (data, _) in enumerate(samples)]),
-            "text": best(lambda: [tokenizer([read_caption({"txt": t.encode()}, "txt", rng) for _, t in
-                                             samples[i:i + batch_size]]) for i in range(0, n, batch_size)]),
+            "decode": best(
+                lambda: [transform._decode_jpeg(data, random.Random(i)) for i, (data, _) in enumerate(samples)]
+            ),
+            "text": best(
+                lambda: [
+                    tokenizer([read_caption({"txt": t.encode()}, "txt", rng) for _, t in samples[i : i + batch_size]])
+                    for i in range(0, n, batch_size)
+                ]
+            ),
         }
         whole = best(lambda: [transform(data, random.Random(i)) for i, (data, _) in enumerate(samples)])
         ours["resize"] = whole - ours["decode"]
         stacked = torch.stack([transform(data, random.Random(i)) for i, (data, _) in enumerate(samples)])
         full = stacked.repeat(-(-batch_size // n), 1, 1, 1)[:batch_size]  # one whole batch, as in the loader
-        ours["normalize"] = best(lambda: [transform.normalize(full) for _ in range(max(1, n // batch_size))]) \
-            * n / (max(1, n // batch_size) * batch_size)
+        ours["normalize"] = (
+            best(lambda: [transform.normalize(full) for _ in range(max(1, n // batch_size))])
+            * n
+            / (max(1, n // batch_size) * batch_size)
+        )
         for costs in (theirs, ours):
             costs["stages"] = costs["decode"] + costs["resize"] + costs["normalize"] + costs["text"]
 
@@ -449,8 +570,9 @@ def per_image_costs(samples: list[tuple[bytes, str]], preprocess_train, preproce
         diffs = []
         for i, (image, (data, _)) in enumerate(zip(decoded, samples)):
             left, top, crop_w, crop_h = transform.crop_box(image.width, image.height, random.Random(i))
-            reference = TF.resized_crop(image, top, left, crop_h, crop_w, list(transform.size),
-                                        TF.InterpolationMode.BICUBIC, antialias=True)
+            reference = TF.resized_crop(
+                image, top, left, crop_h, crop_w, list(transform.size), TF.InterpolationMode.BICUBIC, antialias=True
+            )
             reference = (TF.to_tensor(reference) - mean) / std
             mine = transform.normalize(transform(data, random.Random(i)).unsqueeze(0))[0]
             diffs.append(((mine - reference) * std * 255).abs().flatten().numpy())
@@ -473,10 +595,12 @@ def versions() -> str:
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return (f"python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-            f"open_clip {open_clip.__version__}, webdataset {webdataset.__version__}, Pillow {PIL.__version__}, "
-            f"simplejpeg {simplejpeg.__version__}, numpy {np.__version__}\n{cpus} CPUs usable ({os.cpu_count()} "
-            f"online), load average {load}, main-process torch threads {torch.get_num_threads()}")
+    return (
+        f"python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"open_clip {open_clip.__version__}, webdataset {webdataset.__version__}, Pillow {PIL.__version__}, "
+        f"simplejpeg {simplejpeg.__version__}, numpy {np.__version__}\n{cpus} CPUs usable ({os.cpu_count()} "
+        f"online), load average {load}, main-process torch threads {torch.get_num_threads()}"
+    )
 
 
 def label_of(res: int) -> str:
@@ -486,23 +610,36 @@ def label_of(res: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="/tmp/clipforge-bench-data", help="where the shards are cached")
-    parser.add_argument("--resolutions", nargs="+", type=int, default=[256, 512],
-                        help="shard sets: 256 = 256x256; 512 = long side 512, short side 384..512")
+    parser.add_argument(
+        "--resolutions",
+        nargs="+",
+        type=int,
+        default=[256, 512],
+        help="shard sets: 256 = 256x256; 512 = long side 512, short side 384..512",
+    )
     parser.add_argument("--samples", type=int, default=3000, help="samples per shard set")
     parser.add_argument("--shard-size", type=int, default=250, help="samples per shard")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers, both pipelines")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--images", type=int, default=2048, help="timed images per measurement")
-    parser.add_argument("--warmup-batches", type=int, default=None,
-                        help="batches discarded first (default: 2 per worker, at least 2)")
+    parser.add_argument(
+        "--warmup-batches", type=int, default=None, help="batches discarded first (default: 2 per worker, at least 2)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="measurements per pipeline and shard set")
-    parser.add_argument("--uint8-too", action="store_true",
-                        help="also time ours without the CPU normalisation (uint8 batches, as when the training "
-                             "device normalises)")
-    parser.add_argument("--single-images", type=int, default=96,
-                        help="images for the one-thread per-stage timing (0: skip the one-thread section)")
-    parser.add_argument("--single-batches", type=int, default=6,
-                        help="batches for the one-thread whole-pipeline (workers=0) timing")
+    parser.add_argument(
+        "--uint8-too",
+        action="store_true",
+        help="also time ours without the CPU normalisation (uint8 batches, as when the training device normalises)",
+    )
+    parser.add_argument(
+        "--single-images",
+        type=int,
+        default=96,
+        help="images for the one-thread per-stage timing (0: skip the one-thread section)",
+    )
+    parser.add_argument(
+        "--single-batches", type=int, default=6, help="batches for the one-thread whole-pipeline (workers=0) timing"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.warmup_batches is None:
@@ -523,22 +660,33 @@ def main() -> None:
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
 
     data_dir = Path(args.data_dir)
-    sets = {res: ensure_shards(data_dir, res, args.samples, args.shard_size, min(2, os.cpu_count() or 1))
-            for res in args.resolutions}
+    sets = {
+        res: ensure_shards(data_dir, res, args.samples, args.shard_size, min(2, os.cpu_count() or 1))
+        for res in args.resolutions
+    }
     per_worker = min(math.floor(s["samples"] / max(1, args.workers) / args.batch_size) for s in sets.values())
     needed = math.ceil((args.warmup_batches + math.ceil(args.images / args.batch_size)) / max(1, args.workers)) + 1
     if needed > per_worker:
-        sys.exit(f"--samples {args.samples} gives each worker about {per_worker} batches; a measurement needs "
-                 f"{needed} (warm-up + --images): raise --samples or lower --images")
+        sys.exit(
+            f"--samples {args.samples} gives each worker about {per_worker} batches; a measurement needs "
+            f"{needed} (warm-up + --images): raise --samples or lower --images"
+        )
 
-    print(f"\nViT-B-32 train input, {size} px; batch {args.batch_size}; {args.workers} DataLoader workers each; sample "
-          f"shuffle buffer {shuffle[0]} (first sample after {shuffle[1]}) both. Each measurement: a fresh loader, "
-          f"{args.warmup_batches} warm-up batches, then {args.images} timed images; {args.repeats} repeats, "
-          "ours and OpenCLIP alternating.")
-    print("OpenCLIP: open_clip_train.data.get_wds_dataset, its tar reader patched to drop webdataset 1.0.2's "
-          "end-of-shard records (open_clip#935, KeyError 'fname'); its batches are float32.")
-    print("ours: clipforge.data.build_train_loader; uint8 batches, loader.transform.normalize (CPU, main process) "
-          "inside the timed loop.\n", flush=True)
+    print(
+        f"\nViT-B-32 train input, {size} px; batch {args.batch_size}; {args.workers} DataLoader workers each; sample "
+        f"shuffle buffer {shuffle[0]} (first sample after {shuffle[1]}) both. Each measurement: a fresh loader, "
+        f"{args.warmup_batches} warm-up batches, then {args.images} timed images; {args.repeats} repeats, "
+        "ours and OpenCLIP alternating."
+    )
+    print(
+        "OpenCLIP: open_clip_train.data.get_wds_dataset, its tar reader patched to drop webdataset 1.0.2's "
+        "end-of-shard records (open_clip#935, KeyError 'fname'); its batches are float32."
+    )
+    print(
+        "ours: clipforge.data.build_train_loader; uint8 batches, loader.transform.normalize (CPU, main process) "
+        "inside the timed loop.\n",
+        flush=True,
+    )
 
     kinds = ["ours", "openclip"] + (["ours_uint8"] if args.uint8_too else [])
     results = {res: {kind: [] for kind in kinds} for res in args.resolutions}
@@ -550,42 +698,70 @@ def main() -> None:
                 if kind == "openclip":
                     out = run_open_clip(sets[res], args, preprocess_train, tokenizer, stats[res][kind], size)
                 else:
-                    out = run_ours(sets[res], args, preprocess_cfg, tokenizer, shuffle, stats[res].get(kind), size,
-                                   normalize=kind == "ours")
+                    out = run_ours(
+                        sets[res],
+                        args,
+                        preprocess_cfg,
+                        tokenizer,
+                        shuffle,
+                        stats[res].get(kind),
+                        size,
+                        normalize=kind == "ours",
+                    )
                 results[res][kind].append(out)
                 extra = f"  normalize {out['normalize_ms']:.0f} ms/batch" if kind == "ours" else ""
-                print(f"  repeat {repeat + 1}/{args.repeats}  {res} px  {kind:10} {out['rate']:7.1f} images/s  "
-                      f"{out['cpu_ms']:5.2f} CPU ms/image  main process {100 * out['main_cpu'] / out['wall']:3.0f}% "
-                      f"of a core{extra}", flush=True)
+                print(
+                    f"  repeat {repeat + 1}/{args.repeats}  {res} px  {kind:10} {out['rate']:7.1f} images/s  "
+                    f"{out['cpu_ms']:5.2f} CPU ms/image  main process {100 * out['main_cpu'] / out['wall']:3.0f}% "
+                    f"of a core{extra}",
+                    flush=True,
+                )
 
     def median(res, kind, key="rate"):
         return statistics.median(r[key] for r in results[res][kind])
 
     print("\n## Throughput (median of repeats)\n")
-    print("images/s: wall clock, the figure the issue's target is about. CPU ms/image: CPU time of the main process "
-          "and the workers over the timed images, which other processes on the machine disturb less.\n")
+    print(
+        "images/s: wall clock, the figure the issue's target is about. CPU ms/image: CPU time of the main process "
+        "and the workers over the timed images, which other processes on the machine disturb less.\n"
+    )
     uint8_head = " ours, uint8 batches (normalize on the device) images/s |" if args.uint8_too else ""
-    print(f"| shards | mean JPEG | OpenCLIP images/s | ours images/s | ours / OpenCLIP | target {TARGET}× | "
-          f"OpenCLIP CPU ms/image | ours CPU ms/image | CPU ratio | ours' normalize (main process, wall) |"
-          f"{uint8_head}")
+    print(
+        f"| shards | mean JPEG | OpenCLIP images/s | ours images/s | ours / OpenCLIP | target {TARGET}× | "
+        f"OpenCLIP CPU ms/image | ours CPU ms/image | CPU ratio | ours' normalize (main process, wall) |"
+        f"{uint8_head}"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.uint8_too else ""))
     ratios = {}
     for res in args.resolutions:
         theirs, ours = median(res, "openclip"), median(res, "ours")
         cpu_theirs, cpu_ours = median(res, "openclip", "cpu_ms"), median(res, "ours", "cpu_ms")
         ratios[res] = ours / theirs
-        uint8 = (f" {median(res, 'ours_uint8'):,.0f} ({median(res, 'ours_uint8') / theirs:.2f}×, "
-                 f"{median(res, 'ours_uint8', 'cpu_ms'):.2f} CPU ms/image) |" if args.uint8_too else "")
-        print(f"| {label_of(res)} | {sets[res]['mean_kb']:.0f} KB | {theirs:,.0f} | {ours:,.0f} | "
-              f"{ratios[res]:.2f}× | {'met' if ratios[res] >= TARGET else 'NOT met'} | {cpu_theirs:.2f} | "
-              f"{cpu_ours:.2f} | {cpu_theirs / cpu_ours:.2f}× | {median(res, 'ours', 'normalize_ms'):.0f} ms/batch |"
-              f"{uint8}")
-    print("\nAll runs (images/s): " + "; ".join(
-        f"{res} px " + ", ".join(f"{kind} " + "/".join(f"{r['rate']:.0f}" for r in results[res][kind])
-                                 for kind in kinds) for res in args.resolutions))
+        uint8 = (
+            f" {median(res, 'ours_uint8'):,.0f} ({median(res, 'ours_uint8') / theirs:.2f}×, "
+            f"{median(res, 'ours_uint8', 'cpu_ms'):.2f} CPU ms/image) |"
+            if args.uint8_too
+            else ""
+        )
+        print(
+            f"| {label_of(res)} | {sets[res]['mean_kb']:.0f} KB | {theirs:,.0f} | {ours:,.0f} | "
+            f"{ratios[res]:.2f}× | {'met' if ratios[res] >= TARGET else 'NOT met'} | {cpu_theirs:.2f} | "
+            f"{cpu_ours:.2f} | {cpu_theirs / cpu_ours:.2f}× | {median(res, 'ours', 'normalize_ms'):.0f} ms/batch |"
+            f"{uint8}"
+        )
+    print(
+        "\nAll runs (images/s): "
+        + "; ".join(
+            f"{res} px "
+            + ", ".join(f"{kind} " + "/".join(f"{r['rate']:.0f}" for r in results[res][kind]) for kind in kinds)
+            for res in args.resolutions
+        )
+    )
 
-    print(f"\n## Equivalence of the outputs\n\nEvery batch of both: images ({args.batch_size}, 3, {size}, {size}) "
-          f"float32, tokens ({args.batch_size}, 77) (asserted). Per-channel statistics of all timed batches:\n")
+    print(
+        f"\n## Equivalence of the outputs\n\nEvery batch of both: images ({args.batch_size}, 3, {size}, {size}) "
+        f"float32, tokens ({args.batch_size}, 77) (asserted). Per-channel statistics of all timed batches:\n"
+    )
     print("| shards | pipeline | mean (R, G, B) | std (R, G, B) | max abs difference of means |")
     print("|---|---|---|---|---|")
     worst = 0.0
@@ -594,45 +770,62 @@ def main() -> None:
         delta = float(np.abs(theirs.mean() - ours.mean()).max())
         worst = max(worst, delta)
         for who, s in (("OpenCLIP", theirs), ("ours", ours)):
-            print(f"| {res} px | {who} | {', '.join(f'{v:+.3f}' for v in s.mean())} | "
-                  f"{', '.join(f'{v:.3f}' for v in s.std())} | {delta:.3f} |")
+            print(
+                f"| {res} px | {who} | {', '.join(f'{v:+.3f}' for v in s.mean())} | "
+                f"{', '.join(f'{v:.3f}' for v in s.std())} | {delta:.3f} |"
+            )
     assert worst < 0.05, f"per-channel means differ by {worst:.3f} (> 0.05): the pipelines do not match"
 
     if args.single_images > 0:
-        print(f"\n## One thread (ms CPU per image)\n\nStages: {args.single_images} images of the first shard, best "
-              "of 2. decode: OpenCLIP = PIL open + load + convert RGB (webdataset 'pilrgb'); ours = header, crop "
-              "draw, libjpeg-turbo decode at the smallest n/8 scale covering the crop. resize: OpenCLIP = "
-              "RandomResizedCrop bicubic (PIL, full image) + ToTensor; ours = crop + torch uint8 antialiased "
-              "bicubic. normalize: OpenCLIP per image (float32 in the worker); ours per uint8 batch (main process). "
-              "text: OpenCLIP tokenizes each caption; ours cleans each and tokenizes the batch. pipeline: the whole "
-              f"loader run in-process (workers=0, {args.single_batches} batches after the first) — the CPU one "
-              "worker spends per image, plus ours' normalize; other = pipeline − stages (tar reading, shuffle, "
-              "sample dicts, batching).\n")
-        print("| shards | pipeline | decode | resize | normalize | text | other | pipeline (workers=0) | images/s "
-              "per core |")
+        print(
+            f"\n## One thread (ms CPU per image)\n\nStages: {args.single_images} images of the first shard, best "
+            "of 2. decode: OpenCLIP = PIL open + load + convert RGB (webdataset 'pilrgb'); ours = header, crop "
+            "draw, libjpeg-turbo decode at the smallest n/8 scale covering the crop. resize: OpenCLIP = "
+            "RandomResizedCrop bicubic (PIL, full image) + ToTensor; ours = crop + torch uint8 antialiased "
+            "bicubic. normalize: OpenCLIP per image (float32 in the worker); ours per uint8 batch (main process). "
+            "text: OpenCLIP tokenizes each caption; ours cleans each and tokenizes the batch. pipeline: the whole "
+            f"loader run in-process (workers=0, {args.single_batches} batches after the first) — the CPU one "
+            "worker spends per image, plus ours' normalize; other = pipeline − stages (tar reading, shuffle, "
+            "sample dicts, batching).\n"
+        )
+        print(
+            "| shards | pipeline | decode | resize | normalize | text | other | pipeline (workers=0) | images/s "
+            "per core |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         pixels = {}
         for res in args.resolutions:
             samples = read_samples(sets[res]["dir"] / "00000.tar", args.single_images)
             costs = per_image_costs(samples, preprocess_train, preprocess_cfg, tokenizer, args.batch_size)
-            whole = in_process_pipeline(sets[res], args, preprocess_train, preprocess_cfg, tokenizer, shuffle, size,
-                                        args.single_batches)
+            whole = in_process_pipeline(
+                sets[res], args, preprocess_train, preprocess_cfg, tokenizer, shuffle, size, args.single_batches
+            )
             pixels[res] = costs["pixel"]
             for who, label in (("openclip", "OpenCLIP"), ("ours", "ours")):
                 c = costs[who]
-                print(f"| {res} px | {label} | {c['decode']:.2f} | {c['resize']:.2f} | {c['normalize']:.2f} | "
-                      f"{c['text']:.2f} | {whole[who] - c['stages']:.2f} | {whole[who]:.2f} | "
-                      f"{1000 / whole[who]:,.0f} |", flush=True)
+                print(
+                    f"| {res} px | {label} | {c['decode']:.2f} | {c['resize']:.2f} | {c['normalize']:.2f} | "
+                    f"{c['text']:.2f} | {whole[who] - c['stages']:.2f} | {whole[who]:.2f} | "
+                    f"{1000 / whole[who]:,.0f} |",
+                    flush=True,
+                )
             t, o = costs["openclip"], costs["ours"]
-            print(f"| {res} px | OpenCLIP ÷ ours | {t['decode'] / o['decode']:.2f}× | "
-                  f"{t['resize'] / o['resize']:.2f}× | "
-                  f"{t['normalize'] / o['normalize']:.2f}× | {t['text'] / o['text']:.2f}× | | "
-                  f"{whole['openclip'] / whole['ours']:.2f}× | |")
-        print("\nSame crop box through both (OpenCLIP's ops: PIL decode, torchvision resized_crop bicubic antialias, "
-              "ToTensor, Normalize; ours: ImageTransform + normalize), |difference| in 8-bit grey levels: " +
-              "; ".join(f"{res} px mean {m:.2f}, p99 {p:.1f}, max {x:.0f}" for res, (m, p, x) in pixels.items()))
-    print("\nratios ours/OpenCLIP: " + ", ".join(f"{res} px {r:.2f}×" for res, r in ratios.items()) +
-          f" (target ≥ {TARGET}×); {time.perf_counter() - started:.0f} s in all")
+            print(
+                f"| {res} px | OpenCLIP ÷ ours | {t['decode'] / o['decode']:.2f}× | "
+                f"{t['resize'] / o['resize']:.2f}× | "
+                f"{t['normalize'] / o['normalize']:.2f}× | {t['text'] / o['text']:.2f}× | | "
+                f"{whole['openclip'] / whole['ours']:.2f}× | |"
+            )
+        print(
+            "\nSame crop box through both (OpenCLIP's ops: PIL decode, torchvision resized_crop bicubic antialias, "
+            "ToTensor, Normalize; ours: ImageTransform + normalize), |difference| in 8-bit grey levels: "
+            + "; ".join(f"{res} px mean {m:.2f}, p99 {p:.1f}, max {x:.0f}" for res, (m, p, x) in pixels.items())
+        )
+    print(
+        "\nratios ours/OpenCLIP: "
+        + ", ".join(f"{res} px {r:.2f}×" for res, r in ratios.items())
+        + f" (target ≥ {TARGET}×); {time.perf_counter() - started:.0f} s in all"
+    )
 
 
 if __name__ == "__main__":

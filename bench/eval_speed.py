@@ -50,8 +50,15 @@ def write_set(root: Path, num_images: int, image_size: int, num_shards: int = 2)
         return
     per_shard = num_images // num_shards
     with ProcessPoolExecutor(max_workers=min(num_shards, os.cpu_count() or 1)) as pool:
-        list(pool.map(_write_shard, [root] * num_shards, range(num_shards), [per_shard] * num_shards,
-                      [image_size] * num_shards))
+        list(
+            pool.map(
+                _write_shard,
+                [root] * num_shards,
+                range(num_shards),
+                [per_shard] * num_shards,
+                [image_size] * num_shards,
+            )
+        )
     (root / "classnames.txt").write_text("\n".join(synthetic.SHAPES) + "\n")
     (root / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
     (root / "test" / "nshards.txt").write_text(f"{num_shards}\n")
@@ -75,15 +82,17 @@ def main() -> None:
     write_set(root, args.num_images, args.image_size)
     written = time.perf_counter() - start
     suite_path = root / "suite.yaml"
-    suite_path.write_text(f"name: speed\ndatasets:\n  - {{name: shapes, task: zeroshot_classification, "
-                          f"path: {root}}}\n")
+    suite_path.write_text(
+        f"name: speed\ndatasets:\n  - {{name: shapes, task: zeroshot_classification, path: {root}}}\n"
+    )
 
     torch.manual_seed(0)
     built = build_model(ModelConfig(name="tiny-rn-64"))
     encoder = OpenClipEncoder(built.model.eval(), "cpu", torch.bfloat16 if args.amp else None)
     start = time.perf_counter()
-    results = run_suite(encoder, built.tokenizer, built.eval_transform, load_suite(suite_path), args.batch_size,
-                        args.workers)
+    results = run_suite(
+        encoder, built.tokenizer, built.eval_transform, load_suite(suite_path), args.batch_size, args.workers
+    )
     total = time.perf_counter() - start
 
     benchmark = load_benchmark(root)
@@ -99,13 +108,25 @@ def main() -> None:
         encoder.encode_image(images)
     tower = time.perf_counter() - start
 
-    print(json.dumps({
-        "images": results["shapes"]["num_samples"], "image_size": args.image_size, "seconds": round(total, 2),
-        "images_per_s": round(results["shapes"]["num_samples"] / total, 1),
-        "decode_only_s": round(decode, 2), "image_tower_only_s": round(tower, 2),
-        "workers": args.workers, "torch_threads": torch.get_num_threads(), "amp": args.amp,
-        "batch_size": args.batch_size, "cpus": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
-        "set_written_s": round(written, 1)}))
+    print(
+        json.dumps(
+            {
+                "images": results["shapes"]["num_samples"],
+                "image_size": args.image_size,
+                "seconds": round(total, 2),
+                "images_per_s": round(results["shapes"]["num_samples"] / total, 1),
+                "decode_only_s": round(decode, 2),
+                "image_tower_only_s": round(tower, 2),
+                "workers": args.workers,
+                "torch_threads": torch.get_num_threads(),
+                "amp": args.amp,
+                "batch_size": args.batch_size,
+                "cpus": os.cpu_count(),
+                "load_average_1min": round(os.getloadavg()[0], 2),
+                "set_written_s": round(written, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ def local_bytes(tensors) -> int:
     return total
 
 
-def measure(rank: int, world_size: int, port: int, model_name: str, strategy: str, batch: int, steps: int,
-            out_dir: str) -> None:
+def measure(
+    rank: int, world_size: int, port: int, model_name: str, strategy: str, batch: int, steps: int, out_dir: str
+) -> None:
     from clipforge.distributed import DistInfo, destroy_process_group, init_process_group
     from clipforge.losses import LossConfig, build_loss
     from clipforge.models import ModelConfig, build_model
@@ -55,8 +56,16 @@ def measure(rank: int, world_size: int, port: int, model_name: str, strategy: st
         core = unwrap(model)
         optim_cfg = OptimConfig(lr=1e-4, warmup_steps=1)
         optimizer = build_optimizer(optim_cfg, core)
-        step = build_step(model, build_loss(LossConfig(), rank, world_size), optimizer,
-                          build_scheduler(optim_cfg, optimizer, 10), "cpu", "fp32", optim_cfg.grad_clip_norm, 100.0)
+        step = build_step(
+            model,
+            build_loss(LossConfig(), rank, world_size),
+            optimizer,
+            build_scheduler(optim_cfg, optimizer, 10),
+            "cpu",
+            "fp32",
+            optim_cfg.grad_clip_norm,
+            100.0,
+        )
         size = built.model_cfg["vision_cfg"]["image_size"]
         start = time.perf_counter()
         for _ in range(steps):
@@ -81,8 +90,12 @@ def run(model_name: str, strategy: str, world_size: int, batch: int, steps: int)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(measure, args=(world_size, port, model_name, strategy, batch, steps, out_dir),
-                           nprocs=world_size, start_method="spawn")
+        mp.start_processes(
+            measure,
+            args=(world_size, port, model_name, strategy, batch, steps, out_dir),
+            nprocs=world_size,
+            start_method="spawn",
+        )
         return [torch.load(Path(out_dir) / f"rank{rank}.pt") for rank in range(world_size)]
 
 
@@ -94,8 +107,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     args = parser.parse_args()
     gib = 2**30
-    print(f"{'model':10} {'ranks':>5} {'strategy':8} {'rank':>4} {'params':>8} {'grads':>8} {'optim':>8} "
-          f"{'sum GiB':>8} {'peak RSS':>9} {'s/step':>7}", flush=True)
+    print(
+        f"{'model':10} {'ranks':>5} {'strategy':8} {'rank':>4} {'params':>8} {'grads':>8} {'optim':>8} "
+        f"{'sum GiB':>8} {'peak RSS':>9} {'s/step':>7}",
+        flush=True,
+    )
     summary = []
     for model_name in args.models:
         for world_size in args.world_sizes:
@@ -105,20 +121,30 @@ def main() -> None:
                 results = run(model_name, strategy, world_size, args.batch, args.steps)
                 for rank, counted in enumerate(results):
                     held = counted["parameters"] + counted["gradients"] + counted["optimizer"]
-                    print(f"{model_name:10} {world_size:5} {strategy:8} {rank:4} {counted['parameters'] / gib:8.3f} "
-                          f"{counted['gradients'] / gib:8.3f} {counted['optimizer'] / gib:8.3f} {held / gib:8.3f} "
-                          f"{counted['rss'] / gib:9.3f} {counted['seconds_per_step']:7.1f}", flush=True)
-                totals[strategy] = (max(c["parameters"] + c["gradients"] + c["optimizer"] for c in results),
-                                    max(c["rss"] for c in results), time.perf_counter() - start)
+                    print(
+                        f"{model_name:10} {world_size:5} {strategy:8} {rank:4} {counted['parameters'] / gib:8.3f} "
+                        f"{counted['gradients'] / gib:8.3f} {counted['optimizer'] / gib:8.3f} {held / gib:8.3f} "
+                        f"{counted['rss'] / gib:9.3f} {counted['seconds_per_step']:7.1f}",
+                        flush=True,
+                    )
+                totals[strategy] = (
+                    max(c["parameters"] + c["gradients"] + c["optimizer"] for c in results),
+                    max(c["rss"] for c in results),
+                    time.perf_counter() - start,
+                )
             summary.append((model_name, world_size, totals))
-    print(f"\n{'model':10} {'ranks':>5} {'ddp GiB':>8} {'fsdp GiB':>9} {'fsdp/ddp':>8} {'target':>6} "
-          f"{'RSS ddp':>8} {'RSS fsdp':>8} {'RSS ratio':>9} {'wall s':>7}")
+    print(
+        f"\n{'model':10} {'ranks':>5} {'ddp GiB':>8} {'fsdp GiB':>9} {'fsdp/ddp':>8} {'target':>6} "
+        f"{'RSS ddp':>8} {'RSS fsdp':>8} {'RSS ratio':>9} {'wall s':>7}"
+    )
     for model_name, world_size, totals in summary:
         (ddp_held, ddp_rss, ddp_wall), (fsdp_held, fsdp_rss, fsdp_wall) = totals["ddp"], totals["fsdp"]
         target = {2: "0.6", 4: "0.35"}.get(world_size, "-")
-        print(f"{model_name:10} {world_size:5} {ddp_held / gib:8.3f} {fsdp_held / gib:9.3f} "
-              f"{fsdp_held / ddp_held:8.3f} {target:>6} {ddp_rss / gib:8.2f} {fsdp_rss / gib:8.2f} "
-              f"{fsdp_rss / ddp_rss:9.2f} {ddp_wall + fsdp_wall:7.0f}")
+        print(
+            f"{model_name:10} {world_size:5} {ddp_held / gib:8.3f} {fsdp_held / gib:9.3f} "
+            f"{fsdp_held / ddp_held:8.3f} {target:>6} {ddp_rss / gib:8.2f} {fsdp_rss / gib:8.2f} "
+            f"{fsdp_rss / ddp_rss:9.2f} {ddp_wall + fsdp_wall:7.0f}"
+        )
 
 
 if __name__ == "__main__":

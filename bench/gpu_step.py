@@ -30,8 +30,10 @@ def forward_flops(model, image_size: int, context: int, device: str) -> float:
     """FLOPs of one sample's forward pass through both towers."""
     total = 0
     with torch.no_grad():
-        for run in (lambda: model.encode_image(torch.zeros(1, 3, image_size, image_size, device=device)),
-                    lambda: model.encode_text(torch.zeros(1, context, dtype=torch.long, device=device))):
+        for run in (
+            lambda: model.encode_image(torch.zeros(1, 3, image_size, image_size, device=device)),
+            lambda: model.encode_text(torch.zeros(1, context, dtype=torch.long, device=device)),
+        ):
             with FlopCounterMode(display=False) as counter:
                 run()
             total += counter.get_total_flops()
@@ -63,10 +65,21 @@ def main() -> None:
         model.compile()
     optim_cfg = OptimConfig(lr=1e-4, warmup_steps=0)
     optimizer = build_optimizer(optim_cfg, model)
-    step = build_step(model, build_loss(LossConfig()), optimizer, build_scheduler(optim_cfg, optimizer, 10**6),
-                      device, args.precision, None, 100.0)
-    batch = {"images": torch.randn(args.batch_size, 3, size, size, device=device),
-             "texts": torch.randint(1, 49406, (args.batch_size, context), device=device), "keys": []}
+    step = build_step(
+        model,
+        build_loss(LossConfig()),
+        optimizer,
+        build_scheduler(optim_cfg, optimizer, 10**6),
+        device,
+        args.precision,
+        None,
+        100.0,
+    )
+    batch = {
+        "images": torch.randn(args.batch_size, 3, size, size, device=device),
+        "texts": torch.randint(1, 49406, (args.batch_size, context), device=device),
+        "keys": [],
+    }
     batch["texts"][:, -1] = 49407  # end-of-text, where the text tower pools
     for _ in range(5):
         step(batch)
@@ -83,14 +96,26 @@ def main() -> None:
     peak = args.peak_tflops or next((p[args.precision] for chip, p in PEAKS.items() if chip in name), None)
     samples_per_s = args.steps * args.batch_size / elapsed
     achieved = samples_per_s * flops_per_sample / 1e12
-    print(json.dumps({
-        "device": name, "torch": torch.__version__, "model": args.model, "batch_size": args.batch_size,
-        "precision": args.precision, "compile": args.compile, "samples_per_s": round(samples_per_s, 1),
-        "step_time_ms": round(1000 * elapsed / args.steps, 2), "train_gflops_per_sample": flops_per_sample / 1e9,
-        "achieved_tflops": round(achieved, 1), "mfu": round(achieved / peak, 4) if peak else None,
-        "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-        "loss": float(out["loss"]),
-        "date": time.strftime("%Y-%m-%d")}))
+    print(
+        json.dumps(
+            {
+                "device": name,
+                "torch": torch.__version__,
+                "model": args.model,
+                "batch_size": args.batch_size,
+                "precision": args.precision,
+                "compile": args.compile,
+                "samples_per_s": round(samples_per_s, 1),
+                "step_time_ms": round(1000 * elapsed / args.steps, 2),
+                "train_gflops_per_sample": flops_per_sample / 1e9,
+                "achieved_tflops": round(achieved, 1),
+                "mfu": round(achieved / peak, 4) if peak else None,
+                "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                "loss": float(out["loss"]),
+                "date": time.strftime("%Y-%m-%d"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

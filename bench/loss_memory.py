@@ -61,8 +61,11 @@ def run_one(implementation: str, kind: str, batch: int, dim: int, tile: int) -> 
     command = [sys.executable, __file__, "--one", implementation, kind, str(batch), str(dim), str(tile)]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
-        reason = "out of memory" if "MemoryError" in proc.stderr or "alloc" in proc.stderr.lower() or \
-            proc.returncode < 0 else proc.stderr.strip().splitlines()[-1]
+        reason = (
+            "out of memory"
+            if "MemoryError" in proc.stderr or "alloc" in proc.stderr.lower() or proc.returncode < 0
+            else proc.stderr.strip().splitlines()[-1]
+        )
         return {"error": reason}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -80,25 +83,36 @@ def main() -> None:
         implementation, kind, batch, dim, tile = args.one
         print(json.dumps(measure(implementation, kind, int(batch), int(dim), int(tile))))
         return
-    print(f"loss forward+backward on CPU, {args.dim}-d features, tile {args.tile}, "
-          f"address-space limit {MEMORY_LIMIT_GB:g} GB per measurement")
-    print(f"{'loss':7} {'batch':>7} | {'OpenCLIP MB':>11} {'s':>7} | {'ours MB':>9} {'s':>7} | "
-          f"{'memory ratio':>12} {'time ratio':>10} | {'|Δloss|':>8}")
+    print(
+        f"loss forward+backward on CPU, {args.dim}-d features, tile {args.tile}, "
+        f"address-space limit {MEMORY_LIMIT_GB:g} GB per measurement"
+    )
+    print(
+        f"{'loss':7} {'batch':>7} | {'OpenCLIP MB':>11} {'s':>7} | {'ours MB':>9} {'s':>7} | "
+        f"{'memory ratio':>12} {'time ratio':>10} | {'|Δloss|':>8}"
+    )
     for kind in args.kinds:
         for batch in args.batches:
-            theirs = run_one("openclip", kind, batch, args.dim, args.tile) if batch <= args.openclip_max \
+            theirs = (
+                run_one("openclip", kind, batch, args.dim, args.tile)
+                if batch <= args.openclip_max
                 else {"error": "not run"}
+            )
             ours = run_one("ours", kind, batch, args.dim, args.tile)
+
             def cell(result, key, width, fmt):
                 return f"{format(result[key], fmt):>{width}}" if key in result else f"{result['error']:>{width}}"
+
             if "error" not in theirs and "error" not in ours:
                 memory_ratio, time_ratio = ours["peak_mb"] / theirs["peak_mb"], ours["seconds"] / theirs["seconds"]
-                ratios = (f"{memory_ratio:>12.3f} {time_ratio:>10.2f} | "
-                          f"{abs(ours['loss'] - theirs['loss']):>8.1e}")
+                ratios = f"{memory_ratio:>12.3f} {time_ratio:>10.2f} | {abs(ours['loss'] - theirs['loss']):>8.1e}"
             else:
                 ratios = f"{'':>12} {'':>10} | {'':>8}"
-            print(f"{kind:7} {batch:>7} | {cell(theirs, 'peak_mb', 11, '.0f')} {cell(theirs, 'seconds', 7, '.2f')} | "
-                  f"{cell(ours, 'peak_mb', 9, '.0f')} {cell(ours, 'seconds', 7, '.2f')} | {ratios}", flush=True)
+            print(
+                f"{kind:7} {batch:>7} | {cell(theirs, 'peak_mb', 11, '.0f')} {cell(theirs, 'seconds', 7, '.2f')} | "
+                f"{cell(ours, 'peak_mb', 9, '.0f')} {cell(ours, 'seconds', 7, '.2f')} | {ratios}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -21,13 +21,37 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(args, out: Path, queue_size: int) -> tuple[dict, float]:
-    command = [sys.executable, "-m", "clipforge", "train", str(ROOT / "configs" / "demo.yaml"),
-               "--set", f"data.batch_size={args.batch_size}", "--set", f"train.steps={args.steps}",
-               "--set", f"train.checkpoint_every={args.steps}", "--set", f"train.output_dir={out}",
-               "--set", f"optim.warmup_steps={args.steps // 14}", "--set", f"optim.lr={args.lr}",
-               "--set", f"loss.queue_size={queue_size}", "--set", f"loss.queue_momentum={args.momentum}",
-               "--set", "logging.progress_bar=false", "--set", "logging.tensorboard=false",
-               "--set", "logging.plot=false", "--set", "logging.log_every=100"]
+    command = [
+        sys.executable,
+        "-m",
+        "clipforge",
+        "train",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--set",
+        f"data.batch_size={args.batch_size}",
+        "--set",
+        f"train.steps={args.steps}",
+        "--set",
+        f"train.checkpoint_every={args.steps}",
+        "--set",
+        f"train.output_dir={out}",
+        "--set",
+        f"optim.warmup_steps={args.steps // 14}",
+        "--set",
+        f"optim.lr={args.lr}",
+        "--set",
+        f"loss.queue_size={queue_size}",
+        "--set",
+        f"loss.queue_momentum={args.momentum}",
+        "--set",
+        "logging.progress_bar=false",
+        "--set",
+        "logging.tensorboard=false",
+        "--set",
+        "logging.plot=false",
+        "--set",
+        "logging.log_every=100",
+    ]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
@@ -55,9 +79,11 @@ def main() -> None:
     print("| loss.queue_size | shapes top-1 | colors top-1 | retrieval t→i R@1 | i→t R@1 | minutes |")
     print("|---:|---:|---:|---:|---:|---:|")
     for queue_size, results, seconds in rows:
-        print(f"| {queue_size} | {results['shapes']['acc1']:.1%} | {results['colors']['acc1']:.1%} | "
-              f"{results['retrieval']['image_retrieval_recall@1']:.1%} | "
-              f"{results['retrieval']['text_retrieval_recall@1']:.1%} | {seconds / 60:.1f} |")
+        print(
+            f"| {queue_size} | {results['shapes']['acc1']:.1%} | {results['colors']['acc1']:.1%} | "
+            f"{results['retrieval']['image_retrieval_recall@1']:.1%} | "
+            f"{results['retrieval']['text_retrieval_recall@1']:.1%} | {seconds / 60:.1f} |"
+        )
 
 
 if __name__ == "__main__":

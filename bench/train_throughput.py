@@ -64,8 +64,18 @@ def ensure_shards(out: Path, samples: int) -> str:
     if not sizes.is_file():
         from clipforge.data.shards import SyntheticSpec, write_synthetic
 
-        write_synthetic(SyntheticSpec(out=str(out), num_samples=samples, samples_per_shard=500, image_size=64,
-                                      num_eval_samples=60, num_retrieval_samples=20, num_workers=2), progress=False)
+        write_synthetic(
+            SyntheticSpec(
+                out=str(out),
+                num_samples=samples,
+                samples_per_shard=500,
+                image_size=64,
+                num_eval_samples=60,
+                num_retrieval_samples=20,
+                num_workers=2,
+            ),
+            progress=False,
+        )
     shards = sorted((out / "train").glob("*.tar"))
     return f"{out}/train/{{{shards[0].stem}..{shards[-1].stem}}}.tar", sum(json.loads(sizes.read_text()).values())
 
@@ -83,43 +93,117 @@ def environment(threads: int) -> dict[str, str]:
 
 def run_open_clip(args, urls: str, work: Path, index: int) -> list[float]:
     name = f"openclip_{index}"
-    command = [sys.executable, "-c", OPEN_CLIP_WRAPPER, str(model_json(args.model)),
-               "--train-data", urls, "--dataset-type", "webdataset",
-               "--train-num-samples", str(args.steps * args.batch_size), "--batch-size", str(args.batch_size),
-               "--workers", str(args.workers), "--epochs", "1", "--lr", str(args.lr), "--wd", "0.1",
-               "--warmup", "10", "--precision", "fp32", "--model", model_json(args.model).stem,
-               "--log-every-n-steps", str(args.log_every), "--logs", str(work), "--name", name,
-               "--save-frequency", "1", "--report-to", "", "--seed", "0", "--device", "cpu", "--grad-clip-norm", "1.0"]
+    command = [
+        sys.executable,
+        "-c",
+        OPEN_CLIP_WRAPPER,
+        str(model_json(args.model)),
+        "--train-data",
+        urls,
+        "--dataset-type",
+        "webdataset",
+        "--train-num-samples",
+        str(args.steps * args.batch_size),
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(args.workers),
+        "--epochs",
+        "1",
+        "--lr",
+        str(args.lr),
+        "--wd",
+        "0.1",
+        "--warmup",
+        "10",
+        "--precision",
+        "fp32",
+        "--model",
+        model_json(args.model).stem,
+        "--log-every-n-steps",
+        str(args.log_every),
+        "--logs",
+        str(work),
+        "--name",
+        name,
+        "--save-frequency",
+        "1",
+        "--report-to",
+        "",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--grad-clip-norm",
+        "1.0",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=environment(args.threads), cwd=work)
     log = done.stdout + done.stderr
     if done.returncode != 0:
         raise RuntimeError(f"open_clip_train failed ({done.returncode}):\n{log[-4000:]}")
     step_times = [float(m) for m in re.findall(r"Batch \(t\): ([0-9.]+),", log)]
-    return [args.batch_size / t for t in step_times[args.skip_windows:]]
+    return [args.batch_size / t for t in step_times[args.skip_windows :]]
 
 
-def run_clipforge(args, urls: str, work: Path, index: int, tree: Path = ROOT, label: str = "clipforge",
-                  overrides: tuple[str, ...] = ()) -> list[float]:
+def run_clipforge(
+    args,
+    urls: str,
+    work: Path,
+    index: int,
+    tree: Path = ROOT,
+    label: str = "clipforge",
+    overrides: tuple[str, ...] = (),
+) -> list[float]:
     out = work / f"{label}_{index}"
     env = environment(args.threads)
     if tree != ROOT:  # an older checkout: its src/ ahead of the installed (editable) clipforge
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree / "src"), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "clipforge", "train", str(tree / "configs" / "demo.yaml"),
-               "--set", f"data.train_urls={urls}", "--set", "data.sources=[]",
-               "--set", f"data.batch_size={args.batch_size}", "--set", f"data.num_workers={args.workers}",
-               "--set", f"model.name={model_json(args.model)}", "--set", f"optim.lr={args.lr}",
-               "--set", "optim.warmup_steps=10", "--set", f"train.steps={args.steps}",
-               "--set", f"train.checkpoint_every={args.steps}", "--set", f"train.output_dir={out}",
-               "--set", "train.precision=fp32", "--set", "eval.suite=null",
-               "--set", f"logging.log_every={args.log_every}", "--set", "logging.progress_bar=false",
-               "--set", "logging.tensorboard=false", "--set", "logging.plot=false",
-               *[part for kv in overrides for part in ("--set", kv)]]
+    command = [
+        sys.executable,
+        "-m",
+        "clipforge",
+        "train",
+        str(tree / "configs" / "demo.yaml"),
+        "--set",
+        f"data.train_urls={urls}",
+        "--set",
+        "data.sources=[]",
+        "--set",
+        f"data.batch_size={args.batch_size}",
+        "--set",
+        f"data.num_workers={args.workers}",
+        "--set",
+        f"model.name={model_json(args.model)}",
+        "--set",
+        f"optim.lr={args.lr}",
+        "--set",
+        "optim.warmup_steps=10",
+        "--set",
+        f"train.steps={args.steps}",
+        "--set",
+        f"train.checkpoint_every={args.steps}",
+        "--set",
+        f"train.output_dir={out}",
+        "--set",
+        "train.precision=fp32",
+        "--set",
+        "eval.suite=null",
+        "--set",
+        f"logging.log_every={args.log_every}",
+        "--set",
+        "logging.progress_bar=false",
+        "--set",
+        "logging.tensorboard=false",
+        "--set",
+        "logging.plot=false",
+        *[part for kv in overrides for part in ("--set", kv)],
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=work)
     if done.returncode != 0:
         raise RuntimeError(f"{label} train failed ({done.returncode}):\n{(done.stdout + done.stderr)[-4000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["perf/samples_per_s"] for r in records if "perf/samples_per_s" in r]
-    return rates[args.skip_windows:-1]  # the last window is cut short by the end of the run
+    return rates[args.skip_windows : -1]  # the last window is cut short by the end of the run
 
 
 def main() -> None:
@@ -134,8 +218,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP threads of each trainer")
     parser.add_argument("--against", metavar="REF", help="also time clipforge as of this git commit")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for the current clipforge only (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for the current clipforge only (repeatable)",
+    )
     parser.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "clipforge-bench-train"))
     args = parser.parse_args()
     if args.steps // args.log_every <= args.skip_windows + 1:
@@ -147,18 +237,23 @@ def main() -> None:
     urls, available = ensure_shards(Path(args.data_dir), max(10_000, args.steps * args.batch_size))
     if args.steps * args.batch_size > available:
         parser.error(f"{args.steps} steps × {args.batch_size} exceed the {available} samples of {args.data_dir}")
-    print(f"# training throughput, steady state: {args.model}, batch {args.batch_size}, fp32, {args.workers} "
-          f"workers, {args.steps} steps, {args.repeats} alternating repeats")
-    print(f"# torch {torch.__version__}, open_clip {open_clip.__version__}, python {platform.python_version()}, "
-          f"{os.cpu_count()} CPUs, {args.threads} threads per trainer\n")
+    print(
+        f"# training throughput, steady state: {args.model}, batch {args.batch_size}, fp32, {args.workers} "
+        f"workers, {args.steps} steps, {args.repeats} alternating repeats"
+    )
+    print(
+        f"# torch {torch.__version__}, open_clip {open_clip.__version__}, python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs, {args.threads} threads per trainer\n"
+    )
     if args.overrides:
         print(f"# clipforge overrides: {' '.join(args.overrides)}")
     ours, theirs, before = [], [], []
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
         old = stack.enter_context(worktree(args.against, Path(scratch))) if args.against else None
         for index in range(args.repeats):
-            ours.append(statistics.mean(run_clipforge(args, urls, Path(scratch), index,
-                                                      overrides=tuple(args.overrides))))
+            ours.append(
+                statistics.mean(run_clipforge(args, urls, Path(scratch), index, overrides=tuple(args.overrides)))
+            )
             theirs.append(statistics.mean(run_open_clip(args, urls, Path(scratch), index)))
             line = f"repeat {index}: clipforge {ours[-1]:.1f} samples/s, open_clip_train {theirs[-1]:.1f} samples/s"
             if old is not None:
@@ -170,26 +265,39 @@ def main() -> None:
     print("|---|---:|---:|")
     print(f"| open_clip_train.main | {reference:.1f} | 1.00 |")
     if before:
-        print(f"| clipforge train @ {args.against} | {statistics.median(before):.1f} | "
-              f"{statistics.median(before) / reference:.2f} |")
+        print(
+            f"| clipforge train @ {args.against} | {statistics.median(before):.1f} | "
+            f"{statistics.median(before) / reference:.2f} |"
+        )
     print(f"| clipforge train | {mine:.1f} | {mine / reference:.2f} |")
     if before:
         paired = [now / then for now, then in zip(ours, before)]  # same repeat, adjacent in time: less drift
-        print(f"\nclipforge now / @{args.against}: {mine / statistics.median(before):.3f} (medians); per repeat "
-              f"{', '.join(f'{r:.3f}' for r in paired)}, median {statistics.median(paired):.3f}")
+        print(
+            f"\nclipforge now / @{args.against}: {mine / statistics.median(before):.3f} (medians); per repeat "
+            f"{', '.join(f'{r:.3f}' for r in paired)}, median {statistics.median(paired):.3f}"
+        )
 
 
 @contextlib.contextmanager
 def worktree(ref: str, scratch: Path):
     """REF checked out (detached) in a temporary git worktree, removed afterwards."""
     path = scratch / "ref-tree"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), ref], check=True,
-                   capture_output=True, text=True)
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), ref],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     try:
-        shown = subprocess.run(["git", "-C", str(path), "log", "-1", "--format=%h %s"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-        imported = subprocess.run([sys.executable, "-c", "import clipforge; print(clipforge.__file__)"],
-                                  env={**os.environ, "PYTHONPATH": str(path / "src")}, capture_output=True, text=True)
+        shown = subprocess.run(
+            ["git", "-C", str(path), "log", "-1", "--format=%h %s"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        imported = subprocess.run(
+            [sys.executable, "-c", "import clipforge; print(clipforge.__file__)"],
+            env={**os.environ, "PYTHONPATH": str(path / "src")},
+            capture_output=True,
+            text=True,
+        )
         if not imported.stdout.startswith(str(path)):
             raise RuntimeError(f"clipforge@{ref} does not import from its worktree: {imported.stdout}{imported.stderr}")
         print(f"# clipforge@{ref}: {shown[:100]}")

@@ -1,6 +1,6 @@
 """Write the synthetic default data set (same as `clipforge prep synthetic`).
 
-    python data_prep/synthetic.py --out data/synth --num-samples 20000
+python data_prep/synthetic.py --out data/synth --num-samples 20000
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Write a CSV/TSV/parquet table of local image paths and captions as training shards (same as `clipforge prep table`).
 
-    python data_prep/table.py captions.csv --out data/mine --image-column filepath --caption-column title [--resize 256]
+python data_prep/table.py captions.csv --out data/mine --image-column filepath --caption-column title [--resize 256]
 """
 
 import sys

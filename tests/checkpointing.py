@@ -25,17 +25,26 @@ class Held:
         self.state = dict(state)
 
 
-def model_pieces(model: torch.nn.Module, step: int = 1, device: str = "cpu",
-                 data: dict[str, Any] | None = None) -> dict[str, Piece]:
+def model_pieces(
+    model: torch.nn.Module, step: int = 1, device: str = "cpu", data: dict[str, Any] | None = None
+) -> dict[str, Piece]:
     """The restart state of ``model`` with a fresh AdamW and schedule, as the trainer lists it."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     cfg = OptimConfig()
-    return restart_state(model, optimizer, build_scheduler(cfg, optimizer, 10), cfg, 10, TrainState(step),
-                         Held(data), device)
+    return restart_state(
+        model, optimizer, build_scheduler(cfg, optimizer, 10), cfg, 10, TrainState(step), Held(data), device
+    )
 
 
-def save_checkpoint(directory: Path, model: torch.nn.Module, step: int = 1, config_yaml: str = "train: {}\n",
-                    rank: int = 0, device: str = "cpu", data: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    directory: Path,
+    model: torch.nn.Module,
+    step: int = 1,
+    config_yaml: str = "train: {}\n",
+    rank: int = 0,
+    device: str = "cpu",
+    data: dict[str, Any] | None = None,
+) -> Path:
     return Checkpointer(Path(directory), rank=rank).save(step, model_pieces(model, step, device, data), config_yaml)
 
 

@@ -9,6 +9,9 @@ import pytest
 
 from clipforge.data.shards import SyntheticSpec, write_synthetic
 
+# The trained checkpoint and probe suite that several evaluation test files share.
+pytest_plugins = ["eval_fixtures"]
+
 TINY_MODEL = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
@@ -32,8 +35,18 @@ def tiny_model_json(tmp_path_factory) -> str:
 def synth_data(tmp_path_factory) -> Path:
     """3,000 training samples in 6 shards at 32 px, and small eval sets."""
     out = tmp_path_factory.mktemp("synth")
-    write_synthetic(SyntheticSpec(out=str(out), num_samples=3000, samples_per_shard=500, image_size=32,
-                                  num_eval_samples=300, num_retrieval_samples=100, num_workers=2), progress=False)
+    write_synthetic(
+        SyntheticSpec(
+            out=str(out),
+            num_samples=3000,
+            samples_per_shard=500,
+            image_size=32,
+            num_eval_samples=300,
+            num_retrieval_samples=100,
+            num_workers=2,
+        ),
+        progress=False,
+    )
     return out
 
 
@@ -42,9 +55,15 @@ def synth_suite(synth_data, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("suite") / "suite.yaml"
     path.write_text(
         "name: synthetic\ndatasets:\n"
-        + "".join(f"  - name: {name}\n    task: {task}\n    path: {synth_data / 'eval' / name}\n"
-                  for name, task in (("shapes", "zeroshot_classification"), ("colors", "zeroshot_classification"),
-                                     ("retrieval", "zeroshot_retrieval"))))
+        + "".join(
+            f"  - name: {name}\n    task: {task}\n    path: {synth_data / 'eval' / name}\n"
+            for name, task in (
+                ("shapes", "zeroshot_classification"),
+                ("colors", "zeroshot_classification"),
+                ("retrieval", "zeroshot_retrieval"),
+            )
+        )
+    )
     return path
 
 

@@ -24,11 +24,25 @@ def trained_checkpoint(synth_data, tiny_resnet_json, tmp_path_factory) -> Path:
         from clipforge.train.loop import train
 
         out = tmp_path_factory.mktemp("trained")
-        cfg = load_config(None, [
-            f"data.train_urls={synth_data}/train/{{00000..00005}}.tar", "data.batch_size=64", "data.num_workers=1",
-            "data.shuffle_buffer=300", f"model.name={tiny_resnet_json}", "optim.lr=2e-3", "optim.warmup_steps=5",
-            f"train.output_dir={out}", "train.steps=60", "train.checkpoint_every=1000", "logging.log_every=20",
-            "logging.progress_bar=false", "logging.tensorboard=false", "logging.plot=false"])
+        cfg = load_config(
+            None,
+            [
+                f"data.train_urls={synth_data}/train/{{00000..00005}}.tar",
+                "data.batch_size=64",
+                "data.num_workers=1",
+                "data.shuffle_buffer=300",
+                f"model.name={tiny_resnet_json}",
+                "optim.lr=2e-3",
+                "optim.warmup_steps=5",
+                f"train.output_dir={out}",
+                "train.steps=60",
+                "train.checkpoint_every=1000",
+                "logging.log_every=20",
+                "logging.progress_bar=false",
+                "logging.tensorboard=false",
+                "logging.plot=false",
+            ],
+        )
         _CACHE["checkpoint"] = Path(train(cfg)["checkpoint"])
     return _CACHE["checkpoint"]
 
@@ -43,7 +57,8 @@ def probe_suite(synth_data, tmp_path_factory) -> Path:
         f"  - {{name: shapes, task: zeroshot_classification, path: {eval_dir / 'shapes'}}}\n"
         f"  - {{name: colors, task: zeroshot_classification, path: {eval_dir / 'colors'}}}\n"
         f"  - {{name: retrieval, task: zeroshot_retrieval, path: {eval_dir / 'retrieval'}}}\n"
-        f"  - {{name: shapes-probe, task: linear_probe, path: {eval_dir / 'shapes'}}}\n")
+        f"  - {{name: shapes-probe, task: linear_probe, path: {eval_dir / 'shapes'}}}\n"
+    )
     return path
 
 

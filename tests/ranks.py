@@ -27,8 +27,14 @@ def _entry(rank, fn, world_size, port, out_dir, args, device="cpu"):
     # their DataLoader workers. Do as they do (spawned workers would re-import everything, ~20 s each).
     multiprocessing.set_start_method("fork", force=True)
     if device == "cuda":
-        info = DistInfo(rank=rank, local_rank=rank, world_size=world_size, local_world_size=world_size,
-                        device=f"cuda:{rank}", backend="nccl")
+        info = DistInfo(
+            rank=rank,
+            local_rank=rank,
+            world_size=world_size,
+            local_world_size=world_size,
+            device=f"cuda:{rank}",
+            backend="nccl",
+        )
     else:
         info = DistInfo(rank=rank, world_size=world_size, local_world_size=world_size)
     init_process_group(info, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -54,15 +60,22 @@ def run_ranks(fn, world_size: int, out_dir: Path, *args, device: str = "cpu", ti
     import time
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    context = mp.start_processes(_entry, args=(fn, world_size, free_port(), str(out_dir), args, device),
-                                 nprocs=world_size, join=False, start_method="spawn")
+    context = mp.start_processes(
+        _entry,
+        args=(fn, world_size, free_port(), str(out_dir), args, device),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
     deadline = None if timeout is None else time.monotonic() + timeout
     while not context.join(None if deadline is None else max(0.0, deadline - time.monotonic())):
         if deadline is not None and time.monotonic() >= deadline:
             for process in context.processes:
                 process.kill()
-            raise TimeoutError(f"{getattr(fn, '__name__', fn)} on {world_size} {device} ranks: not done after "
-                               f"{timeout} s (a collective that never completes?)")
+            raise TimeoutError(
+                f"{getattr(fn, '__name__', fn)} on {world_size} {device} ranks: not done after "
+                f"{timeout} s (a collective that never completes?)"
+            )
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 
@@ -72,16 +85,32 @@ def launch_ranks(command: list[str], world_size: int, timeout: float = 240, **en
     import tempfile
     import time
 
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
+    base = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))
+    }
     port = str(free_port())
     logs = [tempfile.TemporaryFile(mode="w+") for _ in range(world_size)]  # no pipe fills while another is read
-    processes = [subprocess.Popen(command, text=True, stdout=logs[rank], stderr=subprocess.STDOUT,
-                                  env={**base, "RANK": str(rank), "WORLD_SIZE": str(world_size),
-                                       "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size),
-                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
-                                       "PYTHONUNBUFFERED": "1", **env})
-                 for rank in range(world_size)]
+    processes = [
+        subprocess.Popen(
+            command,
+            text=True,
+            stdout=logs[rank],
+            stderr=subprocess.STDOUT,
+            env={
+                **base,
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world_size),
+                "LOCAL_RANK": str(rank),
+                "LOCAL_WORLD_SIZE": str(world_size),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "OMP_NUM_THREADS": "1",
+                "PYTHONUNBUFFERED": "1",
+                **env,
+            },
+        )
+        for rank in range(world_size)
+    ]
     try:
         deadline = time.time() + timeout
         for process in processes:

@@ -44,8 +44,10 @@ def install() -> None:
     if os.geteuid() != 0:
         raise SlurmUnavailable(f"SLURM is not installed ({', '.join(PACKAGES)}) and installing needs root")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"],
-                    ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+    for command in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+    ):
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode:
             raise SlurmUnavailable(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-800:]}")
@@ -99,12 +101,12 @@ AuthType=auth/munge
 CredType=cred/munge
 # munge's socket lives here; a short credential lifetime: a requeued job waits cred_expire + 1 s before it may start
 AuthInfo=socket={self.munge_socket},cred_expire={self.cred_expire_s}
-StateSaveLocation={self.root / 'state'}
-SlurmdSpoolDir={self.root / 'spool'}
-SlurmctldPidFile={self.root / 'run' / 'slurmctld.pid'}
-SlurmdPidFile={self.root / 'run' / 'slurmd.pid'}
-SlurmctldLogFile={self._log('slurmctld')}
-SlurmdLogFile={self._log('slurmd')}
+StateSaveLocation={self.root / "state"}
+SlurmdSpoolDir={self.root / "spool"}
+SlurmctldPidFile={self.root / "run" / "slurmctld.pid"}
+SlurmdPidFile={self.root / "run" / "slurmd.pid"}
+SlurmctldLogFile={self._log("slurmctld")}
+SlurmdLogFile={self._log("slurmd")}
 SlurmctldDebug=info
 SlurmdDebug=info
 # no systemd, no cgroups: track a job's processes by process group, no task affinity plugin, no accounting
@@ -137,24 +139,52 @@ PartitionName=debug Nodes={self.node_name} Default=YES MaxTime=INFINITE State=UP
             key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
         self.processes["munged"] = subprocess.Popen(
-            ["munged", "--foreground", "--force", f"--socket={self.munge_socket}", f"--key-file={key}",
-             f"--pid-file={self.root / 'run' / 'munged.pid'}", f"--seed-file={self.root / 'munge' / 'seed'}",
-             f"--log-file={self._log('munged')}"],
-            stdout=subprocess.DEVNULL, stderr=open(self._log("munged.stderr"), "wb"))
+            [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--pid-file={self.root / 'run' / 'munged.pid'}",
+                f"--seed-file={self.root / 'munge' / 'seed'}",
+                f"--log-file={self._log('munged')}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self._log("munged.stderr"), "wb"),
+        )
         self._wait(lambda: self.munge_socket.exists(), "munged", 20)
 
     def _start_slurm(self) -> None:
         env = self.env
         self.processes["slurmctld"] = subprocess.Popen(
-            ["slurmctld", "-D", "-i", "-f", str(self.conf)], env=env, stdout=subprocess.DEVNULL,
-            stderr=open(self._log("slurmctld.stderr"), "wb"))
-        self._wait(lambda: subprocess.run(["scontrol", "ping"], env=env, capture_output=True, text=True)
-                   .stdout.count("UP") > 0, "slurmctld", 30)
+            ["slurmctld", "-D", "-i", "-f", str(self.conf)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self._log("slurmctld.stderr"), "wb"),
+        )
+        self._wait(
+            lambda: (
+                subprocess.run(["scontrol", "ping"], env=env, capture_output=True, text=True).stdout.count("UP") > 0
+            ),
+            "slurmctld",
+            30,
+        )
         self.processes["slurmd"] = subprocess.Popen(
-            ["slurmd", "-D", "-f", str(self.conf), "-N", self.node_name], env=env, stdout=subprocess.DEVNULL,
-            stderr=open(self._log("slurmd.stderr"), "wb"))
-        self._wait(lambda: subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True,
-                                          text=True).stdout.strip() == "idle", "slurmd", 60)
+            ["slurmd", "-D", "-f", str(self.conf), "-N", self.node_name],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self._log("slurmd.stderr"), "wb"),
+        )
+        self._wait(
+            lambda: (
+                subprocess.run(
+                    ["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True
+                ).stdout.strip()
+                == "idle"
+            ),
+            "slurmd",
+            60,
+        )
 
     def _wait(self, ready, name: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -215,8 +245,10 @@ if __name__ == "__main__":
         sys.exit(__doc__.splitlines()[2].strip())
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # kill PID stops the daemons too
     with SlurmCluster(sys.argv[2]) as cluster:
-        print(f"export SLURM_CONF={cluster.conf}   # node {cluster.node_name}, {cluster.cpus} CPUs; Ctrl-C/kill stops",
-              flush=True)
+        print(
+            f"export SLURM_CONF={cluster.conf}   # node {cluster.node_name}, {cluster.cpus} CPUs; Ctrl-C/kill stops",
+            flush=True,
+        )
         try:
             while True:
                 time.sleep(3600)

@@ -54,6 +54,7 @@ BIN = Path(sys.executable).parent
 @contextmanager
 def deadline(seconds: int):
     """Fail instead of hanging: the cases here are about hangs."""
+
     def fail(signum, frame):
         raise TimeoutError(f"still running after {seconds} s: this is the hang the case is about")
 
@@ -80,7 +81,7 @@ def read_epoch(urls: str, **overrides) -> tuple[list[str], dict[str, int], Excep
         with deadline(60):
             while loader.epoch == 0:
                 keys += next(loader)["keys"]
-        return keys[:-overrides.get("batch_size", 1)], dict(loader.skipped_before), None
+        return keys[: -overrides.get("batch_size", 1)], dict(loader.skipped_before), None
     except DataError as exn:
         return keys, loader.skipped, exn
     finally:
@@ -128,9 +129,11 @@ def test_exif_orientation_is_applied_alike_by_the_stream_and_prep(orientation):
 def test_a_png_header_claiming_too_many_pixels_is_a_decompression_bomb_under_every_setting(tmp_path):
     gif = bytearray(encode(Image.new("P", (8, 8)), "GIF"))
     gif[6:10] = (30000).to_bytes(2, "little") * 2  # the logical screen: 30000 × 30000
-    samples = [{"__key__": "png", "png": png_claiming(30000, 30000), "txt": "a bomb"},
-               {"__key__": "gif", "png": bytes(gif), "txt": "a bomb in GIF clothing"},
-               {"__key__": "ok", "jpg": jpeg(), "txt": "fine"}]
+    samples = [
+        {"__key__": "png", "png": png_claiming(30000, 30000), "txt": "a bomb"},
+        {"__key__": "gif", "png": bytes(gif), "txt": "a bomb in GIF clothing"},
+        {"__key__": "ok", "jpg": jpeg(), "txt": "fine"},
+    ]
     write_tar(tmp_path / "0.tar", iter(samples))
     keys, skipped, _ = read_epoch(str(tmp_path / "0.tar"))
     assert keys == ["ok"] and skipped == {"decompression_bomb": 2}
@@ -139,8 +142,15 @@ def test_a_png_header_claiming_too_many_pixels_is_a_decompression_bomb_under_eve
 
 def test_raising_max_image_pixels_admits_what_pillow_alone_would_refuse(tmp_path):
     big = encode(Image.new("1", (9500, 9500), 1), "PNG")  # 90.25 M pixels: over Pillow's 89.48 M default
-    write_tar(tmp_path / "0.tar", iter([{"__key__": "big", "png": big, "txt": "a large white page"},
-                                        {"__key__": "ok", "jpg": jpeg(), "txt": "fine"}]))
+    write_tar(
+        tmp_path / "0.tar",
+        iter(
+            [
+                {"__key__": "big", "png": big, "txt": "a large white page"},
+                {"__key__": "ok", "jpg": jpeg(), "txt": "fine"},
+            ]
+        ),
+    )
     keys, skipped, _ = read_epoch(str(tmp_path / "0.tar"))
     assert keys == ["ok"] and skipped == {"decompression_bomb": 1}
     keys, skipped, _ = read_epoch(str(tmp_path / "0.tar"), max_image_pixels=100_000_000)
@@ -168,9 +178,20 @@ def test_tar_pathologies_are_counted_once_under_one_name_by_training_and_inspect
 
 @pytest.mark.parametrize("name,caption_key,members,kind", CAPTION_CASES, ids=[case[0] for case in CAPTION_CASES])
 def test_caption_pathologies(name, caption_key, members, kind, tmp_path):
-    write_tar(tmp_path / "0.tar", iter([{"__key__": "case", "jpg": jpeg(), **members},
-                                        {"__key__": "good", "jpg": jpeg(), "txt": "a red square",
-                                         "json": json.dumps({"caption": "a red square"})}]))
+    write_tar(
+        tmp_path / "0.tar",
+        iter(
+            [
+                {"__key__": "case", "jpg": jpeg(), **members},
+                {
+                    "__key__": "good",
+                    "jpg": jpeg(),
+                    "txt": "a red square",
+                    "json": json.dumps({"caption": "a red square"}),
+                },
+            ]
+        ),
+    )
     keys, skipped, _ = read_epoch(str(tmp_path / "0.tar"), caption_key=caption_key)
     assert skipped == ({kind: 1} if kind else {}) and sorted(keys) == (["good"] if kind else ["case", "good"])
     report = inspect_shards(tmp_path, write_stats=False, num_workers=1, caption_key=caption_key)
@@ -206,8 +227,9 @@ def test_a_stream_that_keeps_nothing_stops_with_one_line_naming_sources_and_coun
     message = str(raised.value)
     assert "\n" not in message and "Traceback" not in message
     if mode == "resampled":
-        assert re.search(r"300 samples or shards in a row gave no usable sample \(data.max_skips_in_a_row=300\)",
-                         message)
+        assert re.search(
+            r"300 samples or shards in a row gave no usable sample \(data.max_skips_in_a_row=300\)", message
+        )
     else:  # each worker's 100 samples run out first: two empty epochs
         assert re.search(r"4 shards \(\S+\) yielded no full batch of 1 in two epochs", message)
     assert str(tmp_path / "bad") in message and "corrupt_image" in message
@@ -215,8 +237,9 @@ def test_a_stream_that_keeps_nothing_stops_with_one_line_naming_sources_and_coun
 
 def test_a_caption_key_no_sample_has_stops_instead_of_spinning(tmp_path):
     urls = bad_shards(tmp_path / "txt-only", sample={"jpg": jpeg(), "txt": "a caption in .txt only"})
-    loader = make_loader(urls, mode="resampled", num_workers=2, caption_key="json:caption", epoch_samples=1000,
-                         max_skips_in_a_row=300)
+    loader = make_loader(
+        urls, mode="resampled", num_workers=2, caption_key="json:caption", epoch_samples=1000, max_skips_in_a_row=300
+    )
     with deadline(90), pytest.raises(DataError, match=r"missing_caption \d+.*no \.json member"):
         next(loader)
     loader.close()
@@ -224,8 +247,9 @@ def test_a_caption_key_no_sample_has_stops_instead_of_spinning(tmp_path):
 
 def test_unreadable_shards_in_resampled_mode_stop(tmp_path):
     (tmp_path / "0.tar").write_bytes(b"not a tar" * 100)
-    loader = make_loader(f"{tmp_path}/{{0..1}}.tar", mode="resampled", num_workers=1, epoch_samples=1000,
-                         max_skips_in_a_row=100)
+    loader = make_loader(
+        f"{tmp_path}/{{0..1}}.tar", mode="resampled", num_workers=1, epoch_samples=1000, max_skips_in_a_row=100
+    )
     with deadline(90), pytest.raises(DataError, match="unreadable_shard"):
         next(loader)
     loader.close()
@@ -245,8 +269,14 @@ def test_strict_mode_failure_in_a_worker_is_one_line(tmp_path):
 def test_a_pending_stop_stops_a_starved_loader(tmp_path, workers):
     urls = bad_shards(tmp_path / "bad")
     asked = time.monotonic() + 2
-    loader = make_loader(urls, mode="resampled", num_workers=workers, epoch_samples=10**9,
-                         max_skips_in_a_row=10**9, stop_requested=lambda: time.monotonic() > asked)
+    loader = make_loader(
+        urls,
+        mode="resampled",
+        num_workers=workers,
+        epoch_samples=10**9,
+        max_skips_in_a_row=10**9,
+        stop_requested=lambda: time.monotonic() > asked,
+    )
     with deadline(60), pytest.raises(StopRequested):
         next(loader)
     loader.close()
@@ -263,10 +293,23 @@ def test_a_stalled_stream_stops_after_max_wait_seconds(tmp_path):
 
 
 def _one_rank_starves(rank, world_size, good, bad):
-    loader = build_train_loader(DataConfig(train_urls=bad if rank == 0 else good, batch_size=4, num_workers=1,
-                                           shuffle_buffer=1, shuffle_initial=1, max_skips_in_a_row=100,
-                                           mode="resampled", epoch_samples=1000),
-                                PREPROCESS, TOKENIZER, rank, world_size, agree=_agreement(rank, world_size))
+    loader = build_train_loader(
+        DataConfig(
+            train_urls=bad if rank == 0 else good,
+            batch_size=4,
+            num_workers=1,
+            shuffle_buffer=1,
+            shuffle_initial=1,
+            max_skips_in_a_row=100,
+            mode="resampled",
+            epoch_samples=1000,
+        ),
+        PREPROCESS,
+        TOKENIZER,
+        rank,
+        world_size,
+        agree=_agreement(rank, world_size),
+    )
     try:
         next(loader)
         return "no error"
@@ -295,10 +338,19 @@ def test_one_ranks_failing_data_stops_every_rank_together(tmp_path):
 
 
 def trainer_config(path: Path, urls: str, model_json: str, out: Path, **data) -> Path:
-    cfg = {"data": {"train_urls": urls, "batch_size": 8, "num_workers": 1, "shuffle_buffer": 10,
-                    "shuffle_initial": 1, **data},
-           "model": {"name": model_json}, "train": {"output_dir": str(out), "steps": 5},
-           "logging": {"progress_bar": False, "tensorboard": False, "plot": False}}
+    cfg = {
+        "data": {
+            "train_urls": urls,
+            "batch_size": 8,
+            "num_workers": 1,
+            "shuffle_buffer": 10,
+            "shuffle_initial": 1,
+            **data,
+        },
+        "model": {"name": model_json},
+        "train": {"output_dir": str(out), "steps": 5},
+        "logging": {"progress_bar": False, "tensorboard": False, "plot": False},
+    }
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -311,21 +363,35 @@ def run_env() -> dict[str, str]:
 def test_train_on_bad_data_in_strict_mode_ends_in_one_line(tmp_path, tiny_model_json):
     urls = bad_shards(tmp_path / "bad", count=2)
     config = trainer_config(tmp_path / "cfg.yaml", urls, tiny_model_json, tmp_path / "run", strict=True)
-    done = subprocess.run([str(BIN / "clipforge"), "train", str(config)], env=run_env(), capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [str(BIN / "clipforge"), "train", str(config)], env=run_env(), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
-    assert re.match(r"clipforge train: error: DataError: corrupt image at \S+\.tar:\d+: .*data\.strict is set",
-                    last), last
+    assert re.match(r"clipforge train: error: DataError: corrupt image at \S+\.tar:\d+: .*data\.strict is set", last), (
+        last
+    )
 
 
 def test_a_stop_signal_stops_a_starved_trainer_with_a_checkpoint(tmp_path, tiny_model_json):
     urls = bad_shards(tmp_path / "bad", count=2)
-    config = trainer_config(tmp_path / "cfg.yaml", urls, tiny_model_json, tmp_path / "run", mode="resampled",
-                            epoch_samples=10**6, max_skips_in_a_row=10**9)
-    process = subprocess.Popen([str(BIN / "clipforge"), "train", str(config)], env=run_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    config = trainer_config(
+        tmp_path / "cfg.yaml",
+        urls,
+        tiny_model_json,
+        tmp_path / "run",
+        mode="resampled",
+        epoch_samples=10**6,
+        max_skips_in_a_row=10**9,
+    )
+    process = subprocess.Popen(
+        [str(BIN / "clipforge"), "train", str(config)],
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         started = time.monotonic()
         while not (tmp_path / "run" / "config.yaml").exists() and time.monotonic() - started < 120:
@@ -349,8 +415,9 @@ def checkpoint(tmp_path, tiny_model_json) -> Path:
     from clipforge.config import load_config, to_yaml
     from clipforge.models import build_model
 
-    cfg = load_config(None, [f"model.name={tiny_model_json}", "data.train_urls=x.tar",
-                             f"train.output_dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        None, [f"model.name={tiny_model_json}", "data.train_urls=x.tar", f"train.output_dir={tmp_path / 'run'}"]
+    )
     built = build_model(cfg.model)
     return save_checkpoint(tmp_path / "run" / "checkpoints", built.model, 3, to_yaml(cfg))
 
@@ -368,13 +435,19 @@ def _manifest(path: Path, change) -> None:
 
 
 CHECKPOINT_CASES = {
-    "a flipped bit in model.safetensors": (lambda p: _flip(p / "model.safetensors"),
-                                           r"model\.safetensors does not match its SHA-256"),
-    "a truncated model.safetensors": (lambda p: (p / "model.safetensors").write_bytes(
-        (p / "model.safetensors").read_bytes()[:-1000]), r"model\.safetensors has \d+ bytes, the manifest says"),
+    "a flipped bit in model.safetensors": (
+        lambda p: _flip(p / "model.safetensors"),
+        r"model\.safetensors does not match its SHA-256",
+    ),
+    "a truncated model.safetensors": (
+        lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:-1000]),
+        r"model\.safetensors has \d+ bytes, the manifest says",
+    ),
     "a manifest without 'files'": (lambda p: _manifest(p, lambda m: m.pop("files")), r"no valid 'files' entry"),
-    "a file the manifest does not list": (lambda p: (p / "extra.bin").write_bytes(b"x"),
-                                          r"extra\.bin is not listed in manifest\.json"),
+    "a file the manifest does not list": (
+        lambda p: (p / "extra.bin").write_bytes(b"x"),
+        r"extra\.bin is not listed in manifest\.json",
+    ),
     "a manifest that does not parse": (lambda p: (p / "manifest.json").write_text("{"), r"unreadable manifest\.json"),
     "a missing file the manifest lists": (lambda p: (p / "state.pt").unlink(), r"missing state\.pt"),
 }
@@ -390,8 +463,10 @@ def test_every_checkpoint_reader_verifies_the_manifest_first(case, checkpoint, t
     name = yaml.safe_load((checkpoint / "config.yaml").read_text())["model"]["name"]
     damage, expected = CHECKPOINT_CASES[case]
     damage(checkpoint)
-    for command in (["export", str(checkpoint), "--format", "open_clip", "--out", str(tmp_path / "exported")],
-                    ["eval", str(checkpoint), "--suite", str(synth_suite), "--out", str(tmp_path / "results")]):
+    for command in (
+        ["export", str(checkpoint), "--format", "open_clip", "--out", str(tmp_path / "exported")],
+        ["eval", str(checkpoint), "--suite", str(synth_suite), "--out", str(tmp_path / "results")],
+    ):
         code = cli.main(command)
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and re.search(expected, err), err
@@ -407,8 +482,11 @@ def test_resume_auto_when_every_checkpoint_is_corrupt_says_so(checkpoint):
     from clipforge.train.checkpoint import Checkpointer
 
     _flip(checkpoint / "model.safetensors")
-    with pytest.raises(CorruptCheckpoint, match=r"every checkpoint in \S+ is corrupt.*step_00000003: model\."
-                                                r"safetensors does not match"):
+    with pytest.raises(
+        CorruptCheckpoint,
+        match=r"every checkpoint in \S+ is corrupt.*step_00000003: model\."
+        r"safetensors does not match",
+    ):
         Checkpointer(checkpoint.parent).latest_intact()
 
 
@@ -417,8 +495,10 @@ def test_resume_auto_when_every_checkpoint_is_corrupt_says_so(checkpoint):
 
 CONFIG_CASES = {
     "a YAML whose top level is a list": ("- data\n- model\n", r"the top level must be a mapping.*got a list"),
-    "a mapping where a list belongs": ("data:\n  sources:\n    urls: x.tar\n",
-                                       r"key 'data.sources': expected a list, got a mapping"),
+    "a mapping where a list belongs": (
+        "data:\n  sources:\n    urls: x.tar\n",
+        r"key 'data.sources': expected a list, got a mapping",
+    ),
     "a list where a mapping belongs": ("data: [1, 2]\n", r"key 'data': expected a mapping of keys, got a list"),
     "a wrong type": ("data:\n  train_urls: x.tar\n  batch_size: many\n", r"key 'data.batch_size'.*many"),
     "an unknown key": ("data:\n  train_urls: x.tar\n  batchsize: 4\n", r"batchsize"),

@@ -15,17 +15,28 @@ from checkpointing import load_checkpoint, save_checkpoint
 
 from clipforge.train.state import RNGState
 
-CUDA_FUNCTIONS = ("is_available", "device_count", "current_device", "init", "_lazy_init", "get_rng_state",
-                  "get_rng_state_all", "set_rng_state", "set_rng_state_all")
+CUDA_FUNCTIONS = (
+    "is_available",
+    "device_count",
+    "current_device",
+    "init",
+    "_lazy_init",
+    "get_rng_state",
+    "get_rng_state_all",
+    "set_rng_state",
+    "set_rng_state_all",
+)
 
 
 @pytest.fixture
 def no_cuda(monkeypatch):
     """Every torch.cuda function a generator save or restore could reach raises (the tests seed torch themselves:
     torch.manual_seed queues a CUDA seed, which is no part of the code under test)."""
+
     def forbidden(name):
         def call(*args, **kwargs):
             raise AssertionError(f"torch.cuda.{name} called for a CPU device")
+
         return call
 
     for name in CUDA_FUNCTIONS:
@@ -69,8 +80,11 @@ class FakeCudaGenerators:
         self.states = {0: torch.full((16,), 10, dtype=torch.uint8), 1: torch.full((16,), 11, dtype=torch.uint8)}
         self.set_calls: list[tuple[torch.Tensor, torch.device]] = []
         monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": self.states[torch.device(device).index])
-        monkeypatch.setattr(torch.cuda, "set_rng_state",
-                            lambda state, device="cuda": self.set_calls.append((state, torch.device(device))))
+        monkeypatch.setattr(
+            torch.cuda,
+            "set_rng_state",
+            lambda state, device="cuda": self.set_calls.append((state, torch.device(device))),
+        )
         for name in ("get_rng_state_all", "set_rng_state_all"):
             monkeypatch.setattr(torch.cuda, name, self._refuse(name))
 
@@ -78,6 +92,7 @@ class FakeCudaGenerators:
     def _refuse(name):
         def call(*args, **kwargs):
             raise AssertionError(f"torch.cuda.{name}: every GPU's generator, not this rank's")
+
         return call
 
 

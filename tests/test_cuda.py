@@ -55,8 +55,10 @@ def model_batch(built, size: int = 16) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     words = ["red", "blue", "circle", "square", "star", "two", "small", "large", "above", "left"]
     captions = [" ".join(words[i] for i in torch.randint(0, 10, (5,), generator=generator)) for _ in range(size)]
-    return {"images": torch.randn(size, 3, 32, 32, generator=generator).to(DEVICE),
-            "texts": built.tokenizer(captions).to(DEVICE)}
+    return {
+        "images": torch.randn(size, 3, 32, 32, generator=generator).to(DEVICE),
+        "texts": built.tokenizer(captions).to(DEVICE),
+    }
 
 
 def constant_schedule(optimizer):
@@ -66,8 +68,9 @@ def constant_schedule(optimizer):
 @ONE_GPU
 def test_normalize_makes_no_host_sync_after_its_first_batch():
     transform = ImageTransform(size=32)
-    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).to(
+        DEVICE
+    )
     reference = transform.normalize(images.cpu())
     transform.normalize(images)  # the first batch on this device makes its mean and std tensors
     with sync_debug("error"):
@@ -80,8 +83,9 @@ def test_a_plain_step_makes_no_host_sync(tiny_model_json):
     built = build_model(ModelConfig(name=tiny_model_json))
     model = built.model.to(DEVICE).train()
     optimizer = build_optimizer(OptimConfig(warmup_steps=0), model)
-    step = build_step(model, build_loss(LossConfig()), optimizer, constant_schedule(optimizer), DEVICE, "fp32", 1.0,
-                      100.0)
+    step = build_step(
+        model, build_loss(LossConfig()), optimizer, constant_schedule(optimizer), DEVICE, "fp32", 1.0, 100.0
+    )
     data = model_batch(built)
     step(data)  # optimizer state, cuBLAS handles and the like are made on the first step
     with sync_debug("error"):  # the backward pass runs on autograd's device thread: only "error" reaches it
@@ -114,8 +118,9 @@ def test_a_mixed_precision_step_with_fused_adamw_updates_as_foreach_adamw(precis
             model = copy.deepcopy(built.model).to(DEVICE).train()
             optimizer = build_optimizer(OptimConfig(lr=1e-3, warmup_steps=0, fused=fused), model)
             assert bool(optimizer.param_groups[0]["fused"]) is fused
-            step = build_step(model, build_loss(LossConfig()), optimizer, constant_schedule(optimizer), DEVICE,
-                              precision, 1.0, 100.0)
+            step = build_step(
+                model, build_loss(LossConfig()), optimizer, constant_schedule(optimizer), DEVICE, precision, 1.0, 100.0
+            )
             assert (step.scaler is not None) == (precision == "fp16")
             skipped = 0  # fp16: the scaler skips steps whose gradients overflow and lowers its scale
             with sdpa_kernel(SDPBackend.MATH):
@@ -134,8 +139,9 @@ def test_a_mixed_precision_step_with_fused_adamw_updates_as_foreach_adamw(precis
     assert fused_skipped == foreach_skipped  # the same overflowing steps skipped, then one update applied
     torch.testing.assert_close(fused_result["loss"], reference_loss, rtol=0, atol=0.05)
     moved = 0.0
-    for (name, fused_parameter), foreach_parameter, start in zip(fused_model.named_parameters(),
-                                                                 foreach_model.parameters(), initial.parameters()):
+    for (name, fused_parameter), foreach_parameter, start in zip(
+        fused_model.named_parameters(), foreach_model.parameters(), initial.parameters()
+    ):
         torch.testing.assert_close(fused_parameter, foreach_parameter, rtol=1e-4, atol=1e-5, msg=name)
         moved = max(moved, (fused_parameter - start).abs().max().item())
     assert moved > 5e-4  # an update of about lr was applied, not skipped
@@ -181,8 +187,13 @@ def test_a_gpu_checkpoints_generators_resume_on_a_cpu_rank(tmp_path, monkeypatch
     assert (torch.rand(4).tolist(), random.random()) == expected
 
 
-NCCL_CASES = [("clip", {}), ("clip", {"tile_size": 4}), ("siglip", {}), ("siglip", {"siglip_exchange": "ring"}),
-              ("siglip", {"siglip_exchange": "ring", "tile_size": 4})]
+NCCL_CASES = [
+    ("clip", {}),
+    ("clip", {"tile_size": 4}),
+    ("siglip", {}),
+    ("siglip", {"siglip_exchange": "ring"}),
+    ("siglip", {"siglip_exchange": "ring", "tile_size": 4}),
+]
 NCCL_IDS = [f"{kind}-{'-'.join(f'{k}={v}' for k, v in options.items()) or 'plain'}" for kind, options in NCCL_CASES]
 
 
@@ -196,15 +207,19 @@ def _distributed_losses(rank, world_size, device_type):
     results = {}
     for case, (kind, options) in zip(NCCL_IDS, NCCL_CASES):
         cfg = LossConfig(kind=kind, **options)
-        model = DistributedDataParallel(TinyDualEncoder(kind == "siglip").to(device),
-                                        device_ids=[rank] if device_type == "cuda" else None)
-        loss = loss_of(build_loss(cfg, rank, world_size), kind, model, images[local].to(device),
-                       texts[local].to(device))
+        model = DistributedDataParallel(
+            TinyDualEncoder(kind == "siglip").to(device), device_ids=[rank] if device_type == "cuda" else None
+        )
+        loss = loss_of(
+            build_loss(cfg, rank, world_size), kind, model, images[local].to(device), texts[local].to(device)
+        )
         loss.backward()
         mean_loss = loss.detach().clone()
         torch.distributed.all_reduce(mean_loss)
-        results[case] = (mean_loss.item() / world_size,
-                         {n: p.grad.detach().cpu() for n, p in model.module.named_parameters()})
+        results[case] = (
+            mean_loss.item() / world_size,
+            {n: p.grad.detach().cpu() for n, p in model.module.named_parameters()},
+        )
     return results
 
 

@@ -24,24 +24,34 @@ def write_uneven_shards(root, with_sizes: bool):
     buffer = io.BytesIO()
     Image.new("RGB", (20, 20), (10, 200, 30)).save(buffer, format="JPEG")
     for shard, size in enumerate(SHARD_SIZES):
-        write_tar(root / f"{shard:05d}.tar", iter([{"__key__": f"{shard:03d}{i:04d}", "jpg": buffer.getvalue(),
-                                                    "txt": f"sample {i} of shard {shard}"} for i in range(size)]))
+        write_tar(
+            root / f"{shard:05d}.tar",
+            iter(
+                [
+                    {"__key__": f"{shard:03d}{i:04d}", "jpg": buffer.getvalue(), "txt": f"sample {i} of shard {shard}"}
+                    for i in range(size)
+                ]
+            ),
+        )
     if with_sizes:
         (root / "sizes.json").write_text(json.dumps({f"{s:05d}.tar": n for s, n in enumerate(SHARD_SIZES)}))
     return f"{root}/{{00000..{len(SHARD_SIZES) - 1:05d}}}.tar"
 
 
 def make_loader(urls, rank, world_size, mode, agree=None, **extra):
-    cfg = DataConfig(train_urls=urls, batch_size=BATCH, num_workers=2, shuffle_buffer=40, shuffle_initial=10,
-                     mode=mode, **extra)
+    cfg = DataConfig(
+        train_urls=urls, batch_size=BATCH, num_workers=2, shuffle_buffer=40, shuffle_initial=10, mode=mode, **extra
+    )
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=16)
-    return build_train_loader(cfg, PREPROCESS, tokenizer, rank, world_size,
-                              **({} if agree is None else {"agree": agree}))
+    return build_train_loader(
+        cfg, PREPROCESS, tokenizer, rank, world_size, **({} if agree is None else {"agree": agree})
+    )
 
 
 def first_epoch_keys(rank, world_size, urls, mode, extra):
-    loader = make_loader(urls, rank, world_size, mode, make_agreement(DistInfo(rank=rank, world_size=world_size)),
-                         **extra)
+    loader = make_loader(
+        urls, rank, world_size, mode, make_agreement(DistInfo(rank=rank, world_size=world_size)), **extra
+    )
     steps = []
     while loader.epoch == 0:
         steps.append(next(loader)["keys"])

@@ -6,24 +6,37 @@ import pytest
 
 from clipforge.distributed import DistInfo, init_process_group
 
-TORCHRUN = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "node0",
-            "MASTER_PORT": "29500"}
+TORCHRUN = {
+    "RANK": "5",
+    "WORLD_SIZE": "8",
+    "LOCAL_RANK": "1",
+    "LOCAL_WORLD_SIZE": "4",
+    "MASTER_ADDR": "node0",
+    "MASTER_PORT": "29500",
+}
 SRUN = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4"}
 
 
-@pytest.mark.parametrize("env, cuda, expected", [
-    ({}, True, DistInfo(0, 0, 1, 1, "cuda:0", "nccl")),
-    ({}, False, DistInfo(0, 0, 1, 1, "cpu", "gloo")),
-    (TORCHRUN, True, DistInfo(5, 1, 8, 4, "cuda:1", "nccl")),
-    (TORCHRUN, False, DistInfo(5, 1, 8, 4, "cpu", "gloo")),
-    ({**TORCHRUN, "ACCELERATE_USE_CPU": "true"}, True, DistInfo(5, 1, 8, 4, "cpu", "gloo")),  # accelerate on CPU
-    (SRUN, True, DistInfo(5, 1, 8, 4, "cuda:1", "nccl")),
-    ({**SRUN, "SLURM_NTASKS_PER_NODE": "4(x2)"}, True, DistInfo(5, 1, 8, 4, "cuda:1", "nccl")),  # SLURM's repeat form
-    # a torchrun inside an sbatch job: torchrun's variables win over the job's
-    ({**SRUN, "SLURM_NTASKS": "2", "SLURM_PROCID": "0", **TORCHRUN}, True, DistInfo(5, 1, 8, 4, "cuda:1", "nccl")),
-    # a single-task SLURM job (one task per node running torchrun or python): one process
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, False, DistInfo(0, 0, 1, 1, "cpu", "gloo")),
-])
+@pytest.mark.parametrize(
+    "env, cuda, expected",
+    [
+        ({}, True, DistInfo(0, 0, 1, 1, "cuda:0", "nccl")),
+        ({}, False, DistInfo(0, 0, 1, 1, "cpu", "gloo")),
+        (TORCHRUN, True, DistInfo(5, 1, 8, 4, "cuda:1", "nccl")),
+        (TORCHRUN, False, DistInfo(5, 1, 8, 4, "cpu", "gloo")),
+        ({**TORCHRUN, "ACCELERATE_USE_CPU": "true"}, True, DistInfo(5, 1, 8, 4, "cpu", "gloo")),  # accelerate on CPU
+        (SRUN, True, DistInfo(5, 1, 8, 4, "cuda:1", "nccl")),
+        (
+            {**SRUN, "SLURM_NTASKS_PER_NODE": "4(x2)"},
+            True,
+            DistInfo(5, 1, 8, 4, "cuda:1", "nccl"),
+        ),  # SLURM's repeat form
+        # a torchrun inside an sbatch job: torchrun's variables win over the job's
+        ({**SRUN, "SLURM_NTASKS": "2", "SLURM_PROCID": "0", **TORCHRUN}, True, DistInfo(5, 1, 8, 4, "cuda:1", "nccl")),
+        # a single-task SLURM job (one task per node running torchrun or python): one process
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, False, DistInfo(0, 0, 1, 1, "cpu", "gloo")),
+    ],
+)
 def test_from_env(env, cuda, expected):
     assert DistInfo.from_env(env, cuda_available=cuda, device_count=4) == expected  # a GPU per local rank
 
@@ -31,14 +44,17 @@ def test_from_env(env, cuda, expected):
 ONE_GPU_PER_TASK = {"SLURM_PROCID": "7", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3", "SLURM_NTASKS_PER_NODE": "4"}
 
 
-@pytest.mark.parametrize("env, device_count, expected", [
-    # srun --gpus-per-task=1: every task sees one GPU, its own, as cuda:0 (cuda:3 would be an invalid ordinal)
-    (ONE_GPU_PER_TASK, 1, DistInfo(7, 3, 8, 4, "cuda:0", "nccl")),
-    ({**TORCHRUN, "LOCAL_RANK": "3"}, 1, DistInfo(5, 3, 8, 4, "cuda:0", "nccl")),
-    (ONE_GPU_PER_TASK, 2, DistInfo(7, 3, 8, 4, "cuda:1", "nccl")),  # two GPUs shared by four tasks
-    (ONE_GPU_PER_TASK, 8, DistInfo(7, 3, 8, 4, "cuda:3", "nccl")),  # every GPU of the node visible
-    (ONE_GPU_PER_TASK, 0, DistInfo(7, 3, 8, 4, "cuda:0", "nccl")),
-])
+@pytest.mark.parametrize(
+    "env, device_count, expected",
+    [
+        # srun --gpus-per-task=1: every task sees one GPU, its own, as cuda:0 (cuda:3 would be an invalid ordinal)
+        (ONE_GPU_PER_TASK, 1, DistInfo(7, 3, 8, 4, "cuda:0", "nccl")),
+        ({**TORCHRUN, "LOCAL_RANK": "3"}, 1, DistInfo(5, 3, 8, 4, "cuda:0", "nccl")),
+        (ONE_GPU_PER_TASK, 2, DistInfo(7, 3, 8, 4, "cuda:1", "nccl")),  # two GPUs shared by four tasks
+        (ONE_GPU_PER_TASK, 8, DistInfo(7, 3, 8, 4, "cuda:3", "nccl")),  # every GPU of the node visible
+        (ONE_GPU_PER_TASK, 0, DistInfo(7, 3, 8, 4, "cuda:0", "nccl")),
+    ],
+)
 def test_the_device_is_the_local_rank_among_the_visible_gpus(env, device_count, expected):
     assert DistInfo.from_env(env, cuda_available=True, device_count=device_count) == expected
 
@@ -80,8 +96,9 @@ def test_one_gpu_per_task_binds_and_wraps_the_visible_device(monkeypatch):
             calls["to"] = args
             return self
 
-    monkeypatch.setattr(parallel, "DistributedDataParallel",
-                        lambda model, device_ids: calls.setdefault("device_ids", device_ids))
+    monkeypatch.setattr(
+        parallel, "DistributedDataParallel", lambda model, device_ids: calls.setdefault("device_ids", device_ids)
+    )
     parallel.parallelize(Placed(2, 2), info)
     assert calls["to"] == ("cuda:0",) and calls["device_ids"] == [0]
 

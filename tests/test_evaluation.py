@@ -62,10 +62,17 @@ def test_classifier_averages_normalised_template_embeddings():
 
 
 def brute_force_recalls(scores, caption_image, k):
-    text_to_image = sum(caption_image[t] in scores[t].argsort(descending=True)[:k].tolist()
-                        for t in range(scores.shape[0])) / scores.shape[0]
-    image_to_text = sum(any(caption_image[t] == i for t in scores[:, i].argsort(descending=True)[:k].tolist())
-                        for i in range(scores.shape[1])) / scores.shape[1]
+    text_to_image = (
+        sum(caption_image[t] in scores[t].argsort(descending=True)[:k].tolist() for t in range(scores.shape[0]))
+        / scores.shape[0]
+    )
+    image_to_text = (
+        sum(
+            any(caption_image[t] == i for t in scores[:, i].argsort(descending=True)[:k].tolist())
+            for i in range(scores.shape[1])
+        )
+        / scores.shape[1]
+    )
     return text_to_image, image_to_text
 
 
@@ -113,8 +120,10 @@ def test_class_specific_templates_average_their_own_prompts():
     prompts["dog"] = ["a dog", "a cat-like dog"]  # "cat-like dog" names the cat first: its embedding is the cat's
     classifier = build_classifier(FakeEncoder(), tokenizer, CLASSNAMES, prompts)
     encoder = FakeEncoder()
-    expected_dog = F.normalize((encoder.encode_text(tokenizer(["a dog"])) +
-                                encoder.encode_text(tokenizer(["a cat-like dog"]))).squeeze(0) / 2, dim=0)
+    expected_dog = F.normalize(
+        (encoder.encode_text(tokenizer(["a dog"])) + encoder.encode_text(tokenizer(["a cat-like dog"]))).squeeze(0) / 2,
+        dim=0,
+    )
     torch.testing.assert_close(classifier[:, 1], expected_dog)
     torch.testing.assert_close(classifier[:, 0], encoder.encode_text(tokenizer(["a cat"]))[0])
 
@@ -143,10 +152,17 @@ def test_a_suite_embeds_each_split_once_and_builds_each_classifier_once(synth_da
 
     shapes = synth_data / "eval" / "shapes"
     suite = tmp_path / "suite.yaml"
-    suite.write_text("name: cache\ndatasets:\n" + "".join(
-        f"  - {{name: {name}, task: {task}, path: {shapes}}}\n"
-        for name, task in (("shapes", "zeroshot_classification"), ("shapes-again", "zeroshot_classification"),
-                           ("shapes-probe", "linear_probe"))))
+    suite.write_text(
+        "name: cache\ndatasets:\n"
+        + "".join(
+            f"  - {{name: {name}, task: {task}, path: {shapes}}}\n"
+            for name, task in (
+                ("shapes", "zeroshot_classification"),
+                ("shapes-again", "zeroshot_classification"),
+                ("shapes-probe", "linear_probe"),
+            )
+        )
+    )
     encoder = CountingEncoder()
     transform = lambda image: torch.from_numpy(np.asarray(image, dtype="float32")).permute(2, 0, 1)
     results = run_suite(encoder, open_clip.get_tokenizer("ViT-B-32"), transform, load_suite(suite), 128, 0)
@@ -161,9 +177,16 @@ def fake_results(num_classes):
     generator = torch.Generator().manual_seed(num_classes)
     per_class = {f"class {i}": torch.rand(1, generator=generator).item() for i in range(num_classes)}
     mean = sum(per_class.values()) / num_classes
-    return {"task": "zeroshot_classification", "acc1": mean, "acc5": None if num_classes < 5 else 0.9,
-            "mean_per_class_recall": mean, "per_class_accuracy": per_class, "chance_acc1": 1 / num_classes,
-            "num_samples": 10 * num_classes, "seconds": 1.0}
+    return {
+        "task": "zeroshot_classification",
+        "acc1": mean,
+        "acc5": None if num_classes < 5 else 0.9,
+        "mean_per_class_recall": mean,
+        "per_class_accuracy": per_class,
+        "chance_acc1": 1 / num_classes,
+        "num_samples": 10 * num_classes,
+        "seconds": 1.0,
+    }
 
 
 def test_report_table_headline_and_plots(tmp_path):
@@ -175,8 +198,13 @@ def test_report_table_headline_and_plots(tmp_path):
     table = markdown_table(results)
     assert "| few | classification | top-1 |" in table and "| few | classification | top-5 |" not in table
     assert "| many | classification | top-5 | 90.0% | 2.5% |" in table
-    assert set(headline(results)) == {"few/acc1", "few/mean_per_class_recall", "many/acc1", "many/acc5",
-                                      "many/mean_per_class_recall"}
+    assert set(headline(results)) == {
+        "few/acc1",
+        "few/mean_per_class_recall",
+        "many/acc1",
+        "many/acc5",
+        "many/mean_per_class_recall",
+    }
     written = write_report(results, tmp_path, "run")
     assert [path.name for path in written] == ["run.json", "run.md", "run_few_per_class.png", "run_many_per_class.png"]
     for path in written[2:]:
@@ -207,8 +235,9 @@ def test_data_root_comes_from_the_flag_then_the_environment_then_the_suite(tmp_p
     from clipforge.evaluation.suite import DATA_ROOT_ENV
 
     suite = tmp_path / "suite.yaml"
-    suite.write_text("name: s\ndata_root: /from/suite\ndatasets:\n"
-                     "  - {name: a, task: zeroshot_retrieval, path: '{data_root}/a'}\n")
+    suite.write_text(
+        "name: s\ndata_root: /from/suite\ndatasets:\n  - {name: a, task: zeroshot_retrieval, path: '{data_root}/a'}\n"
+    )
     monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
     assert load_suite(suite, check=False).datasets[0].path == "/from/suite/a"
     monkeypatch.setenv(DATA_ROOT_ENV, "/from/env")

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from clip_benchmark.datasets.builder import build_dataset
-from eval_fixtures import trained_checkpoint  # noqa: F401 — a fixture
 
 from clipforge.evaluation import load_eval_model, load_suite, run_suite
 from clipforge.evaluation.datasets import resolve_names
@@ -34,12 +33,13 @@ def numpy2_safe_accuracy(output, target, topk=(1,)):
 def clip_benchmark_loader(name, root, transform, task, batch_size=64):
     dataset = build_dataset(f"wds/{name}", root=str(root), transform=transform, split="test", task=task)
     # As clip_benchmark's CLI builds it for wds/ datasets.
-    return dataset, torch.utils.data.DataLoader(dataset.batched(batch_size), batch_size=None, shuffle=False,
-                                                num_workers=0)
+    return dataset, torch.utils.data.DataLoader(
+        dataset.batched(batch_size), batch_size=None, shuffle=False, num_workers=0
+    )
 
 
 @pytest.fixture(scope="module")
-def evaluated(trained_checkpoint, synth_suite):  # noqa: F811
+def evaluated(trained_checkpoint, synth_suite):
     loaded = load_eval_model(str(trained_checkpoint))
     results = run_suite(loaded.encoder, loaded.tokenizer, loaded.transform, load_suite(synth_suite), 64, 1)
     return loaded, results
@@ -51,21 +51,28 @@ def test_zero_shot_classification_equals_clip_benchmark(evaluated, synth_data, m
     model = loaded.encoder.model
     spread = []
     for name in ("shapes", "colors"):
-        dataset, loader = clip_benchmark_loader(name, synth_data / "eval" / name, loaded.transform,
-                                                "zeroshot_classification")
-        theirs = cb_classification.evaluate(model, loader, loaded.tokenizer, dataset.classes, dataset.templates,
-                                            device="cpu", amp=False)
+        dataset, loader = clip_benchmark_loader(
+            name, synth_data / "eval" / name, loaded.transform, "zeroshot_classification"
+        )
+        theirs = cb_classification.evaluate(
+            model, loader, loaded.tokenizer, dataset.classes, dataset.templates, device="cpu", amp=False
+        )
         ours = results[name]
-        print(f"{name}: clip_benchmark {theirs}; clipforge acc1 {ours['acc1']} acc5 {ours['acc5']} "
-              f"mean_per_class_recall {ours['mean_per_class_recall']}")
+        print(
+            f"{name}: clip_benchmark {theirs}; clipforge acc1 {ours['acc1']} acc5 {ours['acc5']} "
+            f"mean_per_class_recall {ours['mean_per_class_recall']}"
+        )
         assert ours["acc1"] == theirs["acc1"] and ours["acc5"] == theirs["acc5"]
         assert ours["mean_per_class_recall"] == pytest.approx(theirs["mean_per_class_recall"], abs=1e-12)
         # Per image, too: their logits' predictions are ours.
-        classifier = cb_classification.zero_shot_classifier(model, loaded.tokenizer, dataset.classes,
-                                                            dataset.templates, "cpu", amp=False)
+        classifier = cb_classification.zero_shot_classifier(
+            model, loaded.tokenizer, dataset.classes, dataset.templates, "cpu", amp=False
+        )
         logits, target = cb_classification.run_classification(model, classifier, loader, "cpu", amp=False)
-        per_class = {dataset.classes[c]: (logits.argmax(1)[target == c] == c).float().mean().item()
-                     for c in target.unique().tolist()}
+        per_class = {
+            dataset.classes[c]: (logits.argmax(1)[target == c] == c).float().mean().item()
+            for c in target.unique().tolist()
+        }
         assert per_class == pytest.approx(ours["per_class_accuracy"], abs=1e-6)
         spread.append(len(set(logits.argmax(1).tolist())))
     assert min(spread) >= 3  # the trained model predicts several classes: the agreement is not trivial
@@ -74,10 +81,12 @@ def test_zero_shot_classification_equals_clip_benchmark(evaluated, synth_data, m
 
 def test_retrieval_equals_clip_benchmark(evaluated, synth_data):
     loaded, results = evaluated
-    _, loader = clip_benchmark_loader("retrieval", synth_data / "eval" / "retrieval", loaded.transform,
-                                      "zeroshot_retrieval")
-    theirs = cb_retrieval.evaluate(loaded.encoder.model, loader, loaded.tokenizer, device="cpu", amp=False,
-                                   recall_k_list=[1, 5, 10])
+    _, loader = clip_benchmark_loader(
+        "retrieval", synth_data / "eval" / "retrieval", loaded.transform, "zeroshot_retrieval"
+    )
+    theirs = cb_retrieval.evaluate(
+        loaded.encoder.model, loader, loaded.tokenizer, device="cpu", amp=False, recall_k_list=[1, 5, 10]
+    )
     ours = results["retrieval"]
     print(f"retrieval: clip_benchmark {theirs}; clipforge { {k: v for k, v in ours.items() if 'recall@' in k} }")
     for key, value in theirs.items():

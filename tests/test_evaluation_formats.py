@@ -40,8 +40,9 @@ def mixed_wds(tmp_path_factory):
         for index in range(7):
             image = Image.fromarray(generator.integers(0, 255, (12 + index, 10, 3), dtype=np.uint8))
             extension, fmt = formats[(shard + index) % len(formats)]
-            samples.append({"__key__": f"s{shard}_{index:03d}", extension: encode(image, fmt),
-                            "cls": str((shard * 7 + index) % 3)})
+            samples.append(
+                {"__key__": f"s{shard}_{index:03d}", extension: encode(image, fmt), "cls": str((shard * 7 + index) % 3)}
+            )
         write_tar(root / "test" / f"{shard}.tar", iter(samples))
     (root / "test" / "nshards.txt").write_text("2\n")
     (root / "classnames.txt").write_text("zero\none\ntwo\n")
@@ -70,7 +71,8 @@ def write_imagefolder(wds_root, out):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{index:05d}.jpg").write_bytes(benchmark.source._read(index, "jpg"))
     (out / "zeroshot_classification_templates.txt").write_text(
-        (wds_root / "zeroshot_classification_templates.txt").read_text())
+        (wds_root / "zeroshot_classification_templates.txt").read_text()
+    )
     return out
 
 
@@ -81,8 +83,9 @@ def write_hf(wds_root, out, kind):
     images = [{"bytes": benchmark.source._read(i, "jpg"), "path": None} for i in range(len(benchmark))]
     targets = [benchmark.source.target(i) for i in range(len(benchmark))]
     if kind == "classification":
-        features = datasets.Features({"image": datasets.Image(),
-                                      "label": datasets.ClassLabel(names=benchmark.classnames)})
+        features = datasets.Features(
+            {"image": datasets.Image(), "label": datasets.ClassLabel(names=benchmark.classnames)}
+        )
         table = {"image": images, "label": targets}
     else:
         features = datasets.Features({"image": datasets.Image(), "captions": datasets.List(datasets.Value("string"))})
@@ -113,13 +116,25 @@ def test_one_set_in_three_formats_gives_identical_embeddings_and_metrics(synth_d
     assert torch.equal(wds_retrieval, hf_retrieval_features) and wds_captions == hf_captions
 
     suite = tmp_path / "suite.yaml"
-    suite.write_text(json.dumps({"name": "formats", "datasets": [
-        {"name": "wds", "task": "zeroshot_classification", "path": str(shapes)},
-        {"name": "folder", "task": "zeroshot_classification", "path": str(folder), "format": "imagefolder"},
-        {"name": "hf", "task": "zeroshot_classification", "path": str(hf_shapes),
-         "templates": str(shapes / "zeroshot_classification_templates.txt")},
-        {"name": "wds-retrieval", "task": "zeroshot_retrieval", "path": str(retrieval)},
-        {"name": "hf-retrieval", "task": "zeroshot_retrieval", "path": str(hf_retrieval)}]}))
+    suite.write_text(
+        json.dumps(
+            {
+                "name": "formats",
+                "datasets": [
+                    {"name": "wds", "task": "zeroshot_classification", "path": str(shapes)},
+                    {"name": "folder", "task": "zeroshot_classification", "path": str(folder), "format": "imagefolder"},
+                    {
+                        "name": "hf",
+                        "task": "zeroshot_classification",
+                        "path": str(hf_shapes),
+                        "templates": str(shapes / "zeroshot_classification_templates.txt"),
+                    },
+                    {"name": "wds-retrieval", "task": "zeroshot_retrieval", "path": str(retrieval)},
+                    {"name": "hf-retrieval", "task": "zeroshot_retrieval", "path": str(hf_retrieval)},
+                ],
+            }
+        )
+    )
     results = run_suite(encoder, built.tokenizer, built.eval_transform, load_suite(suite), 100, 1)
     # The image folder orders classes alphabetically, so its label indices differ; the metrics must not.
     for name in ("folder", "hf"):
@@ -149,7 +164,8 @@ def test_hf_dataset_errors_name_the_columns_and_splits(tmp_path):
     table = {"image": [{"bytes": encode(Image.new("RGB", (4, 4)), "PNG"), "path": None}], "score": [0.5]}
     features = datasets.Features({"image": datasets.Image(), "score": datasets.Value("float32")})
     datasets.DatasetDict({"validation": datasets.Dataset.from_dict(table, features=features)}).save_to_disk(
-        str(tmp_path / "hf"))
+        str(tmp_path / "hf")
+    )
     with pytest.raises(ValueError, match=r"no split 'test'.*validation"):
         load_benchmark(tmp_path / "hf")
     with pytest.raises(ValueError, match=r"no label column \(columns: \['image', 'score'\]\)"):

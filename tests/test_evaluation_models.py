@@ -7,7 +7,7 @@ import shutil
 import open_clip
 import pytest
 import torch
-from eval_fixtures import assert_valid_png, probe_suite, trained_checkpoint  # noqa: F401 — fixtures
+from eval_fixtures import assert_valid_png
 
 from clipforge.cli import main
 from clipforge.evaluation import benchmark_loader, load_benchmark, load_eval_model, load_suite, run_suite
@@ -17,20 +17,40 @@ from clipforge.evaluation.zeroshot import build_classifier, embed_images
 
 def numbers(results):
     """Every metric except timings (comparable across runs of the same model on the same data)."""
-    return {name: {key: value for key, value in metrics.items() if key != "seconds"}
-            for name, metrics in results.items()}
+    return {
+        name: {key: value for key, value in metrics.items() if key != "seconds"} for name, metrics in results.items()
+    }
 
 
 @pytest.fixture(scope="module")
-def cli_results(trained_checkpoint, probe_suite, tmp_path_factory):  # noqa: F811
+def cli_results(trained_checkpoint, probe_suite, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli_eval")
-    assert main(["eval", str(trained_checkpoint), "--suite", str(probe_suite), "--out", str(out), "--quiet",
-                 "--workers", "1", "--batch-size", "100"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(trained_checkpoint),
+                "--suite",
+                str(probe_suite),
+                "--out",
+                str(out),
+                "--quiet",
+                "--workers",
+                "1",
+                "--batch-size",
+                "100",
+            ]
+        )
+        == 0
+    )
     return out, json.loads((out / f"synthetic_{trained_checkpoint.name}.json").read_text())
 
 
-def test_cli_writes_json_markdown_and_plots_equal_to_the_library(cli_results, trained_checkpoint,  # noqa: F811
-                                                                 probe_suite):  # noqa: F811
+def test_cli_writes_json_markdown_and_plots_equal_to_the_library(
+    cli_results,
+    trained_checkpoint,
+    probe_suite,
+):
     out, results = cli_results
     loaded = load_eval_model(str(trained_checkpoint))
     direct = run_suite(loaded.encoder, loaded.tokenizer, loaded.transform, load_suite(probe_suite), 100, 1)
@@ -49,24 +69,32 @@ def test_cli_writes_json_markdown_and_plots_equal_to_the_library(cli_results, tr
     assert len(examples) == 6 and all(len(example["top_images"]) == 5 for example in examples)
 
 
-def test_default_output_is_the_run_directory(trained_checkpoint, synth_suite):  # noqa: F811
-    assert main(["eval", str(trained_checkpoint), "--suite", str(synth_suite), "--quiet", "--no-plots",
-                 "--workers", "0"]) == 0
+def test_default_output_is_the_run_directory(trained_checkpoint, synth_suite):
+    assert (
+        main(["eval", str(trained_checkpoint), "--suite", str(synth_suite), "--quiet", "--no-plots", "--workers", "0"])
+        == 0
+    )
     eval_dir = trained_checkpoint.parent.parent / "eval"
     assert (eval_dir / f"synthetic_{trained_checkpoint.name}.json").is_file()
     assert not list(eval_dir.glob("*.png"))
 
 
 def test_open_clip_architecture_with_weights_and_open_clip_folder_load_the_same_model(
-        trained_checkpoint, synth_data, tiny_resnet_json, tmp_path):  # noqa: F811
+    trained_checkpoint, synth_data, tiny_resnet_json, tmp_path
+):
     weights = tmp_path / "weights.safetensors"
     shutil.copy(trained_checkpoint / "model.safetensors", weights)
     folder = tmp_path / "open_clip_folder"
     folder.mkdir()
     reference = load_eval_model(str(trained_checkpoint))
-    (folder / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": json.loads(open(tiny_resnet_json).read()),
-         "preprocess_cfg": open_clip.get_model_preprocess_cfg(reference.encoder.model)}))
+    (folder / "open_clip_config.json").write_text(
+        json.dumps(
+            {
+                "model_cfg": json.loads(open(tiny_resnet_json).read()),
+                "preprocess_cfg": open_clip.get_model_preprocess_cfg(reference.encoder.model),
+            }
+        )
+    )
     with pytest.raises(FileNotFoundError, match="open_clip folder without weights"):
         load_eval_model(str(folder))  # open_clip itself would random-initialise here
     shutil.copy(trained_checkpoint / "model.safetensors", folder / "open_clip_model.safetensors")
@@ -77,26 +105,43 @@ def test_open_clip_architecture_with_weights_and_open_clip_folder_load_the_same_
         expected = torch.stack([reference.transform(benchmark.image(index)) for index in range(8)])
         assert torch.equal(images, expected) and torch.equal(loaded.tokenizer(texts), reference.tokenizer(texts))
         assert torch.equal(loaded.encoder.encode_image(images), reference.encoder.encode_image(images))
-        assert torch.equal(loaded.encoder.encode_text(loaded.tokenizer(texts)),
-                           reference.encoder.encode_text(reference.tokenizer(texts)))
+        assert torch.equal(
+            loaded.encoder.encode_text(loaded.tokenizer(texts)),
+            reference.encoder.encode_text(reference.tokenizer(texts)),
+        )
     with pytest.raises(ValueError, match="needs --weights"):
         load_eval_model(architecture=tiny_resnet_json)
 
 
-def test_cli_with_architecture_and_weights(trained_checkpoint, synth_data, tiny_resnet_json, tmp_path):  # noqa: F811
+def test_cli_with_architecture_and_weights(trained_checkpoint, synth_data, tiny_resnet_json, tmp_path):
     suite = tmp_path / "colors.yaml"
-    suite.write_text(f"name: colors\ndatasets:\n  - name: colors\n    task: zeroshot_classification\n"
-                     f"    path: {synth_data / 'eval' / 'colors'}\n")
+    suite.write_text(
+        f"name: colors\ndatasets:\n  - name: colors\n    task: zeroshot_classification\n"
+        f"    path: {synth_data / 'eval' / 'colors'}\n"
+    )
     args = ["--suite", str(suite), "--quiet", "--no-plots", "--workers", "1", "--batch-size", "100"]
     assert main(["eval", str(trained_checkpoint), "--out", str(tmp_path / "a"), *args]) == 0
-    assert main(["eval", "--model", tiny_resnet_json, "--weights", str(trained_checkpoint / "model.safetensors"),
-                 "--out", str(tmp_path / "b"), *args]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                tiny_resnet_json,
+                "--weights",
+                str(trained_checkpoint / "model.safetensors"),
+                "--out",
+                str(tmp_path / "b"),
+                *args,
+            ]
+        )
+        == 0
+    )
     from_checkpoint = json.loads((tmp_path / "a" / f"colors_{trained_checkpoint.name}.json").read_text())
     from_weights = json.loads((tmp_path / "b" / "colors_model.json").read_text())
     assert numbers(from_weights) == numbers(from_checkpoint) and from_weights["colors"]["acc1"] > 0.3
 
 
-def test_amp_gives_close_embeddings_and_accuracy(trained_checkpoint, synth_data):  # noqa: F811
+def test_amp_gives_close_embeddings_and_accuracy(trained_checkpoint, synth_data):
     fp32 = load_eval_model(str(trained_checkpoint))
     bf16 = load_eval_model(str(trained_checkpoint), amp=True)
     benchmark = load_benchmark(synth_data / "eval" / "colors")
@@ -104,8 +149,10 @@ def test_amp_gives_close_embeddings_and_accuracy(trained_checkpoint, synth_data)
     (features, _), (features_amp, _) = embed_images(fp32.encoder, loader), embed_images(bf16.encoder, loader)
     assert features_amp.dtype == torch.float32 and not torch.equal(features, features_amp)  # bf16 really ran
     assert (features * features_amp).sum(dim=1).min() > 0.98  # cosine similarity per image
-    classifiers = [build_classifier(loaded.encoder, loaded.tokenizer, benchmark.classnames, benchmark.templates)
-                   for loaded in (fp32, bf16)]
+    classifiers = [
+        build_classifier(loaded.encoder, loaded.tokenizer, benchmark.classnames, benchmark.templates)
+        for loaded in (fp32, bf16)
+    ]
     agree = ((features @ classifiers[0]).argmax(1) == (features_amp @ classifiers[1]).argmax(1)).float().mean()
     assert agree > 0.9
 
@@ -117,8 +164,10 @@ def test_missing_benchmark_data_says_where_and_how_before_loading_a_model(tmp_pa
     code = main(["eval", str(checkpoint), "--suite", "eval/imagenet1k.yaml", "--data-root", str(tmp_path / "bench")])
     error = capsys.readouterr().err
     assert code == 2 and "no-such-architecture" not in error
-    expected = (f"hf download clip-benchmark/wds_imagenet1k --repo-type dataset --include \"test/*\" --include "
-                f"\"*.txt\" --local-dir {tmp_path / 'bench' / 'wds_imagenet1k'}")
+    expected = (
+        f'hf download clip-benchmark/wds_imagenet1k --repo-type dataset --include "test/*" --include '
+        f'"*.txt" --local-dir {tmp_path / "bench" / "wds_imagenet1k"}'
+    )
     assert expected in error and f"{tmp_path / 'bench' / 'wds_imagenet1k'}/test/nshards.txt" in error
 
 
@@ -141,13 +190,28 @@ def transformers_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf_clip")
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config={"vocab_size": 49408, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "max_position_embeddings": 24},
-        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 64, "intermediate_size": 128,
-                       "num_hidden_layers": 2, "num_attention_heads": 2}, projection_dim=32)
+        text_config={
+            "vocab_size": 49408,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 24,
+        },
+        vision_config={
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
+        projection_dim=32,
+    )
     CLIPModel(config).save_pretrained(folder)
-    processor = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                              open_clip_bpe_tokenizer())
+    processor = CLIPProcessor(
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), open_clip_bpe_tokenizer()
+    )
     processor.save_pretrained(folder)
     return folder
 
@@ -169,14 +233,32 @@ def test_transformers_folder_matches_the_zero_shot_pipeline(transformers_folder,
     ours = (scale * features @ classifier).softmax(dim=1)  # (24, 6)
     classify = pipeline("zero-shot-image-classification", model=str(transformers_folder), device="cpu")
     outputs = classify(images, candidate_labels=benchmark.classnames, hypothesis_template="a photo of a {}.")
-    theirs = torch.tensor([[next(o["score"] for o in output if o["label"] == name) for name in benchmark.classnames]
-                           for output in outputs])
+    theirs = torch.tensor(
+        [
+            [next(o["score"] for o in output if o["label"] == name) for name in benchmark.classnames]
+            for output in outputs
+        ]
+    )
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
 
 def test_cli_on_a_transformers_folder(transformers_folder, synth_suite, tmp_path):
-    assert main(["eval", str(transformers_folder), "--suite", str(synth_suite), "--out", str(tmp_path), "--quiet",
-                 "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(transformers_folder),
+                "--suite",
+                str(synth_suite),
+                "--out",
+                str(tmp_path),
+                "--quiet",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / f"synthetic_{transformers_folder.name}.json").read_text())
     assert results["shapes"]["num_samples"] == 300 and results["retrieval"]["num_texts"] == 500
     (transformers_folder / "tokenizer.json").rename(transformers_folder / "tokenizer.json.bak")

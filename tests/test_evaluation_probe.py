@@ -37,8 +37,9 @@ def test_probe_equals_a_direct_fit_with_the_chosen_strength():
     final = LogisticRegression(C=metrics["C"], max_iter=1000).fit(x, y)  # train + validation = all of train
     predictions = final.predict(test_x.double().numpy())
     assert metrics["acc1"] == (predictions == test_y.numpy()).mean()
-    assert metrics["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(test_y.numpy(), predictions),
-                                                             abs=1e-12)
+    assert metrics["mean_per_class_recall"] == pytest.approx(
+        balanced_accuracy_score(test_y.numpy(), predictions), abs=1e-12
+    )
     top5 = np.argsort(-final.decision_function(test_x.double().numpy()), axis=1)[:, :5]
     assert metrics["acc5"] == (top5 == test_y.numpy()[:, None]).any(axis=1).mean()
     assert 0.5 < metrics["acc1"] < 1.0  # overlapping clusters: neither trivial nor hopeless
@@ -71,5 +72,6 @@ def test_given_validation_split_is_used_and_then_merged_into_training():
     metrics = linear_probe(train_x, train_y, test_x, test_y, 6, val_features=val_x, val_labels=val_y)
     assert metrics["num_train"] == 180 and metrics["num_val"] == 60
     final = LogisticRegression(C=metrics["C"], max_iter=1000).fit(
-        torch.cat([train_x, val_x]).double().numpy(), torch.cat([train_y, val_y]).numpy())
+        torch.cat([train_x, val_x]).double().numpy(), torch.cat([train_y, val_y]).numpy()
+    )
     assert metrics["acc1"] == (final.predict(test_x.double().numpy()) == test_y.numpy()).mean()

@@ -29,8 +29,13 @@ from clipforge.export import CannotConvert, CardInfo, export_model, push_to_hub,
 from clipforge.models import ModelConfig, build_model
 
 TOLERANCE = 1e-5
-CAPTIONS = ["a red circle", "two small blue stars!!!", "x", "a green square above a yellow triangle, on stripes",
-            "a very long caption that keeps going " * 6]
+CAPTIONS = [
+    "a red circle",
+    "two small blue stars!!!",
+    "x",
+    "a green square above a yellow triangle, on stripes",
+    "a very long caption that keeps going " * 6,
+]
 
 
 def export(built, out: Path, formats=("hf",)) -> Path:
@@ -81,8 +86,12 @@ def test_clip_model_gives_clipforge_embeddings(clip_export):
     # (its default torchvision backend resizes tensors, a few hundredths off).
     resized = images(2, size=45) + [images(1, size=77)[0].crop((0, 0, 77, 40))]
     pil_processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
-    torch.testing.assert_close(pil_processor(images=resized, return_tensors="pt")["pixel_values"],
-                               torch.stack([built.eval_transform(picture) for picture in resized]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        pil_processor(images=resized, return_tensors="pt")["pixel_values"],
+        torch.stack([built.eval_transform(picture) for picture in resized]),
+        atol=1e-6,
+        rtol=0,
+    )
     ours_image, ours_text = built.model.encode_image(pixels), built.model.encode_text(built.tokenizer(CAPTIONS))
     theirs_image = hf.get_image_features(pixel_values=pixels).pooler_output
     theirs_text = hf.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
@@ -101,11 +110,25 @@ def test_clip_model_gives_clipforge_embeddings(clip_export):
     assert (wrong.get_image_features(pixel_values=pixels).pooler_output - ours_image).abs().max() > 1e-3
 
 
-WORDS = ["a photo of a cat.", "hello!!! wow?! ...", "emoji 🐱🚀!", "don't won't I'm we've they'll she'd it's",
-         "café naïve Ünïcödé", "cafe\u0301 decomposed", "日本語のキャプション", "Ελληνικά и русский", "x",
-         "  many   spaces\tand\nnewlines ", "numbers 12345 and 3.14 and 1,000,000", "UPPER case MiXeD",
-         "<end_of_text> literal <start_of_text>", "a-b_c/d\\e|f~g`h", "İstanbul straße", "",
-         "a very long caption about a dog running on the beach at sunset " * 4]
+WORDS = [
+    "a photo of a cat.",
+    "hello!!! wow?! ...",
+    "emoji 🐱🚀!",
+    "don't won't I'm we've they'll she'd it's",
+    "café naïve Ünïcödé",
+    "cafe\u0301 decomposed",
+    "日本語のキャプション",
+    "Ελληνικά и русский",
+    "x",
+    "  many   spaces\tand\nnewlines ",
+    "numbers 12345 and 3.14 and 1,000,000",
+    "UPPER case MiXeD",
+    "<end_of_text> literal <start_of_text>",
+    "a-b_c/d\\e|f~g`h",
+    "İstanbul straße",
+    "",
+    "a very long caption about a dog running on the beach at sunset " * 4,
+]
 FTFY_CHANGES = ["It’s a “quoted” caption", "the ﬁsh", "ＦＵＬＬ ｗｉｄｔｈ", "Tom &amp; Jerry &lt;3", "mojibake: cafÃ©"]
 
 
@@ -131,8 +154,9 @@ def test_tokenizers_give_open_clip_ids(gelu_export):
         assert torch.equal(encoded["input_ids"][mask], expected[mask])
         assert (encoded["input_ids"][~mask] == 49407).all() and (expected[~mask] == 0).all()  # pad ids differ
         # Captions that open_clip's ftfy/html cleaning changes give the same ids once cleaned the same way.
-        cleaned = tokenizer([basic_clean(text) for text in FTFY_CHANGES], padding="max_length", truncation=True,
-                            return_tensors="pt")
+        cleaned = tokenizer(
+            [basic_clean(text) for text in FTFY_CHANGES], padding="max_length", truncation=True, return_tensors="pt"
+        )
         expected = reference(FTFY_CHANGES)
         assert torch.equal(cleaned["input_ids"][cleaned["attention_mask"].bool()], expected[text_mask(expected)])
 
@@ -146,8 +170,12 @@ def read_wds(root: Path) -> tuple[list[Image.Image], torch.Tensor]:
                 key, extension = member.name.rsplit(".", 1)
                 samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
     keys = sorted(samples)
-    pictures = [Image.open(io.BytesIO(next(samples[key][ext] for ext in ("png", "jpg", "webp") if ext in samples[key])))
-                .convert("RGB") for key in keys]
+    pictures = [
+        Image.open(
+            io.BytesIO(next(samples[key][ext] for ext in ("png", "jpg", "webp") if ext in samples[key]))
+        ).convert("RGB")
+        for key in keys
+    ]
     return pictures, torch.tensor([int(samples[key]["cls"]) for key in keys])
 
 
@@ -179,8 +207,9 @@ def test_pipeline_predicts_what_clipforge_eval_predicts(synth_data, tiny_model_j
         model.visual.proj.copy_(torch.linalg.lstsq(model.encode_image(pixels), targets[labels]).solution)
     checkpoint = write_checkpoint(built, to_yaml(cfg), tmp_path / "run")
     suite = tmp_path / "suite.yaml"
-    suite.write_text(f"name: one\ndatasets:\n  - name: colors\n    task: zeroshot_classification\n"
-                     f"    path: {benchmark}\n")
+    suite.write_text(
+        f"name: one\ndatasets:\n  - name: colors\n    task: zeroshot_classification\n    path: {benchmark}\n"
+    )
     assert main(["eval", str(checkpoint), "--suite", str(suite), "--workers", "0", "--quiet", "--no-plots"]) == 0
     results = json.loads((tmp_path / "run" / "eval" / "one_step_00000030.json").read_text())
     with caplog.at_level(logging.WARNING):
@@ -194,8 +223,9 @@ def test_pipeline_predicts_what_clipforge_eval_predicts(synth_data, tiny_model_j
     encoder = OpenClipEncoder(model)
     ours = (encoder.encode_image(pixels) @ build_classifier(encoder, built.tokenizer, classnames, [template])).argmax(1)
     classify = pipeline("zero-shot-image-classification", model=str(tmp_path / "exported"))
-    answers = classify(pictures, candidate_labels=classnames, hypothesis_template=template.replace("{c}", "{}"),
-                       batch_size=100)
+    answers = classify(
+        pictures, candidate_labels=classnames, hypothesis_template=template.replace("{c}", "{}"), batch_size=100
+    )
     theirs = torch.tensor([classnames.index(answer[0]["label"]) for answer in answers])
     assert len(set(ours.tolist())) == len(classnames)  # a real test: every class is predicted somewhere
     assert torch.equal(theirs, ours)
@@ -222,7 +252,8 @@ def test_open_clip_loads_the_open_clip_folder(clip_export):
         assert torch.equal(loaded.encode_image(pixels), built.model.encode_image(pixels))
         assert torch.equal(loaded.encode_text(tokenizer(CAPTIONS)), built.model.encode_text(tokenizer(CAPTIONS)))
     assert json.loads((folder / "open_clip_config.json").read_text())["model_cfg"].get("quick_gelu", False) == (
-        activation == "quick_gelu")
+        activation == "quick_gelu"
+    )
 
 
 def transformers_files_only(folder: Path) -> Path:
@@ -237,8 +268,9 @@ def transformers_files_only(folder: Path) -> Path:
 def test_round_trip_open_clip_transformers_open_clip_is_bit_exact(clip_export, tiny_model_json):
     activation, built, folder = clip_export
     quick = activation == "quick_gelu"
-    restored = build_model(ModelConfig(name=tiny_model_json, force_quick_gelu=quick,
-                                       init_from=str(transformers_files_only(folder)))).model
+    restored = build_model(
+        ModelConfig(name=tiny_model_json, force_quick_gelu=quick, init_from=str(transformers_files_only(folder)))
+    ).model
     assert restored.state_dict().keys() == built.model.state_dict().keys()
     for key, value in built.model.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value), key
@@ -259,8 +291,9 @@ def test_init_from_refuses_another_architecture(clip_export, tiny_model_json, tm
 
 def test_resnet_tower_is_a_clear_error_for_transformers_and_exports_to_open_clip(tiny_resnet_json, tmp_path, capsys):
     built = build_model(ModelConfig(name=tiny_resnet_json))
-    with pytest.raises(CannotConvert, match="cannot convert test-tiny-rn-32 to transformers: .*CLIPModel has no "
-                                            "ResNet image tower"):
+    with pytest.raises(
+        CannotConvert, match="cannot convert test-tiny-rn-32 to transformers: .*CLIPModel has no ResNet image tower"
+    ):
         write_transformers(built, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
     cfg = load_config(None, ["data.train_urls=x.tar", f"model.name={tiny_resnet_json}"])
@@ -281,11 +314,27 @@ def test_resnet_tower_is_a_clear_error_for_transformers_and_exports_to_open_clip
 
 SIGLIP_VIT = "clipforge_test_siglip_vit"
 TINY_SIGLIP = {  # open_clip's ViT-B-16-SigLIP layout scaled down; the name avoids "siglip", whose tokenizer downloads
-    "embed_dim": 64, "init_logit_bias": -10, "custom_text": True,
-    "vision_cfg": {"image_size": 32, "timm_model_name": SIGLIP_VIT, "timm_model_pretrained": False,
-                   "timm_pool": "map", "timm_proj": "none"},
-    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
-                 "no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6}},
+    "embed_dim": 64,
+    "init_logit_bias": -10,
+    "custom_text": True,
+    "vision_cfg": {
+        "image_size": 32,
+        "timm_model_name": SIGLIP_VIT,
+        "timm_model_pretrained": False,
+        "timm_pool": "map",
+        "timm_proj": "none",
+    },
+    "text_cfg": {
+        "context_length": 24,
+        "vocab_size": 49408,
+        "width": 64,
+        "heads": 2,
+        "layers": 2,
+        "no_causal_mask": True,
+        "proj_bias": True,
+        "pool_type": "last",
+        "norm_kwargs": {"eps": 1e-6},
+    },
 }
 
 
@@ -297,11 +346,19 @@ def siglip_vit() -> str:
     from timm.models.vision_transformer import VisionTransformer
 
     if not timm.list_models(SIGLIP_VIT):
+
         def clipforge_test_siglip_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
             """vit_base_patch16_siglip_224 (no class token, MAP head) at 32 px, width 64, 2 layers."""
             kwargs = {key: value for key, value in kwargs.items() if not key.startswith(("pretrained", "cache"))}
-            return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
-                                     class_token=False, **{"global_pool": "map", **kwargs})
+            return VisionTransformer(
+                img_size=32,
+                patch_size=8,
+                embed_dim=64,
+                depth=2,
+                num_heads=2,
+                class_token=False,
+                **{"global_pool": "map", **kwargs},
+            )
 
         register_model(clipforge_test_siglip_vit)
     return SIGLIP_VIT
@@ -346,12 +403,17 @@ def test_siglip_with_a_local_transformers_tokenizer_runs_in_the_pipeline(siglip_
     from clipforge.export.processor import clip_tokenizer
 
     clip_tokenizer(SimpleTokenizer(), 64).save_pretrained(tmp_path / "tokenizer")
-    text_cfg = {**TINY_SIGLIP["text_cfg"], "hf_tokenizer_name": str(tmp_path / "tokenizer"), "context_length": 64,
-                "tokenizer_kwargs": {"clean": "canonicalize"}}  # 64: the pipeline pads SigLIP text to 64, always
+    text_cfg = {
+        **TINY_SIGLIP["text_cfg"],
+        "hf_tokenizer_name": str(tmp_path / "tokenizer"),
+        "context_length": 64,
+        "tokenizer_kwargs": {"clean": "canonicalize"},
+    }  # 64: the pipeline pads SigLIP text to 64, always
     (tmp_path / "test-tiny-sigmoid-hf.json").write_text(json.dumps({**TINY_SIGLIP, "text_cfg": text_cfg}))
     torch.manual_seed(0)
-    built = build_model(ModelConfig(name=str(tmp_path / "test-tiny-sigmoid-hf.json"), init_logit_bias=0.0,
-                                    init_logit_scale=2.302585))
+    built = build_model(
+        ModelConfig(name=str(tmp_path / "test-tiny-sigmoid-hf.json"), init_logit_bias=0.0, init_logit_scale=2.302585)
+    )
     assert isinstance(built.tokenizer, HFTokenizer)
     export_model(built, tmp_path / "out", ("hf", "open_clip"), CardInfo(name="out"))
     labels, pictures = ["red circle", "blue star", "green square"], images(3)
@@ -368,24 +430,51 @@ def test_siglip_with_a_local_transformers_tokenizer_runs_in_the_pipeline(siglip_
 
 def test_model_card_has_hub_metadata_results_recipe_and_usage(gelu_export, tmp_path):
     _, built, _ = gelu_export
-    run_config = yaml.safe_load(to_yaml(load_config(None, [
-        "data.train_urls=hf://datasets/laion/pairs/{0..9}.tar::/data/cc12m/{0..3}.tar", "train.steps=700",
-        "optim.lr=2e-3"])))
-    results = {"shapes": {"task": "zeroshot_classification", "acc1": 0.795, "acc5": 1.0,
-                          "mean_per_class_recall": 0.792, "chance_acc1": 1 / 6}}
-    card_info = CardInfo(name="org/tiny-clip", source="runs/demo/checkpoints/step_00000700", run_config=run_config,
-                         eval_results=results, eval_source="runs/demo/eval/synthetic_step_00000700.json",
-                         license="apache-2.0", datasets=["org/extra"])
+    run_config = yaml.safe_load(
+        to_yaml(
+            load_config(
+                None,
+                [
+                    "data.train_urls=hf://datasets/laion/pairs/{0..9}.tar::/data/cc12m/{0..3}.tar",
+                    "train.steps=700",
+                    "optim.lr=2e-3",
+                ],
+            )
+        )
+    )
+    results = {
+        "shapes": {
+            "task": "zeroshot_classification",
+            "acc1": 0.795,
+            "acc5": 1.0,
+            "mean_per_class_recall": 0.792,
+            "chance_acc1": 1 / 6,
+        }
+    }
+    card_info = CardInfo(
+        name="org/tiny-clip",
+        source="runs/demo/checkpoints/step_00000700",
+        run_config=run_config,
+        eval_results=results,
+        eval_source="runs/demo/eval/synthetic_step_00000700.json",
+        license="apache-2.0",
+        datasets=["org/extra"],
+    )
     export_model(built, tmp_path / "card", ("hf", "open_clip"), card_info)
     card = ModelCard.load(tmp_path / "card" / "README.md")
     assert card.data.library_name == "transformers" and card.data.license == "apache-2.0"
     assert card.data.pipeline_tag == "zero-shot-image-classification"
     assert {"clip", "clipforge", "open_clip"} <= set(card.data.tags)
     assert card.data.datasets == ["org/extra", "laion/pairs"]
-    for expected in ("| shapes | classification | top-1 | 79.5% | 16.7% |", "`hf://datasets/laion/pairs/{0..9}.tar`",
-                     "`/data/cc12m/{0..3}.tar`", "| steps | `700` |", "| peak learning rate | `0.002` |",
-                     'CLIPModel.from_pretrained("org/tiny-clip")',
-                     'create_model_and_transforms("hf-hub:org/tiny-clip")'):
+    for expected in (
+        "| shapes | classification | top-1 | 79.5% | 16.7% |",
+        "`hf://datasets/laion/pairs/{0..9}.tar`",
+        "`/data/cc12m/{0..3}.tar`",
+        "| steps | `700` |",
+        "| peak learning rate | `0.002` |",
+        'CLIPModel.from_pretrained("org/tiny-clip")',
+        'create_model_and_transforms("hf-hub:org/tiny-clip")',
+    ):
         assert expected in card.text, expected
 
 
@@ -406,8 +495,14 @@ def test_push_creates_the_repo_and_uploads_with_revision_and_message(gelu_export
     assert url == "https://huggingface.co/org/name/commit/abc"
     api.create_repo.assert_called_once_with("org/name", repo_type="model", private=True, exist_ok=True)
     api.create_branch.assert_called_once_with("org/name", branch="v1", repo_type="model", exist_ok=True)
-    api.upload_folder.assert_called_once_with(repo_id="org/name", folder_path=folder, repo_type="model", revision="v1",
-                                              commit_message="first", delete_patterns="*")
+    api.upload_folder.assert_called_once_with(
+        repo_id="org/name",
+        folder_path=folder,
+        repo_type="model",
+        revision="v1",
+        commit_message="first",
+        delete_patterns="*",
+    )
     api = fake_hub([".gitattributes", "README.md", "clipforge_export.json", "model.safetensors"])  # ours: mirrored
     push_to_hub(folder, "org/name", api=api)
     api.create_repo.assert_not_called()
@@ -433,8 +528,22 @@ def test_cli_push_uses_hf_api_with_the_environment_token(gelu_export, tiny_model
     api = fake_hub(None)
     api_class = mock.Mock(return_value=api)
     monkeypatch.setattr("clipforge.export.hub.HfApi", api_class)
-    assert main(["export", str(checkpoint), "--out", str(tmp_path / "out"), "--push", "org/name", "--private",
-                 "--commit-message", "m"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(checkpoint),
+                "--out",
+                str(tmp_path / "out"),
+                "--push",
+                "org/name",
+                "--private",
+                "--commit-message",
+                "m",
+            ]
+        )
+        == 0
+    )
     api_class.assert_called_once_with(token=None)  # HfApi itself reads HF_TOKEN or the stored login
     assert api.upload_folder.call_args.kwargs["commit_message"] == "m"
     assert ModelCard.load(tmp_path / "out" / "README.md").text.count('from_pretrained("org/name")') == 2
@@ -444,14 +553,19 @@ PUSH_FAILURES = {
     "offline mode": ({"HF_HUB_OFFLINE": "1"}, None, r"HF_HUB_OFFLINE is set"),
     "no token": ({}, LocalTokenNotFoundError("Token is required"), r"no Hugging Face token: set HF_TOKEN"),
     "no network": ({}, OSError("[Errno 111] Connection refused"), r"cannot reach the Hub \(OSError: \[Errno 111"),
-    "a namespace the token cannot write": ({}, None, r"the token belongs to me \(organisations: org\), who cannot "
-                                                     r"write to elsewhere/"),
+    "a namespace the token cannot write": (
+        {},
+        None,
+        r"the token belongs to me \(organisations: org\), who cannot "
+        r"write to elsewhere/",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", PUSH_FAILURES, ids=list(PUSH_FAILURES))
-def test_a_push_that_cannot_happen_fails_in_one_line_before_any_upload(case, gelu_export, tiny_model_json, tmp_path,
-                                                                       monkeypatch, capsys):
+def test_a_push_that_cannot_happen_fails_in_one_line_before_any_upload(
+    case, gelu_export, tiny_model_json, tmp_path, monkeypatch, capsys
+):
     environment, whoami_error, expected = PUSH_FAILURES[case]
     _, built, _ = gelu_export
     cfg = load_config(None, ["data.train_urls=x.tar", f"model.name={tiny_model_json}"])

@@ -84,9 +84,17 @@ def train(rank: int, world_size: int, case: Case, strategy: str, model_path: str
     optim_cfg = OptimConfig(**{"lr": 1e-3, "warmup_steps": 1, "grad_clip_norm": None, **case.optim})
     optimizer = build_optimizer(optim_cfg, core)
     loss_cfg = LossConfig(**case.loss)
-    step = build_step(model, build_loss(loss_cfg, rank, world_size), optimizer,
-                      build_scheduler(optim_cfg, optimizer, 10), "cpu", "fp32", optim_cfg.grad_clip_norm,
-                      loss_cfg.max_logit_scale, case.accum_steps)
+    step = build_step(
+        model,
+        build_loss(loss_cfg, rank, world_size),
+        optimizer,
+        build_scheduler(optim_cfg, optimizer, 10),
+        "cpu",
+        "fp32",
+        optim_cfg.grad_clip_norm,
+        loss_cfg.max_logit_scale,
+        case.accum_steps,
+    )
     initial = {name: full(p) for name, p in core.named_parameters()}
     local = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
     metrics = {"loss": [], "grad_norm": [], "nonfinite": [], "unchanged": []}
@@ -108,15 +116,16 @@ def train(rank: int, world_size: int, case: Case, strategy: str, model_path: str
 
 
 def worker(rank: int, world_size: int, cases: dict[str, Case], model_path: str) -> dict:
-    return {name: {strategy: train(rank, world_size, case, strategy, model_path) for strategy in ("ddp", "fsdp")}
-            for name, case in cases.items()}
+    return {
+        name: {strategy: train(rank, world_size, case, strategy, model_path) for strategy in ("ddp", "fsdp")}
+        for name, case in cases.items()
+    }
 
 
 def run_cases(world_size: int, cases: dict[str, Case], tmp_path_factory) -> list[dict]:
     path = tmp_path_factory.mktemp("fsdp-model") / "fsdp-tiny.json"
     path.write_text(json.dumps(TINY_MODEL))
-    return run_ranks(worker, world_size, tmp_path_factory.mktemp(f"fsdp{world_size}"), cases, str(path),
-                     timeout=600)
+    return run_ranks(worker, world_size, tmp_path_factory.mktemp(f"fsdp{world_size}"), cases, str(path), timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +156,13 @@ def assert_same(actual: dict, expected: dict, what: str, atol: float | None = No
     assert actual.keys() == expected.keys(), what
     for name, reference in expected.items():
         tolerance = 1e-5 * reference.abs().max().item() + 1e-12 if atol is None else atol
-        torch.testing.assert_close(actual[name], reference, rtol=1e-5, atol=tolerance,
-                                   msg=lambda message, name=name: f"{what} {name}: {message}")
+        torch.testing.assert_close(
+            actual[name],
+            reference,
+            rtol=1e-5,
+            atol=tolerance,
+            msg=lambda message, name=name: f"{what} {name}: {message}",
+        )
 
 
 def without_key_bias(result: dict, reference: dict) -> dict[str, torch.Tensor]:
@@ -163,28 +177,35 @@ def without_key_bias(result: dict, reference: dict) -> dict[str, torch.Tensor]:
             for run in (result, reference):
                 key_grad, grad = run["grads"][name][width : 2 * width], run["grads"][name]
                 assert key_grad.abs().max() <= 1e-5 * grad.abs().max(), f"{name}: key bias with a real gradient"
-            weights[name] = torch.cat([weights[name][:width], reference["weights"][name][width : 2 * width],
-                                       weights[name][2 * width :]])
+            weights[name] = torch.cat(
+                [weights[name][:width], reference["weights"][name][width : 2 * width], weights[name][2 * width :]]
+            )
     return weights
 
 
 def assert_fsdp_equals_ddp(results: list[dict], name: str) -> None:
     for rank_results in results:
         ddp, fsdp = rank_results[name]["ddp"], rank_results[name]["fsdp"]
-        torch.testing.assert_close(torch.tensor(fsdp["loss"]), torch.tensor(ddp["loss"]), rtol=1e-5, atol=1e-7,
-                                   equal_nan=True)
-        torch.testing.assert_close(torch.tensor(fsdp["grad_norm"]), torch.tensor(ddp["grad_norm"]), rtol=1e-5,
-                                   atol=1e-7, equal_nan=True)
+        torch.testing.assert_close(
+            torch.tensor(fsdp["loss"]), torch.tensor(ddp["loss"]), rtol=1e-5, atol=1e-7, equal_nan=True
+        )
+        torch.testing.assert_close(
+            torch.tensor(fsdp["grad_norm"]), torch.tensor(ddp["grad_norm"]), rtol=1e-5, atol=1e-7, equal_nan=True
+        )
         assert fsdp["nonfinite"] == ddp["nonfinite"]
         # replicated (the 0-dim scalars) and sharded tensors alike: every rank holds the same weights
         assert_same(fsdp["weights"], results[0][name]["fsdp"]["weights"], f"{name} weights across ranks")
     ddp, fsdp = results[0][name]["ddp"], results[0][name]["fsdp"]
     assert_same(fsdp["initial"], ddp["initial"], f"{name} initial weights")
     weights = without_key_bias(fsdp, ddp)
-    grad_difference, weight_difference = largest_difference(fsdp["grads"], ddp["grads"]), \
-        largest_difference(weights, ddp["weights"])
-    print(f"{name}: largest relative difference gradients {grad_difference:.2e}, weights {weight_difference:.2e}, "
-          f"weights elementwise {largest_elementwise(weights, ddp['weights']):.2e}")
+    grad_difference, weight_difference = (
+        largest_difference(fsdp["grads"], ddp["grads"]),
+        largest_difference(weights, ddp["weights"]),
+    )
+    print(
+        f"{name}: largest relative difference gradients {grad_difference:.2e}, weights {weight_difference:.2e}, "
+        f"weights elementwise {largest_elementwise(weights, ddp['weights']):.2e}"
+    )
     assert_same(fsdp["grads"], ddp["grads"], f"{name} gradients")
     assert weight_difference <= 1e-5, f"{name} weights"
     # element by element: AdamW divides by sqrt(v) + eps, so an entry whose gradients are near eps (a rare token's
@@ -208,8 +229,19 @@ def test_fsdp_equals_ddp_on_4_ranks(results_4, name):
     assert_fsdp_equals_ddp(results_4, name)
 
 
-@pytest.mark.parametrize("name", ["grad_clip", "lock_image", "grad_checkpointing", "gradcache", "tiled",
-                                  "siglip_ring", "patch_dropout", "nonfinite"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "grad_clip",
+        "lock_image",
+        "grad_checkpointing",
+        "gradcache",
+        "tiled",
+        "siglip_ring",
+        "patch_dropout",
+        "nonfinite",
+    ],
+)
 def test_fsdp_option_equals_ddp(results_2, name):
     assert_fsdp_equals_ddp(results_2, name)
 

@@ -24,11 +24,19 @@ BIN = Path(sys.executable).parent
 
 
 def write_config(path: Path, synth_data: Path, model_json: str, out: Path, **train) -> Path:
-    cfg = {"data": {"train_urls": f"{synth_data}/train/{{00000..00005}}.tar", "batch_size": 16, "num_workers": 1,
-                    "shuffle_buffer": 50, "shuffle_initial": 10},
-           "model": {"name": model_json}, "optim": {"lr": 1e-3, "warmup_steps": 1},
-           "train": {"output_dir": str(out), "steps": 6, "checkpoint_every": 3, "keep_last": 5, **train},
-           "logging": {"log_every": 1, "progress_bar": False, "tensorboard": False, "plot": False}}
+    cfg = {
+        "data": {
+            "train_urls": f"{synth_data}/train/{{00000..00005}}.tar",
+            "batch_size": 16,
+            "num_workers": 1,
+            "shuffle_buffer": 50,
+            "shuffle_initial": 10,
+        },
+        "model": {"name": model_json},
+        "optim": {"lr": 1e-3, "warmup_steps": 1},
+        "train": {"output_dir": str(out), "steps": 6, "checkpoint_every": 3, "keep_last": 5, **train},
+        "logging": {"log_every": 1, "progress_bar": False, "tensorboard": False, "plot": False},
+    }
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -39,8 +47,9 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def train_ranks(config: Path, *extra: str) -> None:
-    results = launch_ranks([str(BIN / "python"), "-m", "clipforge", "train", str(config), *extra], 2, timeout=400,
-                           OMP_NUM_THREADS="1")
+    results = launch_ranks(
+        [str(BIN / "python"), "-m", "clipforge", "train", str(config), *extra], 2, timeout=400, OMP_NUM_THREADS="1"
+    )
     assert all(code == 0 for code, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
 
 
@@ -63,8 +72,9 @@ def test_fsdp_checkpoints_are_sharded_and_resume_exactly(fsdp_run, synth_data, t
     (resumed / "checkpoints" / "latest").unlink()
     os.symlink("step_00000003", resumed / "checkpoints" / "latest")
     (resumed / "metrics.jsonl").write_text("")
-    train_ranks(write_config(tmp_path / "cfg.yaml", synth_data, tiny_model_json, resumed, parallel="fsdp"),
-                "--resume", "auto")
+    train_ranks(
+        write_config(tmp_path / "cfg.yaml", synth_data, tiny_model_json, resumed, parallel="fsdp"), "--resume", "auto"
+    )
     expected, got = losses(fsdp_run), losses(resumed)
     assert sorted(got) == [4, 5, 6] and all(got[step] == expected[step] for step in got), (got, expected)
     a, b = read_weights(checkpoint), read_weights(resumed / "checkpoints" / "step_00000006")
@@ -79,8 +89,23 @@ def test_export_and_eval_read_sharded_checkpoints(fsdp_run, synth_suite, tmp_pat
     exported = load_file(tmp_path / "exported" / "open_clip_model.safetensors")
     weights = read_weights(checkpoint)
     assert exported.keys() == weights.keys() and all(torch.equal(exported[k], weights[k]) for k in weights)
-    assert main(["eval", str(checkpoint), "--suite", str(synth_suite), "--out", str(tmp_path / "eval"), "--quiet",
-                 "--no-plots", "--workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(checkpoint),
+                "--suite",
+                str(synth_suite),
+                "--out",
+                str(tmp_path / "eval"),
+                "--quiet",
+                "--no-plots",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert list((tmp_path / "eval").glob("*.json"))
 
 
@@ -127,8 +152,9 @@ def _save_twice_dying_in_the_second(rank, world_size, out, model_json):
     from clipforge.train.parallel import parallelize
 
     torch.manual_seed(0)
-    model = parallelize(build_model(ModelConfig(name=model_json)).model, DistInfo(rank=rank, world_size=world_size),
-                        "fsdp")
+    model = parallelize(
+        build_model(ModelConfig(name=model_json)).model, DistInfo(rank=rank, world_size=world_size), "fsdp"
+    )
     checkpointer = Checkpointer(Path(out), rank=rank)
     checkpointer.save(1, model_pieces(model, 1), "train: {}\n")
     original = dcp.FileSystemWriter.write_data
@@ -144,8 +170,14 @@ def _save_twice_dying_in_the_second(rank, world_size, out, model_json):
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path, tiny_model_json):
     with pytest.raises(Exception):  # noqa: B017 — rank 1 dies (exit 9) and its peer with it: any error will do
-        run_ranks(_save_twice_dying_in_the_second, 2, tmp_path / "ranks", str(tmp_path / "checkpoints"),
-                  tiny_model_json, timeout=300)
+        run_ranks(
+            _save_twice_dying_in_the_second,
+            2,
+            tmp_path / "ranks",
+            str(tmp_path / "checkpoints"),
+            tiny_model_json,
+            timeout=300,
+        )
     checkpointer = Checkpointer(tmp_path / "checkpoints")
     assert [p.name for p in checkpointer.complete()] == ["step_00000001"]
     assert checkpointer.latest_intact().name == "step_00000001"

@@ -40,11 +40,13 @@ def dot(a, b):
 def brute_force(image: torch.Tensor, text: torch.Tensor, alpha=2.0, t=2.0) -> dict[str, float]:
     x, y = image.double().numpy(), text.double().numpy()
     n = len(x)
-    out = {"health/alignment": sum(math.sqrt(sum((a - b) ** 2 for a, b in zip(x[i], y[i]))) ** alpha
-                                   for i in range(n)) / n}
+    out = {
+        "health/alignment": sum(math.sqrt(sum((a - b) ** 2 for a, b in zip(x[i], y[i]))) ** alpha for i in range(n)) / n
+    }
     for name, e in (("image", x), ("text", y)):
-        terms = [math.exp(-t * sum((a - b) ** 2 for a, b in zip(e[i], e[j])))
-                 for i in range(n) for j in range(i + 1, n)]
+        terms = [
+            math.exp(-t * sum((a - b) ** 2 for a, b in zip(e[i], e[j]))) for i in range(n) for j in range(i + 1, n)
+        ]
         out[f"health/uniformity_{name}"] = math.log(sum(terms) / len(terms))
         centred = e - e.mean(axis=0)
         singular = np.linalg.svd(centred, compute_uv=False)
@@ -136,15 +138,18 @@ def test_embedding_health_refuses_bad_shapes():
 # ---- configuration and monitor ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("options,key", [
-    ({"every_n_steps": -1}, "health.every_n_steps"),
-    ({"num_samples": 1}, "health.num_samples"),
-    ({"every_n_steps": 10, "min_effective_rank": -1.0}, "health.min_effective_rank"),
-    ({"every_n_steps": 10, "min_std": -0.1}, "health.min_std"),
-    ({"max_clamped_steps": -2}, "health.max_clamped_steps"),
-    ({"min_effective_rank": 4.0}, "health.min_effective_rank"),  # never measured: every_n_steps=0
-    ({"stop_on_collapse": True}, "health.stop_on_collapse"),  # no alarm to stop on
-])
+@pytest.mark.parametrize(
+    "options,key",
+    [
+        ({"every_n_steps": -1}, "health.every_n_steps"),
+        ({"num_samples": 1}, "health.num_samples"),
+        ({"every_n_steps": 10, "min_effective_rank": -1.0}, "health.min_effective_rank"),
+        ({"every_n_steps": 10, "min_std": -0.1}, "health.min_std"),
+        ({"max_clamped_steps": -2}, "health.max_clamped_steps"),
+        ({"min_effective_rank": 4.0}, "health.min_effective_rank"),  # never measured: every_n_steps=0
+        ({"stop_on_collapse": True}, "health.stop_on_collapse"),  # no alarm to stop on
+    ],
+)
 def test_config_refuses_invalid_values(options, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         HealthConfig(**options)
@@ -152,8 +157,14 @@ def test_config_refuses_invalid_values(options, key):
 
 def test_config_defaults_are_off():
     cfg = HealthConfig()
-    assert (cfg.every_n_steps, cfg.num_samples, cfg.min_effective_rank, cfg.min_std, cfg.max_clamped_steps,
-            cfg.stop_on_collapse) == (0, 512, 0.0, 0.0, 0, False)
+    assert (
+        cfg.every_n_steps,
+        cfg.num_samples,
+        cfg.min_effective_rank,
+        cfg.min_std,
+        cfg.max_clamped_steps,
+        cfg.stop_on_collapse,
+    ) == (0, 512, 0.0, 0.0, 0, False)
     monitor = CollapseMonitor(cfg, 100.0)
     collapsed = torch.ones(8, 4) / 2
     assert monitor.check_embeddings(1, embedding_health(collapsed, collapsed)) == []
@@ -169,8 +180,10 @@ def test_monitor_fires_on_collapsed_embeddings(caplog):
     with caplog.at_level(logging.WARNING, logger="clipforge.train"):
         warnings = CollapseMonitor(ALARMS, 100.0).check_embeddings(120, metrics)
     assert len(warnings) == 4
-    assert warnings[0] == ("step 120: health/effective_rank_image = 1 < health.min_effective_rank 4: the image "
-                           "embeddings are collapsing (they span about 1.0 directions)")
+    assert warnings[0] == (
+        "step 120: health/effective_rank_image = 1 < health.min_effective_rank 4: the image "
+        "embeddings are collapsing (they span about 1.0 directions)"
+    )
     assert warnings[1].startswith("step 120: health/std_mean_image = ")
     assert "< health.min_std 0.01: the image embeddings are collapsing" in warnings[1]
     assert "step 120: health/effective_rank_text = 1 < health.min_effective_rank 4" in warnings[2]
@@ -207,9 +220,11 @@ def test_monitor_fires_when_temperature_sits_at_its_clamp(caplog):
     assert monitor.check_temperature(5, at_clamp) == []
     with caplog.at_level(logging.WARNING, logger="clipforge.train"):
         warnings = monitor.check_temperature(6, 100.0)
-    assert warnings == ["step 6: logit_scale = 100 has sat at loss.max_logit_scale 100 for 3 consecutive steps >= "
-                        "health.max_clamped_steps 3: the temperature is pinned at its clamp (the loss wants sharper "
-                        "logits than allowed: duplicates, a too-easy task or collapsing embeddings)"]
+    assert warnings == [
+        "step 6: logit_scale = 100 has sat at loss.max_logit_scale 100 for 3 consecutive steps >= "
+        "health.max_clamped_steps 3: the temperature is pinned at its clamp (the loss wants sharper "
+        "logits than allowed: duplicates, a too-easy task or collapsing embeddings)"
+    ]
     assert [r.getMessage() for r in caplog.records] == warnings
     assert monitor.check_temperature(7, 100.0) == monitor.check_temperature(8, 100.0) == []
     assert len(monitor.check_temperature(9, 100.0)) == 1  # reminded every max_clamped_steps while it stays

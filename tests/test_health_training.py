@@ -23,11 +23,24 @@ from clipforge.train.loop import train
 
 
 def config(synth_data, model_json, out, *extra):
-    return load_config(None, [
-        f"data.train_urls={synth_data}/train/{{00000..00005}}.tar", "data.batch_size=32", "data.num_workers=0",
-        "data.shuffle_buffer=100", f"model.name={model_json}", "optim.lr=2e-3", "optim.warmup_steps=2",
-        f"train.output_dir={out}", "train.checkpoint_every=100", "logging.log_every=1",
-        "logging.progress_bar=false", "logging.tensorboard=false", *extra])
+    return load_config(
+        None,
+        [
+            f"data.train_urls={synth_data}/train/{{00000..00005}}.tar",
+            "data.batch_size=32",
+            "data.num_workers=0",
+            "data.shuffle_buffer=100",
+            f"model.name={model_json}",
+            "optim.lr=2e-3",
+            "optim.warmup_steps=2",
+            f"train.output_dir={out}",
+            "train.checkpoint_every=100",
+            "logging.log_every=1",
+            "logging.progress_bar=false",
+            "logging.tensorboard=false",
+            *extra,
+        ],
+    )
 
 
 def records(run_dir):
@@ -36,8 +49,19 @@ def records(run_dir):
 
 def test_health_is_measured_on_the_held_out_pairs_and_plotted(synth_data, synth_suite, tiny_resnet_json, tmp_path):
     run_dir = tmp_path / "run"
-    train(config(synth_data, tiny_resnet_json, run_dir, "train.steps=6", f"eval.suite={synth_suite}",
-                 "eval.batch_size=100", "health.every_n_steps=3", "health.num_samples=64", "logging.plot=true"))
+    train(
+        config(
+            synth_data,
+            tiny_resnet_json,
+            run_dir,
+            "train.steps=6",
+            f"eval.suite={synth_suite}",
+            "eval.batch_size=100",
+            "health.every_n_steps=3",
+            "health.num_samples=64",
+            "logging.plot=true",
+        )
+    )
     measured = [r for r in records(run_dir) if "health/alignment" in r]
     assert [r["step"] for r in measured] == [3, 6]
     for record in measured:
@@ -53,11 +77,15 @@ def test_health_is_measured_on_the_held_out_pairs_and_plotted(synth_data, synth_
     y = loaded.encoder.encode_text(texts).numpy().astype(np.float64)
     assert measured[1]["health/alignment"] == pytest.approx(((x - y) ** 2).sum(1).mean(), rel=1e-4)
     # a caption repeated in the set gives equal similarities: ties share their rank (health.mean_rank's rule)
-    ranks = [1 + (x[i] @ y.T > x[i] @ y[i] + 1e-6).sum() + ((abs(x[i] @ y.T - x[i] @ y[i]) <= 1e-6).sum() - 1) / 2
-             for i in range(64)]
+    ranks = [
+        1 + (x[i] @ y.T > x[i] @ y[i] + 1e-6).sum() + ((abs(x[i] @ y.T - x[i] @ y[i]) <= 1e-6).sum() - 1) / 2
+        for i in range(64)
+    ]
     assert measured[1]["health/mean_rank_i2t"] == pytest.approx(np.mean(ranks), abs=1e-6)
-    ranks_t2i = [1 + (y[i] @ x.T > y[i] @ x[i] + 1e-6).sum() + ((abs(y[i] @ x.T - y[i] @ x[i]) <= 1e-6).sum() - 1) / 2
-                 for i in range(64)]
+    ranks_t2i = [
+        1 + (y[i] @ x.T > y[i] @ x[i] + 1e-6).sum() + ((abs(y[i] @ x.T - y[i] @ x[i]) <= 1e-6).sum() - 1) / 2
+        for i in range(64)
+    ]
     similarity = x @ y.T
     off_diagonal = similarity + np.diag(np.full(64, -np.inf))
 
@@ -71,30 +99,45 @@ def test_health_is_measured_on_the_held_out_pairs_and_plotted(synth_data, synth_
         p = singular / singular.sum()
         return np.exp(-(p * np.log(p)).sum())
 
-    expected = {"health/uniformity_image": uniformity(x), "health/uniformity_text": uniformity(y),
-                "health/positive_cos": np.diag(similarity).mean(),
-                "health/hardest_negative_cos_i2t": off_diagonal.max(1).mean(),
-                "health/hardest_negative_cos_t2i": off_diagonal.max(0).mean(),
-                "health/mean_rank_t2i": np.mean(ranks_t2i),
-                "health/effective_rank_image": effective_rank(x), "health/effective_rank_text": effective_rank(y),
-                "health/std_mean_image": x.std(0).mean(), "health/std_min_image": x.std(0).min(),
-                "health/std_mean_text": y.std(0).mean(), "health/std_min_text": y.std(0).min()}
+    expected = {
+        "health/uniformity_image": uniformity(x),
+        "health/uniformity_text": uniformity(y),
+        "health/positive_cos": np.diag(similarity).mean(),
+        "health/hardest_negative_cos_i2t": off_diagonal.max(1).mean(),
+        "health/hardest_negative_cos_t2i": off_diagonal.max(0).mean(),
+        "health/mean_rank_t2i": np.mean(ranks_t2i),
+        "health/effective_rank_image": effective_rank(x),
+        "health/effective_rank_text": effective_rank(y),
+        "health/std_mean_image": x.std(0).mean(),
+        "health/std_min_image": x.std(0).min(),
+        "health/std_mean_text": y.std(0).mean(),
+        "health/std_min_text": y.std(0).min(),
+    }
     for key, value in expected.items():
         assert measured[1][key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
     with Image.open(run_dir / "curves.png") as curves:
         assert curves.size == (1500, 400)  # loss, temperature and the alignment / uniformity panel
 
 
-def test_collapse_alarm_warns_names_the_metric_and_can_stop_the_run(synth_data, synth_suite, tiny_resnet_json,
-                                                                     tmp_path, caplog):
-    impossible = ("train.steps=4", f"eval.suite={synth_suite}", "eval.batch_size=100", "health.every_n_steps=2",
-                  "health.num_samples=32", "health.min_effective_rank=1000")
+def test_collapse_alarm_warns_names_the_metric_and_can_stop_the_run(
+    synth_data, synth_suite, tiny_resnet_json, tmp_path, caplog
+):
+    impossible = (
+        "train.steps=4",
+        f"eval.suite={synth_suite}",
+        "eval.batch_size=100",
+        "health.every_n_steps=2",
+        "health.num_samples=32",
+        "health.min_effective_rank=1000",
+    )
     with caplog.at_level(logging.WARNING, logger="clipforge.train"):
         result = train(config(synth_data, tiny_resnet_json, tmp_path / "warn", *impossible))
     assert result["step"] == 4  # warned, not stopped
     warnings = [r.getMessage() for r in caplog.records if "health.min_effective_rank" in r.getMessage()]
-    assert any(w.startswith("step 2: health/effective_rank_image = ") and "< health.min_effective_rank 1000" in w
-               for w in warnings), warnings
+    assert any(
+        w.startswith("step 2: health/effective_rank_image = ") and "< health.min_effective_rank 1000" in w
+        for w in warnings
+    ), warnings
     with pytest.raises(CollapseError, match=r"step 2: health/effective_rank_image = .* < health.min_effective_rank"):
         train(config(synth_data, tiny_resnet_json, tmp_path / "stop", *impossible, "health.stop_on_collapse=true"))
 
@@ -106,9 +149,18 @@ def test_a_collapse_stop_found_by_rank_0_stops_both_ranks(synth_data, synth_suit
 
     from clipforge.config import to_yaml
 
-    cfg = config(synth_data, tiny_resnet_json, tmp_path / "run", "train.steps=20", f"eval.suite={synth_suite}",
-                 "eval.batch_size=100", "health.every_n_steps=2", "health.num_samples=32",
-                 "health.min_effective_rank=1000", "health.stop_on_collapse=true")
+    cfg = config(
+        synth_data,
+        tiny_resnet_json,
+        tmp_path / "run",
+        "train.steps=20",
+        f"eval.suite={synth_suite}",
+        "eval.batch_size=100",
+        "health.every_n_steps=2",
+        "health.num_samples=32",
+        "health.min_effective_rank=1000",
+        "health.stop_on_collapse=true",
+    )
     path = tmp_path / "cfg.yaml"
     path.write_text(to_yaml(cfg))
     (code0, out0), (code1, out1) = launch_ranks([sys.executable, "-m", "clipforge", "train", str(path)], 2)
@@ -120,8 +172,17 @@ def test_a_collapse_stop_found_by_rank_0_stops_both_ranks(synth_data, synth_suit
 def test_temperature_pinned_at_its_clamp_is_an_alarm(synth_data, tiny_resnet_json, tmp_path):
     # logit_scale starts at 1/0.07 = 14.29; a clamp at 1 pins it from the first step (the loss pushes it up)
     with pytest.raises(CollapseError, match=r"step 3: logit_scale = 1 has sat at loss.max_logit_scale 1 for 3"):
-        train(config(synth_data, tiny_resnet_json, tmp_path / "run", "train.steps=6", "loss.max_logit_scale=1",
-                     "health.max_clamped_steps=3", "health.stop_on_collapse=true"))
+        train(
+            config(
+                synth_data,
+                tiny_resnet_json,
+                tmp_path / "run",
+                "train.steps=6",
+                "loss.max_logit_scale=1",
+                "health.max_clamped_steps=3",
+                "health.stop_on_collapse=true",
+            )
+        )
 
 
 def test_health_needs_held_out_pairs(synth_data, tiny_resnet_json, tmp_path):
@@ -148,19 +209,37 @@ def test_multi_positive_loss_trains_from_the_pipeline_ids(synth_data, tiny_resne
     assert result["step"] == 5 and len(losses) == 5 and all(np.isfinite(losses))
 
 
-def test_eval_reports_health_and_draws_the_embedding_plots(synth_data, synth_suite, tiny_resnet_json, tmp_path,
-                                                           capsys):
+def test_eval_reports_health_and_draws_the_embedding_plots(synth_data, synth_suite, tiny_resnet_json, tmp_path, capsys):
     run_dir = tmp_path / "run"
     train(config(synth_data, tiny_resnet_json, run_dir, "train.steps=2"))
     out = tmp_path / "eval"
-    assert main(["eval", str(run_dir / "checkpoints" / "latest"), "--suite", str(synth_suite), "--out", str(out),
-                 "--embedding-plots", "--quiet", "--workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(run_dir / "checkpoints" / "latest"),
+                "--suite",
+                str(synth_suite),
+                "--out",
+                str(out),
+                "--embedding-plots",
+                "--quiet",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| representation health | retrieval |" in printed and "effective rank, images" in printed
     results = json.loads(next(out.glob("*.json")).read_text())
     assert set(results["retrieval"]["health"]) >= {"health/alignment", "health/uniformity_text"}
-    sizes = {"shapes_tsne": PROJECTION_SIZE, "colors_tsne": PROJECTION_SIZE, "retrieval_similarity": HEATMAP_SIZE,
-             "retrieval_similarity_hist": HISTOGRAM_SIZE}
+    sizes = {
+        "shapes_tsne": PROJECTION_SIZE,
+        "colors_tsne": PROJECTION_SIZE,
+        "retrieval_similarity": HEATMAP_SIZE,
+        "retrieval_similarity_hist": HISTOGRAM_SIZE,
+    }
     for suffix, size in sizes.items():
         [path] = out.glob(f"*_{suffix}.png")
         with Image.open(path) as image:

@@ -13,15 +13,19 @@ from PIL import Image
 
 from clipforge.data.images import DecompressionBomb, ImageTransform
 
-CFG = {"size": (224, 224), "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711),
-       "interpolation": "bicubic"}
+CFG = {
+    "size": (224, 224),
+    "mean": (0.48145466, 0.4578275, 0.40821073),
+    "std": (0.26862954, 0.26130258, 0.27577711),
+    "interpolation": "bicubic",
+}
 
 
 def photo(width, height, fmt="JPEG", seed=0) -> bytes:
     rng = np.random.default_rng(seed)
     x, y = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
     image = np.stack([x * 200 + 30, y * 180 + 40, (x * y) * 220 + 20], -1) + rng.normal(0, 6, (height, width, 3))
-    image[height // 4: height // 2, width // 3: width // 2] = (220, 40, 60)  # a sharp-edged object
+    image[height // 4 : height // 2, width // 3 : width // 2] = (220, 40, 60)  # a sharp-edged object
     buffer = io.BytesIO()
     Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(buffer, format=fmt, quality=92)
     return buffer.getvalue()
@@ -44,8 +48,9 @@ def test_large_jpeg_is_decoded_at_reduced_size_without_losing_what_the_output_ne
 
     seen = []
     decode = simplejpeg.decode_jpeg
-    monkeypatch.setattr(simplejpeg, "decode_jpeg",
-                        lambda *a, **k: seen.append(decode(*a, **k).shape) or decode(*a, **k))
+    monkeypatch.setattr(
+        simplejpeg, "decode_jpeg", lambda *a, **k: seen.append(decode(*a, **k).shape) or decode(*a, **k)
+    )
     data = photo(1024, 768)
     transform = ImageTransform.from_preprocess_cfg(CFG, train=True)
     out = transform(data, random.Random(0))
@@ -84,6 +89,7 @@ def test_grayscale_cmyk_and_alpha_images_become_rgb():
     for mode, fmt in (("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "PNG")):
         buffer = io.BytesIO()
         Image.new(mode, (240, 240), 100 if mode in ("L", "P") else (100, 50, 20, 200)[: len(mode)]).save(
-            buffer, format=fmt)
+            buffer, format=fmt
+        )
         out = transform(buffer.getvalue())
         assert out.shape == (3, 224, 224), mode

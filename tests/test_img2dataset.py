@@ -95,8 +95,10 @@ def run_img2dataset(tmp_path: Path, timeout: float = 180.0) -> Img2DatasetRun:
     shorter side resized to 64 px, 5 samples per shard); returns where it wrote and what it should hold."""
     python = img2dataset_python()
     if python is None:
-        pytest.fail("img2dataset is not installed: python3 -m venv .venv-img2dataset && "
-                    ".venv-img2dataset/bin/pip install img2dataset==1.47.0 (or set CLIPFORGE_IMG2DATASET_PYTHON)")
+        pytest.fail(
+            "img2dataset is not installed: python3 -m venv .venv-img2dataset && "
+            ".venv-img2dataset/bin/pip install img2dataset==1.47.0 (or set CLIPFORGE_IMG2DATASET_PYTHON)"
+        )
     pairs = write_site(tmp_path / "site")
     out = tmp_path / "img2dataset"
     with serve_directory(tmp_path / "site") as base:
@@ -108,17 +110,36 @@ def run_img2dataset(tmp_path: Path, timeout: float = 180.0) -> Img2DatasetRun:
         import pandas as pd
 
         pd.DataFrame(rows, columns=["url", "caption"]).to_parquet(tmp_path / "urls.parquet")
-        options = {"url_list": str(tmp_path / "urls.parquet"), "input_format": "parquet", "url_col": "url",
-                   "caption_col": "caption", "output_format": "webdataset", "output_folder": str(out),
-                   "processes_count": 1, "thread_count": 4, "image_size": IMAGE_SIZE, "resize_mode": "keep_ratio",
-                   "number_sample_per_shard": SAMPLES_PER_SHARD, "timeout": 5, "retries": 0,
-                   "enable_wandb": False, "distributor": "multiprocessing"}
+        options = {
+            "url_list": str(tmp_path / "urls.parquet"),
+            "input_format": "parquet",
+            "url_col": "url",
+            "caption_col": "caption",
+            "output_format": "webdataset",
+            "output_folder": str(out),
+            "processes_count": 1,
+            "thread_count": 4,
+            "image_size": IMAGE_SIZE,
+            "resize_mode": "keep_ratio",
+            "number_sample_per_shard": SAMPLES_PER_SHARD,
+            "timeout": 5,
+            "retries": 0,
+            "enable_wandb": False,
+            "distributor": "multiprocessing",
+        }
         environment = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")}
-        environment.update(no_proxy="127.0.0.1,localhost", NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled",
-                           PYTHONWARNINGS="ignore")
+        environment.update(
+            no_proxy="127.0.0.1,localhost", NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled", PYTHONWARNINGS="ignore"
+        )
         script = "import json, sys\nfrom img2dataset import download\ndownload(**json.loads(sys.argv[1]))"
-        done = subprocess.run([python, "-c", script, json.dumps(options)], capture_output=True, text=True,
-                              timeout=timeout, env=environment, cwd=tmp_path)
+        done = subprocess.run(
+            [python, "-c", script, json.dumps(options)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=environment,
+            cwd=tmp_path,
+        )
     if done.returncode != 0:
         raise RuntimeError(f"img2dataset failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return Img2DatasetRun(out, captions, bad_urls)
@@ -193,11 +214,23 @@ def test_training_runs_on_img2dataset_output(img2dataset_run, tiny_model_json, t
 
     shards = sorted(p.name for p in img2dataset_run.out.glob("*.tar"))
     urls = f"{img2dataset_run.out}/{{{shards[0][:-4]}..{shards[-1][:-4]}}}.tar"
-    cfg = load_config(None, [
-        f"data.train_urls={urls}", "data.batch_size=4", "data.num_workers=1", "data.shuffle_buffer=8",
-        "data.shuffle_initial=2", f"model.name={tiny_model_json}", "train.steps=8", "train.checkpoint_every=4",
-        f"train.output_dir={tmp_path / 'run'}", "logging.log_every=1", "logging.progress_bar=false",
-        "logging.tensorboard=false"])
+    cfg = load_config(
+        None,
+        [
+            f"data.train_urls={urls}",
+            "data.batch_size=4",
+            "data.num_workers=1",
+            "data.shuffle_buffer=8",
+            "data.shuffle_initial=2",
+            f"model.name={tiny_model_json}",
+            "train.steps=8",
+            "train.checkpoint_every=4",
+            f"train.output_dir={tmp_path / 'run'}",
+            "logging.log_every=1",
+            "logging.progress_bar=false",
+            "logging.tensorboard=false",
+        ],
+    )
     result = train(cfg)
     records = [json_module.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in records if "train/loss" in r]

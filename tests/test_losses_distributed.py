@@ -77,15 +77,22 @@ def single_process_reference(kind, world_size):
 
 
 CASES = [
-    ("clip", {}, 2), ("clip", {}, 4), ("clip", {"tile_size": 4}, 2),
-    ("siglip", {}, 2), ("siglip", {}, 4), ("siglip", {"siglip_exchange": "ring"}, 2),
-    ("siglip", {"siglip_exchange": "ring"}, 4), ("siglip", {"siglip_exchange": "ring", "tile_size": 4}, 4),
+    ("clip", {}, 2),
+    ("clip", {}, 4),
+    ("clip", {"tile_size": 4}, 2),
+    ("siglip", {}, 2),
+    ("siglip", {}, 4),
+    ("siglip", {"siglip_exchange": "ring"}, 2),
+    ("siglip", {"siglip_exchange": "ring"}, 4),
+    ("siglip", {"siglip_exchange": "ring", "tile_size": 4}, 4),
 ]
 
 
-@pytest.mark.parametrize("kind,options,world_size", CASES,
-                         ids=[f"{k}-{'-'.join(f'{a}={b}' for a, b in o.items()) or 'plain'}-{w}proc"
-                              for k, o, w in CASES])
+@pytest.mark.parametrize(
+    "kind,options,world_size",
+    CASES,
+    ids=[f"{k}-{'-'.join(f'{a}={b}' for a, b in o.items()) or 'plain'}-{w}proc" for k, o, w in CASES],
+)
 def test_distributed_loss_equals_single_process(kind, options, world_size, tmp_path):
     loss, grads = run_distributed(LossConfig(kind=kind, **options), world_size, tmp_path)
     reference_loss, reference_grads = single_process_reference(kind, world_size)

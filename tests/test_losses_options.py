@@ -59,8 +59,15 @@ def reference_multi_positive(image, text, scale, caption_ids, image_ids, mode):
 
     def is_positive(i, j):
         same_caption, same_image = caption_ids[i] == caption_ids[j], image_ids[i] == image_ids[j]
-        return i == j or {"pairs": False, "caption": same_caption, "image": same_image,
-                          "caption_or_image": same_caption or same_image}[mode]
+        return (
+            i == j
+            or {
+                "pairs": False,
+                "caption": same_caption,
+                "image": same_image,
+                "caption_or_image": same_caption or same_image,
+            }[mode]
+        )
 
     total = 0.0
     for anchors, candidates in ((x, y), (y, x)):
@@ -100,15 +107,17 @@ def reference_hard_negative(image, text, scale, beta, tau_plus, clamped=None):
 
 def multi_positive(mode, caption_ids=CAPTION_IDS, image_ids=IMAGE_IDS):
     loss = ClipLoss(positives=mode)
-    return lambda image, text, scale: loss(image, text, scale, caption_ids=torch.tensor(caption_ids),
-                                           image_ids=torch.tensor(image_ids))
+    return lambda image, text, scale: loss(
+        image, text, scale, caption_ids=torch.tensor(caption_ids), image_ids=torch.tensor(image_ids)
+    )
 
 
 @pytest.mark.parametrize("mode", ["caption", "image", "caption_or_image"])
 def test_multi_positive_equals_reference(mode):
     mine = loss_and_grads(multi_positive(mode), *features(seed=1))
-    reference = loss_and_grads(lambda i, t, s: reference_multi_positive(i, t, s, CAPTION_IDS, IMAGE_IDS, mode),
-                               *features(seed=1))
+    reference = loss_and_grads(
+        lambda i, t, s: reference_multi_positive(i, t, s, CAPTION_IDS, IMAGE_IDS, mode), *features(seed=1)
+    )
     assert_same(mine, reference)
     plain = loss_and_grads(ClipLoss(), *features(seed=1))
     assert abs(mine[0] - plain[0]) > 1e-3  # the duplicates changed the loss
@@ -120,8 +129,9 @@ def test_multi_positive_with_distinct_ids_is_the_clip_loss(mode):
     mine = loss_and_grads(multi_positive(mode, distinct, distinct[::-1]), *features(seed=2))
     assert_same(mine, loss_and_grads(ClipLoss(), *features(seed=2)), rtol=1e-6)
     assert_same(mine, loss_and_grads(naive_clip_loss, *features(seed=2)), rtol=1e-6)
-    reference = loss_and_grads(lambda i, t, s: reference_multi_positive(i, t, s, distinct, distinct, "pairs"),
-                               *features(seed=2))
+    reference = loss_and_grads(
+        lambda i, t, s: reference_multi_positive(i, t, s, distinct, distinct, "pairs"), *features(seed=2)
+    )
     assert_same(mine, reference)
 
 
@@ -140,8 +150,13 @@ def test_multi_positive_needs_ids():
 def test_pairs_ignores_ids_and_is_unchanged():
     image, text, log_scale = features()
     plain = ClipLoss()(image, text, log_scale.exp())["contrastive"]
-    with_ids = ClipLoss()(image, text, log_scale.exp(), caption_ids=torch.zeros(10, dtype=torch.long),
-                          image_ids=torch.zeros(10, dtype=torch.long))["contrastive"]
+    with_ids = ClipLoss()(
+        image,
+        text,
+        log_scale.exp(),
+        caption_ids=torch.zeros(10, dtype=torch.long),
+        image_ids=torch.zeros(10, dtype=torch.long),
+    )["contrastive"]
     assert torch.equal(plain, with_ids)
 
 
@@ -151,8 +166,9 @@ def test_multi_positive_with_huge_hash_ids():
     captions = [base + 1, base + 2, base + 1, base + 3, base + 4, base + 2, base + 5, base + 1, base + 6, base + 7]
     mine = loss_and_grads(multi_positive("caption", captions), *features(seed=3))
     small = [c - base for c in captions]
-    reference = loss_and_grads(lambda i, t, s: reference_multi_positive(i, t, s, small, IMAGE_IDS, "caption"),
-                               *features(seed=3))
+    reference = loss_and_grads(
+        lambda i, t, s: reference_multi_positive(i, t, s, small, IMAGE_IDS, "caption"), *features(seed=3)
+    )
     assert_same(mine, reference)
 
 
@@ -173,8 +189,9 @@ def test_hard_negatives_equal_reference(beta, tau_plus):
 def test_hard_negatives_floor_equals_reference(beta, tau_plus):
     """Half the pairs nearly identical: their debiased term goes below the floor N exp(-t), the others not."""
     clamped = []
-    reference = loss_and_grads(lambda i, t, s: reference_hard_negative(i, t, s, beta, tau_plus, clamped),
-                               *features(seed=5, aligned=5))
+    reference = loss_and_grads(
+        lambda i, t, s: reference_hard_negative(i, t, s, beta, tau_plus, clamped), *features(seed=5, aligned=5)
+    )
     assert 0 < len(clamped) < 20  # the floor is active on some rows, not all
     mine = loss_and_grads(ClipLoss(hard_negative_beta=beta, debias_tau_plus=tau_plus), *features(seed=5, aligned=5))
     assert_same(mine, reference)
@@ -186,13 +203,20 @@ def test_hard_negative_loss_at_beta_0_tau_0_is_the_clip_loss():
     def hard_at_zero(image, text, scale):
         labels = torch.arange(10)
         diagonal = torch.eye(10, dtype=torch.bool)
-        return (_hard_negative_loss(scale * image @ text.T, diagonal, labels, scale, 0.0, 0.0)
-                + _hard_negative_loss(scale * text @ image.T, diagonal, labels, scale, 0.0, 0.0)) / 2
+        return (
+            _hard_negative_loss(scale * image @ text.T, diagonal, labels, scale, 0.0, 0.0)
+            + _hard_negative_loss(scale * text @ image.T, diagonal, labels, scale, 0.0, 0.0)
+        ) / 2
 
-    assert_same(loss_and_grads(hard_at_zero, image, text, log_scale),
-                loss_and_grads(naive_clip_loss, image, text, log_scale), rtol=1e-6)
-    assert_same(loss_and_grads(lambda i, t, s: reference_hard_negative(i, t, s, 0.0, 0.0), image, text, log_scale),
-                loss_and_grads(naive_clip_loss, image, text, log_scale))
+    assert_same(
+        loss_and_grads(hard_at_zero, image, text, log_scale),
+        loss_and_grads(naive_clip_loss, image, text, log_scale),
+        rtol=1e-6,
+    )
+    assert_same(
+        loss_and_grads(lambda i, t, s: reference_hard_negative(i, t, s, 0.0, 0.0), image, text, log_scale),
+        loss_and_grads(naive_clip_loss, image, text, log_scale),
+    )
     tiny_beta = loss_and_grads(ClipLoss(hard_negative_beta=1e-7), image, text, log_scale)
     assert_same(tiny_beta, loss_and_grads(ClipLoss(), image, text, log_scale))
 
@@ -213,9 +237,13 @@ def test_hard_negatives_stable_at_max_scale(dtype):
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(torch.isfinite(g).all() for g in grads)
     if dtype == torch.float32:
-        assert_same((loss.detach(), grads), loss_and_grads(
-            lambda i, t, s: reference_hard_negative(i, t, s, 2.0, 0.1), *features(seed=8, aligned=3, scale=100.0)),
-            rtol=1e-4)
+        assert_same(
+            (loss.detach(), grads),
+            loss_and_grads(
+                lambda i, t, s: reference_hard_negative(i, t, s, 2.0, 0.1), *features(seed=8, aligned=3, scale=100.0)
+            ),
+            rtol=1e-4,
+        )
 
 
 def test_hard_negatives_batch_of_one():
@@ -227,20 +255,32 @@ def test_hard_negatives_batch_of_one():
 # ---- configuration ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"positives": "labels"}, "loss.positives: 'labels' is not one of"),
-    ({"hard_negative_beta": -1.0}, "loss.hard_negative_beta: must be >= 0"),
-    ({"debias_tau_plus": 1.0}, r"loss.debias_tau_plus: must be in \[0, 1\)"),
-    ({"debias_tau_plus": -0.1}, r"loss.debias_tau_plus: must be in \[0, 1\)"),
-    ({"kind": "siglip", "positives": "caption"}, "loss.positives apply to loss.kind=clip only, not loss.kind=siglip"),
-    ({"kind": "siglip", "hard_negative_beta": 1.0, "debias_tau_plus": 0.1},
-     "loss.hard_negative_beta and loss.debias_tau_plus apply to loss.kind=clip only"),
-    ({"tile_size": 16, "hard_negative_beta": 0.5}, "loss.hard_negative_beta need the materialised logits: set "
-                                                   "loss.tile_size=0"),
-    ({"tile_size": 16, "positives": "image"}, "loss.positives need the materialised logits"),
-    ({"positives": "caption", "debias_tau_plus": 0.1},
-     "loss.positives=caption cannot be combined with loss.debias_tau_plus"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"positives": "labels"}, "loss.positives: 'labels' is not one of"),
+        ({"hard_negative_beta": -1.0}, "loss.hard_negative_beta: must be >= 0"),
+        ({"debias_tau_plus": 1.0}, r"loss.debias_tau_plus: must be in \[0, 1\)"),
+        ({"debias_tau_plus": -0.1}, r"loss.debias_tau_plus: must be in \[0, 1\)"),
+        (
+            {"kind": "siglip", "positives": "caption"},
+            "loss.positives apply to loss.kind=clip only, not loss.kind=siglip",
+        ),
+        (
+            {"kind": "siglip", "hard_negative_beta": 1.0, "debias_tau_plus": 0.1},
+            "loss.hard_negative_beta and loss.debias_tau_plus apply to loss.kind=clip only",
+        ),
+        (
+            {"tile_size": 16, "hard_negative_beta": 0.5},
+            "loss.hard_negative_beta need the materialised logits: set loss.tile_size=0",
+        ),
+        ({"tile_size": 16, "positives": "image"}, "loss.positives need the materialised logits"),
+        (
+            {"positives": "caption", "debias_tau_plus": 0.1},
+            "loss.positives=caption cannot be combined with loss.debias_tau_plus",
+        ),
+    ],
+)
 def test_config_refuses_invalid_options(options, message):
     with pytest.raises(ValueError, match=message):
         LossConfig(**options)
@@ -263,8 +303,13 @@ LOCAL_BATCH = 6
 # duplicates within rank 0 (caption 10, image 1) and across ranks (captions 10, 11, 12; images 0, 4)
 GLOBAL_CAPTIONS = [10, 11, 12, 10, 13, 14, 11, 15, 10, 16, 17, 12]
 GLOBAL_IMAGES = [0, 1, 2, 3, 4, 1, 6, 7, 8, 4, 0, 11]
-DISTRIBUTED_CASES = [{"positives": "caption"}, {"positives": "caption_or_image"}, {"positives": "image"},
-                     {"hard_negative_beta": 1.0, "debias_tau_plus": 0.1}, {"hard_negative_beta": 0.5}]
+DISTRIBUTED_CASES = [
+    {"positives": "caption"},
+    {"positives": "caption_or_image"},
+    {"positives": "image"},
+    {"hard_negative_beta": 1.0, "debias_tau_plus": 0.1},
+    {"hard_negative_beta": 0.5},
+]
 
 
 class TinyDualEncoder(torch.nn.Module):
@@ -288,8 +333,13 @@ def global_batch():
 def loss_and_parameter_grads(model, loss_fn, images, texts, captions, image_ids):
     image_features, text_features = model(images, texts)
     core = model.module if hasattr(model, "module") else model
-    loss = loss_fn(image_features, text_features, core.logit_scale.exp(), caption_ids=torch.tensor(captions),
-                   image_ids=torch.tensor(image_ids))["contrastive"]
+    loss = loss_fn(
+        image_features,
+        text_features,
+        core.logit_scale.exp(),
+        caption_ids=torch.tensor(captions),
+        image_ids=torch.tensor(image_ids),
+    )["contrastive"]
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in core.named_parameters()}
 
@@ -299,9 +349,14 @@ def worker(rank, world_size):
     images, texts = global_batch()
     results = []
     for options in DISTRIBUTED_CASES:
-        loss, grads = loss_and_parameter_grads(DistributedDataParallel(TinyDualEncoder()),
-                                               build_loss(LossConfig(**options), rank, world_size), images[local],
-                                               texts[local], GLOBAL_CAPTIONS[local], GLOBAL_IMAGES[local])
+        loss, grads = loss_and_parameter_grads(
+            DistributedDataParallel(TinyDualEncoder()),
+            build_loss(LossConfig(**options), rank, world_size),
+            images[local],
+            texts[local],
+            GLOBAL_CAPTIONS[local],
+            GLOBAL_IMAGES[local],
+        )
         torch.distributed.all_reduce(loss)
         results.append((loss.item() / world_size, grads))
     return results
@@ -312,16 +367,23 @@ def distributed_results(tmp_path_factory):
     return run_ranks(worker, 2, tmp_path_factory.mktemp("ranks"))[0]  # one spawn for every case
 
 
-@pytest.mark.parametrize("case", range(len(DISTRIBUTED_CASES)),
-                         ids=["-".join(f"{k}={v}" for k, v in o.items()) for o in DISTRIBUTED_CASES])
+@pytest.mark.parametrize(
+    "case", range(len(DISTRIBUTED_CASES)), ids=["-".join(f"{k}={v}" for k, v in o.items()) for o in DISTRIBUTED_CASES]
+)
 def test_distributed_equals_single_process(case, distributed_results):
     loss, grads = distributed_results[case]
     images, texts = global_batch()
     reference_loss, reference_grads = loss_and_parameter_grads(
-        TinyDualEncoder(), build_loss(LossConfig(**DISTRIBUTED_CASES[case])), images, texts, GLOBAL_CAPTIONS,
-        GLOBAL_IMAGES)
-    plain_loss, _ = loss_and_parameter_grads(TinyDualEncoder(), ClipLoss(), images, texts, GLOBAL_CAPTIONS,
-                                             GLOBAL_IMAGES)
+        TinyDualEncoder(),
+        build_loss(LossConfig(**DISTRIBUTED_CASES[case])),
+        images,
+        texts,
+        GLOBAL_CAPTIONS,
+        GLOBAL_IMAGES,
+    )
+    plain_loss, _ = loss_and_parameter_grads(
+        TinyDualEncoder(), ClipLoss(), images, texts, GLOBAL_CAPTIONS, GLOBAL_IMAGES
+    )
     assert abs(reference_loss - plain_loss) > 1e-3  # the option (and the cross-rank duplicates) matter
     assert loss == pytest.approx(reference_loss.item(), rel=1e-5)
     assert set(grads) == set(reference_grads)

@@ -62,8 +62,7 @@ def test_text_trimming_gives_the_same_features_and_gradients(tiny_model_json):
     # float64: the two are the same computation; in fp32 kernels for other shapes round differently (~1e-4)
     full_model, trimmed_model = built.model.double(), copy.deepcopy(built.model).double()
     assert enable_text_trimming(trimmed_model)
-    captions = ["a red circle", "two small blue squares above a large green star on a striped background", "x",
-                "a cat"]
+    captions = ["a red circle", "two small blue squares above a large green star on a striped background", "x", "a cat"]
     tokens = built.tokenizer(captions)
     length = int(tokens.argmax(dim=1).max()) + 1
     assert length < tokens.shape[1]
@@ -73,15 +72,25 @@ def test_text_trimming_gives_the_same_features_and_gradients(tiny_model_json):
         out = model(images, texts)
         loss = naive_clip_loss(out["image_features"], out["text_features"], out["logit_scale"].exp())
         loss.backward()
-        results.append((out["text_features"].detach(), loss.detach(),
-                        {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}))
+        results.append(
+            (
+                out["text_features"].detach(),
+                loss.detach(),
+                {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},
+            )
+        )
     (full_features, full_loss, full_grads), (trim_features, trim_loss, trim_grads) = results
     torch.testing.assert_close(trim_features, full_features, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(trim_loss, full_loss, rtol=1e-10, atol=1e-12)
     assert full_grads.keys() == trim_grads.keys()
     for name in full_grads:
-        torch.testing.assert_close(trim_grads[name], full_grads[name], rtol=1e-9, atol=1e-11,
-                                   msg=lambda message, name=name: f"{name}: {message}")
+        torch.testing.assert_close(
+            trim_grads[name],
+            full_grads[name],
+            rtol=1e-9,
+            atol=1e-11,
+            msg=lambda message, name=name: f"{name}: {message}",
+        )
     # full-length tokens (evaluation) still go through the trimmed model unchanged
     torch.testing.assert_close(trimmed_model.encode_text(tokens), full_model.encode_text(tokens))
 

@@ -24,8 +24,9 @@ def test_normalize_equals_the_per_call_constants_and_reuses_its_own(monkeypatch)
     expected = per_call_reference(images)
     first = transform.normalize(images)
     assert first.dtype == torch.float32 and torch.equal(first, expected)
-    exact = (images.double() / 255 - torch.tensor(MEAN, dtype=torch.float64).view(1, -1, 1, 1)) / \
-        torch.tensor(STD, dtype=torch.float64).view(1, -1, 1, 1)
+    exact = (images.double() / 255 - torch.tensor(MEAN, dtype=torch.float64).view(1, -1, 1, 1)) / torch.tensor(
+        STD, dtype=torch.float64
+    ).view(1, -1, 1, 1)
     torch.testing.assert_close(first.double(), exact, rtol=1e-6, atol=1e-6)
     constants = _normalize_constants(MEAN, STD, images.device)
 

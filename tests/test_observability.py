@@ -23,30 +23,62 @@ class FakeWandb(types.ModuleType):
     def init(self, **kwargs):
         self.inits.append(kwargs)
         fake = self
-        return types.SimpleNamespace(id=kwargs.get("id") or "run123",
-                                     log=lambda values, step=None: fake.logged.append((step, values)),
-                                     finish=lambda: setattr(fake, "finished", fake.finished + 1))
+        return types.SimpleNamespace(
+            id=kwargs.get("id") or "run123",
+            log=lambda values, step=None: fake.logged.append((step, values)),
+            finish=lambda: setattr(fake, "finished", fake.finished + 1),
+        )
 
 
 def overrides(synth_data, tiny_model_json, out, *extra):
-    return [f"data.train_urls={synth_data}/train/{{00000..00005}}.tar", "data.batch_size=32", "data.num_workers=1",
-            "data.shuffle_buffer=100", f"model.name={tiny_model_json}", f"train.output_dir={out}",
-            "train.checkpoint_every=3", "logging.log_every=2", "logging.progress_bar=false", *extra]
+    return [
+        f"data.train_urls={synth_data}/train/{{00000..00005}}.tar",
+        "data.batch_size=32",
+        "data.num_workers=1",
+        "data.shuffle_buffer=100",
+        f"model.name={tiny_model_json}",
+        f"train.output_dir={out}",
+        "train.checkpoint_every=3",
+        "logging.log_every=2",
+        "logging.progress_bar=false",
+        *extra,
+    ]
 
 
-def test_metrics_cover_loss_lr_temperature_throughput_memory_and_wandb(synth_data, tiny_model_json, tmp_path,
-                                                                     monkeypatch):
+def test_metrics_cover_loss_lr_temperature_throughput_memory_and_wandb(
+    synth_data, tiny_model_json, tmp_path, monkeypatch
+):
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object() if name == "wandb" else None)
-    cfg = load_config(None, overrides(synth_data, tiny_model_json, tmp_path / "run", "train.steps=4",
-                                      "logging.wandb=true", "logging.wandb_project=proj"))
+    cfg = load_config(
+        None,
+        overrides(
+            synth_data,
+            tiny_model_json,
+            tmp_path / "run",
+            "train.steps=4",
+            "logging.wandb=true",
+            "logging.wandb_project=proj",
+        ),
+    )
     train(cfg)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]
-    for key in ("train/loss", "train/lr", "train/temperature", "train/logit_scale", "train/grad_norm",
-                "perf/samples_per_s", "perf/samples_per_s_per_device", "perf/data_wait_fraction", "perf/step_time_s",
-                "perf/compute_time_s", "perf/max_memory_mb", "train/nonfinite_steps"):
+    for key in (
+        "train/loss",
+        "train/lr",
+        "train/temperature",
+        "train/logit_scale",
+        "train/grad_norm",
+        "perf/samples_per_s",
+        "perf/samples_per_s_per_device",
+        "perf/data_wait_fraction",
+        "perf/step_time_s",
+        "perf/compute_time_s",
+        "perf/max_memory_mb",
+        "train/nonfinite_steps",
+    ):
         assert key in last, key
     assert last["perf/max_memory_mb"] > 50 and 0 <= last["perf/data_wait_fraction"] <= 1
     # TensorBoard: the same scalars at the same steps as metrics.jsonl
@@ -60,14 +92,25 @@ def test_metrics_cover_loss_lr_temperature_throughput_memory_and_wandb(synth_dat
     assert all(scalars[step] == pytest.approx(logged[step], rel=1e-6) for step in logged)  # stored as float32
     assert {e.step for e in events.Scalars("perf/samples_per_s")} == logged.keys()
     # W&B: one run, in the run directory, the whole config, and exactly the numbers of metrics.jsonl
-    assert fake.inits == [{"project": "proj", "name": "run", "dir": str(tmp_path / "run"), "id": None,
-                           "resume": "allow"}]
+    assert fake.inits == [
+        {"project": "proj", "name": "run", "dir": str(tmp_path / "run"), "id": None, "resume": "allow"}
+    ]
     assert fake.configs[0]["optim.lr"] == cfg.optim.lr and fake.configs[0]["train.steps"] == 4
     assert [step for step, _ in fake.logged] == [r["step"] for r in records]
     assert fake.logged[-1][1]["train/loss"] == last["train/loss"] and fake.finished == 1
     # a resumed run continues the same W&B run
-    cfg = load_config(None, overrides(synth_data, tiny_model_json, tmp_path / "run", "train.steps=6",
-                                      "logging.wandb=true", "logging.wandb_project=proj", "train.resume=auto"))
+    cfg = load_config(
+        None,
+        overrides(
+            synth_data,
+            tiny_model_json,
+            tmp_path / "run",
+            "train.steps=6",
+            "logging.wandb=true",
+            "logging.wandb_project=proj",
+            "train.resume=auto",
+        ),
+    )
     train(cfg)
     assert fake.inits[-1]["id"] == "run123"
 
@@ -82,8 +125,7 @@ def test_progress_bar_only_on_rank_0(tmp_path, monkeypatch):
     from clipforge.train.metrics import LoggingConfig, MetricLogger
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # as in a terminal
-    loggers = [MetricLogger(tmp_path, LoggingConfig(tensorboard=False), 10, 0, rank == 0)
-               for rank in (0, 1)]
+    loggers = [MetricLogger(tmp_path, LoggingConfig(tensorboard=False), 10, 0, rank == 0) for rank in (0, 1)]
     assert loggers[0].bar is not None and loggers[0].bar.total == 10
     assert loggers[1].bar is None
     for logger in loggers:

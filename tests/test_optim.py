@@ -50,8 +50,9 @@ def test_learning_rate_per_step_is_open_clips(schedule):
         cfg = OptimConfig(lr=lr, warmup_steps=warmup, schedule="cosine")
     else:
         reference = const_lr_cooldown(reference_optimizer, lr, warmup, steps, 50, 2.0, 1e-5)
-        cfg = OptimConfig(lr=lr, warmup_steps=warmup, schedule="constant-cooldown", cooldown_steps=50,
-                          cooldown_power=2.0, min_lr=1e-5)
+        cfg = OptimConfig(
+            lr=lr, warmup_steps=warmup, schedule="constant-cooldown", cooldown_steps=50, cooldown_power=2.0, min_lr=1e-5
+        )
     parameter = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.AdamW([parameter], lr=lr)
     scheduler = build_scheduler(cfg, optimizer, steps)
@@ -102,13 +103,25 @@ def test_resuming_with_other_weight_decay_groups_names_the_setting(synth_data, t
     from clipforge.config import load_config
     from clipforge.train.loop import train
 
-    common = [f"data.train_urls={synth_data}/train/{{00000..00005}}.tar", "data.batch_size=16", "data.num_workers=0",
-              "data.shuffle_buffer=50", f"model.name={tiny_model_json}", f"train.output_dir={tmp_path / 'run'}",
-              "train.checkpoint_every=2", "logging.progress_bar=false", "logging.tensorboard=false"]
+    common = [
+        f"data.train_urls={synth_data}/train/{{00000..00005}}.tar",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "data.shuffle_buffer=50",
+        f"model.name={tiny_model_json}",
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.checkpoint_every=2",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+    ]
     train(load_config(None, [*common, "train.steps=2", "optim.weight_decay_embeddings=false"]))
-    with pytest.raises(ValueError, match=r"step_00000002: its optimizer state does not fit .* "
-                                         r"optim\.weight_decay_embeddings=false"):
+    with pytest.raises(
+        ValueError,
+        match=r"step_00000002: its optimizer state does not fit .* "
+        r"optim\.weight_decay_embeddings=false",
+    ):
         train(load_config(None, [*common, "train.steps=4", "train.resume=auto"]))
-    result = train(load_config(None, [*common, "train.steps=4", "train.resume=auto",
-                                      "optim.weight_decay_embeddings=false"]))
+    result = train(
+        load_config(None, [*common, "train.steps=4", "train.resume=auto", "optim.weight_decay_embeddings=false"])
+    )
     assert result["step"] == 4

@@ -24,10 +24,17 @@ def jpeg(color=(200, 30, 30), size=32) -> bytes:
 
 def loader(urls, rank=0, world_size=1, agree=None, **overrides):
     sources = {"train_urls": urls} if isinstance(urls, str) else {"sources": urls}
-    cfg = DataConfig(**sources, batch_size=overrides.pop("batch_size", 16), num_workers=overrides.pop("workers", 0),
-                     shuffle_buffer=overrides.pop("shuffle_buffer", 50), shuffle_initial=10, **overrides)
-    return build_train_loader(cfg, PREPROCESS, TOKENIZER, rank, world_size,
-                              **({} if agree is None else {"agree": agree}))
+    cfg = DataConfig(
+        **sources,
+        batch_size=overrides.pop("batch_size", 16),
+        num_workers=overrides.pop("workers", 0),
+        shuffle_buffer=overrides.pop("shuffle_buffer", 50),
+        shuffle_initial=10,
+        **overrides,
+    )
+    return build_train_loader(
+        cfg, PREPROCESS, TOKENIZER, rank, world_size, **({} if agree is None else {"agree": agree})
+    )
 
 
 def test_batches_have_the_right_shapes(synth_data):
@@ -126,11 +133,18 @@ def all_of_epoch(batches):
 
 def test_captions_from_json_lists_lines_and_cleaned(tmp_path):
     options = ["a red square", "a crimson box", "one red block"]
-    samples = [{"__key__": f"s{i:02d}", "jpg": jpeg(), "txt": "\n".join(options) + "\n",
-                "json": json.dumps({"captions": options, "title": "caf\u00c3\u00a9 &amp;   t\u00e9a\t\n"})}
-               for i in range(40)]
-    samples.append({"__key__": "s_empty", "jpg": jpeg(), "txt": "x",
-                    "json": json.dumps({"captions": [], "title": " "})})
+    samples = [
+        {
+            "__key__": f"s{i:02d}",
+            "jpg": jpeg(),
+            "txt": "\n".join(options) + "\n",
+            "json": json.dumps({"captions": options, "title": "caf\u00c3\u00a9 &amp;   t\u00e9a\t\n"}),
+        }
+        for i in range(40)
+    ]
+    samples.append(
+        {"__key__": "s_empty", "jpg": jpeg(), "txt": "x", "json": json.dumps({"captions": [], "title": " "})}
+    )
     write_tar(tmp_path / "0.tar", iter(samples))
     urls = str(tmp_path / "0.tar")
 
@@ -151,8 +165,13 @@ def test_captions_from_json_lists_lines_and_cleaned(tmp_path):
 
 
 def test_strict_mode_stops_at_the_first_bad_input_naming_it(tmp_path):
-    write_tar(tmp_path / "0.tar", iter([{"__key__": f"g{i}", "jpg": jpeg(), "txt": "fine"} for i in range(5)]
-                                       + [{"__key__": "b_corrupt", "jpg": b"\xff\xd8\xff junk", "txt": "broken"}]))
+    write_tar(
+        tmp_path / "0.tar",
+        iter(
+            [{"__key__": f"g{i}", "jpg": jpeg(), "txt": "fine"} for i in range(5)]
+            + [{"__key__": "b_corrupt", "jpg": b"\xff\xd8\xff junk", "txt": "broken"}]
+        ),
+    )
     with pytest.raises(DataError, match=r"corrupt image at .*0\.tar:b_corrupt.*data\.strict"):
         next(loader(str(tmp_path / "0.tar"), batch_size=8, strict=True))
 
@@ -216,7 +235,11 @@ def test_close_stops_the_workers_so_the_process_can_exit(synth_data, tiny_resnet
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", CLOSE_SCRIPT, str(synth_data), tiny_resnet_json],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", CLOSE_SCRIPT, str(synth_data), tiny_resnet_json],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "alive after close: 0" in done.stdout

@@ -84,8 +84,15 @@ def inputs(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def table_shards(inputs, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("table_shards")
-    prep.write_from_table(inputs["root"] / "table.csv", out, "filepath", "title",
-                          samples_per_shard=SAMPLES_PER_SHARD, num_workers=2, progress=False)
+    prep.write_from_table(
+        inputs["root"] / "table.csv",
+        out,
+        "filepath",
+        "title",
+        samples_per_shard=SAMPLES_PER_SHARD,
+        num_workers=2,
+        progress=False,
+    )
     return out
 
 
@@ -119,8 +126,15 @@ def assert_round_trip(out: Path, good: dict[int, tuple[Path, str]], rows_known: 
 def test_table_to_shards_round_trips_every_good_row_and_counts_bad_ones(inputs, table, tmp_path, caplog):
     out = tmp_path / "shards"
     with caplog.at_level(logging.WARNING, logger="clipforge.data.prep"):
-        summary = prep.write_from_table(inputs["root"] / table, out, "filepath", "title",
-                                        samples_per_shard=SAMPLES_PER_SHARD, num_workers=2, progress=False)
+        summary = prep.write_from_table(
+            inputs["root"] / table,
+            out,
+            "filepath",
+            "title",
+            samples_per_shard=SAMPLES_PER_SHARD,
+            num_workers=2,
+            progress=False,
+        )
     num_shards = -(-inputs["num_rows"] // SAMPLES_PER_SHARD)
     assert summary["samples"] == NUM_GOOD and summary["rows"] == inputs["num_rows"]
     assert summary["skipped"] == {"missing_file": 1, "corrupt_image": 1, "empty_caption": 1}
@@ -160,8 +174,16 @@ def test_resize_sets_the_shorter_side_keeps_the_aspect_and_applies_exif_orientat
     Image.new("RGB", (80, 40), "white").save(tmp_path / "rotated.jpg", exif=exif)
     names = ["wide.png", "tall.jpg", "small.png", "rotated.jpg"]
     (tmp_path / "t.csv").write_text("path,text\n" + "".join(f"{n},photo {n}\n" for n in names))
-    summary = prep.write_from_table(tmp_path / "t.csv", tmp_path / "out", "path", "text", resize_to=32,
-                                    samples_per_shard=10, num_workers=1, progress=False)
+    summary = prep.write_from_table(
+        tmp_path / "t.csv",
+        tmp_path / "out",
+        "path",
+        "text",
+        resize_to=32,
+        samples_per_shard=10,
+        num_workers=1,
+        progress=False,
+    )
     assert summary["samples"] == 4 and summary["resize_to"] == 32
     samples = read_shards(tmp_path / "out")
     expected = {"wide.png": (64, 32), "tall.jpg": (32, 64), "small.png": (32, 64), "rotated.jpg": (32, 64)}
@@ -184,8 +206,9 @@ class SimulatedCrash(RuntimeError):
 def test_an_interrupted_run_resumes_keeping_finished_shards_and_ends_identical(inputs, tmp_path, monkeypatch):
     table = inputs["root"] / "table.csv"
     reference = tmp_path / "reference"
-    prep.write_from_table(table, reference, "filepath", "title", samples_per_shard=SAMPLES_PER_SHARD,
-                          num_workers=1, progress=False)
+    prep.write_from_table(
+        table, reference, "filepath", "title", samples_per_shard=SAMPLES_PER_SHARD, num_workers=1, progress=False
+    )
     out = tmp_path / "out"
     real_make_sample = prep.make_sample
 
@@ -196,16 +219,18 @@ def test_an_interrupted_run_resumes_keeping_finished_shards_and_ends_identical(i
 
     monkeypatch.setattr(prep, "make_sample", crash_in_shard_2)
     with pytest.raises(SimulatedCrash):
-        prep.write_from_table(table, out, "filepath", "title", samples_per_shard=SAMPLES_PER_SHARD, num_workers=1,
-                              progress=False)
+        prep.write_from_table(
+            table, out, "filepath", "title", samples_per_shard=SAMPLES_PER_SHARD, num_workers=1, progress=False
+        )
     assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar"]  # no half-written shard
     assert not (out / "00002.tar.tmp").exists() and not (out / "00002_stats.json").exists()  # cleaned up
     assert not (out / "sizes.json").exists()
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("0000[01]*")}
     monkeypatch.setattr(prep, "make_sample", real_make_sample)
 
-    summary = prep.write_from_table(table, out, "filepath", "title", samples_per_shard=SAMPLES_PER_SHARD,
-                                    num_workers=1, progress=False)
+    summary = prep.write_from_table(
+        table, out, "filepath", "title", samples_per_shard=SAMPLES_PER_SHARD, num_workers=1, progress=False
+    )
     assert summary["resumed_shards"] == 2 and summary["samples"] == NUM_GOOD
     assert summary["skipped"] == {"missing_file": 1, "corrupt_image": 1, "empty_caption": 1}
     assert {name: (out / name).stat().st_mtime_ns for name in finished} == finished
@@ -218,23 +243,29 @@ def test_an_interrupted_run_resumes_keeping_finished_shards_and_ends_identical(i
 def test_parallel_rerun_rewrites_only_incomplete_shards_and_refuses_other_settings(inputs, tmp_path):
     table = inputs["root"] / "table.parquet"
     out = tmp_path / "out"
-    prep.write_from_table(table, out, "filepath", "title", samples_per_shard=SAMPLES_PER_SHARD, num_workers=2,
-                          progress=False)
+    prep.write_from_table(
+        table, out, "filepath", "title", samples_per_shard=SAMPLES_PER_SHARD, num_workers=2, progress=False
+    )
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.tar")}
     (out / "00001.tar").unlink()  # a lost shard
     (out / "00004_stats.json").unlink()  # killed between the tar's rename and its stats file
-    summary = prep.write_from_table(table, out, "filepath", "title", samples_per_shard=SAMPLES_PER_SHARD,
-                                    num_workers=2, progress=False)
+    summary = prep.write_from_table(
+        table, out, "filepath", "title", samples_per_shard=SAMPLES_PER_SHARD, num_workers=2, progress=False
+    )
     assert summary["resumed_shards"] == 4 and summary["samples"] == NUM_GOOD
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.tar")}
     assert set(after) == set(before)
     for name, (mtime, data) in after.items():
         assert data == before[name][1]
         assert (mtime == before[name][0]) == (name not in ("00001.tar", "00004.tar")), name
-    with pytest.raises(ValueError, match=r"out holds shards written with other settings: jpeg_quality None \(this run: "
-                                         r"95\), resize_to None \(this run: 16\); .*--overwrite"):
-        prep.write_from_table(table, out, "filepath", "title", samples_per_shard=SAMPLES_PER_SHARD, resize_to=16,
-                              progress=False)
+    with pytest.raises(
+        ValueError,
+        match=r"out holds shards written with other settings: jpeg_quality None \(this run: "
+        r"95\), resize_to None \(this run: 16\); .*--overwrite",
+    ):
+        prep.write_from_table(
+            table, out, "filepath", "title", samples_per_shard=SAMPLES_PER_SHARD, resize_to=16, progress=False
+        )
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == {n: m for n, (m, _) in after.items()}
     (out / "notes.txt").write_text("mine")  # not prep's: --overwrite leaves it
     summary = prep.write_from_table(table, out, "filepath", "title", resize_to=16, overwrite=True, progress=False)
@@ -267,8 +298,9 @@ def test_hf_dataset_to_shards(inputs, tmp_path, how):
         source = str(tmp_path / "saved")
     else:
         source = dataset
-    summary = prep.write_from_hf(source, tmp_path / "out", samples_per_shard=SAMPLES_PER_SHARD, num_workers=2,
-                                 progress=False)
+    summary = prep.write_from_hf(
+        source, tmp_path / "out", samples_per_shard=SAMPLES_PER_SHARD, num_workers=2, progress=False
+    )
     assert summary["samples"] == 11 and summary["rows"] == 14 and summary["shards"] == 3
     assert summary["skipped"] == {"missing_image": 1, "corrupt_image": 1, "empty_caption": 1}
     assert_round_trip(tmp_path / "out", good)
@@ -287,8 +319,15 @@ def test_hf_imagefolder_with_metadata_to_shards(inputs, tmp_path):
             good[row] = (folder / path.name, caption)
         (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
         metadata.write(json.dumps({"file_name": "broken.jpg", "text": "a broken file"}) + "\n")
-    summary = prep.write_from_hf(folder, tmp_path / "out", imagefolder=True, cache_dir=str(tmp_path / "hf-cache"),
-                                 samples_per_shard=SAMPLES_PER_SHARD, num_workers=1, progress=False)
+    summary = prep.write_from_hf(
+        folder,
+        tmp_path / "out",
+        imagefolder=True,
+        cache_dir=str(tmp_path / "hf-cache"),
+        samples_per_shard=SAMPLES_PER_SHARD,
+        num_workers=1,
+        progress=False,
+    )
     assert summary["samples"] == 7 and summary["skipped"] == {"corrupt_image": 1}
     assert_round_trip(tmp_path / "out", good, rows_known=False)
 
@@ -297,15 +336,20 @@ def write_bad_shard(path: Path) -> None:
     good_jpeg = io.BytesIO()
     Image.new("RGB", (40, 30), "green").save(good_jpeg, format="JPEG")
     jpeg = good_jpeg.getvalue()
-    write_tar(path, iter([
-        {"__key__": "000000000", "jpg": b"\xff\xd8\xff not a jpeg", "txt": "a corrupt image"},
-        {"__key__": "000000001", "jpg": jpeg},
-        {"__key__": "000000002", "jpg": jpeg, "txt": " "},
-        {"__key__": "000000003", "jpg": jpeg, "txt": b"\xff\xfe caption in latin-1: caf\xe9"},
-        {"__key__": "000000004", "txt": "a caption without an image"},
-        {"__key__": "000000005", "jpg": jpeg, "txt": "a good sample with bad json", "json": "{not json"},
-        {"__key__": "000000006", "png": jpeg, "txt": "a good sample"},
-    ]))
+    write_tar(
+        path,
+        iter(
+            [
+                {"__key__": "000000000", "jpg": b"\xff\xd8\xff not a jpeg", "txt": "a corrupt image"},
+                {"__key__": "000000001", "jpg": jpeg},
+                {"__key__": "000000002", "jpg": jpeg, "txt": " "},
+                {"__key__": "000000003", "jpg": jpeg, "txt": b"\xff\xfe caption in latin-1: caf\xe9"},
+                {"__key__": "000000004", "txt": "a caption without an image"},
+                {"__key__": "000000005", "jpg": jpeg, "txt": "a good sample with bad json", "json": "{not json"},
+                {"__key__": "000000006", "png": jpeg, "txt": "a good sample"},
+            ]
+        ),
+    )
 
 
 def truncated_copy(shard: Path, target: Path, sample_index: int) -> None:
@@ -314,7 +358,7 @@ def truncated_copy(shard: Path, target: Path, sample_index: int) -> None:
         members = tar.getmembers()
     keys = sorted({m.name.split(".")[0] for m in members})
     first = next(m for m in members if m.name.startswith(keys[sample_index]))
-    target.write_bytes(shard.read_bytes()[:first.offset_data + 10])
+    target.write_bytes(shard.read_bytes()[: first.offset_data + 10])
 
 
 def test_inspect_reports_counts_problems_by_kind_and_histograms(table_shards, inputs, tmp_path):
@@ -328,9 +372,16 @@ def test_inspect_reports_counts_problems_by_kind_and_histograms(table_shards, in
     sizes = [Image.open(path).size for path, _ in inputs["good"].values()]
     shorter = [min(size) for size in sizes]
     assert 0 < sum(side < 32 for side in shorter) < NUM_GOOD  # both bins are used
-    assert report["image_shorter_side"] == {"<32": sum(side < 32 for side in shorter),
-                                            "32-63": sum(32 <= side < 64 for side in shorter), "64-127": 0,
-                                            "128-255": 0, "256-511": 0, "512-1023": 0, "1024-2047": 0, ">=2048": 0}
+    assert report["image_shorter_side"] == {
+        "<32": sum(side < 32 for side in shorter),
+        "32-63": sum(32 <= side < 64 for side in shorter),
+        "64-127": 0,
+        "128-255": 0,
+        "256-511": 0,
+        "512-1023": 0,
+        "1024-2047": 0,
+        ">=2048": 0,
+    }
     assert report["image_aspect_ratio"]["0.5-0.75"] == sum(0.5 <= w / h < 0.75 for w, h in sizes) > 0
     assert sum(report["image_aspect_ratio"].values()) == NUM_GOOD
     assert report["image_width"] == {"min": min(w for w, _ in sizes), "max": max(w for w, _ in sizes)}
@@ -344,8 +395,15 @@ def test_inspect_reports_counts_problems_by_kind_and_histograms(table_shards, in
     report = inspect_shards(bad, num_workers=1)
     assert not report["ok"] and report["shards"] == 3
     # training's kinds (bad JSON beside a .txt caption is no problem: training reads the .txt)
-    assert report["problems"] == {"corrupt_image": 1, "missing_caption": 1, "empty_caption": 1, "bad_caption": 1,
-                                  "missing_image": 1, "truncated_tar": 1, "unreadable_shard": 1}
+    assert report["problems"] == {
+        "corrupt_image": 1,
+        "missing_caption": 1,
+        "empty_caption": 1,
+        "bad_caption": 1,
+        "missing_image": 1,
+        "truncated_tar": 1,
+        "unreadable_shard": 1,
+    }
     assert report["samples"] == 7 + 2 and report["valid"] == 2 + 2
     assert "00000.tar:000000000: not an image format" in report["examples"]["corrupt_image"]
     assert "00001.tar: after 2 samples" in report["examples"]["truncated_tar"]
@@ -375,9 +433,26 @@ def test_inspect_checks_sizes_json_and_writes_it_when_absent(table_shards, tmp_p
 
 def test_cli_prep_table_hf_and_inspect(inputs, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["prep", "table", str(inputs["root"] / "table.csv"), "--out", str(out), "--image-column", "filepath",
-                 "--caption-column", "title", "--samples-per-shard", "10", "--resize", "16", "--workers", "1",
-                 "--quiet"])
+    code = main(
+        [
+            "prep",
+            "table",
+            str(inputs["root"] / "table.csv"),
+            "--out",
+            str(out),
+            "--image-column",
+            "filepath",
+            "--caption-column",
+            "title",
+            "--samples-per-shard",
+            "10",
+            "--resize",
+            "16",
+            "--workers",
+            "1",
+            "--quiet",
+        ]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["samples"] == NUM_GOOD and summary["shards"] == 3 and summary["resize_to"] == 16
@@ -386,15 +461,31 @@ def test_cli_prep_table_hf_and_inspect(inputs, tmp_path, capsys):
     report = json.loads(captured.out)
     assert "warning" not in captured.err  # 3 shards feed 1 rank × 2 workers
     assert main(["prep", "inspect", str(out), "--quiet", "--no-write", "--world-size", "2"]) == 0
-    assert re.search(r"warning: 3 shards cannot feed world size 2 × data.num_workers 2 = 4 readers",
-                     capsys.readouterr().err)
+    assert re.search(
+        r"warning: 3 shards cannot feed world size 2 × data.num_workers 2 = 4 readers", capsys.readouterr().err
+    )
     assert report["valid"] == NUM_GOOD and report["image_shorter_side"]["<32"] == NUM_GOOD
     assert report["image_width"]["min"] == report["image_height"]["min"] == 16 and report["extensions"] == {
-        "jpg": NUM_GOOD}
+        "jpg": NUM_GOOD
+    }
     (out / "00001.tar").write_bytes((out / "00001.tar").read_bytes()[:700])
     assert main(["prep", "inspect", str(out), "--quiet", "--no-write"]) == 1
-    assert main(["prep", "table", str(inputs["root"] / "table.csv"), "--out", str(tmp_path / "x"),
-                 "--image-column", "path", "--caption-column", "title"]) == 2
+    assert (
+        main(
+            [
+                "prep",
+                "table",
+                str(inputs["root"] / "table.csv"),
+                "--out",
+                str(tmp_path / "x"),
+                "--image-column",
+                "path",
+                "--caption-column",
+                "title",
+            ]
+        )
+        == 2
+    )
     assert "table.csv: no image column 'path'" in capsys.readouterr().err
     assert main(["prep", "hf", str(inputs["root"]), "--out", str(tmp_path / "y")]) == 2
     assert "not a dataset saved with save_to_disk" in capsys.readouterr().err
@@ -432,9 +523,17 @@ def read_with_open_clip(urls: str, monkeypatch, batch_size: int = 4, image_size:
     from open_clip_train.data import get_wds_dataset
 
     tolerant_open_clip_tar_reader(monkeypatch)
-    args = argparse.Namespace(train_data=urls, val_data=None, train_num_samples=None, dataset_resampled=False,
-                              train_data_upsampling_factors=None, seed=0, batch_size=batch_size, workers=0,
-                              world_size=1)
+    args = argparse.Namespace(
+        train_data=urls,
+        val_data=None,
+        train_num_samples=None,
+        dataset_resampled=False,
+        train_data_upsampling_factors=None,
+        seed=0,
+        batch_size=batch_size,
+        workers=0,
+        world_size=1,
+    )
     transform = open_clip.image_transform(image_size, is_train=True)
     info = get_wds_dataset(args, transform, is_train=True, tokenizer=open_clip.get_tokenizer("RN50"))
     return list(info.dataloader), info.dataloader

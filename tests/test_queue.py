@@ -22,8 +22,12 @@ def test_queue_loss_matches_a_per_row_reference():
     unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, dtype=torch.float64), dim=-1)
     world, local, queued, dim, rank = 3, 4, 5, 8, 1
     image, text = unit(local, dim), unit(local, dim)
-    image_keys, text_keys, image_queue, text_queue = unit(world * local, dim), unit(world * local, dim), \
-        unit(queued, dim), unit(queued, dim)
+    image_keys, text_keys, image_queue, text_queue = (
+        unit(world * local, dim),
+        unit(world * local, dim),
+        unit(queued, dim),
+        unit(queued, dim),
+    )
     scale = torch.tensor(7.0, dtype=torch.float64)
     got = queue_contrastive_loss(image, text, image_keys, text_keys, image_queue, text_queue, scale, rank)
     total = 0.0
@@ -57,12 +61,27 @@ def test_ring_buffer_and_momentum_update(tiny_model_json):
 
 
 def config(synth_data, model_json, out, *extra):
-    return load_config(None, [
-        f"data.train_urls={synth_data}/train/{{00000..00005}}.tar", "data.batch_size=16", "data.num_workers=0",
-        "data.shuffle_buffer=100", f"model.name={model_json}", "optim.lr=2e-3", "optim.warmup_steps=2",
-        f"train.output_dir={out}", "train.checkpoint_every=3", "train.keep_last=5", "logging.log_every=1",
-        "logging.progress_bar=false", "logging.tensorboard=false", "loss.queue_size=40", "loss.queue_momentum=0.9",
-        *extra])
+    return load_config(
+        None,
+        [
+            f"data.train_urls={synth_data}/train/{{00000..00005}}.tar",
+            "data.batch_size=16",
+            "data.num_workers=0",
+            "data.shuffle_buffer=100",
+            f"model.name={model_json}",
+            "optim.lr=2e-3",
+            "optim.warmup_steps=2",
+            f"train.output_dir={out}",
+            "train.checkpoint_every=3",
+            "train.keep_last=5",
+            "logging.log_every=1",
+            "logging.progress_bar=false",
+            "logging.tensorboard=false",
+            "loss.queue_size=40",
+            "loss.queue_momentum=0.9",
+            *extra,
+        ],
+    )
 
 
 def test_queue_run_trains_and_resumes_exactly(synth_data, tiny_resnet_json, tmp_path):

@@ -27,26 +27,44 @@ def test_recipe_loads_and_states_its_hardware(name):
     assert cfg.train.steps > 0
 
 
-@pytest.mark.parametrize("name,parameters,image_gflops,text_gflops", [
-    # published: OpenAI CLIP ViT-B/32 151.28M parameters, 4.4 GMACs image / 2.9 GMACs text (open_clip's profile)
-    ("vit-b-32.yaml", 151_277_313, 2 * 4.41, 2 * 2.91),
-    # ViT-B/16: 149.62M parameters, 17.58 GMACs image (timm/open_clip profile)
-    ("vit-b-16.yaml", 149_620_737, 2 * 17.58, 2 * 2.91),
-])
+@pytest.mark.parametrize(
+    "name,parameters,image_gflops,text_gflops",
+    [
+        # published: OpenAI CLIP ViT-B/32 151.28M parameters, 4.4 GMACs image / 2.9 GMACs text (open_clip's profile)
+        ("vit-b-32.yaml", 151_277_313, 2 * 4.41, 2 * 2.91),
+        # ViT-B/16: 149.62M parameters, 17.58 GMACs image (timm/open_clip profile)
+        ("vit-b-16.yaml", 149_620_737, 2 * 17.58, 2 * 2.91),
+    ],
+)
 def test_dry_run_counts_parameters_and_flops_like_the_published_figures(name, parameters, image_gflops, text_gflops):
     summary = dry_run(load_config(CONFIGS / name), check_inputs=False)  # the recipes' data is not here
     assert summary["parameters"] == parameters
     assert summary["image_forward_gflops_per_sample"] == pytest.approx(image_gflops, rel=0.06)
     assert summary["text_forward_gflops_per_sample"] == pytest.approx(text_gflops, rel=0.06)
     assert summary["train_gflops_per_sample"] == pytest.approx(
-        3 * (summary["image_forward_gflops_per_sample"] + summary["text_forward_gflops_per_sample"]))
+        3 * (summary["image_forward_gflops_per_sample"] + summary["text_forward_gflops_per_sample"])
+    )
 
 
 def test_dry_run_from_the_command_line_prints_config_and_counts(capsys, tmp_path, synth_data, synth_suite):
     out_dir = tmp_path / "never"
     shards = f"[{{urls: '{synth_data}/train/00000.tar::{synth_data}/train/00001.tar'}}]"
-    assert main(["train", str(CONFIGS / "demo.yaml"), "--dry-run", "--set", f"train.output_dir={out_dir}",
-                 "--set", f"data.sources={shards}", "--set", f"eval.suite={synth_suite}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(CONFIGS / "demo.yaml"),
+                "--dry-run",
+                "--set",
+                f"train.output_dir={out_dir}",
+                "--set",
+                f"data.sources={shards}",
+                "--set",
+                f"eval.suite={synth_suite}",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert re.search(r"shards +2\n", out) and re.search(r"resume_from +none \(fresh start\)", out), out[-800:]
     assert "model:\n  name: tiny-rn-64" in out and f"output_dir: {out_dir}" in out
@@ -57,13 +75,25 @@ def test_dry_run_from_the_command_line_prints_config_and_counts(capsys, tmp_path
 def test_dry_run_refuses_what_the_run_would_refuse(capsys, tmp_path, synth_data, synth_suite):
     """Too few shards for the readers, a missing resume target, a suite that does not exist: refused before any
     step, by the dry run as by the run."""
-    base = ["train", str(CONFIGS / "demo.yaml"), "--dry-run", "--set", f"train.output_dir={tmp_path / 'run'}",
-            "--set", f"eval.suite={synth_suite}"]
+    base = [
+        "train",
+        str(CONFIGS / "demo.yaml"),
+        "--dry-run",
+        "--set",
+        f"train.output_dir={tmp_path / 'run'}",
+        "--set",
+        f"eval.suite={synth_suite}",
+    ]
     one_shard = f"data.sources=[{{urls: '{synth_data}/train/00000.tar'}}]"
-    cases = {"shards cannot feed world_size × num_workers = 2 readers": [one_shard, "data.num_workers=2"],
-             "train.resume: checkpoint .*nowhere does not exist": [one_shard, "data.num_workers=1",
-                                                                   f"train.resume={tmp_path / 'nowhere'}"],
-             "suite .*missing.yaml": [one_shard, "data.num_workers=1", f"eval.suite={tmp_path / 'missing.yaml'}"]}
+    cases = {
+        "shards cannot feed world_size × num_workers = 2 readers": [one_shard, "data.num_workers=2"],
+        "train.resume: checkpoint .*nowhere does not exist": [
+            one_shard,
+            "data.num_workers=1",
+            f"train.resume={tmp_path / 'nowhere'}",
+        ],
+        "suite .*missing.yaml": [one_shard, "data.num_workers=1", f"eval.suite={tmp_path / 'missing.yaml'}"],
+    }
     for expected, overrides in cases.items():
         assert main([*base, *[item for o in overrides for item in ("--set", o)]]) == 2, expected
         assert re.search(expected, capsys.readouterr().err), expected

@@ -32,8 +32,13 @@ BIN = Path(sys.executable).parent
 
 def write_config(path: Path, synth_data, model_json, out: Path, **train_options) -> Path:
     cfg = {
-        "data": {"train_urls": f"{synth_data}/train/{{00000..00005}}.tar", "batch_size": 32, "num_workers": 1,
-                 "shuffle_buffer": 200, "shuffle_initial": 50},
+        "data": {
+            "train_urls": f"{synth_data}/train/{{00000..00005}}.tar",
+            "batch_size": 32,
+            "num_workers": 1,
+            "shuffle_buffer": 200,
+            "shuffle_initial": 50,
+        },
         "model": {"name": model_json},
         "optim": {"lr": 2e-3, "warmup_steps": 2, "weight_decay": 0.05},
         "train": {"output_dir": str(out), "steps": 12, "checkpoint_every": 3, "keep_last": 10, **train_options},
@@ -49,8 +54,11 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def env(**extra) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")}
+    out = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")
+    }
     out.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return out
 
@@ -72,8 +80,9 @@ def reference_run(synth_data, tiny_model_json, tmp_path_factory):
     """An uninterrupted 12-step run, as a subprocess."""
     root = tmp_path_factory.mktemp("reference")
     config = write_config(root / "cfg.yaml", synth_data, tiny_model_json, root / "run")
-    subprocess.run([sys.executable, "-m", "clipforge", "train", str(config)], check=True, env=env(),
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "clipforge", "train", str(config)], check=True, env=env(), capture_output=True
+    )
     return root / "run"
 
 
@@ -114,11 +123,15 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_clear_message(reference_run
 
 
 def test_nonfinite_steps_are_skipped_then_abort_with_the_keys(synth_data, tiny_model_json, tmp_path, caplog):
-    cfg = load_config(write_config(tmp_path / "cfg.yaml", synth_data, tiny_model_json, tmp_path / "run",
-                                   max_nonfinite_steps=3))
+    cfg = load_config(
+        write_config(tmp_path / "cfg.yaml", synth_data, tiny_model_json, tmp_path / "run", max_nonfinite_steps=3)
+    )
     cfg.optim.lr, cfg.optim.warmup_steps = 1e30, 0  # the first update blows the weights up; then every loss is NaN
-    with pytest.raises(NonFiniteError, match=r"3 steps in a row .* at step 4 on rank 0; its batch's first keys: "
-                                             r"\['\d{9}'"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"3 steps in a row .* at step 4 on rank 0; its batch's first keys: "
+        r"\['\d{9}'",
+    ):
         train(cfg)
     assert caplog.text.count("update skipped") == 3
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -128,8 +141,15 @@ def test_nonfinite_steps_are_skipped_then_abort_with_the_keys(synth_data, tiny_m
 def test_fp16_with_a_gradient_scaler_trains_and_resumes_its_scale(synth_data, tiny_model_json, tmp_path):
     import torch
 
-    config = write_config(tmp_path / "cfg.yaml", synth_data, tiny_model_json, tmp_path / "run", precision="fp16",
-                          steps=4, checkpoint_every=2)
+    config = write_config(
+        tmp_path / "cfg.yaml",
+        synth_data,
+        tiny_model_json,
+        tmp_path / "run",
+        precision="fp16",
+        steps=4,
+        checkpoint_every=2,
+    )
     result = train(load_config(config))
     assert not result["preempted"] and all(math.isfinite(v) for v in losses(tmp_path / "run").values())
     # resume from the step-2 checkpoint: the same later losses and the same scaler state as the uninterrupted run
@@ -138,24 +158,41 @@ def test_fp16_with_a_gradient_scaler_trains_and_resumes_its_scale(synth_data, ti
     train(load_config(config, [f"train.output_dir={resumed}", "train.resume=auto"]))
     assert sorted(losses(resumed)) == [3, 4]
     assert all(losses(resumed)[step] == losses(tmp_path / "run")[step] for step in (3, 4))
-    states = [torch.load(run / "checkpoints" / "step_00000004" / "state.pt", weights_only=True)["scaler"]
-              for run in (tmp_path / "run", resumed)]
+    states = [
+        torch.load(run / "checkpoints" / "step_00000004" / "state.pt", weights_only=True)["scaler"]
+        for run in (tmp_path / "run", resumed)
+    ]
     assert states[0] == states[1] and states[0]["scale"] > 0
     assert states[0]["_growth_tracker"] == 4  # counted from step 1, across the resume
 
 
 def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
-    return env(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return env(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
 
 
 def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(synth_data, tiny_model_json, tmp_path):
-    config = write_config(tmp_path / "cfg.yaml", synth_data, tiny_model_json, tmp_path / "run", steps=200,
-                          checkpoint_every=100)
+    config = write_config(
+        tmp_path / "cfg.yaml", synth_data, tiny_model_json, tmp_path / "run", steps=200, checkpoint_every=100
+    )
     port = free_port()
     command = [sys.executable, "-m", "clipforge", "train", str(config)]
-    ranks = [subprocess.Popen(command, env=rank_env(rank, 2, port), start_new_session=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in range(2)]
+    ranks = [
+        subprocess.Popen(
+            command,
+            env=rank_env(rank, 2, port),
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for rank in range(2)
+    ]
     wait_for_step(tmp_path / "run", 4, ranks[0])
     # as SLURM does on pre-emption: the signal goes to rank 1's whole process group, DataLoader worker included
     os.killpg(ranks[1].pid, signal.SIGTERM)
@@ -173,17 +210,43 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(synth
 
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_launchers_run_two_ranks_in_sync(launcher, synth_data, tiny_model_json, tmp_path):
-    config = write_config(tmp_path / "cfg.yaml", synth_data, tiny_model_json, tmp_path / "run", steps=6,
-                          checkpoint_every=3)
+    config = write_config(
+        tmp_path / "cfg.yaml", synth_data, tiny_model_json, tmp_path / "run", steps=6, checkpoint_every=3
+    )
     port = str(free_port())
     if launcher == "torchrun":
-        command = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", port, "-m", "clipforge", "train",
-                   str(config)]
+        command = [
+            str(BIN / "torchrun"),
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            port,
+            "-m",
+            "clipforge",
+            "train",
+            str(config),
+        ]
         extra = {}
     else:  # several CPU processes: --multi_gpu with ACCELERATE_USE_CPU (--cpu starts only one)
-        command = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port, "-m",
-                   "clipforge", "train", str(config)]
+        command = [
+            str(BIN / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            port,
+            "-m",
+            "clipforge",
+            "train",
+            str(config),
+        ]
         extra = {"ACCELERATE_USE_CPU": "true"}
     done = subprocess.run(command, env=env(**extra), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -192,8 +255,10 @@ def test_launchers_run_two_ranks_in_sync(launcher, synth_data, tiny_model_json, 
         digests = [json.loads((checkpoint / f"sync_rank{r}.json").read_text())["weights_sha256"] for r in range(2)]
         assert digests[0] == digests[1]  # both replicas hold identical weights
         assert (checkpoint / "data_rank1.json").is_file()
-    data = [json.loads((tmp_path / "run" / "checkpoints" / "step_00000006" / f"data_rank{r}.json").read_text())
-            for r in range(2)]
+    data = [
+        json.loads((tmp_path / "run" / "checkpoints" / "step_00000006" / f"data_rank{r}.json").read_text())
+        for r in range(2)
+    ]
     assert [(d["world_size"], d["consumed"]) for d in data] == [(2, {"0": 6 * 32})] * 2  # each rank: 6 local batches
 
 
@@ -204,8 +269,7 @@ def test_keep_last_prunes_older_checkpoints(tmp_path):
     model = torch.nn.Linear(3, 2)
     for step in (1, 2, 3, 4):
         checkpointer.save(step, model_pieces(model, step), "train: {}\n")
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000003",
-                                                                            "step_00000004"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000003", "step_00000004"]
     assert (tmp_path / "checkpoints" / "latest").resolve().name == "step_00000004"
 
 
@@ -278,14 +342,22 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_a_numerics_abort_on_one_rank_stops_every_rank(synth_data, tiny_model_json, tmp_path):
-    config = write_config(tmp_path / "cfg.yaml", synth_data, tiny_model_json, tmp_path / "run", steps=50,
-                          checkpoint_every=100, max_nonfinite_steps=2)
+    config = write_config(
+        tmp_path / "cfg.yaml",
+        synth_data,
+        tiny_model_json,
+        tmp_path / "run",
+        steps=50,
+        checkpoint_every=100,
+        max_nonfinite_steps=2,
+    )
     script = tmp_path / "faulty.py"
     script.write_text(FAULTY_RANK)
     (code0, out0), (code1, out1) = launch_ranks([sys.executable, str(script), "train", str(config)], 2)
     assert code0 != 0 and code1 != 0
-    assert "NonFiniteError: 2 steps in a row with a non-finite loss or gradient, the last at step 4 on rank 1" in \
-        out1, out1[-3000:]
+    assert (
+        "NonFiniteError: 2 steps in a row with a non-finite loss or gradient, the last at step 4 on rank 1" in out1
+    ), out1[-3000:]
     assert "NonFiniteError: step 4: another rank reached train.max_nonfinite_steps" in out0, out0[-3000:]
 
 
@@ -306,9 +378,12 @@ def _save_then_load_own_rng(rank, world_size, out):
     python_random.seed(12345)
     pieces = load_checkpoint(Path(out) / "step_00000001", model, rank)
     restored = RNGState("cpu").state_dict()
-    return {"torch": torch.equal(restored["torch"], saved["torch"]),
-            "python": tuple(restored["python"][1]) == saved["python"][1], "data": pieces["data"].stateful.state,
-            "draw": torch.rand(3)}
+    return {
+        "torch": torch.equal(restored["torch"], saved["torch"]),
+        "python": tuple(restored["python"][1]) == saved["python"][1],
+        "data": pieces["data"].stateful.state,
+        "draw": torch.rand(3),
+    }
 
 
 def test_every_rank_resumes_its_own_random_generators(tmp_path):

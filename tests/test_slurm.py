@@ -40,15 +40,44 @@ def cluster(tmp_path_factory):
 def demo_overrides(synth_data: Path, suite: Path, run_dir: Path) -> list[str]:
     """configs/demo.yaml, shortened to 40 steps on the test shards."""
     urls = f"{synth_data}/train/{{00000..00005}}.tar"
-    return ["--set", f"data.sources=[{{urls: '{urls}'}}]", "--set", "data.batch_size=32",
-            "--set", "data.num_workers=1", "--set", "data.shuffle_buffer=200", "--set", f"train.steps={STEPS}",
-            "--set", "train.checkpoint_every=10", "--set", f"train.output_dir={run_dir}",
-            "--set", f"eval.suite={suite}", "--set", "eval.batch_size=100", "--set", "logging.log_every=5"]
+    return [
+        "--set",
+        f"data.sources=[{{urls: '{urls}'}}]",
+        "--set",
+        "data.batch_size=32",
+        "--set",
+        "data.num_workers=1",
+        "--set",
+        "data.shuffle_buffer=200",
+        "--set",
+        f"train.steps={STEPS}",
+        "--set",
+        "train.checkpoint_every=10",
+        "--set",
+        f"train.output_dir={run_dir}",
+        "--set",
+        f"eval.suite={suite}",
+        "--set",
+        "eval.batch_size=100",
+        "--set",
+        "logging.log_every=5",
+    ]
 
 
 def submit(cluster, synth_data, suite, run_dir, *extra: str) -> tuple[subprocess.CompletedProcess, str]:
-    command = [*CLIPFORGE, "submit", str(REPO / "configs" / "demo.yaml"), *demo_overrides(synth_data, suite, run_dir),
-               "--gpus-per-node", "0", "--procs-per-node", "2", "--cpus-per-proc", "1", *extra]
+    command = [
+        *CLIPFORGE,
+        "submit",
+        str(REPO / "configs" / "demo.yaml"),
+        *demo_overrides(synth_data, suite, run_dir),
+        "--gpus-per-node",
+        "0",
+        "--procs-per-node",
+        "2",
+        "--cpus-per-proc",
+        "1",
+        *extra,
+    ]
     done = subprocess.run(command, cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=600)
     assert "submitted job" in done.stdout, done.stdout + done.stderr
     job_id = done.stdout.split("submitted job")[1].split()[0]
@@ -95,8 +124,14 @@ def test_submit_runs_the_demo_config_to_completion(cluster, uninterrupted):
     assert str(run_dir / "slurm" / f"{job_id}.out") in done.stdout  # the log path is printed
     assert job_field(cluster, job_id, "JobState") == "COMPLETED"
     script = (run_dir / "slurm" / "train.sbatch").read_text()
-    for option in ("--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--signal=USR1@300", "--requeue",
-                   "--open-mode=append"):
+    for option in (
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        "--signal=USR1@300",
+        "--requeue",
+        "--open-mode=append",
+    ):
         assert f"#SBATCH {option}\n" in script
     assert "--gpus-per-node" not in script.split("# <<< sbatch options")[0].split("# >>> sbatch options")[1]
     # both ranks ran (gloo, world size 2) and rank 0 wrote the final checkpoint and the eval results
@@ -109,10 +144,10 @@ def test_submit_runs_the_demo_config_to_completion(cluster, uninterrupted):
     assert "resume: auto" in config and "requeue: true" in config
 
 
-@pytest.mark.parametrize("launcher", ["srun", "torchrun",
-                                      pytest.param("accelerate", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("launcher", ["srun", "torchrun", pytest.param("accelerate", marks=pytest.mark.slow)])
 def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_weights(
-        launcher, cluster, uninterrupted, synth_data, synth_suite, tmp_path):
+    launcher, cluster, uninterrupted, synth_data, synth_suite, tmp_path
+):
     run_dir = tmp_path / "preempted"
     _, job_id = submit(cluster, synth_data, synth_suite, run_dir, "--launcher", launcher)
     metrics = run_dir / "metrics.jsonl"
@@ -149,10 +184,27 @@ def test_eval_sbatch_evaluates_a_checkpoint(cluster, uninterrupted, synth_suite,
     out = tmp_path / "eval_out"
     env = {**cluster.env, "CLIPFORGE_PYTHON": sys.executable}
     # the template asks for a GPU; this node has none (on a CPU partition a user overrides it the same way)
-    done = subprocess.run(["sbatch", "--wait", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2",
-                           f"--output={tmp_path}/%j.out",
-                           str(REPO / "slurm" / "eval.sbatch"), str(checkpoint), str(synth_suite), "--out", str(out),
-                           "--no-plots"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            "sbatch",
+            "--wait",
+            "--parsable",
+            "--gpus-per-node=0",
+            "--cpus-per-task=2",
+            f"--output={tmp_path}/%j.out",
+            str(REPO / "slurm" / "eval.sbatch"),
+            str(checkpoint),
+            str(synth_suite),
+            "--out",
+            str(out),
+            "--no-plots",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     job_id = done.stdout.strip().split(";")[0]
     log = (tmp_path / f"{job_id}.out").read_text(errors="replace") if job_id else ""
     assert done.returncode == 0, done.stderr + log[-3000:]

@@ -28,8 +28,15 @@ def jpeg() -> bytes:
 def write_source(root, prefix: str, shards: int, per_shard: int, counts: str = "sizes"):
     root.mkdir(parents=True, exist_ok=True)
     for shard in range(shards):
-        write_tar(root / f"{shard:05d}.tar", iter([{"__key__": f"{prefix}{shard:02d}{i:04d}", "jpg": jpeg(),
-                                                    "txt": f"{prefix} sample"} for i in range(per_shard)]))
+        write_tar(
+            root / f"{shard:05d}.tar",
+            iter(
+                [
+                    {"__key__": f"{prefix}{shard:02d}{i:04d}", "jpg": jpeg(), "txt": f"{prefix} sample"}
+                    for i in range(per_shard)
+                ]
+            ),
+        )
         if counts == "stats":  # img2dataset's per-shard file
             (root / f"{shard:05d}_stats.json").write_text(json.dumps({"count": per_shard + 3, "successes": per_shard}))
     if counts == "sizes":
@@ -38,8 +45,14 @@ def write_source(root, prefix: str, shards: int, per_shard: int, counts: str = "
 
 
 def make_loader(sources, **options):
-    cfg = DataConfig(sources=sources, batch_size=options.pop("batch_size", 10), num_workers=options.pop("workers", 0),
-                     shuffle_buffer=20, shuffle_initial=5, **options)
+    cfg = DataConfig(
+        sources=sources,
+        batch_size=options.pop("batch_size", 10),
+        num_workers=options.pop("workers", 0),
+        shuffle_buffer=20,
+        shuffle_initial=5,
+        **options,
+    )
     return build_train_loader(cfg, PREPROCESS, TOKENIZER)
 
 
@@ -68,8 +81,10 @@ def test_epoch_mode_reads_every_source_once(tmp_path):
     while loader.epoch == 0:
         batch = next(loader)
         keys += batch["keys"] if loader.epoch == 0 else []
-    assert sorted(keys) == sorted([f"a{s:02d}{i:04d}" for s in range(3) for i in range(10)]
-                                  + [f"b{s:02d}{i:04d}" for s in range(2) for i in range(10)])
+    assert sorted(keys) == sorted(
+        [f"a{s:02d}{i:04d}" for s in range(3) for i in range(10)]
+        + [f"b{s:02d}{i:04d}" for s in range(2) for i in range(10)]
+    )
     with pytest.raises(ValueError, match=r"data\.sources\[1\]\.weight=3\.0: weights only apply in resampled mode"):
         make_loader([SourceConfig(urls=a), SourceConfig(urls=b, weight=3.0)])
 
@@ -78,8 +93,12 @@ def test_resampled_weights_are_per_sample_proportions(tmp_path):
     # source a has big shards, b small ones: per-sample weights must correct for that
     a = write_source(tmp_path / "a", "a", 2, 40)
     b = write_source(tmp_path / "b", "b", 4, 10)
-    loader = make_loader([SourceConfig(urls=a, weight=1.0), SourceConfig(urls=b, weight=3.0)], mode="resampled",
-                         epoch_samples=4000, batch_size=50)
+    loader = make_loader(
+        [SourceConfig(urls=a, weight=1.0), SourceConfig(urls=b, weight=3.0)],
+        mode="resampled",
+        epoch_samples=4000,
+        batch_size=50,
+    )
     counts = Counter(key[0] for _ in range(loader.steps_per_epoch) for key in next(loader)["keys"])
     share_b = counts["b"] / (counts["a"] + counts["b"])
     assert 0.68 < share_b < 0.82, counts  # 3:1 → 75% of samples from b
@@ -89,8 +108,12 @@ def test_resampled_weights_use_num_samples_when_shards_have_no_counts(tmp_path):
     # like an hf:// or s3:// source with only data.sources[i].num_samples: its shard size is num_samples / shards
     a = write_source(tmp_path / "a", "a", 2, 40)
     b = write_source(tmp_path / "b", "b", 4, 10, counts=None)
-    loader = make_loader([SourceConfig(urls=a, weight=1.0), SourceConfig(urls=b, weight=3.0, num_samples=40)],
-                         mode="resampled", epoch_samples=4000, batch_size=50)
+    loader = make_loader(
+        [SourceConfig(urls=a, weight=1.0), SourceConfig(urls=b, weight=3.0, num_samples=40)],
+        mode="resampled",
+        epoch_samples=4000,
+        batch_size=50,
+    )
     counts = Counter(key[0] for _ in range(loader.steps_per_epoch) for key in next(loader)["keys"])
     share_b = counts["b"] / (counts["a"] + counts["b"])
     assert 0.68 < share_b < 0.82, counts  # 3:1 → 75% from b (it was 100%: b's shards counted as 1 sample each)

@@ -17,11 +17,26 @@ from clipforge.train.parallel import apply_training_options
 
 
 def run(synth_data, model_json, out, *extra, steps=12):
-    cfg = load_config(None, [
-        f"data.train_urls={synth_data}/train/{{00000..00005}}.tar", "data.batch_size=32", "data.num_workers=1",
-        "data.shuffle_buffer=200", f"model.name={model_json}", "optim.lr=2e-3", "optim.warmup_steps=2",
-        f"train.steps={steps}", "train.checkpoint_every=1000", f"train.output_dir={out}", "train.seed=3",
-        "logging.log_every=1", "logging.progress_bar=false", "logging.tensorboard=false", *extra])
+    cfg = load_config(
+        None,
+        [
+            f"data.train_urls={synth_data}/train/{{00000..00005}}.tar",
+            "data.batch_size=32",
+            "data.num_workers=1",
+            "data.shuffle_buffer=200",
+            f"model.name={model_json}",
+            "optim.lr=2e-3",
+            "optim.warmup_steps=2",
+            f"train.steps={steps}",
+            "train.checkpoint_every=1000",
+            f"train.output_dir={out}",
+            "train.seed=3",
+            "logging.log_every=1",
+            "logging.progress_bar=false",
+            "logging.tensorboard=false",
+            *extra,
+        ],
+    )
     train(cfg)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [r["train/loss"] for r in records if "train/loss" in r]
@@ -104,14 +119,26 @@ def locked_run(synth_data, model_json, out, locked_tower, *switches):
 
 
 def test_lit_locked_image_tower_stays_frozen_while_the_text_tower_learns(synth_data, tiny_model_json, tmp_path):
-    frozen, unlocked = locked_run(synth_data, tiny_model_json, tmp_path / "run", "image", "model.lock_image=true",
-                                  "model.lock_image_unlocked_groups=1")
+    frozen, unlocked = locked_run(
+        synth_data,
+        tiny_model_json,
+        tmp_path / "run",
+        "image",
+        "model.lock_image=true",
+        "model.lock_image_unlocked_groups=1",
+    )
     assert frozen and unlocked  # one group (the last: ln_post and proj) left trainable
 
 
 def test_locked_text_tower_stays_frozen_while_the_image_tower_learns(synth_data, tiny_model_json, tmp_path):
-    frozen, unlocked = locked_run(synth_data, tiny_model_json, tmp_path / "run", "text", "model.lock_text=true",
-                                  "model.lock_text_unlocked_layers=1")
+    frozen, unlocked = locked_run(
+        synth_data,
+        tiny_model_json,
+        tmp_path / "run",
+        "text",
+        "model.lock_text=true",
+        "model.lock_text_unlocked_layers=1",
+    )
     assert frozen and unlocked == ["text_projection"]  # open_clip's last group
 
 
@@ -135,13 +162,16 @@ def torch_backend_settings():
     torch.backends.cudnn.benchmark = saved[1]
 
 
-@pytest.mark.parametrize("device, options, precision, benchmark", [
-    ("cuda:0", {}, "high", True),  # the defaults on a GPU: TF32 matmuls, cuDNN autotuning
-    ("cuda:1", {"precision": "bf16"}, "highest", True),  # autocast runs keep their fp32 matmuls (the loss) in fp32
-    ("cuda:0", {"tf32": False, "cudnn_benchmark": False}, "highest", False),
-    ("cuda:0", {"tf32": False}, "highest", True),
-    ("cpu", {}, "highest", False),  # a CPU run leaves torch as it is
-])
+@pytest.mark.parametrize(
+    "device, options, precision, benchmark",
+    [
+        ("cuda:0", {}, "high", True),  # the defaults on a GPU: TF32 matmuls, cuDNN autotuning
+        ("cuda:1", {"precision": "bf16"}, "highest", True),  # autocast runs keep their fp32 matmuls (the loss) in fp32
+        ("cuda:0", {"tf32": False, "cudnn_benchmark": False}, "highest", False),
+        ("cuda:0", {"tf32": False}, "highest", True),
+        ("cpu", {}, "highest", False),  # a CPU run leaves torch as it is
+    ],
+)
 def test_cuda_settings_apply_on_a_gpu_device_as_switched(device, options, precision, benchmark, torch_backend_settings):
     from clipforge.train.loop import TrainConfig, apply_cuda_settings
 
@@ -161,8 +191,12 @@ def test_compiled_model_keeps_one_graph_for_every_trimmed_caption_length(synth_d
 
     built = build_model(ModelConfig(name=tiny_model_json))
     assert enable_text_trimming(built.model)
-    loader = build_train_loader(DataConfig(train_urls=f"{synth_data}/train/00000.tar", batch_size=4, num_workers=0,
-                                           shuffle_buffer=50), built.preprocess_cfg, built.tokenizer, trim_text=True)
+    loader = build_train_loader(
+        DataConfig(train_urls=f"{synth_data}/train/00000.tar", batch_size=4, num_workers=0, shuffle_buffer=50),
+        built.preprocess_cfg,
+        built.tokenizer,
+        trim_text=True,
+    )
     batches = [next(loader) for _ in range(12)]
     lengths = {batch["texts"].shape[1] for batch in batches}
     assert len(lengths) >= 3, lengths  # the test is not vacuous: the trimmed length changes between batches

@@ -70,8 +70,7 @@ def sgd_step_recording_gradients(model, grad_clip_norm):
     """A plain step with SGD(lr=1e-3) whose optimizer keeps a copy of the gradients it was given."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     given = {}
-    optimizer.register_step_pre_hook(
-        lambda *_: given.update({n: p.grad.clone() for n, p in model.named_parameters()}))
+    optimizer.register_step_pre_hook(lambda *_: given.update({n: p.grad.clone() for n, p in model.named_parameters()}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     step = build_step(model, build_loss(LossConfig()), optimizer, scheduler, "cpu", "fp32", grad_clip_norm, 100.0)
     return step, given
@@ -133,8 +132,16 @@ def test_a_nonfinite_batch_leaves_weights_and_optimizer_state_as_they_were(fused
     built = build_model(ModelConfig(name=tiny_model_json))
     cfg = OptimConfig(lr=1e-3, warmup_steps=0, fused=fused)
     optimizer = build_optimizer(cfg, built.model)
-    step = build_step(built.model, build_loss(LossConfig()), optimizer, build_scheduler(cfg, optimizer, 10), "cpu",
-                      "fp32", None, 100.0)
+    step = build_step(
+        built.model,
+        build_loss(LossConfig()),
+        optimizer,
+        build_scheduler(cfg, optimizer, 10),
+        "cpu",
+        "fp32",
+        None,
+        100.0,
+    )
     assert step.skips_on_device == fused
     data = batch(built, 8)
     assert not step(data)["nonfinite"]

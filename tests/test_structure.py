@@ -57,12 +57,13 @@ def test_losses_never_sync_with_the_host():
         assert call not in text, call
 
 
-def test_ruff_is_clean():
+def test_ruff_check_and_format_are_clean():
     import shutil
     import subprocess
     import sys
 
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    done = subprocess.run([ruff, "check", "src", "tests", "bench", "data_prep"], cwd=PACKAGE.parents[1],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:]
+    folders = ["src", "tests", "bench", "data_prep", "eval", "slurm"]
+    for command in (["check"], ["format", "--check"]):
+        done = subprocess.run([ruff, *command, *folders], cwd=PACKAGE.parents[1], capture_output=True, text=True)
+        assert done.returncode == 0, f"ruff {' '.join(command)}: " + done.stdout[-3000:]

@@ -17,9 +17,18 @@ def tar_members(path):
 def test_same_seed_same_bytes_whatever_the_process_count(tmp_path):
     digests = []
     for workers, name in ((1, "a"), (2, "b")):
-        write_synthetic(SyntheticSpec(out=str(tmp_path / name), num_samples=60, samples_per_shard=25, image_size=32,
-                                      num_eval_samples=10, num_retrieval_samples=5, num_workers=workers),
-                        progress=False)
+        write_synthetic(
+            SyntheticSpec(
+                out=str(tmp_path / name),
+                num_samples=60,
+                samples_per_shard=25,
+                image_size=32,
+                num_eval_samples=10,
+                num_retrieval_samples=5,
+                num_workers=workers,
+            ),
+            progress=False,
+        )
         files = sorted(p for p in (tmp_path / name).rglob("*") if p.is_file())
         digests.append({str(p.relative_to(tmp_path / name)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
     assert digests[0] == digests[1]
@@ -61,8 +70,12 @@ def test_training_never_shows_heldout_combinations_but_eval_does(synth_data):
     assert not seen & synthetic.HELDOUT_COMBOS
     assert len(seen) == len(synthetic.SHAPES) * len(synthetic.COLORS) - len(synthetic.HELDOUT_COMBOS)
     eval_members = tar_members(synth_data / "eval" / "shapes" / "test" / "0.tar")
-    eval_combos = [(o["shape"], o["color"]) for name, data in eval_members.items() if name.endswith(".json")
-                   for o in json.loads(data)["objects"]]
+    eval_combos = [
+        (o["shape"], o["color"])
+        for name, data in eval_members.items()
+        if name.endswith(".json")
+        for o in json.loads(data)["objects"]
+    ]
     unseen = sum(combo in synthetic.HELDOUT_COMBOS for combo in eval_combos)
     assert 0.4 < unseen / len(eval_combos) < 0.6
 
@@ -77,7 +90,8 @@ def test_clip_benchmark_layout(synth_data):
     assert len(labels) == 300 and set(labels) == set(range(len(synthetic.SHAPES)))
     retrieval = synth_data / "eval" / "retrieval"
     assert (retrieval / "dataset_type.txt").read_text().strip() == "retrieval"
-    captions = [v.decode().splitlines() for k, v in tar_members(retrieval / "test" / "0.tar").items()
-                if k.endswith(".txt")]
+    captions = [
+        v.decode().splitlines() for k, v in tar_members(retrieval / "test" / "0.tar").items() if k.endswith(".txt")
+    ]
     assert len(captions) == 100 and all(len(c) == 5 for c in captions)
     assert sum(len(set(c)) for c in captions) / len(captions) > 3  # mostly distinct phrasings

@@ -13,11 +13,24 @@ from clipforge.train.loop import train
 
 
 def config(synth_data, tiny_model_json, out, *extra):
-    return load_config(None, [
-        f"data.train_urls={synth_data}/train/{{00000..00005}}.tar", "data.batch_size=64", "data.num_workers=2",
-        "data.shuffle_buffer=500", f"model.name={tiny_model_json}", "optim.lr=2e-3", "optim.warmup_steps=10",
-        "optim.weight_decay=0.05", f"train.output_dir={out}", "logging.log_every=1", "logging.progress_bar=false",
-        "logging.tensorboard=false", *extra])
+    return load_config(
+        None,
+        [
+            f"data.train_urls={synth_data}/train/{{00000..00005}}.tar",
+            "data.batch_size=64",
+            "data.num_workers=2",
+            "data.shuffle_buffer=500",
+            f"model.name={tiny_model_json}",
+            "optim.lr=2e-3",
+            "optim.warmup_steps=10",
+            "optim.weight_decay=0.05",
+            f"train.output_dir={out}",
+            "logging.log_every=1",
+            "logging.progress_bar=false",
+            "logging.tensorboard=false",
+            *extra,
+        ],
+    )
 
 
 def losses(run_dir):
@@ -26,11 +39,25 @@ def losses(run_dir):
 
 
 def test_loss_falls_and_zero_shot_beats_chance(synth_data, synth_suite, tiny_resnet_json, tmp_path):
-    cfg = config(synth_data, tiny_resnet_json, tmp_path / "run", "train.steps=150", "train.checkpoint_every=1000",
-                 f"eval.suite={synth_suite}", "eval.batch_size=100", "logging.plot=true")
+    cfg = config(
+        synth_data,
+        tiny_resnet_json,
+        tmp_path / "run",
+        "train.steps=150",
+        "train.checkpoint_every=1000",
+        f"eval.suite={synth_suite}",
+        "eval.batch_size=100",
+        "logging.plot=true",
+    )
     initial = build_model(cfg.model)
-    untrained = run_suite(OpenClipEncoder(initial.model.eval()), initial.tokenizer, initial.eval_transform,
-                          load_suite(synth_suite), 100, 0)
+    untrained = run_suite(
+        OpenClipEncoder(initial.model.eval()),
+        initial.tokenizer,
+        initial.eval_transform,
+        load_suite(synth_suite),
+        100,
+        0,
+    )
     result = train(cfg)
     curve = losses(tmp_path / "run")
     first, last = sum(curve[s] for s in range(1, 11)) / 10, sum(curve[s] for s in range(141, 151)) / 10
@@ -45,18 +72,28 @@ def test_loss_falls_and_zero_shot_beats_chance(synth_data, synth_suite, tiny_res
     assert again["shapes"]["acc1"] == evaluated["shapes"]["acc1"]
     assert again["retrieval"]["text_retrieval_recall@1"] == evaluated["retrieval"]["text_retrieval_recall@1"]
     assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
-    assert (tmp_path / "run" / "config.yaml").read_text() == (tmp_path / "run" / "checkpoints" / "latest" /
-                                                              "config.yaml").read_text()
+    assert (tmp_path / "run" / "config.yaml").read_text() == (
+        tmp_path / "run" / "checkpoints" / "latest" / "config.yaml"
+    ).read_text()
 
 
 def test_evaluation_during_training_leaves_training_unchanged(synth_data, synth_suite, tiny_resnet_json, tmp_path):
     """Evaluating every 2 steps must not touch the model: batch-norm statistics included (the tiny ResNet has them)."""
-    common = ("train.steps=6", "train.checkpoint_every=100", "data.shuffle_buffer=100", "data.num_workers=0",
-              f"eval.suite={synth_suite}", "eval.batch_size=100")
+    common = (
+        "train.steps=6",
+        "train.checkpoint_every=100",
+        "data.shuffle_buffer=100",
+        "data.num_workers=0",
+        f"eval.suite={synth_suite}",
+        "eval.batch_size=100",
+    )
     train(config(synth_data, tiny_resnet_json, tmp_path / "plain", *common))
     train(config(synth_data, tiny_resnet_json, tmp_path / "evaluated", *common, "eval.every_n_steps=2"))
     assert sorted(p.name for p in (tmp_path / "evaluated" / "eval").glob("*.json")) == [
-        "step_00000002.json", "step_00000004.json", "step_00000006.json"]
+        "step_00000002.json",
+        "step_00000004.json",
+        "step_00000006.json",
+    ]
     plain = load_file(tmp_path / "plain" / "checkpoints" / "latest" / "model.safetensors")
     evaluated = load_file(tmp_path / "evaluated" / "checkpoints" / "latest" / "model.safetensors")
     assert any("running_mean" in name for name in plain)
@@ -68,8 +105,12 @@ def test_resume_continues_exactly(synth_data, tiny_model_json, tmp_path):
     common = ("train.steps=8", "train.checkpoint_every=3", "train.keep_last=5", "data.shuffle_buffer=100")
     train(config(synth_data, tiny_model_json, tmp_path / "full", *common))
     checkpoints = tmp_path / "full" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000003", "step_00000006",
-                                                             "step_00000008"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "latest",
+        "step_00000003",
+        "step_00000006",
+        "step_00000008",
+    ]
     # a second run directory that stopped after step 3: copy its checkpoint, resume with --resume latest
     partial = tmp_path / "partial" / "checkpoints"
     partial.mkdir(parents=True)
@@ -103,9 +144,18 @@ def test_incomplete_checkpoints_are_ignored(synth_data, tiny_model_json, tmp_pat
 def test_fixed_temperature_and_siglip_training(synth_data, tiny_model_json, tmp_path):
     import math
 
-    cfg = config(synth_data, tiny_model_json, tmp_path / "run", "train.steps=3", "loss.kind=siglip",
-                 "loss.learn_temperature=false", "model.init_logit_scale=2.302585", "model.init_logit_bias=-10",
-                 "train.accum_steps=4", "loss.tile_size=16")
+    cfg = config(
+        synth_data,
+        tiny_model_json,
+        tmp_path / "run",
+        "train.steps=3",
+        "loss.kind=siglip",
+        "loss.learn_temperature=false",
+        "model.init_logit_scale=2.302585",
+        "model.init_logit_bias=-10",
+        "train.accum_steps=4",
+        "loss.tile_size=16",
+    )
     train(cfg)
     weights = load_file(tmp_path / "run" / "checkpoints" / "latest" / "model.safetensors")
     assert weights["logit_scale"].item() == pytest.approx(math.log(10), abs=1e-6)
@@ -126,8 +176,13 @@ def test_siglip_needs_a_bias_in_the_config(synth_data, tiny_model_json, tmp_path
 def test_skipped_inputs_reach_the_training_metrics(synth_data, tiny_model_json, tmp_path):
     from clipforge.data.shards import write_tar
 
-    write_tar(tmp_path / "bad.tar", iter([{"__key__": f"bad{i}", "jpg": b"\xff\xd8\xff junk", "txt": "corrupt"}
-                                          for i in range(3)] + [{"__key__": "nocap", "jpg": b"\xff\xd8\xff"}]))
+    write_tar(
+        tmp_path / "bad.tar",
+        iter(
+            [{"__key__": f"bad{i}", "jpg": b"\xff\xd8\xff junk", "txt": "corrupt"} for i in range(3)]
+            + [{"__key__": "nocap", "jpg": b"\xff\xd8\xff"}]
+        ),
+    )
     cfg = config(synth_data, tiny_model_json, tmp_path / "run", "train.steps=10", "train.checkpoint_every=100")
     cfg.data.train_urls = f"{synth_data}/train/00000.tar::{tmp_path}/bad.tar"  # 500 samples: 7 steps an epoch
     train(cfg)

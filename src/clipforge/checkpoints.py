@@ -52,10 +52,12 @@ def verify(path: str | Path) -> None:
     except (OSError, ValueError) as exn:
         raise CorruptCheckpoint(f"checkpoint {path}: unreadable manifest.json ({exn})") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not all(isinstance(entry, dict) and {"bytes", "sha256"} <= set(entry)
-                                              for entry in files.values()):
-        raise CorruptCheckpoint(f"checkpoint {path}: manifest.json has no valid 'files' entry ({{name: {{bytes, "
-                                f"sha256}}}})")
+    if not isinstance(files, dict) or not all(
+        isinstance(entry, dict) and {"bytes", "sha256"} <= set(entry) for entry in files.values()
+    ):
+        raise CorruptCheckpoint(
+            f"checkpoint {path}: manifest.json has no valid 'files' entry ({{name: {{bytes, sha256}}}})"
+        )
     present = {file.name for file in path.iterdir() if file.is_file() and file.name != "manifest.json"}
     unlisted = sorted(present - set(files))
     if unlisted:
@@ -65,8 +67,10 @@ def verify(path: str | Path) -> None:
         if not file.is_file():
             raise CorruptCheckpoint(f"checkpoint {path}: {name} is missing")
         if file.stat().st_size != expected["bytes"]:
-            raise CorruptCheckpoint(f"checkpoint {path}: {name} has {file.stat().st_size} bytes, the manifest says "
-                                    f"{expected['bytes']} (truncated?)")
+            raise CorruptCheckpoint(
+                f"checkpoint {path}: {name} has {file.stat().st_size} bytes, the manifest says "
+                f"{expected['bytes']} (truncated?)"
+            )
         if sha256(file) != expected["sha256"]:
             raise CorruptCheckpoint(f"checkpoint {path}: {name} does not match its SHA-256 in manifest.json")
 
@@ -83,8 +87,9 @@ def with_process_umask(*paths: str | Path) -> None:
 def is_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` looks like a clipforge checkpoint directory (its manifest, weights or shards are there)."""
     path = Path(path)
-    return path.is_dir() and any((path / name).is_file() for name in ("manifest.json", "model.safetensors",
-                                                                      ".metadata"))
+    return path.is_dir() and any(
+        (path / name).is_file() for name in ("manifest.json", "model.safetensors", ".metadata")
+    )
 
 
 def is_sharded(path: str | Path) -> bool:
@@ -104,13 +109,23 @@ class _MetadataUnpickler(pickle.Unpickler):
     """DCP's metadata classes, torch sizes, dtypes and layouts, paths: nothing that can run code."""
 
     SAFE_MODULES = ("torch.distributed.checkpoint.metadata",)
-    SAFE = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-            ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
-            ("pathlib", "PurePosixPath"), ("pathlib", "Path"), ("pathlib._local", "PosixPath")}
+    SAFE = {
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("collections", "OrderedDict"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "Path"),
+        ("pathlib._local", "PosixPath"),
+    }
 
     def find_class(self, module: str, name: str) -> Any:
-        if module in self.SAFE_MODULES or (module, name) in self.SAFE or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        if (
+            module in self.SAFE_MODULES
+            or (module, name) in self.SAFE
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        ):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
 
@@ -161,9 +176,11 @@ def _read_sharded_weights(path: Path) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = read_metadata(path)
-    template = {key[len(MODEL_PREFIX):]: torch.empty(entry.size, dtype=entry.properties.dtype)
-                for key, entry in metadata.state_dict_metadata.items()
-                if key.startswith(MODEL_PREFIX) and isinstance(entry, TensorStorageMetadata)}
+    template = {
+        key[len(MODEL_PREFIX) :]: torch.empty(entry.size, dtype=entry.properties.dtype)
+        for key, entry in metadata.state_dict_metadata.items()
+        if key.startswith(MODEL_PREFIX) and isinstance(entry, TensorStorageMetadata)
+    }
     if not template:
         raise CorruptCheckpoint(f"checkpoint {path}: its shards hold no model tensors")
     state = {"model": template}

@@ -1,13 +1,13 @@
 """``clipforge prep|train|eval|export|submit``: thin wrappers, one entry function each.
 
-    clipforge prep synthetic --out data/synth --num-samples 20000
-    clipforge prep table captions.csv --out data/mine --image-column filepath --caption-column title
-    clipforge prep hf path/to/saved_dataset --out data/mine        (or a folder of images: --imagefolder)
-    clipforge prep inspect data/mine
-    clipforge train configs/demo.yaml --set optim.lr=5e-4 --set data.batch_size=256
-    clipforge eval runs/demo/checkpoints/latest --suite eval/synthetic.yaml
-    clipforge export runs/demo/checkpoints/latest --format hf --out exported/demo [--push org/name]
-    clipforge submit configs/vit-b-32.yaml --nodes 16 --gpus-per-node 8 --partition gpu --time 48:00:00
+clipforge prep synthetic --out data/synth --num-samples 20000
+clipforge prep table captions.csv --out data/mine --image-column filepath --caption-column title
+clipforge prep hf path/to/saved_dataset --out data/mine        (or a folder of images: --imagefolder)
+clipforge prep inspect data/mine
+clipforge train configs/demo.yaml --set optim.lr=5e-4 --set data.batch_size=256
+clipforge eval runs/demo/checkpoints/latest --suite eval/synthetic.yaml
+clipforge export runs/demo/checkpoints/latest --format hf --out exported/demo [--push org/name]
+clipforge submit configs/vit-b-32.yaml --nodes 16 --gpus-per-node 8 --partition gpu --time 48:00:00
 """
 
 from __future__ import annotations
@@ -23,9 +23,16 @@ from pathlib import Path
 def _prep(args: argparse.Namespace) -> int:
     from clipforge.data.shards import SyntheticSpec, write_synthetic
 
-    spec = SyntheticSpec(out=args.out, num_samples=args.num_samples, samples_per_shard=args.samples_per_shard,
-                         image_size=args.image_size, seed=args.seed, num_eval_samples=args.num_eval_samples,
-                         num_retrieval_samples=args.num_retrieval_samples, num_workers=args.workers)
+    spec = SyntheticSpec(
+        out=args.out,
+        num_samples=args.num_samples,
+        samples_per_shard=args.samples_per_shard,
+        image_size=args.image_size,
+        seed=args.seed,
+        num_eval_samples=args.num_eval_samples,
+        num_retrieval_samples=args.num_retrieval_samples,
+        num_workers=args.workers,
+    )
     summary = write_synthetic(spec, progress=not args.quiet)
     print(json.dumps(summary, indent=1))
     return 0
@@ -34,10 +41,19 @@ def _prep(args: argparse.Namespace) -> int:
 def _prep_table(args: argparse.Namespace) -> int:
     from clipforge.data.prep import write_from_table
 
-    summary = write_from_table(args.table, args.out, args.image_column, args.caption_column,
-                               samples_per_shard=args.samples_per_shard, resize_to=args.resize,
-                               num_workers=args.workers, progress=not args.quiet, image_root=args.image_root,
-                               encoding=args.encoding, overwrite=args.overwrite)
+    summary = write_from_table(
+        args.table,
+        args.out,
+        args.image_column,
+        args.caption_column,
+        samples_per_shard=args.samples_per_shard,
+        resize_to=args.resize,
+        num_workers=args.workers,
+        progress=not args.quiet,
+        image_root=args.image_root,
+        encoding=args.encoding,
+        overwrite=args.overwrite,
+    )
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -45,10 +61,19 @@ def _prep_table(args: argparse.Namespace) -> int:
 def _prep_hf(args: argparse.Namespace) -> int:
     from clipforge.data.prep import write_from_hf
 
-    summary = write_from_hf(args.dataset, args.out, args.image_column, args.caption_column,
-                            samples_per_shard=args.samples_per_shard, resize_to=args.resize, num_workers=args.workers,
-                            progress=not args.quiet, split=args.split, imagefolder=args.imagefolder,
-                            overwrite=args.overwrite)
+    summary = write_from_hf(
+        args.dataset,
+        args.out,
+        args.image_column,
+        args.caption_column,
+        samples_per_shard=args.samples_per_shard,
+        resize_to=args.resize,
+        num_workers=args.workers,
+        progress=not args.quiet,
+        split=args.split,
+        imagefolder=args.imagefolder,
+        overwrite=args.overwrite,
+    )
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -56,15 +81,24 @@ def _prep_hf(args: argparse.Namespace) -> int:
 def _prep_inspect(args: argparse.Namespace) -> int:
     from clipforge.data.inspection import inspect_shards
 
-    report = inspect_shards(args.shards, write_stats=not args.no_write, num_workers=args.workers,
-                            progress=not args.quiet, caption_key=args.caption_key, max_pixels=args.max_image_pixels)
+    report = inspect_shards(
+        args.shards,
+        write_stats=not args.no_write,
+        num_workers=args.workers,
+        progress=not args.quiet,
+        caption_key=args.caption_key,
+        max_pixels=args.max_image_pixels,
+    )
     print(json.dumps({key: value for key, value in report.items() if key != "per_shard"}, indent=1))
     readers = args.world_size * max(1, args.num_workers)
     if report["shards"] < readers:  # what `clipforge train` would refuse in epoch mode, said now
-        print(f"clipforge prep: warning: {report['shards']} shards cannot feed world size {args.world_size} × "
-              f"data.num_workers {args.num_workers} = {readers} readers disjointly: training refuses them in epoch "
-              "mode (data.shard_shortage=resample resamples instead); write more, smaller shards "
-              "(--samples-per-shard auto)", file=sys.stderr)
+        print(
+            f"clipforge prep: warning: {report['shards']} shards cannot feed world size {args.world_size} × "
+            f"data.num_workers {args.num_workers} = {readers} readers disjointly: training refuses them in epoch "
+            "mode (data.shard_shortage=resample resamples instead); write more, smaller shards "
+            "(--samples-per-shard auto)",
+            file=sys.stderr,
+        )
     return 0 if report["ok"] else 1
 
 
@@ -79,70 +113,104 @@ def _auto_or_int(value: str) -> int | None:
 
 def _add_writer_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory for 00000.tar ..., sizes.json, _stats.json")
-    parser.add_argument("--resize", type=int, metavar="N",
-                        help="resize so the shorter side is N pixels, up or down, aspect kept (img2dataset's "
-                             "keep_ratio), and re-encode as JPEG quality 95; default: store the original image bytes")
-    parser.add_argument("--samples-per-shard", type=_auto_or_int, default=None, metavar="N|auto",
-                        help="input rows per shard; auto (the default): at least 64 shards and at most 10000 rows "
-                             "each, so the output feeds up to 64 readers (ranks × workers) as written")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the shards an earlier run wrote in --out (default: resume it with the same "
-                             "settings, or refuse other settings)")
+    parser.add_argument(
+        "--resize",
+        type=int,
+        metavar="N",
+        help="resize so the shorter side is N pixels, up or down, aspect kept (img2dataset's "
+        "keep_ratio), and re-encode as JPEG quality 95; default: store the original image bytes",
+    )
+    parser.add_argument(
+        "--samples-per-shard",
+        type=_auto_or_int,
+        default=None,
+        metavar="N|auto",
+        help="input rows per shard; auto (the default): at least 64 shards and at most 10000 rows "
+        "each, so the output feeds up to 64 readers (ranks × workers) as written",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the shards an earlier run wrote in --out (default: resume it with the same "
+        "settings, or refuse other settings)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="writer processes; 1 writes in this process (2)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _add_prep_sources(prep_kinds: argparse._SubParsersAction) -> None:
-    resumable = ("Shards already complete (NNNNN.tar + NNNNN_stats.json) are kept, so an interrupted run can simply be "
-                 "repeated. Rows with a missing or undecodable image or an empty caption are skipped and counted.")
+    resumable = (
+        "Shards already complete (NNNNN.tar + NNNNN_stats.json) are kept, so an interrupted run can simply be "
+        "repeated. Rows with a missing or undecodable image or an empty caption are skipped and counted."
+    )
     table = prep_kinds.add_parser(
-        "table", help="a CSV/TSV/parquet table of local image paths and captions → img2dataset-layout shards",
+        "table",
+        help="a CSV/TSV/parquet table of local image paths and captions → img2dataset-layout shards",
         description="Write the rows of TABLE (.csv, .tsv, .parquet) as img2dataset-layout shards: OUT/00000.tar "
-                    "(KEY.jpg|png|webp, KEY.txt, KEY.json) ... " + resumable)
+        "(KEY.jpg|png|webp, KEY.txt, KEY.json) ... " + resumable,
+    )
     table.add_argument("table", help="CSV (.tsv: tab-separated) or parquet file")
-    table.add_argument("--image-column", required=True,
-                       help="column holding image paths (or, in parquet, image bytes)")
+    table.add_argument("--image-column", required=True, help="column holding image paths (or, in parquet, image bytes)")
     table.add_argument("--caption-column", required=True, help="column holding the captions")
     table.add_argument("--image-root", help="directory that relative image paths start from (default: the table's)")
-    table.add_argument("--encoding", default="utf-8",
-                       help="text encoding of a CSV/TSV table, e.g. latin-1 or cp1252 (utf-8)")
+    table.add_argument(
+        "--encoding", default="utf-8", help="text encoding of a CSV/TSV table, e.g. latin-1 or cp1252 (utf-8)"
+    )
     _add_writer_options(table)
     table.set_defaults(func=_prep_table)
 
     hf = prep_kinds.add_parser(
-        "hf", help="a Hugging Face datasets dataset (save_to_disk folder or imagefolder) → img2dataset-layout shards",
+        "hf",
+        help="a Hugging Face datasets dataset (save_to_disk folder or imagefolder) → img2dataset-layout shards",
         description="Write a Hugging Face dataset as img2dataset-layout shards. DATASET is a directory written by "
-                    "Dataset.save_to_disk, or with --imagefolder a folder of images with metadata.jsonl (file_name "
-                    "and a caption column) read by load_dataset('imagefolder', data_dir=DATASET). " + resumable)
+        "Dataset.save_to_disk, or with --imagefolder a folder of images with metadata.jsonl (file_name "
+        "and a caption column) read by load_dataset('imagefolder', data_dir=DATASET). " + resumable,
+    )
     hf.add_argument("dataset", help="save_to_disk directory, or image folder with --imagefolder")
     hf.add_argument("--image-column", default="image", help="image column: Image feature, paths or bytes (image)")
     hf.add_argument("--caption-column", default="text", help="caption column (text)")
-    hf.add_argument("--imagefolder", action="store_true",
-                    help="DATASET is a folder of images loaded with load_dataset('imagefolder', data_dir=...)")
+    hf.add_argument(
+        "--imagefolder",
+        action="store_true",
+        help="DATASET is a folder of images loaded with load_dataset('imagefolder', data_dir=...)",
+    )
     hf.add_argument("--split", help="split of a DatasetDict (default: train, or the only one)")
     _add_writer_options(hf)
     hf.set_defaults(func=_prep_hf)
 
     inspect = prep_kinds.add_parser(
-        "inspect", help="validate shards; write counts, problems and histograms to _stats.json",
+        "inspect",
+        help="validate shards; write counts, problems and histograms to _stats.json",
         description="Read every sample of SHARDS (a directory of .tar/.tar.gz files, or brace-expanded paths such as "
-                    "data/{00000..00099}.tar) exactly as training reads them, decode images and captions, and report "
-                    "counts, problems by kind under training's names (corrupt_image, missing_caption, truncated_tar, "
-                    "duplicate_key, decompression_bomb, ..., and sizes.json mismatches) "
-                    "and caption-length / image-size histograms. The report goes into _stats.json (key 'inspect') "
-                    "beside the shards; sizes.json is written if absent. Exit status 1 when a problem is found.")
+        "data/{00000..00099}.tar) exactly as training reads them, decode images and captions, and report "
+        "counts, problems by kind under training's names (corrupt_image, missing_caption, truncated_tar, "
+        "duplicate_key, decompression_bomb, ..., and sizes.json mismatches) "
+        "and caption-length / image-size histograms. The report goes into _stats.json (key 'inspect') "
+        "beside the shards; sizes.json is written if absent. Exit status 1 when a problem is found.",
+    )
     inspect.add_argument("shards", help="directory of .tar shards, or brace-expanded shard paths")
     inspect.add_argument("--workers", type=int, default=2, help="reader processes; 1 reads in this process (2)")
     inspect.add_argument("--no-write", action="store_true", help="only print the report; write no file")
-    inspect.add_argument("--world-size", type=int, default=1,
-                         help="ranks that will train on these shards: warn when the shards are too few for them (1)")
-    inspect.add_argument("--num-workers", type=int, default=2,
-                         help="data.num_workers of the training run, for the same warning (2)")
-    inspect.add_argument("--caption-key", default="txt",
-                         help="the caption training reads, as data.caption_key: txt, txt:lines or json:FIELD (txt)")
-    inspect.add_argument("--max-image-pixels", type=int, default=89_478_485,
-                         help="images over this many pixels count as decompression bombs, as data.max_image_pixels "
-                              "(89478485)")
+    inspect.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        help="ranks that will train on these shards: warn when the shards are too few for them (1)",
+    )
+    inspect.add_argument(
+        "--num-workers", type=int, default=2, help="data.num_workers of the training run, for the same warning (2)"
+    )
+    inspect.add_argument(
+        "--caption-key",
+        default="txt",
+        help="the caption training reads, as data.caption_key: txt, txt:lines or json:FIELD (txt)",
+    )
+    inspect.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=89_478_485,
+        help="images over this many pixels count as decompression bombs, as data.max_image_pixels (89478485)",
+    )
     inspect.add_argument("--quiet", action="store_true", help="no progress bar")
     inspect.set_defaults(func=_prep_inspect)
 
@@ -162,16 +230,24 @@ def _train(args: argparse.Namespace) -> int:
         print(to_yaml(cfg))
         summary = dry_run(cfg)
         width = max(map(len, summary))
-        print("\n".join(f"{key:<{width}}  {value:,.3f}" if isinstance(value, float) else
-                        f"{key:<{width}}  {value:,}" if isinstance(value, int) else f"{key:<{width}}  {value}"
-                        for key, value in summary.items()))
+        print(
+            "\n".join(
+                f"{key:<{width}}  {value:,.3f}"
+                if isinstance(value, float)
+                else f"{key:<{width}}  {value:,}"
+                if isinstance(value, int)
+                else f"{key:<{width}}  {value}"
+                for key, value in summary.items()
+            )
+        )
         return 0
     result = train(cfg)
     if result.get("eval_table"):
         print(f"\nzero-shot results at step {result['step']} ({cfg.eval.suite}):\n\n{result['eval_table']}")
     if result["is_main"]:
-        print(json.dumps({"step": result["step"], "checkpoint": result["checkpoint"],
-                          "preempted": result["preempted"]}))
+        print(
+            json.dumps({"step": result["step"], "checkpoint": result["checkpoint"], "preempted": result["preempted"]})
+        )
     return EXIT_PREEMPTED if result["preempted"] else 0
 
 
@@ -189,8 +265,16 @@ def _eval(args: argparse.Namespace) -> int:
     loaded = load_eval_model(args.checkpoint, args.model, args.weights, device, args.amp)
     if args.embedding_plots and args.no_plots:
         raise ValueError("--embedding-plots and --no-plots contradict each other")
-    results = run_suite(loaded.encoder, loaded.tokenizer, loaded.transform, suite, args.batch_size, args.workers,
-                        progress=not args.quiet, diagnostics=args.embedding_plots)
+    results = run_suite(
+        loaded.encoder,
+        loaded.tokenizer,
+        loaded.transform,
+        suite,
+        args.batch_size,
+        args.workers,
+        progress=not args.quiet,
+        diagnostics=args.embedding_plots,
+    )
     if args.out:
         out = Path(args.out)
     elif loaded.kind == "clipforge":
@@ -218,8 +302,9 @@ def _export(args: argparse.Namespace) -> int:
     run_config = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
     # Only the architecture is needed: the checkpoint's weights replace the run's initial ones (init_from, or
     # pretrained in configs written before it was renamed), so those keys are not read.
-    model_keys = {key: value for key, value in (run_config.get("model") or {}).items()
-                  if key not in ("init_from", "pretrained")}
+    model_keys = {
+        key: value for key, value in (run_config.get("model") or {}).items() if key not in ("init_from", "pretrained")
+    }
     try:
         model_cfg = ModelConfig(**model_keys)
     except TypeError as exc:
@@ -233,9 +318,15 @@ def _export(args: argparse.Namespace) -> int:
         found = find_eval_results(checkpoint.resolve().parent.parent, checkpoint.resolve().name)
     resolved = checkpoint.resolve()  # RUN/checkpoints/step_N: the card is titled after the run, or the Hub repo
     run_name = resolved.parent.parent.name if resolved.parent.name == "checkpoints" else resolved.name
-    card = CardInfo(name=args.push or run_name, source=str(checkpoint),
-                    run_config=run_config, eval_results=found[1] if found else None,
-                    eval_source=str(found[0]) if found else None, license=args.license, datasets=args.dataset)
+    card = CardInfo(
+        name=args.push or run_name,
+        source=str(checkpoint),
+        run_config=run_config,
+        eval_results=found[1] if found else None,
+        eval_source=str(found[0]) if found else None,
+        license=args.license,
+        datasets=args.dataset,
+    )
     formats = ["hf", "open_clip"] if args.format == "both" else [args.format]
     try:
         summary = export_model(built, args.out, formats, card)
@@ -246,8 +337,14 @@ def _export(args: argparse.Namespace) -> int:
     print(f"exported {checkpoint} ({', '.join(formats)}) to {args.out}")
     if args.push:
         try:
-            summary["pushed"] = push_to_hub(args.out, args.push, private=args.private, revision=args.revision,
-                                            commit_message=args.commit_message, force=args.force)
+            summary["pushed"] = push_to_hub(
+                args.out,
+                args.push,
+                private=args.private,
+                revision=args.revision,
+                commit_message=args.commit_message,
+                force=args.force,
+            )
         except (HubUnavailable, HfHubHTTPError, OSError) as exc:  # the export itself is written: only the push failed
             message = " ".join(str(exc).split())
             print(f"clipforge export: push to {args.push} failed: {message}", file=sys.stderr)
@@ -260,104 +357,158 @@ def _export(args: argparse.Namespace) -> int:
 
 def _add_export(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser(
-        "export", help="write a checkpoint as a transformers and/or open_clip folder; optionally push it to the Hub",
+        "export",
+        help="write a checkpoint as a transformers and/or open_clip folder; optionally push it to the Hub",
         description="Write CHECKPOINT as a folder that transformers (CLIPModel/SiglipModel + processor, --format hf) "
-                    "or open_clip (open_clip_config.json + open_clip_model.safetensors, --format open_clip) loads "
-                    "as it is, with a model card (README.md) holding the run's latest `clipforge eval` results. "
-                    "An architecture transformers has no class for (e.g. the CLIP-ResNet image tower) is an error "
-                    "naming why; the open_clip format takes every architecture.")
+        "or open_clip (open_clip_config.json + open_clip_model.safetensors, --format open_clip) loads "
+        "as it is, with a model card (README.md) holding the run's latest `clipforge eval` results. "
+        "An architecture transformers has no class for (e.g. the CLIP-ResNet image tower) is an error "
+        "naming why; the open_clip format takes every architecture.",
+    )
     export.add_argument("checkpoint", help="clipforge checkpoint directory, e.g. runs/demo/checkpoints/latest")
-    export.add_argument("--format", choices=("hf", "open_clip", "both"), default="hf",
-                        help="hf: transformers folder; open_clip: open_clip folder; both: one folder with both (hf)")
+    export.add_argument(
+        "--format",
+        choices=("hf", "open_clip", "both"),
+        default="hf",
+        help="hf: transformers folder; open_clip: open_clip folder; both: one folder with both (hf)",
+    )
     export.add_argument("--out", required=True, help="output folder (replaced if it holds an earlier export)")
-    export.add_argument("--push", metavar="ORG/NAME",
-                        help="upload the folder to this Hub model repo (token: HF_TOKEN or `hf auth login`)")
+    export.add_argument(
+        "--push",
+        metavar="ORG/NAME",
+        help="upload the folder to this Hub model repo (token: HF_TOKEN or `hf auth login`)",
+    )
     export.add_argument("--private", action="store_true", help="create the Hub repo private (a new repo only)")
     export.add_argument("--revision", help="branch to push to, created from main if missing (default: main)")
     export.add_argument("--commit-message", help="Hub commit message (default: 'clipforge export (OUT)')")
-    export.add_argument("--force", action="store_true",
-                        help="push even into a Hub repo that holds files not written by clipforge")
+    export.add_argument(
+        "--force", action="store_true", help="push even into a Hub repo that holds files not written by clipforge"
+    )
     export.add_argument("--license", default="mit", help="license id in the model card metadata (mit)")
-    export.add_argument("--dataset", action="append", default=[], metavar="HUB_ID",
-                        help="Hub dataset id for the card metadata (repeatable; hf://datasets/... sources are added)")
-    export.add_argument("--eval-results", metavar="JSON",
-                        help="`clipforge eval` results for the card (default: RUN_DIR/eval/*CHECKPOINT.json, else "
-                             "the newest)")
+    export.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="HUB_ID",
+        help="Hub dataset id for the card metadata (repeatable; hf://datasets/... sources are added)",
+    )
+    export.add_argument(
+        "--eval-results",
+        metavar="JSON",
+        help="`clipforge eval` results for the card (default: RUN_DIR/eval/*CHECKPOINT.json, else the newest)",
+    )
     export.set_defaults(func=_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from clipforge.config import describe_fields
 
-    parser = argparse.ArgumentParser(prog="clipforge", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="clipforge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     prep = commands.add_parser("prep", help="write training shards and benchmark sets")
     prep_kinds = prep.add_subparsers(dest="kind", required=True)
     synth = prep_kinds.add_parser(
-        "synthetic", help="seeded compositional scenes with captions (the embedded default data)",
+        "synthetic",
+        help="seeded compositional scenes with captions (the embedded default data)",
         description="Write seeded synthetic scenes as img2dataset-layout shards (OUT/train/00000.tar ...) and "
-                    "CLIP_benchmark-layout held-out sets (OUT/eval/{shapes,colors,retrieval}). Shards already "
-                    "complete are kept, so an interrupted run can simply be repeated.")
+        "CLIP_benchmark-layout held-out sets (OUT/eval/{shapes,colors,retrieval}). Shards already "
+        "complete are kept, so an interrupted run can simply be repeated.",
+    )
     synth.add_argument("--out", required=True, help="output directory")
     synth.add_argument("--num-samples", type=int, default=20_000, help="training samples (default 20000)")
     synth.add_argument("--samples-per-shard", type=int, default=1_000, help="samples per training shard (1000)")
     synth.add_argument("--image-size", type=int, default=64, help="image side in pixels (64)")
     synth.add_argument("--seed", type=int, default=0, help="generator seed; eval sets use their own streams (0)")
-    synth.add_argument("--num-eval-samples", type=int, default=1_000,
-                       help="images in each classification set; half show unseen shape–colour pairs (1000)")
-    synth.add_argument("--num-retrieval-samples", type=int, default=500,
-                       help="images in the retrieval set, 5 captions each (500)")
+    synth.add_argument(
+        "--num-eval-samples",
+        type=int,
+        default=1_000,
+        help="images in each classification set; half show unseen shape–colour pairs (1000)",
+    )
+    synth.add_argument(
+        "--num-retrieval-samples", type=int, default=500, help="images in the retrieval set, 5 captions each (500)"
+    )
     synth.add_argument("--workers", type=int, default=2, help="writer processes (2)")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=_prep)
     _add_prep_sources(prep_kinds)
 
     train = commands.add_parser(
-        "train", help="train a dual encoder from a YAML config", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train from CONFIG (YAML), with --set overrides. Every config key:\n\n" + describe_fields())
+        "train",
+        help="train a dual encoder from a YAML config",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train from CONFIG (YAML), with --set overrides. Every config key:\n\n" + describe_fields(),
+    )
     train.add_argument("config", help="run config YAML, e.g. configs/demo.yaml")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set optim.lr=5e-4 (repeatable)")
-    train.add_argument("--resume", metavar="auto|DIR",
-                       help="continue from the newest intact checkpoint of this run (auto; 'latest' is an alias) or a "
-                            "checkpoint directory. Exit code 75: stopped by SIGUSR1/SIGTERM after a checkpoint")
-    train.add_argument("--dry-run", action="store_true",
-                       help="print the resolved config, parameter counts and FLOPs per sample, then exit, after the "
-                            "checks the run makes before its first step (the eval suite, the resume target, the "
-                            "sources: shards found, sample counts, enough shards for world size × data.num_workers)")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optim.lr=5e-4 (repeatable)",
+    )
+    train.add_argument(
+        "--resume",
+        metavar="auto|DIR",
+        help="continue from the newest intact checkpoint of this run (auto; 'latest' is an alias) or a "
+        "checkpoint directory. Exit code 75: stopped by SIGUSR1/SIGTERM after a checkpoint",
+    )
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, parameter counts and FLOPs per sample, then exit, after the "
+        "checks the run makes before its first step (the eval suite, the resume target, the "
+        "sources: shards found, sample counts, enough shards for world size × data.num_workers)",
+    )
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser(
-        "eval", help="zero-shot classification, retrieval and linear probes of a model on a benchmark suite",
+        "eval",
+        help="zero-shot classification, retrieval and linear probes of a model on a benchmark suite",
         description="Evaluate a clipforge checkpoint, an open_clip folder, a transformers CLIP folder, or an open_clip "
-                    "architecture with a local weights file (--model, --weights) on the datasets of a suite "
-                    "(eval/*.yaml). Writes SUITE_MODEL.json (every metric), SUITE_MODEL.md (the table) and PNG plots.")
-    evaluate.add_argument("checkpoint", nargs="?",
-                          help="clipforge checkpoint directory (e.g. runs/demo/checkpoints/latest), open_clip folder "
-                               "(open_clip_config.json + weights) or transformers CLIP folder")
+        "architecture with a local weights file (--model, --weights) on the datasets of a suite "
+        "(eval/*.yaml). Writes SUITE_MODEL.json (every metric), SUITE_MODEL.md (the table) and PNG plots.",
+    )
+    evaluate.add_argument(
+        "checkpoint",
+        nargs="?",
+        help="clipforge checkpoint directory (e.g. runs/demo/checkpoints/latest), open_clip folder "
+        "(open_clip_config.json + weights) or transformers CLIP folder",
+    )
     evaluate.add_argument("--suite", required=True, help="suite YAML listing the datasets, e.g. eval/synthetic.yaml")
-    evaluate.add_argument("--model", metavar="ARCH",
-                          help="open_clip architecture (e.g. ViT-B-32), configs/models stem or JSON config; "
-                               "needs --weights")
-    evaluate.add_argument("--weights", metavar="FILE",
-                          help="local weights for --model: an open_clip file (.safetensors/.pt/.bin) or anything "
-                               "model.init_from takes")
-    evaluate.add_argument("--data-root", metavar="DIR",
-                          help="what {data_root} in suite paths means (default: $CLIPFORGE_DATA_ROOT, else the "
-                               "suite's data_root)")
-    evaluate.add_argument("--out", help="where to write the results (default: RUN_DIR/eval for a checkpoint, else "
-                                        "eval_results/)")
+    evaluate.add_argument(
+        "--model",
+        metavar="ARCH",
+        help="open_clip architecture (e.g. ViT-B-32), configs/models stem or JSON config; needs --weights",
+    )
+    evaluate.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="local weights for --model: an open_clip file (.safetensors/.pt/.bin) or anything model.init_from takes",
+    )
+    evaluate.add_argument(
+        "--data-root",
+        metavar="DIR",
+        help="what {data_root} in suite paths means (default: $CLIPFORGE_DATA_ROOT, else the suite's data_root)",
+    )
+    evaluate.add_argument(
+        "--out", help="where to write the results (default: RUN_DIR/eval for a checkpoint, else eval_results/)"
+    )
     evaluate.add_argument("--batch-size", type=int, default=256, help="images per batch (256)")
     evaluate.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images (2)")
     evaluate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     evaluate.add_argument("--amp", action="store_true", help="bf16 autocast for the towers (embeddings stay fp32)")
     evaluate.add_argument("--no-plots", action="store_true", help="write only the JSON and markdown")
-    evaluate.add_argument("--embedding-plots", action="store_true",
-                          help="also draw a t-SNE of image and class-text embeddings per classification set, and an "
-                               "image–caption similarity heatmap and positive/negative similarity histogram per "
-                               "retrieval set (t-SNE takes a few seconds per 1000 images)")
+    evaluate.add_argument(
+        "--embedding-plots",
+        action="store_true",
+        help="also draw a t-SNE of image and class-text embeddings per classification set, and an "
+        "image–caption similarity heatmap and positive/negative similarity histogram per "
+        "retrieval set (t-SNE takes a few seconds per 1000 images)",
+    )
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(func=_eval)
     _add_export(commands)
@@ -391,10 +542,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or os.environ.get("CLIPFORGE_DEBUG", "") not in ("", "0"):
             raise
         message = " ".join(str(exc).split())  # one line, whatever the message held
-        kind = "" if type(exc).__module__ == "builtins" or type(exc).__name__ == "ConfigError" else \
-            f"{type(exc).__name__}: "  # what stopped a run: DataError, CorruptCheckpoint, NonFiniteError, ...
-        print(f"clipforge {args.command}: error: {kind}{message} (--debug or CLIPFORGE_DEBUG=1 shows the "
-              "traceback)", file=sys.stderr)
+        kind = (
+            ""
+            if type(exc).__module__ == "builtins" or type(exc).__name__ == "ConfigError"
+            else f"{type(exc).__name__}: "
+        )  # what stopped a run: DataError, CorruptCheckpoint, NonFiniteError, ...
+        print(
+            f"clipforge {args.command}: error: {kind}{message} (--debug or CLIPFORGE_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
         return 2
 
 
@@ -412,8 +568,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
     """``--debug`` on every (sub)command, so it can go anywhere on the command line."""
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the whole traceback of an error (as CLIPFORGE_DEBUG=1 does)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the whole traceback of an error (as CLIPFORGE_DEBUG=1 does)",
+    )
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in dict.fromkeys(action.choices.values()):

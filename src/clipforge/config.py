@@ -43,21 +43,28 @@ class RunConfig:
     def __post_init__(self) -> None:
         """Contradictions between sections."""
         if self.loss.kind == "siglip" and self.model.init_logit_bias is None:
-            raise ValueError("loss.kind=siglip needs a learnable bias: set model.init_logit_bias (SigLIP: -10) and "
-                             "model.init_logit_scale (SigLIP: 2.302585, i.e. log 10)")
+            raise ValueError(
+                "loss.kind=siglip needs a learnable bias: set model.init_logit_bias (SigLIP: -10) and "
+                "model.init_logit_scale (SigLIP: 2.302585, i.e. log 10)"
+            )
         if self.loss.kind == "clip" and self.model.init_logit_bias is not None:
             raise ValueError("model.init_logit_bias is set but loss.kind=clip ignores the bias; unset it")
         if self.health.every_n_steps and self.health.dataset is None and self.eval.suite is None:
-            raise ValueError("health.every_n_steps needs held-out image–caption pairs: set health.dataset or "
-                             "eval.suite (its first zeroshot_retrieval dataset is used)")
+            raise ValueError(
+                "health.every_n_steps needs held-out image–caption pairs: set health.dataset or "
+                "eval.suite (its first zeroshot_retrieval dataset is used)"
+            )
         if self.loss.queue_size and self.train.accum_steps > 1:
             raise ValueError("loss.queue_size cannot be combined with train.accum_steps > 1 (GradCache)")
         if self.loss.queue_size and self.train.parallel == "fsdp":
-            raise ValueError("loss.queue_size (a momentum encoder copied from the model) is not supported with "
-                             "train.parallel=fsdp; use ddp")
+            raise ValueError(
+                "loss.queue_size (a momentum encoder copied from the model) is not supported with "
+                "train.parallel=fsdp; use ddp"
+            )
         if self.data.batch_size % self.train.accum_steps:
-            raise ValueError(f"data.batch_size={self.data.batch_size} is not divisible by "
-                             f"train.accum_steps={self.train.accum_steps}")
+            raise ValueError(
+                f"data.batch_size={self.data.batch_size} is not divisible by train.accum_steps={self.train.accum_steps}"
+            )
 
 
 class ConfigError(ValueError):
@@ -109,8 +116,10 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
         except Exception as exc:  # YAML syntax errors come in several types
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
         if not OmegaConf.is_dict(file_cfg):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, model:, train:, ...), "
-                              f"got a {'list' if OmegaConf.is_list(file_cfg) else type(file_cfg).__name__}")
+            raise ConfigError(
+                f"{path}: the top level must be a mapping of sections (data:, model:, train:, ...), "
+                f"got a {'list' if OmegaConf.is_list(file_cfg) else type(file_cfg).__name__}"
+            )
         merged = _merge(merged, file_cfg, str(path))
     for override in overrides:
         if "=" not in override:
@@ -119,11 +128,14 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
     source = f"{path}" if path is not None else "config"
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
-        raise ConfigError(f"{source}: required value missing for {', '.join(missing)} (set it in the YAML "
-                          f"or with --set {missing[0]}=...)")
+        raise ConfigError(
+            f"{source}: required value missing for {', '.join(missing)} (set it in the YAML "
+            f"or with --set {missing[0]}=...)"
+        )
     if merged.data.train_urls is None and not merged.data.sources:
-        raise ConfigError(f"{source}: data.sources: no training data given (set data.sources, or data.train_urls "
-                          "for a single source)")
+        raise ConfigError(
+            f"{source}: data.sources: no training data given (set data.sources, or data.train_urls for a single source)"
+        )
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
@@ -143,8 +155,13 @@ def _field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body
     docs = {}
     for node, following in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(following, ast.Expr)
-                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
             docs[node.target.id] = " ".join(following.value.value.split())
     return docs
 

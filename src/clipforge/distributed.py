@@ -38,8 +38,9 @@ class DistInfo:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], cuda_available: bool | None = None,
-                 device_count: int | None = None) -> DistInfo:
+    def from_env(
+        cls, env: Mapping[str, str], cuda_available: bool | None = None, device_count: int | None = None
+    ) -> DistInfo:
         """Read rank and world size from torchrun/accelerate, SLURM, or default to one process.
 
         The device is ``cuda:{local_rank % device_count}`` among the GPUs this process sees: srun binding one GPU
@@ -72,13 +73,20 @@ def init_process_group(info: DistInfo, env: Mapping[str, str], timeout_s: float 
     if not info.is_distributed or dist.is_initialized():
         return
     if "MASTER_ADDR" not in env:
-        raise ValueError("a multi-process launch needs MASTER_ADDR and MASTER_PORT in the environment "
-                         "(torchrun and accelerate set them; under srun export them in the sbatch script)")
+        raise ValueError(
+            "a multi-process launch needs MASTER_ADDR and MASTER_PORT in the environment "
+            "(torchrun and accelerate set them; under srun export them in the sbatch script)"
+        )
     if info.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(info.device))  # the visible device from_env chose, not the local rank
     address = f"tcp://{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29500')}"
-    dist.init_process_group(backend=info.backend, init_method=address,
-                            rank=info.rank, world_size=info.world_size, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend=info.backend,
+        init_method=address,
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
 
 
 def destroy_process_group() -> None:

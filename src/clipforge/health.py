@@ -127,8 +127,10 @@ def embedding_health(image: torch.Tensor, text: torch.Tensor) -> dict[str, float
     One host transfer at the end; meant for a held-out batch every few hundred steps.
     """
     if image.ndim != 2 or image.shape != text.shape:
-        raise ValueError(f"embedding_health: expected two (N, D) tensors of the same shape, got {tuple(image.shape)} "
-                         f"and {tuple(text.shape)}")
+        raise ValueError(
+            f"embedding_health: expected two (N, D) tensors of the same shape, got {tuple(image.shape)} "
+            f"and {tuple(text.shape)}"
+        )
     if image.shape[0] < 2:
         raise ValueError(f"embedding_health: needs at least 2 pairs, got {image.shape[0]}")
     image, text = image.float(), text.float()
@@ -186,11 +188,15 @@ class HealthConfig:
                 raise ValueError(f"health.{name}: must be >= 0 (0 = no alarm), got {getattr(self, name)}")
         for name in ("min_effective_rank", "min_std"):
             if getattr(self, name) > 0 and self.every_n_steps == 0:
-                raise ValueError(f"health.{name} is set but health.every_n_steps=0 never measures the embeddings: "
-                                 "set health.every_n_steps")
+                raise ValueError(
+                    f"health.{name} is set but health.every_n_steps=0 never measures the embeddings: "
+                    "set health.every_n_steps"
+                )
         if self.stop_on_collapse and not (self.min_effective_rank or self.min_std or self.max_clamped_steps):
-            raise ValueError("health.stop_on_collapse is set but no alarm is: set health.min_effective_rank, "
-                             "health.min_std or health.max_clamped_steps")
+            raise ValueError(
+                "health.stop_on_collapse is set but no alarm is: set health.min_effective_rank, "
+                "health.min_std or health.max_clamped_steps"
+            )
 
 
 class CollapseError(RuntimeError):
@@ -214,14 +220,18 @@ class CollapseMonitor:
             if self.cfg.min_effective_rank > 0:
                 key = f"health/effective_rank_{modality}"
                 if metrics[key] < self.cfg.min_effective_rank:
-                    warnings.append(f"step {step}: {key} = {metrics[key]:.4g} < health.min_effective_rank "
-                                    f"{self.cfg.min_effective_rank:g}: the {modality} embeddings are collapsing "
-                                    f"(they span about {metrics[key]:.1f} directions)")
+                    warnings.append(
+                        f"step {step}: {key} = {metrics[key]:.4g} < health.min_effective_rank "
+                        f"{self.cfg.min_effective_rank:g}: the {modality} embeddings are collapsing "
+                        f"(they span about {metrics[key]:.1f} directions)"
+                    )
             if self.cfg.min_std > 0:
                 key = f"health/std_mean_{modality}"
                 if metrics[key] < self.cfg.min_std:
-                    warnings.append(f"step {step}: {key} = {metrics[key]:.4g} < health.min_std {self.cfg.min_std:g}: "
-                                    f"the {modality} embeddings are collapsing (samples barely differ)")
+                    warnings.append(
+                        f"step {step}: {key} = {metrics[key]:.4g} < health.min_std {self.cfg.min_std:g}: "
+                        f"the {modality} embeddings are collapsing (samples barely differ)"
+                    )
         return self._report(warnings)
 
     def count_clamped(self, logit_scale: float | torch.Tensor) -> None:
@@ -241,11 +251,14 @@ class CollapseMonitor:
         alarm, self._reported = multiple > self._reported, multiple  # a count that fell back to 0 re-arms it
         if not alarm:
             return []
-        return self._report([
-            f"step {step}: logit_scale = {float(logit_scale):.4g} has sat at loss.max_logit_scale "
-            f"{self.max_logit_scale:g} for {self.clamped_steps} consecutive steps >= health.max_clamped_steps "
-            f"{self.cfg.max_clamped_steps}: the temperature is pinned at its clamp (the loss wants sharper logits than "
-            "allowed: duplicates, a too-easy task or collapsing embeddings)"])
+        return self._report(
+            [
+                f"step {step}: logit_scale = {float(logit_scale):.4g} has sat at loss.max_logit_scale "
+                f"{self.max_logit_scale:g} for {self.clamped_steps} consecutive steps >= health.max_clamped_steps "
+                f"{self.cfg.max_clamped_steps}: the temperature is pinned at its clamp (the loss wants "
+                "sharper logits than allowed: duplicates, a too-easy task or collapsing embeddings)"
+            ]
+        )
 
     def check_temperature(self, step: int, logit_scale: float | torch.Tensor) -> list[str]:
         """``count_clamped`` then ``temperature_alarms``: the check of one step."""
@@ -273,22 +286,29 @@ class HealthProbe:
         self.images, self.texts, self.source, self.batch_size = images, texts, source, batch_size
 
     @classmethod
-    def from_config(cls, cfg: HealthConfig, suite_path: str | None, transform, tokenizer,
-                    batch_size: int = 256) -> HealthProbe:
+    def from_config(
+        cls, cfg: HealthConfig, suite_path: str | None, transform, tokenizer, batch_size: int = 256
+    ) -> HealthProbe:
         from clipforge.evaluation.datasets import load_benchmark
         from clipforge.evaluation.suite import load_suite
 
         if cfg.dataset is not None:
             benchmark = load_benchmark(cfg.dataset, kind="retrieval")
         else:
-            entries = [entry for entry in load_suite(suite_path).datasets if entry.task == "zeroshot_retrieval"] \
-                if suite_path else []
+            entries = (
+                [entry for entry in load_suite(suite_path).datasets if entry.task == "zeroshot_retrieval"]
+                if suite_path
+                else []
+            )
             if not entries:
-                raise ValueError("health.every_n_steps needs held-out image–caption pairs: set health.dataset, or "
-                                 f"an eval.suite with a zeroshot_retrieval dataset (eval.suite={suite_path})")
+                raise ValueError(
+                    "health.every_n_steps needs held-out image–caption pairs: set health.dataset, or "
+                    f"an eval.suite with a zeroshot_retrieval dataset (eval.suite={suite_path})"
+                )
             entry = entries[0]
-            benchmark = load_benchmark(entry.path, entry.name, entry.split, entry.format, "retrieval",
-                                       **entry.columns())
+            benchmark = load_benchmark(
+                entry.path, entry.name, entry.split, entry.format, "retrieval", **entry.columns()
+            )
         count = min(cfg.num_samples, len(benchmark))
         if count < 2:
             raise ValueError(f"health: {benchmark.path} has {count} image(s); the diagnostics need at least 2")
@@ -300,6 +320,6 @@ class HealthProbe:
     def measure(self, encoder) -> dict[str, float]:
         """``encoder``: anything with ``encode_image`` / ``encode_text`` returning normalised embeddings."""
         chunks = range(0, len(self.images), self.batch_size)
-        image = torch.cat([encoder.encode_image(self.images[i:i + self.batch_size]).float().cpu() for i in chunks])
-        text = torch.cat([encoder.encode_text(self.texts[i:i + self.batch_size]).float().cpu() for i in chunks])
+        image = torch.cat([encoder.encode_image(self.images[i : i + self.batch_size]).float().cpu() for i in chunks])
+        text = torch.cat([encoder.encode_text(self.texts[i : i + self.batch_size]).float().cpu() for i in chunks])
         return embedding_health(image, text)

@@ -67,8 +67,10 @@ class JobSpec:
         if self.procs_per_node < 1:
             raise SubmitError(f"--procs-per-node: must be >= 1, got {self.procs_per_node}")
         if self.gpus_per_node and self.procs_per_node != self.gpus_per_node:
-            raise SubmitError(f"--procs-per-node {self.procs_per_node} with --gpus-per-node {self.gpus_per_node}: "
-                              "clipforge runs one process per GPU")
+            raise SubmitError(
+                f"--procs-per-node {self.procs_per_node} with --gpus-per-node {self.gpus_per_node}: "
+                "clipforge runs one process per GPU"
+            )
         if self.launcher not in LAUNCHERS:
             raise SubmitError(f"--launcher: {self.launcher!r} is not one of {', '.join(LAUNCHERS)}")
         if self.signal_seconds < 0:
@@ -89,8 +91,12 @@ def sbatch_options(spec: JobSpec, run_dir: Path, workdir: Path, num_workers: int
         tasks, cpus_per_task = spec.procs_per_node, cpus_per_proc
     else:  # a task per node; its launcher starts the node's ranks
         tasks, cpus_per_task = 1, cpus_per_proc * spec.procs_per_node
-    options = [f"--job-name={spec.job_name or run_dir.name}", f"--nodes={spec.nodes}",
-               f"--ntasks-per-node={tasks}", f"--cpus-per-task={cpus_per_task}"]
+    options = [
+        f"--job-name={spec.job_name or run_dir.name}",
+        f"--nodes={spec.nodes}",
+        f"--ntasks-per-node={tasks}",
+        f"--cpus-per-task={cpus_per_task}",
+    ]
     if spec.gpus_per_node:
         options.append(f"--gpus-per-node={spec.gpus_per_node}")
     for name in ("partition", "time", "account", "qos", "mem"):
@@ -106,9 +112,14 @@ def sbatch_options(spec: JobSpec, run_dir: Path, workdir: Path, num_workers: int
 def render(template: str, spec: JobSpec, config_path: Path, run_dir: Path, workdir: Path, num_workers: int) -> str:
     """The template with its option and settings blocks replaced for this job."""
     options = "".join(f"#SBATCH {option}\n" for option in sbatch_options(spec, run_dir, workdir, num_workers))
-    settings = {"CONFIG": str(config_path), "LAUNCHER": spec.launcher, "PYTHON": spec.python,
-                "PROCS_PER_NODE": str(spec.procs_per_node), "REQUEUE": "true" if spec.requeue else "false",
-                "SETUP": spec.setup or ""}
+    settings = {
+        "CONFIG": str(config_path),
+        "LAUNCHER": spec.launcher,
+        "PYTHON": spec.python,
+        "PROCS_PER_NODE": str(spec.procs_per_node),
+        "REQUEUE": "true" if spec.requeue else "false",
+        "SETUP": spec.setup or "",
+    }
     settings_text = "".join(f"{key}={shlex.quote(value)}\n" for key, value in settings.items())
     for name, body in (("sbatch options", options), ("settings", settings_text)):
         pattern = re.compile(_BLOCK.pattern.format(name=re.escape(name)), re.S)
@@ -125,8 +136,15 @@ def default_setup() -> str | None:
     return None
 
 
-def submit(config: str, overrides: list[str], spec: JobSpec, *, dry_run: bool = False, wait: bool = False,
-           template: str | None = None) -> dict:
+def submit(
+    config: str,
+    overrides: list[str],
+    spec: JobSpec,
+    *,
+    dry_run: bool = False,
+    wait: bool = False,
+    template: str | None = None,
+) -> dict:
     """Validate the config, render the script, write both into RUN/slurm/, ``sbatch`` it; returns what happened."""
     from clipforge.config import load_config, to_yaml
 
@@ -151,63 +169,108 @@ def submit(config: str, overrides: list[str], spec: JobSpec, *, dry_run: bool = 
     job_id = done.stdout.strip().splitlines()[0].split(";")[0] if done.stdout.strip() else None
     if job_id is None:
         raise SubmitError(f"sbatch {script_path} failed ({done.returncode}): {done.stderr.strip()}")
-    return {"job_id": job_id, "script": str(script_path), "config": str(config_path),
-            "log": str(slurm_dir / f"{job_id}.out"), "returncode": done.returncode, "stderr": done.stderr.strip()}
+    return {
+        "job_id": job_id,
+        "script": str(script_path),
+        "config": str(config_path),
+        "log": str(slurm_dir / f"{job_id}.out"),
+        "returncode": done.returncode,
+        "stderr": done.stderr.strip(),
+    }
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "submit", help="render slurm/train.sbatch for a run and submit it with sbatch",
+        "submit",
+        help="render slurm/train.sbatch for a run and submit it with sbatch",
         description="Validate CONFIG (with --set overrides), write the resolved config and the rendered sbatch script "
-                    "to RUN/slurm/ (RUN = train.output_dir), submit it with sbatch and print the job id and log "
-                    "path. The job asks for --signal=USR1@SECONDS and --requeue: on the signal the trainer "
-                    "checkpoints and requeues the job, which resumes from that checkpoint (train.resume=auto).")
+        "to RUN/slurm/ (RUN = train.output_dir), submit it with sbatch and print the job id and log "
+        "path. The job asks for --signal=USR1@SECONDS and --requeue: on the signal the trainer "
+        "checkpoints and requeues the job, which resumes from that checkpoint (train.resume=auto).",
+    )
     parser.add_argument("config", help="run config YAML, e.g. configs/vit-b-32.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--nodes", type=int, default=1, help="nodes (1)")
-    parser.add_argument("--gpus-per-node", type=int, required=True,
-                        help="GPUs per node, one training process each; 0 for CPU-only nodes (gloo)")
-    parser.add_argument("--procs-per-node", type=int,
-                        help="training processes per node (default: --gpus-per-node, or 1 on CPU nodes)")
-    parser.add_argument("--cpus-per-proc", type=int,
-                        help="CPUs per training process (default: data.num_workers + 1)")
-    parser.add_argument("--launcher", choices=LAUNCHERS, default="srun",
-                        help="srun: a task per rank (default); torchrun / accelerate: a task per node running the "
-                             "launcher, c10d rendezvous on the first node")
+    parser.add_argument(
+        "--gpus-per-node",
+        type=int,
+        required=True,
+        help="GPUs per node, one training process each; 0 for CPU-only nodes (gloo)",
+    )
+    parser.add_argument(
+        "--procs-per-node", type=int, help="training processes per node (default: --gpus-per-node, or 1 on CPU nodes)"
+    )
+    parser.add_argument("--cpus-per-proc", type=int, help="CPUs per training process (default: data.num_workers + 1)")
+    parser.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default="srun",
+        help="srun: a task per rank (default); torchrun / accelerate: a task per node running the "
+        "launcher, c10d rendezvous on the first node",
+    )
     parser.add_argument("--partition", "-p", help="SLURM partition")
     parser.add_argument("--time", "-t", help="time limit, e.g. 24:00:00 (default: the partition's)")
     parser.add_argument("--account", "-A", help="SLURM account")
     parser.add_argument("--qos", help="quality of service")
     parser.add_argument("--mem", help="memory per node, e.g. 400G")
     parser.add_argument("--job-name", help="job name (default: the run directory's name)")
-    parser.add_argument("--signal-seconds", type=int, default=300,
-                        help="ask SLURM for SIGUSR1 this long before the time limit (300; 0: no signal)")
-    parser.add_argument("--no-requeue", action="store_true",
-                        help="on the signal only checkpoint and exit (75); do not requeue the job")
-    parser.add_argument("--setup", help="shell line the job runs first, e.g. 'module load cuda/12.4; source "
-                                        "venv/bin/activate' (default: activate the venv clipforge runs from)")
-    parser.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION",
-                        help="extra #SBATCH option, e.g. --sbatch-arg=--exclusive (repeatable)")
-    parser.add_argument("--template",
-                        help="sbatch template with the same two marked blocks (default: slurm/train.sbatch)")
-    parser.add_argument("--wait", action="store_true",
-                        help="wait for the job to end (sbatch --wait); exit with its exit code")
+    parser.add_argument(
+        "--signal-seconds",
+        type=int,
+        default=300,
+        help="ask SLURM for SIGUSR1 this long before the time limit (300; 0: no signal)",
+    )
+    parser.add_argument(
+        "--no-requeue", action="store_true", help="on the signal only checkpoint and exit (75); do not requeue the job"
+    )
+    parser.add_argument(
+        "--setup",
+        help="shell line the job runs first, e.g. 'module load cuda/12.4; source "
+        "venv/bin/activate' (default: activate the venv clipforge runs from)",
+    )
+    parser.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="extra #SBATCH option, e.g. --sbatch-arg=--exclusive (repeatable)",
+    )
+    parser.add_argument(
+        "--template", help="sbatch template with the same two marked blocks (default: slurm/train.sbatch)"
+    )
+    parser.add_argument(
+        "--wait", action="store_true", help="wait for the job to end (sbatch --wait); exit with its exit code"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the rendered script; write and submit nothing")
     parser.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    spec = JobSpec(nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,
-                   cpus_per_proc=args.cpus_per_proc, launcher=args.launcher, partition=args.partition,
-                   time=args.time, account=args.account, qos=args.qos, mem=args.mem, job_name=args.job_name,
-                   signal_seconds=args.signal_seconds, requeue=not args.no_requeue,
-                   setup=args.setup if args.setup is not None else default_setup(), sbatch_args=args.sbatch_arg)
+    spec = JobSpec(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        procs_per_node=args.procs_per_node,
+        cpus_per_proc=args.cpus_per_proc,
+        launcher=args.launcher,
+        partition=args.partition,
+        time=args.time,
+        account=args.account,
+        qos=args.qos,
+        mem=args.mem,
+        job_name=args.job_name,
+        signal_seconds=args.signal_seconds,
+        requeue=not args.no_requeue,
+        setup=args.setup if args.setup is not None else default_setup(),
+        sbatch_args=args.sbatch_arg,
+    )
     result = submit(args.config, args.set, spec, dry_run=args.dry_run, wait=args.wait, template=args.template)
     if args.dry_run:
         print(result["script"], end="")
         return 0
-    print(f"submitted job {result['job_id']}\n  script {result['script']}\n  config {result['config']}\n"
-          f"  log    {result['log']}")
+    print(
+        f"submitted job {result['job_id']}\n  script {result['script']}\n  config {result['config']}\n"
+        f"  log    {result['log']}"
+    )
     if args.wait:
         print(f"job {result['job_id']} ended with exit code {result['returncode']}")
         return result["returncode"]

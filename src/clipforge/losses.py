@@ -68,8 +68,9 @@ SIGLIP_EXCHANGES = ("all_gather", "ring")
 POSITIVES = ("pairs", "caption", "image", "caption_or_image")
 
 
-def check_clip_options(kind: str, tile_size: int, positives: str, hard_negative_beta: float,
-                       debias_tau_plus: float) -> None:
+def check_clip_options(
+    kind: str, tile_size: int, positives: str, hard_negative_beta: float, debias_tau_plus: float
+) -> None:
     """Refuse invalid values and combinations of the CLIP-only options (messages name the loss.* keys)."""
     if positives not in POSITIVES:
         raise ValueError(f"loss.positives: {positives!r} is not one of {POSITIVES}")
@@ -77,19 +78,28 @@ def check_clip_options(kind: str, tile_size: int, positives: str, hard_negative_
         raise ValueError(f"loss.hard_negative_beta: must be >= 0 (0 = off), got {hard_negative_beta}")
     if not 0 <= debias_tau_plus < 1:
         raise ValueError(f"loss.debias_tau_plus: must be in [0, 1) (0 = off), got {debias_tau_plus}")
-    options = [name for name, on in (("loss.positives", positives != "pairs"),
-                                     ("loss.hard_negative_beta", hard_negative_beta > 0),
-                                     ("loss.debias_tau_plus", debias_tau_plus > 0)) if on]
+    options = [
+        name
+        for name, on in (
+            ("loss.positives", positives != "pairs"),
+            ("loss.hard_negative_beta", hard_negative_beta > 0),
+            ("loss.debias_tau_plus", debias_tau_plus > 0),
+        )
+        if on
+    ]
     if not options:
         return
     if kind != "clip":
         raise ValueError(f"{' and '.join(options)} apply to loss.kind=clip only, not loss.kind={kind}")
     if tile_size:
-        raise ValueError(f"{' and '.join(options)} need the materialised logits: set loss.tile_size=0 "
-                         f"(got {tile_size})")
+        raise ValueError(
+            f"{' and '.join(options)} need the materialised logits: set loss.tile_size=0 (got {tile_size})"
+        )
     if positives != "pairs" and len(options) > 1:
-        raise ValueError(f"loss.positives={positives} cannot be combined with {' and '.join(options[1:])}: "
-                         "use multi-positive or hard negatives, not both")
+        raise ValueError(
+            f"loss.positives={positives} cannot be combined with {' and '.join(options[1:])}: "
+            "use multi-positive or hard negatives, not both"
+        )
 
 
 @dataclass
@@ -136,10 +146,17 @@ class LossConfig:
             raise ValueError(f"loss.queue_size: must be >= 0 (0 = off), got {self.queue_size}")
         if not 0 <= self.queue_momentum < 1:
             raise ValueError(f"loss.queue_momentum: must be in [0, 1), got {self.queue_momentum}")
-        if self.queue_size and (self.kind != "clip" or self.tile_size or self.positives != "pairs"
-                                or self.hard_negative_beta or self.debias_tau_plus):
-            raise ValueError("loss.queue_size works with the plain CLIP loss only: loss.kind=clip, loss.tile_size=0, "
-                             "loss.positives=pairs, no loss.hard_negative_beta / loss.debias_tau_plus")
+        if self.queue_size and (
+            self.kind != "clip"
+            or self.tile_size
+            or self.positives != "pairs"
+            or self.hard_negative_beta
+            or self.debias_tau_plus
+        ):
+            raise ValueError(
+                "loss.queue_size works with the plain CLIP loss only: loss.kind=clip, loss.tile_size=0, "
+                "loss.positives=pairs, no loss.hard_negative_beta / loss.debias_tau_plus"
+            )
         if self.kind not in LOSS_KINDS:
             raise ValueError(f"loss.kind: {self.kind!r} is not one of {LOSS_KINDS}")
         if not self.max_logit_scale > 0:
@@ -169,8 +186,10 @@ class _TiledLogSumExp(torch.autograd.Function):
         lse = torch.empty(queries.shape[0], device=queries.device, dtype=torch.float32)
         for r0, r1 in _tiles(queries.shape[0], tile):
             scaled = queries[r0:r1] * scale
-            parts = [torch.logsumexp(scaled @ keys[c0:c1].T, dim=1)  # (tile_r,)
-                     for c0, c1 in _tiles(keys.shape[0], tile)]
+            parts = [
+                torch.logsumexp(scaled @ keys[c0:c1].T, dim=1)  # (tile_r,)
+                for c0, c1 in _tiles(keys.shape[0], tile)
+            ]
             lse[r0:r1] = torch.logsumexp(torch.stack(parts), dim=0)
         ctx.save_for_backward(queries, keys, scale, lse)
         ctx.tile = tile
@@ -300,8 +319,14 @@ def _gather_ids(ids: torch.Tensor, world_size: int, group) -> torch.Tensor:
     return all_gather(ids, world_size, group)
 
 
-def _hard_negative_loss(logits: torch.Tensor, diagonal: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
-                        beta: float, tau_plus: float) -> torch.Tensor:
+def _hard_negative_loss(
+    logits: torch.Tensor,
+    diagonal: torch.Tensor,
+    labels: torch.Tensor,
+    scale: torch.Tensor,
+    beta: float,
+    tau_plus: float,
+) -> torch.Tensor:
     """Mean over rows of Robinson et al.'s loss for logits (R, C) whose positive of row r is column labels[r]."""
     positive = logits.gather(1, labels[:, None]).squeeze(1)  # (R,)
     num_negatives = logits.shape[1] - 1
@@ -309,8 +334,11 @@ def _hard_negative_loss(logits: torch.Tensor, diagonal: torch.Tensor, labels: to
         return (positive * 0).mean()
     log_n = math.log(num_negatives)
     if beta:
-        log_reweighted = (log_n + torch.logsumexp(((1 + beta) * logits).masked_fill(diagonal, -math.inf), dim=1)
-                          - torch.logsumexp((beta * logits).masked_fill(diagonal, -math.inf), dim=1))
+        log_reweighted = (
+            log_n
+            + torch.logsumexp(((1 + beta) * logits).masked_fill(diagonal, -math.inf), dim=1)
+            - torch.logsumexp((beta * logits).masked_fill(diagonal, -math.inf), dim=1)
+        )
     else:  # uniform weights: R = Σ_j exp(s_ij)
         log_reweighted = torch.logsumexp(logits.masked_fill(diagonal, -math.inf), dim=1)
     floor = log_n - scale  # log(N exp(-t)): every negative at cosine -1
@@ -332,16 +360,31 @@ class ClipLoss(torch.nn.Module):
     (multi-positive needs ``caption_ids`` / ``image_ids`` in ``forward``); their defaults are the plain loss.
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1, tile_size: int = 0, group=None, *,
-                 positives: str = "pairs", hard_negative_beta: float = 0.0, debias_tau_plus: float = 0.0) -> None:
+    def __init__(
+        self,
+        rank: int = 0,
+        world_size: int = 1,
+        tile_size: int = 0,
+        group=None,
+        *,
+        positives: str = "pairs",
+        hard_negative_beta: float = 0.0,
+        debias_tau_plus: float = 0.0,
+    ) -> None:
         super().__init__()
         check_clip_options("clip", tile_size, positives, hard_negative_beta, debias_tau_plus)
         self.rank, self.world_size, self.tile_size, self.group = rank, world_size, tile_size, group
         self.positives, self.hard_negative_beta, self.debias_tau_plus = positives, hard_negative_beta, debias_tau_plus
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, *,
-                caption_ids: torch.Tensor | None = None,
-                image_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        *,
+        caption_ids: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """``caption_ids`` / ``image_ids``: int64 (B_local,) per-sample ids, used only by multi-positive
         (``positives`` other than pairs), which needs the ones its mode compares; ignored otherwise."""
         image_features, text_features = image_features.float(), text_features.float()
@@ -349,15 +392,19 @@ class ClipLoss(torch.nn.Module):
         all_image = gather_with_grad(image_features, self.rank, self.world_size, self.group)  # (B_global, D)
         all_text = gather_with_grad(text_features, self.rank, self.world_size, self.group)  # (B_global, D)
         if self.positives != "pairs":
-            return {"contrastive": self._multi_positive(image_features, text_features, all_image, all_text, scale,
-                                                        caption_ids, image_ids)}
+            return {
+                "contrastive": self._multi_positive(
+                    image_features, text_features, all_image, all_text, scale, caption_ids, image_ids
+                )
+            }
         if self.hard_negative_beta or self.debias_tau_plus:
             return {"contrastive": self._hard_negatives(image_features, text_features, all_image, all_text, scale)}
         if self.tile_size:
             positives = scale * (image_features * text_features).sum(dim=1)  # (B_local,)
             if self.world_size == 1:  # one matrix, both directions
-                image_lse, text_lse = _SymmetricTiledLogSumExp.apply(image_features, text_features, scale,
-                                                                     self.tile_size)
+                image_lse, text_lse = _SymmetricTiledLogSumExp.apply(
+                    image_features, text_features, scale, self.tile_size
+                )
             else:  # this rank's rows of two different (B_local, B_global) matrices
                 image_lse = tiled_logsumexp(image_features, all_text, scale, self.tile_size)
                 text_lse = tiled_logsumexp(text_features, all_image, scale, self.tile_size)
@@ -379,11 +426,14 @@ class ClipLoss(torch.nn.Module):
 
     def _ids(self, ids: torch.Tensor | None, name: str, local_batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if ids is None:
-            raise ValueError(f"loss.positives={self.positives} needs {name}: pass {name}=(B_local,) int64 ids "
-                             "of each sample to the loss")
+            raise ValueError(
+                f"loss.positives={self.positives} needs {name}: pass {name}=(B_local,) int64 ids "
+                "of each sample to the loss"
+            )
         if ids.shape != (local_batch,) or ids.is_floating_point() or ids.is_complex():
-            raise ValueError(f"{name}: expected integer ids of shape ({local_batch},), got {ids.dtype} "
-                             f"{tuple(ids.shape)}")
+            raise ValueError(
+                f"{name}: expected integer ids of shape ({local_batch},), got {ids.dtype} {tuple(ids.shape)}"
+            )
         ids = ids.to(device=device, dtype=torch.int64)
         return ids, _gather_ids(ids, self.world_size, self.group)
 
@@ -406,8 +456,10 @@ class ClipLoss(torch.nn.Module):
     def _hard_negatives(self, image_features, text_features, all_image, all_text, scale):
         labels, diagonal = self._labels(image_features.shape[0], all_text.shape[0], image_features.device)
         options = (diagonal, labels, scale, self.hard_negative_beta, self.debias_tau_plus)
-        return (_hard_negative_loss(scale * image_features @ all_text.T, *options)
-                + _hard_negative_loss(scale * text_features @ all_image.T, *options)) / 2
+        return (
+            _hard_negative_loss(scale * image_features @ all_text.T, *options)
+            + _hard_negative_loss(scale * text_features @ all_image.T, *options)
+        ) / 2
 
 
 class _NeighbourExchange(torch.autograd.Function):
@@ -431,8 +483,10 @@ def _exchange(tensor: torch.Tensor, to: int, source: int, group) -> torch.Tensor
     launches the pair as one NCCL group (open_clip's ``neighbour_exchange``)."""
     tensor = tensor.contiguous()
     received = torch.empty_like(tensor, memory_format=torch.contiguous_format)
-    operations = [dist.P2POp(dist.isend, tensor, to, group=group),
-                  dist.P2POp(dist.irecv, received, source, group=group)]
+    operations = [
+        dist.P2POp(dist.isend, tensor, to, group=group),
+        dist.P2POp(dist.irecv, received, source, group=group),
+    ]
     for request in dist.batch_isend_irecv(operations):
         request.wait()
     return received
@@ -441,16 +495,22 @@ def _exchange(tensor: torch.Tensor, to: int, source: int, group) -> torch.Tensor
 class SigLipLoss(torch.nn.Module):
     """Pairwise sigmoid loss (Zhai et al., 2023) with learnable temperature and bias."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, exchange: str = "all_gather", tile_size: int = 0,
-                 group=None) -> None:
+    def __init__(
+        self, rank: int = 0, world_size: int = 1, exchange: str = "all_gather", tile_size: int = 0, group=None
+    ) -> None:
         super().__init__()
         if exchange not in SIGLIP_EXCHANGES:
             raise ValueError(f"loss.siglip_exchange: {exchange!r} is not one of {SIGLIP_EXCHANGES}")
         self.rank, self.world_size, self.exchange = rank, world_size, exchange
         self.tile_size, self.group = tile_size, group
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         image_features, text_features = image_features.float(), text_features.float()
         scale, bias = logit_scale.float(), logit_bias.float()
         local_batch = image_features.shape[0]
@@ -467,9 +527,16 @@ class SigLipLoss(torch.nn.Module):
         return {"contrastive": total / local_batch}
 
 
-def queue_contrastive_loss(image: torch.Tensor, text: torch.Tensor, image_keys: torch.Tensor,
-                           text_keys: torch.Tensor, image_queue: torch.Tensor, text_queue: torch.Tensor,
-                           logit_scale: torch.Tensor, rank: int = 0) -> torch.Tensor:
+def queue_contrastive_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    image_keys: torch.Tensor,
+    text_keys: torch.Tensor,
+    image_queue: torch.Tensor,
+    text_queue: torch.Tensor,
+    logit_scale: torch.Tensor,
+    rank: int = 0,
+) -> torch.Tensor:
     """Online (B_local, D) embeddings against momentum keys of the global batch (B_global, D) and the queues
     (Q, D); row i's positive is global key ``rank · B_local + i``."""
     labels = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
@@ -478,16 +545,18 @@ def queue_contrastive_loss(image: torch.Tensor, text: torch.Tensor, image_keys: 
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
-def naive_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-                    logit_scale: torch.Tensor) -> torch.Tensor:
+def naive_clip_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
     """Reference: the full (B, B) logits of one process, straight from the CLIP paper's pseudocode."""
     logits = logit_scale * image_features.float() @ text_features.float().T  # (B, B)
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def naive_siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                      logit_bias: torch.Tensor) -> torch.Tensor:
+def naive_siglip_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
+) -> torch.Tensor:
     """Reference: the SigLIP paper's pseudocode on one process, normalised by the batch size."""
     logits = logit_scale * image_features.float() @ text_features.float().T + logit_bias  # (B, B)
     labels = 2 * torch.eye(logits.shape[0], device=logits.device) - 1
@@ -496,8 +565,14 @@ def naive_siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
 
 def build_loss(cfg: LossConfig, rank: int = 0, world_size: int = 1) -> torch.nn.Module:
     if cfg.kind == "clip":
-        return ClipLoss(rank, world_size, cfg.tile_size, positives=cfg.positives,
-                        hard_negative_beta=cfg.hard_negative_beta, debias_tau_plus=cfg.debias_tau_plus)
+        return ClipLoss(
+            rank,
+            world_size,
+            cfg.tile_size,
+            positives=cfg.positives,
+            hard_negative_beta=cfg.hard_negative_beta,
+            debias_tau_plus=cfg.debias_tau_plus,
+        )
     if cfg.kind == "siglip":
         return SigLipLoss(rank, world_size, cfg.siglip_exchange, cfg.tile_size)
     raise ValueError(f"loss.kind: {cfg.kind!r} is not one of {LOSS_KINDS}")

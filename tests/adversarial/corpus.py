@@ -72,47 +72,84 @@ def _pa_tiff() -> bytes:
 _HALF_OVER_WHITE = round(200 * 128 / 255 + 255 * 127 / 255), round(30 * 128 / 255 + 255 * 127 / 255)
 
 IMAGE_MODES = [
-    ModeCase("I;16 PNG, mid-grey (Pillow alone turns it white)", lambda: encode(_grey16(32896), "PNG"),
-             (128, 128, 128)),
+    ModeCase(
+        "I;16 PNG, mid-grey (Pillow alone turns it white)", lambda: encode(_grey16(32896), "PNG"), (128, 128, 128)
+    ),
     ModeCase("I;16 PNG, dark", lambda: encode(_grey16(25700), "PNG"), (100, 100, 100)),
-    ModeCase("I;16B TIFF (big-endian)", lambda: encode(Image.frombytes(
-        "I;16B", (SIZE, SIZE), np.full((SIZE, SIZE), 51400, ">u2").tobytes()), "TIFF"), (200, 200, 200)),
-    ModeCase("I (32-bit) TIFF", lambda: encode(Image.fromarray(np.full((SIZE, SIZE), 25700, np.int32)), "TIFF"),
-             (100, 100, 100)),
-    ModeCase("F (float) TIFF, 0..1", lambda: encode(Image.fromarray(np.full((SIZE, SIZE), 0.4, np.float32)), "TIFF"),
-             (102, 102, 102)),
+    ModeCase(
+        "I;16B TIFF (big-endian)",
+        lambda: encode(Image.frombytes("I;16B", (SIZE, SIZE), np.full((SIZE, SIZE), 51400, ">u2").tobytes()), "TIFF"),
+        (200, 200, 200),
+    ),
+    ModeCase(
+        "I (32-bit) TIFF",
+        lambda: encode(Image.fromarray(np.full((SIZE, SIZE), 25700, np.int32)), "TIFF"),
+        (100, 100, 100),
+    ),
+    ModeCase(
+        "F (float) TIFF, 0..1",
+        lambda: encode(Image.fromarray(np.full((SIZE, SIZE), 0.4, np.float32)), "TIFF"),
+        (102, 102, 102),
+    ),
     ModeCase("LA PNG, opaque", lambda: encode(Image.new("LA", (SIZE, SIZE), (90, 255)), "PNG"), (90, 90, 90)),
-    ModeCase("LA PNG, transparent (over white)", lambda: encode(Image.new("LA", (SIZE, SIZE), (0, 0)), "PNG"),
-             (255, 255, 255)),
-    ModeCase("La (premultiplied) in memory", lambda: _premultiplied("La"),
-             (_HALF_OVER_WHITE[0],) * 3, 2),
-    ModeCase("RGBa (premultiplied) in memory", lambda: _premultiplied("RGBa"),
-             (_HALF_OVER_WHITE[0], _HALF_OVER_WHITE[1], _HALF_OVER_WHITE[1]), 2),
-    ModeCase("RGBA PNG, half transparent red", lambda: encode(Image.new("RGBA", (SIZE, SIZE), (200, 30, 30, 128)),
-                                                              "PNG"),
-             (_HALF_OVER_WHITE[0], _HALF_OVER_WHITE[1], _HALF_OVER_WHITE[1]), 1),
+    ModeCase(
+        "LA PNG, transparent (over white)",
+        lambda: encode(Image.new("LA", (SIZE, SIZE), (0, 0)), "PNG"),
+        (255, 255, 255),
+    ),
+    ModeCase("La (premultiplied) in memory", lambda: _premultiplied("La"), (_HALF_OVER_WHITE[0],) * 3, 2),
+    ModeCase(
+        "RGBa (premultiplied) in memory",
+        lambda: _premultiplied("RGBa"),
+        (_HALF_OVER_WHITE[0], _HALF_OVER_WHITE[1], _HALF_OVER_WHITE[1]),
+        2,
+    ),
+    ModeCase(
+        "RGBA PNG, half transparent red",
+        lambda: encode(Image.new("RGBA", (SIZE, SIZE), (200, 30, 30, 128)), "PNG"),
+        (_HALF_OVER_WHITE[0], _HALF_OVER_WHITE[1], _HALF_OVER_WHITE[1]),
+        1,
+    ),
     ModeCase("PA TIFF, opaque palette entry", _pa_tiff, (200, 30, 30)),
     ModeCase("P PNG", lambda: _palette(False), (30, 140, 250)),
     ModeCase("P PNG with a transparent index (over white)", lambda: _palette(True), (255, 255, 255)),
-    ModeCase("L PNG with tRNS (over white)", lambda: encode(Image.new("L", (SIZE, SIZE), 7), "PNG", transparency=7),
-             (255, 255, 255)),
-    ModeCase("CMYK TIFF, pure cyan", lambda: encode(Image.new("CMYK", (SIZE, SIZE), (255, 0, 0, 0)), "TIFF"),
-             (0, 255, 255)),
-    ModeCase("CMYK JPEG, pure magenta", lambda: encode(Image.new("CMYK", (SIZE, SIZE), (0, 255, 0, 0)), "JPEG",
-                                                      quality=95),
-             (255, 0, 255), 3),
-    ModeCase("YCbCr TIFF", lambda: encode(Image.new("RGB", (SIZE, SIZE), (200, 30, 30)).convert("YCbCr"), "TIFF"),
-             (200, 30, 30), 3),
+    ModeCase(
+        "L PNG with tRNS (over white)",
+        lambda: encode(Image.new("L", (SIZE, SIZE), 7), "PNG", transparency=7),
+        (255, 255, 255),
+    ),
+    ModeCase(
+        "CMYK TIFF, pure cyan", lambda: encode(Image.new("CMYK", (SIZE, SIZE), (255, 0, 0, 0)), "TIFF"), (0, 255, 255)
+    ),
+    ModeCase(
+        "CMYK JPEG, pure magenta",
+        lambda: encode(Image.new("CMYK", (SIZE, SIZE), (0, 255, 0, 0)), "JPEG", quality=95),
+        (255, 0, 255),
+        3,
+    ),
+    ModeCase(
+        "YCbCr TIFF",
+        lambda: encode(Image.new("RGB", (SIZE, SIZE), (200, 30, 30)).convert("YCbCr"), "TIFF"),
+        (200, 30, 30),
+        3,
+    ),
     ModeCase("1 (bilevel) PNG, white", lambda: encode(Image.new("1", (SIZE, SIZE), 1), "PNG"), (255, 255, 255)),
     ModeCase("L JPEG", lambda: encode(Image.new("L", (SIZE, SIZE), 77), "JPEG", quality=95), (77, 77, 77), 2),
     ModeCase("16-bit RGB PNG", lambda: _rgb16_png((51400, 12850, 25700)), (200, 50, 100)),
-    ModeCase("progressive JPEG", lambda: encode(Image.new("RGB", (SIZE, SIZE), (10, 120, 240)), "JPEG", quality=95,
-                                                progressive=True),
-             (10, 120, 240), 3),
-    ModeCase("PNG content in a .jpg member", lambda: encode(Image.new("RGB", (SIZE, SIZE), (5, 6, 7)), "PNG"),
-             (5, 6, 7)),
-    ModeCase("WebP, lossless", lambda: encode(Image.new("RGB", (SIZE, SIZE), (9, 99, 199)), "WEBP", lossless=True),
-             (9, 99, 199)),
+    ModeCase(
+        "progressive JPEG",
+        lambda: encode(Image.new("RGB", (SIZE, SIZE), (10, 120, 240)), "JPEG", quality=95, progressive=True),
+        (10, 120, 240),
+        3,
+    ),
+    ModeCase(
+        "PNG content in a .jpg member", lambda: encode(Image.new("RGB", (SIZE, SIZE), (5, 6, 7)), "PNG"), (5, 6, 7)
+    ),
+    ModeCase(
+        "WebP, lossless",
+        lambda: encode(Image.new("RGB", (SIZE, SIZE), (9, 99, 199)), "WEBP", lossless=True),
+        (9, 99, 199),
+    ),
 ]
 
 
@@ -124,23 +161,31 @@ def _rgb16_png(rgb: tuple[int, int, int]) -> bytes:
     """A 16-bit-per-channel RGB PNG, written by hand (Pillow writes no 16-bit RGB)."""
     row = b"\x00" + struct.pack(">HHH", *rgb) * SIZE
     header = struct.pack(">IIBBBBB", SIZE, SIZE, 16, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(row * SIZE))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(row * SIZE))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def png_claiming(width: int, height: int) -> bytes:
     """A small PNG whose header claims ``width`` × ``height`` (its data does not follow)."""
     data = encode(Image.new("L", (8, 8)), "PNG")
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return data[:8] + _png_chunk(b"IHDR", header) + data[8 + 25:]
+    return data[:8] + _png_chunk(b"IHDR", header) + data[8 + 25 :]
 
 
 def jpeg_with_orientation(orientation: int, size=(48, 32)) -> bytes:
     """Four coloured quadrants (so every rotation and mirror is told apart), EXIF orientation set."""
     image = Image.new("RGB", size)
     width, height = size
-    for (x, y), colour in {(0, 0): (220, 20, 20), (1, 0): (20, 220, 20), (0, 1): (20, 20, 220),
-                           (1, 1): (230, 230, 30)}.items():
+    for (x, y), colour in {
+        (0, 0): (220, 20, 20),
+        (1, 0): (20, 220, 20),
+        (0, 1): (20, 20, 220),
+        (1, 1): (230, 230, 30),
+    }.items():
         image.paste(colour, (x * width // 2, y * height // 2, (x + 1) * width // 2, (y + 1) * height // 2))
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -198,30 +243,70 @@ def tar_cases() -> list[TarCase]:
     with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
         third = next(member for member in tar.getmembers() if member.name == "g0002.jpg")
     cases = [
-        TarCase("cut inside a member (counted once, with its shard; the sample being read is dropped)",
-                whole[:third.offset_data + 10], {"truncated_tar": 1}, 2,
-                r"truncated tar at \S+case\.tar: after 2 samples: ReadError"),
-        TarCase("cut inside a header (the samples read whole are kept)", whole[:third.offset + 100],
-                {"truncated_tar": 1}, 2, r"truncated tar at \S+case\.tar: after 2 samples: the tar ends without"),
-        TarCase("cut at a header boundary (no end-of-archive block)", whole[:third.offset], {"truncated_tar": 1}, 2,
-                r"ends without its end-of-archive block"),
-        TarCase("a key repeated later in the tar (first kept)",
-                tar_bytes(good[:4] + good[:2]), {"duplicate_key": 1}, 2,
-                r"duplicate key at \S+case\.tar:g0000: the key appears again later"),
-        TarCase("a member repeated inside its sample", tar_bytes(good[:2] + [good[0]] + good[2:4]),
-                {"duplicate_key": 1}, 2, r"duplicate key at \S+:g0000: two g0000\.jpg members"),
-        TarCase("a key with dots", tar_bytes([("photo.v2.jpg", jpeg()), ("photo.v2.txt", b"a caption")] + good[:2]),
-                {"dotted_key": 1}, 1, r"dotted key at \S+:photo: member photo\.v2\.jpg: webdataset's key ends at "
-                                      r"the first dot"),
+        TarCase(
+            "cut inside a member (counted once, with its shard; the sample being read is dropped)",
+            whole[: third.offset_data + 10],
+            {"truncated_tar": 1},
+            2,
+            r"truncated tar at \S+case\.tar: after 2 samples: ReadError",
+        ),
+        TarCase(
+            "cut inside a header (the samples read whole are kept)",
+            whole[: third.offset + 100],
+            {"truncated_tar": 1},
+            2,
+            r"truncated tar at \S+case\.tar: after 2 samples: the tar ends without",
+        ),
+        TarCase(
+            "cut at a header boundary (no end-of-archive block)",
+            whole[: third.offset],
+            {"truncated_tar": 1},
+            2,
+            r"ends without its end-of-archive block",
+        ),
+        TarCase(
+            "a key repeated later in the tar (first kept)",
+            tar_bytes(good[:4] + good[:2]),
+            {"duplicate_key": 1},
+            2,
+            r"duplicate key at \S+case\.tar:g0000: the key appears again later",
+        ),
+        TarCase(
+            "a member repeated inside its sample",
+            tar_bytes(good[:2] + [good[0]] + good[2:4]),
+            {"duplicate_key": 1},
+            2,
+            r"duplicate key at \S+:g0000: two g0000\.jpg members",
+        ),
+        TarCase(
+            "a key with dots",
+            tar_bytes([("photo.v2.jpg", jpeg()), ("photo.v2.txt", b"a caption")] + good[:2]),
+            {"dotted_key": 1},
+            1,
+            r"dotted key at \S+:photo: member photo\.v2\.jpg: webdataset's key ends at "
+            r"the first dot",
+        ),
         TarCase("not a tar at all", b"this is not a tar file" * 40, {"unreadable_shard": 1}, 0, "not a tar"),
         TarCase("an empty file", b"", {"unreadable_shard": 1}, 0, "not a tar"),
-        TarCase("a zero-byte image member", tar_bytes([("z.jpg", b""), ("z.txt", b"zero bytes")] + good[:2]),
-                {"corrupt_image": 1}, 1, r"corrupt image at \S+:z"),
-        TarCase("metadata, directories and links are not samples", _with_directory_and_link(
-            tar_bytes([("__meta__.json", b"{}")] + good[:2])), {}, 1),
-        TarCase("a path outside the archive is only a key", tar_bytes([("../../etc/evil.jpg", jpeg()),
-                                                                        ("../../etc/evil.txt", b"a caption")]),
-                {}, 1),
+        TarCase(
+            "a zero-byte image member",
+            tar_bytes([("z.jpg", b""), ("z.txt", b"zero bytes")] + good[:2]),
+            {"corrupt_image": 1},
+            1,
+            r"corrupt image at \S+:z",
+        ),
+        TarCase(
+            "metadata, directories and links are not samples",
+            _with_directory_and_link(tar_bytes([("__meta__.json", b"{}")] + good[:2])),
+            {},
+            1,
+        ),
+        TarCase(
+            "a path outside the archive is only a key",
+            tar_bytes([("../../etc/evil.jpg", jpeg()), ("../../etc/evil.txt", b"a caption")]),
+            {},
+            1,
+        ),
         TarCase("gzip-compressed tar", gzip.compress(whole, mtime=0), {}, 6, suffix=".tar.gz"),
     ]
     return cases
@@ -243,8 +328,12 @@ CAPTION_CASES = [
     ("json list of strings", "json:caption", {"json": json.dumps({"caption": ["a", "b"]}).encode()}, None),
     ("json dict", "json:caption", {"json": json.dumps({"caption": {"en": "a red square"}}).encode()}, "bad_caption"),
     ("json number", "json:caption", {"json": json.dumps({"caption": 42}).encode()}, "bad_caption"),
-    ("json list with a non-string", "json:caption", {"json": json.dumps({"caption": ["a", 3]}).encode()},
-     "bad_caption"),
+    (
+        "json list with a non-string",
+        "json:caption",
+        {"json": json.dumps({"caption": ["a", 3]}).encode()},
+        "bad_caption",
+    ),
     ("json empty list", "json:caption", {"json": json.dumps({"caption": []}).encode()}, "empty_caption"),
     ("json null", "json:caption", {"json": json.dumps({"caption": None}).encode()}, "empty_caption"),
     ("json without the field", "json:caption", {"json": json.dumps({"title": "x"}).encode()}, "missing_caption"),

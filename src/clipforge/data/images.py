@@ -67,8 +67,9 @@ def decode_error(exc: Exception) -> str:
 
 def check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
-        raise DecompressionBomb(f"{width}x{height} = {width * height} pixels exceeds the limit of "
-                                f"{max_pixels} (data.max_image_pixels)")
+        raise DecompressionBomb(
+            f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} (data.max_image_pixels)"
+        )
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -98,8 +99,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return Image.fromarray(grey).convert("RGB")
     if mode == "La":  # premultiplied: Pillow un-premultiplies only on the way to LA
         image, mode = image.convert("LA"), "LA"
-    if mode in _TRANSPARENT_MODES or (mode == "P" and "transparency" in image.info) or (
-            mode in ("L", "RGB") and "transparency" in image.info):
+    if (
+        mode in _TRANSPARENT_MODES
+        or (mode == "P" and "transparency" in image.info)
+        or (mode in ("L", "RGB") and "transparency" in image.info)
+    ):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -115,9 +119,9 @@ def jpeg_orientation(data: bytes) -> int:
         marker = data[position + 1]
         if marker in (0xDA, 0xD9):  # start of scan / end of image: no more metadata
             return 1
-        length = struct.unpack(">H", data[position + 2:position + 4])[0]
-        if marker == 0xE1 and data[position + 4:position + 10] == b"Exif\x00\x00":
-            return _tiff_orientation(data[position + 10:position + 2 + length])
+        length = struct.unpack(">H", data[position + 2 : position + 4])[0]
+        if marker == 0xE1 and data[position + 4 : position + 10] == b"Exif\x00\x00":
+            return _tiff_orientation(data[position + 10 : position + 2 + length])
         position += 2 + length
     return 1
 
@@ -129,14 +133,14 @@ def _tiff_orientation(tiff: bytes) -> int:
     offset = struct.unpack(order + "I", tiff[4:8])[0]
     if offset + 2 > len(tiff):
         return 1
-    (count,) = struct.unpack(order + "H", tiff[offset:offset + 2])
+    (count,) = struct.unpack(order + "H", tiff[offset : offset + 2])
     for entry in range(count):
         start = offset + 2 + 12 * entry
         if start + 12 > len(tiff):
             return 1
-        tag, kind = struct.unpack(order + "HH", tiff[start:start + 4])
+        tag, kind = struct.unpack(order + "HH", tiff[start : start + 4])
         if tag == 0x0112 and kind == 3:  # Orientation, SHORT
-            value = struct.unpack(order + "H", tiff[start + 8:start + 10])[0]
+            value = struct.unpack(order + "H", tiff[start + 8 : start + 10])[0]
             return value if 1 <= value <= 8 else 1
     return 1
 
@@ -172,8 +176,14 @@ class ImageTransform:
     def from_preprocess_cfg(cls, cfg: dict[str, Any], train: bool, **overrides: Any) -> ImageTransform:
         """From open_clip's ``model.visual.preprocess_cfg`` (size, mean, std, interpolation)."""
         interpolation = cfg.get("interpolation", "bicubic")
-        return cls(size=cfg["size"], mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                   interpolation="bilinear" if interpolation == "bilinear" else "bicubic", train=train, **overrides)
+        return cls(
+            size=cfg["size"],
+            mean=tuple(cfg["mean"]),
+            std=tuple(cfg["std"]),
+            interpolation="bilinear" if interpolation == "bilinear" else "bicubic",
+            train=train,
+            **overrides,
+        )
 
     # -- crop geometry (header only) --------------------------------------------------------------
 
@@ -228,8 +238,9 @@ class ImageTransform:
         left, top, crop_w, crop_h = self.crop_box(width, height, rng)
         reduction = self.reduction(crop_w, crop_h)
         try:
-            array = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=math.ceil(width * reduction),
-                                           min_height=math.ceil(height * reduction))
+            array = simplejpeg.decode_jpeg(
+                data, colorspace="RGB", min_width=math.ceil(width * reduction), min_height=math.ceil(height * reduction)
+            )
         except ValueError:
             return None
         factor_w, factor_h = array.shape[1] / width, array.shape[0] / height
@@ -266,8 +277,9 @@ class ImageTransform:
         crop = torch.from_numpy(np.ascontiguousarray(array[y0:y1, x0:x1])).permute(2, 0, 1)
         if tuple(crop.shape[1:]) == self.size:
             return crop.contiguous()
-        return F.interpolate(crop.unsqueeze(0), size=self.size, mode=self.interpolation, antialias=True,
-                             align_corners=False)[0]
+        return F.interpolate(
+            crop.unsqueeze(0), size=self.size, mode=self.interpolation, antialias=True, align_corners=False
+        )[0]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) → float32 normalised with the model's mean and std (on images' device).
@@ -283,12 +295,15 @@ class ImageTransform:
 _NORMALIZE_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _normalize_constants(mean: tuple[float, ...], std: tuple[float, ...],
-                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _normalize_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(1, C, 1, 1) float32 ``255 · mean`` and ``1 / (255 · std)`` on ``device``, made on its first batch and reused:
     ``torch.tensor(..., device=cuda)`` is a blocking host-to-device copy, a host sync on every step."""
     key = (mean, std, device)
     if key not in _NORMALIZE_CONSTANTS:
-        _NORMALIZE_CONSTANTS[key] = (torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0,
-                                     1.0 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0))
+        _NORMALIZE_CONSTANTS[key] = (
+            torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0,
+            1.0 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0),
+        )
     return _NORMALIZE_CONSTANTS[key]

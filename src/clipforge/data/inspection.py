@@ -32,9 +32,14 @@ _ASPECT_EDGES = (0.5, 0.75, 0.95, 1.05, 1.33, 2.0)
 
 def histogram_labels(edges: tuple[float, ...]) -> list[str]:
     """Bin labels for edges (a, b, ...): ``<a``, ``a-b`` (integer edges: ``a-(b-1)``), …, ``>=last``."""
+
     def span(low: float, high: float) -> str:
-        return f"{low}-{high - 1}" if isinstance(high, int) and high - 1 > low else (
-            f"{low}" if isinstance(high, int) else f"{low}-{high}")
+        return (
+            f"{low}-{high - 1}"
+            if isinstance(high, int) and high - 1 > low
+            else (f"{low}" if isinstance(high, int) else f"{low}-{high}")
+        )
+
     return [f"<{edges[0]}"] + [span(a, b) for a, b in zip(edges, edges[1:], strict=False)] + [f">={edges[-1]}"]
 
 
@@ -117,9 +122,14 @@ def _histogram(values: list[int], edges: tuple[float, ...]) -> dict[str, int]:
     return dict(zip(histogram_labels(edges), values, strict=True))
 
 
-def inspect_shards(urls_or_dir: str | Path, write_stats: bool = True, num_workers: int = 2,
-                   progress: bool = False, caption_key: str = "txt",
-                   max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+def inspect_shards(
+    urls_or_dir: str | Path,
+    write_stats: bool = True,
+    num_workers: int = 2,
+    progress: bool = False,
+    caption_key: str = "txt",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict[str, Any]:
     """Check every sample of some shards; returns the report and (``write_stats``) stores it as ``"inspect"`` in
     ``_stats.json`` beside the first shard, keeping what is there, and writes ``sizes.json`` if there is none.
 
@@ -129,8 +139,15 @@ def inspect_shards(urls_or_dir: str | Path, write_stats: bool = True, num_worker
     """
     shards = shard_paths(urls_or_dir)
     check = partial(inspect_shard, caption_key=caption_key, max_pixels=max_pixels)
-    reports = list(tqdm(run_jobs((str(p) for p in shards), check, num_workers), total=len(shards),
-                        unit="shard", desc="inspecting", disable=not progress))
+    reports = list(
+        tqdm(
+            run_jobs((str(p) for p in shards), check, num_workers),
+            total=len(shards),
+            unit="shard",
+            desc="inspecting",
+            disable=not progress,
+        )
+    )
     reports.sort(key=lambda report: report.shard)
     total = ShardReport("")
     for report in reports:
@@ -140,8 +157,7 @@ def inspect_shards(urls_or_dir: str | Path, write_stats: bool = True, num_worker
         for kind, where in report.examples.items():
             total.examples.setdefault(kind, where)
         total.extensions.update(report.extensions)
-        for mine, theirs in ((total.words, report.words), (total.sides, report.sides),
-                             (total.aspects, report.aspects)):
+        for mine, theirs in ((total.words, report.words), (total.sides, report.sides), (total.aspects, report.aspects)):
             mine[:] = [a + b for a, b in zip(mine, theirs, strict=True)]
         total.chars_total += report.chars_total
         total.chars_max = max(total.chars_max, report.chars_max)
@@ -152,17 +168,24 @@ def inspect_shards(urls_or_dir: str | Path, write_stats: bool = True, num_worker
     counts = {report.shard: report.samples for report in reports}
     sizes_json = _check_sizes(directory / "sizes.json", counts, total)
     result = {
-        "shards": len(reports), "samples": total.samples, "valid": total.valid, "ok": not total.problems,
-        "problems": dict(sorted(total.problems.items())), "examples": dict(sorted(total.examples.items())),
-        "sizes_json": sizes_json, "extensions": dict(sorted(total.extensions.items())),
+        "shards": len(reports),
+        "samples": total.samples,
+        "valid": total.valid,
+        "ok": not total.problems,
+        "problems": dict(sorted(total.problems.items())),
+        "examples": dict(sorted(total.examples.items())),
+        "sizes_json": sizes_json,
+        "extensions": dict(sorted(total.extensions.items())),
         "caption_words": _histogram(total.words, _WORD_EDGES),
         "caption_chars": {"mean": round(total.chars_total / max(total.valid, 1), 2), "max": total.chars_max},
         "image_shorter_side": _histogram(total.sides, _SIDE_EDGES),
         "image_aspect_ratio": _histogram(total.aspects, _ASPECT_EDGES),
         "image_width": dict(zip(("min", "max"), total.width_range, strict=False)),
         "image_height": dict(zip(("min", "max"), total.height_range, strict=False)),
-        "per_shard": {r.shard: {"samples": r.samples, "valid": r.valid, **({"problems": dict(r.problems)}
-                                                                           if r.problems else {})} for r in reports},
+        "per_shard": {
+            r.shard: {"samples": r.samples, "valid": r.valid, **({"problems": dict(r.problems)} if r.problems else {})}
+            for r in reports
+        },
     }
     if write_stats:
         stats_path = directory / "_stats.json"
@@ -189,5 +212,3 @@ def _check_sizes(path: Path, counts: dict[str, int], total: ShardReport) -> str:
     for name, (listed, found) in wrong.items():
         total.problem("sizes_json_mismatch", f"sizes.json says {listed} samples in {name}, it holds {found}")
     return "mismatch" if wrong else "matches"
-
-

@@ -140,8 +140,9 @@ class DataConfig:
         return [SourceConfig(urls=self.train_urls)] if self.train_urls is not None else list(self.sources)
 
 
-def assign_shards(shards: list[str], sizes: dict[str, int | None], seed: int, epoch: int,
-                  slots: int) -> list[list[str]]:
+def assign_shards(
+    shards: list[str], sizes: dict[str, int | None], seed: int, epoch: int, slots: int
+) -> list[list[str]]:
     """Split ``shards`` into ``slots`` disjoint lists with balanced sample counts, the same on every rank.
 
     The shards are permuted (seeded by seed and epoch), then placed largest first on the least loaded
@@ -167,9 +168,19 @@ def assign_shards(shards: list[str], sizes: dict[str, int | None], seed: int, ep
 class ShardedImageText(IterableDataset):
     """Yields whole batches: {"images" (uint8), "texts", "keys", "worker", "consumed", "produced", "skipped"}."""
 
-    def __init__(self, sources: list[Source], cfg: DataConfig, transform: ImageTransform, tokenizer: Callable,
-                 rank: int = 0, world_size: int = 1, mode: str = "epoch", normalize_in_workers: bool = False,
-                 sample_ids: bool = False, trim_text: bool = False) -> None:
+    def __init__(
+        self,
+        sources: list[Source],
+        cfg: DataConfig,
+        transform: ImageTransform,
+        tokenizer: Callable,
+        rank: int = 0,
+        world_size: int = 1,
+        mode: str = "epoch",
+        normalize_in_workers: bool = False,
+        sample_ids: bool = False,
+        trim_text: bool = False,
+    ) -> None:
         self.sources, self.cfg, self.transform, self.tokenizer = sources, cfg, transform, tokenizer
         self.normalize_in_workers = normalize_in_workers
         self.sample_ids = sample_ids  # batches carry caption_ids / image_ids (content hashes) for loss.positives
@@ -195,8 +206,9 @@ class ShardedImageText(IterableDataset):
             source = rng.choices(self.sources, weights)[0]
             yield rng.choice(source.shards)
 
-    def _read(self, shards: Iterator[str], counter: SkipCounter, unkept: list[int],
-              worker: int) -> Iterator[dict[str, Any]]:
+    def _read(
+        self, shards: Iterator[str], counter: SkipCounter, unkept: list[int], worker: int
+    ) -> Iterator[dict[str, Any]]:
         for url in shards:
             self._count_unkept(unkept, counter, worker)  # a plan of shards that yield nothing must not spin forever
             try:
@@ -220,9 +232,11 @@ class ShardedImageText(IterableDataset):
         counts = ", ".join(f"{kind} {n}" for kind, n in counter.counts.most_common()) or "no samples at all"
         first = counter.first[counter.counts.most_common(1)[0][0]] if counter.counts else "-"
         sources = " + ".join(source.urls for source in self.cfg.source_configs())
-        raise DataError(f"rank {self.rank} worker {worker}: {unkept[0] - 1} samples or shards in a row gave no usable "
-                        f"sample (data.max_skips_in_a_row={self.cfg.max_skips_in_a_row}) from {sources}; skipped so "
-                        f"far: {counts}; first: {first}")
+        raise DataError(
+            f"rank {self.rank} worker {worker}: {unkept[0] - 1} samples or shards in a row gave no usable "
+            f"sample (data.max_skips_in_a_row={self.cfg.max_skips_in_a_row}) from {sources}; skipped so "
+            f"far: {counts}; first: {first}"
+        )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -233,14 +247,20 @@ class ShardedImageText(IterableDataset):
         try:
             yield from self._batches(worker, num_workers, counter, position)
         except DataError as exn:  # sent as a record: re-raised in the main process as one line, not a traceback
-            yield {"images": None, **position, "skipped": dict(counter.counts), "first_skips": dict(counter.first),
-                   "error": str(exn)}
+            yield {
+                "images": None,
+                **position,
+                "skipped": dict(counter.counts),
+                "first_skips": dict(counter.first),
+                "error": str(exn),
+            }
             return
         # A last record without images carries the final counts (skips after the last full batch).
         yield {"images": None, **position, "skipped": dict(counter.counts), "first_skips": dict(counter.first)}
 
-    def _batches(self, worker: int, num_workers: int, counter: SkipCounter,
-                 position: dict[str, int]) -> Iterator[dict[str, Any]]:
+    def _batches(
+        self, worker: int, num_workers: int, counter: SkipCounter, position: dict[str, int]
+    ) -> Iterator[dict[str, Any]]:
         unkept = [0]
         samples = self._read(self.shards_for(worker, num_workers), counter, unkept, worker)
         rng = random.Random(f"{self.cfg.seed}-buffer-{self.epoch}-{self.rank}-{worker}")
@@ -273,16 +293,29 @@ class ShardedImageText(IterableDataset):
                 yield self._collate(images, texts, keys, ids, position, counter)
                 images, texts, keys, ids = [], [], [], []
 
-    def _collate(self, images: list[torch.Tensor], texts: list[str], keys: list[str], ids: list[tuple[int, int]],
-                 position: dict[str, int], counter: SkipCounter) -> dict[str, Any]:
+    def _collate(
+        self,
+        images: list[torch.Tensor],
+        texts: list[str],
+        keys: list[str],
+        ids: list[tuple[int, int]],
+        position: dict[str, int],
+        counter: SkipCounter,
+    ) -> dict[str, Any]:
         stacked = torch.stack(images)
         if self.normalize_in_workers:
             stacked = self.transform.normalize(stacked)
         tokens = self.tokenizer(texts)
         if self.trim_text:  # drop the columns after the batch's last end-of-text token (the highest id)
             tokens = tokens[:, : int(tokens.argmax(dim=1).max()) + 1].contiguous()
-        batch = {"images": stacked, "texts": tokens, "keys": keys, **position, "skipped": dict(counter.counts),
-                 "first_skips": dict(counter.first)}
+        batch = {
+            "images": stacked,
+            "texts": tokens,
+            "keys": keys,
+            **position,
+            "skipped": dict(counter.counts),
+            "first_skips": dict(counter.first),
+        }
         if self.sample_ids:
             batch["caption_ids"], batch["image_ids"] = torch.tensor(ids, dtype=torch.int64).unbind(1)
         return batch
@@ -322,9 +355,15 @@ class TrainLoader:
     workers, per sample, so a pending pre-emption stops even a loader that produces nothing.
     """
 
-    def __init__(self, dataset: ShardedImageText, num_workers: int, prefetch_factor: int = 4,
-                 pin_memory: bool = False, agree: Callable[..., Any] = _all_ranks_agree,
-                 stop_requested: Callable[[], bool] = _never) -> None:
+    def __init__(
+        self,
+        dataset: ShardedImageText,
+        num_workers: int,
+        prefetch_factor: int = 4,
+        pin_memory: bool = False,
+        agree: Callable[..., Any] = _all_ranks_agree,
+        stop_requested: Callable[[], bool] = _never,
+    ) -> None:
         self.dataset, self.num_workers, self.transform = dataset, num_workers, dataset.transform
         self.prefetch_factor, self.pin_memory, self.agree = prefetch_factor, pin_memory, agree
         self.stop_requested = stop_requested
@@ -366,10 +405,15 @@ class TrainLoader:
         self.dataset.resume_produced = dict(self.produced)
         self.dataset.rotation = self.next_worker
         self.dataset.stop_requested = None if self.num_workers else self.stop_requested
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                            worker_init_fn=_ignore_stop_signals if self.num_workers else None,
-                            timeout=POLL_SECONDS if self.num_workers else 0)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+            worker_init_fn=_ignore_stop_signals if self.num_workers else None,
+            timeout=POLL_SECONDS if self.num_workers else 0,
+        )
         return iter(loader)
 
     def __iter__(self) -> TrainLoader:
@@ -406,8 +450,10 @@ class TrainLoader:
             limit = self.dataset.cfg.max_wait_seconds
             if limit and waited > limit:
                 sources = " + ".join(source.urls for source in self.dataset.cfg.source_configs())
-                raise DataError(f"rank {self.dataset.rank}: no batch from {sources} for {waited:.0f} s "
-                                f"(data.max_wait_seconds={limit:g}); skipped so far: {self.skipped or 'nothing'}")
+                raise DataError(
+                    f"rank {self.dataset.rank}: no batch from {sources} for {waited:.0f} s "
+                    f"(data.max_wait_seconds={limit:g}); skipped so far: {self.skipped or 'nothing'}"
+                )
 
     def _account(self, record: dict[str, Any]) -> None:
         """Take a record's position and skip counts into this loader's state (a batch once every rank has one)."""
@@ -451,8 +497,10 @@ class TrainLoader:
             if distributed:  # every rank ends the epoch, fails or stops at the same step
                 have, healthy, go_on = self.agree(have, healthy, go_on)
             if not healthy:
-                raise error or DataError(f"rank {self.dataset.rank}: another rank's training data failed (its log "
-                                         "says why); every rank stops")
+                raise error or DataError(
+                    f"rank {self.dataset.rank}: another rank's training data failed (its log "
+                    "says why); every rank stops"
+                )
             if not go_on:
                 raise StopRequested
             if have:
@@ -468,24 +516,38 @@ class TrainLoader:
             self._epoch_yielded = False
             if empty_epochs == 2:  # a resumed epoch may legitimately be empty; two in a row cannot
                 sources = " + ".join(source.urls for source in self.dataset.cfg.source_configs())
-                raise DataError(f"{len(self.dataset.shards)} shards ({sources}) yielded no full batch of "
-                                f"{self.dataset.cfg.batch_size} in two epochs on some rank (this is rank "
-                                f"{self.dataset.rank}); check data.sources and data.batch_size; skipped: "
-                                f"{self.skipped or 'nothing'}")
+                raise DataError(
+                    f"{len(self.dataset.shards)} shards ({sources}) yielded no full batch of "
+                    f"{self.dataset.cfg.batch_size} in two epochs on some rank (this is rank "
+                    f"{self.dataset.rank}); check data.sources and data.batch_size; skipped: "
+                    f"{self.skipped or 'nothing'}"
+                )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "consumed": {str(k): v for k, v in self.consumed.items()},
-                "produced": {str(k): v for k, v in self.produced.items()},
-                "next_worker": self.next_worker, "num_workers": self.num_workers, "mode": self.dataset.mode,
-                "batch_size": self.dataset.cfg.batch_size, "world_size": self.dataset.world_size,
-                "skipped": self.skipped}
+        return {
+            "epoch": self.epoch,
+            "consumed": {str(k): v for k, v in self.consumed.items()},
+            "produced": {str(k): v for k, v in self.produced.items()},
+            "next_worker": self.next_worker,
+            "num_workers": self.num_workers,
+            "mode": self.dataset.mode,
+            "batch_size": self.dataset.cfg.batch_size,
+            "world_size": self.dataset.world_size,
+            "skipped": self.skipped,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, have in (("num_workers", self.num_workers), ("batch_size", self.dataset.cfg.batch_size),
-                          ("world_size", self.dataset.world_size), ("mode", self.dataset.mode)):
+        for key, have in (
+            ("num_workers", self.num_workers),
+            ("batch_size", self.dataset.cfg.batch_size),
+            ("world_size", self.dataset.world_size),
+            ("mode", self.dataset.mode),
+        ):
             if state.get(key, have) != have:
-                raise ValueError(f"cannot resume the data position exactly: the checkpoint was written with "
-                                 f"{key}={state[key]}, this run has {have}")
+                raise ValueError(
+                    f"cannot resume the data position exactly: the checkpoint was written with "
+                    f"{key}={state[key]}, this run has {have}"
+                )
         self.epoch = int(state["epoch"])
         self.consumed = {int(k): int(v) for k, v in state["consumed"].items()}
         self.produced = {int(k): int(v) for k, v in state.get("produced", {}).items()}
@@ -495,11 +557,19 @@ class TrainLoader:
         self._iterator = None
 
 
-def build_train_loader(cfg: DataConfig, preprocess_cfg: dict[str, Any], tokenizer: Callable, rank: int = 0,
-                       world_size: int = 1, pin_memory: bool = False,
-                       agree: Callable[..., Any] = _all_ranks_agree,
-                       normalize_in_workers: bool = False, sample_ids: bool = False,
-                       trim_text: bool = False, stop_requested: Callable[[], bool] = _never) -> TrainLoader:
+def build_train_loader(
+    cfg: DataConfig,
+    preprocess_cfg: dict[str, Any],
+    tokenizer: Callable,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    agree: Callable[..., Any] = _all_ranks_agree,
+    normalize_in_workers: bool = False,
+    sample_ids: bool = False,
+    trim_text: bool = False,
+    stop_requested: Callable[[], bool] = _never,
+) -> TrainLoader:
     """The training loader for this rank. ``preprocess_cfg`` is open_clip's (``model.visual.preprocess_cfg``):
     output size, mean, std, interpolation. Batches hold uint8 images and ``loader.transform.normalize`` makes
     the model's float input from them on the training device; with ``normalize_in_workers`` (training on a
@@ -515,23 +585,33 @@ def build_train_loader(cfg: DataConfig, preprocess_cfg: dict[str, Any], tokenize
     if mode == "epoch":
         for i, source in enumerate(sources):
             if source.weight != 1.0 and len(sources) > 1:
-                raise ValueError(f"data.sources[{i}].weight={source.weight}: weights only apply in resampled mode "
-                                 "(epoch mode reads every sample once); set data.mode=resampled")
+                raise ValueError(
+                    f"data.sources[{i}].weight={source.weight}: weights only apply in resampled mode "
+                    "(epoch mode reads every sample once); set data.mode=resampled"
+                )
         if num_shards < slots:
-            message = (f"data.sources: {num_shards} shards cannot feed world_size × num_workers = {slots} readers "
-                       "disjointly")
+            message = (
+                f"data.sources: {num_shards} shards cannot feed world_size × num_workers = {slots} readers disjointly"
+            )
             if cfg.shard_shortage == "error":
-                raise ValueError(message + "; write more, smaller shards, lower data.num_workers, or set "
-                                 "data.shard_shortage=resample")
+                raise ValueError(
+                    message + "; write more, smaller shards, lower data.num_workers, or set "
+                    "data.shard_shortage=resample"
+                )
             log.warning("%s: switching to resampled mode (data.shard_shortage=resample)", message)
             mode = "resampled"
     unknown = [i for i, source in enumerate(sources) if source.num_samples is None]
     if mode == "resampled" and unknown and cfg.epoch_samples is None:
-        raise ValueError(f"data.sources[{unknown[0]}]: resampled mode needs the sample count: set its num_samples, or "
-                         "data.epoch_samples, or write sizes.json beside the shards")
+        raise ValueError(
+            f"data.sources[{unknown[0]}]: resampled mode needs the sample count: set its num_samples, or "
+            "data.epoch_samples, or write sizes.json beside the shards"
+        )
     if mode == "resampled" and unknown and len(sources) > 1:  # weights are shares of samples, not of shards
-        raise ValueError(f"data.sources[{unknown[0]}]: resampled mode needs its sample count to weight sources by "
-                         "samples: set its num_samples, or write sizes.json beside the shards")
-    dataset = ShardedImageText(sources, cfg, transform, tokenizer, rank, world_size, mode, normalize_in_workers,
-                               sample_ids, trim_text)
+        raise ValueError(
+            f"data.sources[{unknown[0]}]: resampled mode needs its sample count to weight sources by "
+            "samples: set its num_samples, or write sizes.json beside the shards"
+        )
+    dataset = ShardedImageText(
+        sources, cfg, transform, tokenizer, rank, world_size, mode, normalize_in_workers, sample_ids, trim_text
+    )
     return TrainLoader(dataset, cfg.num_workers, cfg.prefetch_factor, pin_memory, agree, stop_requested)

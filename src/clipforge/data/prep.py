@@ -161,8 +161,11 @@ def encode_image(data: bytes, options: WriteOptions) -> tuple[str, bytes, dict[s
                 buffer = io.BytesIO()
                 keep = image if image.mode in ("RGB", "RGBA", "L", "LA") else to_rgb(image)  # the stream's rule
                 keep.save(buffer, format="PNG")
-                return "png", buffer.getvalue(), {**sizes, "original_width": original[0],
-                                                  "original_height": original[1]}
+                return (
+                    "png",
+                    buffer.getvalue(),
+                    {**sizes, "original_width": original[0], "original_height": original[1]},
+                )
             upright = to_rgb(ImageOps.exif_transpose(image))  # the stream's rule: what a viewer shows
     except DecompressionBomb as exc:
         raise _Skip("decompression_bomb", str(exc)) from None
@@ -173,8 +176,16 @@ def encode_image(data: bytes, options: WriteOptions) -> tuple[str, bytes, dict[s
         upright = upright.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     buffer = io.BytesIO()
     upright.save(buffer, format="JPEG", quality=options.jpeg_quality)
-    return "jpg", buffer.getvalue(), {"width": upright.width, "height": upright.height,
-                                      "original_width": original[0], "original_height": original[1]}
+    return (
+        "jpg",
+        buffer.getvalue(),
+        {
+            "width": upright.width,
+            "height": upright.height,
+            "original_width": original[0],
+            "original_height": original[1],
+        },
+    )
 
 
 def make_sample(row: Row, key: str, options: WriteOptions) -> dict[str, Any]:
@@ -213,7 +224,7 @@ class DatasetRows:
 
     def __iter__(self) -> Iterator[Row]:
         for offset in range(self.start, self.stop, 256):
-            batch = self.dataset[offset:min(offset + 256, self.stop)]
+            batch = self.dataset[offset : min(offset + 256, self.stop)]
             cells = zip(batch[self.image_column], batch[self.caption_column], strict=True)
             for index, (value, caption) in enumerate(cells, start=offset):
                 image, url = image_reference(value, None)
@@ -254,9 +265,17 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
                 first_skipped.setdefault(skip.kind, f"{where}: {skip.detail}")
 
     successes = write_tar(Path(job.out) / f"{job.name}.tar", samples())
-    stats = {"shard": f"{job.name}.tar", "count": job.num_rows, "successes": successes,
-             "failed": sum(skipped.values()), "skipped": dict(skipped), "first_skipped": first_skipped,
-             "settings": job.settings, "duration": round(time.time() - started, 3), "status": "success"}
+    stats = {
+        "shard": f"{job.name}.tar",
+        "count": job.num_rows,
+        "successes": successes,
+        "failed": sum(skipped.values()),
+        "skipped": dict(skipped),
+        "first_skipped": first_skipped,
+        "settings": job.settings,
+        "duration": round(time.time() - started, 3),
+        "status": "success",
+    }
     write_json(Path(job.out) / f"{job.name}_stats.json", stats)
     return stats
 
@@ -303,8 +322,10 @@ def _refuse_other_settings(out: Path, settings: dict[str, Any]) -> None:
         differing.update({key: earlier.get(key) for key in settings if earlier.get(key) != settings[key]})
     if differing:
         named = ", ".join(f"{key} {differing[key]!r} (this run: {settings[key]!r})" for key in sorted(differing))
-        raise ValueError(f"{out} holds shards written with other settings: {named}; write to another --out, repeat "
-                         "the earlier settings to resume it, or pass --overwrite to replace it")
+        raise ValueError(
+            f"{out} holds shards written with other settings: {named}; write to another --out, repeat "
+            "the earlier settings to resume it, or pass --overwrite to replace it"
+        )
 
 
 def _complete_stats(out: Path, name: str, num_rows: int) -> dict[str, Any] | None:
@@ -344,12 +365,17 @@ def run_jobs(jobs: Iterable[Any], work: Callable[[Any], Any], num_workers: int) 
 
 def _settings(options: WriteOptions, source: str) -> dict[str, Any]:
     """What must match for an existing shard to count as written by this run."""
-    return {"source": source, "samples_per_shard": options.samples_per_shard, "resize_to": options.resize_to,
-            "jpeg_quality": options.jpeg_quality if options.resize_to else None}
+    return {
+        "source": source,
+        "samples_per_shard": options.samples_per_shard,
+        "resize_to": options.resize_to,
+        "jpeg_quality": options.jpeg_quality if options.resize_to else None,
+    }
 
 
-def _plan(out: Path, num_rows: int, options: WriteOptions,
-          source: str) -> tuple[list[str], list[ShardJob], dict[int, dict[str, Any]]]:
+def _plan(
+    out: Path, num_rows: int, options: WriteOptions, source: str
+) -> tuple[list[str], list[ShardJob], dict[int, dict[str, Any]]]:
     """Shard names, the shards still to write (rows not yet attached), and the stats of those already complete.
 
     Runs before any writing, so outputs from other settings or sources are refused with nothing changed.
@@ -365,15 +391,22 @@ def _plan(out: Path, num_rows: int, options: WriteOptions,
         count = min(per_shard, num_rows - shard * per_shard)
         stats = _complete_stats(out, name, count)
         if stats is None:
-            todo.append(ShardJob(str(out), name, shard, count, shard * per_shard, (), options, settings, source,
-                                 key_digits))
+            todo.append(
+                ShardJob(str(out), name, shard, count, shard * per_shard, (), options, settings, source, key_digits)
+            )
         else:
             complete[shard] = stats
     return names, todo, complete
 
 
-def write_shards(out: str | Path, num_rows: int, rows_for: Callable[[int, int], Iterable[Row]],
-                 options: WriteOptions, source: str, progress: bool = True) -> dict[str, Any]:
+def write_shards(
+    out: str | Path,
+    num_rows: int,
+    rows_for: Callable[[int, int], Iterable[Row]],
+    options: WriteOptions,
+    source: str,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Write ``num_rows`` rows (``rows_for(start, stop)``) as shards under ``out``; skip complete shards."""
     options.check()
     if num_rows <= 0:
@@ -397,8 +430,13 @@ def write_shards(out: str | Path, num_rows: int, rows_for: Callable[[int, int], 
     skipped: Counter[str] = Counter()
     for stats in stats_by_shard.values():
         skipped.update(stats["skipped"])
-    bar = tqdm(total=num_rows, initial=sum(s["count"] for s in stats_by_shard.values()), unit="row",
-               desc=f"writing {out}", disable=not progress)
+    bar = tqdm(
+        total=num_rows,
+        initial=sum(s["count"] for s in stats_by_shard.values()),
+        unit="row",
+        desc=f"writing {out}",
+        disable=not progress,
+    )
     with bar:
         for stats in run_jobs(jobs(), write_shard, options.num_workers):
             for kind, where in stats["first_skipped"].items():
@@ -412,15 +450,26 @@ def write_shards(out: str | Path, num_rows: int, rows_for: Callable[[int, int], 
     sizes = {f"{name}.tar": stats_by_shard[shard]["successes"] for shard, name in enumerate(names)}
     samples = sum(sizes.values())
     write_json(out / "sizes.json", sizes)
-    summary = {"out": str(out), "source": source, "rows": num_rows, "samples": samples, "shards": num_shards,
-               "resumed_shards": resumed, "skipped": dict(sorted(skipped.items())),
-               "urls": str(out / f"{{{names[0]}..{names[-1]}}}.tar"),
-               **{k: v for k, v in _settings(options, source).items() if k != "source"}}
-    write_json(out / "_stats.json", {"count": num_rows, "successes": samples, "failed": num_rows - samples,
-                                     **summary})
+    summary = {
+        "out": str(out),
+        "source": source,
+        "rows": num_rows,
+        "samples": samples,
+        "shards": num_shards,
+        "resumed_shards": resumed,
+        "skipped": dict(sorted(skipped.items())),
+        "urls": str(out / f"{{{names[0]}..{names[-1]}}}.tar"),
+        **{k: v for k, v in _settings(options, source).items() if k != "source"},
+    }
+    write_json(out / "_stats.json", {"count": num_rows, "successes": samples, "failed": num_rows - samples, **summary})
     if skipped:
-        log.warning("%s: %d samples written, %d rows skipped: %s", out, samples, num_rows - samples,
-                    ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items())))
+        log.warning(
+            "%s: %d samples written, %d rows skipped: %s",
+            out,
+            samples,
+            num_rows - samples,
+            ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items())),
+        )
     return summary
 
 
@@ -434,8 +483,9 @@ def _table_reader(path: Path) -> tuple[str, dict[str, Any]]:
     return "csv", {"sep": "\t" if suffix == ".tsv" else ","}
 
 
-def read_table(path: str | Path, image_column: str, caption_column: str,
-               encoding: str = "utf-8") -> tuple[list[Any], list[Any]]:
+def read_table(
+    path: str | Path, image_column: str, caption_column: str, encoding: str = "utf-8"
+) -> tuple[list[Any], list[Any]]:
     """The image and caption columns of a CSV (``.tsv``: tab-separated; text in ``encoding``) or parquet file."""
     path = Path(path)
     if not path.is_file():
@@ -444,15 +494,18 @@ def read_table(path: str | Path, image_column: str, caption_column: str,
     try:
         return _read_columns(path, kind, csv_options, image_column, caption_column, encoding)
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not {encoding} text ({exc.reason}: byte 0x{exc.object[exc.start]:02x} at offset "
-                         f"{exc.start}); give the file's encoding with --encoding, e.g. --encoding latin-1 or "
-                         "--encoding cp1252") from None
+        raise ValueError(
+            f"{path}: not {encoding} text ({exc.reason}: byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start}); give the file's encoding with --encoding, e.g. --encoding latin-1 or "
+            "--encoding cp1252"
+        ) from None
     except LookupError as exc:  # an unknown codec name
         raise ValueError(f"{path}: --encoding {encoding!r}: {exc}") from None
 
 
-def _read_columns(path: Path, kind: str, csv_options: dict[str, Any], image_column: str, caption_column: str,
-                  encoding: str) -> tuple[list[Any], list[Any]]:
+def _read_columns(
+    path: Path, kind: str, csv_options: dict[str, Any], image_column: str, caption_column: str, encoding: str
+) -> tuple[list[Any], list[Any]]:
     import pandas as pd
     import pyarrow.parquet as pq
 
@@ -472,14 +525,24 @@ def _read_columns(path: Path, kind: str, csv_options: dict[str, Any], image_colu
     return frame[image_column].tolist(), frame[caption_column].tolist()
 
 
-def write_from_table(path: str | Path, out: str | Path, image_column: str, caption_column: str,
-                     samples_per_shard: int | None = None, resize_to: int | None = None, num_workers: int = 2,
-                     progress: bool = True, image_root: str | Path | None = None,
-                     encoding: str = "utf-8", overwrite: bool = False) -> dict[str, Any]:
+def write_from_table(
+    path: str | Path,
+    out: str | Path,
+    image_column: str,
+    caption_column: str,
+    samples_per_shard: int | None = None,
+    resize_to: int | None = None,
+    num_workers: int = 2,
+    progress: bool = True,
+    image_root: str | Path | None = None,
+    encoding: str = "utf-8",
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Shards from a table of image paths (relative ones resolve against ``image_root``, default the
     table's directory) or image bytes, and captions. Returns the summary also written to ``_stats.json``."""
-    options = WriteOptions(samples_per_shard=samples_per_shard, resize_to=resize_to, num_workers=num_workers,
-                           overwrite=overwrite)
+    options = WriteOptions(
+        samples_per_shard=samples_per_shard, resize_to=resize_to, num_workers=num_workers, overwrite=overwrite
+    )
     options.check()
     images, captions = read_table(path, image_column, caption_column, encoding)
     root = Path(image_root) if image_root is not None else Path(path).resolve().parent
@@ -494,8 +557,9 @@ def write_from_table(path: str | Path, out: str | Path, image_column: str, capti
     return write_shards(out, len(images), rows_for, options, str(Path(path).resolve()), progress)
 
 
-def open_hf_dataset(source: Any, split: str | None = None, imagefolder: bool = False,
-                    cache_dir: str | None = None) -> tuple[Any, str]:
+def open_hf_dataset(
+    source: Any, split: str | None = None, imagefolder: bool = False, cache_dir: str | None = None
+) -> tuple[Any, str]:
     """(``datasets.Dataset``, a name for messages) from a Dataset/DatasetDict, a ``save_to_disk`` directory,
     or (``imagefolder=True``) a folder of images for ``load_dataset("imagefolder", data_dir=...)``."""
     import datasets
@@ -511,8 +575,10 @@ def open_hf_dataset(source: Any, split: str | None = None, imagefolder: bool = F
             try:
                 source = datasets.load_from_disk(str(source))
             except FileNotFoundError as exc:
-                raise FileNotFoundError(f"{source}: not a dataset saved with save_to_disk ({exc}); for a folder "
-                                        f"of images with metadata.jsonl use imagefolder") from None
+                raise FileNotFoundError(
+                    f"{source}: not a dataset saved with save_to_disk ({exc}); for a folder "
+                    f"of images with metadata.jsonl use imagefolder"
+                ) from None
     if isinstance(source, datasets.DatasetDict):
         splits = list(source)
         chosen = split or ("train" if "train" in splits else splits[0] if len(splits) == 1 else None)
@@ -524,16 +590,27 @@ def open_hf_dataset(source: Any, split: str | None = None, imagefolder: bool = F
     return source, name
 
 
-def write_from_hf(source: Any, out: str | Path, image_column: str = "image", caption_column: str = "text",
-                  samples_per_shard: int | None = None, resize_to: int | None = None, num_workers: int = 2,
-                  progress: bool = True, split: str | None = None, imagefolder: bool = False,
-                  cache_dir: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+def write_from_hf(
+    source: Any,
+    out: str | Path,
+    image_column: str = "image",
+    caption_column: str = "text",
+    samples_per_shard: int | None = None,
+    resize_to: int | None = None,
+    num_workers: int = 2,
+    progress: bool = True,
+    split: str | None = None,
+    imagefolder: bool = False,
+    cache_dir: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Shards from a Hugging Face dataset (see ``open_hf_dataset``). Image columns of the ``Image`` feature are
     read undecoded, so original bytes are stored; string columns are paths, binary columns image bytes."""
     import datasets
 
-    options = WriteOptions(samples_per_shard=samples_per_shard, resize_to=resize_to, num_workers=num_workers,
-                           overwrite=overwrite)
+    options = WriteOptions(
+        samples_per_shard=samples_per_shard, resize_to=resize_to, num_workers=num_workers, overwrite=overwrite
+    )
     options.check()
     dataset, name = open_hf_dataset(source, split, imagefolder, cache_dir)
     for role, column in (("image", image_column), ("caption", caption_column)):

@@ -31,7 +31,7 @@ from clipforge.data.images import IMAGE_EXTENSIONS, DecompressionBomb, ImageTran
 SKIP_KINDS = {
     "unreadable_shard": "a shard that cannot be opened or read (missing file, failing pipe: command)",
     "truncated_tar": "a tar cut short (inside a member or header, or before its end-of-archive block); the samples "
-                     "before the cut are used, the one being read is dropped",
+    "before the cut are used, the one being read is dropped",
     "duplicate_key": "a key met again in the same tar; its first sample is used, the repeat dropped",
     "dotted_key": "a member like a.b.jpg: webdataset's key ends at the first dot, so its extension reads b.jpg",
     "missing_image": f"a sample with no {'/'.join(IMAGE_EXTENSIONS)} member",
@@ -111,8 +111,12 @@ def read_tar(url: str, stream: IO[bytes], counter: SkipCounter) -> Iterator[dict
     # tarfile takes a header cut short, or none at all, after the first member for the end of the archive; a whole
     # tar ends with a block of zeros, which is the last header read (512 bytes).
     if tar.fileobj.tell() - tar.offset != tarfile.BLOCKSIZE:  # the sample in progress is whole: it is kept
-        counter.skip("truncated_tar", url, f"after {yielded + (sample is not None)} samples: the tar ends without "
-                                           "its end-of-archive block (cut short between or inside headers)")
+        counter.skip(
+            "truncated_tar",
+            url,
+            f"after {yielded + (sample is not None)} samples: the tar ends without "
+            "its end-of-archive block (cut short between or inside headers)",
+        )
     if sample is not None:
         yield sample
 
@@ -153,8 +157,9 @@ def _caption_value(value: Any, field: str, rng: random.Random) -> str:
         return rng.choice(options) if options else ""
     shown = json.dumps(value, ensure_ascii=False)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    raise CaptionProblem("bad_caption", f"JSON field {field!r} is a {type(value).__name__}, not a string or a list of "
-                                        f"strings: {shown}")
+    raise CaptionProblem(
+        "bad_caption", f"JSON field {field!r} is a {type(value).__name__}, not a string or a list of strings: {shown}"
+    )
 
 
 class CaptionProblem(ValueError):
@@ -170,9 +175,13 @@ def image_member(sample: dict[str, Any], where: str, counter: SkipCounter) -> st
         return extension
     dotted = [s for s in sample if not s.startswith("__") and "." in s and s.rsplit(".", 1)[1] in IMAGE_EXTENSIONS]
     if dotted:
-        counter.skip("dotted_key", where, f"member {sample['__key__']}.{dotted[0]}: webdataset's key ends at the "
-                                          f"first dot of the file name, so this image's extension reads "
-                                          f"{dotted[0]!r}; rename the files without dots in the key")
+        counter.skip(
+            "dotted_key",
+            where,
+            f"member {sample['__key__']}.{dotted[0]}: webdataset's key ends at the "
+            f"first dot of the file name, so this image's extension reads "
+            f"{dotted[0]!r}; rename the files without dots in the key",
+        )
     else:
         members = sorted(s for s in sample if not s.startswith("__"))
         counter.skip("missing_image", where, f"members: {', '.join(members) or 'none'}")
@@ -185,8 +194,9 @@ class SampleDecoder:
     def __init__(self, transform: ImageTransform, caption_key: str) -> None:
         self.transform, self.caption_key = transform, caption_key
 
-    def __call__(self, sample: dict[str, Any], counter: SkipCounter,
-                 rng: random.Random) -> tuple[torch.Tensor, str, str] | None:
+    def __call__(
+        self, sample: dict[str, Any], counter: SkipCounter, rng: random.Random
+    ) -> tuple[torch.Tensor, str, str] | None:
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"
         extension = image_member(sample, where, counter)
         if extension is None:

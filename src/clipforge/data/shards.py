@@ -79,8 +79,14 @@ def _train_samples(spec: SyntheticSpec, shard: int) -> Iterator[dict]:
         text = synthetic.caption(scene, rng)
         image = synthetic.render(scene, rng, spec.image_size)
         key = f"{shard:05d}{index - start:04d}"
-        meta = {"key": key, "caption": text, "width": image.width, "height": image.height, "status": "success",
-                "scene": synthetic.describe(scene)}
+        meta = {
+            "key": key,
+            "caption": text,
+            "width": image.width,
+            "height": image.height,
+            "status": "success",
+            "scene": synthetic.describe(scene),
+        }
         yield {"__key__": key, "jpg": synthetic.encode_jpeg(image), "txt": text, "json": json.dumps(meta)}
 
 
@@ -103,8 +109,12 @@ def _classification_samples(spec: SyntheticSpec, split: str, label_of: Callable,
         heldout = "only" if index % 2 == 0 else "exclude"
         scene = synthetic.sample_scene(rng, heldout=heldout, kind="group")
         image = synthetic.render(scene, rng, spec.image_size)
-        yield {"__key__": f"s{index:07d}", "jpg": synthetic.encode_jpeg(image),
-               "cls": str(label_of(scene.objects[0])), "json": json.dumps(synthetic.describe(scene))}
+        yield {
+            "__key__": f"s{index:07d}",
+            "jpg": synthetic.encode_jpeg(image),
+            "cls": str(label_of(scene.objects[0])),
+            "json": json.dumps(synthetic.describe(scene)),
+        }
 
 
 def _retrieval_samples(spec: SyntheticSpec) -> Iterator[dict]:
@@ -137,33 +147,50 @@ def write_eval_sets(spec: SyntheticSpec) -> dict[str, int]:
     root = Path(spec.out) / "eval"
     shapes = list(synthetic.SHAPES)
     colors = list(synthetic.COLORS)
-    shape_templates = ["a photo of a {c}.", "a drawing of a {c}.", "a {c}.", "a picture of a {c}.",
-                       "there is a {c} in the image.", "a {c} on a background."]
+    shape_templates = [
+        "a photo of a {c}.",
+        "a drawing of a {c}.",
+        "a {c}.",
+        "a picture of a {c}.",
+        "there is a {c} in the image.",
+        "a {c} on a background.",
+    ]
     color_templates = ["a {c} shape.", "a photo of a {c} object.", "something {c}.", "a {c} thing."]
     label_of = {"shapes": lambda o: shapes.index(o.shape), "colors": lambda o: colors.index(o.color)}
     counts = {
         "shapes": _write_benchmark(
-            root / "shapes", _classification_samples(spec, "shapes", label_of["shapes"]),
-            {"classnames.txt": "\n".join(shapes) + "\n",
-             "zeroshot_classification_templates.txt": "\n".join(shape_templates) + "\n"}),
+            root / "shapes",
+            _classification_samples(spec, "shapes", label_of["shapes"]),
+            {
+                "classnames.txt": "\n".join(shapes) + "\n",
+                "zeroshot_classification_templates.txt": "\n".join(shape_templates) + "\n",
+            },
+        ),
         "colors": _write_benchmark(
-            root / "colors", _classification_samples(spec, "colors", label_of["colors"]),
-            {"classnames.txt": "\n".join(colors) + "\n",
-             "zeroshot_classification_templates.txt": "\n".join(color_templates) + "\n"}),
-        "retrieval": _write_benchmark(root / "retrieval", _retrieval_samples(spec),
-                                      {"dataset_type.txt": "retrieval\n"}),
+            root / "colors",
+            _classification_samples(spec, "colors", label_of["colors"]),
+            {
+                "classnames.txt": "\n".join(colors) + "\n",
+                "zeroshot_classification_templates.txt": "\n".join(color_templates) + "\n",
+            },
+        ),
+        "retrieval": _write_benchmark(
+            root / "retrieval", _retrieval_samples(spec), {"dataset_type.txt": "retrieval\n"}
+        ),
     }
     for name in ("shapes", "colors") if spec.num_eval_train_samples > 0 else ():
         counts[f"{name}/train"] = _write_benchmark(
-            root / name, _classification_samples(spec, name, label_of[name], train=True), {}, split="train")
+            root / name, _classification_samples(spec, name, label_of[name], train=True), {}, split="train"
+        )
     return counts
 
 
 def write_synthetic(spec: SyntheticSpec, progress: bool = True) -> dict:
     """Write the training shards (in ``spec.num_workers`` processes) and the evaluation sets."""
     if spec.num_samples <= 0 or spec.samples_per_shard <= 0:
-        raise ValueError(f"num_samples and samples_per_shard must be positive, got {spec.num_samples}, "
-                         f"{spec.samples_per_shard}")
+        raise ValueError(
+            f"num_samples and samples_per_shard must be positive, got {spec.num_samples}, {spec.samples_per_shard}"
+        )
     num_shards = -(-spec.num_samples // spec.samples_per_shard)
     sizes: dict[str, int] = {}
     with ProcessPoolExecutor(max_workers=max(1, spec.num_workers)) as pool:
@@ -172,8 +199,16 @@ def write_synthetic(spec: SyntheticSpec, progress: bool = True) -> dict:
             sizes[name] = count
     train = Path(spec.out) / "train"
     (train / "sizes.json").write_text(json.dumps(sizes, indent=1, sort_keys=True) + "\n")
-    (train / "_stats.json").write_text(json.dumps({"count": sum(sizes.values()), "successes": sum(sizes.values()),
-                                                   "failed_to_download": 0, "seed": spec.seed}) + "\n")
+    (train / "_stats.json").write_text(
+        json.dumps(
+            {"count": sum(sizes.values()), "successes": sum(sizes.values()), "failed_to_download": 0, "seed": spec.seed}
+        )
+        + "\n"
+    )
     evaluation = write_eval_sets(spec)
-    return {"train_samples": sum(sizes.values()), "train_shards": num_shards,
-            "train_urls": str(train / f"{{00000..{num_shards - 1:05d}}}.tar"), "eval": evaluation}
+    return {
+        "train_samples": sum(sizes.values()),
+        "train_shards": num_shards,
+        "train_urls": str(train / f"{{00000..{num_shards - 1:05d}}}.tar"),
+        "eval": evaluation,
+    }

@@ -60,7 +60,7 @@ def open_shard(url: str) -> IO[bytes]:
 
         return wds.gopen(url, "rb")
     if url.startswith("file://"):
-        return open(url[len("file://"):], "rb")
+        return open(url[len("file://") :], "rb")
     import fsspec
 
     try:
@@ -124,8 +124,13 @@ class Source:
         if missing and len(missing) == len(shards):
             raise FileNotFoundError(f"{where}.urls: none of the {len(shards)} shards exist (first: {missing[0]})")
         if missing:
-            log.warning("%s: %d of %d shards do not exist (first: %s); they will be skipped and counted",
-                        where, len(missing), len(shards), missing[0])
+            log.warning(
+                "%s: %d of %d shards do not exist (first: %s); they will be skipped and counted",
+                where,
+                len(missing),
+                len(shards),
+                missing[0],
+            )
         sizes = shard_sizes(shards)
         num_samples = cfg.num_samples
         if num_samples is None and all(v is not None for v in sizes.values()):

@@ -27,8 +27,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
-           "cross": "crosses", "heart": "hearts"}
+PLURALS = {
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "star": "stars",
+    "cross": "crosses",
+    "heart": "hearts",
+}
 COLORS = {
     "red": (215, 35, 35),
     "green": (35, 165, 55),
@@ -38,17 +44,29 @@ COLORS = {
     "orange": (245, 135, 20),
 }
 # Each shape appears in one colour only in evaluation sets, never in training.
-HELDOUT_COMBOS = frozenset({
-    ("circle", "green"), ("square", "orange"), ("triangle", "blue"),
-    ("star", "red"), ("cross", "purple"), ("heart", "yellow"),
-})
+HELDOUT_COMBOS = frozenset(
+    {
+        ("circle", "green"),
+        ("square", "orange"),
+        ("triangle", "blue"),
+        ("star", "red"),
+        ("cross", "purple"),
+        ("heart", "yellow"),
+    }
+)
 SIZES = ("small", "large")
 BACKGROUNDS = ("plain", "noisy", "striped", "gradient")
 # 3x3 grid cells (column, row) and the phrases that name them.
 POSITIONS = {
-    "top left": (0, 0), "top": (1, 0), "top right": (2, 0),
-    "left": (0, 1), "center": (1, 1), "right": (2, 1),
-    "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2),
+    "top left": (0, 0),
+    "top": (1, 0),
+    "top right": (2, 0),
+    "left": (0, 1),
+    "center": (1, 1),
+    "right": (2, 1),
+    "bottom left": (0, 2),
+    "bottom": (1, 2),
+    "bottom right": (2, 2),
 }
 POSITION_PHRASES = {
     "top left": ["at the top left", "in the top left corner", "in the upper left"],
@@ -200,8 +218,7 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
             "a {s1} {rel} a {s2}",
             "a {z} {s1} {rel} a {s2}{bg}",
         ]
-        words = dict(c1=first.color, s1=first.shape, c2=second.color, s2=second.shape, rel=relation,
-                     z=first.size)
+        words = dict(c1=first.color, s1=first.shape, c2=second.color, s2=second.shape, rel=relation, z=first.size)
     else:
         obj = scene.objects[0]
         count = len(scene.objects)
@@ -220,8 +237,14 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
             "{n} {s}{pos}",
             "a drawing of {n} {z} {s}{pos}{bg}",
         ]
-        words = dict(n="a" if count == 1 else NUMBER_WORDS[count], z=obj.size, c=obj.color,
-                     s=_noun(obj.shape, count), pos=position, verb="is" if count == 1 else "are")
+        words = dict(
+            n="a" if count == 1 else NUMBER_WORDS[count],
+            z=obj.size,
+            c=obj.color,
+            s=_noun(obj.shape, count),
+            pos=position,
+            verb="is" if count == 1 else "are",
+        )
     background = "" if scene.background == "plain" and rng.random() < 0.5 else f" on a {scene.background} background"
     words["bg"] = background if rng.random() < 0.5 else ""
     template = templates[rng.integers(len(templates))]
@@ -243,12 +266,29 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float, rotation: float) 
         points = [(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
         points = [(x, y + 0.15) for x, y in points]
     elif shape == "star":
-        points = [((1.0 if i % 2 == 0 else 0.42) * math.cos(-math.pi / 2 + i * math.pi / 5),
-                   (1.0 if i % 2 == 0 else 0.42) * math.sin(-math.pi / 2 + i * math.pi / 5)) for i in range(10)]
+        points = [
+            (
+                (1.0 if i % 2 == 0 else 0.42) * math.cos(-math.pi / 2 + i * math.pi / 5),
+                (1.0 if i % 2 == 0 else 0.42) * math.sin(-math.pi / 2 + i * math.pi / 5),
+            )
+            for i in range(10)
+        ]
     elif shape == "cross":
         w = 0.32
-        points = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w),
-                  (-w, -w)]
+        points = [
+            (-w, -1),
+            (w, -1),
+            (w, -w),
+            (1, -w),
+            (1, w),
+            (w, w),
+            (w, 1),
+            (-w, 1),
+            (-w, w),
+            (-1, w),
+            (-1, -w),
+            (-w, -w),
+        ]
     elif shape == "heart":
         ts = np.linspace(0, 2 * math.pi, 40, endpoint=False)
         xs = 16 * np.sin(ts) ** 3 / 17
@@ -308,6 +348,13 @@ def describe(scene: Scene) -> dict:
         "background": scene.background,
         "position": scene.position,
         "relation": scene.relation,
-        "objects": [{"shape": o.shape, "color": o.color, "size": o.size,
-                     "center": [round(o.center[0], 4), round(o.center[1], 4)]} for o in scene.objects],
+        "objects": [
+            {
+                "shape": o.shape,
+                "color": o.color,
+                "size": o.size,
+                "center": [round(o.center[0], 4), round(o.center[1], 4)],
+            }
+            for o in scene.objects
+        ],
     }

@@ -10,6 +10,23 @@ from clipforge.evaluation.retrieval import retrieval
 from clipforge.evaluation.suite import EvalConfig, load_suite, run_suite
 from clipforge.evaluation.zeroshot import build_classifier, zero_shot_classification
 
-__all__ = ["Benchmark", "Encoder", "EvalConfig", "EvalModel", "HFClipEncoder", "OpenClipEncoder", "benchmark_loader",
-           "build_classifier", "headline", "linear_probe", "load_benchmark", "load_eval_model", "load_suite",
-           "markdown_table", "retrieval", "run_suite", "write_report", "zero_shot_classification"]
+__all__ = [
+    "Benchmark",
+    "Encoder",
+    "EvalConfig",
+    "EvalModel",
+    "HFClipEncoder",
+    "OpenClipEncoder",
+    "benchmark_loader",
+    "build_classifier",
+    "headline",
+    "linear_probe",
+    "load_benchmark",
+    "load_eval_model",
+    "load_suite",
+    "markdown_table",
+    "retrieval",
+    "run_suite",
+    "write_report",
+    "zero_shot_classification",
+]

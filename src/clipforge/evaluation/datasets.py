@@ -63,13 +63,15 @@ class WdsSource:
     def __init__(self, root: Path, split: str) -> None:
         nshards_file = root / split / "nshards.txt"
         if not nshards_file.is_file():
-            raise FileNotFoundError(f"{root}: no split {split!r} in CLIP_benchmark WebDataset layout "
-                                    f"({nshards_file} is missing)")
+            raise FileNotFoundError(
+                f"{root}: no split {split!r} in CLIP_benchmark WebDataset layout ({nshards_file} is missing)"
+            )
         type_file = root / "dataset_type.txt"
         self.kind = type_file.read_text().strip().lower() if type_file.is_file() else CLASSIFICATION
         if self.kind not in (CLASSIFICATION, RETRIEVAL):
-            raise ValueError(f"{root}: dataset_type.txt says {self.kind!r}; only classification and retrieval "
-                             "sets are supported")
+            raise ValueError(
+                f"{root}: dataset_type.txt says {self.kind!r}; only classification and retrieval sets are supported"
+            )
         self.shards = [str(root / split / f"{index}.tar") for index in range(int(nshards_file.read_text().strip()))]
         self.samples: list[tuple[int, dict[str, tuple[int, int]]]] = []  # (shard, {extension: (offset, size)})
         for shard, url in enumerate(self.shards):
@@ -98,8 +100,9 @@ class WdsSource:
         members = self.samples[index][1]
         extension = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
         if extension is None:
-            raise ValueError(f"{self.shards[self.samples[index][0]]}: sample {index} has no image "
-                             f"({', '.join(IMAGE_EXTENSIONS)})")
+            raise ValueError(
+                f"{self.shards[self.samples[index][0]]}: sample {index} has no image ({', '.join(IMAGE_EXTENSIONS)})"
+            )
         return Image.open(io.BytesIO(self._read(index, extension))).convert("RGB")
 
     def target(self, index: int) -> Target:
@@ -156,8 +159,15 @@ class ImageFolderSource:
 class HFSource:
     """A ``datasets.Dataset`` on disk: an image column and a label or caption column."""
 
-    def __init__(self, root: Path, split: str, kind: str, image_column: str | None = None,
-                 label_column: str | None = None, caption_column: str | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        split: str,
+        kind: str,
+        image_column: str | None = None,
+        label_column: str | None = None,
+        caption_column: str | None = None,
+    ) -> None:
         import datasets
 
         loaded = datasets.load_from_disk(str(root))
@@ -166,8 +176,9 @@ class HFSource:
                 raise ValueError(f"{root}: no split {split!r} in this DatasetDict (it has {sorted(loaded)})")
             loaded = loaded[split]
         features = loaded.features
-        image_column = image_column or next((name for name, feature in features.items()
-                                             if isinstance(feature, datasets.Image)), None)
+        image_column = image_column or next(
+            (name for name, feature in features.items() if isinstance(feature, datasets.Image)), None
+        )
         if image_column is None or image_column not in features:
             raise ValueError(f"{root}: no image column (columns: {sorted(features)}); set image_column")
         if not isinstance(features[image_column], datasets.Image):
@@ -176,7 +187,8 @@ class HFSource:
         if kind == CLASSIFICATION:
             target_column = label_column or next(
                 (name for name, feature in features.items() if isinstance(feature, datasets.ClassLabel)),
-                next((name for name in HF_LABEL_COLUMNS if name in features), None))
+                next((name for name in HF_LABEL_COLUMNS if name in features), None),
+            )
             if target_column is None or target_column not in features:
                 raise ValueError(f"{root}: no label column (columns: {sorted(features)}); set label_column")
             if isinstance(features[target_column], datasets.ClassLabel):
@@ -225,8 +237,13 @@ class Benchmark:
 
     def describe(self) -> dict[str, Any]:
         """What identifies the split (``reopen`` takes it back), and its size."""
-        described = {"format": self.format, "path": self.path, "split": self.split, "kind": self.kind,
-                     "num_images": len(self)}
+        described = {
+            "format": self.format,
+            "path": self.path,
+            "split": self.split,
+            "kind": self.kind,
+            "num_images": len(self),
+        }
         if isinstance(self.source, HFSource):
             target = "caption_column" if self.kind == RETRIEVAL else "label_column"
             described.update({"image_column": self.source.image_column, target: self.source.target_column})
@@ -236,8 +253,9 @@ class Benchmark:
 def reopen(described: dict[str, Any], name: str | None = None) -> Benchmark:
     """The benchmark that ``Benchmark.describe`` described (to fetch images for a report)."""
     columns = {key: described[key] for key in ("image_column", "label_column", "caption_column") if key in described}
-    return load_benchmark(described["path"], name, described["split"], described["format"], described["kind"],
-                          **columns)
+    return load_benchmark(
+        described["path"], name, described["split"], described["format"], described["kind"], **columns
+    )
 
 
 def detect_format(root: Path, split: str = "test") -> str:
@@ -247,8 +265,10 @@ def detect_format(root: Path, split: str = "test") -> str:
         return "hf"
     if root.is_dir() and any(child.is_dir() for child in root.iterdir()):
         return "imagefolder"
-    raise ValueError(f"{root}: cannot tell the format (no {split}/nshards.txt for wds, no dataset_dict.json or "
-                     "state.json for a saved HF dataset, no class folders for an image folder); set format:")
+    raise ValueError(
+        f"{root}: cannot tell the format (no {split}/nshards.txt for wds, no dataset_dict.json or "
+        "state.json for a saved HF dataset, no class folders for an image folder); set format:"
+    )
 
 
 def _imagefolder_root(root: Path, split: str) -> Path:
@@ -259,9 +279,16 @@ def _imagefolder_root(root: Path, split: str) -> Path:
     return root  # DIR/CLASS/*.jpg is the test split
 
 
-def load_benchmark(path: str | Path, name: str | None = None, split: str = "test", format: str | None = None,
-                   kind: str | None = None, classnames: list[str] | None = None,
-                   templates: list[str] | dict[str, list[str]] | None = None, **columns: str | None) -> Benchmark:
+def load_benchmark(
+    path: str | Path,
+    name: str | None = None,
+    split: str = "test",
+    format: str | None = None,
+    kind: str | None = None,
+    classnames: list[str] | None = None,
+    templates: list[str] | dict[str, list[str]] | None = None,
+    **columns: str | None,
+) -> Benchmark:
     """Open one split. ``classnames``/``templates`` given here override the dataset's own files.
 
     ``kind`` ("classification"/"retrieval") is required for HF datasets and checked for the others;
@@ -348,9 +375,16 @@ def _collate(batch):
     return images, targets
 
 
-def benchmark_loader(benchmark: Benchmark, transform: Callable, batch_size: int = 256,
-                     num_workers: int = 2) -> DataLoader:
+def benchmark_loader(
+    benchmark: Benchmark, transform: Callable, batch_size: int = 256, num_workers: int = 2
+) -> DataLoader:
     """Batches of (images (B, 3, H, W), labels (B,) or list of caption lists), in index order."""
-    return DataLoader(_Decoded(benchmark, transform), batch_size=batch_size, num_workers=num_workers,
-                      collate_fn=_collate, shuffle=False, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False)
+    return DataLoader(
+        _Decoded(benchmark, transform),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        shuffle=False,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )

@@ -38,8 +38,9 @@ class _Autocast:
 class OpenClipEncoder(_Autocast):
     """Adapts an open_clip model (or a DDP/compiled wrapper of one) to ``Encoder``."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu",
-                 autocast_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__(device, autocast_dtype)
         self.model = getattr(model, "module", model)
 
@@ -68,8 +69,9 @@ class HFClipEncoder(_Autocast):
     token, so padding after it changes nothing.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu",
-                 autocast_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__(device, autocast_dtype)
         self.model = model
 

@@ -48,8 +48,13 @@ def _logits(model, features: np.ndarray, num_classes: int) -> torch.Tensor:
     return logits
 
 
-def search_regularisation(train_features: np.ndarray, train_labels: np.ndarray, val_features: np.ndarray,
-                          val_labels: np.ndarray, max_iter: int = 1000) -> tuple[float, dict[float, float]]:
+def search_regularisation(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    val_features: np.ndarray,
+    val_labels: np.ndarray,
+    max_iter: int = 1000,
+) -> tuple[float, dict[float, float]]:
     """The C with the best validation accuracy, and every C tried → its validation accuracy."""
     tried: dict[int, float] = {}
 
@@ -84,10 +89,18 @@ def _split_validation(labels: np.ndarray, proportion: float, seed: int) -> tuple
     return np.sort(train), np.sort(val)
 
 
-def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                 test_labels: torch.Tensor, num_classes: int, val_features: torch.Tensor | None = None,
-                 val_labels: torch.Tensor | None = None, val_proportion: float = 0.2, seed: int = 0,
-                 max_iter: int = 1000) -> dict:
+def linear_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    val_features: torch.Tensor | None = None,
+    val_labels: torch.Tensor | None = None,
+    val_proportion: float = 0.2,
+    seed: int = 0,
+    max_iter: int = 1000,
+) -> dict:
     """Probe metrics (see module docstring) from (N, D) features and (N,) labels of each split."""
     x_train, y_train = train_features.double().numpy(), train_labels.numpy()
     if val_features is None:
@@ -100,7 +113,15 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     final = _fit(np.concatenate([x_fit, x_val]), np.concatenate([y_fit, y_val]), best_c, max_iter)
     x_test = test_features.double().numpy()
     metrics = classification_metrics(_logits(final, x_test, num_classes), test_labels, num_classes)
-    metrics.update({"C": best_c, "val_acc1": tried[best_c], "num_train": len(x_fit), "num_val": len(x_val),
-                    "num_samples": len(x_test), "num_fits": len(tried) + 1,
-                    "validation_curve": {f"{c:.3g}": acc for c, acc in tried.items()}})
+    metrics.update(
+        {
+            "C": best_c,
+            "val_acc1": tried[best_c],
+            "num_train": len(x_fit),
+            "num_val": len(x_val),
+            "num_samples": len(x_test),
+            "num_fits": len(tried) + 1,
+            "validation_curve": {f"{c:.3g}": acc for c, acc in tried.items()},
+        }
+    )
     return metrics

@@ -45,34 +45,53 @@ def model_kind(source: str | None = None, architecture: str | None = None, weigh
         if source is not None:
             raise ValueError("give either a model folder or --model with --weights, not both")
         if weights is None:
-            raise ValueError(f"--model {architecture} needs --weights FILE (local open_clip weights); nothing is "
-                             "downloaded")
+            raise ValueError(
+                f"--model {architecture} needs --weights FILE (local open_clip weights); nothing is downloaded"
+            )
         if not Path(weights).exists():
             raise FileNotFoundError(f"--weights {weights} does not exist")
         return "open_clip"
     if source is None:
         raise ValueError("nothing to evaluate: give a checkpoint or model folder, or --model with --weights")
     path = Path(source)
-    for marker, kind in (("config.yaml", "clipforge"), ("open_clip_config.json", "open_clip_dir"),
-                         ("config.json", "transformers")):
+    for marker, kind in (
+        ("config.yaml", "clipforge"),
+        ("open_clip_config.json", "open_clip_dir"),
+        ("config.json", "transformers"),
+    ):
         if (path / marker).is_file():
             return kind
-    raise FileNotFoundError(f"{path}: not a clipforge checkpoint directory (no config.yaml), an open_clip folder "
-                            "(no open_clip_config.json) nor a transformers CLIP folder (no config.json)")
+    raise FileNotFoundError(
+        f"{path}: not a clipforge checkpoint directory (no config.yaml), an open_clip folder "
+        "(no open_clip_config.json) nor a transformers CLIP folder (no config.json)"
+    )
 
 
-def load_eval_model(source: str | None = None, architecture: str | None = None, weights: str | None = None,
-                    device: torch.device | str = "cpu", amp: bool = False) -> EvalModel:
+def load_eval_model(
+    source: str | None = None,
+    architecture: str | None = None,
+    weights: str | None = None,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+) -> EvalModel:
     """``source`` (a checkpoint, open_clip or transformers folder) or ``architecture`` + ``weights``."""
     dtype = torch.bfloat16 if amp else None
     kind = model_kind(source, architecture, weights)
     if kind == "open_clip":
         built = build_model(ModelConfig(name=architecture), device)
         load_weights(built.model, weights)
-        return EvalModel(OpenClipEncoder(built.model.eval(), device, dtype), built.tokenizer, built.eval_transform,
-                         Path(weights).stem, kind)
-    loader = {"clipforge": _clipforge_checkpoint, "open_clip_dir": _open_clip_folder,
-              "transformers": _transformers_folder}[kind]
+        return EvalModel(
+            OpenClipEncoder(built.model.eval(), device, dtype),
+            built.tokenizer,
+            built.eval_transform,
+            Path(weights).stem,
+            kind,
+        )
+    loader = {
+        "clipforge": _clipforge_checkpoint,
+        "open_clip_dir": _open_clip_folder,
+        "transformers": _transformers_folder,
+    }[kind]
     return loader(Path(source), device, dtype)
 
 
@@ -88,8 +107,9 @@ def _clipforge_checkpoint(path: Path, device, dtype) -> EvalModel:
     built = build_model(ModelConfig(**raw), device)
     load_weights(built.model, str(path))
     name = path.resolve().name
-    return EvalModel(OpenClipEncoder(built.model.eval(), device, dtype), built.tokenizer, built.eval_transform, name,
-                     "clipforge")
+    return EvalModel(
+        OpenClipEncoder(built.model.eval(), device, dtype), built.tokenizer, built.eval_transform, name, "clipforge"
+    )
 
 
 def _open_clip_folder(path: Path, device, dtype) -> EvalModel:
@@ -100,8 +120,9 @@ def _open_clip_folder(path: Path, device, dtype) -> EvalModel:
         raise FileNotFoundError(f"{path}: open_clip folder without weights ({', '.join(WEIGHT_SUFFIXES)})")
     model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{path}", device=device)
     tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
-    return EvalModel(OpenClipEncoder(model.eval(), device, dtype), tokenizer, transform, path.resolve().name,
-                     "open_clip_dir")
+    return EvalModel(
+        OpenClipEncoder(model.eval(), device, dtype), tokenizer, transform, path.resolve().name, "open_clip_dir"
+    )
 
 
 def _transformers_folder(path: Path, device, dtype) -> EvalModel:
@@ -109,17 +130,24 @@ def _transformers_folder(path: Path, device, dtype) -> EvalModel:
 
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type != "clip":
-        raise ValueError(f"{path}: transformers model_type {model_type!r}; only CLIP folders (model_type clip) are "
-                         "supported")
+        raise ValueError(
+            f"{path}: transformers model_type {model_type!r}; only CLIP folders (model_type clip) are supported"
+        )
     # Without tokenizer files transformers does not fail: it maps every word to the unknown token.
     if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.json")):
-        raise FileNotFoundError(f"{path}: transformers CLIP folder without tokenizer files (tokenizer.json or "
-                                "vocab.json + merges.txt)")
+        raise FileNotFoundError(
+            f"{path}: transformers CLIP folder without tokenizer files (tokenizer.json or vocab.json + merges.txt)"
+        )
     model = CLIPModel.from_pretrained(str(path)).to(device).eval()
     processor = AutoProcessor.from_pretrained(str(path))
     context_length = model.config.text_config.max_position_embeddings
-    return EvalModel(HFClipEncoder(model, device, dtype), HFTokenizer(processor.tokenizer, context_length),
-                     HFImageTransform(processor.image_processor), path.resolve().name, "transformers")
+    return EvalModel(
+        HFClipEncoder(model, device, dtype),
+        HFTokenizer(processor.tokenizer, context_length),
+        HFImageTransform(processor.image_processor),
+        path.resolve().name,
+        "transformers",
+    )
 
 
 class HFTokenizer:
@@ -129,8 +157,9 @@ class HFTokenizer:
         self.tokenizer, self.context_length = tokenizer, context_length
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.context_length,
-                              return_tensors="pt")["input_ids"]
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.context_length, return_tensors="pt"
+        )["input_ids"]
 
 
 class HFImageTransform:

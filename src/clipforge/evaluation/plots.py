@@ -61,8 +61,13 @@ def plot_retrieval_grid(name: str, metrics: dict, path: Path) -> Path:
     benchmark = reopen(metrics["dataset"], name)
     examples = metrics["examples"]
     k = max(len(example["top_images"]) for example in examples)
-    figure, grid = plt.subplots(len(examples), k + 2, figsize=(1.7 * (k + 2) + 1.5, 1.9 * len(examples)),
-                                gridspec_kw={"width_ratios": [1.6] + [1] * (k + 1)}, squeeze=False)
+    figure, grid = plt.subplots(
+        len(examples),
+        k + 2,
+        figsize=(1.7 * (k + 2) + 1.5, 1.9 * len(examples)),
+        gridspec_kw={"width_ratios": [1.6] + [1] * (k + 1)},
+        squeeze=False,
+    )
     for row, example in enumerate(examples):
         caption_axes = grid[row][0]
         caption_axes.axis("off")
@@ -111,14 +116,23 @@ def plot_projection(name: str, metrics: dict, classnames: list[str] | None, path
     image_xy, labels, class_xy = projection["image_xy"], projection["image_labels"], projection["class_xy"]
     colours = plt.get_cmap("tab20" if len(class_xy) > 10 else "tab10")
     figure, axes = plt.subplots(figsize=(PROJECTION_SIZE[0] / DPI, PROJECTION_SIZE[1] / DPI))
-    axes.scatter([x for x, _ in image_xy], [y for _, y in image_xy], s=8, alpha=0.6,
-                 c=[colours(label % colours.N) for label in labels], linewidths=0)
+    axes.scatter(
+        [x for x, _ in image_xy],
+        [y for _, y in image_xy],
+        s=8,
+        alpha=0.6,
+        c=[colours(label % colours.N) for label in labels],
+        linewidths=0,
+    )
     for index, (x, y) in enumerate(class_xy):
         axes.scatter([x], [y], marker="*", s=260, color=colours(index % colours.N), edgecolors="black", zorder=3)
         if classnames and len(class_xy) <= MAX_LABELLED_CLASSES:
             axes.annotate(classnames[index], (x, y), xytext=(5, 5), textcoords="offset points", fontsize=8)
-    axes.set_title(f"{name}: {projection['method']} of {len(image_xy)} image embeddings (dots) and the "
-                   f"{len(class_xy)} class text embeddings (stars)", fontsize=9)
+    axes.set_title(
+        f"{name}: {projection['method']} of {len(image_xy)} image embeddings (dots) and the "
+        f"{len(class_xy)} class text embeddings (stars)",
+        fontsize=9,
+    )
     axes.set_xticks([])
     axes.set_yticks([])
     figure.tight_layout()
@@ -132,8 +146,11 @@ def plot_similarity_heatmap(name: str, metrics: dict, path: Path) -> Path:
     figure, axes = plt.subplots(figsize=(HEATMAP_SIZE[0] / DPI, HEATMAP_SIZE[1] / DPI))
     shown = axes.imshow(sample, cmap="viridis", vmin=-1, vmax=1)
     figure.colorbar(shown, ax=axes, label="cosine similarity")
-    axes.set(xlabel="caption (of image j)", ylabel="image i",
-             title=f"{name}: image–caption similarity, first {len(sample)} pairs")
+    axes.set(
+        xlabel="caption (of image j)",
+        ylabel="image i",
+        title=f"{name}: image–caption similarity, first {len(sample)} pairs",
+    )
     figure.tight_layout()
     return _save(figure, path)
 
@@ -149,10 +166,20 @@ def plot_similarity_histogram(name: str, metrics: dict, path: Path) -> Path:
     for key, colour in (("negative", "#c44e52"), ("positive", "#4c72b0")):
         counts = histogram[key]
         total = max(1, sum(counts))
-        axes.bar(centres, [count / total for count in counts], width=width, alpha=0.6, color=colour,
-                 label=f"{key} pairs ({sum(counts):,})")
-    axes.set(xlabel="cosine similarity", ylabel="fraction of pairs", xlim=(-1, 1),
-             title=f"{name}: positive vs negative image–caption similarities")
+        axes.bar(
+            centres,
+            [count / total for count in counts],
+            width=width,
+            alpha=0.6,
+            color=colour,
+            label=f"{key} pairs ({sum(counts):,})",
+        )
+    axes.set(
+        xlabel="cosine similarity",
+        ylabel="fraction of pairs",
+        xlim=(-1, 1),
+        title=f"{name}: positive vs negative image–caption similarities",
+    )
     axes.legend()
     figure.tight_layout()
     return _save(figure, path)

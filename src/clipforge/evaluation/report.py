@@ -15,8 +15,12 @@ from pathlib import Path
 HEADLINE_KEYS = {
     "zeroshot_classification": ("acc1", "acc5", "mean_per_class_recall"),
     "linear_probe": ("acc1", "acc5", "mean_per_class_recall"),
-    "zeroshot_retrieval": ("image_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@1",
-                           "text_retrieval_recall@5"),
+    "zeroshot_retrieval": (
+        "image_retrieval_recall@1",
+        "image_retrieval_recall@5",
+        "text_retrieval_recall@1",
+        "text_retrieval_recall@5",
+    ),
 }
 TASK_LABELS = {"zeroshot_classification": "classification", "linear_probe": "linear probe"}
 
@@ -42,16 +46,21 @@ def markdown_table(results: dict[str, dict]) -> str:
             task, chance = TASK_LABELS[metrics["task"]], metrics["chance_acc1"]
             rows.append(f"| {name} | {task} | top-1 | {_percent(metrics['acc1'])} | {_percent(chance)} |")
             if metrics.get("acc5") is not None:
-                rows.append(f"| {name} | {task} | top-5 | {_percent(metrics['acc5'])} | "
-                            f"{_percent(min(1.0, 5 * chance))} |")
-            rows.append(f"| {name} | {task} | mean per-class recall | "
-                        f"{_percent(metrics['mean_per_class_recall'])} | {_percent(chance)} |")
+                rows.append(
+                    f"| {name} | {task} | top-5 | {_percent(metrics['acc5'])} | {_percent(min(1.0, 5 * chance))} |"
+                )
+            rows.append(
+                f"| {name} | {task} | mean per-class recall | "
+                f"{_percent(metrics['mean_per_class_recall'])} | {_percent(chance)} |"
+            )
             continue
         ks = sorted(int(key.rsplit("@", 1)[1]) for key in metrics if key.startswith("image_retrieval_recall@"))
         for direction, prefix in (("text→image", "image_retrieval"), ("image→text", "text_retrieval")):
             for k in ks:
-                rows.append(f"| {name} | {direction} | R@{k} | {_percent(metrics[f'{prefix}_recall@{k}'])} "
-                            f"| {_percent(min(1.0, k * metrics['chance_recall@1']))} |")
+                rows.append(
+                    f"| {name} | {direction} | R@{k} | {_percent(metrics[f'{prefix}_recall@{k}'])} "
+                    f"| {_percent(min(1.0, k * metrics['chance_recall@1']))} |"
+                )
     return "\n".join(rows)
 
 
@@ -66,9 +75,11 @@ def sizes_table(results: dict[str, dict]) -> str:
         split = dataset.get("split", "")
         if metrics["task"] == "linear_probe":
             split = f"{dataset.get('train_split')} → {split}"
-        rows.append(f"| {name} | {TASK_LABELS.get(metrics['task'], 'retrieval')} | {split} | "
-                    f"{dataset.get('num_images', metrics.get('num_samples', 0)):,} | {second} | "
-                    f"{metrics['seconds']:.1f} |")
+        rows.append(
+            f"| {name} | {TASK_LABELS.get(metrics['task'], 'retrieval')} | {split} | "
+            f"{dataset.get('num_images', metrics.get('num_samples', 0)):,} | {second} | "
+            f"{metrics['seconds']:.1f} |"
+        )
     return "\n".join(rows)
 
 
@@ -79,8 +90,9 @@ def write_report(results: dict[str, dict], out_dir: str | Path, stem: str, plots
     written = [out / f"{stem}.json", out / f"{stem}.md"]
     written[0].write_text(json.dumps(results, indent=1))
     health = health_table(results)
-    written[1].write_text(markdown_table(results) + "\n\n" + sizes_table(results) + "\n"
-                          + (f"\n{health}\n" if health else ""))
+    written[1].write_text(
+        markdown_table(results) + "\n\n" + sizes_table(results) + "\n" + (f"\n{health}\n" if health else "")
+    )
     if plots:
         from clipforge.evaluation import plots as draw
 
@@ -95,23 +107,26 @@ def write_report(results: dict[str, dict], out_dir: str | Path, stem: str, plots
                 written.append(draw.plot_projection(name, metrics, classnames, out / f"{stem}_{safe}_tsne.png"))
             if metrics.get("similarity_sample"):
                 written.append(draw.plot_similarity_heatmap(name, metrics, out / f"{stem}_{safe}_similarity.png"))
-                written.append(draw.plot_similarity_histogram(name, metrics,
-                                                              out / f"{stem}_{safe}_similarity_hist.png"))
+                written.append(
+                    draw.plot_similarity_histogram(name, metrics, out / f"{stem}_{safe}_similarity_hist.png")
+                )
     return written
 
 
-HEALTH_ROWS = (("health/alignment", "alignment ‖x−y‖² (lower: pairs closer)"),
-               ("health/uniformity_image", "uniformity, images (lower: more spread)"),
-               ("health/uniformity_text", "uniformity, captions"),
-               ("health/positive_cos", "positive-pair cosine"),
-               ("health/hardest_negative_cos_i2t", "hardest-negative cosine, image→text"),
-               ("health/hardest_negative_cos_t2i", "hardest-negative cosine, text→image"),
-               ("health/mean_rank_i2t", "mean rank of the positive, image→text"),
-               ("health/mean_rank_t2i", "mean rank of the positive, text→image"),
-               ("health/effective_rank_image", "effective rank, images"),
-               ("health/effective_rank_text", "effective rank, captions"),
-               ("health/std_mean_image", "per-dimension std (mean), images"),
-               ("health/std_mean_text", "per-dimension std (mean), captions"))
+HEALTH_ROWS = (
+    ("health/alignment", "alignment ‖x−y‖² (lower: pairs closer)"),
+    ("health/uniformity_image", "uniformity, images (lower: more spread)"),
+    ("health/uniformity_text", "uniformity, captions"),
+    ("health/positive_cos", "positive-pair cosine"),
+    ("health/hardest_negative_cos_i2t", "hardest-negative cosine, image→text"),
+    ("health/hardest_negative_cos_t2i", "hardest-negative cosine, text→image"),
+    ("health/mean_rank_i2t", "mean rank of the positive, image→text"),
+    ("health/mean_rank_t2i", "mean rank of the positive, text→image"),
+    ("health/effective_rank_image", "effective rank, images"),
+    ("health/effective_rank_text", "effective rank, captions"),
+    ("health/std_mean_image", "per-dimension std (mean), images"),
+    ("health/std_mean_text", "per-dimension std (mean), captions"),
+)
 
 
 def health_table(results: dict[str, dict]) -> str:

@@ -30,19 +30,32 @@ def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, k: int, chunk: in
 
 
 @torch.no_grad()
-def embed_captions(encoder: Encoder, tokenizer: Tokenizer, captions: list[list[str]], text_batch_size: int = 512,
-                   progress: bool = False) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+def embed_captions(
+    encoder: Encoder,
+    tokenizer: Tokenizer,
+    captions: list[list[str]],
+    text_batch_size: int = 512,
+    progress: bool = False,
+) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """(T, D) embeddings of every caption, the flat captions, and each caption's image index (T,)."""
     texts = [text for image_texts in captions for text in image_texts]
     caption_image = torch.tensor([index for index, image_texts in enumerate(captions) for _ in image_texts])
     starts = range(0, len(texts), text_batch_size)
-    embeddings = torch.cat([encoder.encode_text(tokenizer(texts[start : start + text_batch_size])).cpu()
-                            for start in tqdm(starts, desc="captions", disable=not progress, leave=False)])
+    embeddings = torch.cat(
+        [
+            encoder.encode_text(tokenizer(texts[start : start + text_batch_size])).cpu()
+            for start in tqdm(starts, desc="captions", disable=not progress, leave=False)
+        ]
+    )
     return embeddings, texts, caption_image
 
 
-def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, caption_image: torch.Tensor,
-                      recall_k: tuple[int, ...] = (1, 5, 10)) -> dict:
+def retrieval_metrics(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    caption_image: torch.Tensor,
+    recall_k: tuple[int, ...] = (1, 5, 10),
+) -> dict:
     """Recalls from (N_images, D) and (N_texts, D) normalised embeddings; caption_image (N_texts,)."""
     scores = text_features @ image_features.T  # (N_texts, N_images)
     positives = torch.zeros_like(scores, dtype=torch.bool)
@@ -55,8 +68,14 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     return metrics
 
 
-def retrieval_examples(image_features: torch.Tensor, text_features: torch.Tensor, texts: list[str],
-                       caption_image: torch.Tensor, num_queries: int = 6, k: int = 5) -> list[dict]:
+def retrieval_examples(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    texts: list[str],
+    caption_image: torch.Tensor,
+    num_queries: int = 6,
+    k: int = 5,
+) -> list[dict]:
     """Top-k images for ``num_queries`` captions spread over the set (first caption of evenly spaced images)."""
     num_images = len(image_features)
     first_caption = {}
@@ -74,8 +93,14 @@ def retrieval_examples(image_features: torch.Tensor, text_features: torch.Tensor
 
 
 @torch.no_grad()
-def retrieval(encoder: Encoder, tokenizer: Tokenizer, loader: Iterable, recall_k: tuple[int, ...] = (1, 5, 10),
-              progress: bool = False, text_batch_size: int = 512) -> dict:
+def retrieval(
+    encoder: Encoder,
+    tokenizer: Tokenizer,
+    loader: Iterable,
+    recall_k: tuple[int, ...] = (1, 5, 10),
+    progress: bool = False,
+    text_batch_size: int = 512,
+) -> dict:
     """Evaluate on batches of (images, list of caption lists)."""
     image_features, captions = embed_images(encoder, loader, progress, desc="retrieval images")
     text_features, texts, caption_image = embed_captions(encoder, tokenizer, captions, text_batch_size, progress)

@@ -58,8 +58,24 @@ from clipforge.health import embedding_health
 TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
 DATA_ROOT_ENV = "CLIPFORGE_DATA_ROOT"
 DEFAULT_DATA_ROOT = "data/benchmarks"
-ENTRY_KEYS = {"name", "task", "path", "format", "split", "classnames", "templates", "get", "recall_k", "train_split",
-              "val_split", "val_proportion", "seed", "image_column", "label_column", "caption_column"}
+ENTRY_KEYS = {
+    "name",
+    "task",
+    "path",
+    "format",
+    "split",
+    "classnames",
+    "templates",
+    "get",
+    "recall_k",
+    "train_split",
+    "val_split",
+    "val_proportion",
+    "seed",
+    "image_column",
+    "label_column",
+    "caption_column",
+}
 
 
 @dataclass
@@ -106,8 +122,11 @@ class SuiteEntry:
 
     def columns(self) -> dict[str, str]:
         """The HF dataset columns the suite names (other formats ignore them)."""
-        named = {"image_column": self.image_column, "label_column": self.label_column,
-                 "caption_column": self.caption_column}
+        named = {
+            "image_column": self.image_column,
+            "label_column": self.label_column,
+            "caption_column": self.caption_column,
+        }
         return {key: value for key, value in named.items() if value is not None}
 
 
@@ -129,8 +148,10 @@ def _entry(path: Path, index: int, item: Any, data_root: str) -> SuiteEntry:
         raise ValueError(f"{where} must be a mapping with name, task, path")
     missing, extra = {"name", "task", "path"} - set(item), set(item) - ENTRY_KEYS
     if missing or extra:
-        raise ValueError(f"{where} needs name, task, path (missing {sorted(missing)}) and knows only "
-                         f"{sorted(ENTRY_KEYS)} (unknown {sorted(extra)})")
+        raise ValueError(
+            f"{where} needs name, task, path (missing {sorted(missing)}) and knows only "
+            f"{sorted(ENTRY_KEYS)} (unknown {sorted(extra)})"
+        )
     if item["task"] not in TASKS:
         raise ValueError(f"{where}.task = {item['task']!r} is not one of {TASKS}")
     if item.get("format") is not None and item["format"] not in FORMATS:
@@ -189,13 +210,17 @@ def check_data(suite: Suite) -> None:
             continue
         split_text = splits[0] if len(splits) == 1 else "{" + ",".join(splits) + "}"
         layout = LAYOUTS[entry.format or "wds"].format(path=entry.path, split=split_text)
-        lines = [f"dataset {entry.name!r} ({entry.task}, splits {', '.join(splits)}) expects its files at "
-                 f"{entry.path} ({layout})."]
+        lines = [
+            f"dataset {entry.name!r} ({entry.task}, splits {', '.join(splits)}) expects its files at "
+            f"{entry.path} ({layout})."
+        ]
         if entry.get:
             lines.append(f"  Get them with:  {entry.get.replace('{path}', entry.path)}")
         if entry.data_root is not None:
-            lines.append(f"  or point --data-root (or ${DATA_ROOT_ENV}) at the folder that holds {root.name} "
-                         f"(now {entry.data_root}).")
+            lines.append(
+                f"  or point --data-root (or ${DATA_ROOT_ENV}) at the folder that holds {root.name} "
+                f"(now {entry.data_root})."
+            )
         problems.append("\n".join(lines))
     if problems:
         raise FileNotFoundError(f"suite {suite.name!r} ({suite.path}): data missing\n" + "\n".join(problems))
@@ -204,8 +229,16 @@ def check_data(suite: Suite) -> None:
 class _Run:
     """One suite run's caches: opened benchmarks, image embeddings per split, text classifiers."""
 
-    def __init__(self, encoder: Encoder, tokenizer: Tokenizer, transform: Callable, batch_size: int,
-                 num_workers: int, progress: bool, diagnostics: bool = False) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        tokenizer: Tokenizer,
+        transform: Callable,
+        batch_size: int,
+        num_workers: int,
+        progress: bool,
+        diagnostics: bool = False,
+    ) -> None:
         self.encoder, self.tokenizer, self.transform = encoder, tokenizer, transform
         self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
         self.diagnostics = diagnostics
@@ -216,47 +249,60 @@ class _Run:
     def benchmark(self, entry: SuiteEntry, split: str) -> Benchmark:
         key = (entry.path, split, entry.format, entry.kind, tuple(sorted(entry.columns().items())))
         if key not in self.benchmarks:
-            self.benchmarks[key] = load_benchmark(entry.path, entry.name, split, entry.format, entry.kind,
-                                                  entry.classnames, entry.templates, **entry.columns())
+            self.benchmarks[key] = load_benchmark(
+                entry.path,
+                entry.name,
+                split,
+                entry.format,
+                entry.kind,
+                entry.classnames,
+                entry.templates,
+                **entry.columns(),
+            )
         return self.benchmarks[key]
 
     def embedded(self, benchmark: Benchmark) -> tuple:
         key = (benchmark.path, benchmark.split, benchmark.format, benchmark.kind)
         if key not in self.features:
             loader = benchmark_loader(benchmark, self.transform, self.batch_size, self.num_workers)
-            self.features[key] = embed_images(self.encoder, loader, self.progress,
-                                              desc=f"{benchmark.name} {benchmark.split}")
+            self.features[key] = embed_images(
+                self.encoder, loader, self.progress, desc=f"{benchmark.name} {benchmark.split}"
+            )
         return self.features[key]
 
     def classifier(self, classnames: list[str], templates) -> Any:
         key = (tuple(classnames), json.dumps(templates, sort_keys=True))
         if key not in self.classifiers:
-            self.classifiers[key] = build_classifier(self.encoder, self.tokenizer, classnames, templates,
-                                                     progress=self.progress)
+            self.classifiers[key] = build_classifier(
+                self.encoder, self.tokenizer, classnames, templates, progress=self.progress
+            )
         return self.classifiers[key]
 
 
 def _classification(run: _Run, entry: SuiteEntry) -> dict:
     benchmark = run.benchmark(entry, entry.split)
     if not benchmark.classnames or not benchmark.templates:
-        raise ValueError(f"dataset {entry.name!r} ({entry.path}): zero-shot classification needs class names and "
-                         "templates; the dataset has none, so set classnames: / templates: in the suite "
-                         "(openai_imagenet, a file, or a list)")
+        raise ValueError(
+            f"dataset {entry.name!r} ({entry.path}): zero-shot classification needs class names and "
+            "templates; the dataset has none, so set classnames: / templates: in the suite "
+            "(openai_imagenet, a file, or a list)"
+        )
     features, labels = run.embedded(benchmark)
-    metrics = classify(features, labels, run.classifier(benchmark.classnames, benchmark.templates),
-                       benchmark.classnames)
+    metrics = classify(
+        features, labels, run.classifier(benchmark.classnames, benchmark.templates), benchmark.classnames
+    )
     metrics["chance_acc1"] = 1 / len(benchmark.classnames)
     if run.diagnostics:
-        metrics["projection"] = project_embeddings(features, labels, run.classifier(benchmark.classnames,
-                                                                                    benchmark.templates))
+        metrics["projection"] = project_embeddings(
+            features, labels, run.classifier(benchmark.classnames, benchmark.templates)
+        )
     return {**metrics, "dataset": benchmark.describe()}
 
 
 def _retrieval(run: _Run, entry: SuiteEntry) -> dict:
     benchmark = run.benchmark(entry, entry.split)
     image_features, captions = run.embedded(benchmark)
-    text_features, texts, caption_image = embed_captions(run.encoder, run.tokenizer, captions,
-                                                         progress=run.progress)
+    text_features, texts, caption_image = embed_captions(run.encoder, run.tokenizer, captions, progress=run.progress)
     metrics = retrieval_metrics(image_features, text_features, caption_image, entry.recall_k)
     # A random ranking puts a match first with probability 1/num_images, both ways.
     metrics["chance_recall@1"] = 1 / metrics["num_images"]
@@ -282,21 +328,29 @@ def _linear_probe(run: _Run, entry: SuiteEntry) -> dict:
     val_features, val_labels = run.embedded(val) if val is not None else (None, None)
     classnames = test.classnames
     num_classes = len(classnames) if classnames else int(max(train_labels.max(), test_labels.max())) + 1
-    metrics = linear_probe(train_features, train_labels, test_features, test_labels, num_classes, val_features,
-                           val_labels, entry.val_proportion, entry.seed)
+    metrics = linear_probe(
+        train_features,
+        train_labels,
+        test_features,
+        test_labels,
+        num_classes,
+        val_features,
+        val_labels,
+        entry.val_proportion,
+        entry.seed,
+    )
     if classnames:
         metrics["per_class_accuracy"] = {classnames[c]: v for c, v in metrics["per_class_accuracy"].items()}
     metrics["chance_acc1"] = 1 / num_classes
-    return {**metrics, "dataset": {**test.describe(), "train_split": entry.train_split,
-                                   "val_split": entry.val_split}}
+    return {**metrics, "dataset": {**test.describe(), "train_split": entry.train_split, "val_split": entry.val_split}}
 
 
-RUNNERS = {"zeroshot_classification": _classification, "zeroshot_retrieval": _retrieval,
-           "linear_probe": _linear_probe}
+RUNNERS = {"zeroshot_classification": _classification, "zeroshot_retrieval": _retrieval, "linear_probe": _linear_probe}
 
 
-def project_embeddings(features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor,
-                       max_images: int = 1000, seed: int = 0) -> dict:
+def project_embeddings(
+    features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor, max_images: int = 1000, seed: int = 0
+) -> dict:
     """A 2-D t-SNE of (up to ``max_images``, evenly spaced) image embeddings together with the class text
     embeddings (``classifier``, (D, C)), for the projection plot."""
     from sklearn.manifold import TSNE
@@ -305,8 +359,12 @@ def project_embeddings(features: torch.Tensor, labels: torch.Tensor, classifier:
     points = torch.cat([features[keep], classifier.T.cpu().float()]).numpy()
     perplexity = float(min(30.0, max(2.0, (len(points) - 1) / 3)))
     xy = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(points)
-    return {"method": "t-SNE", "image_xy": xy[:len(keep)].round(4).tolist(),
-            "image_labels": labels[keep].tolist(), "class_xy": xy[len(keep):].round(4).tolist()}
+    return {
+        "method": "t-SNE",
+        "image_xy": xy[: len(keep)].round(4).tolist(),
+        "image_labels": labels[keep].tolist(),
+        "class_xy": xy[len(keep) :].round(4).tolist(),
+    }
 
 
 def similarity_diagnostics(image: torch.Tensor, text: torch.Tensor, sample: int = 32, bins: int = 50) -> dict:
@@ -315,14 +373,26 @@ def similarity_diagnostics(image: torch.Tensor, text: torch.Tensor, sample: int 
     similarity = image @ text.T
     diagonal = torch.eye(len(image), dtype=torch.bool)
     edges = torch.linspace(-1, 1, bins + 1)
-    return {"similarity_sample": similarity[:sample, :sample].round(decimals=4).tolist(),
-            "similarity_histogram": {"edges": edges.tolist(),
-                                     "positive": torch.histc(similarity[diagonal], bins, -1, 1).long().tolist(),
-                                     "negative": torch.histc(similarity[~diagonal], bins, -1, 1).long().tolist()}}
+    return {
+        "similarity_sample": similarity[:sample, :sample].round(decimals=4).tolist(),
+        "similarity_histogram": {
+            "edges": edges.tolist(),
+            "positive": torch.histc(similarity[diagonal], bins, -1, 1).long().tolist(),
+            "negative": torch.histc(similarity[~diagonal], bins, -1, 1).long().tolist(),
+        },
+    }
 
 
-def run_suite(encoder: Encoder, tokenizer: Tokenizer, transform: Callable, suite: Suite, batch_size: int = 256,
-              num_workers: int = 2, progress: bool = False, diagnostics: bool = False) -> dict[str, dict]:
+def run_suite(
+    encoder: Encoder,
+    tokenizer: Tokenizer,
+    transform: Callable,
+    suite: Suite,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    progress: bool = False,
+    diagnostics: bool = False,
+) -> dict[str, dict]:
     """Run every dataset of ``suite``; ``transform`` maps a PIL image to the encoder's input tensor.
 
     Every retrieval set also reports ``health`` (``clipforge.health.embedding_health`` of each image with its

@@ -30,15 +30,24 @@ def class_prompts(classnames: list[str], templates: list[str] | dict[str, list[s
 
 
 @torch.no_grad()
-def build_classifier(encoder: Encoder, tokenizer: Tokenizer, classnames: list[str],
-                     templates: list[str] | dict[str, list[str]], batch_size: int = 256,
-                     progress: bool = False) -> torch.Tensor:
+def build_classifier(
+    encoder: Encoder,
+    tokenizer: Tokenizer,
+    classnames: list[str],
+    templates: list[str] | dict[str, list[str]],
+    batch_size: int = 256,
+    progress: bool = False,
+) -> torch.Tensor:
     """(D, C) zero-shot classifier from class names × templates."""
     prompts = class_prompts(classnames, templates)
     texts = [text for class_texts in prompts for text in class_texts]
     starts = range(0, len(texts), batch_size)
-    embeddings = torch.cat([encoder.encode_text(tokenizer(texts[start : start + batch_size]))
-                            for start in tqdm(starts, desc="text classifier", disable=not progress, leave=False)])
+    embeddings = torch.cat(
+        [
+            encoder.encode_text(tokenizer(texts[start : start + batch_size]))
+            for start in tqdm(starts, desc="text classifier", disable=not progress, leave=False)
+        ]
+    )
     columns, offset = [], 0  # (C_texts, D) per class → mean → (D,)
     for class_texts in prompts:
         columns.append(embeddings[offset : offset + len(class_texts)].mean(dim=0))
@@ -80,8 +89,9 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     }
 
 
-def classify(image_features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor,
-             classnames: list[str]) -> dict:
+def classify(
+    image_features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor, classnames: list[str]
+) -> dict:
     """Metrics of (N, D) normalised image embeddings against a (D, C) classifier."""
     logits = 100.0 * image_features @ classifier.to(image_features.device)  # (N, C)
     metrics = classification_metrics(logits, labels, len(classnames))
@@ -90,8 +100,14 @@ def classify(image_features: torch.Tensor, labels: torch.Tensor, classifier: tor
     return metrics
 
 
-def zero_shot_classification(encoder: Encoder, tokenizer: Tokenizer, loader: Iterable, classnames: list[str],
-                             templates: list[str] | dict[str, list[str]], progress: bool = False) -> dict:
+def zero_shot_classification(
+    encoder: Encoder,
+    tokenizer: Tokenizer,
+    loader: Iterable,
+    classnames: list[str],
+    templates: list[str] | dict[str, list[str]],
+    progress: bool = False,
+) -> dict:
     """Evaluate on batches of (images, labels): see module docstring for the metrics."""
     classifier = build_classifier(encoder, tokenizer, classnames, templates, progress=progress)
     image_features, labels = embed_images(encoder, loader, progress)

@@ -27,12 +27,24 @@ from clipforge.models import BuiltModel
 
 FORMATS = ("hf", "open_clip")
 
-__all__ = ["FORMATS", "CannotConvert", "CardInfo", "Converted", "export_model", "find_eval_results",
-           "load_transformers_folder", "push_to_hub", "to_transformers", "write_open_clip", "write_transformers"]
+__all__ = [
+    "FORMATS",
+    "CannotConvert",
+    "CardInfo",
+    "Converted",
+    "export_model",
+    "find_eval_results",
+    "load_transformers_folder",
+    "push_to_hub",
+    "to_transformers",
+    "write_open_clip",
+    "write_transformers",
+]
 
 
-def export_model(built: BuiltModel, out: str | Path, formats: tuple[str, ...] | list[str] = ("hf",),
-                 card: CardInfo | None = None) -> dict[str, Any]:
+def export_model(
+    built: BuiltModel, out: str | Path, formats: tuple[str, ...] | list[str] = ("hf",), card: CardInfo | None = None
+) -> dict[str, Any]:
     """Write ``built`` in ``formats`` into ``out``; returns the summary also saved as clipforge_export.json."""
     unknown = set(formats) - set(FORMATS)
     if unknown or not formats:
@@ -50,9 +62,15 @@ def export_model(built: BuiltModel, out: str | Path, formats: tuple[str, ...] | 
         notes = [note for item in written for note in item["notes"]]
         card = card or CardInfo(name=out.name)
         model_card(built, card, list(formats), family, notes).save(staging / "README.md")
-        summary = {"formats": list(formats), "architecture": built.architecture, "source": card.source,
-                   "eval_results": card.eval_source, "written": written, "notes": notes,
-                   "files": sorted(path.name for path in staging.iterdir()) + [MARKER]}
+        summary = {
+            "formats": list(formats),
+            "architecture": built.architecture,
+            "source": card.source,
+            "eval_results": card.eval_source,
+            "written": written,
+            "notes": notes,
+            "files": sorted(path.name for path in staging.iterdir()) + [MARKER],
+        }
         (staging / MARKER).write_text(json.dumps(summary, indent=1) + "\n")
         with_process_umask(*(path for path in staging.rglob("*") if path.is_file()))
     except BaseException:

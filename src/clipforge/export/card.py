@@ -71,16 +71,30 @@ def _results_section(info: CardInfo) -> str:
     try:
         table = markdown_table(info.eval_results)
     except (KeyError, TypeError, AttributeError):  # a results file of another shape: list its numbers
-        rows = [f"| {name} | {key} | {value:.4g} |" for name, metrics in info.eval_results.items()
-                if isinstance(metrics, dict) for key, value in metrics.items() if isinstance(value, (int, float))]
+        rows = [
+            f"| {name} | {key} | {value:.4g} |"
+            for name, metrics in info.eval_results.items()
+            if isinstance(metrics, dict)
+            for key, value in metrics.items()
+            if isinstance(value, (int, float))
+        ]
         table = "\n".join(["| dataset | metric | value |", "|---|---|---|", *rows])
     return f"Zero-shot results from `clipforge eval` (`{info.eval_source}`):\n\n{table}\n"
 
 
-RECIPE = (("model.name", "architecture"), ("model.init_from", "initialised from"), ("loss.kind", "loss"),
-          ("train.steps", "steps"), ("data.batch_size", "global batch size"), ("train.accum_steps", "accumulation"),
-          ("optim.lr", "peak learning rate"), ("optim.warmup_steps", "warmup steps"),
-          ("optim.weight_decay", "weight decay"), ("train.precision", "precision"), ("data.mode", "data mode"))
+RECIPE = (
+    ("model.name", "architecture"),
+    ("model.init_from", "initialised from"),
+    ("loss.kind", "loss"),
+    ("train.steps", "steps"),
+    ("data.batch_size", "global batch size"),
+    ("train.accum_steps", "accumulation"),
+    ("optim.lr", "peak learning rate"),
+    ("optim.warmup_steps", "warmup steps"),
+    ("optim.weight_decay", "weight decay"),
+    ("train.precision", "precision"),
+    ("data.mode", "data mode"),
+)
 
 
 def _training_section(info: CardInfo) -> str:
@@ -97,8 +111,16 @@ def _training_section(info: CardInfo) -> str:
         if value is not None:
             lines.append(f"| {label} | `{value}` |")
     config_yaml = yaml.safe_dump(info.run_config, sort_keys=False)
-    lines += ["", "<details><summary>Full resolved run config</summary>", "", "```yaml", config_yaml.rstrip(), "```",
-              "", "</details>"]
+    lines += [
+        "",
+        "<details><summary>Full resolved run config</summary>",
+        "",
+        "```yaml",
+        config_yaml.rstrip(),
+        "```",
+        "",
+        "</details>",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -150,26 +172,44 @@ A local copy loads with `"local-dir:PATH"` in place of `"hf-hub:{name}"`.
     return "\n".join(parts)
 
 
-def model_card(built: BuiltModel, info: CardInfo, formats: list[str], family: str | None,
-               notes: list[str]) -> ModelCard:
+def model_card(
+    built: BuiltModel, info: CardInfo, formats: list[str], family: str | None, notes: list[str]
+) -> ModelCard:
     """The README.md for an export folder written in ``formats`` ("hf", "open_clip")."""
     tags = ["clip", "clipforge", "zero-shot-image-classification"] + (["siglip"] if family == "siglip" else [])
     tags += ["open_clip"] if "open_clip" in formats else []
-    data = ModelCardData(library_name="transformers" if "hf" in formats else "open_clip", license=info.license,
-                         tags=tags, datasets=hub_datasets(info.run_config, info.datasets) or None,
-                         pipeline_tag="zero-shot-image-classification")
+    data = ModelCardData(
+        library_name="transformers" if "hf" in formats else "open_clip",
+        license=info.license,
+        tags=tags,
+        datasets=hub_datasets(info.run_config, info.datasets) or None,
+        pipeline_tag="zero-shot-image-classification",
+    )
     text_cfg, vision_cfg = built.model_cfg.get("text_cfg", {}), built.model_cfg.get("vision_cfg", {})
-    image_tower = (f"timm {vision_cfg['timm_model_name']}" if vision_cfg.get("timm_model_name") else
-                   "ResNet" if isinstance(vision_cfg.get("layers"), list) else "ViT")
+    image_tower = (
+        f"timm {vision_cfg['timm_model_name']}"
+        if vision_cfg.get("timm_model_name")
+        else "ResNet"
+        if isinstance(vision_cfg.get("layers"), list)
+        else "ViT"
+    )
     body = [
-        f"# {info.name}", "",
+        f"# {info.name}",
+        "",
         f"A CLIP-style image–text dual encoder trained with clipforge from `{info.source}`: "
         f"architecture `{built.architecture}` ({image_tower} image tower at {vision_cfg.get('image_size')} px, "
         f"text transformer of width {text_cfg.get('width')} × {text_cfg.get('layers')} layers, context "
-        f"{text_cfg.get('context_length')}; {built.model_cfg.get('embed_dim')}-d embeddings).", "",
-        "## Results", "", _results_section(info),
-        "## Training", "", _training_section(info),
-        "## How to load", "", _usage_section(info.name, formats, family, text_cfg.get("context_length", 77)),
+        f"{text_cfg.get('context_length')}; {built.model_cfg.get('embed_dim')}-d embeddings).",
+        "",
+        "## Results",
+        "",
+        _results_section(info),
+        "## Training",
+        "",
+        _training_section(info),
+        "## How to load",
+        "",
+        _usage_section(info.name, formats, family, text_cfg.get("context_length", 77)),
     ]
     if notes:
         body += ["## Conversion notes", "", *[f"- {note}" for note in notes], ""]

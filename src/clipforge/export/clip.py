@@ -36,9 +36,11 @@ def _vision(model: nn.Module) -> tuple[Tower, dict]:
     tower = Tower("visual.")
     if not isinstance(visual, VisionTransformer):
         kind = type(visual).__name__
-        why = {"ModifiedResNet": "CLIPModel has no ResNet image tower (this is open_clip's ModifiedResNet, "
-                                 "vision_cfg.layers is a list)",
-               "TimmModel": "CLIPModel's image tower is a CLIP ViT, this is a timm model"}
+        why = {
+            "ModifiedResNet": "CLIPModel has no ResNet image tower (this is open_clip's ModifiedResNet, "
+            "vision_cfg.layers is a list)",
+            "TimmModel": "CLIPModel's image tower is a CLIP ViT, this is a timm model",
+        }
         tower.problems.append(why.get(kind, f"CLIPModel's image tower is a CLIP ViT, this is {kind}"))
         return tower, {}
     if visual.attn_pool is not None:
@@ -55,8 +57,12 @@ def _vision(model: nn.Module) -> tuple[Tower, dict]:
     patch_height, patch_width = visual.patch_size
     if height != width or patch_height != patch_width:
         tower.problems.append(f"non-square image {visual.image_size} or patch {visual.patch_size}")
-    open_clip_blocks(visual.transformer.resblocks, tower, [visual.ln_pre, visual.ln_post]
-                     if not isinstance(visual.ln_pre, nn.Identity) else [visual.ln_post], "the image tower")
+    open_clip_blocks(
+        visual.transformer.resblocks,
+        tower,
+        [visual.ln_pre, visual.ln_post] if not isinstance(visual.ln_pre, nn.Identity) else [visual.ln_post],
+        "the image tower",
+    )
     return tower, {"image_size": height, "patch_size": patch_height}
 
 
@@ -80,21 +86,40 @@ def describe(model: nn.Module) -> tuple[CLIPConfig, list[Pair], list[str]]:
         raise CannotConvert(f"image and text embeddings differ in size ({model.visual.proj.shape[1]} vs {embed_dim})")
     logit_scale, logit_bias = logit_parameters(model)
     config = CLIPConfig(
-        projection_dim=embed_dim, logit_scale_init_value=float(logit_scale.detach().reshape(())),
-        vision_config=dict(hidden_size=vision.width, intermediate_size=vision.intermediate,
-                           num_hidden_layers=vision.layers, num_attention_heads=vision.heads,
-                           image_size=vision_details["image_size"], patch_size=vision_details["patch_size"],
-                           hidden_act=vision.activation, layer_norm_eps=vision.eps, projection_dim=embed_dim),
-        text_config=dict(vocab_size=details["vocab_size"], hidden_size=text.width, intermediate_size=text.intermediate,
-                         num_hidden_layers=text.layers, num_attention_heads=text.heads,
-                         max_position_embeddings=details["context_length"], hidden_act=text.activation,
-                         layer_norm_eps=text.eps, projection_dim=embed_dim, bos_token_id=START_OF_TEXT,
-                         eos_token_id=END_OF_TEXT, pad_token_id=END_OF_TEXT),
+        projection_dim=embed_dim,
+        logit_scale_init_value=float(logit_scale.detach().reshape(())),
+        vision_config=dict(
+            hidden_size=vision.width,
+            intermediate_size=vision.intermediate,
+            num_hidden_layers=vision.layers,
+            num_attention_heads=vision.heads,
+            image_size=vision_details["image_size"],
+            patch_size=vision_details["patch_size"],
+            hidden_act=vision.activation,
+            layer_norm_eps=vision.eps,
+            projection_dim=embed_dim,
+        ),
+        text_config=dict(
+            vocab_size=details["vocab_size"],
+            hidden_size=text.width,
+            intermediate_size=text.intermediate,
+            num_hidden_layers=text.layers,
+            num_attention_heads=text.heads,
+            max_position_embeddings=details["context_length"],
+            hidden_act=text.activation,
+            layer_norm_eps=text.eps,
+            projection_dim=embed_dim,
+            bos_token_id=START_OF_TEXT,
+            eos_token_id=END_OF_TEXT,
+            pad_token_id=END_OF_TEXT,
+        ),
     )
     notes = []
     if logit_bias is not None:
-        notes.append(f"logit_bias = {float(logit_bias.detach().reshape(())):.4f} is not part of CLIPModel and was "
-                     "left out (embeddings and rankings are unaffected; sigmoid probabilities need it)")
+        notes.append(
+            f"logit_bias = {float(logit_bias.detach().reshape(())):.4f} is not part of CLIPModel and was "
+            "left out (embeddings and rankings are unaffected; sigmoid probabilities need it)"
+        )
     return config, pairs(vision.layers, text.layers, text.prefix), notes
 
 
@@ -110,8 +135,11 @@ def pairs(vision_layers: int, text_layers: int, text_prefix: str = "") -> list[P
         rename(f"{text_prefix}text_projection", "text_projection.weight", "transpose"),
         rename("logit_scale", "logit_scale"),
     ]
-    norms = (("visual.ln_pre", "vision_model.pre_layrnorm"), ("visual.ln_post", "vision_model.post_layernorm"),
-             (f"{text_prefix}ln_final", "text_model.final_layer_norm"))
+    norms = (
+        ("visual.ln_pre", "vision_model.pre_layrnorm"),
+        ("visual.ln_post", "vision_model.post_layernorm"),
+        (f"{text_prefix}ln_final", "text_model.final_layer_norm"),
+    )
     result += [rename(f"{ours}.{name}", f"{theirs}.{name}") for ours, theirs in norms for name in ("weight", "bias")]
     for index in range(vision_layers):
         result += open_clip_block(f"visual.transformer.resblocks.{index}", f"vision_model.encoder.layers.{index}")
@@ -121,9 +149,25 @@ def pairs(vision_layers: int, text_layers: int, text_prefix: str = "") -> list[P
 
 
 ARCHITECTURE_FIELDS = {
-    "vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
-                      "patch_size", "hidden_act", "layer_norm_eps"),
-    "text_config": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "max_position_embeddings", "hidden_act", "layer_norm_eps"),
+    "vision_config": (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "image_size",
+        "patch_size",
+        "hidden_act",
+        "layer_norm_eps",
+    ),
+    "text_config": (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "hidden_act",
+        "layer_norm_eps",
+    ),
     "": ("projection_dim",),
 }

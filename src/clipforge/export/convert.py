@@ -44,8 +44,11 @@ def token_ids(tokenizer: Any) -> dict[str, int]:
     """pad/bos/eos ids of an open_clip tokenizer (SimpleTokenizer pads with 0)."""
     if isinstance(tokenizer, HFTokenizer):
         inner = tokenizer.tokenizer
-        return {"pad_token_id": inner.pad_token_id, "bos_token_id": inner.bos_token_id,
-                "eos_token_id": inner.eos_token_id}
+        return {
+            "pad_token_id": inner.pad_token_id,
+            "bos_token_id": inner.bos_token_id,
+            "eos_token_id": inner.eos_token_id,
+        }
     return {"pad_token_id": 0, "bos_token_id": clip.START_OF_TEXT, "eos_token_id": clip.END_OF_TEXT}
 
 
@@ -98,12 +101,16 @@ def architecture_mismatches(expected: PreTrainedConfig, found: PreTrainedConfig,
         want, have = (expected_dict[section], found_dict[section]) if section else (expected_dict, found_dict)
         for name in names:
             if want.get(name) != have.get(name):
-                problems.append(f"{section + '.' if section else ''}{name} is {have.get(name)!r} in the folder, "
-                                f"{want.get(name)!r} in the model")
+                problems.append(
+                    f"{section + '.' if section else ''}{name} is {have.get(name)!r} in the folder, "
+                    f"{want.get(name)!r} in the model"
+                )
     if family == "clip" and found.text_config.eos_token_id not in (2, clip.END_OF_TEXT):
         # 2 is transformers' legacy marker for "pool at the argmax id", which is what open_clip does.
-        problems.append(f"text_config.eos_token_id is {found.text_config.eos_token_id}, the model pools at the "
-                        f"argmax token ({clip.END_OF_TEXT})")
+        problems.append(
+            f"text_config.eos_token_id is {found.text_config.eos_token_id}, the model pools at the "
+            f"argmax token ({clip.END_OF_TEXT})"
+        )
     return problems
 
 
@@ -117,8 +124,9 @@ def load_transformers_folder(model: nn.Module, folder: str | Path, tokenizer: An
         raise ValueError(f"{folder}: a {found.model_type!r} model; only CLIPModel and SiglipModel folders load")
     family, expected, pairs, _ = _describe(model, tokenizer)
     if family != found.model_type:
-        raise ValueError(f"{folder} holds a {FAMILIES[found.model_type][1]}, the model is a "
-                         f"{FAMILIES[family][1]} architecture")
+        raise ValueError(
+            f"{folder} holds a {FAMILIES[found.model_type][1]}, the model is a {FAMILIES[family][1]} architecture"
+        )
     problems = architecture_mismatches(expected, found, family)
     if problems:
         hint = ""

@@ -64,18 +64,24 @@ def write_transformers(built: BuiltModel, out: str | Path) -> dict[str, Any]:
     elif tokenizer is not None:
         tokenizer.save_pretrained(out)
         processor_image.save_pretrained(out)
-        notes.append(f"tokenizer: open_clip's transformers tokenizer, padding to {context_length} tokens without an "
-                     f"attention mask; open_clip's text cleaning ({built.tokenizer.clean_fn.__name__}) runs outside "
-                     "it and is not carried")
+        notes.append(
+            f"tokenizer: open_clip's transformers tokenizer, padding to {context_length} tokens without an "
+            f"attention mask; open_clip's text cleaning ({built.tokenizer.clean_fn.__name__}) runs outside "
+            "it and is not carried"
+        )
         if context_length != 64:
-            notes.append(f"transformers' zero-shot-image-classification pipeline pads SigLIP text to 64 tokens (5.x "
-                         f"drops its tokenizer_kwargs); this model's context is {context_length}, so use SiglipModel "
-                         "with the tokenizer directly")
+            notes.append(
+                f"transformers' zero-shot-image-classification pipeline pads SigLIP text to 64 tokens (5.x "
+                f"drops its tokenizer_kwargs); this model's context is {context_length}, so use SiglipModel "
+                "with the tokenizer directly"
+            )
     else:
         processor_image.save_pretrained(out)
-        notes.append(f"no tokenizer written: the model tokenizes with open_clip's {type(built.tokenizer).__name__} "
-                     "and pads with id 0, which its bidirectional text tower attends to; transformers' SigLIP "
-                     "path expects a SigLIP tokenizer (pass input_ids made by open_clip's tokenizer instead)")
+        notes.append(
+            f"no tokenizer written: the model tokenizes with open_clip's {type(built.tokenizer).__name__} "
+            "and pads with id 0, which its bidirectional text tower attends to; transformers' SigLIP "
+            "path expects a SigLIP tokenizer (pass input_ids made by open_clip's tokenizer instead)"
+        )
     return {"format": "transformers", "class": converted.model_class, "family": converted.family, "notes": notes}
 
 
@@ -90,8 +96,9 @@ def open_clip_config(built: BuiltModel) -> dict[str, Any]:
     logit_bias = getattr(built.model, "logit_bias", None)
     if logit_bias is not None:
         model_cfg["init_logit_bias"] = float(logit_bias.detach().reshape(()))  # makes open_clip create the parameter
-    preprocess = {key: list(value) if isinstance(value, tuple) else value
-                  for key, value in built.preprocess_cfg.items()}
+    preprocess = {
+        key: list(value) if isinstance(value, tuple) else value for key, value in built.preprocess_cfg.items()
+    }
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
 
 

@@ -46,26 +46,38 @@ def check_access(api: HfApi, repo_id: str) -> str:
     except HfHubHTTPError as exn:
         status = getattr(getattr(exn, "response", None), "status_code", None)
         if status == 401:
-            raise HubUnavailable(f"the Hub rejected the token (401): set a valid HF_TOKEN or run `hf auth login` "
-                                 f"({later})") from None
+            raise HubUnavailable(
+                f"the Hub rejected the token (401): set a valid HF_TOKEN or run `hf auth login` ({later})"
+            ) from None
         raise HubUnavailable(f"the Hub answered {status or 'an error'} ({str(exn).splitlines()[0]}); {later}") from None
     except Exception as exn:  # httpx's and the OS's connection errors: no network, DNS, proxy
         detail = " ".join(str(exn).split())[:200]
-        raise HubUnavailable(f"cannot reach the Hub ({type(exn).__name__}: {detail}); check the network or proxy, "
-                             f"or {later}") from None
+        raise HubUnavailable(
+            f"cannot reach the Hub ({type(exn).__name__}: {detail}); check the network or proxy, or {later}"
+        ) from None
     user = me.get("name", "?")
     namespaces = {user} | {org.get("name") for org in me.get("orgs", []) or []}
     namespace = repo_id.split("/")[0] if "/" in repo_id else user
     if namespace not in namespaces:
         organisations = ", ".join(sorted(namespaces - {user})) or "none"
-        raise HubUnavailable(f"the token belongs to {user} (organisations: {organisations}), who cannot write to "
-                             f"{namespace}/; push to {user}/... or use a token of {namespace} ({later})")
+        raise HubUnavailable(
+            f"the token belongs to {user} (organisations: {organisations}), who cannot write to "
+            f"{namespace}/; push to {user}/... or use a token of {namespace} ({later})"
+        )
     return user
 
 
-def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-                commit_message: str | None = None, force: bool = False, token: str | None = None,
-                api: HfApi | None = None) -> str:
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    force: bool = False,
+    token: str | None = None,
+    api: HfApi | None = None,
+) -> str:
     """Upload ``folder`` (a clipforge export) to the model repo ``repo_id``; returns the commit URL."""
     folder = Path(folder)
     if not (folder / MARKER).is_file():
@@ -78,9 +90,11 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revi
         foreign = [name for name in files if name != ".gitattributes"]
         if foreign and MARKER not in files:
             if not force:
-                raise ValueError(f"{repo_id} exists and was not written by clipforge (no {MARKER}; it holds "
-                                 f"{', '.join(sorted(foreign)[:5])}{' ...' if len(foreign) > 5 else ''}); "
-                                 "pass --force to upload over it")
+                raise ValueError(
+                    f"{repo_id} exists and was not written by clipforge (no {MARKER}; it holds "
+                    f"{', '.join(sorted(foreign)[:5])}{' ...' if len(foreign) > 5 else ''}); "
+                    "pass --force to upload over it"
+                )
             mirror = False
         if private:
             log.warning("%s already exists: its visibility is left as it is", repo_id)
@@ -88,8 +102,13 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revi
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     if revision and revision != "main":
         api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-    commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
-                               commit_message=commit_message or f"clipforge export ({folder.name})",
-                               delete_patterns="*" if mirror else None)
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        repo_type="model",
+        revision=revision,
+        commit_message=commit_message or f"clipforge export ({folder.name})",
+        delete_patterns="*" if mirror else None,
+    )
     log.info("pushed %s to %s", folder, commit.commit_url)
     return commit.commit_url

@@ -97,19 +97,33 @@ def convert(pairs: list[Pair], state_dict: dict[str, torch.Tensor], to_hf: bool)
 
 def open_clip_block(source: str, target: str) -> list[Pair]:
     """An open_clip ``ResidualAttentionBlock`` (nn.MultiheadAttention) ⇄ a CLIP/SigLIP encoder layer."""
-    pairs = [Pair((f"{source}.attn.in_proj_{name}",), tuple(f"{target}.self_attn.{p}_proj.{name}" for p in "qkv"))
-             for name in ("weight", "bias")]
-    for ours, theirs in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
-                         ("mlp.c_proj", "mlp.fc2"), ("attn.out_proj", "self_attn.out_proj")):
+    pairs = [
+        Pair((f"{source}.attn.in_proj_{name}",), tuple(f"{target}.self_attn.{p}_proj.{name}" for p in "qkv"))
+        for name in ("weight", "bias")
+    ]
+    for ours, theirs in (
+        ("ln_1", "layer_norm1"),
+        ("ln_2", "layer_norm2"),
+        ("mlp.c_fc", "mlp.fc1"),
+        ("mlp.c_proj", "mlp.fc2"),
+        ("attn.out_proj", "self_attn.out_proj"),
+    ):
         pairs += [rename(f"{source}.{ours}.{name}", f"{target}.{theirs}.{name}") for name in ("weight", "bias")]
     return pairs
 
 
 def timm_block(source: str, target: str) -> list[Pair]:
     """A timm ViT ``Block`` (fused qkv Linear) ⇄ a SigLIP encoder layer."""
-    pairs = [Pair((f"{source}.attn.qkv.{name}",), tuple(f"{target}.self_attn.{p}_proj.{name}" for p in "qkv"))
-             for name in ("weight", "bias")]
-    for ours, theirs in (("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("mlp.fc1", "mlp.fc1"),
-                         ("mlp.fc2", "mlp.fc2"), ("attn.proj", "self_attn.out_proj")):
+    pairs = [
+        Pair((f"{source}.attn.qkv.{name}",), tuple(f"{target}.self_attn.{p}_proj.{name}" for p in "qkv"))
+        for name in ("weight", "bias")
+    ]
+    for ours, theirs in (
+        ("norm1", "layer_norm1"),
+        ("norm2", "layer_norm2"),
+        ("mlp.fc1", "mlp.fc1"),
+        ("mlp.fc2", "mlp.fc2"),
+        ("attn.proj", "self_attn.out_proj"),
+    ):
         pairs += [rename(f"{source}.{ours}.{name}", f"{target}.{theirs}.{name}") for name in ("weight", "bias")]
     return pairs

@@ -55,16 +55,27 @@ def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
 def clip_tokenizer(tokenizer: Any, context_length: int) -> CLIPTokenizer:
     """A ``CLIPTokenizer`` giving open_clip ``tokenizer``'s ids; refuses tokenizers it cannot reproduce."""
     if not isinstance(tokenizer, SimpleTokenizer):
-        raise CannotConvert(f"the model's tokenizer is {type(tokenizer).__name__}; the CLIPModel export carries "
-                            "open_clip's CLIP BPE tokenizer (SimpleTokenizer) only")
+        raise CannotConvert(
+            f"the model's tokenizer is {type(tokenizer).__name__}; the CLIPModel export carries "
+            "open_clip's CLIP BPE tokenizer (SimpleTokenizer) only"
+        )
     if tokenizer.reduction_fn is not None or len(tokenizer.encoder) != 49408:
         raise CannotConvert("the tokenizer has a reduction mask or extra special tokens")
     if tokenizer.clean_fn.__name__ != "_clean_lower":
-        raise CannotConvert(f"the tokenizer cleans text with {tokenizer.clean_fn.__name__}; CLIPTokenizer "
-                            "lowercases like open_clip's default ('lower') only")
+        raise CannotConvert(
+            f"the tokenizer cleans text with {tokenizer.clean_fn.__name__}; CLIPTokenizer "
+            "lowercases like open_clip's default ('lower') only"
+        )
     vocab, merges = clip_vocabulary()
-    return CLIPTokenizer(vocab=vocab, merges=merges, bos_token=START, eos_token=END, unk_token=END, pad_token=END,
-                         model_max_length=context_length)
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        bos_token=START,
+        eos_token=END,
+        unk_token=END,
+        pad_token=END,
+        model_max_length=context_length,
+    )
 
 
 def unmasked_tokenizer(tokenizer: HFTokenizer, context_length: int) -> PreTrainedTokenizerBase:
@@ -72,8 +83,10 @@ def unmasked_tokenizer(tokenizer: HFTokenizer, context_length: int) -> PreTraine
     bidirectional (SigLIP) text tower: padded to the context length with its pad id, and no attention mask,
     since the tower attends to the padding (transformers' own ``SiglipTokenizer`` returns no mask either)."""
     if tokenizer.tokenizer_mode or tokenizer.strip_sep_token:
-        raise CannotConvert(f"the tokenizer's mode {tokenizer.tokenizer_mode!r} / strip_sep_token rewrites ids "
-                            "after tokenizing, which a saved transformers tokenizer cannot do")
+        raise CannotConvert(
+            f"the tokenizer's mode {tokenizer.tokenizer_mode!r} / strip_sep_token rewrites ids "
+            "after tokenizing, which a saved transformers tokenizer cannot do"
+        )
     inner = copy.deepcopy(tokenizer.tokenizer)
     for name, value in (("model_input_names", ["input_ids"]), ("model_max_length", context_length)):
         setattr(inner, name, value)
@@ -87,15 +100,26 @@ def image_processor(preprocess_cfg: dict[str, Any]) -> CLIPImageProcessor:
     height, width = (size, size) if isinstance(size, int) else size
     resize_mode = preprocess_cfg.get("resize_mode") or "shortest"
     if resize_mode == "shortest" and height == width:
-        geometry = dict(size={"shortest_edge": height}, do_center_crop=True,
-                        crop_size={"height": height, "width": width})
+        geometry = dict(
+            size={"shortest_edge": height}, do_center_crop=True, crop_size={"height": height, "width": width}
+        )
     elif resize_mode == "squash":
         geometry = dict(size={"height": height, "width": width}, do_center_crop=False)
     else:
-        raise CannotConvert(f"resize_mode {resize_mode!r} at size {size} (resize and pad, or shortest side to a "
-                            "non-square size) has no CLIPImageProcessor equivalent")
+        raise CannotConvert(
+            f"resize_mode {resize_mode!r} at size {size} (resize and pad, or shortest side to a "
+            "non-square size) has no CLIPImageProcessor equivalent"
+        )
     # open_clip resizes bicubically unless told 'bilinear' ('random' is a training option: bicubic at eval).
     resample = 2 if preprocess_cfg.get("interpolation") == "bilinear" else 3
-    return CLIPImageProcessor(do_resize=True, resample=resample, do_rescale=True, rescale_factor=1 / 255,
-                              do_normalize=True, image_mean=list(preprocess_cfg["mean"]),
-                              image_std=list(preprocess_cfg["std"]), do_convert_rgb=True, **geometry)
+    return CLIPImageProcessor(
+        do_resize=True,
+        resample=resample,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(preprocess_cfg["mean"]),
+        image_std=list(preprocess_cfg["std"]),
+        do_convert_rgb=True,
+        **geometry,
+    )

@@ -99,20 +99,37 @@ def describe(model: nn.Module, token_ids: dict[str, int]) -> tuple[SiglipConfig,
     if details["cls_emb"] or details["pad_mask"]:
         problems.append("the text tower has a class token or a padding mask, which SigLIP lacks")
     if not problems and details["embed_dim"] != vision.width:
-        problems.append(f"text embeddings ({details['embed_dim']}) differ in size from the image tower's "
-                        f"({vision.width}), which SigLIP uses unprojected")
+        problems.append(
+            f"text embeddings ({details['embed_dim']}) differ in size from the image tower's "
+            f"({vision.width}), which SigLIP uses unprojected"
+        )
     if problems:
         raise CannotConvert("; ".join(problems))
     _, logit_bias = logit_parameters(model)
     config = SiglipConfig(
-        vision_config=dict(hidden_size=vision.width, intermediate_size=vision.intermediate,
-                           num_hidden_layers=vision.layers, num_attention_heads=vision.heads,
-                           image_size=vision_details["image_size"], patch_size=vision_details["patch_size"],
-                           hidden_act=vision.activation, layer_norm_eps=vision.eps, vision_use_head=True),
-        text_config=dict(vocab_size=details["vocab_size"], hidden_size=text.width, intermediate_size=text.intermediate,
-                         num_hidden_layers=text.layers, num_attention_heads=text.heads,
-                         max_position_embeddings=details["context_length"], hidden_act=text.activation,
-                         layer_norm_eps=text.eps, projection_size=details["embed_dim"], **token_ids),
+        vision_config=dict(
+            hidden_size=vision.width,
+            intermediate_size=vision.intermediate,
+            num_hidden_layers=vision.layers,
+            num_attention_heads=vision.heads,
+            image_size=vision_details["image_size"],
+            patch_size=vision_details["patch_size"],
+            hidden_act=vision.activation,
+            layer_norm_eps=vision.eps,
+            vision_use_head=True,
+        ),
+        text_config=dict(
+            vocab_size=details["vocab_size"],
+            hidden_size=text.width,
+            intermediate_size=text.intermediate,
+            num_hidden_layers=text.layers,
+            num_attention_heads=text.heads,
+            max_position_embeddings=details["context_length"],
+            hidden_act=text.activation,
+            layer_norm_eps=text.eps,
+            projection_size=details["embed_dim"],
+            **token_ids,
+        ),
     )
     notes = [] if logit_bias is not None else ["the model has no logit_bias; SiglipModel's is set to 0"]
     return config, pairs(vision.layers, text.layers, with_bias=logit_bias is not None), notes
@@ -133,8 +150,11 @@ def pairs(vision_layers: int, text_layers: int, with_bias: bool = True) -> list[
         result += [
             rename(f"{trunk}.patch_embed.proj.{name}", f"vision_model.embeddings.patch_embedding.{name}"),
             rename(f"{trunk}.norm.{name}", f"vision_model.post_layernorm.{name}"),
-            Pair((f"{trunk}.attn_pool.q.{name}", f"{trunk}.attn_pool.kv.{name}"), (f"{head}.attention.in_proj_{name}",),
-                 open_clip_parts=(1, 2)),
+            Pair(
+                (f"{trunk}.attn_pool.q.{name}", f"{trunk}.attn_pool.kv.{name}"),
+                (f"{head}.attention.in_proj_{name}",),
+                open_clip_parts=(1, 2),
+            ),
             rename(f"{trunk}.attn_pool.proj.{name}", f"{head}.attention.out_proj.{name}"),
             rename(f"{trunk}.attn_pool.norm.{name}", f"{head}.layernorm.{name}"),
             rename(f"{trunk}.attn_pool.mlp.fc1.{name}", f"{head}.mlp.fc1.{name}"),
@@ -150,8 +170,26 @@ def pairs(vision_layers: int, text_layers: int, with_bias: bool = True) -> list[
 
 
 ARCHITECTURE_FIELDS = {
-    "vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
-                      "patch_size", "hidden_act", "layer_norm_eps", "vision_use_head"),
-    "text_config": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "max_position_embeddings", "hidden_act", "layer_norm_eps", "projection_size"),
+    "vision_config": (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "image_size",
+        "patch_size",
+        "hidden_act",
+        "layer_norm_eps",
+        "vision_use_head",
+    ),
+    "text_config": (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "hidden_act",
+        "layer_norm_eps",
+        "projection_size",
+    ),
 }

@@ -60,8 +60,10 @@ def open_clip_blocks(blocks: nn.ModuleList, tower: Tower, extra_norms: list[nn.M
     tower.layers = len(blocks)
     first = blocks[0]
     if any(type(block) is not ResidualAttentionBlock for block in blocks):
-        tower.problems.append(f"{what} uses open_clip's custom attention block (qk-norm, scaled cosine attention or "
-                              "extra norms), which transformers' encoder layer does not have")
+        tower.problems.append(
+            f"{what} uses open_clip's custom attention block (qk-norm, scaled cosine attention or "
+            "extra norms), which transformers' encoder layer does not have"
+        )
         return
     if any(not isinstance(block.ls_1, nn.Identity) or not isinstance(block.ls_2, nn.Identity) for block in blocks):
         tower.problems.append(f"{what} has layer scale (ls_init_value), which transformers' encoder layers lack")
@@ -84,8 +86,10 @@ def text_tower(model: nn.Module) -> tuple[nn.Module, str]:
     if text is None:
         return model, ""
     if not isinstance(text, TextTransformer):
-        raise CannotConvert(f"the text tower is {type(text).__name__} (a Hugging Face text model inside open_clip), "
-                            "not a CLIP text transformer")
+        raise CannotConvert(
+            f"the text tower is {type(text).__name__} (a Hugging Face text model inside open_clip), "
+            "not a CLIP text transformer"
+        )
     return text, "text."
 
 
@@ -101,11 +105,22 @@ def text_tower_summary(model: nn.Module) -> tuple[Tower, dict]:
         "causal": getattr(model, "attn_mask", getattr(text, "attn_mask", None)) is not None,
         "pool_type": getattr(model, "text_pool_type", getattr(text, "pool_type", None)),
         "eos_id": getattr(model, "text_eos_id", getattr(text, "eos_id", None)),
-        "projection": ("none" if projection is None else "linear_bias" if isinstance(projection, nn.Linear)
-                       and projection.bias is not None else "linear" if isinstance(projection, nn.Linear)
-                       else "matrix"),
-        "embed_dim": (None if projection is None else projection.out_features if isinstance(projection, nn.Linear)
-                      else projection.shape[1]),
+        "projection": (
+            "none"
+            if projection is None
+            else "linear_bias"
+            if isinstance(projection, nn.Linear) and projection.bias is not None
+            else "linear"
+            if isinstance(projection, nn.Linear)
+            else "matrix"
+        ),
+        "embed_dim": (
+            None
+            if projection is None
+            else projection.out_features
+            if isinstance(projection, nn.Linear)
+            else projection.shape[1]
+        ),
         "cls_emb": getattr(text, "cls_emb", None) is not None,
         "pad_mask": bool(getattr(text, "use_pad_mask", False)),
     }

@@ -10,5 +10,12 @@ from clipforge.models.builder import (
     trims_text_padding,
 )
 
-__all__ = ["BuiltModel", "ModelConfig", "build_model", "enable_text_trimming", "load_weights", "resolve_architecture",
-           "trims_text_padding"]
+__all__ = [
+    "BuiltModel",
+    "ModelConfig",
+    "build_model",
+    "enable_text_trimming",
+    "load_weights",
+    "resolve_architecture",
+    "trims_text_padding",
+]

@@ -97,8 +97,10 @@ def resolve_architecture(name: str) -> str:
         open_clip.add_model_config(path)
         return path.stem
     if name not in open_clip.list_models():
-        raise ValueError(f"model.name: unknown architecture {name!r}; it is neither an open_clip model "
-                         f"(see open_clip.list_models()) nor a JSON file in {PROJECT_MODEL_DIR}")
+        raise ValueError(
+            f"model.name: unknown architecture {name!r}; it is neither an open_clip model "
+            f"(see open_clip.list_models()) nor a JSON file in {PROJECT_MODEL_DIR}"
+        )
     return name
 
 
@@ -129,14 +131,18 @@ def load_weights(model: torch.nn.Module, source: str) -> list[str]:
     if is_checkpoint(path):  # a clipforge checkpoint: its manifest is verified before anything loads
         model.load_state_dict(read_weights(path), strict=True)
         return []
-    raise FileNotFoundError(f"{source}: a directory with neither model.safetensors (clipforge checkpoint), "
-                            "open_clip_config.json (open_clip folder) nor config.json (transformers folder)")
+    raise FileNotFoundError(
+        f"{source}: a directory with neither model.safetensors (clipforge checkpoint), "
+        "open_clip_config.json (open_clip folder) nor config.json (transformers folder)"
+    )
 
 
 def _check_patch_dropout(model: torch.nn.Module, cfg: ModelConfig) -> None:
     if cfg.patch_dropout and not hasattr(model.visual, "patch_dropout"):
-        raise ValueError(f"model.patch_dropout: {type(model.visual).__name__} image towers have no patches to drop "
-                         "(FLIP patch dropout needs a ViT)")
+        raise ValueError(
+            f"model.patch_dropout: {type(model.visual).__name__} image towers have no patches to drop "
+            "(FLIP patch dropout needs a ViT)"
+        )
 
 
 @contextlib.contextmanager
@@ -144,6 +150,7 @@ def _random_init_intended():
     """Hide open_clip's "No pretrained weights loaded ... initialized randomly" (logged on the root logger):
     ``build_model`` never asks open_clip for weights; it initialises randomly on purpose, and ``init_from`` (or the
     caller: a checkpoint, an export) loads weights right after. On an export it read as if the weights were lost."""
+
     def drop(record: logging.LogRecord) -> bool:
         return "No pretrained weights loaded" not in record.getMessage()
 
@@ -166,8 +173,13 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> BuiltMo
         model_kwargs["force_patch_dropout"] = cfg.patch_dropout
     with _random_init_intended():
         model, _, eval_transform = open_clip.create_model_and_transforms(  # training crops: clipforge.data.images
-            architecture, pretrained=None, device=device, force_quick_gelu=cfg.force_quick_gelu,
-            pretrained_text=False, output_dict=True, **model_kwargs,
+            architecture,
+            pretrained=None,
+            device=device,
+            force_quick_gelu=cfg.force_quick_gelu,
+            pretrained_text=False,
+            output_dict=True,
+            **model_kwargs,
         )
     if cfg.init_from:
         try:
@@ -189,8 +201,12 @@ def trims_text_padding(model: torch.nn.Module) -> bool:
     causal mask keeps every position up to the EOT from seeing the padding after it, so the features and every
     gradient are the same with or without those positions; only the work on them is saved.
     """
-    return (isinstance(model, open_clip.CLIP) and getattr(model, "attn_mask", None) is not None
-            and getattr(model, "text_pool_type", None) == "argmax" and hasattr(model, "positional_embedding"))
+    return (
+        isinstance(model, open_clip.CLIP)
+        and getattr(model, "attn_mask", None) is not None
+        and getattr(model, "text_pool_type", None) == "argmax"
+        and hasattr(model, "positional_embedding")
+    )
 
 
 def _encode_text_any_length(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:

@@ -68,22 +68,71 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
     agree = make_agreement(dist_info)
     on_gpu = dist_info.device.startswith("cuda")
-    loader = build_train_loader(cfg.data, built.preprocess_cfg, built.tokenizer, dist_info.rank,
-                                dist_info.world_size, pin_memory=on_gpu, agree=agree, normalize_in_workers=not on_gpu,
-                                sample_ids=cfg.loss.positives != "pairs", trim_text=prepared.trim_text,
-                                stop_requested=stop_requested)
-    queue = MomentumQueue(prepared.model, cfg.loss.queue_size, cfg.loss.queue_momentum, dist_info.rank,
-                          dist_info.world_size) if cfg.loss.queue_size else None
-    step_fn = build_step(prepared.model, build_loss(cfg.loss, dist_info.rank, dist_info.world_size), optimizer,
-                         scheduler, dist_info.device, cfg.train.precision, cfg.optim.grad_clip_norm,
-                         cfg.loss.max_logit_scale, cfg.train.accum_steps, queue, dist_info.rank)
+    loader = build_train_loader(
+        cfg.data,
+        built.preprocess_cfg,
+        built.tokenizer,
+        dist_info.rank,
+        dist_info.world_size,
+        pin_memory=on_gpu,
+        agree=agree,
+        normalize_in_workers=not on_gpu,
+        sample_ids=cfg.loss.positives != "pairs",
+        trim_text=prepared.trim_text,
+        stop_requested=stop_requested,
+    )
+    queue = (
+        MomentumQueue(
+            prepared.model, cfg.loss.queue_size, cfg.loss.queue_momentum, dist_info.rank, dist_info.world_size
+        )
+        if cfg.loss.queue_size
+        else None
+    )
+    step_fn = build_step(
+        prepared.model,
+        build_loss(cfg.loss, dist_info.rank, dist_info.world_size),
+        optimizer,
+        scheduler,
+        dist_info.device,
+        cfg.train.precision,
+        cfg.optim.grad_clip_norm,
+        cfg.loss.max_logit_scale,
+        cfg.train.accum_steps,
+        queue,
+        dist_info.rank,
+    )
     state = TrainState()
-    pieces = restart_state(prepared.model, optimizer, scheduler, cfg.optim, cfg.train.steps, state, loader,
-                           dist_info.device, step_fn.scaler, queue)
+    pieces = restart_state(
+        prepared.model,
+        optimizer,
+        scheduler,
+        cfg.optim,
+        cfg.train.steps,
+        state,
+        loader,
+        dist_info.device,
+        step_fn.scaler,
+        queue,
+    )
     probe = health_probe(cfg, built, dist_info, agree)
     monitor = CollapseMonitor(cfg.health, cfg.loss.max_logit_scale, log_warnings=dist_info.is_main)
-    return Run(run_dir, built, prepared.model, prepared.channels_last, cfg.train.compile and prepared.trim_text,
-               loader, step_fn, scheduler, state, pieces, checkpointer, resume_from, agree, probe, monitor)
+    return Run(
+        run_dir,
+        built,
+        prepared.model,
+        prepared.channels_last,
+        cfg.train.compile and prepared.trim_text,
+        loader,
+        step_fn,
+        scheduler,
+        state,
+        pieces,
+        checkpointer,
+        resume_from,
+        agree,
+        probe,
+        monitor,
+    )
 
 
 def resolve_resume(resume: str | None, checkpointer: Checkpointer) -> Path | None:
@@ -99,9 +148,11 @@ def resolve_resume(resume: str | None, checkpointer: Checkpointer) -> Path | Non
         if not found.is_dir():
             raise FileNotFoundError(f"train.resume: checkpoint {found} does not exist")
     if found is None and checkpointer.latest() is not None:
-        raise ValueError(f"{checkpointer.directory.parent} already holds checkpoints (newest: "
-                         f"{checkpointer.latest().name}); continue it with --resume latest, or set another "
-                         "train.output_dir")
+        raise ValueError(
+            f"{checkpointer.directory.parent} already holds checkpoints (newest: "
+            f"{checkpointer.latest().name}); continue it with --resume latest, or set another "
+            "train.output_dir"
+        )
     return found
 
 
@@ -112,8 +163,9 @@ def health_probe(cfg: RunConfig, built: BuiltModel, dist_info: DistInfo, agree) 
     probe, problem = None, None
     if dist_info.is_main:
         try:
-            probe = HealthProbe.from_config(cfg.health, cfg.eval.suite, built.eval_transform, built.tokenizer,
-                                            cfg.eval.batch_size)
+            probe = HealthProbe.from_config(
+                cfg.health, cfg.eval.suite, built.eval_transform, built.tokenizer, cfg.eval.batch_size
+            )
             log.info("health diagnostics every %d steps on %s", cfg.health.every_n_steps, probe.source)
         except (OSError, ValueError) as exc:
             problem = exc

@@ -51,6 +51,7 @@ from clipforge.train.state import PER_RANK, REPLICATED, SHARDED, Piece
 
 log = logging.getLogger(__name__)
 
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -106,30 +107,44 @@ class Checkpointer:
         model = pieces["model"].stateful.model
         sharded = model_is_sharded(model)
         if not sharded:
-            _write_synced(temporary / f"sync_rank{self.rank}.json",
-                          lambda p: p.write_text(json.dumps({"weights_sha256": weights_digest(unwrap(model))})))
+            _write_synced(
+                temporary / f"sync_rank{self.rank}.json",
+                lambda p: p.write_text(json.dumps({"weights_sha256": weights_digest(unwrap(model))})),
+            )
         _barrier()
         self._check_ranks_agree(temporary)  # on every rank, so that all of them raise, none waits for rank 0
         state = {name: piece.stateful.state_dict() for name, piece in pieces.items() if piece.kind == REPLICATED}
         if sharded:  # every rank writes its shards (a collective)
             import torch.distributed.checkpoint as dcp
 
-            dcp.save({name: piece.stateful.state_dict() for name, piece in pieces.items() if piece.kind == SHARDED},
-                     storage_writer=dcp.FileSystemWriter(str(temporary), sync_files=True))
+            dcp.save(
+                {name: piece.stateful.state_dict() for name, piece in pieces.items() if piece.kind == SHARDED},
+                storage_writer=dcp.FileSystemWriter(str(temporary), sync_files=True),
+            )
         elif self.rank == 0:
             weights = pieces["model"].stateful.state_dict()
             _write_synced(temporary / "model.safetensors", lambda p: save_file(weights, str(p)))
             with_process_umask(temporary / "model.safetensors")
-            state.update({name: piece.stateful.state_dict() for name, piece in pieces.items()
-                          if piece.kind == SHARDED and name != "model"})
+            state.update(
+                {
+                    name: piece.stateful.state_dict()
+                    for name, piece in pieces.items()
+                    if piece.kind == SHARDED and name != "model"
+                }
+            )
         _barrier()
         if self.rank == 0:
             _write_synced(temporary / "state.pt", lambda p: torch.save(state, p))
             _write_synced(temporary / "config.yaml", lambda p: p.write_text(config_yaml))
-            files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256(f)}
-                     for f in sorted(temporary.iterdir()) if f.is_file()}
-            _write_synced(temporary / "manifest.json",
-                          lambda p: p.write_text(json.dumps({"step": step, "files": files}, indent=1)))
+            files = {
+                f.name: {"bytes": f.stat().st_size, "sha256": sha256(f)}
+                for f in sorted(temporary.iterdir())
+                if f.is_file()
+            }
+            _write_synced(
+                temporary / "manifest.json",
+                lambda p: p.write_text(json.dumps({"step": step, "files": files}, indent=1)),
+            )
             _fsync_dir(temporary)
             if final.exists():
                 shutil.rmtree(final)
@@ -160,8 +175,10 @@ class Checkpointer:
             try:
                 dcp.load(loaded, storage_reader=storage_reader(path))
             except Exception as exn:  # the storage layer raises its own types for a bad or foreign shard
-                raise CorruptCheckpoint(f"checkpoint {path}: its shards do not load into this run's model and "
-                                        f"optimizer ({type(exn).__name__}: {exn})") from None
+                raise CorruptCheckpoint(
+                    f"checkpoint {path}: its shards do not load into this run's model and "
+                    f"optimizer ({type(exn).__name__}: {exn})"
+                ) from None
             state.update(loaded)
         else:
             state["model"] = read_weights(path)
@@ -173,8 +190,10 @@ class Checkpointer:
             if found is None:
                 if not piece.required:
                     continue
-                raise ValueError(f"checkpoint {path} holds no {name!r} state for rank {self.rank}: it was written by "
-                                 f"a run with other settings (another world size, or without this {name})")
+                raise ValueError(
+                    f"checkpoint {path} holds no {name!r} state for rank {self.rank}: it was written by "
+                    f"a run with other settings (another world size, or without this {name})"
+                )
             try:
                 piece.stateful.load_state_dict(found)
             except ValueError as exc:
@@ -185,8 +204,10 @@ class Checkpointer:
         """Data parallelism keeps every rank's weights identical; a checkpoint is where that is checked."""
         digests = {f.name: json.loads(f.read_text())["weights_sha256"] for f in sorted(directory.glob("sync_rank*"))}
         if len(set(digests.values())) > 1:
-            raise RuntimeError(f"ranks hold different weights at this checkpoint ({digests}); data-parallel replicas "
-                               f"diverged — every rank refuses to write {directory.name}")
+            raise RuntimeError(
+                f"ranks hold different weights at this checkpoint ({digests}); data-parallel replicas "
+                f"diverged — every rank refuses to write {directory.name}"
+            )
 
     def _prune(self) -> None:
         complete = self.complete()
@@ -217,9 +238,11 @@ class Checkpointer:
                 log.warning("skipping corrupt checkpoint: %s", exn)
                 problems.append(str(exn))
         if problems:
-            raise CorruptCheckpoint(f"every checkpoint in {self.directory} is corrupt, so there is nothing intact to "
-                                    f"resume from: {'; '.join(problems)}. Restore one, resume from a copy with "
-                                    "--resume DIR, or start afresh with another train.output_dir")
+            raise CorruptCheckpoint(
+                f"every checkpoint in {self.directory} is corrupt, so there is nothing intact to "
+                f"resume from: {'; '.join(problems)}. Restore one, resume from a copy with "
+                "--resume DIR, or start afresh with another train.output_dir"
+            )
         return None
 
 
@@ -257,6 +280,7 @@ def _read_per_rank(path: Path, name: str, rank: int) -> dict[str, Any] | None:
         try:
             return torch.load(path / f"{name}_rank{rank}.pt", map_location="cpu", weights_only=True)
         except Exception as exn:
-            raise CorruptCheckpoint(f"checkpoint {path}: {name}_rank{rank}.pt does not load with weights_only=True "
-                                    f"({exn})") from None
+            raise CorruptCheckpoint(
+                f"checkpoint {path}: {name}_rank{rank}.pt does not load with weights_only=True ({exn})"
+            ) from None
     return None

@@ -124,8 +124,9 @@ def apply_cuda_settings(cfg: TrainConfig, device: str) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def prepare_batch(batch: dict[str, Any], transform, device: str, channels_last: bool,
-                  dynamic_text: bool) -> dict[str, Any]:
+def prepare_batch(
+    batch: dict[str, Any], transform, device: str, channels_last: bool, dynamic_text: bool
+) -> dict[str, Any]:
     """A loader batch as the step takes it: images on the device, normalised (uint8 → float), in the model's memory
     format; with ``dynamic_text`` (compile with trimmed captions) the token length is marked dynamic, so the
     compiled model keeps one graph whatever the batch's longest caption."""
@@ -218,8 +219,14 @@ def _evaluate(model, built, cfg: RunConfig, dist_info: DistInfo, step: int, run_
     if cfg.eval.suite is None or not dist_info.is_main:
         return {}
     with _eval_mode(model, dist_info, cfg) as encoder:
-        results = run_suite(encoder, built.tokenizer, built.eval_transform, load_suite(cfg.eval.suite),
-                            cfg.eval.batch_size, cfg.eval.num_workers)
+        results = run_suite(
+            encoder,
+            built.tokenizer,
+            built.eval_transform,
+            load_suite(cfg.eval.suite),
+            cfg.eval.batch_size,
+            cfg.eval.num_workers,
+        )
     out = run_dir / "eval"
     out.mkdir(exist_ok=True)
     (out / f"step_{step:08d}.json").write_text(json.dumps(results, indent=1))
@@ -227,8 +234,16 @@ def _evaluate(model, built, cfg: RunConfig, dist_info: DistInfo, step: int, run_
     return {f"eval/{k}": v for k, v in headline(results).items()}
 
 
-def _check_health(model, probe: HealthProbe | None, monitor: CollapseMonitor, cfg: RunConfig, dist_info: DistInfo,
-                  agree, step: int, logger: MetricLogger) -> None:
+def _check_health(
+    model,
+    probe: HealthProbe | None,
+    monitor: CollapseMonitor,
+    cfg: RunConfig,
+    dist_info: DistInfo,
+    agree,
+    step: int,
+    logger: MetricLogger,
+) -> None:
     """Rank 0 measures the held-out batch in eval mode, logs health/*, and alarms; a stop is agreed by all ranks."""
     collapsed = None
     if probe is not None:
@@ -240,8 +255,9 @@ def _check_health(model, probe: HealthProbe | None, monitor: CollapseMonitor, cf
         except CollapseError as exc:
             collapsed = exc
     if dist_info.is_distributed and not agree(collapsed is None):
-        raise collapsed or CollapseError(f"step {step}: rank 0 found the embeddings collapsing (its log says which "
-                                         "metric); health.stop_on_collapse")
+        raise collapsed or CollapseError(
+            f"step {step}: rank 0 found the embeddings collapsing (its log says which metric); health.stop_on_collapse"
+        )
     if collapsed is not None:
         raise collapsed
 
@@ -259,17 +275,21 @@ def dry_run(cfg: RunConfig, check_inputs: bool = True) -> dict[str, Any]:
     built = build_model(cfg.model)
     apply_training_options(built.model, cfg.model, cfg.loss.learn_temperature)  # locks change the trainable count
     model = built.model.train()  # in eval mode attention takes a fused fast path the flop counter cannot see
-    counts = {"parameters": sum(p.numel() for p in model.parameters()),
-              "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-              "image_tower_parameters": sum(p.numel() for p in model.visual.parameters())}
+    counts = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "image_tower_parameters": sum(p.numel() for p in model.visual.parameters()),
+    }
     counts["text_tower_parameters"] = counts["parameters"] - counts["image_tower_parameters"]
     size = built.preprocess_cfg["size"]
     height, width = (size, size) if isinstance(size, int) else size
     context = built.model_cfg["text_cfg"].get("context_length", 77)
     flops = {}
     with torch.no_grad():
-        for tower, run in (("image", lambda: model.encode_image(torch.zeros(1, 3, height, width))),
-                           ("text", lambda: model.encode_text(torch.zeros(1, context, dtype=torch.long)))):
+        for tower, run in (
+            ("image", lambda: model.encode_image(torch.zeros(1, 3, height, width))),
+            ("text", lambda: model.encode_text(torch.zeros(1, context, dtype=torch.long))),
+        ):
             with FlopCounterMode(display=False) as counter:
                 run()
             flops[f"{tower}_forward_gflops_per_sample"] = counter.get_total_flops() / 1e9
@@ -277,9 +297,16 @@ def dry_run(cfg: RunConfig, check_inputs: bool = True) -> dict[str, Any]:
     dist_info = DistInfo.from_env(os.environ)
     global_batch = cfg.data.batch_size * dist_info.world_size
     inputs = _check_inputs(cfg, built, dist_info) if check_inputs else {}
-    return {"architecture": built.architecture, "image_size": [height, width], "context_length": context, **counts,
-            **flops, "train_gflops_per_sample": 3 * forward,
-            "train_pflops_total": 3 * forward * 1e9 * global_batch * cfg.train.steps / 1e15, **inputs}
+    return {
+        "architecture": built.architecture,
+        "image_size": [height, width],
+        "context_length": context,
+        **counts,
+        **flops,
+        "train_gflops_per_sample": 3 * forward,
+        "train_pflops_total": 3 * forward * 1e9 * global_batch * cfg.train.steps / 1e15,
+        **inputs,
+    }
 
 
 def _check_inputs(cfg: RunConfig, built, dist_info: DistInfo) -> dict[str, Any]:
@@ -292,9 +319,12 @@ def _check_inputs(cfg: RunConfig, built, dist_info: DistInfo) -> dict[str, Any]:
         load_suite(cfg.eval.suite)
     resume = resolve_resume(cfg.train.resume, Checkpointer(Path(cfg.train.output_dir) / "checkpoints"))
     loader = build_train_loader(cfg.data, built.preprocess_cfg, built.tokenizer, 0, dist_info.world_size)
-    return {"shards": len(loader.dataset.shards), "data_mode": loader.dataset.mode,
-            "steps_per_epoch": loader.steps_per_epoch if loader.steps_per_epoch is not None else "unknown",
-            "resume_from": str(resume) if resume else "none (fresh start)"}
+    return {
+        "shards": len(loader.dataset.shards),
+        "data_mode": loader.dataset.mode,
+        "steps_per_epoch": loader.steps_per_epoch if loader.steps_per_epoch is not None else "unknown",
+        "resume_from": str(resume) if resume else "none (fresh start)",
+    }
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
@@ -316,8 +346,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         destroy_process_group()
 
 
-def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSignals,
-           cleanup: contextlib.ExitStack) -> dict[str, Any]:
+def _train(
+    cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSignals, cleanup: contextlib.ExitStack
+) -> dict[str, Any]:
     if dist_info.is_main:
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.train.output_dir) / "config.yaml").write_text(config_yaml)
@@ -328,8 +359,9 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
     if run.resume_from is not None:
         run.checkpointer.load(run.resume_from, run.pieces)
         log.info("resumed from %s at step %d", run.resume_from, run.state.step)
-    logger = MetricLogger(run.run_dir, cfg.logging, cfg.train.steps, run.state.step, dist_info.is_main,
-                          config=yaml.safe_load(config_yaml))
+    logger = MetricLogger(
+        run.run_dir, cfg.logging, cfg.train.steps, run.state.step, dist_info.is_main, config=yaml.safe_load(config_yaml)
+    )
     meter, guard = StepMeter(cfg, dist_info, run), NumericsGuard(cfg.train.max_nonfinite_steps, dist_info.rank)
     preempted = False
     while run.state.step < cfg.train.steps:
@@ -375,13 +407,26 @@ def _train(cfg: RunConfig, dist_info: DistInfo, config_yaml: str, stop: StopSign
     return _finish(cfg, dist_info, run, logger, meter, config_yaml, preempted)
 
 
-def _finish(cfg: RunConfig, dist_info: DistInfo, run: Run, logger: MetricLogger, meter: StepMeter,
-            config_yaml: str, preempted: bool) -> dict[str, Any]:
+def _finish(
+    cfg: RunConfig,
+    dist_info: DistInfo,
+    run: Run,
+    logger: MetricLogger,
+    meter: StepMeter,
+    config_yaml: str,
+    preempted: bool,
+) -> dict[str, Any]:
     """The final checkpoint, then (unless pre-empted) the final evaluation, curves and the result table."""
     step = run.state.step
     final = run.checkpointer.save(step, run.pieces, config_yaml)
-    result = {"step": step, "checkpoint": str(final), "metrics": meter.last, "eval": {}, "eval_table": None,
-              "preempted": preempted}
+    result = {
+        "step": step,
+        "checkpoint": str(final),
+        "metrics": meter.last,
+        "eval": {},
+        "eval_table": None,
+        "preempted": preempted,
+    }
     if preempted:
         logger.close()
         log.warning("stopped at step %d on a signal; checkpoint %s; continue with --resume auto", step, final)
@@ -421,18 +466,26 @@ class NumericsGuard:
                 self.in_a_row = 0
                 continue
             self.in_a_row, self.total = self.in_a_row + 1, self.total + 1
-            log.warning("step %d: non-finite loss or gradient (loss %s); update skipped (%d in a row)", step,
-                        float(loss), self.in_a_row)
+            log.warning(
+                "step %d: non-finite loss or gradient (loss %s); update skipped (%d in a row)",
+                step,
+                float(loss),
+                self.in_a_row,
+            )
             if self.in_a_row >= self.max_in_a_row:
-                return NonFiniteError(f"{self.in_a_row} steps in a row with a non-finite loss or gradient, the last "
-                                      f"at step {step} on rank {self.rank}; its batch's first keys: {keys} "
-                                      "(train.max_nonfinite_steps)")
+                return NonFiniteError(
+                    f"{self.in_a_row} steps in a row with a non-finite loss or gradient, the last "
+                    f"at step {step} on rank {self.rank}; its batch's first keys: {keys} "
+                    "(train.max_nonfinite_steps)"
+                )
         return None
 
     @staticmethod
     def peer_abort(step: int) -> NonFiniteError:
-        return NonFiniteError(f"step {step}: another rank reached train.max_nonfinite_steps non-finite steps in a row "
-                              "(its log names the step and the batch keys); every rank stops")
+        return NonFiniteError(
+            f"step {step}: another rank reached train.max_nonfinite_steps non-finite steps in a row "
+            "(its log names the step and the batch keys); every rank stops"
+        )
 
 
 @contextlib.contextmanager
@@ -473,13 +526,21 @@ class StepMeter:
         batch_size, world_size = self.cfg.data.batch_size, self.dist_info.world_size
         scale = out["logit_scale"].item()
         self.last = {
-            "train/loss": out["loss"].item(), "train/lr": self.run.scheduler.get_last_lr()[0],
-            "train/logit_scale": scale, "train/temperature": 1.0 / scale, "train/grad_norm": out["grad_norm"].item(),
-            "train/epoch": self.run.loader.epoch, "perf/samples_per_s": self.steps * batch_size * world_size / elapsed,
+            "train/loss": out["loss"].item(),
+            "train/lr": self.run.scheduler.get_last_lr()[0],
+            "train/logit_scale": scale,
+            "train/temperature": 1.0 / scale,
+            "train/grad_norm": out["grad_norm"].item(),
+            "train/epoch": self.run.loader.epoch,
+            "perf/samples_per_s": self.steps * batch_size * world_size / elapsed,
             "perf/samples_per_s_per_device": self.steps * batch_size / elapsed,
-            "perf/step_time_s": elapsed / self.steps, "perf/compute_time_s": (elapsed - self.data_wait) / self.steps,
-            "perf/max_memory_mb": _max_memory_mb(self.dist_info.device), "model/parameters": self.parameters,
-            "perf/data_wait_fraction": self.data_wait / elapsed, "train/nonfinite_steps": nonfinite_total,
-            **{f"data/skipped_{k}": v for k, v in self.run.loader.skipped.items()}}
+            "perf/step_time_s": elapsed / self.steps,
+            "perf/compute_time_s": (elapsed - self.data_wait) / self.steps,
+            "perf/max_memory_mb": _max_memory_mb(self.dist_info.device),
+            "model/parameters": self.parameters,
+            "perf/data_wait_fraction": self.data_wait / elapsed,
+            "train/nonfinite_steps": nonfinite_total,
+            **{f"data/skipped_{k}": v for k, v in self.run.loader.skipped.items()},
+        }
         self.start, self.steps, self.data_wait = time.perf_counter(), 0, 0.0
         return self.last

@@ -51,8 +51,15 @@ class LoggingConfig:
 
 
 class MetricLogger:
-    def __init__(self, run_dir: Path, cfg: LoggingConfig, total_steps: int, start_step: int, enabled: bool,
-                 config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: LoggingConfig,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        config: dict[str, Any] | None = None,
+    ) -> None:
         self.enabled, self.cfg = enabled, cfg
         self.total_steps, self.start_step, self.started = total_steps, start_step, time.monotonic()
         self.writer = None
@@ -136,8 +143,9 @@ def _start_wandb(run_dir: Path, cfg: LoggingConfig, config: dict[str, Any]):
 
     id_file = run_dir / "wandb_id.txt"
     run_id = id_file.read_text().strip() if id_file.is_file() else None
-    tracker = WandBTracker(cfg.wandb_project, name=cfg.wandb_run_name or run_dir.name, dir=str(run_dir), id=run_id,
-                           resume="allow")
+    tracker = WandBTracker(
+        cfg.wandb_project, name=cfg.wandb_run_name or run_dir.name, dir=str(run_dir), id=run_id, resume="allow"
+    )
     tracker.start()
     id_file.write_text(tracker.run.id + "\n")
     tracker.store_init_configuration(_flatten(config))
@@ -164,11 +172,17 @@ def plot_curves(run_dir: Path) -> Path:
     temp_axis.set(xlabel="step", ylabel="temperature (1 / logit scale)", title="temperature")
     if health:
         health_steps = [r["step"] for r in health]
-        axes[2].plot(health_steps, [r["health/alignment"] for r in health], marker="o", label="alignment (lower: "
-                     "pairs closer)")
+        axes[2].plot(
+            health_steps, [r["health/alignment"] for r in health], marker="o", label="alignment (lower: pairs closer)"
+        )
         for modality, style in (("image", "--"), ("text", ":")):
-            axes[2].plot(health_steps, [r[f"health/uniformity_{modality}"] for r in health], style, marker="s",
-                         label=f"uniformity {modality} (lower: more spread)")
+            axes[2].plot(
+                health_steps,
+                [r[f"health/uniformity_{modality}"] for r in health],
+                style,
+                marker="s",
+                label=f"uniformity {modality} (lower: more spread)",
+            )
         axes[2].set(xlabel="step", ylabel="Wang & Isola (2020)", title="held-out alignment / uniformity")
         axes[2].legend(fontsize=8)
     figure.tight_layout()

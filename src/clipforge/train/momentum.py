@@ -33,8 +33,9 @@ from clipforge.train.parallel import unwrap
 class MomentumQueue:
     """The momentum encoder and the two queues of one rank (every rank holds the same ones)."""
 
-    def __init__(self, model: torch.nn.Module, size: int, momentum: float, rank: int = 0, world_size: int = 1,
-                 group=None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, size: int, momentum: float, rank: int = 0, world_size: int = 1, group=None
+    ) -> None:
         online = unwrap(model)
         # train mode, as MoCo's key encoder: batch-norm towers normalise keys with the batch's statistics, like the
         # online model's queries (running statistics of a fast-changing network lag behind it)
@@ -62,8 +63,10 @@ class MomentumQueue:
         with autocast():
             image = self.encoder.encode_image(images)
             text = self.encoder.encode_text(texts)
-        return (all_gather(F.normalize(image.float(), dim=-1), self.world_size, self.group),
-                all_gather(F.normalize(text.float(), dim=-1), self.world_size, self.group))
+        return (
+            all_gather(F.normalize(image.float(), dim=-1), self.world_size, self.group),
+            all_gather(F.normalize(text.float(), dim=-1), self.world_size, self.group),
+        )
 
     def queued(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.image_queue[: self.filled], self.text_queue[: self.filled]
@@ -90,8 +93,13 @@ class MomentumQueue:
         self.filled = min(self.size, self.filled + count)
 
     def state_dict(self) -> dict:
-        return {"encoder": self.encoder.state_dict(), "image_queue": self.image_queue, "text_queue": self.text_queue,
-                "filled": self.filled, "pointer": self.pointer}
+        return {
+            "encoder": self.encoder.state_dict(),
+            "image_queue": self.image_queue,
+            "text_queue": self.text_queue,
+            "filled": self.filled,
+            "pointer": self.pointer,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.encoder.load_state_dict(state["encoder"])

@@ -57,8 +57,9 @@ class OptimConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule: {self.schedule!r} is not one of {SCHEDULES}")
         if self.schedule == "constant-cooldown" and self.cooldown_steps <= 0:
-            raise ValueError(f"optim.cooldown_steps: constant-cooldown needs a positive length, got "
-                             f"{self.cooldown_steps}")
+            raise ValueError(
+                f"optim.cooldown_steps: constant-cooldown needs a positive length, got {self.cooldown_steps}"
+            )
         if self.lr <= 0:
             raise ValueError(f"optim.lr: must be positive, got {self.lr}")
         if self.warmup_steps < 0:
@@ -110,8 +111,9 @@ def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
 
 
-def load_schedule_state(scheduler, optimizer: torch.optim.Optimizer, state: dict, cfg: OptimConfig,
-                        total_steps: int) -> None:
+def load_schedule_state(
+    scheduler, optimizer: torch.optim.Optimizer, state: dict, cfg: OptimConfig, total_steps: int
+) -> None:
     """Resume the schedule's position (its step count) from a checkpoint, after ``optimizer.load_state_dict``. The
     learning rate itself follows this run's config (optim.lr, warmup, schedule, train.steps), as open_clip_train
     recomputes it from its arguments every step; with an unchanged config it is the same number."""

@@ -50,8 +50,9 @@ class PreparedModel:
     channels_last: bool  # batches' images go channels-last too
 
 
-def prepare_model(model: torch.nn.Module, model_cfg: ModelConfig, train_cfg, learn_temperature: bool,
-                  dist_info: DistInfo) -> PreparedModel:
+def prepare_model(
+    model: torch.nn.Module, model_cfg: ModelConfig, train_cfg, learn_temperature: bool, dist_info: DistInfo
+) -> PreparedModel:
     """``model`` (open_clip, as ``build_model`` made it) ready to train; ``train_cfg`` is the ``TrainConfig``."""
     apply_training_options(model, model_cfg, learn_temperature)
     trim_text = train_cfg.trim_text_padding and enable_text_trimming(model)
@@ -59,8 +60,13 @@ def prepare_model(model: torch.nn.Module, model_cfg: ModelConfig, train_cfg, lea
     if channels_last:
         model.to(memory_format=torch.channels_last)
         log.info("channels-last memory format (train.channels_last: %s)", train_cfg.channels_last)
-    wrapped = parallelize(model, dist_info, train_cfg.parallel, train_cfg.reshard_after_forward,
-                          torch.bfloat16 if train_cfg.precision == "bf16" else None)
+    wrapped = parallelize(
+        model,
+        dist_info,
+        train_cfg.parallel,
+        train_cfg.reshard_after_forward,
+        torch.bfloat16 if train_cfg.precision == "bf16" else None,
+    )
     if train_cfg.compile:
         wrapped.compile()
     return PreparedModel(wrapped, trim_text, channels_last)
@@ -76,14 +82,17 @@ def apply_training_options(model: torch.nn.Module, cfg: ModelConfig, learn_tempe
         try:
             model.set_grad_checkpointing(True)
         except AssertionError as exn:  # open_clip's ModifiedResNet: "not supported"
-            raise ValueError(f"model.grad_checkpointing: not supported by {type(model.visual).__name__} "
-                             "image towers") from exn
+            raise ValueError(
+                f"model.grad_checkpointing: not supported by {type(model.visual).__name__} image towers"
+            ) from exn
     if cfg.lock_image:
-        model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
-                               freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
+        model.lock_image_tower(
+            unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=cfg.lock_image_freeze_bn_stats
+        )
     if cfg.lock_text:
-        model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers,
-                              freeze_layer_norm=cfg.lock_text_freeze_layer_norm)
+        model.lock_text_tower(
+            unlocked_layers=cfg.lock_text_unlocked_layers, freeze_layer_norm=cfg.lock_text_freeze_layer_norm
+        )
 
 
 def use_channels_last(setting: bool | str, model: torch.nn.Module) -> bool:
@@ -94,8 +103,13 @@ def use_channels_last(setting: bool | str, model: torch.nn.Module) -> bool:
     return visual is not None and sum(isinstance(m, torch.nn.Conv2d) for m in visual.modules()) > 1
 
 
-def parallelize(model: nn.Module, dist_info: DistInfo, strategy: str = "ddp", reshard_after_forward: bool = True,
-                mixed_precision: torch.dtype | None = None) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    dist_info: DistInfo,
+    strategy: str = "ddp",
+    reshard_after_forward: bool = True,
+    mixed_precision: torch.dtype | None = None,
+) -> nn.Module:
     """``model`` on ``dist_info.device``, wrapped in DDP (``strategy="ddp"``) or sharded in place with FSDP2
     (``"fsdp"``, see ``shard_model``); a single process only moves it. ``reshard_after_forward`` and
     ``mixed_precision`` apply to FSDP2 only."""
@@ -154,8 +168,12 @@ def residual_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def shard_model(model: nn.Module, dist_info: DistInfo, reshard_after_forward: bool = True,
-                mixed_precision: torch.dtype | None = None) -> nn.Module:
+def shard_model(
+    model: nn.Module,
+    dist_info: DistInfo,
+    reshard_after_forward: bool = True,
+    mixed_precision: torch.dtype | None = None,
+) -> nn.Module:
     """Shard ``model`` (on ``dist_info.device``, under an initialised process group) with FSDP2, in place.
 
     ``fully_shard`` on each of ``residual_blocks(model)``, then on the root; 0-dim parameters (``logit_scale``,
@@ -166,16 +184,21 @@ def shard_model(model: nn.Module, dist_info: DistInfo, reshard_after_forward: bo
     Returns ``model`` itself, its class swapped for FSDP's subclass.
     """
     if any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules()):
-        raise ValueError("train.parallel=fsdp: this model has BatchNorm layers (a CLIP-ResNet tower), whose running "
-                         "statistics FSDP does not keep equal across ranks as DDP does; use train.parallel=ddp")
+        raise ValueError(
+            "train.parallel=fsdp: this model has BatchNorm layers (a CLIP-ResNet tower), whose running "
+            "statistics FSDP does not keep equal across ranks as DDP does; use train.parallel=ddp"
+        )
     _broadcast_from_rank_zero(model)
     scalars = [parameter for parameter in model.parameters() if parameter.ndim == 0]
     for parameter in scalars:
         if parameter.requires_grad:
             parameter.register_hook(_averaged_over_ranks)
     mesh = init_device_mesh(torch.device(dist_info.device).type, (dist_info.world_size,))
-    policy = MixedPrecisionPolicy() if mixed_precision is None else \
-        MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
+    policy = (
+        MixedPrecisionPolicy()
+        if mixed_precision is None
+        else MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
+    )
     options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     for block in residual_blocks(model):
         fully_shard(block, **options)

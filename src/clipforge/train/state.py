@@ -97,10 +97,12 @@ class OptimizerState:
             else:
                 self.optimizer.load_state_dict(state)
         except (ValueError, KeyError) as exc:  # torch: "... parameter group that doesn't match the size of ..."
-            raise ValueError(f"its optimizer state does not fit this run's parameter groups ({exc}). Checkpoints "
-                             "written before clipforge decayed the embeddings as OpenCLIP does resume with "
-                             "optim.weight_decay_embeddings=false; otherwise the model, its locked towers or the "
-                             "weight-decay setting differ from the run that wrote it") from exc
+            raise ValueError(
+                f"its optimizer state does not fit this run's parameter groups ({exc}). Checkpoints "
+                "written before clipforge decayed the embeddings as OpenCLIP does resume with "
+                "optim.weight_decay_embeddings=false; otherwise the model, its locked towers or the "
+                "weight-decay setting differ from the run that wrote it"
+            ) from exc
 
 
 class ScheduleState:
@@ -145,14 +147,25 @@ class RNGState:
         if cuda_state is None:
             import logging
 
-            logging.getLogger(__name__).warning("the checkpoint holds no CUDA generator state for %s; it keeps this "
-                                                "run's seed", self.device)
+            logging.getLogger(__name__).warning(
+                "the checkpoint holds no CUDA generator state for %s; it keeps this run's seed", self.device
+            )
             return
         torch.cuda.set_rng_state(cuda_state, self.device)
 
 
-def restart_state(model, optimizer, scheduler, optim_cfg: OptimConfig, total_steps: int, train: TrainState, loader,
-                  device: str, scaler=None, queue=None) -> dict[str, Piece]:
+def restart_state(
+    model,
+    optimizer,
+    scheduler,
+    optim_cfg: OptimConfig,
+    total_steps: int,
+    train: TrainState,
+    loader,
+    device: str,
+    scaler=None,
+    queue=None,
+) -> dict[str, Piece]:
     """Every piece of restart state, in loading order (the schedule after the optimizer, whose groups it sets)."""
     pieces = {
         "model": Piece(SHARDED, ModelState(model)),

@@ -40,8 +40,17 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class PlainStep:
-    def __init__(self, model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler, device: str, precision: str, grad_clip_norm: float | None, max_logit_scale: float) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        device: str,
+        precision: str,
+        grad_clip_norm: float | None,
+        max_logit_scale: float,
+    ) -> None:
         self.model, self.loss_fn, self.optimizer, self.scheduler = model, loss_fn, optimizer, scheduler
         self.device = torch.device(device)
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
@@ -49,7 +58,8 @@ class PlainStep:
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         # fused AdamW takes the skip as a device flag; its kernel on DTensor shards is left to the host check
         self.skips_on_device = optimizer.defaults.get("fused") is True and not any(
-            type(p).__name__ == "DTensor" for p in unwrap(model).parameters())
+            type(p).__name__ == "DTensor" for p in unwrap(model).parameters()
+        )
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -63,8 +73,9 @@ class PlainStep:
 
     def _ids(self, batch: dict) -> dict[str, torch.Tensor]:
         """Per-sample caption / image ids for loss.positives (the whole batch's, also under GradCache)."""
-        return {key: batch[key].to(self.device, non_blocking=True) for key in ("caption_ids", "image_ids")
-                if key in batch}
+        return {
+            key: batch[key].to(self.device, non_blocking=True) for key in ("caption_ids", "image_ids") if key in batch
+        }
 
     def backward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Gradients of the batch's loss in ``.grad``; returns the loss terms and the scale used."""
@@ -72,12 +83,20 @@ class PlainStep:
         texts = batch["texts"].to(self.device, non_blocking=True)
         with self._autocast():
             out = self.model(images, texts)
-        losses = self._loss(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float(),
-                            None if out.get("logit_bias") is None else out["logit_bias"].float(), self._ids(batch))
+        losses = self._loss(
+            out["image_features"].float(),
+            out["text_features"].float(),
+            out["logit_scale"].float(),
+            None if out.get("logit_bias") is None else out["logit_bias"].float(),
+            self._ids(batch),
+        )
         loss = sum(losses.values())
         self._backward(loss)
-        return {"loss": loss.detach(), "logit_scale": out["logit_scale"].detach().float(),
-                **{k: v.detach() for k, v in losses.items()}}
+        return {
+            "loss": loss.detach(),
+            "logit_scale": out["logit_scale"].detach().float(),
+            **{k: v.detach() for k, v in losses.items()},
+        }
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -131,8 +150,14 @@ class QueueStep(PlainStep):
         with self._autocast():
             out = self.model(images, texts)
         scale = out["logit_scale"].float()
-        loss = queue_contrastive_loss(out["image_features"].float(), out["text_features"].float(), *self._keys,
-                                      *self.queue.queued(), scale, self.rank)
+        loss = queue_contrastive_loss(
+            out["image_features"].float(),
+            out["text_features"].float(),
+            *self._keys,
+            *self.queue.queued(),
+            scale,
+            self.rank,
+        )
         self._backward(loss)
         return {"loss": loss.detach(), "logit_scale": scale.detach(), "contrastive": loss.detach()}
 
@@ -180,8 +205,9 @@ class CachedAccumulationStep(PlainStep):
         image_features.requires_grad_()
         text_features.requires_grad_()
         scale = core.logit_scale.detach().exp().requires_grad_()
-        bias = core.logit_bias.detach().clone().requires_grad_() if getattr(core, "logit_bias", None) is not None \
-            else None
+        bias = (
+            core.logit_bias.detach().clone().requires_grad_() if getattr(core, "logit_bias", None) is not None else None
+        )
         losses = self._loss(image_features, text_features, scale, bias, self._ids(batch))
         loss = sum(losses.values())
         self._backward(loss)
@@ -195,8 +221,9 @@ class CachedAccumulationStep(PlainStep):
             with sync:
                 with self._autocast():
                     out = self.model(chunk_images, chunk_texts)
-                surrogate = (out["image_features"].float() * image_grads[index]).sum() + \
-                    (out["text_features"].float() * text_grads[index]).sum()
+                surrogate = (out["image_features"].float() * image_grads[index]).sum() + (
+                    out["text_features"].float() * text_grads[index]
+                ).sum()
                 if last:  # temperature and bias: their gradient from the one loss evaluation
                     surrogate = surrogate + (out["logit_scale"].float() * scale.grad).sum()
                     if bias is not None:
@@ -206,8 +233,19 @@ class CachedAccumulationStep(PlainStep):
         return {"loss": loss.detach(), "logit_scale": scale.detach(), **{k: v.detach() for k, v in losses.items()}}
 
 
-def build_step(model, loss_fn, optimizer, scheduler, device: str, precision: str, grad_clip_norm, max_logit_scale,
-               accum_steps: int = 1, queue=None, rank: int = 0) -> PlainStep:
+def build_step(
+    model,
+    loss_fn,
+    optimizer,
+    scheduler,
+    device: str,
+    precision: str,
+    grad_clip_norm,
+    max_logit_scale,
+    accum_steps: int = 1,
+    queue=None,
+    rank: int = 0,
+) -> PlainStep:
     args = (model, loss_fn, optimizer, scheduler, device, precision, grad_clip_norm, max_logit_scale)
     if queue is not None:
         if accum_steps > 1:
