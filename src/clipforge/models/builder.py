@@ -22,9 +22,10 @@ from open_clip.transformer import text_global_pool
 
 from clipforge.checkpoints import is_checkpoint, read_weights
 
-# JSON architectures shipped with the project (``configs/models/NAME.json``); a config may also
-# name a JSON file anywhere by path.
-PROJECT_MODEL_DIR = Path(__file__).resolve().parents[3] / "configs" / "models"
+# JSON architectures shipped inside the package (``clipforge/models/configs/NAME.json``, linked from the
+# checkout's ``configs/models/``), so an installed wheel builds them too; a config may also name a JSON file
+# anywhere by path.
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
@@ -89,8 +90,8 @@ def resolve_architecture(name: str) -> str:
     if path.suffix == ".json":
         if not path.is_file():
             raise FileNotFoundError(f"model.name: JSON model config {name!r} does not exist")
-    elif name not in open_clip.list_models() and (PROJECT_MODEL_DIR / f"{name}.json").is_file():
-        path = PROJECT_MODEL_DIR / f"{name}.json"
+    elif name not in open_clip.list_models() and (MODEL_CONFIG_DIR / f"{name}.json").is_file():
+        path = MODEL_CONFIG_DIR / f"{name}.json"
     else:
         path = None
     if path is not None:
@@ -99,7 +100,7 @@ def resolve_architecture(name: str) -> str:
     if name not in open_clip.list_models():
         raise ValueError(
             f"model.name: unknown architecture {name!r}; it is neither an open_clip model "
-            f"(see open_clip.list_models()) nor a JSON file in {PROJECT_MODEL_DIR}"
+            f"(see open_clip.list_models()) nor a JSON file in {MODEL_CONFIG_DIR}"
         )
     return name
 
