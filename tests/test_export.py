@@ -234,6 +234,7 @@ def test_pipeline_predicts_what_clipforge_eval_predicts(synth_data, tiny_model_j
     assert card.data.datasets == ["org/shapes"] and card.data.library_name == "transformers"
     assert card.text.lstrip().startswith("# run\n")  # titled after the run (RUN/checkpoints/step_N), not the folder
     assert "## Results" in card.text and f"| {results['colors']['acc1']:.1%} |" in card.text  # the eval table
+    assert f"candidate_labels={classnames[:5]!r}" in card.text  # the usage example classifies the eval's classes
 
 
 def test_open_clip_loads_the_open_clip_folder(clip_export):
@@ -603,3 +604,36 @@ def test_export_help_explains_every_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "--help"])
     assert exit_info.value.code == 0 and "--push" in capsys.readouterr().out
+
+
+def card_snippets(folder: Path) -> list[str]:
+    """The Python blocks of an export's model card."""
+    return re.findall(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.DOTALL)
+
+
+PETS = {  # a classification set as `clipforge eval` reports it: per-class accuracies keyed by the suite's class names
+    "task": "zeroshot_classification",
+    "acc1": 0.5,
+    "per_class_accuracy": {name: 0.5 for name in ("abyssinian", "beagle", "birman", "boxer", "chihuahua", "pug")},
+}
+RETRIEVAL = {"task": "zeroshot_retrieval", "image_retrieval_recall@1": 0.5}
+
+
+@torch.no_grad()
+def test_the_cards_example_classifies_the_eval_classes_and_runs_on_the_folder(gelu_export, tmp_path):
+    """The card's snippet runs as written (the Hub name being the local folder) with the first class names of the
+    reported classification set; without results, or with retrieval only, a generic example stands in."""
+    _, built, _ = gelu_export
+    folder, expected = tmp_path / "card", ["abyssinian", "beagle", "birman", "boxer", "chihuahua"]
+    export_model(built, folder, ("hf",), CardInfo(name=str(folder), eval_results={"flickr": RETRIEVAL, "pets": PETS}))
+    (snippet,) = card_snippets(folder)
+    assert f"candidate_labels={expected!r}" in snippet and "`pets`" in (folder / "README.md").read_text()
+    assert repr([f"a photo of a {name}" for name in expected]) in snippet
+    namespace = {"image": images(1, size=45)[0]}
+    exec(snippet, namespace)
+    assert namespace["probs"].shape == (1, len(expected))
+    for name, given in (("none", None), ("retrieval", {"flickr": RETRIEVAL})):
+        export_model(built, tmp_path / name, ("hf",), CardInfo(name=name, eval_results=given))
+        (snippet,) = card_snippets(tmp_path / name)
+        assert "candidate_labels=['cat', 'dog', 'car']" in snippet
+        assert "classification set" not in (tmp_path / name / "README.md").read_text()

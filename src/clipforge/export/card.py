@@ -2,7 +2,9 @@
 
 Metadata (library, tags, license, datasets, pipeline tag) is written with ``huggingface_hub``'s
 ``ModelCardData`` so the Hub parses it as it parses its own. Results come from a ``clipforge eval``
-JSON (``{dataset: metrics}``) rendered by the evaluation package's ``markdown_table``.
+JSON (``{dataset: metrics}``) rendered by the evaluation package's ``markdown_table``. The usage examples
+classify with the first class names of the first classification set in those results (the names its per-class
+accuracies are keyed by, so the suite's own), and with generic labels only when no set names classes.
 """
 
 from __future__ import annotations
@@ -124,7 +126,37 @@ def _training_section(info: CardInfo) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _usage_section(name: str, formats: list[str], family: str | None, context_length: int) -> str:
+GENERIC_LABELS = ["cat", "dog", "car"]
+NUM_EXAMPLE_LABELS = 5
+
+
+def example_labels(eval_results: dict[str, Any] | None) -> tuple[str | None, list[str]]:
+    """The dataset and first class names of the first classification set in ``eval_results`` (zero-shot first,
+    then a linear probe), read from its per-class accuracies; ``(None, GENERIC_LABELS)`` when there is none."""
+    sets = [(name, metrics) for name, metrics in (eval_results or {}).items() if isinstance(metrics, dict)]
+    for task in ("zeroshot_classification", "linear_probe"):
+        for name, metrics in sets:
+            per_class = metrics.get("per_class_accuracy")
+            if metrics.get("task") == task and isinstance(per_class, dict) and per_class:
+                return name, [str(label) for label in per_class][:NUM_EXAMPLE_LABELS]
+    return None, GENERIC_LABELS
+
+
+def _labels_sentence(dataset: str | None) -> str:
+    if dataset is None:
+        return ""
+    return f"The class names are the first of `{dataset}`, the classification set in the results above.\n\n"
+
+
+def _usage_section(
+    name: str,
+    formats: list[str],
+    family: str | None,
+    context_length: int,
+    eval_results: dict[str, Any] | None = None,
+) -> str:
+    dataset, labels = example_labels(eval_results)
+    texts = [f"a photo of a {label}" for label in labels]
     parts = []
     if "hf" in formats and family == "siglip":
         parts.append(f"""### transformers
@@ -143,19 +175,19 @@ from transformers import CLIPModel, CLIPProcessor, pipeline
 
 model = CLIPModel.from_pretrained("{name}")
 processor = CLIPProcessor.from_pretrained("{name}")
-inputs = processor(text=["a red circle", "a blue star"], images=image, return_tensors="pt", padding=True)
+inputs = processor(text={texts!r}, images=image, return_tensors="pt", padding=True)
 probs = model(**inputs).logits_per_image.softmax(dim=-1)
 
 classifier = pipeline("zero-shot-image-classification", model="{name}")
-classifier(image, candidate_labels=["circle", "star"])
+classifier(image, candidate_labels={labels!r})
 ```
 
-The tokenizer is open_clip's BPE with a context of {context_length} tokens (`truncation=True` cuts longer
-captions as open_clip does). Images that need resizing are preprocessed exactly as in training's evaluation with
-`AutoImageProcessor.from_pretrained("{name}", backend="pil")`; the default torchvision backend resizes tensors
-and differs slightly. open_clip also cleans text with `ftfy` and HTML unescaping; for captions with curly
-quotes, ligatures, full-width letters or HTML entities apply `open_clip.tokenizer.basic_clean` first to get
-identical token ids.
+{_labels_sentence(dataset)}The tokenizer is open_clip's BPE with a context of {context_length} tokens
+(`truncation=True` cuts longer captions as open_clip does). Images that need resizing are preprocessed exactly as
+in training's evaluation with `AutoImageProcessor.from_pretrained("{name}", backend="pil")`; the default
+torchvision backend resizes tensors and differs slightly. open_clip also cleans text with `ftfy` and HTML
+unescaping; for captions with curly quotes, ligatures, full-width letters or HTML entities apply
+`open_clip.tokenizer.basic_clean` first to get identical token ids.
 """)
     if "open_clip" in formats:
         parts.append(f"""### open_clip
@@ -173,7 +205,11 @@ A local copy loads with `"local-dir:PATH"` in place of `"hf-hub:{name}"`.
 
 
 def model_card(
-    built: BuiltModel, info: CardInfo, formats: list[str], family: str | None, notes: list[str]
+    built: BuiltModel,
+    info: CardInfo,
+    formats: list[str],
+    family: str | None,
+    notes: list[str],
 ) -> ModelCard:
     """The README.md for an export folder written in ``formats`` ("hf", "open_clip")."""
     tags = ["clip", "clipforge", "zero-shot-image-classification"] + (["siglip"] if family == "siglip" else [])
@@ -209,7 +245,7 @@ def model_card(
         _training_section(info),
         "## How to load",
         "",
-        _usage_section(info.name, formats, family, text_cfg.get("context_length", 77)),
+        _usage_section(info.name, formats, family, text_cfg.get("context_length", 77), info.eval_results),
     ]
     if notes:
         body += ["## Conversion notes", "", *[f"- {note}" for note in notes], ""]
