@@ -148,17 +148,60 @@ def _labels_sentence(dataset: str | None) -> str:
     return f"The class names are the first of `{dataset}`, the classification set in the results above.\n\n"
 
 
+def _towers_section(name: str, family: str | None, towers: dict[str, dict], labels: list[str]) -> str:
+    """How to load the encoders of ``towers`` ({"text"|"image": {"folder", "class", "processor"}}, as written)."""
+    embeds = {"text": "text_embeds", "image": "image_embeds"} if family == "clip" else {}
+    texts = [f"a photo of a {label}" for label in labels]
+    imports = [towers[tower]["class"] for tower in towers]
+    imports += ["AutoImageProcessor"] if "image" in towers else []
+    imports += ["AutoTokenizer"] if towers.get("text", {}).get("processor") else []
+    lines = ["### transformers: the encoders alone", "", "```python", f"from transformers import {', '.join(imports)}"]
+    if "text" in towers:
+        text = towers["text"]
+        lines += ["", f'text_encoder = {text["class"]}.from_pretrained("{name}", subfolder="{text["folder"]}")']
+        if text["processor"]:
+            padding = "padding=True" if family == "clip" else 'padding="max_length"'  # SigLIP attends to padding
+            lines += [
+                f'tokenizer = AutoTokenizer.from_pretrained("{name}", subfolder="{text["processor"]}")',
+                f'inputs = tokenizer({texts!r}, {padding}, truncation=True, return_tensors="pt")',
+            ]
+        else:
+            lines.append("inputs = {'input_ids': token_ids}  # from open_clip's tokenizer: see the conversion notes")
+        lines.append(f"text_embeds = text_encoder(**inputs).{embeds.get('text', 'pooler_output')}")
+    if "image" in towers:
+        image = towers["image"]
+        lines += [
+            "",
+            f'image_encoder = {image["class"]}.from_pretrained("{name}", subfolder="{image["folder"]}")',
+            f'processor = AutoImageProcessor.from_pretrained("{name}", subfolder="{image["processor"]}", '
+            'backend="pil")',
+            f'image_embeds = image_encoder(**processor(images=image, return_tensors="pt")).'
+            f"{embeds.get('image', 'pooler_output')}",
+        ]
+    lines += [
+        "```",
+        "",
+        "Each subfolder is a model of its own, laid out as diffusers pipelines read their encoders; the embeddings "
+        "are the full model's, not normalised.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _usage_section(
     name: str,
     formats: list[str],
     family: str | None,
     context_length: int,
+    towers: dict[str, dict] | None = None,
     eval_results: dict[str, Any] | None = None,
 ) -> str:
     dataset, labels = example_labels(eval_results)
     texts = [f"a photo of a {label}" for label in labels]
     parts = []
-    if "hf" in formats and family == "siglip":
+    if "hf" in formats and towers:
+        note = _labels_sentence(dataset)
+        parts.append(_towers_section(name, family, towers, labels) + ("\n" + note if note else ""))
+    elif "hf" in formats and family == "siglip":
         parts.append(f"""### transformers
 
 ```python
@@ -210,16 +253,19 @@ def model_card(
     formats: list[str],
     family: str | None,
     notes: list[str],
+    towers: dict[str, dict] | None = None,
 ) -> ModelCard:
-    """The README.md for an export folder written in ``formats`` ("hf", "open_clip")."""
-    tags = ["clip", "clipforge", "zero-shot-image-classification"] + (["siglip"] if family == "siglip" else [])
-    tags += ["open_clip"] if "open_clip" in formats else []
+    """The README.md for an export folder written in ``formats`` ("hf", "open_clip"); ``towers``, where the "hf"
+    format wrote encoders alone, is what ``write_transformers`` says it wrote of them."""
+    encoders_alone = bool(towers) and "hf" in formats  # they cannot classify: no zero-shot tag, and no Hub widget
+    tags = ["clip", "clipforge"] + ([] if encoders_alone else ["zero-shot-image-classification"])
+    tags += (["siglip"] if family == "siglip" else []) + (["open_clip"] if "open_clip" in formats else [])
     data = ModelCardData(
         library_name="transformers" if "hf" in formats else "open_clip",
         license=info.license,
         tags=tags,
         datasets=hub_datasets(info.run_config, info.datasets) or None,
-        pipeline_tag="zero-shot-image-classification",
+        pipeline_tag=None if encoders_alone else "zero-shot-image-classification",
     )
     text_cfg, vision_cfg = built.model_cfg.get("text_cfg", {}), built.model_cfg.get("vision_cfg", {})
     image_tower = (
@@ -245,7 +291,7 @@ def model_card(
         _training_section(info),
         "## How to load",
         "",
-        _usage_section(info.name, formats, family, text_cfg.get("context_length", 77), info.eval_results),
+        _usage_section(info.name, formats, family, text_cfg.get("context_length", 77), towers, info.eval_results),
     ]
     if notes:
         body += ["## Conversion notes", "", *[f"- {note}" for note in notes], ""]
