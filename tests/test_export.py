@@ -234,6 +234,7 @@ def test_pipeline_predicts_what_clipforge_eval_predicts(synth_data, tiny_model_j
     assert card.data.datasets == ["org/shapes"] and card.data.library_name == "transformers"
     assert card.text.lstrip().startswith("# run\n")  # titled after the run (RUN/checkpoints/step_N), not the folder
     assert "## Results" in card.text and f"| {results['colors']['acc1']:.1%} |" in card.text  # the eval table
+    assert f"candidate_labels={classnames[:5]!r}" in card.text  # the usage example classifies the eval's classes
 
 
 def test_open_clip_loads_the_open_clip_folder(clip_export):
@@ -603,3 +604,208 @@ def test_export_help_explains_every_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "--help"])
     assert exit_info.value.code == 0 and "--push" in capsys.readouterr().out
+
+
+def card_snippets(folder: Path) -> list[str]:
+    """The Python blocks of an export's model card."""
+    return re.findall(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.DOTALL)
+
+
+PETS = {  # a classification set as `clipforge eval` reports it: per-class accuracies keyed by the suite's class names
+    "task": "zeroshot_classification",
+    "acc1": 0.5,
+    "per_class_accuracy": {name: 0.5 for name in ("abyssinian", "beagle", "birman", "boxer", "chihuahua", "pug")},
+}
+RETRIEVAL = {"task": "zeroshot_retrieval", "image_retrieval_recall@1": 0.5}
+
+
+@torch.no_grad()
+def test_the_cards_example_classifies_the_eval_classes_and_runs_on_the_folder(gelu_export, tmp_path):
+    """The card's snippet runs as written (the Hub name being the local folder) with the first class names of the
+    reported classification set; without results, or with retrieval only, a generic example stands in."""
+    _, built, _ = gelu_export
+    folder, expected = tmp_path / "card", ["abyssinian", "beagle", "birman", "boxer", "chihuahua"]
+    export_model(built, folder, ("hf",), CardInfo(name=str(folder), eval_results={"flickr": RETRIEVAL, "pets": PETS}))
+    (snippet,) = card_snippets(folder)
+    assert f"candidate_labels={expected!r}" in snippet and "`pets`" in (folder / "README.md").read_text()
+    assert repr([f"a photo of a {name}" for name in expected]) in snippet
+    namespace = {"image": images(1, size=45)[0]}
+    exec(snippet, namespace)
+    assert namespace["probs"].shape == (1, len(expected))
+    for name, given in (("none", None), ("retrieval", {"flickr": RETRIEVAL})):
+        export_model(built, tmp_path / name, ("hf",), CardInfo(name=name, eval_results=given))
+        (snippet,) = card_snippets(tmp_path / name)
+        assert "candidate_labels=['cat', 'dog', 'car']" in snippet
+        assert "classification set" not in (tmp_path / name / "README.md").read_text()
+
+
+class Records(logging.Handler):
+    """Every record transformers logs while attached (its loggers do not propagate to pytest's caplog)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(record.getMessage() for record in self.records)
+
+
+def load_reporting(model_class, folder: Path, **kwargs):
+    """``model_class.from_pretrained`` with its loading info and whatever transformers logged while loading."""
+    handler, logger = Records(), logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        model, info = model_class.from_pretrained(folder, output_loading_info=True, **kwargs)
+    finally:
+        logger.removeHandler(handler)
+    return model.eval(), info, handler.text
+
+
+def assert_loads_cleanly(info: dict, log: str) -> None:
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert not re.search(r"UNEXPECTED|MISSING|MISMATCH|newly initialized", log), log
+
+
+@pytest.fixture(scope="module")
+def tower_exports(exports, tmp_path_factory) -> dict:
+    """The GELU and QuickGELU models of ``exports`` written with --towers both, beside their combined folders."""
+    made = {}
+    for activation, (built, _) in exports.items():
+        out = tmp_path_factory.mktemp(f"towers-{activation}") / "tiny-towers"
+        summary = export_model(built, out, ("hf",), CardInfo(name=out.name), ("text", "image"))
+        made[activation] = (out, summary)
+    return made
+
+
+@torch.no_grad()
+def test_text_and_image_towers_load_alone_and_give_the_full_models_embeddings(clip_export, tower_exports):
+    """Each tower loads into transformers' encoder-only class with no unexpected or missing key, and gives the
+    embeddings of the combined CLIPModel and of the clipforge model; the combined folder does not load cleanly."""
+    from transformers import (
+        AutoImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        CLIPVisionModelWithProjection,
+    )
+
+    activation, built, combined = clip_export
+    folder, summary = tower_exports[activation]
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "README.md",
+        "clipforge_export.json",
+        "feature_extractor",
+        "image_encoder",
+        "text_encoder",
+        "tokenizer",
+    ]  # the encoders in place of the combined model, in diffusers' layout
+    assert summary["written"][0]["towers"]["image"] == {
+        "folder": "image_encoder",
+        "class": "CLIPVisionModelWithProjection",
+        "processor": "feature_extractor",
+    }
+    _, info, log = load_reporting(CLIPTextModelWithProjection, combined)  # the report this export removes
+    assert len(info["unexpected_keys"]) > 20 and "UNEXPECTED" in log
+    text_encoder, info, log = load_reporting(CLIPTextModelWithProjection, folder, subfolder="text_encoder")
+    assert_loads_cleanly(info, log)
+    image_encoder, info, log = load_reporting(CLIPVisionModelWithProjection, folder, subfolder="image_encoder")
+    assert_loads_cleanly(info, log)
+    assert text_encoder.config.hidden_act == image_encoder.config.hidden_act == activation
+
+    full = CLIPModel.from_pretrained(combined).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    inputs = tokenizer(CAPTIONS, padding=True, truncation=True, return_tensors="pt")
+    reference = CLIPProcessor.from_pretrained(combined)(
+        text=CAPTIONS, padding=True, truncation=True, return_tensors="pt"
+    )
+    assert torch.equal(inputs["input_ids"], reference["input_ids"])
+    text_embeds = text_encoder(**inputs).text_embeds
+    assert (text_embeds - full.get_text_features(**inputs).pooler_output).abs().max() < TOLERANCE
+    assert (text_embeds - built.model.encode_text(built.tokenizer(CAPTIONS))).abs().max() < TOLERANCE
+
+    pictures = images(2, size=45) + images(2)  # resized and cropped, and already at the model's size
+    processor = AutoImageProcessor.from_pretrained(folder, subfolder="feature_extractor", backend="pil")
+    pixels = processor(images=pictures, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(
+        pixels, torch.stack([built.eval_transform(picture) for picture in pictures]), atol=1e-6, rtol=0
+    )
+    image_embeds = image_encoder(pixel_values=pixels).image_embeds
+    assert (image_embeds - full.get_image_features(pixel_values=pixels).pooler_output).abs().max() < TOLERANCE
+    assert (image_embeds - built.model.encode_image(pixels)).abs().max() < TOLERANCE
+    assert image_embeds.std() > 1e-3 and text_embeds.std() > 1e-3  # real numbers, not a constant both sides share
+
+
+@torch.no_grad()
+def test_siglip_towers_load_alone_as_siglip_text_and_vision_models(tiny_siglip_json, tmp_path):
+    from transformers import SiglipModel, SiglipTextModel, SiglipVisionModel
+
+    torch.manual_seed(0)
+    built = build_model(ModelConfig(name=tiny_siglip_json, init_logit_bias=-10.0, init_logit_scale=2.302585))
+    model = built.model.eval()
+    export_model(built, tmp_path / "full", ("hf",), CardInfo(name="full"))
+    summary = export_model(built, tmp_path / "towers", ("hf",), CardInfo(name="towers"), ("text", "image"))
+    assert summary["written"][0]["towers"]["text"] == {
+        "folder": "text_encoder",
+        "class": "SiglipTextModel",
+        "processor": None,
+    }
+    assert not (tmp_path / "towers" / "tokenizer").exists() and "no tokenizer written" in summary["notes"][0]
+    assert load_reporting(SiglipTextModel, tmp_path / "full")[1]["unexpected_keys"]  # what the towers export removes
+    text_encoder, info, log = load_reporting(SiglipTextModel, tmp_path / "towers", subfolder="text_encoder")
+    assert_loads_cleanly(info, log)
+    image_encoder, info, log = load_reporting(SiglipVisionModel, tmp_path / "towers", subfolder="image_encoder")
+    assert_loads_cleanly(info, log)
+    full = SiglipModel.from_pretrained(tmp_path / "full").eval()
+    pixels, tokens = torch.randn(3, 3, 32, 32), built.tokenizer(CAPTIONS)  # open_clip's ids: padded with 0, no mask
+    text_embeds = text_encoder(input_ids=tokens).pooler_output
+    image_embeds = image_encoder(pixel_values=pixels).pooler_output
+    assert (text_embeds - full.get_text_features(input_ids=tokens).pooler_output).abs().max() < TOLERANCE
+    assert (text_embeds - model.encode_text(tokens)).abs().max() < TOLERANCE
+    assert (image_embeds - full.get_image_features(pixel_values=pixels).pooler_output).abs().max() < TOLERANCE
+    assert (image_embeds - model.encode_image(pixels)).abs().max() < TOLERANCE
+
+
+def test_cli_towers_writes_the_encoder_asked_for_and_refuses_them_without_transformers(
+    gelu_export, tiny_model_json, tmp_path, capsys
+):
+    _, built, _ = gelu_export
+    cfg = load_config(None, ["data.train_urls=x.tar", f"model.name={tiny_model_json}"])
+    checkpoint = write_checkpoint(built, to_yaml(cfg), tmp_path / "run")
+    assert main(["export", str(checkpoint), "--towers", "text", "--format", "both", "--out", str(tmp_path / "t")]) == 0
+    assert "encoders alone: text" in capsys.readouterr().out
+    names = {path.name for path in (tmp_path / "t").iterdir()}
+    assert {"text_encoder", "tokenizer", "open_clip_model.safetensors"} <= names
+    assert not names & {"image_encoder", "feature_extractor", "config.json", "model.safetensors"}
+    card = ModelCard.load(tmp_path / "t" / "README.md")
+    assert card.data.pipeline_tag is None and "zero-shot-image-classification" not in card.data.tags
+    assert 'CLIPTextModelWithProjection.from_pretrained("run", subfolder="text_encoder")' in card.text
+    assert "image_encoder" not in card.text
+    assert (
+        main(["export", str(checkpoint), "--towers", "both", "--format", "open_clip", "--out", str(tmp_path / "o")])
+        == 2
+    )
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "towers ['text', 'image']" in error and "must include 'hf', got ['open_clip']" in error
+    assert not (tmp_path / "o").exists()
+
+
+@torch.no_grad()
+def test_the_towers_cards_example_runs_on_the_folder(gelu_export, tmp_path):
+    """The card of an encoders-only export loads them from their subfolders, as written, with the eval's classes."""
+    _, built, _ = gelu_export
+    folder = tmp_path / "towers-card"
+    export_model(built, folder, ("hf",), CardInfo(name=str(folder), eval_results={"pets": PETS}), ("text", "image"))
+    (snippet,) = card_snippets(folder)
+    texts = [f"a photo of a {name}" for name in list(PETS["per_class_accuracy"])[:5]]
+    assert repr(texts) in snippet
+    image = images(1, size=45)[0]
+    namespace = {"image": image}
+    exec(snippet, namespace)
+    assert (namespace["text_embeds"] - built.model.encode_text(built.tokenizer(texts))).abs().max() < TOLERANCE
+    pixels = built.eval_transform(image)[None]  # (1, 3, 32, 32)
+    assert (namespace["image_embeds"] - built.model.encode_image(pixels)).abs().max() < TOLERANCE

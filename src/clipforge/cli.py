@@ -7,6 +7,7 @@ clipforge prep inspect data/mine
 clipforge train configs/demo.yaml --set optim.lr=5e-4 --set data.batch_size=256
 clipforge eval runs/demo/checkpoints/latest --suite eval/synthetic.yaml
 clipforge export runs/demo/checkpoints/latest --format hf --out exported/demo [--push org/name]
+clipforge export runs/vit/checkpoints/latest --towers text --out exported/vit-text-encoder
 clipforge submit configs/vit-b-32.yaml --nodes 16 --gpus-per-node 8 --partition gpu --time 48:00:00
 """
 
@@ -292,10 +293,13 @@ def _export(args: argparse.Namespace) -> int:
     import yaml
     from huggingface_hub.errors import HfHubHTTPError
 
-    from clipforge.export import CannotConvert, CardInfo, export_model, find_eval_results, push_to_hub
+    from clipforge.export import CannotConvert, CardInfo, check_request, export_model, find_eval_results, push_to_hub
     from clipforge.export.hub import HubUnavailable
     from clipforge.models import ModelConfig, build_model, load_weights
 
+    formats = ["hf", "open_clip"] if args.format == "both" else [args.format]
+    towers = {None: (), "both": ("text", "image")}.get(args.towers, (args.towers,))
+    check_request(formats, towers)  # before the model is built
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "config.yaml").is_file():
         raise FileNotFoundError(f"{checkpoint}: not a clipforge checkpoint directory (no config.yaml)")
@@ -327,14 +331,14 @@ def _export(args: argparse.Namespace) -> int:
         license=args.license,
         datasets=args.dataset,
     )
-    formats = ["hf", "open_clip"] if args.format == "both" else [args.format]
     try:
-        summary = export_model(built, args.out, formats, card)
+        summary = export_model(built, args.out, formats, card, towers)
     except FileExistsError as exc:
         raise ValueError(str(exc)) from exc
     except CannotConvert as exc:
         raise CannotConvert(f"{exc} (--format open_clip exports every architecture)") from exc
-    print(f"exported {checkpoint} ({', '.join(formats)}) to {args.out}")
+    alone = f"; encoders alone: {', '.join(towers)}" if towers else ""
+    print(f"exported {checkpoint} ({', '.join(formats)}{alone}) to {args.out}")
     if args.push:
         try:
             summary["pushed"] = push_to_hub(
@@ -371,6 +375,13 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
         choices=("hf", "open_clip", "both"),
         default="hf",
         help="hf: transformers folder; open_clip: open_clip folder; both: one folder with both (hf)",
+    )
+    export.add_argument(
+        "--towers",
+        choices=("text", "image", "both"),
+        help="write the transformers encoders alone, in place of the combined model: text -> text_encoder/ + "
+        "tokenizer/ (CLIPTextModelWithProjection or SiglipTextModel), image -> image_encoder/ + feature_extractor/ "
+        "(CLIPVisionModelWithProjection or SiglipVisionModel), both -> all four (default: the combined model)",
     )
     export.add_argument("--out", required=True, help="output folder (replaced if it holds an earlier export)")
     export.add_argument(

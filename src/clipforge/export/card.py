@@ -2,7 +2,9 @@
 
 Metadata (library, tags, license, datasets, pipeline tag) is written with ``huggingface_hub``'s
 ``ModelCardData`` so the Hub parses it as it parses its own. Results come from a ``clipforge eval``
-JSON (``{dataset: metrics}``) rendered by the evaluation package's ``markdown_table``.
+JSON (``{dataset: metrics}``) rendered by the evaluation package's ``markdown_table``. The usage examples
+classify with the first class names of the first classification set in those results (the names its per-class
+accuracies are keyed by, so the suite's own), and with generic labels only when no set names classes.
 """
 
 from __future__ import annotations
@@ -124,9 +126,82 @@ def _training_section(info: CardInfo) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _usage_section(name: str, formats: list[str], family: str | None, context_length: int) -> str:
+GENERIC_LABELS = ["cat", "dog", "car"]
+NUM_EXAMPLE_LABELS = 5
+
+
+def example_labels(eval_results: dict[str, Any] | None) -> tuple[str | None, list[str]]:
+    """The dataset and first class names of the first classification set in ``eval_results`` (zero-shot first,
+    then a linear probe), read from its per-class accuracies; ``(None, GENERIC_LABELS)`` when there is none."""
+    sets = [(name, metrics) for name, metrics in (eval_results or {}).items() if isinstance(metrics, dict)]
+    for task in ("zeroshot_classification", "linear_probe"):
+        for name, metrics in sets:
+            per_class = metrics.get("per_class_accuracy")
+            if metrics.get("task") == task and isinstance(per_class, dict) and per_class:
+                return name, [str(label) for label in per_class][:NUM_EXAMPLE_LABELS]
+    return None, GENERIC_LABELS
+
+
+def _labels_sentence(dataset: str | None) -> str:
+    if dataset is None:
+        return ""
+    return f"The class names are the first of `{dataset}`, the classification set in the results above.\n\n"
+
+
+def _towers_section(name: str, family: str | None, towers: dict[str, dict], labels: list[str]) -> str:
+    """How to load the encoders of ``towers`` ({"text"|"image": {"folder", "class", "processor"}}, as written)."""
+    embeds = {"text": "text_embeds", "image": "image_embeds"} if family == "clip" else {}
+    texts = [f"a photo of a {label}" for label in labels]
+    imports = [towers[tower]["class"] for tower in towers]
+    imports += ["AutoImageProcessor"] if "image" in towers else []
+    imports += ["AutoTokenizer"] if towers.get("text", {}).get("processor") else []
+    lines = ["### transformers: the encoders alone", "", "```python", f"from transformers import {', '.join(imports)}"]
+    if "text" in towers:
+        text = towers["text"]
+        lines += ["", f'text_encoder = {text["class"]}.from_pretrained("{name}", subfolder="{text["folder"]}")']
+        if text["processor"]:
+            padding = "padding=True" if family == "clip" else 'padding="max_length"'  # SigLIP attends to padding
+            lines += [
+                f'tokenizer = AutoTokenizer.from_pretrained("{name}", subfolder="{text["processor"]}")',
+                f'inputs = tokenizer({texts!r}, {padding}, truncation=True, return_tensors="pt")',
+            ]
+        else:
+            lines.append("inputs = {'input_ids': token_ids}  # from open_clip's tokenizer: see the conversion notes")
+        lines.append(f"text_embeds = text_encoder(**inputs).{embeds.get('text', 'pooler_output')}")
+    if "image" in towers:
+        image = towers["image"]
+        lines += [
+            "",
+            f'image_encoder = {image["class"]}.from_pretrained("{name}", subfolder="{image["folder"]}")',
+            f'processor = AutoImageProcessor.from_pretrained("{name}", subfolder="{image["processor"]}", '
+            'backend="pil")',
+            f'image_embeds = image_encoder(**processor(images=image, return_tensors="pt")).'
+            f"{embeds.get('image', 'pooler_output')}",
+        ]
+    lines += [
+        "```",
+        "",
+        "Each subfolder is a model of its own, laid out as diffusers pipelines read their encoders; the embeddings "
+        "are the full model's, not normalised.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _usage_section(
+    name: str,
+    formats: list[str],
+    family: str | None,
+    context_length: int,
+    towers: dict[str, dict] | None = None,
+    eval_results: dict[str, Any] | None = None,
+) -> str:
+    dataset, labels = example_labels(eval_results)
+    texts = [f"a photo of a {label}" for label in labels]
     parts = []
-    if "hf" in formats and family == "siglip":
+    if "hf" in formats and towers:
+        note = _labels_sentence(dataset)
+        parts.append(_towers_section(name, family, towers, labels) + ("\n" + note if note else ""))
+    elif "hf" in formats and family == "siglip":
         parts.append(f"""### transformers
 
 ```python
@@ -143,19 +218,19 @@ from transformers import CLIPModel, CLIPProcessor, pipeline
 
 model = CLIPModel.from_pretrained("{name}")
 processor = CLIPProcessor.from_pretrained("{name}")
-inputs = processor(text=["a red circle", "a blue star"], images=image, return_tensors="pt", padding=True)
+inputs = processor(text={texts!r}, images=image, return_tensors="pt", padding=True)
 probs = model(**inputs).logits_per_image.softmax(dim=-1)
 
 classifier = pipeline("zero-shot-image-classification", model="{name}")
-classifier(image, candidate_labels=["circle", "star"])
+classifier(image, candidate_labels={labels!r})
 ```
 
-The tokenizer is open_clip's BPE with a context of {context_length} tokens (`truncation=True` cuts longer
-captions as open_clip does). Images that need resizing are preprocessed exactly as in training's evaluation with
-`AutoImageProcessor.from_pretrained("{name}", backend="pil")`; the default torchvision backend resizes tensors
-and differs slightly. open_clip also cleans text with `ftfy` and HTML unescaping; for captions with curly
-quotes, ligatures, full-width letters or HTML entities apply `open_clip.tokenizer.basic_clean` first to get
-identical token ids.
+{_labels_sentence(dataset)}The tokenizer is open_clip's BPE with a context of {context_length} tokens
+(`truncation=True` cuts longer captions as open_clip does). Images that need resizing are preprocessed exactly as
+in training's evaluation with `AutoImageProcessor.from_pretrained("{name}", backend="pil")`; the default
+torchvision backend resizes tensors and differs slightly. open_clip also cleans text with `ftfy` and HTML
+unescaping; for captions with curly quotes, ligatures, full-width letters or HTML entities apply
+`open_clip.tokenizer.basic_clean` first to get identical token ids.
 """)
     if "open_clip" in formats:
         parts.append(f"""### open_clip
@@ -173,17 +248,24 @@ A local copy loads with `"local-dir:PATH"` in place of `"hf-hub:{name}"`.
 
 
 def model_card(
-    built: BuiltModel, info: CardInfo, formats: list[str], family: str | None, notes: list[str]
+    built: BuiltModel,
+    info: CardInfo,
+    formats: list[str],
+    family: str | None,
+    notes: list[str],
+    towers: dict[str, dict] | None = None,
 ) -> ModelCard:
-    """The README.md for an export folder written in ``formats`` ("hf", "open_clip")."""
-    tags = ["clip", "clipforge", "zero-shot-image-classification"] + (["siglip"] if family == "siglip" else [])
-    tags += ["open_clip"] if "open_clip" in formats else []
+    """The README.md for an export folder written in ``formats`` ("hf", "open_clip"); ``towers``, where the "hf"
+    format wrote encoders alone, is what ``write_transformers`` says it wrote of them."""
+    encoders_alone = bool(towers) and "hf" in formats  # they cannot classify: no zero-shot tag, and no Hub widget
+    tags = ["clip", "clipforge"] + ([] if encoders_alone else ["zero-shot-image-classification"])
+    tags += (["siglip"] if family == "siglip" else []) + (["open_clip"] if "open_clip" in formats else [])
     data = ModelCardData(
         library_name="transformers" if "hf" in formats else "open_clip",
         license=info.license,
         tags=tags,
         datasets=hub_datasets(info.run_config, info.datasets) or None,
-        pipeline_tag="zero-shot-image-classification",
+        pipeline_tag=None if encoders_alone else "zero-shot-image-classification",
     )
     text_cfg, vision_cfg = built.model_cfg.get("text_cfg", {}), built.model_cfg.get("vision_cfg", {})
     image_tower = (
@@ -209,7 +291,7 @@ def model_card(
         _training_section(info),
         "## How to load",
         "",
-        _usage_section(info.name, formats, family, text_cfg.get("context_length", 77)),
+        _usage_section(info.name, formats, family, text_cfg.get("context_length", 77), towers, info.eval_results),
     ]
     if notes:
         body += ["## Conversion notes", "", *[f"- {note}" for note in notes], ""]

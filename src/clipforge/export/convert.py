@@ -29,6 +29,11 @@ from clipforge.export.towers import CannotConvert
 log = logging.getLogger(__name__)
 
 FAMILIES = {"clip": (clip, "CLIPModel"), "siglip": (siglip, "SiglipModel")}
+# The transformers class of each tower alone, whose weights are the combined model's under the same keys.
+TOWER_CLASSES = {
+    "clip": {"text": "CLIPTextModelWithProjection", "image": "CLIPVisionModelWithProjection"},
+    "siglip": {"text": "SiglipTextModel", "image": "SiglipVisionModel"},
+}
 
 
 @dataclass
