@@ -4,6 +4,7 @@ clipforge prep synthetic --out data/synth --num-samples 20000
 clipforge prep table captions.csv --out data/mine --image-column filepath --caption-column title
 clipforge prep hf path/to/saved_dataset --out data/mine        (or a folder of images: --imagefolder)
 clipforge prep inspect data/mine
+clipforge prep score data/mine --model runs/demo/checkpoints/latest --out data/mine-scores  (then filter, reshard)
 clipforge train configs/demo.yaml --set optim.lr=5e-4 --set data.batch_size=256
 clipforge eval runs/demo/checkpoints/latest --suite eval/synthetic.yaml
 clipforge export runs/demo/checkpoints/latest --format hf --out exported/demo [--push org/name]
@@ -33,6 +34,7 @@ def _prep(args: argparse.Namespace) -> int:
         num_eval_samples=args.num_eval_samples,
         num_retrieval_samples=args.num_retrieval_samples,
         num_workers=args.workers,
+        noise=args.noise,
     )
     summary = write_synthetic(spec, progress=not args.quiet)
     print(json.dumps(summary, indent=1))
@@ -214,6 +216,134 @@ def _add_prep_sources(prep_kinds: argparse._SubParsersAction) -> None:
     )
     inspect.add_argument("--quiet", action="store_true", help="no progress bar")
     inspect.set_defaults(func=_prep_inspect)
+
+
+def _prep_score(args: argparse.Namespace) -> int:
+    from clipforge.curation.score import ModelSpec, score_shards
+
+    device = args.device or ("cuda" if _cuda_available() else "cpu")
+    folder, architecture = (None, args.model) if args.weights else (args.model, None)
+    model = ModelSpec(folder, architecture, args.weights, device)
+    summary = score_shards(
+        args.shards, args.out, model, args.batch_size, args.workers, args.caption_key, progress=not args.quiet
+    )
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _prep_filter(args: argparse.Namespace) -> int:
+    from clipforge.curation.filter import FilterRules, filter_scores
+
+    rules = FilterRules(
+        min_words=args.min_words,
+        min_chars=args.min_chars,
+        max_nonalpha=args.max_nonalpha,
+        min_side=args.min_side,
+        max_aspect=args.max_aspect,
+        min_score=args.min_score,
+        top_fraction=args.top_fraction,
+        dedup_threshold=args.dedup_threshold,
+        dedup_backend=args.dedup_backend,
+        metadata=args.metadata,
+        balance_t=args.balance_t,
+        seed=args.seed,
+    )
+    card = filter_scores(args.scores, args.out, rules)
+    for rule in card["rules"]:
+        print(f"{rule['name']:>14}: {rule['in']} -> {rule['out']}")
+    print(f"kept {card['samples_out']} of {card['samples_in']}: {card['output']} (card: {Path(args.out) / 'card.md'})")
+    return 0
+
+
+def _prep_reshard(args: argparse.Namespace) -> int:
+    from clipforge.curation.reshard import reshard
+
+    card = reshard(args.shards, args.kept, args.out, args.samples_per_shard, args.embeddings)
+    print(json.dumps({key: card[key] for key in ("samples_in", "samples_out", "output", "extra")}, indent=1))
+    return 0
+
+
+def _add_prep_curation(prep_kinds: argparse._SubParsersAction) -> None:
+    score = prep_kinds.add_parser(
+        "score",
+        help="embed every pair with a CLIP model: embeddings per shard and a CLIP-score table (docs/curation.md)",
+        description="Embed the image and caption of every sample of SHARDS with a model (what `clipforge eval` "
+        "loads: a checkpoint, an open_clip folder, a transformers CLIP folder, or an architecture with "
+        "--weights). Writes OUT/NAME.{image,text}.npy (float16, rows aligned with OUT/NAME.keys.json), "
+        "OUT/scores.parquet (key, shard, row, score = cosine, caption, caption length, image size) and "
+        "OUT/teacher.json, so OUT also serves as data.teacher. Shards already scored are kept: repeat the "
+        "command to resume.",
+    )
+    score.add_argument("shards", help="directory of .tar shards, or brace-expanded shard paths")
+    score.add_argument(
+        "--model",
+        required=True,
+        metavar="M",
+        help="clipforge checkpoint, open_clip folder or transformers CLIP folder; with --weights, an open_clip "
+        "architecture, configs/models stem or JSON config (as `clipforge eval` takes them)",
+    )
+    score.add_argument("--weights", metavar="FILE", help="local weights when --model names an architecture")
+    score.add_argument("--out", required=True, help="output directory")
+    score.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (256)")
+    score.add_argument("--workers", type=int, default=2, help="scoring processes, each with the model loaded (2)")
+    score.add_argument("--caption-key", default="txt", help="the caption to score, as data.caption_key (txt)")
+    score.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    score.add_argument("--quiet", action="store_true", help="no progress bar")
+    score.set_defaults(func=_prep_score)
+
+    chosen = prep_kinds.add_parser(
+        "filter",
+        help="select pairs from a score table: DataComp rules, near-duplicates, MetaCLIP balancing",
+        description="Apply the given rules, in this order, to SCORES/scores.parquet: text (--min-words, "
+        "--min-chars, --max-nonalpha), image (--min-side, --max-aspect), CLIP score (--min-score or "
+        "--top-fraction of the pool), near-duplicates by image embedding (--dedup-threshold), MetaCLIP "
+        "balancing (--metadata, --balance-t). Writes OUT/kept.tsv (shard, key) and the data card OUT/card.json "
+        "and OUT/card.md (counts per rule, score histograms, entry counts before and after balancing).",
+    )
+    chosen.add_argument("scores", help="a `clipforge prep score` output directory")
+    chosen.add_argument("--out", required=True, help="output directory for kept.tsv and the card")
+    chosen.add_argument("--min-words", type=int, help="captions with at least this many words")
+    chosen.add_argument("--min-chars", type=int, help="captions with at least this many characters")
+    chosen.add_argument(
+        "--max-nonalpha", type=float, help="at most this share of caption characters not letters or spaces"
+    )
+    chosen.add_argument("--min-side", type=int, help="images whose shorter side has at least this many pixels")
+    chosen.add_argument("--max-aspect", type=float, help="images whose long / short side is at most this")
+    chosen.add_argument("--min-score", type=float, help="CLIP score (cosine) at least this")
+    chosen.add_argument("--top-fraction", type=float, help="the best-scored fraction of the pool, e.g. 0.3")
+    chosen.add_argument(
+        "--dedup-threshold", type=float, help="drop a sample whose image embedding has this cosine with a better one"
+    )
+    chosen.add_argument(
+        "--dedup-backend",
+        default="auto",
+        choices=("auto", "faiss", "blocks"),
+        help="nearest-neighbour search: faiss (pip install faiss-cpu) or numpy blocks; auto = faiss if present",
+    )
+    chosen.add_argument("--metadata", help="MetaCLIP balancing: a file of entries, one per line")
+    chosen.add_argument("--balance-t", type=int, default=20_000, help="at most about t pairs per entry (20000)")
+    chosen.add_argument("--seed", type=int, default=0, help="seed of the balancing draws (0)")
+    chosen.set_defaults(func=_prep_filter)
+
+    again = prep_kinds.add_parser(
+        "reshard",
+        help="write the pairs a filter kept as new shards, with sizes.json (and their embeddings)",
+        description="Copy the samples of SHARDS named in KEPT (kept.tsv or its folder) to OUT/00000.tar ... with "
+        "sizes.json, _stats.json and the data card OUT/reshard_card.{json,md}. With --embeddings SCORES the "
+        "kept samples' embeddings are written beside the new shards (data.teacher: OUT).",
+    )
+    again.add_argument("shards", help="directory of the source .tar shards, or brace-expanded shard paths")
+    again.add_argument("--kept", required=True, help="kept.tsv from `clipforge prep filter`, or its folder")
+    again.add_argument("--out", required=True, help="output directory")
+    again.add_argument("--samples-per-shard", type=int, default=1_000, help="samples per new shard (1000)")
+    again.add_argument("--embeddings", metavar="SCORES", help="`prep score` output whose rows to carry along")
+    again.set_defaults(func=_prep_reshard)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -443,9 +573,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-retrieval-samples", type=int, default=500, help="images in the retrieval set, 5 captions each (500)"
     )
     synth.add_argument("--workers", type=int, default=2, help="writer processes (2)")
+    synth.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        help="share of training captions replaced by another sample's, e.g. 0.3; the replaced keys are listed in "
+        "OUT/train/noisy_keys.tsv (for curation benchmarks; 0)",
+    )
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=_prep)
     _add_prep_sources(prep_kinds)
+    _add_prep_curation(prep_kinds)
 
     train = commands.add_parser(
         "train",

@@ -61,6 +61,13 @@ class RunConfig:
                 "loss.queue_size (a momentum encoder copied from the model) is not supported with "
                 "train.parallel=fsdp; use ddp"
             )
+        if self.loss.distill_weight and (self.data.teacher is None) == (self.loss.distill_model is None):
+            raise ValueError(
+                "loss.distill_weight needs one teacher: data.teacher (stored embeddings) or loss.distill_model "
+                f"(online), got data.teacher={self.data.teacher}, loss.distill_model={self.loss.distill_model}"
+            )
+        if self.data.teacher is not None and not self.loss.distill_weight:
+            raise ValueError(f"data.teacher={self.data.teacher} is set but loss.distill_weight=0 would not use it")
         if self.data.batch_size % self.train.accum_steps:
             raise ValueError(
                 f"data.batch_size={self.data.batch_size} is not divisible by train.accum_steps={self.train.accum_steps}"

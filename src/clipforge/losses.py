@@ -48,14 +48,28 @@ Options of the CLIP loss, each off by default (the default path is the plain los
 Both options need the (B_local, B_global) logits: loss.kind=clip with tile_size=0 only, one of them
 at a time (``LossConfig`` refuses other combinations, naming the keys).
 
-``naive_clip_loss`` and ``naive_siglip_loss`` are the single-process references of the tests;
+Distillation (``distill_weight`` = λ > 0; MobileCLIP, Vasu et al. 2024, "multi-modal reinforced training"): with
+a teacher's embeddings of the same samples (stored by ``clipforge prep score`` and read with ``data.teacher``, or
+computed online by ``loss.distill_model``), the student's image→text and text→image similarity distributions over
+the global batch are pulled towards the teacher's, at the teacher's temperature τ_T:
+
+    p^T_ij = softmax_j(cos(u_i, v_j) / τ_T)      p^S_ij = softmax_j(t · cos(x_i, y_j))      (teacher u, v; student x, y)
+    L_distill = 1/2 [ mean_i KL(p^T_i· || p^S_i·)  +  the same over the transposed matrices (text → image) ]
+    L = (1 - λ) L_CLIP + λ L_distill
+
+as MobileCLIP weighs them (λ = 1: distillation alone). Teacher embeddings are all-gathered without gradient;
+the student's with gradient, so each rank's rows give exactly one process's gradients (tested at 2 gloo ranks).
+The loss returns the two weighted terms, ``contrastive`` and ``distill``; their sum is what is minimised.
+
+``naive_clip_loss`` and ``naive_siglip_loss`` are the single-process references of the tests (and
+``naive_distillation_loss``);
 ``clamp_logit_scale`` is the post-step temperature clamp (CLIP: logit scale ≤ 100).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -141,7 +155,32 @@ class LossConfig:
     queue_momentum: float = 0.995
     """EMA factor of the momentum encoder that makes the queue's keys (with loss.queue_size)."""
 
+    distill_weight: float = 0.0
+    """λ of MobileCLIP's distillation: loss = (1 - λ) CLIP + λ KL(teacher ‖ student similarity distributions over
+    the global batch, both directions). 0 = off; 1 = distillation alone. The teacher's embeddings come from
+    data.teacher (a `clipforge prep score` output beside the shards) or loss.distill_model. clip only."""
+    distill_teacher_temperature: float | None = None
+    """The teacher's softmax temperature τ_T (its logits are cos / τ_T); None = the teacher's own, from the
+    teacher.json of data.teacher or the logit_scale of loss.distill_model."""
+    distill_model: str | None = None
+    """An online teacher when no embeddings are stored: a checkpoint, open_clip folder or transformers folder (as
+    `clipforge eval` loads it), run in eval mode without gradient on every batch. It must take the student's
+    inputs (image size, normalisation, tokenizer); otherwise store its embeddings with `clipforge prep score`."""
+
     def __post_init__(self) -> None:
+        if not 0 <= self.distill_weight <= 1:
+            raise ValueError(f"loss.distill_weight: must be in [0, 1] (0 = off), got {self.distill_weight}")
+        if self.distill_teacher_temperature is not None and not self.distill_teacher_temperature > 0:
+            raise ValueError(
+                f"loss.distill_teacher_temperature: must be positive, got {self.distill_teacher_temperature}"
+            )
+        if self.distill_weight and (self.kind != "clip" or self.queue_size):
+            raise ValueError(
+                "loss.distill_weight works with loss.kind=clip without loss.queue_size "
+                f"(got kind={self.kind}, queue_size={self.queue_size})"
+            )
+        if self.distill_model is not None and not self.distill_weight:
+            raise ValueError("loss.distill_model is set but loss.distill_weight=0 would not use it; set the weight")
         if self.queue_size < 0:
             raise ValueError(f"loss.queue_size: must be >= 0 (0 = off), got {self.queue_size}")
         if not 0 <= self.queue_momentum < 1:
@@ -563,7 +602,129 @@ def naive_siglip_loss(
     return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
 
 
-def build_loss(cfg: LossConfig, rank: int = 0, world_size: int = 1) -> torch.nn.Module:
+def _kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(softmax(teacher) ‖ softmax(student)), logits (R, C)."""
+    teacher_log_p = F.log_softmax(teacher_logits, dim=1)
+    student_log_p = F.log_softmax(student_logits, dim=1)
+    return (teacher_log_p.exp() * (teacher_log_p - student_log_p)).sum(dim=1).mean()
+
+
+def distillation_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    teacher_image: torch.Tensor,
+    teacher_text: torch.Tensor,
+    teacher_logit_scale: float,
+    rank: int = 0,
+    world_size: int = 1,
+    group=None,
+) -> torch.Tensor:
+    """MobileCLIP's L_distill for this rank's rows: student features (B_local, D) with gradient, the teacher's
+    (B_local, D_T) without; the mean of the two directions' KL over the global batch (DDP's average completes it)."""
+    teacher_image, teacher_text = teacher_image.detach().float(), teacher_text.detach().float()
+    all_image = gather_with_grad(image_features, rank, world_size, group)  # (B_global, D)
+    all_text = gather_with_grad(text_features, rank, world_size, group)  # (B_global, D)
+    all_teacher_image = all_gather(teacher_image, world_size, group)  # (B_global, D_T)
+    all_teacher_text = all_gather(teacher_text, world_size, group)  # (B_global, D_T)
+    image_to_text = _kl_rows(
+        teacher_logit_scale * teacher_image @ all_teacher_text.T, logit_scale * image_features @ all_text.T
+    )  # (B_local, B_global) logits on both sides
+    text_to_image = _kl_rows(
+        teacher_logit_scale * teacher_text @ all_teacher_image.T, logit_scale * text_features @ all_image.T
+    )
+    return (image_to_text + text_to_image) / 2
+
+
+def naive_distillation_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    teacher_image: torch.Tensor,
+    teacher_text: torch.Tensor,
+    teacher_logit_scale: float,
+) -> torch.Tensor:
+    """Reference: the whole (B, B) similarity matrices of one process, KL written out as Σ p log(p / q)."""
+    losses = []
+    for student, teacher in (
+        (logit_scale * image_features.float() @ text_features.float().T, teacher_image @ teacher_text.T),
+        (logit_scale * text_features.float() @ image_features.float().T, teacher_text @ teacher_image.T),
+    ):
+        p = torch.softmax(teacher_logit_scale * teacher.double(), dim=1)
+        q = torch.softmax(student.double(), dim=1)
+        losses.append((p * (p.log() - q.log())).sum(dim=1).mean())
+    return ((losses[0] + losses[1]) / 2).float()
+
+
+class DistillationLoss(torch.nn.Module):
+    """A contrastive loss plus MobileCLIP's distillation: {"contrastive": (1 - λ) L, "distill": λ L_distill}."""
+
+    def __init__(
+        self,
+        contrastive: torch.nn.Module,
+        weight: float,
+        teacher_temperature: float,
+        rank: int = 0,
+        world_size: int = 1,
+        group=None,
+    ) -> None:
+        super().__init__()
+        if not teacher_temperature > 0:
+            raise ValueError(f"loss.distill_teacher_temperature: must be positive, got {teacher_temperature}")
+        self.contrastive, self.weight, self.teacher_logit_scale = contrastive, weight, 1.0 / teacher_temperature
+        self.rank, self.world_size, self.group = rank, world_size, group
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        *,
+        teacher_image: torch.Tensor | None = None,
+        teacher_text: torch.Tensor | None = None,
+        **ids: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """``teacher_image`` / ``teacher_text``: (B_local, D_T) teacher embeddings of the same samples."""
+        if teacher_image is None or teacher_text is None:
+            raise ValueError(
+                "loss.distill_weight needs the teacher's embeddings of each batch: set data.teacher or "
+                "loss.distill_model"
+            )
+        if teacher_image.shape[0] != image_features.shape[0] or teacher_text.shape != teacher_image.shape:
+            raise ValueError(
+                f"teacher embeddings {tuple(teacher_image.shape)} / {tuple(teacher_text.shape)} do not match the "
+                f"batch of {image_features.shape[0]}"
+            )
+        image_features, text_features, scale = image_features.float(), text_features.float(), logit_scale.float()
+        contrastive = self.contrastive(image_features, text_features, scale, **ids)["contrastive"]
+        distill = distillation_loss(
+            image_features,
+            text_features,
+            scale,
+            teacher_image,
+            teacher_text,
+            self.teacher_logit_scale,
+            self.rank,
+            self.world_size,
+            self.group,
+        )
+        return {"contrastive": (1 - self.weight) * contrastive, "distill": self.weight * distill}
+
+
+def build_loss(
+    cfg: LossConfig, rank: int = 0, world_size: int = 1, teacher_temperature: float | None = None
+) -> torch.nn.Module:
+    """The configured loss; with ``cfg.distill_weight``, wrapped in ``DistillationLoss`` at
+    ``cfg.distill_teacher_temperature`` or else ``teacher_temperature`` (the teacher's own, found by the caller)."""
+    if cfg.distill_weight:
+        temperature = cfg.distill_teacher_temperature or teacher_temperature
+        if temperature is None:
+            raise ValueError(
+                "loss.distill_weight: the teacher's temperature is unknown (its teacher.json has none): set "
+                "loss.distill_teacher_temperature"
+            )
+        plain = build_loss(replace(cfg, distill_weight=0.0, distill_model=None), rank, world_size)
+        return DistillationLoss(plain, cfg.distill_weight, temperature, rank, world_size)
     if cfg.kind == "clip":
         return ClipLoss(
             rank,

@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -61,6 +62,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from clipforge.data.images import ImageTransform
 from clipforge.data.samples import DataError, SampleDecoder, SkipCounter, read_tar
 from clipforge.data.sources import Source, SourceConfig, open_shard
+from clipforge.data.teacher import TeacherEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,11 @@ class DataConfig:
     """Seed of shard order, resampling and shuffle buffers (epoch, rank and worker are mixed in)."""
     prefetch_factor: int = 4
     """Batches each worker prepares ahead."""
+    teacher: str | None = None
+    """A `clipforge prep score` output (or `prep reshard --embeddings` folder) holding teacher embeddings of these
+    shards, for loss.distill_weight. Rows are found by (shard file name, sample key), so shuffling, skipped samples
+    and resume keep them aligned; a sample without a row is skipped and counted as missing_teacher (an error with
+    data.strict). Batches then carry teacher_image and teacher_text (B, D_teacher) float32."""
 
     def __post_init__(self) -> None:
         if self.max_wait_seconds < 0:
@@ -268,7 +275,8 @@ class ShardedImageText(IterableDataset):
         skip = self.resume_consumed.get(worker, 0)
         quota = self.worker_batches.get(worker) if self.mode == "resampled" else None
         decode = SampleDecoder(self.transform, self.cfg.caption_key)
-        images, texts, keys, ids = [], [], [], []
+        teacher = TeacherEmbeddings(self.cfg.teacher) if self.cfg.teacher else None
+        images, texts, keys, ids, rows = [], [], [], [], []
         place = f"{self.cfg.seed}-{self.epoch}-{self.rank}-{worker}"
         for sample in shuffled:
             if quota is not None and position["produced"] >= quota:
@@ -278,6 +286,13 @@ class ShardedImageText(IterableDataset):
             position["consumed"] += 1
             if position["consumed"] <= skip:
                 continue
+            row = teacher.lookup(sample["__url__"], sample["__key__"]) if teacher is not None else None
+            if teacher is not None and row is None:  # looked up by (shard, key): nothing can misalign it
+                counter.skip(
+                    "missing_teacher", f"{sample['__url__']}:{sample['__key__']}", f"not in {self.cfg.teacher}"
+                )
+                self._count_unkept(unkept, counter, worker)
+                continue
             decoded = decode(sample, counter, random.Random(f"{place}-{position['consumed']}"))
             if decoded is None:
                 self._count_unkept(unkept, counter, worker)
@@ -286,12 +301,14 @@ class ShardedImageText(IterableDataset):
             images.append(decoded[0])
             texts.append(decoded[1])
             keys.append(sample["__key__"])
+            if row is not None:
+                rows.append(row)
             if self.sample_ids:
                 ids.append((stable_id(decoded[1].encode()), stable_id(sample[decoded[2]])))
             if len(images) == self.cfg.batch_size:
                 position["produced"] += 1
-                yield self._collate(images, texts, keys, ids, position, counter)
-                images, texts, keys, ids = [], [], [], []
+                yield self._collate(images, texts, keys, ids, position, counter, rows)
+                images, texts, keys, ids, rows = [], [], [], [], []
 
     def _collate(
         self,
@@ -301,6 +318,7 @@ class ShardedImageText(IterableDataset):
         ids: list[tuple[int, int]],
         position: dict[str, int],
         counter: SkipCounter,
+        teacher_rows: list[tuple[Any, Any]] = (),
     ) -> dict[str, Any]:
         stacked = torch.stack(images)
         if self.normalize_in_workers:
@@ -318,6 +336,9 @@ class ShardedImageText(IterableDataset):
         }
         if self.sample_ids:
             batch["caption_ids"], batch["image_ids"] = torch.tensor(ids, dtype=torch.int64).unbind(1)
+        if teacher_rows:  # (B, D_teacher) each
+            batch["teacher_image"] = torch.from_numpy(np.stack([image for image, _ in teacher_rows]))
+            batch["teacher_text"] = torch.from_numpy(np.stack([text for _, text in teacher_rows]))
         return batch
 
 
@@ -578,6 +599,8 @@ def build_train_loader(
     cleaned caption and of the image file's bytes) for the multi-positive loss. With ``trim_text`` each batch's
     tokens stop after its longest caption's end-of-text token (for a model ``enable_text_trimming`` accepted)."""
     sources = [Source.resolve(source, i) for i, source in enumerate(cfg.source_configs())]
+    if cfg.teacher is not None:
+        TeacherEmbeddings(cfg.teacher)  # a wrong folder fails here, not in a worker
     transform = ImageTransform.from_preprocess_cfg(preprocess_cfg, train=True, max_pixels=cfg.max_image_pixels)
     mode = cfg.mode
     num_shards = sum(len(source.shards) for source in sources)

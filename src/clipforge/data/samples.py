@@ -40,6 +40,7 @@ SKIP_KINDS = {
     "empty_caption": "a caption that is empty after cleaning",
     "decompression_bomb": "an image whose header declares more than data.max_image_pixels pixels",
     "corrupt_image": "an image that does not decode (truncated, zero bytes, not an image)",
+    "missing_teacher": "a sample with no row in data.teacher's embeddings (found by shard file name and key)",
 }
 
 

@@ -11,6 +11,9 @@ classification sets also get a ``train/`` split (for linear probes) drawn from t
 Shards are written under a temporary name and renamed, so an interrupted run never leaves a
 truncated ``.tar`` behind, and a re-run skips the shards that are already complete.
 
+With ``noise`` (``--noise 0.3``) that share of training captions is replaced by another sample's caption, the same
+images and keys otherwise, and ``train/noisy_keys.tsv`` lists which: the ground truth of curation benchmarks.
+
 Entry point: ``clipforge prep synthetic --out data/synth --num-samples 20000``.
 """
 
@@ -23,6 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
@@ -46,6 +50,42 @@ class SyntheticSpec:
     captions_per_image: int = 5
     num_eval_train_samples: int = 1_000  # train split of each classification set (linear probe); 0 = none
     num_workers: int = 2
+    noise: float = 0.0  # share of training captions replaced by another sample's (curation benchmarks)
+
+
+# The noise decisions draw from their own stream, so a noisy set shows the clean set's images, captions and keys.
+NOISE_STREAM = 100
+
+
+def _key(spec: SyntheticSpec, index: int) -> str:
+    return f"{index // spec.samples_per_shard:05d}{index % spec.samples_per_shard:04d}"
+
+
+def caption_source(spec: SyntheticSpec, index: int) -> int:
+    """The sample whose caption sample ``index`` carries: itself, or (with probability ``spec.noise``) another."""
+    if spec.noise <= 0 or spec.num_samples < 2:
+        return index
+    rng = np.random.default_rng([spec.seed, NOISE_STREAM, index])
+    if rng.random() >= spec.noise:
+        return index
+    other = int(rng.integers(spec.num_samples - 1))
+    return other + (other >= index)
+
+
+def _caption_of(spec: SyntheticSpec, index: int) -> str:
+    rng = synthetic.sample_rng(spec.seed, "train", index)
+    return synthetic.caption(synthetic.sample_scene(rng, heldout="exclude"), rng)
+
+
+def write_noisy_keys(spec: SyntheticSpec, path: Path) -> int:
+    """``path``: the keys whose caption was replaced (tab-separated: key, the key whose caption it carries)."""
+    lines = ["key\tcaption_from"]
+    for index in range(spec.num_samples):
+        source = caption_source(spec, index)
+        if source != index:
+            lines.append(f"{_key(spec, index)}\t{_key(spec, source)}")
+    path.write_text("\n".join(lines) + "\n")
+    return len(lines) - 1
 
 
 def write_tar(path: Path, samples: Iterator[dict]) -> int:
@@ -78,6 +118,9 @@ def _train_samples(spec: SyntheticSpec, shard: int) -> Iterator[dict]:
         scene = synthetic.sample_scene(rng, heldout="exclude")
         text = synthetic.caption(scene, rng)
         image = synthetic.render(scene, rng, spec.image_size)
+        source = caption_source(spec, index)
+        if source != index:
+            text = _caption_of(spec, source)
         key = f"{shard:05d}{index - start:04d}"
         meta = {
             "key": key,
@@ -187,6 +230,8 @@ def write_eval_sets(spec: SyntheticSpec) -> dict[str, int]:
 
 def write_synthetic(spec: SyntheticSpec, progress: bool = True) -> dict:
     """Write the training shards (in ``spec.num_workers`` processes) and the evaluation sets."""
+    if not 0 <= spec.noise < 1:
+        raise ValueError(f"--noise: a share of captions in [0, 1), got {spec.noise}")
     if spec.num_samples <= 0 or spec.samples_per_shard <= 0:
         raise ValueError(
             f"num_samples and samples_per_shard must be positive, got {spec.num_samples}, {spec.samples_per_shard}"
@@ -205,8 +250,10 @@ def write_synthetic(spec: SyntheticSpec, progress: bool = True) -> dict:
         )
         + "\n"
     )
+    noisy = write_noisy_keys(spec, train / "noisy_keys.tsv") if spec.noise > 0 else 0
     evaluation = write_eval_sets(spec)
     return {
+        "noisy_captions": noisy,
         "train_samples": sum(sizes.values()),
         "train_shards": num_shards,
         "train_urls": str(train / f"{{00000..{num_shards - 1:05d}}}.tar"),

@@ -28,6 +28,7 @@ from clipforge.train.optim import build_optimizer, build_scheduler
 from clipforge.train.parallel import prepare_model
 from clipforge.train.state import Piece, TrainState, restart_state
 from clipforge.train.step import PlainStep, build_step
+from clipforge.train.teacher import build_teacher
 
 if TYPE_CHECKING:
     from clipforge.config import RunConfig
@@ -88,9 +89,10 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
         if cfg.loss.queue_size
         else None
     )
+    teacher, teacher_temperature = build_teacher(cfg.loss, cfg.data.teacher, built, dist_info.device)
     step_fn = build_step(
         prepared.model,
-        build_loss(cfg.loss, dist_info.rank, dist_info.world_size),
+        build_loss(cfg.loss, dist_info.rank, dist_info.world_size, teacher_temperature),
         optimizer,
         scheduler,
         dist_info.device,
@@ -100,6 +102,7 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
         cfg.train.accum_steps,
         queue,
         dist_info.rank,
+        teacher,
     )
     state = TrainState()
     pieces = restart_state(

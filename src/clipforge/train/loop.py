@@ -541,6 +541,7 @@ class StepMeter:
             "perf/data_wait_fraction": self.data_wait / elapsed,
             "train/nonfinite_steps": nonfinite_total,
             **{f"data/skipped_{k}": v for k, v in self.run.loader.skipped.items()},
+            **({"train/distill": out["distill"].item()} if "distill" in out else {}),  # loss.distill_weight's term
         }
         self.start, self.steps, self.data_wait = time.perf_counter(), 0, 0.0
         return self.last

@@ -50,8 +50,10 @@ class PlainStep:
         precision: str,
         grad_clip_norm: float | None,
         max_logit_scale: float,
+        teacher=None,
     ) -> None:
         self.model, self.loss_fn, self.optimizer, self.scheduler = model, loss_fn, optimizer, scheduler
+        self.teacher = teacher  # loss.distill_model: (images, tokens) → teacher embeddings, no gradient
         self.device = torch.device(device)
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.grad_clip_norm, self.max_logit_scale = grad_clip_norm, max_logit_scale
@@ -66,16 +68,19 @@ class PlainStep:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _loss(self, image_features, text_features, logit_scale, logit_bias, ids=None) -> dict[str, torch.Tensor]:
+    def _loss(self, image_features, text_features, logit_scale, logit_bias, extras=None) -> dict[str, torch.Tensor]:
         if logit_bias is None:
-            return self.loss_fn(image_features, text_features, logit_scale, **(ids or {}))
+            return self.loss_fn(image_features, text_features, logit_scale, **(extras or {}))
         return self.loss_fn(image_features, text_features, logit_scale, logit_bias)
 
-    def _ids(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Per-sample caption / image ids for loss.positives (the whole batch's, also under GradCache)."""
-        return {
-            key: batch[key].to(self.device, non_blocking=True) for key in ("caption_ids", "image_ids") if key in batch
-        }
+    def _extras(self, batch: dict, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the loss takes besides features, for the whole batch (also under GradCache): per-sample caption /
+        image ids for loss.positives, the teacher's embeddings for loss.distill_weight (stored or online)."""
+        keys = ("caption_ids", "image_ids", "teacher_image", "teacher_text")
+        extras = {key: batch[key].to(self.device, non_blocking=True) for key in keys if key in batch}
+        if self.teacher is not None:
+            extras["teacher_image"], extras["teacher_text"] = self.teacher(images, texts)
+        return extras
 
     def backward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Gradients of the batch's loss in ``.grad``; returns the loss terms and the scale used."""
@@ -88,7 +93,7 @@ class PlainStep:
             out["text_features"].float(),
             out["logit_scale"].float(),
             None if out.get("logit_bias") is None else out["logit_bias"].float(),
-            self._ids(batch),
+            self._extras(batch, images, texts),
         )
         loss = sum(losses.values())
         self._backward(loss)
@@ -208,7 +213,7 @@ class CachedAccumulationStep(PlainStep):
         bias = (
             core.logit_bias.detach().clone().requires_grad_() if getattr(core, "logit_bias", None) is not None else None
         )
-        losses = self._loss(image_features, text_features, scale, bias, self._ids(batch))
+        losses = self._loss(image_features, text_features, scale, bias, self._extras(batch, images, texts))
         loss = sum(losses.values())
         self._backward(loss)
         sizes = [len(chunk_images) for chunk_images, _ in chunks]
@@ -245,8 +250,9 @@ def build_step(
     accum_steps: int = 1,
     queue=None,
     rank: int = 0,
+    teacher=None,
 ) -> PlainStep:
-    args = (model, loss_fn, optimizer, scheduler, device, precision, grad_clip_norm, max_logit_scale)
+    args = (model, loss_fn, optimizer, scheduler, device, precision, grad_clip_norm, max_logit_scale, teacher)
     if queue is not None:
         if accum_steps > 1:
             raise ValueError("loss.queue_size cannot be combined with train.accum_steps > 1")
