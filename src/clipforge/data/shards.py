@@ -23,7 +23,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import webdataset as wds
 from tqdm import tqdm
 
 from clipforge.data import synthetic
@@ -50,6 +49,8 @@ class SyntheticSpec:
 
 def write_tar(path: Path, samples: Iterator[dict]) -> int:
     """Write samples to ``path`` atomically (temp name, fsync, rename); returns the count."""
+    import webdataset as wds  # imports torch: here, so that prep inspect, which imports data.prep, needs none
+
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     count = 0
