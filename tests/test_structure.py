@@ -4,7 +4,19 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "clipforge"
-LIBRARY = ("models", "losses", "data", "evaluation", "export", "distributed")
+LIBRARY = (
+    "models",
+    "losses",
+    "loss_config",
+    "data",
+    "evaluation",
+    "eval_config",
+    "export",
+    "distributed",
+    "health",
+    "health_config",
+    "checkpoints",
+)
 APPLICATION = ("clipforge.train", "clipforge.cli", "clipforge.launch", "clipforge.config")
 
 

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -541,12 +542,28 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     export.set_defaults(func=_export)
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose description can end in text made only when its help is shown (``more_help``):
+    ``train --help`` lists every config key, which imports every config module; other commands need none of it."""
+
+    def __init__(self, *args, more_help: Callable[[], str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.more_help = more_help
+
+    def format_help(self) -> str:
+        if self.more_help is not None:
+            self.description, self.more_help = (self.description or "") + self.more_help(), None
+        return super().format_help()
+
+
+def _config_keys() -> str:
     from clipforge.config import describe_fields
 
-    parser = argparse.ArgumentParser(
-        prog="clipforge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    return describe_fields()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="clipforge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     prep = commands.add_parser("prep", help="write training shards and benchmark sets")
@@ -589,7 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a dual encoder from a YAML config",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train from CONFIG (YAML), with --set overrides. Every config key:\n\n" + describe_fields(),
+        description="Train from CONFIG (YAML), with --set overrides. Every config key:\n\n",
+        more_help=_config_keys,
     )
     train.add_argument("config", help="run config YAML, e.g. configs/demo.yaml")
     train.add_argument(
@@ -676,15 +694,15 @@ def main(argv: list[str] | None = None) -> int:
         # ~5x slower (2 cores); passive waiting costs nothing measurable on an idle machine or on a GPU run.
         # OpenMP reads it when torch loads, so it is set first (an explicit OMP_WAIT_POLICY wins).
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser().parse_args(argv)  # first: --help and usage errors exit here, before torch is imported
     rank = ""
-    if (sys.argv[1:] if argv is None else argv)[:1] == ["train"]:
+    if args.command == "train":
         from clipforge.distributed import DistInfo
 
         info = DistInfo.from_env(os.environ, cuda_available=False)
         rank = f"rank {info.rank} " if info.is_distributed else ""  # several ranks write to one SLURM log
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s")
     logging.getLogger("clipforge").setLevel(logging.INFO)  # ours at INFO; libraries' chatter stays at WARNING
-    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except _user_errors() as exc:
@@ -703,16 +721,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+_USER_ERRORS = (
+    ("clipforge.config", "ConfigError"),
+    ("clipforge.data.samples", "DataError"),
+    ("clipforge.checkpoints", "CorruptCheckpoint"),
+    ("clipforge.health", "CollapseError"),
+    ("clipforge.train.loop", "NonFiniteError"),
+)
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     """What a user's input causes (a config, a path, bad data, a damaged checkpoint, a run that diverged): reported
-    as one line. Anything else is a bug in clipforge or a library and keeps its traceback."""
-    from clipforge.checkpoints import CorruptCheckpoint
-    from clipforge.config import ConfigError
-    from clipforge.data.samples import DataError
-    from clipforge.health import CollapseError
-    from clipforge.train.loop import NonFiniteError
+    as one line. Anything else is a bug in clipforge or a library and keeps its traceback.
 
-    return ConfigError, DataError, CorruptCheckpoint, CollapseError, NonFiniteError, FileNotFoundError, ValueError
+    Only the modules already imported are asked: an error class whose module was never imported cannot have been
+    raised, and importing them (torch, the whole trainer) would make a one-line message take seconds."""
+    loaded = [getattr(sys.modules[module], name) for module, name in _USER_ERRORS if module in sys.modules]
+    return *loaded, FileNotFoundError, ValueError
 
 
 def _add_debug_flag(parser: argparse.ArgumentParser) -> None:

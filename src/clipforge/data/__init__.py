@@ -1,15 +1,25 @@
-"""Training data: sources and shard lists, fast image decoding, the webdataset stream, shard writers."""
+"""Training data: sources and shard lists, fast image decoding, the webdataset stream, shard writers.
 
-from clipforge.data.images import ImageTransform
-from clipforge.data.pipeline import DataConfig, ShardedImageText, TrainLoader, build_train_loader
-from clipforge.data.sources import SourceConfig, expand_urls
+The names below are imported on first use (PEP 562), not with the package: ``clipforge.data.config`` (read by every
+command) and the shard reader behind ``clipforge prep inspect`` need no torch, which the stream imports.
+"""
 
-__all__ = [
-    "DataConfig",
-    "ImageTransform",
-    "ShardedImageText",
-    "SourceConfig",
-    "TrainLoader",
-    "build_train_loader",
-    "expand_urls",
-]
+import importlib
+
+_EXPORTS = {
+    "DataConfig": "clipforge.data.config",
+    "ImageTransform": "clipforge.data.images",
+    "ShardedImageText": "clipforge.data.pipeline",
+    "SourceConfig": "clipforge.data.sources",
+    "TrainLoader": "clipforge.data.pipeline",
+    "build_train_loader": "clipforge.data.pipeline",
+    "expand_urls": "clipforge.data.sources",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -30,6 +30,9 @@ transparent pixels are composited over white; 16-bit and 32-bit integer greyscal
 from 0–65535 to 0–255 (Pillow's own conversion clips it, so mid-grey would become white); float greyscale
 (``F``) is read as 0.0–1.0; premultiplied alpha (``La``, ``RGBa``) is un-premultiplied first; CMYK, YCbCr,
 palette and 1-bit images are converted by Pillow.
+
+torch is imported inside the functions that make tensors: decoding and checking images (``ImageTransform.crop``,
+``clipforge prep inspect``) needs none.
 """
 
 from __future__ import annotations
@@ -39,13 +42,14 @@ import math
 import random
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import simplejpeg
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # the image members a training sample may have (img2dataset's)
@@ -265,8 +269,10 @@ class ImageTransform:
         factor_w, factor_h = array.shape[1] / width, array.shape[0] / height
         return array, (left * factor_w, top * factor_h, crop_w * factor_w, crop_h * factor_h)
 
-    def __call__(self, data: bytes, rng: random.Random | None = None) -> torch.Tensor:
-        """Encoded image bytes → uint8 tensor (3, H, W) of the output size."""
+    def crop(self, data: bytes, rng: random.Random | None = None) -> np.ndarray:
+        """Encoded image bytes → the uint8 crop (h, w, 3), decoded as training decodes it, before the resize.
+
+        Needs no torch: ``clipforge prep inspect`` checks images with it."""
         decoded = self._decode_jpeg(data, rng) if data[:3] == JPEG_MAGIC else None
         if decoded is None:
             decoded = self._decode_pil(data, rng)
@@ -274,7 +280,14 @@ class ImageTransform:
         x0, y0 = int(round(left)), int(round(top))
         x1 = min(array.shape[1], max(x0 + 1, int(round(left + crop_w))))
         y1 = min(array.shape[0], max(y0 + 1, int(round(top + crop_h))))
-        crop = torch.from_numpy(np.ascontiguousarray(array[y0:y1, x0:x1])).permute(2, 0, 1)
+        return array[y0:y1, x0:x1]
+
+    def __call__(self, data: bytes, rng: random.Random | None = None) -> torch.Tensor:
+        """Encoded image bytes → uint8 tensor (3, H, W) of the output size."""
+        import torch
+        import torch.nn.functional as F
+
+        crop = torch.from_numpy(np.ascontiguousarray(self.crop(data, rng))).permute(2, 0, 1)
         if tuple(crop.shape[1:]) == self.size:
             return crop.contiguous()
         return F.interpolate(
@@ -286,6 +299,8 @@ class ImageTransform:
 
         One float allocation, then in place: allocating a new batch-sized tensor per operation costs more
         in page faults than the arithmetic (3× slower on a CPU)."""
+        import torch
+
         if images.dtype != torch.uint8:
             return images  # already normalised (in the loader workers)
         mean, scale = _normalize_constants(tuple(self.mean), tuple(self.std), images.device)
@@ -300,6 +315,8 @@ def _normalize_constants(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(1, C, 1, 1) float32 ``255 · mean`` and ``1 / (255 · std)`` on ``device``, made on its first batch and reused:
     ``torch.tensor(..., device=cuda)`` is a blocking host-to-device copy, a host sync on every step."""
+    import torch
+
     key = (mean, std, device)
     if key not in _NORMALIZE_CONSTANTS:
         _NORMALIZE_CONSTANTS[key] = (

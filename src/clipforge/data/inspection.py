@@ -85,7 +85,8 @@ def inspect_shard(url: str, caption_key: str = "txt", max_pixels: int = DEFAULT_
     """Read one shard as training does and check every sample (its image decoded in full, its caption read)."""
     report = ShardReport(Path(url).name)
     counter = SkipCounter()
-    decode = SampleDecoder(ImageTransform(size=(64, 64), train=False, max_pixels=max_pixels), caption_key)
+    # Decoded as training decodes it; the resize after it (torch) is left out: it takes any decoded crop.
+    decode = SampleDecoder(ImageTransform(size=(64, 64), train=False, max_pixels=max_pixels).crop, caption_key)
     try:
         stream = open_shard(url)
     except Exception as exc:

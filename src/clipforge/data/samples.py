@@ -15,18 +15,22 @@ kind; with ``data.strict`` the first problem stops the run instead.
 
 from __future__ import annotations
 
+import html
 import json
 import random
+import re
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
-from typing import IO, Any
+from collections.abc import Callable, Iterator
+from typing import IO, TYPE_CHECKING, Any
 
-import torch
-from open_clip.tokenizer import basic_clean, whitespace_clean
-from webdataset.tariterators import base_plus_ext
+import ftfy
 
-from clipforge.data.images import IMAGE_EXTENSIONS, DecompressionBomb, ImageTransform, decode_error
+from clipforge.data.images import IMAGE_EXTENSIONS, DecompressionBomb, decode_error
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 SKIP_KINDS = {
     "unreadable_shard": "a shard that cannot be opened or read (missing file, failing pipe: command)",
@@ -69,6 +73,25 @@ class SkipCounter:
         self.counts[kind] += 1
 
 
+# webdataset's rule for a member name (``webdataset.tariterators.base_plus_ext``): the key is the path up to the file
+# name's first dot, the suffix the rest. Written out, as ``clean_caption`` is, because importing webdataset or
+# open_clip imports torch, which reading shards (``prep inspect``) does not need; tests/test_samples.py checks both
+# against the originals.
+_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def split_member_name(name: str) -> tuple[str | None, str | None]:
+    """(key, suffix) of a tar member name, as webdataset splits it; (None, None) for a name with no suffix."""
+    match = _MEMBER_NAME.match(name)
+    return (match.group(1), match.group(2)) if match else (None, None)
+
+
+def clean_caption(text: str) -> str:
+    """open_clip's tokenizer cleaning, ``whitespace_clean(basic_clean(text))``: ftfy, HTML entities unescaped
+    twice, whitespace runs collapsed to one space, the ends stripped."""
+    return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split())
+
+
 def read_tar(url: str, stream: IO[bytes], counter: SkipCounter) -> Iterator[dict[str, Any]]:
     """The samples of one tar (plain or compressed), each problem counted once with the shard's name."""
     try:
@@ -84,7 +107,7 @@ def read_tar(url: str, stream: IO[bytes], counter: SkipCounter) -> Iterator[dict
         for member in tar:
             if not member.isreg():
                 continue
-            key, suffix = base_plus_ext(member.name)
+            key, suffix = split_member_name(member.name)
             if key is None or key.startswith("__"):  # webdataset's metadata members
                 continue
             suffix = suffix.lower()
@@ -146,7 +169,7 @@ def read_caption(sample: dict[str, Any], caption_key: str, rng: random.Random) -
         if not isinstance(record, dict) or field not in record:
             raise CaptionProblem("missing_caption", f".json has no field {field!r} (data.caption_key={caption_key})")
         text = _caption_value(record[field], field, rng)
-    return whitespace_clean(basic_clean(text))
+    return clean_caption(text)
 
 
 def _caption_value(value: Any, field: str, rng: random.Random) -> str:
@@ -190,14 +213,19 @@ def image_member(sample: dict[str, Any], where: str, counter: SkipCounter) -> st
 
 
 class SampleDecoder:
-    """A sample → (uint8 image (3, H, W), cleaned caption, image member's extension), or None, the reason counted."""
+    """A sample → (image, cleaned caption, image member's extension), or None, the reason counted.
 
-    def __init__(self, transform: ImageTransform, caption_key: str) -> None:
+    The image is what ``transform`` makes of the image bytes: the training ``ImageTransform``'s uint8 (3, H, W)
+    tensor, or, with ``ImageTransform.crop`` (``prep inspect``), the decoded crop before the resize, (h, w, 3)."""
+
+    def __init__(
+        self, transform: Callable[[bytes, random.Random], torch.Tensor | np.ndarray], caption_key: str
+    ) -> None:
         self.transform, self.caption_key = transform, caption_key
 
     def __call__(
         self, sample: dict[str, Any], counter: SkipCounter, rng: random.Random
-    ) -> tuple[torch.Tensor, str, str] | None:
+    ) -> tuple[torch.Tensor | np.ndarray, str, str] | None:
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"
         extension = image_member(sample, where, counter)
         if extension is None:

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
 from clipforge.data import synthetic
@@ -90,6 +89,8 @@ def write_noisy_keys(spec: SyntheticSpec, path: Path) -> int:
 
 def write_tar(path: Path, samples: Iterator[dict]) -> int:
     """Write samples to ``path`` atomically (temp name, fsync, rename); returns the count."""
+    import webdataset as wds  # imports torch: here, so that prep inspect, which imports data.prep, needs none
+
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     count = 0

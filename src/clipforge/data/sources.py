@@ -54,8 +54,10 @@ def is_local(url: str) -> bool:
 
 
 def open_shard(url: str) -> IO[bytes]:
-    """A readable binary stream for one shard."""
-    if url.startswith("pipe:") or is_local(url):
+    """A readable binary stream for one shard: a local file, a ``pipe:`` command's output or an fsspec URL."""
+    if is_local(url):
+        return open(url, "rb")  # not through webdataset, whose import alone costs torch's (prep inspect needs none)
+    if url.startswith("pipe:"):
         import webdataset as wds
 
         return wds.gopen(url, "rb")

@@ -79,24 +79,6 @@ ENTRY_KEYS = {
 
 
 @dataclass
-class EvalConfig:
-    """Zero-shot evaluation during and after training."""
-
-    suite: str | None = None
-    """Suite YAML (eval/*.yaml) run at the end of training and every eval.every_n_steps. None = no evaluation."""
-    every_n_steps: int = 0
-    """Also evaluate every N optimizer steps (0 = only at the end)."""
-    batch_size: int = 256
-    """Images per batch when embedding a benchmark."""
-    num_workers: int = 2
-    """DataLoader workers decoding benchmark images."""
-
-    def __post_init__(self) -> None:
-        if self.every_n_steps < 0:
-            raise ValueError(f"eval.every_n_steps: must be >= 0, got {self.every_n_steps}")
-
-
-@dataclass
 class SuiteEntry:
     name: str
     task: str

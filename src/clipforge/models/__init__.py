@@ -1,21 +1,25 @@
-"""Dual encoders: open_clip architectures by name or our JSON configs, random init or local weights."""
+"""Dual encoders: open_clip architectures by name or our JSON configs, random init or local weights.
 
-from clipforge.models.builder import (
-    BuiltModel,
-    ModelConfig,
-    build_model,
-    enable_text_trimming,
-    load_weights,
-    resolve_architecture,
-    trims_text_padding,
-)
+The names below are imported on first use (PEP 562), not with the package, so that ``clipforge.models.config``
+(read by every command) imports no open_clip or torch.
+"""
 
-__all__ = [
-    "BuiltModel",
-    "ModelConfig",
-    "build_model",
-    "enable_text_trimming",
-    "load_weights",
-    "resolve_architecture",
-    "trims_text_padding",
-]
+import importlib
+
+_EXPORTS = {
+    "BuiltModel": "clipforge.models.builder",
+    "ModelConfig": "clipforge.models.config",
+    "build_model": "clipforge.models.builder",
+    "enable_text_trimming": "clipforge.models.builder",
+    "load_weights": "clipforge.models.builder",
+    "resolve_architecture": "clipforge.models.builder",
+    "trims_text_padding": "clipforge.models.builder",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

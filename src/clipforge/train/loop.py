@@ -14,7 +14,6 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +27,7 @@ from clipforge.evaluation.suite import headline
 from clipforge.health import CollapseError, CollapseMonitor, HealthProbe
 from clipforge.models import build_model
 from clipforge.train.build import Run, build_run
+from clipforge.train.config import TrainConfig
 from clipforge.train.metrics import MetricLogger, plot_curves
 from clipforge.train.parallel import apply_training_options, unwrap
 from clipforge.train.step import AUTOCAST_DTYPES
@@ -36,82 +36,6 @@ if TYPE_CHECKING:
     from clipforge.config import RunConfig
 
 log = logging.getLogger("clipforge.train")
-
-
-@dataclass
-class TrainConfig:
-    """The training run: length, checkpoints, precision, output."""
-
-    output_dir: str = "runs/default"
-    """Run directory: resolved config, metrics, TensorBoard, checkpoints, eval results, curves.png."""
-    steps: int = 1000
-    """Optimizer steps to train for."""
-    checkpoint_every: int = 500
-    """Write a checkpoint every N steps (and always at the end)."""
-    keep_last: int = 3
-    """Keep the newest K checkpoints."""
-    seed: int = 0
-    """Seed of model init and torch RNG (the rank is added)."""
-    precision: str = "fp32"
-    """fp32, bf16 autocast, or fp16 autocast with a dynamic gradient scaler (the loss is always fp32)."""
-    accum_steps: int = 1
-    """Split each batch into k micro-batches with cached features (GradCache): the loss still sees all of
-    data.batch_size as negatives, activation memory is one micro-batch's."""
-    resume: str | None = None
-    """Resume from a checkpoint directory, or 'auto' (alias 'latest') for the newest intact one in this run (none
-    yet = start fresh). Corrupt or truncated checkpoints are skipped with a warning."""
-    max_nonfinite_steps: int = 5
-    """A non-finite loss or gradient skips the update; this many in a row abort the run (naming step and keys). The
-    skips are counted at logging steps (logging.log_every), so the abort comes at the first logging step after."""
-    compile: bool = False
-    """torch.compile the model (in place, so checkpoints keep plain parameter names). It is compiled after DDP wraps
-    it: dynamo then splits the graph at DDP's gradient-bucket boundaries so the bucket all-reduces overlap the
-    backward (compiled first, AOTAutograd makes the backward one node and DDP can only all-reduce after it). With
-    trim_text_padding the caption length is marked dynamic: one graph for every length, not one per length."""
-    channels_last: bool | str = "auto"
-    """channels-last memory format for the model and images: true, false, or 'auto' = on for a convolutional
-    image tower (ResNet, ConvNeXt: +20-28% end-to-end samples/s for the demo's on a 2-core CPU), off for a ViT (its one
-    convolution is the patch embedding)."""
-    trim_text_padding: bool = True
-    """Cut each batch's token columns after its longest caption (and the text tower's work on them) where that is
-    exact: a causal text tower pooled at the end-of-text token (open_clip's CLIP class). Same features and
-    gradients; the text tower's cost follows the captions' length instead of the context length."""
-    parallel: str = "ddp"
-    """Data parallelism over the ranks: ddp (every rank holds the whole model, its gradients and AdamW state) or
-    fsdp (FSDP2: each rank holds 1/N of them, gathered block by block as they run; for towers that outgrow a device
-    under DDP; ViT towers; checkpoints become torch.distributed.checkpoint shards)."""
-    reshard_after_forward: bool = True
-    """fsdp: free each block's gathered weights after its forward and gather them again for the backward (less memory,
-    one more all-gather per block); false keeps them from forward to backward."""
-    requeue: bool = False
-    """On SIGUSR1/SIGTERM under SLURM: after the pre-emption checkpoint, `scontrol requeue` the job (rank 0)."""
-    tf32: bool = True
-    """fp32 runs on a CUDA device: matrix multiplications in TF32 (torch.set_float32_matmul_precision('high'); fp32
-    range and accumulation, 10-bit mantissa inputs; several times the fp32 throughput on Ampere and later), as
-    open_clip_train does. Not applied under bf16/fp16 autocast, whose matmuls are already half precision and whose
-    loss stays full fp32. false = full fp32 matmuls."""
-    cudnn_benchmark: bool = True
-    """On a CUDA device: cuDNN times its convolution algorithms for each new input shape and keeps the fastest
-    (torch.backends.cudnn.benchmark), as open_clip_train does; training shapes are fixed, so the first steps pay
-    once. false = cuDNN's heuristic choice."""
-
-    def __post_init__(self) -> None:
-        if self.steps <= 0:
-            raise ValueError(f"train.steps: must be positive, got {self.steps}")
-        if self.checkpoint_every <= 0:
-            raise ValueError(f"train.checkpoint_every: must be positive, got {self.checkpoint_every}")
-        if self.keep_last < 1:
-            raise ValueError(f"train.keep_last: must be >= 1, got {self.keep_last}")
-        if self.accum_steps < 1:
-            raise ValueError(f"train.accum_steps: must be >= 1, got {self.accum_steps}")
-        if self.max_nonfinite_steps < 1:
-            raise ValueError(f"train.max_nonfinite_steps: must be >= 1, got {self.max_nonfinite_steps}")
-        if isinstance(self.channels_last, str) and self.channels_last != "auto":
-            raise ValueError(f"train.channels_last: must be true, false or 'auto', got {self.channels_last!r}")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"train.parallel: expected 'ddp' or 'fsdp', got {self.parallel!r}")
-        if self.precision not in AUTOCAST_DTYPES:
-            raise ValueError(f"train.precision: {self.precision!r} is not one of {tuple(AUTOCAST_DTYPES)}")
 
 
 def apply_cuda_settings(cfg: TrainConfig, device: str) -> None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,8 @@ def no_weight_decay(name: str, parameter: torch.nn.Parameter, decay_embeddings: 
 
 
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.AdamW:
+    import torch  # here, not at the top: OptimConfig is read without torch (clipforge.config)
+
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     exempt = {n for n, p in named if no_weight_decay(n, p, cfg.weight_decay_embeddings)}
     groups = [
@@ -108,6 +112,8 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 
 def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    import torch
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
 
 

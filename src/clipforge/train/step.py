@@ -34,9 +34,10 @@ from contextlib import nullcontext
 import torch
 
 from clipforge.losses import clamp_logit_scale, queue_contrastive_loss
+from clipforge.train.config import PRECISIONS
 from clipforge.train.parallel import no_gradient_sync, unwrap
 
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES = {name: getattr(torch, dtype) if dtype else None for name, dtype in PRECISIONS.items()}
 
 
 class PlainStep:
