@@ -1,4 +1,4 @@
-"""Fixtures and helpers shared by the evaluation tests (import the fixtures into a test module to use them).
+"""Fixtures and helpers shared by the evaluation tests (conftest registers this module as a plugin).
 
 A random-init CLIP predicts one class for every image (its image embeddings barely differ), which
 would make agreement tests trivially true; ``trained_checkpoint`` trains the tiny CLIP-ResNet for
@@ -60,6 +60,43 @@ def probe_suite(synth_data, tmp_path_factory) -> Path:
         f"  - {{name: shapes-probe, task: linear_probe, path: {eval_dir / 'shapes'}}}\n"
     )
     return path
+
+
+def write_imagefolder(wds_root, out):
+    """The classification set at ``wds_root`` as an image folder OUT/test/CLASS/*.jpg, with its templates file."""
+    from clipforge.evaluation import load_benchmark
+
+    benchmark = load_benchmark(wds_root)
+    for index in range(len(benchmark)):
+        label = benchmark.source.target(index)
+        folder = out / "test" / benchmark.classnames[label].replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{index:05d}.jpg").write_bytes(benchmark.source._read(index, "jpg"))
+    (out / "zeroshot_classification_templates.txt").write_text(
+        (wds_root / "zeroshot_classification_templates.txt").read_text()
+    )
+    return out
+
+
+def write_hf(wds_root, out, kind):
+    """The set at ``wds_root`` as a saved HF DatasetDict (split test): image + ClassLabel, or image + captions."""
+    import datasets
+
+    from clipforge.evaluation import load_benchmark
+
+    benchmark = load_benchmark(wds_root)
+    images = [{"bytes": benchmark.source._read(i, "jpg"), "path": None} for i in range(len(benchmark))]
+    targets = [benchmark.source.target(i) for i in range(len(benchmark))]
+    if kind == "classification":
+        features = datasets.Features(
+            {"image": datasets.Image(), "label": datasets.ClassLabel(names=benchmark.classnames)}
+        )
+        table = {"image": images, "label": targets}
+    else:
+        features = datasets.Features({"image": datasets.Image(), "captions": datasets.List(datasets.Value("string"))})
+        table = {"image": images, "captions": targets}
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(table, features=features)}).save_to_disk(str(out))
+    return out
 
 
 def assert_valid_png(path: Path, min_bytes: int = 5_000, min_side: int = 300) -> None:

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from eval_fixtures import write_hf, write_imagefolder
 from PIL import Image
 
 from clipforge.data.shards import write_tar
@@ -61,37 +62,6 @@ def test_wds_reader_matches_webdataset_sample_for_sample(mixed_wds, synth_data):
             expected = target.splitlines() if isinstance(target, str) else target
             assert benchmark.source.target(index) == expected
     assert load_benchmark(mixed_wds).classnames == ["zero", "one", "two"]
-
-
-def write_imagefolder(wds_root, out):
-    benchmark = load_benchmark(wds_root)
-    for index in range(len(benchmark)):
-        label = benchmark.source.target(index)
-        folder = out / "test" / benchmark.classnames[label].replace(" ", "_")
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{index:05d}.jpg").write_bytes(benchmark.source._read(index, "jpg"))
-    (out / "zeroshot_classification_templates.txt").write_text(
-        (wds_root / "zeroshot_classification_templates.txt").read_text()
-    )
-    return out
-
-
-def write_hf(wds_root, out, kind):
-    import datasets
-
-    benchmark = load_benchmark(wds_root)
-    images = [{"bytes": benchmark.source._read(i, "jpg"), "path": None} for i in range(len(benchmark))]
-    targets = [benchmark.source.target(i) for i in range(len(benchmark))]
-    if kind == "classification":
-        features = datasets.Features(
-            {"image": datasets.Image(), "label": datasets.ClassLabel(names=benchmark.classnames)}
-        )
-        table = {"image": images, "label": targets}
-    else:
-        features = datasets.Features({"image": datasets.Image(), "captions": datasets.List(datasets.Value("string"))})
-        table = {"image": images, "captions": targets}
-    datasets.DatasetDict({"test": datasets.Dataset.from_dict(table, features=features)}).save_to_disk(str(out))
-    return out
 
 
 def test_one_set_in_three_formats_gives_identical_embeddings_and_metrics(synth_data, tiny_resnet_json, tmp_path):

@@ -7,6 +7,7 @@ clipforge prep inspect data/mine
 clipforge prep score data/mine --model runs/demo/checkpoints/latest --out data/mine-scores  (then filter, reshard)
 clipforge train configs/demo.yaml --set optim.lr=5e-4 --set data.batch_size=256
 clipforge eval runs/demo/checkpoints/latest --suite eval/synthetic.yaml
+clipforge eval runs/demo/checkpoints/latest --dataset data/synth/eval/shapes --predictions shapes.csv
 clipforge export runs/demo/checkpoints/latest --format hf --out exported/demo [--push org/name]
 clipforge export runs/vit/checkpoints/latest --towers text --out exported/vit-text-encoder
 clipforge submit configs/vit-b-32.yaml --nodes 16 --gpus-per-node 8 --partition gpu --time 48:00:00
@@ -383,20 +384,52 @@ def _train(args: argparse.Namespace) -> int:
     return EXIT_PREEMPTED if result["preempted"] else 0
 
 
+DATASET_OPTIONS = ("task", "classnames", "templates", "split", "format", "predictions", "top_k")  # --dataset only
+
+
+def _eval_suite(args: argparse.Namespace):
+    """The suite to run: --suite's file, or the one dataset of --dataset; contradictions are errors."""
+    from clipforge.evaluation import load_suite
+    from clipforge.evaluation.predictions import check_path
+    from clipforge.evaluation.suite import single_dataset_suite
+
+    if (args.suite is None) == (args.dataset is None):
+        raise ValueError(
+            "give exactly one of --suite FILE (a suite of datasets) and --dataset PATH (one dataset), "
+            f"got {'both' if args.suite else 'neither'}"
+        )
+    if args.suite is not None:
+        given = [f"--{name.replace('_', '-')}" for name in DATASET_OPTIONS if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with --dataset (a suite sets these per dataset: {args.suite})")
+        return load_suite(args.suite, args.data_root)
+    if args.data_root is not None:
+        raise ValueError("--data-root means {data_root} in suite paths; with --dataset give the dataset's own path")
+    if args.predictions is not None:
+        check_path(args.predictions)
+    if args.top_k is not None and (args.predictions is None or args.top_k < 1):
+        raise ValueError(f"--top-k {args.top_k}: goes with --predictions and must be at least 1")
+    return single_dataset_suite(
+        args.dataset, args.task, args.classnames, args.templates, args.split or "test", args.format
+    )
+
+
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from clipforge.evaluation import load_eval_model, load_suite, run_suite, write_report
+    from clipforge.evaluation import load_eval_model, run_suite, write_report
     from clipforge.evaluation.loading import model_kind
+    from clipforge.evaluation.predictions import write_predictions
     from clipforge.evaluation.report import health_table, markdown_table
 
-    # Cheap checks first: a wrong model path, a bad suite or missing data fail before the model is built.
+    # Cheap checks first: a wrong model path, a bad suite, templates or missing data fail before the model is built.
     model_kind(args.checkpoint, args.model, args.weights)
-    suite = load_suite(args.suite, args.data_root)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_eval_model(args.checkpoint, args.model, args.weights, device, args.amp)
+    suite = _eval_suite(args)
     if args.embedding_plots and args.no_plots:
         raise ValueError("--embedding-plots and --no-plots contradict each other")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_eval_model(args.checkpoint, args.model, args.weights, device, args.amp)
+    predictions = {} if args.predictions else None
     results = run_suite(
         loaded.encoder,
         loaded.tokenizer,
@@ -406,6 +439,8 @@ def _eval(args: argparse.Namespace) -> int:
         args.workers,
         progress=not args.quiet,
         diagnostics=args.embedding_plots,
+        predictions=predictions,
+        top_k=args.top_k or 5,
     )
     if args.out:
         out = Path(args.out)
@@ -417,6 +452,9 @@ def _eval(args: argparse.Namespace) -> int:
     health = health_table(results)
     print(markdown_table(results) + (f"\n\n{health}" if health else ""))
     print(f"\nresults: {written[0]}" + (f" (+ {len(written) - 2} plots)" if len(written) > 2 else ""))
+    if predictions is not None:
+        (rows,) = predictions.values()
+        print(f"predictions: {write_predictions(rows, args.predictions)} ({len(rows):,} rows)")
     return 0
 
 
@@ -558,6 +596,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _config_keys() -> str:
     from clipforge.config import describe_fields
+    from clipforge.evaluation.datasets import FORMATS
+    from clipforge.evaluation.suite import TASKS
 
     return describe_fields()
 
@@ -634,10 +674,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval",
-        help="zero-shot classification, retrieval and linear probes of a model on a benchmark suite",
+        help="zero-shot classification, retrieval and linear probes of a model on a benchmark suite or one dataset",
         description="Evaluate a clipforge checkpoint, an open_clip folder, a transformers CLIP folder, or an open_clip "
         "architecture with a local weights file (--model, --weights) on the datasets of a suite "
-        "(eval/*.yaml). Writes SUITE_MODEL.json (every metric), SUITE_MODEL.md (the table) and PNG plots.",
+        "(--suite eval/*.yaml) or on one dataset (--dataset PATH: a CLIP_benchmark WebDataset directory, an image "
+        "folder or a saved HF dataset). Writes SUITE_MODEL.json (every metric), SUITE_MODEL.md (the table) and PNG "
+        "plots (SUITE is the dataset's folder name with --dataset); --predictions adds per-image predictions.",
     )
     evaluate.add_argument(
         "checkpoint",
@@ -645,7 +687,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="clipforge checkpoint directory (e.g. runs/demo/checkpoints/latest), open_clip folder "
         "(open_clip_config.json + weights) or transformers CLIP folder",
     )
-    evaluate.add_argument("--suite", required=True, help="suite YAML listing the datasets, e.g. eval/synthetic.yaml")
+    evaluate.add_argument(
+        "--suite", help="suite YAML listing the datasets, e.g. eval/synthetic.yaml (or --dataset; one is required)"
+    )
+    evaluate.add_argument(
+        "--dataset",
+        metavar="PATH",
+        help="evaluate this one dataset without a suite: a CLIP_benchmark WebDataset directory, an image folder "
+        "(PATH/test/CLASS/*.jpg or PATH/CLASS/*.jpg) or a saved HF dataset, detected from its files",
+    )
+    evaluate.add_argument(
+        "--task",
+        choices=TASKS,
+        help="with --dataset (default: zeroshot_classification when --classnames is given or the dataset holds "
+        "class labels, else zeroshot_retrieval); linear_probe trains on the train split",
+    )
+    evaluate.add_argument(
+        "--classnames",
+        metavar="FILE",
+        help="with --dataset: class names, one per line in label order (or a .json list), or openai_imagenet "
+        "(default: the dataset's classnames.txt, label names or class folders)",
+    )
+    evaluate.add_argument(
+        "--templates",
+        metavar="FILE",
+        help="with --dataset: prompt templates, one per line (or a .json list), each with {c} or {} where the class "
+        "name goes, or openai_imagenet (default: the dataset's zeroshot_classification_templates.txt)",
+    )
+    evaluate.add_argument("--split", help="with --dataset: the split to score (test)")
+    evaluate.add_argument("--format", choices=FORMATS, help="with --dataset: its layout (detected from its files)")
+    evaluate.add_argument(
+        "--predictions",
+        metavar="FILE",
+        help="with --dataset: write per-image predictions to FILE, .csv or .jsonl: top-k labels and scores per "
+        "image, or top-k ids per retrieval query (see docs/evaluation.md)",
+    )
+    evaluate.add_argument("--top-k", type=int, help="labels or ids per row of the --predictions file (5)")
     evaluate.add_argument(
         "--model",
         metavar="ARCH",

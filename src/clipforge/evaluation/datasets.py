@@ -6,7 +6,7 @@ Formats (``format:`` in a suite entry; detected from the files when left out):
 
     DIR/test/nshards.txt, DIR/test/0.tar ...      samples: KEY.{webp,png,jpg,jpeg} + KEY.cls | KEY.txt
     DIR/classnames.txt                            one class name per line (classification)
-    DIR/zeroshot_classification_templates.txt     one template per line, with {c}
+    DIR/zeroshot_classification_templates.txt     one template per line, with {c} (or {}); blank lines skipped
     DIR/dataset_type.txt                          "retrieval" for image–caption sets (one caption per line)
 
 ``imagefolder`` — torchvision's ``ImageFolder``: ``DIR/SPLIT/CLASS/*.jpg`` (or ``DIR/CLASS/*.jpg`` for the
@@ -17,10 +17,11 @@ lists them (in sorted folder order); templates come from ``DIR/zeroshot_classifi
 ``DatasetDict`` whose split is chosen): an image column plus a label column (``ClassLabel`` names are the
 class names) or a caption column (a string or a list of strings per image).
 
-Every format becomes a map-style source with ``image(index)`` (PIL) and ``target(index)`` (class
-index or list of captions), so loading runs in ``DataLoader`` workers, in index order, and results never
-depend on the worker count. WebDataset tars are indexed once (member headers only) and read by offset,
-so a 6 GB ImageNet split is never held in memory.
+Every format becomes a map-style source with ``image(index)`` (PIL), ``target(index)`` (class
+index or list of captions) and ``key(index)`` (the sample's id: its webdataset key, its path under the
+split's folder, or its row number in an HF dataset), so loading runs in ``DataLoader`` workers, in index
+order, and results never depend on the worker count. WebDataset tars are indexed once (member headers only)
+and read by offset, so a 6 GB ImageNet split is never held in memory.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from clipforge.evaluation.zeroshot import check_templates
+
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")  # the order CLIP_benchmark's to_tuple tries them in
 FORMATS = ("wds", "imagefolder", "hf")
 CLASSIFICATION, RETRIEVAL = "classification", "retrieval"
@@ -53,6 +56,14 @@ def read_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def read_templates(path: Path) -> list[str]:
+    """One template per line, stripped; blank lines are skipped (an empty prompt is never meant). Every template
+    must hold a placeholder (``check_templates``)."""
+    templates = [line for line in read_lines(path) if line]
+    check_templates(templates, str(path))
+    return templates
+
+
 class WdsSource:
     """Random access to the samples of CLIP_benchmark WebDataset shards.
 
@@ -66,16 +77,14 @@ class WdsSource:
             raise FileNotFoundError(
                 f"{root}: no split {split!r} in CLIP_benchmark WebDataset layout ({nshards_file} is missing)"
             )
-        type_file = root / "dataset_type.txt"
-        self.kind = type_file.read_text().strip().lower() if type_file.is_file() else CLASSIFICATION
-        if self.kind not in (CLASSIFICATION, RETRIEVAL):
-            raise ValueError(
-                f"{root}: dataset_type.txt says {self.kind!r}; only classification and retrieval sets are supported"
-            )
+        self.kind = wds_kind(root)
         self.shards = [str(root / split / f"{index}.tar") for index in range(int(nshards_file.read_text().strip()))]
         self.samples: list[tuple[int, dict[str, tuple[int, int]]]] = []  # (shard, {extension: (offset, size)})
+        self.keys: list[str] = []
         for shard, url in enumerate(self.shards):
-            self.samples.extend((shard, members) for members in _index_tar(url))
+            for key, members in _index_tar(url):
+                self.samples.append((shard, members))
+                self.keys.append(key)
         self._files: dict[int, Any] = {}
         self._pid = -1
 
@@ -105,6 +114,9 @@ class WdsSource:
             )
         return Image.open(io.BytesIO(self._read(index, extension))).convert("RGB")
 
+    def key(self, index: int) -> str:
+        return self.keys[index]
+
     def target(self, index: int) -> Target:
         extension = "txt" if self.kind == RETRIEVAL else "cls"
         if extension not in self.samples[index][1]:
@@ -113,9 +125,21 @@ class WdsSource:
         return text.splitlines() if self.kind == RETRIEVAL else int(text.strip())
 
 
-def _index_tar(path: str) -> list[dict[str, tuple[int, int]]]:
-    """Per sample, {extension: (data offset, size)}: tar headers are read, file data is skipped."""
-    samples: list[dict[str, tuple[int, int]]] = []
+def wds_kind(root: Path) -> str:
+    """What a CLIP_benchmark directory holds: ``dataset_type.txt`` says, else classification."""
+    type_file = root / "dataset_type.txt"
+    kind = type_file.read_text().strip().lower() if type_file.is_file() else CLASSIFICATION
+    if kind not in (CLASSIFICATION, RETRIEVAL):
+        raise ValueError(
+            f"{root}: dataset_type.txt says {kind!r}; only classification and retrieval sets are supported"
+        )
+    return kind
+
+
+def _index_tar(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """Per sample, its webdataset key and {extension: (data offset, size)}: tar headers are read, file data is
+    skipped."""
+    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
     current_key = None
     with tarfile.open(path, "r:") as tar:
         for member in tar:
@@ -126,11 +150,11 @@ def _index_tar(path: str) -> list[dict[str, tuple[int, int]]]:
             if "." not in base:
                 continue
             stem, extension = base.split(".", 1)
-            key = f"{directory}/{stem}"
+            key = f"{directory}/{stem}" if directory else stem  # webdataset's __key__
             if key != current_key:
-                samples.append({})
+                samples.append((key, {}))
                 current_key = key
-            samples[-1][extension.lower()] = (member.offset_data, member.size)
+            samples[-1][1][extension.lower()] = (member.offset_data, member.size)
     return samples
 
 
@@ -143,10 +167,13 @@ class ImageFolderSource:
         from torchvision.datasets import ImageFolder
 
         folder = ImageFolder(str(root))
-        self.samples, self.classes = folder.samples, folder.classes
+        self.samples, self.classes, self.root = folder.samples, folder.classes, root
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def key(self, index: int) -> str:
+        return Path(self.samples[index][0]).relative_to(self.root).as_posix()
 
     def image(self, index: int) -> Image.Image:
         with open(self.samples[index][0], "rb") as stream:
@@ -154,6 +181,30 @@ class ImageFolderSource:
 
     def target(self, index: int) -> Target:
         return self.samples[index][1]
+
+
+def _hf_split(root: Path, split: str):
+    """The ``datasets.Dataset`` saved at ``root``, or its ``split`` when it is a ``DatasetDict``."""
+    import datasets
+
+    loaded = datasets.load_from_disk(str(root))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"{root}: no split {split!r} in this DatasetDict (it has {sorted(loaded)})")
+        loaded = loaded[split]
+    return loaded
+
+
+def _hf_target_column(features, kind: str, label_column: str | None, caption_column: str | None) -> str | None:
+    """The column named, else the guessed one: a ``ClassLabel`` or a usual label name, or a usual caption name."""
+    import datasets
+
+    if kind == CLASSIFICATION:
+        return label_column or next(
+            (name for name, feature in features.items() if isinstance(feature, datasets.ClassLabel)),
+            next((name for name in HF_LABEL_COLUMNS if name in features), None),
+        )
+    return caption_column or next((name for name in HF_CAPTION_COLUMNS if name in features), None)
 
 
 class HFSource:
@@ -170,11 +221,7 @@ class HFSource:
     ) -> None:
         import datasets
 
-        loaded = datasets.load_from_disk(str(root))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"{root}: no split {split!r} in this DatasetDict (it has {sorted(loaded)})")
-            loaded = loaded[split]
+        loaded = _hf_split(root, split)
         features = loaded.features
         image_column = image_column or next(
             (name for name, feature in features.items() if isinstance(feature, datasets.Image)), None
@@ -184,19 +231,12 @@ class HFSource:
         if not isinstance(features[image_column], datasets.Image):
             loaded = loaded.cast_column(image_column, datasets.Image())  # paths or bytes
         self.kind, self.classes = kind, None
-        if kind == CLASSIFICATION:
-            target_column = label_column or next(
-                (name for name, feature in features.items() if isinstance(feature, datasets.ClassLabel)),
-                next((name for name in HF_LABEL_COLUMNS if name in features), None),
-            )
-            if target_column is None or target_column not in features:
-                raise ValueError(f"{root}: no label column (columns: {sorted(features)}); set label_column")
-            if isinstance(features[target_column], datasets.ClassLabel):
-                self.classes = list(features[target_column].names)
-        else:
-            target_column = caption_column or next((name for name in HF_CAPTION_COLUMNS if name in features), None)
-            if target_column is None or target_column not in features:
-                raise ValueError(f"{root}: no caption column (columns: {sorted(features)}); set caption_column")
+        target_column = _hf_target_column(features, kind, label_column, caption_column)
+        if target_column is None or target_column not in features:
+            what = "label" if kind == CLASSIFICATION else "caption"
+            raise ValueError(f"{root}: no {what} column (columns: {sorted(features)}); set {what}_column")
+        if kind == CLASSIFICATION and isinstance(features[target_column], datasets.ClassLabel):
+            self.classes = list(features[target_column].names)
         self.dataset = loaded.select_columns([image_column, target_column])
         self.image_column, self.target_column = image_column, target_column
 
@@ -205,6 +245,9 @@ class HFSource:
 
     def image(self, index: int) -> Image.Image:
         return self.dataset[index][self.image_column].convert("RGB")
+
+    def key(self, index: int) -> str:
+        return str(index)
 
     def target(self, index: int) -> Target:
         value = self.dataset[index][self.target_column]
@@ -234,6 +277,10 @@ class Benchmark:
 
     def image(self, index: int) -> Image.Image:
         return self.source.image(index)
+
+    def keys(self) -> list[str]:
+        """Every sample's id, in index order (see the module docstring)."""
+        return [self.source.key(index) for index in range(len(self))]
 
     def describe(self) -> dict[str, Any]:
         """What identifies the split (``reopen`` takes it back), and its size."""
@@ -269,6 +316,31 @@ def detect_format(root: Path, split: str = "test") -> str:
         f"{root}: cannot tell the format (no {split}/nshards.txt for wds, no dataset_dict.json or "
         "state.json for a saved HF dataset, no class folders for an image folder); set format:"
     )
+
+
+def dataset_kind(
+    path: str | Path,
+    split: str = "test",
+    format: str | None = None,
+    label_column: str | None = None,
+    caption_column: str | None = None,
+) -> str:
+    """ "classification" or "retrieval": what a dataset holds. A CLIP_benchmark directory says so in
+    ``dataset_type.txt`` (classification without it), an image folder classifies, an HF dataset classifies
+    when it has a label column and retrieves when it has only a caption column."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"{root} does not exist")
+    format = format or detect_format(root, split)
+    if format == "wds":
+        return wds_kind(root)
+    if format == "imagefolder":
+        return CLASSIFICATION
+    features = _hf_split(root, split).features
+    for kind in (CLASSIFICATION, RETRIEVAL):
+        if _hf_target_column(features, kind, label_column, caption_column) in features:
+            return kind
+    raise ValueError(f"{root}: neither a label column nor a caption column (columns: {sorted(features)})")
 
 
 def _imagefolder_root(root: Path, split: str) -> Path:
@@ -313,7 +385,7 @@ def load_benchmark(
     benchmark = Benchmark(name or root.name, source.kind, source, format, str(root), split)
     if source.kind == CLASSIFICATION:
         benchmark.classnames = classnames or _dataset_classnames(root, source)
-        benchmark.templates = templates or _dataset_templates(root)
+        benchmark.templates = templates or dataset_templates(root)
     return benchmark
 
 
@@ -326,34 +398,47 @@ def _dataset_classnames(root: Path, source: Source) -> list[str] | None:
     return classes
 
 
-def _dataset_templates(root: Path) -> list[str] | None:
+def dataset_templates(root: Path) -> list[str] | None:
+    """The templates a dataset ships (``zeroshot_classification_templates.txt``), checked, or None."""
     path = root / "zeroshot_classification_templates.txt"
-    return read_lines(path) if path.is_file() else None
+    return read_templates(path) if path.is_file() else None
 
 
-def resolve_names(value: str | list | dict, what: str, base: Path | None = None) -> list[str] | dict[str, list[str]]:
-    """Class names (``what="classnames"``) or templates named in a suite: ``openai_imagenet`` (OpenAI's
-    ImageNet names or 80 templates, from ``open_clip.zero_shot_metadata``), a file (.txt: one per line;
-    .json: a list, or for templates a {class name: [prompts]} dict as CuPL's), or an inline list."""
-    if isinstance(value, (list, dict)):
-        return value
+def resolve_names(
+    value: str | list | dict, what: str, base: Path | None = None, where: str | None = None
+) -> list[str] | dict[str, list[str]]:
+    """Class names (``what="classnames"``) or templates named in a suite or on the command line: ``openai_imagenet``
+    (OpenAI's ImageNet names or 80 templates, from ``open_clip.zero_shot_metadata``), a file (.json: a list, or
+    for templates a {class name: [prompts]} dict as CuPL's; any other name: one per line), or an inline list.
+    Templates are checked (``check_templates``); errors name the file, or ``where`` for an inline list."""
     if value == "openai_imagenet":
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
         if what == "classnames":
             return list(IMAGENET_CLASSNAMES)
         return [template("{c}") for template in OPENAI_IMAGENET_TEMPLATES]
-    path = Path(value)
-    if base is not None and not path.is_absolute() and not path.exists():
-        path = base / path
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: {value!r} is neither openai_imagenet nor an existing file")
-    if path.suffix == ".json":
-        loaded = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(loaded, (list, dict)):
-            raise ValueError(f"{path}: expected a JSON list (or a dict of per-class prompts)")
-        return loaded
-    return read_lines(path)
+    if isinstance(value, (list, dict)):
+        names, where = value, where or what
+    else:
+        path = Path(value)
+        if base is not None and not path.is_absolute() and not path.exists():
+            path = base / path
+        if not path.is_file():
+            raise FileNotFoundError(f"{what}: {value!r} is neither openai_imagenet nor an existing file")
+        if path.suffix != ".json":
+            return read_templates(path) if what == "templates" else read_lines(path)
+        try:
+            names = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        where = str(path)
+    if what == "templates":
+        if not isinstance(names, (list, dict)):
+            raise ValueError(f"{where}: expected a list of templates (or a dict of per-class prompts)")
+        check_templates(names, where)
+    elif not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"{where}: expected a list of class names")
+    return names
 
 
 class _Decoded(Dataset):

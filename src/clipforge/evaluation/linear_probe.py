@@ -89,6 +89,41 @@ def _split_validation(labels: np.ndarray, proportion: float, seed: int) -> tuple
     return np.sort(train), np.sort(val)
 
 
+def fit_linear_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    num_classes: int,
+    val_features: torch.Tensor | None = None,
+    val_labels: torch.Tensor | None = None,
+    val_proportion: float = 0.2,
+    seed: int = 0,
+    max_iter: int = 1000,
+) -> tuple[torch.Tensor, dict]:
+    """The probe's (N_test, num_classes) decision values on the test features (-inf for a class absent from the
+    fit), and the facts of its fit: C, val_acc1, split sizes, the validation curve."""
+    x_train, y_train = train_features.double().numpy(), train_labels.numpy()
+    if val_features is None:
+        train_part, val_part = _split_validation(y_train, val_proportion, seed)
+        x_fit, y_fit, x_val, y_val = x_train[train_part], y_train[train_part], x_train[val_part], y_train[val_part]
+    else:
+        x_fit, y_fit = x_train, y_train
+        x_val, y_val = val_features.double().numpy(), val_labels.numpy()
+    best_c, tried = search_regularisation(x_fit, y_fit, x_val, y_val, max_iter)
+    final = _fit(np.concatenate([x_fit, x_val]), np.concatenate([y_fit, y_val]), best_c, max_iter)
+    x_test = test_features.double().numpy()
+    facts = {
+        "C": best_c,
+        "val_acc1": tried[best_c],
+        "num_train": len(x_fit),
+        "num_val": len(x_val),
+        "num_samples": len(x_test),
+        "num_fits": len(tried) + 1,
+        "validation_curve": {f"{c:.3g}": acc for c, acc in tried.items()},
+    }
+    return _logits(final, x_test, num_classes), facts
+
+
 def linear_probe(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -102,26 +137,15 @@ def linear_probe(
     max_iter: int = 1000,
 ) -> dict:
     """Probe metrics (see module docstring) from (N, D) features and (N,) labels of each split."""
-    x_train, y_train = train_features.double().numpy(), train_labels.numpy()
-    if val_features is None:
-        train_part, val_part = _split_validation(y_train, val_proportion, seed)
-        x_fit, y_fit, x_val, y_val = x_train[train_part], y_train[train_part], x_train[val_part], y_train[val_part]
-    else:
-        x_fit, y_fit = x_train, y_train
-        x_val, y_val = val_features.double().numpy(), val_labels.numpy()
-    best_c, tried = search_regularisation(x_fit, y_fit, x_val, y_val, max_iter)
-    final = _fit(np.concatenate([x_fit, x_val]), np.concatenate([y_fit, y_val]), best_c, max_iter)
-    x_test = test_features.double().numpy()
-    metrics = classification_metrics(_logits(final, x_test, num_classes), test_labels, num_classes)
-    metrics.update(
-        {
-            "C": best_c,
-            "val_acc1": tried[best_c],
-            "num_train": len(x_fit),
-            "num_val": len(x_val),
-            "num_samples": len(x_test),
-            "num_fits": len(tried) + 1,
-            "validation_curve": {f"{c:.3g}": acc for c, acc in tried.items()},
-        }
+    logits, facts = fit_linear_probe(
+        train_features,
+        train_labels,
+        test_features,
+        num_classes,
+        val_features,
+        val_labels,
+        val_proportion,
+        seed,
+        max_iter,
     )
-    return metrics
+    return {**classification_metrics(logits, test_labels, num_classes), **facts}

@@ -11,7 +11,7 @@ A suite file::
         format: wds                   # wds | imagefolder | hf; detected from the files when left out
         split: test                   # the split scored (test)
         classnames: openai_imagenet   # override the dataset's: openai_imagenet, a .txt/.json file, or a list
-        templates: openai_imagenet    # same; templates use {c}
+        templates: openai_imagenet    # same; each template holds {c} (or {}) where the class name goes
         get: hf download clip-benchmark/wds_imagenet1k --repo-type dataset --local-dir {path}
 
 Optional per dataset: ``recall_k`` (retrieval, [1, 5, 10]); ``train_split`` (train), ``val_split``
@@ -19,11 +19,15 @@ Optional per dataset: ``recall_k`` (retrieval, [1, 5, 10]); ``train_split`` (tra
 ``image_column``, ``label_column``, ``caption_column`` for HF datasets. ``get`` is the command that
 fetches missing data; the error for a missing dataset prints it.
 
-``run_suite`` returns ``{dataset name: metrics}``. Image embeddings are computed once per dataset
-split and text classifiers once per (class names, templates) in a run, so a zero-shot and a
+``single_dataset_suite`` makes the one-entry suite of ``clipforge eval CKPT --dataset PATH``.
+
+``run_suite`` returns ``{dataset name: metrics}``; given a ``predictions`` dict it also fills it with each
+dataset's per-image predictions (``clipforge.evaluation.predictions``). Image embeddings are computed once
+per dataset split and text classifiers once per (class names, templates) in a run, so a zero-shot and a
 linear-probe entry on the same split embed its images once.
 
-Entry point: ``clipforge eval runs/demo/checkpoints/latest --suite eval/synthetic.yaml``.
+Entry points: ``clipforge eval runs/demo/checkpoints/latest --suite eval/synthetic.yaml``, or for one dataset
+``clipforge eval runs/demo/checkpoints/latest --dataset data/synth/eval/shapes --predictions shapes.csv``.
 """
 
 from __future__ import annotations
@@ -45,14 +49,23 @@ from clipforge.evaluation.datasets import (
     RETRIEVAL,
     Benchmark,
     benchmark_loader,
+    dataset_kind,
+    dataset_templates,
     load_benchmark,
     resolve_names,
 )
 from clipforge.evaluation.encoder import Encoder, Tokenizer
-from clipforge.evaluation.linear_probe import linear_probe
+from clipforge.evaluation.linear_probe import fit_linear_probe
+from clipforge.evaluation.predictions import classification_rows, retrieval_rows
 from clipforge.evaluation.report import headline, markdown_table  # noqa: F401 — part of this module's interface
 from clipforge.evaluation.retrieval import embed_captions, retrieval_examples, retrieval_metrics
-from clipforge.evaluation.zeroshot import build_classifier, classify, embed_images
+from clipforge.evaluation.zeroshot import (
+    build_classifier,
+    classification_metrics,
+    classify,
+    embed_images,
+    zero_shot_logits,
+)
 from clipforge.health import embedding_health
 
 TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
@@ -148,7 +161,7 @@ def _entry(path: Path, index: int, item: Any, data_root: str) -> SuiteEntry:
     base = path.parent
     for key in ("classnames", "templates"):
         if key in values:
-            values[key] = resolve_names(values[key], key, base)
+            values[key] = resolve_names(values[key], key, base, where=f"{where}.{key}")
     return SuiteEntry(**values)
 
 
@@ -183,12 +196,19 @@ LAYOUTS = {
 
 
 def check_data(suite: Suite) -> None:
-    """Before any work: every dataset's directory exists, or one error says where each goes and how to get it."""
+    """Before any work: every dataset's directory exists, or one error says where each goes and how to get it;
+    a zero-shot classification set has templates (its own or the suite's), each with a placeholder."""
     problems = []
     for entry in suite.datasets:
         splits = [entry.split] + ([entry.train_split] if entry.task == "linear_probe" else [])
         root = Path(entry.path)
         if root.exists() and (entry.format != "wds" or all((root / s / "nshards.txt").is_file() for s in splits)):
+            if entry.task == "zeroshot_classification" and entry.templates is None and not dataset_templates(root):
+                raise ValueError(
+                    f"dataset {entry.name!r} ({entry.path}): zero-shot classification needs templates and the "
+                    "dataset ships none (zeroshot_classification_templates.txt), so set templates: in the suite, "
+                    "or --templates with --dataset (openai_imagenet, a file, or a list)"
+                )
             continue
         split_text = splits[0] if len(splits) == 1 else "{" + ",".join(splits) + "}"
         layout = LAYOUTS[entry.format or "wds"].format(path=entry.path, split=split_text)
@@ -208,8 +228,42 @@ def check_data(suite: Suite) -> None:
         raise FileNotFoundError(f"suite {suite.name!r} ({suite.path}): data missing\n" + "\n".join(problems))
 
 
+def single_dataset_suite(
+    path: str | Path,
+    task: str | None = None,
+    classnames: str | list[str] | None = None,
+    templates: str | list[str] | None = None,
+    split: str = "test",
+    format: str | None = None,
+) -> Suite:
+    """The suite of one dataset, named after its folder, checked as ``load_suite`` checks a suite file.
+
+    ``classnames``/``templates``: what a suite entry takes (``openai_imagenet``, a .txt/.json file, a list).
+    Without ``task``: zero-shot classification when class names are given or the dataset is a classification set
+    (``dataset_kind``), else zero-shot retrieval."""
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task {task!r} is not one of {TASKS}")
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"format {format!r} is not one of {FORMATS}")
+    names = {
+        key: None if value is None else resolve_names(value, key)
+        for key, value in (("classnames", classnames), ("templates", templates))
+    }
+    if task is None:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"dataset {path} does not exist")
+        classifies = classnames is not None or dataset_kind(path, split, format) == CLASSIFICATION
+        task = "zeroshot_classification" if classifies else "zeroshot_retrieval"
+    name = Path(path).resolve().name or str(path)
+    entry = SuiteEntry(name, task, str(path), format, split, names["classnames"], names["templates"])
+    suite = Suite(name, [entry], None)
+    check_data(suite)
+    return suite
+
+
 class _Run:
-    """One suite run's caches: opened benchmarks, image embeddings per split, text classifiers."""
+    """One suite run's caches: opened benchmarks, image embeddings per split, text classifiers; and, when
+    ``predictions`` is a dict, each dataset's per-image predictions (its top ``top_k``)."""
 
     def __init__(
         self,
@@ -220,10 +274,13 @@ class _Run:
         num_workers: int,
         progress: bool,
         diagnostics: bool = False,
+        predictions: dict[str, list[dict]] | None = None,
+        top_k: int = 5,
     ) -> None:
         self.encoder, self.tokenizer, self.transform = encoder, tokenizer, transform
         self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
         self.diagnostics = diagnostics
+        self.predictions, self.top_k = predictions, top_k
         self.benchmarks: dict[tuple, Benchmark] = {}
         self.features: dict[tuple, tuple] = {}
         self.classifiers: dict[tuple, Any] = {}
@@ -263,20 +320,23 @@ class _Run:
 
 def _classification(run: _Run, entry: SuiteEntry) -> dict:
     benchmark = run.benchmark(entry, entry.split)
-    if not benchmark.classnames or not benchmark.templates:
+    missing = (("class names", benchmark.classnames), ("templates", benchmark.templates))
+    if not all(given for _, given in missing):
         raise ValueError(
-            f"dataset {entry.name!r} ({entry.path}): zero-shot classification needs class names and "
-            "templates; the dataset has none, so set classnames: / templates: in the suite "
-            "(openai_imagenet, a file, or a list)"
+            f"dataset {entry.name!r} ({entry.path}): zero-shot classification needs class names and templates; "
+            f"it has no {' and no '.join(what for what, given in missing if not given)}, so set classnames: / "
+            "templates: in the suite, or --classnames / --templates with --dataset (openai_imagenet, a file, or a list)"
         )
     features, labels = run.embedded(benchmark)
-    metrics = classify(
-        features, labels, run.classifier(benchmark.classnames, benchmark.templates), benchmark.classnames
-    )
+    classifier = run.classifier(benchmark.classnames, benchmark.templates)
+    metrics = classify(features, labels, classifier, benchmark.classnames)
     metrics["chance_acc1"] = 1 / len(benchmark.classnames)
     if run.diagnostics:
-        metrics["projection"] = project_embeddings(
-            features, labels, run.classifier(benchmark.classnames, benchmark.templates)
+        metrics["projection"] = project_embeddings(features, labels, classifier)
+    if run.predictions is not None:
+        logits = zero_shot_logits(features, classifier)
+        run.predictions[entry.name] = classification_rows(
+            logits, labels, benchmark.classnames, benchmark.keys(), run.top_k, scale=100.0
         )
     return {**metrics, "dataset": benchmark.describe()}
 
@@ -289,6 +349,10 @@ def _retrieval(run: _Run, entry: SuiteEntry) -> dict:
     # A random ranking puts a match first with probability 1/num_images, both ways.
     metrics["chance_recall@1"] = 1 / metrics["num_images"]
     metrics["examples"] = retrieval_examples(image_features, text_features, texts, caption_image)
+    if run.predictions is not None:
+        run.predictions[entry.name] = retrieval_rows(
+            image_features, text_features, caption_image, texts, benchmark.keys(), run.top_k
+        )
     # each image with its first caption: the paired embeddings the health diagnostics are defined on
     first: dict[int, int] = {}
     for caption, image in enumerate(caption_image.tolist()):
@@ -310,17 +374,19 @@ def _linear_probe(run: _Run, entry: SuiteEntry) -> dict:
     val_features, val_labels = run.embedded(val) if val is not None else (None, None)
     classnames = test.classnames
     num_classes = len(classnames) if classnames else int(max(train_labels.max(), test_labels.max())) + 1
-    metrics = linear_probe(
+    logits, facts = fit_linear_probe(
         train_features,
         train_labels,
         test_features,
-        test_labels,
         num_classes,
         val_features,
         val_labels,
         entry.val_proportion,
         entry.seed,
     )
+    metrics = {**classification_metrics(logits, test_labels, num_classes), **facts}
+    if run.predictions is not None:
+        run.predictions[entry.name] = classification_rows(logits, test_labels, classnames, test.keys(), run.top_k)
     if classnames:
         metrics["per_class_accuracy"] = {classnames[c]: v for c, v in metrics["per_class_accuracy"].items()}
     metrics["chance_acc1"] = 1 / num_classes
@@ -374,14 +440,19 @@ def run_suite(
     num_workers: int = 2,
     progress: bool = False,
     diagnostics: bool = False,
+    predictions: dict[str, list[dict]] | None = None,
+    top_k: int = 5,
 ) -> dict[str, dict]:
     """Run every dataset of ``suite``; ``transform`` maps a PIL image to the encoder's input tensor.
+
+    A ``predictions`` dict is filled with {dataset name: per-image rows with the top ``top_k`` labels or ids}
+    (the rows ``clipforge.evaluation.predictions`` writes); the results stay metrics only.
 
     Every retrieval set also reports ``health`` (``clipforge.health.embedding_health`` of each image with its
     first caption). ``diagnostics`` adds what the embedding plots draw: a t-SNE ``projection`` per
     classification set, ``similarity_sample`` and ``similarity_histogram`` per retrieval set."""
     check_data(suite)
-    run = _Run(encoder, tokenizer, transform, batch_size, num_workers, progress, diagnostics)
+    run = _Run(encoder, tokenizer, transform, batch_size, num_workers, progress, diagnostics, predictions, top_k)
     results = {}
     for entry in suite.datasets:
         start = time.perf_counter()

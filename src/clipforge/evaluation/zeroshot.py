@@ -1,8 +1,11 @@
 """Zero-shot classification with CLIP_benchmark's semantics.
 
 The classifier has one column per class: the mean of the L2-normalised embeddings of every
-template filled with the class name (``{c}``), renormalised; templates may also be a
-{class name: [prompts]} dict (class-specific prompts, as CuPL's). An image's logits are 100 × its
+template filled with the class name, renormalised; templates may also be a
+{class name: [prompts]} dict (class-specific prompts, as CuPL's). A template's placeholder is ``{c}``
+(CLIP_benchmark's and open_clip's) or ``{}`` (transformers' zero-shot pipeline's); a template with
+neither would give every class the same text, so scores would sit at chance: ``check_templates`` refuses
+it, naming it. An image's logits are 100 × its
 normalised embedding times the classifier. Metrics, as ``clip_benchmark.metrics.zeroshot_classification``
 computes them: top-1 and top-5 accuracy (top-5 is None below 5 classes, where CLIP_benchmark gives
 NaN), mean per-class recall (balanced accuracy over the classes present in the labels), plus
@@ -11,6 +14,7 @@ per-class accuracy and the number of samples.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -19,6 +23,32 @@ from tqdm import tqdm
 
 from clipforge.evaluation.encoder import Encoder, Tokenizer
 
+PLACEHOLDER = re.compile(r"\{c?\}")  # {c} or {}
+
+
+def check_templates(templates: list[str] | dict[str, list[str]], where: str) -> None:
+    """Refuse an empty template list, and templates that are not text or lack a placeholder, naming them and
+    ``where`` they came from. Class-specific prompts (a dict) are whole prompts and are not checked."""
+    if isinstance(templates, dict):
+        return
+    if not templates:
+        raise ValueError(f"{where}: no templates")
+    bad = [template for template in templates if not isinstance(template, str) or not PLACEHOLDER.search(template)]
+    if bad:
+        named = ", ".join(repr(template) for template in bad[:5]) + (
+            f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        )
+        raise ValueError(
+            f"{where}: {'template' if len(bad) == 1 else 'templates'} {named} "
+            f"{'has' if len(bad) == 1 else 'have'} no class-name placeholder: write {{c}} (or {{}}) where the "
+            "class name goes, e.g. 'a photo of a {c}.'"
+        )
+
+
+def fill(template: str, classname: str) -> str:
+    """The template with every ``{c}`` and ``{}`` replaced by the class name (braces in the name stay as they are)."""
+    return PLACEHOLDER.sub(lambda _: classname, template)
+
 
 def class_prompts(classnames: list[str], templates: list[str] | dict[str, list[str]]) -> list[list[str]]:
     if isinstance(templates, dict):
@@ -26,7 +56,7 @@ def class_prompts(classnames: list[str], templates: list[str] | dict[str, list[s
         if missing:
             raise ValueError(f"class-specific templates lack the classes {missing[:5]}")
         return [list(templates[name]) for name in classnames]
-    return [[template.replace("{c}", name) for template in templates] for name in classnames]
+    return [[fill(template, name) for template in templates] for name in classnames]
 
 
 @torch.no_grad()
@@ -89,11 +119,16 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     }
 
 
+def zero_shot_logits(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """(N, C) logits: 100 × the cosine similarity of each (N, D) normalised image embedding with each class."""
+    return 100.0 * image_features @ classifier.to(image_features.device)
+
+
 def classify(
     image_features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor, classnames: list[str]
 ) -> dict:
     """Metrics of (N, D) normalised image embeddings against a (D, C) classifier."""
-    logits = 100.0 * image_features @ classifier.to(image_features.device)  # (N, C)
+    logits = zero_shot_logits(image_features, classifier)  # (N, C)
     metrics = classification_metrics(logits, labels, len(classnames))
     metrics["per_class_accuracy"] = {classnames[c]: v for c, v in metrics["per_class_accuracy"].items()}
     metrics["num_samples"] = len(labels)
