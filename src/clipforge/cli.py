@@ -596,13 +596,13 @@ class _Parser(argparse.ArgumentParser):
 
 def _config_keys() -> str:
     from clipforge.config import describe_fields
-    from clipforge.evaluation.datasets import FORMATS
-    from clipforge.evaluation.suite import TASKS
 
     return describe_fields()
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from clipforge.eval_config import FORMATS, TASKS  # torch-free: the parser imports no evaluator
+
     parser = _Parser(prog="clipforge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 

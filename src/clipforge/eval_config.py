@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The evaluation tasks and dataset layouts a suite entry (or `clipforge eval --dataset`) names; here, torch-free,
+# so that the CLI's parser can offer them as choices without importing the evaluators.
+TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
+FORMATS = ("wds", "imagefolder", "hf")
+
 
 @dataclass
 class EvalConfig:

@@ -39,10 +39,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from clipforge.eval_config import FORMATS
 from clipforge.evaluation.zeroshot import check_templates
 
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")  # the order CLIP_benchmark's to_tuple tries them in
-FORMATS = ("wds", "imagefolder", "hf")
 CLASSIFICATION, RETRIEVAL = "classification", "retrieval"
 HF_CAPTION_COLUMNS = ("captions", "caption", "sentences", "text", "texts")
 HF_LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")

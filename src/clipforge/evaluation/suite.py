@@ -43,9 +43,9 @@ from typing import Any
 import torch
 import yaml
 
+from clipforge.eval_config import FORMATS, TASKS
 from clipforge.evaluation.datasets import (
     CLASSIFICATION,
-    FORMATS,
     RETRIEVAL,
     Benchmark,
     benchmark_loader,
@@ -68,7 +68,6 @@ from clipforge.evaluation.zeroshot import (
 )
 from clipforge.health import embedding_health
 
-TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
 DATA_ROOT_ENV = "CLIPFORGE_DATA_ROOT"
 DEFAULT_DATA_ROOT = "data/benchmarks"
 ENTRY_KEYS = {
