@@ -17,7 +17,7 @@ import torch
 
 from clipforge.distributed import DistInfo
 from clipforge.train.flops import count_train_flops
-from clipforge.train.peak import peak_tflops
+from clipforge.train.peak import cache_file, peak_tflops
 from clipforge.train.profile import OffRecorder, Setting, StepProfiler, StepRecorder, diagnose, median_image_side
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class StepMeter:
         self.parameters = sum(p.numel() for p in run.built.model.parameters())
         self.start, self.steps, self.data_wait, self.flops = time.perf_counter(), 0, 0.0, 0.0
         self.last: dict[str, Any] = {}
-        self.train_flops, self.peak = None, 0.0
+        self.train_flops, self.peak, self.warned = None, 0.0, False
         if dist_info.is_main:
             self.train_flops = count_train_flops(cfg.model, cfg.loss.learn_temperature)
             self.peak, source = peak_tflops(
@@ -143,6 +143,14 @@ class StepMeter:
         if self.train_flops is None:
             return {}
         tflops = self.flops / elapsed / 1e12
+        if self.peak and tflops > self.peak and not self.dist_info.device.startswith("cuda") and not self.warned:
+            self.warned = True
+            log.warning(
+                "perf/mfu above 1: the cached GEMM peak (%.3g TFLOP/s) was probed while the machine was busy; "
+                "delete its entry in %s to measure it again",
+                self.peak,
+                cache_file(),
+            )
         return {"perf/model_tflops_per_device": tflops, **({"perf/mfu": tflops / self.peak} if self.peak else {})}
 
     def _breakdown(self) -> dict[str, float]:
