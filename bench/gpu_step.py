@@ -3,10 +3,10 @@
     python3 bench/gpu_step.py --model ViT-B-16 --batch-size 256 --precision bf16 [--compile]
 
 The data pipeline is left out (tensors made once on the GPU), so this is the model's and the step's ceiling;
-``bench/train_throughput.py`` measures whole runs against OpenCLIP. FLOPs per sample are counted by
-``torch.utils.flop_counter`` on one forward pass of each tower, times 3 for forward + backward (as
-``clipforge train --dry-run`` reports them); MFU is achieved FLOP/s over the chip's dense peak for the precision
-(``--peak-tflops``, default from the device name: H100/H200 989 bf16, 495 tf32).
+``bench/train_throughput.py`` measures whole runs against OpenCLIP. FLOPs per sample are
+``clipforge.train.flops.count_train_flops`` (what ``clipforge train --dry-run`` reports and ``perf/mfu`` uses; the
+captions here are full length); MFU is achieved FLOP/s over the chip's dense peak for the precision
+(``--peak-tflops``, default ``clipforge.train.peak``'s table: H100/H200 989 bf16, 495 tf32).
 """
 
 from __future__ import annotations
@@ -16,28 +16,13 @@ import json
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from clipforge.losses import LossConfig, build_loss
-from clipforge.models import ModelConfig, build_model
+from clipforge.models import ModelConfig, build_model, enable_packed_attention
+from clipforge.train.flops import count_train_flops
 from clipforge.train.optim import OptimConfig, build_optimizer, build_scheduler
+from clipforge.train.peak import peak_tflops
 from clipforge.train.step import build_step
-
-PEAKS = {"H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 495.0}, "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 495.0}}
-
-
-def forward_flops(model, image_size: int, context: int, device: str) -> float:
-    """FLOPs of one sample's forward pass through both towers."""
-    total = 0
-    with torch.no_grad():
-        for run in (
-            lambda: model.encode_image(torch.zeros(1, 3, image_size, image_size, device=device)),
-            lambda: model.encode_text(torch.zeros(1, context, dtype=torch.long, device=device)),
-        ):
-            with FlopCounterMode(display=False) as counter:
-                run()
-            total += counter.get_total_flops()
-    return total
 
 
 def main() -> None:
@@ -57,10 +42,11 @@ def main() -> None:
     cuda = device.startswith("cuda")
     built = build_model(ModelConfig(name=args.model), device=device)
     model = built.model.train()
+    enable_packed_attention(model)  # as train.packed_attention (the default) prepares it
     size = built.preprocess_cfg["size"]
     size = size if isinstance(size, int) else size[0]
     context = built.model_cfg["text_cfg"].get("context_length", 77)
-    flops_per_sample = 3 * forward_flops(model, size, context, device)
+    flops_per_sample = count_train_flops(ModelConfig(name=args.model)).train()
     if args.compile:
         model.compile()
     optim_cfg = OptimConfig(lr=1e-4, warmup_steps=0)
@@ -93,7 +79,7 @@ def main() -> None:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    peak = args.peak_tflops or next((p[args.precision] for chip, p in PEAKS.items() if chip in name), None)
+    peak = peak_tflops(device, args.precision, tf32=True, configured=args.peak_tflops)[0] or None
     samples_per_s = args.steps * args.batch_size / elapsed
     achieved = samples_per_s * flops_per_sample / 1e12
     print(

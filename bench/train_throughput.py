@@ -15,6 +15,17 @@ drops those markers before OpenCLIP's own grouping, and changes nothing else.
     python bench/train_throughput.py                       # demo model (tiny-rn-64, 64 px), batch 128, 2 workers
     python bench/train_throughput.py --model tiny-vit-64 --steps 120 --repeats 3
 
+On a GPU (``bench/gpu_check.sh`` runs this), the same comparison with open_clip_train's ``--precision amp_bf16``
+(and ``--torchcompile`` with ``--compile``, clipforge's ``train.compile``), shards written at ``--shard-image-size``::
+
+    python bench/train_throughput.py --device cuda --model ViT-B-16 --precision bf16 --batch-size 256 \
+        --shard-image-size 256 --workers 8 --steps 60 --repeats 1 [--compile]
+
+Each trainer's model TFLOP/s (``clipforge.train.flops``, the count behind ``perf/mfu``: OpenCLIP's at the full
+context length it always runs, clipforge's at each batch's trimmed length, from its ``metrics.jsonl``) and its
+fraction of this CPU's fp32 GEMM peak (``clipforge.train.peak``: probed once at ``--threads`` and cached) are
+printed too.
+
 ``--against REF`` adds a third trainer: clipforge as it was at git commit REF (checked out into a temporary
 worktree and imported from there), so a change's cost to the default path is measured in the same run, against
 the same OpenCLIP reference. ``--set KEY=VALUE`` overrides apply to the current clipforge only (REF may not know
@@ -35,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +56,8 @@ import sys
 import open_clip
 from open_clip_train import data, main
 
-open_clip.add_model_config(sys.argv[1])
+if sys.argv[1]:  # one of configs/models/*.json; empty: an open_clip architecture by name
+    open_clip.add_model_config(sys.argv[1])
 
 def tarfile_to_samples_nothrow(src, handler=data.log_and_continue):  # open_clip#935 under webdataset 1.0.2
     files = data.tar_file_expander(data.url_opener(src, handler=handler), handler=handler)
@@ -55,7 +68,8 @@ main.main(sys.argv[2:])
 """
 
 
-def ensure_shards(out: Path, samples: int) -> str:
+def ensure_shards(out: Path, samples: int, image_size: int = 64) -> str:
+    out = out / f"{image_size}px"
     sizes = out / "train" / "sizes.json"
     if sizes.is_file() and sum(json.loads(sizes.read_text()).values()) < samples:
         import shutil
@@ -69,10 +83,10 @@ def ensure_shards(out: Path, samples: int) -> str:
                 out=str(out),
                 num_samples=samples,
                 samples_per_shard=500,
-                image_size=64,
+                image_size=image_size,
                 num_eval_samples=60,
                 num_retrieval_samples=20,
-                num_workers=2,
+                num_workers=os.cpu_count() or 2,
             ),
             progress=False,
         )
@@ -85,10 +99,20 @@ def model_json(name: str) -> Path:
     return path if path.suffix == ".json" else ROOT / "configs" / "models" / f"{name}.json"
 
 
-def environment(threads: int) -> dict[str, str]:
+def environment(threads: int, device: str = "cpu") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    env.update(OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
+
+
+def is_builtin(model: str) -> bool:
+    """An open_clip architecture by name (ViT-B-16), not one of configs/models/*.json."""
+    return not model.endswith(".json") and not (ROOT / "configs" / "models" / f"{model}.json").is_file()
+
+
+OPEN_CLIP_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16"}
 
 
 def run_open_clip(args, urls: str, work: Path, index: int) -> list[float]:
@@ -97,7 +121,7 @@ def run_open_clip(args, urls: str, work: Path, index: int) -> list[float]:
         sys.executable,
         "-c",
         OPEN_CLIP_WRAPPER,
-        str(model_json(args.model)),
+        "" if is_builtin(args.model) else str(model_json(args.model)),
         "--train-data",
         urls,
         "--dataset-type",
@@ -117,9 +141,9 @@ def run_open_clip(args, urls: str, work: Path, index: int) -> list[float]:
         "--warmup",
         "10",
         "--precision",
-        "fp32",
+        OPEN_CLIP_PRECISION[args.precision],
         "--model",
-        model_json(args.model).stem,
+        args.model if is_builtin(args.model) else model_json(args.model).stem,
         "--log-every-n-steps",
         str(args.log_every),
         "--logs",
@@ -133,11 +157,13 @@ def run_open_clip(args, urls: str, work: Path, index: int) -> list[float]:
         "--seed",
         "0",
         "--device",
-        "cpu",
+        args.device,
         "--grad-clip-norm",
         "1.0",
+        *(["--torchcompile"] if args.compile else []),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, env=environment(args.threads), cwd=work)
+    env = environment(args.threads, args.device)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=work)
     log = done.stdout + done.stderr
     if done.returncode != 0:
         raise RuntimeError(f"open_clip_train failed ({done.returncode}):\n{log[-4000:]}")
@@ -153,9 +179,10 @@ def run_clipforge(
     tree: Path = ROOT,
     label: str = "clipforge",
     overrides: tuple[str, ...] = (),
-) -> list[float]:
+) -> list[tuple[float, float | None]]:
+    """(samples/s, model TFLOP/s or None for a clipforge without perf/model_tflops_per_device) of each window."""
     out = work / f"{label}_{index}"
-    env = environment(args.threads)
+    env = environment(args.threads, args.device)
     if tree != ROOT:  # an older checkout: its src/ ahead of the installed (editable) clipforge
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree / "src"), env.get("PYTHONPATH")]))
     command = [
@@ -173,7 +200,7 @@ def run_clipforge(
         "--set",
         f"data.num_workers={args.workers}",
         "--set",
-        f"model.name={model_json(args.model)}",
+        f"model.name={args.model if is_builtin(args.model) else model_json(args.model)}",
         "--set",
         f"optim.lr={args.lr}",
         "--set",
@@ -185,7 +212,9 @@ def run_clipforge(
         "--set",
         f"train.output_dir={out}",
         "--set",
-        "train.precision=fp32",
+        f"train.precision={args.precision}",
+        "--set",
+        f"train.compile={str(args.compile).lower()}",
         "--set",
         "eval.suite=null",
         "--set",
@@ -202,8 +231,8 @@ def run_clipforge(
     if done.returncode != 0:
         raise RuntimeError(f"{label} train failed ({done.returncode}):\n{(done.stdout + done.stderr)[-4000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["perf/samples_per_s"] for r in records if "perf/samples_per_s" in r]
-    return rates[args.skip_windows : -1]  # the last window is cut short by the end of the run
+    windows = [r for r in records if "perf/samples_per_s" in r][args.skip_windows : -1]  # the last is cut short
+    return [(r["perf/samples_per_s"], r.get("perf/model_tflops_per_device")) for r in windows]
 
 
 def main() -> None:
@@ -218,6 +247,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP threads of each trainer")
     parser.add_argument("--against", metavar="REF", help="also time clipforge as of this git commit")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: open_clip's amp_bf16")
+    parser.add_argument("--compile", action="store_true", help="train.compile / open_clip's --torchcompile")
+    parser.add_argument("--shard-image-size", type=int, default=64, help="side of the synthetic shards' images")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -234,48 +267,81 @@ def main() -> None:
     import open_clip
     import torch
 
-    urls, available = ensure_shards(Path(args.data_dir), max(10_000, args.steps * args.batch_size))
+    from clipforge.train.peak import peak_tflops
+
+    urls, available = ensure_shards(
+        Path(args.data_dir), max(10_000, args.steps * args.batch_size), args.shard_image_size
+    )
     if args.steps * args.batch_size > available:
         parser.error(f"{args.steps} steps × {args.batch_size} exceed the {available} samples of {args.data_dir}")
     print(
-        f"# training throughput, steady state: {args.model}, batch {args.batch_size}, fp32, {args.workers} "
+        f"# training throughput, steady state: {args.model}, batch {args.batch_size}, {args.precision}"
+        f"{', compiled' if args.compile else ''}, {args.device}, {args.workers} "
         f"workers, {args.steps} steps, {args.repeats} alternating repeats"
     )
     print(
         f"# torch {torch.__version__}, open_clip {open_clip.__version__}, python {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs, {args.threads} threads per trainer\n"
+        f"{os.cpu_count()} CPUs, {args.threads} threads per trainer"
+        f"{', ' + torch.cuda.get_device_name() if args.device == 'cuda' else ''}, {time.strftime('%Y-%m-%d')}\n"
     )
     if args.overrides:
         print(f"# clipforge overrides: {' '.join(args.overrides)}")
+    flops = full_length_flops(args.model)
+    torch.set_num_threads(args.threads)
+    peak, source = peak_tflops(args.device, args.precision)
+    print(f"# peak: {peak:.4g} TFLOP/s per device ({source}; clipforge.train.peak)")
     ours, theirs, before = [], [], []
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
         old = stack.enter_context(worktree(args.against, Path(scratch))) if args.against else None
         for index in range(args.repeats):
-            ours.append(
-                statistics.mean(run_clipforge(args, urls, Path(scratch), index, overrides=tuple(args.overrides)))
+            ours.append(window_means(run_clipforge(args, urls, Path(scratch), index, overrides=tuple(args.overrides))))
+            rates = run_open_clip(args, urls, Path(scratch), index)
+            theirs.append((statistics.mean(rates), statistics.mean(rates) * flops / 1e12))
+            line = (
+                f"repeat {index}: clipforge {ours[-1][0]:.1f} samples/s, open_clip_train {theirs[-1][0]:.1f} samples/s"
             )
-            theirs.append(statistics.mean(run_open_clip(args, urls, Path(scratch), index)))
-            line = f"repeat {index}: clipforge {ours[-1]:.1f} samples/s, open_clip_train {theirs[-1]:.1f} samples/s"
             if old is not None:
-                before.append(statistics.mean(run_clipforge(args, urls, Path(scratch), index, old, "clipforge_ref")))
-                line += f", clipforge@{args.against} {before[-1]:.1f} samples/s"
+                before.append(window_means(run_clipforge(args, urls, Path(scratch), index, old, "clipforge_ref")))
+                line += f", clipforge@{args.against} {before[-1][0]:.1f} samples/s"
             print(line, flush=True)
-    mine, reference = statistics.median(ours), statistics.median(theirs)
-    print("\n| trainer | samples/s (median of repeats) | ratio |")
-    print("|---|---:|---:|")
-    print(f"| open_clip_train.main | {reference:.1f} | 1.00 |")
+    mine, reference = median_of(ours), median_of(theirs)
+    print("\n| trainer | samples/s (median of repeats) | ratio | model TFLOP/s | MFU (of the peak above) |")
+    print("|---|---:|---:|---:|---:|")
+    print(row("open_clip_train.main", reference, reference, peak))
     if before:
-        print(
-            f"| clipforge train @ {args.against} | {statistics.median(before):.1f} | "
-            f"{statistics.median(before) / reference:.2f} |"
-        )
-    print(f"| clipforge train | {mine:.1f} | {mine / reference:.2f} |")
+        print(row(f"clipforge train @ {args.against}", median_of(before), reference, peak))
+    print(row("clipforge train", mine, reference, peak))
     if before:
-        paired = [now / then for now, then in zip(ours, before)]  # same repeat, adjacent in time: less drift
+        paired = [now[0] / then[0] for now, then in zip(ours, before)]  # same repeat, adjacent in time: less drift
         print(
-            f"\nclipforge now / @{args.against}: {mine / statistics.median(before):.3f} (medians); per repeat "
+            f"\nclipforge now / @{args.against}: {mine[0] / median_of(before)[0]:.3f} (medians); per repeat "
             f"{', '.join(f'{r:.3f}' for r in paired)}, median {statistics.median(paired):.3f}"
         )
+
+
+def full_length_flops(model: str) -> float:
+    """Model FLOPs of one training sample at the full context length (what open_clip_train always runs)."""
+    from clipforge.models import ModelConfig
+    from clipforge.train.flops import count_train_flops
+
+    return count_train_flops(ModelConfig(name=model if is_builtin(model) else str(model_json(model)))).train()
+
+
+def window_means(windows: list[tuple[float, float | None]]) -> tuple[float, float | None]:
+    rates, tflops = zip(*windows)
+    return statistics.mean(rates), None if None in tflops else statistics.mean(tflops)
+
+
+def median_of(runs: list[tuple[float, float | None]]) -> tuple[float, float | None]:
+    tflops = [t for _, t in runs]
+    return statistics.median(r for r, _ in runs), None if None in tflops else statistics.median(tflops)
+
+
+def row(label: str, result: tuple[float, float | None], reference: tuple[float, float | None], peak: float) -> str:
+    rate, tflops = result
+    if tflops is None:
+        return f"| {label} | {rate:.1f} | {rate / reference[0]:.2f} | n/a | n/a |"
+    return f"| {label} | {rate:.1f} | {rate / reference[0]:.2f} | {tflops:.4f} | {tflops / peak:.1%} |"
 
 
 @contextlib.contextmanager

@@ -5,6 +5,11 @@
 * a bf16 and an fp16 step (GradScaler) with fused AdamW: the same update as the foreach AdamW, the loss of the
   fp32 reference;
 * the GPU generator through a checkpoint, and a GPU checkpoint's generators resumed on a CPU rank;
+* bf16 autocast numerics against fp32: features and gradients of a step;
+* pinned-memory batches copied without blocking and normalised on the device, equal to the CPU normalisation;
+* the fused flash / memory-efficient SDPA kernels (not the math fallback) taken in a training step;
+* an NCCL group of one rank: initialised, and the collectives the loss uses work;
+* a short training run on the GPU: memory stats, MFU against the table's peak and the CUDA-event breakdown logged;
 * on two GPUs under NCCL: the CLIP loss and the SigLIP ring (and all-gather) equal one process holding the global
   batch, loss and every gradient (as tests/test_losses_distributed.py does under gloo), with a timeout.
 
@@ -28,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from clipforge.data.images import ImageTransform
 from clipforge.losses import LossConfig, build_loss, naive_clip_loss
-from clipforge.models import ModelConfig, build_model
+from clipforge.models import ModelConfig, build_model, enable_packed_attention
 from clipforge.train.optim import OptimConfig, build_optimizer
 from clipforge.train.state import RNGState
 from clipforge.train.step import build_step
@@ -145,6 +150,131 @@ def test_a_mixed_precision_step_with_fused_adamw_updates_as_foreach_adamw(precis
         torch.testing.assert_close(fused_parameter, foreach_parameter, rtol=1e-4, atol=1e-5, msg=name)
         moved = max(moved, (fused_parameter - start).abs().max().item())
     assert moved > 5e-4  # an update of about lr was applied, not skipped
+
+
+@ONE_GPU
+def test_bf16_autocast_features_and_gradients_follow_fp32(tiny_model_json):
+    built = build_model(ModelConfig(name=tiny_model_json))
+    model = built.model.to(DEVICE).train()
+    data = model_batch(built, 32)
+    results = {}
+    for dtype in (None, torch.bfloat16):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = model(data["images"], data["texts"])
+        loss = naive_clip_loss(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())
+        loss.backward()
+        results[dtype] = (
+            out,
+            loss.detach(),
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        )
+    (out32, loss32, grads32), (out16, loss16, grads16) = results[None], results[torch.bfloat16]
+    for key in ("image_features", "text_features"):
+        cosine = torch.nn.functional.cosine_similarity(out16[key].float(), out32[key], dim=-1)
+        assert cosine.min() > 0.99, (key, cosine.min())
+    assert loss16.item() == pytest.approx(loss32.item(), rel=0.02)
+    for name, grad in grads32.items():
+        error = (grads16[name].float() - grad).norm() / grad.norm().clamp_min(1e-12)
+        assert error < 0.1, (name, error.item())  # bf16 keeps 8 bits of mantissa: gradients to a few percent
+
+
+@ONE_GPU
+def test_pinned_batches_copy_without_blocking_and_normalise_on_the_device(synth_data, tiny_model_json):
+    from clipforge.data.pipeline import DataConfig, build_train_loader
+    from clipforge.train.loop import prepare_batch
+
+    built = build_model(ModelConfig(name=tiny_model_json))
+    cfg = DataConfig(train_urls=f"{synth_data}/train/{{00000..00001}}.tar", batch_size=8, num_workers=1)
+    loader = build_train_loader(cfg, built.preprocess_cfg, built.tokenizer, pin_memory=True)
+    try:
+        batch = next(loader)
+    finally:
+        loader.close()
+    assert batch["images"].dtype == torch.uint8 and batch["images"].is_pinned()  # 4x less to copy than float
+    expected = loader.transform.normalize(batch["images"].clone())  # the CPU's float normalisation
+    warm_up = {"images": batch["images"].clone().pin_memory(), "texts": batch["texts"]}
+    prepare_batch(warm_up, loader.transform, DEVICE, channels_last=False, dynamic_text=False)  # mean, std on the GPU
+    with sync_debug("error"):  # a pinned, non-blocking copy and the normalisation queue without waiting
+        copied = prepare_batch(batch, loader.transform, DEVICE, channels_last=False, dynamic_text=False)
+    assert copied["images"].device.type == "cuda" and copied["images"].dtype == torch.float32
+    torch.testing.assert_close(copied["images"].cpu(), expected)
+
+
+@ONE_GPU
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_training_attention_takes_the_fused_sdpa_kernels(precision, tiny_model_json):
+    from torch.profiler import ProfilerActivity, profile
+
+    built = build_model(ModelConfig(name=tiny_model_json))
+    model = built.model.to(DEVICE).train()
+    enable_packed_attention(model)  # as train.packed_attention prepares it
+    optimizer = build_optimizer(OptimConfig(warmup_steps=0), model)
+    step = build_step(
+        model, build_loss(LossConfig()), optimizer, constant_schedule(optimizer), DEVICE, precision, 1.0, 100.0
+    )
+    data = model_batch(built)
+    step(data)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+        step(data)
+    names = {event.key for event in trace.key_averages()}
+    fused = {name for name in names if "flash_attention" in name or "efficient_attention" in name}
+    assert fused, sorted(n for n in names if "attention" in n)
+    assert "aten::_scaled_dot_product_attention_math" not in names  # the unfused fallback
+
+
+def _nccl_single_rank(rank, world_size):
+    from clipforge.distributed import all_gather
+
+    assert torch.distributed.get_backend() == "nccl" and torch.distributed.get_world_size() == 1
+    value = torch.arange(4.0, device=f"cuda:{rank}")
+    torch.distributed.all_reduce(value)
+    gathered = all_gather(value.reshape(2, 2), world_size)
+    torch.distributed.barrier()
+    return value.cpu(), gathered.cpu()
+
+
+@ONE_GPU
+def test_an_nccl_group_of_one_rank_starts_and_its_collectives_work(tmp_path):
+    (value, gathered) = run_ranks(_nccl_single_rank, 1, tmp_path, device="cuda", timeout=120)[0]
+    assert value.tolist() == [0.0, 1.0, 2.0, 3.0] and gathered.tolist() == [[0.0, 1.0], [2.0, 3.0]]
+
+
+@ONE_GPU
+def test_a_gpu_run_logs_memory_mfu_and_the_cuda_event_breakdown(synth_data, tiny_model_json, tmp_path):
+    import json
+
+    from clipforge.config import load_config
+    from clipforge.train.loop import train
+
+    out = tmp_path / "run"
+    cfg = load_config(
+        None,
+        [
+            f"data.train_urls={synth_data}/train/{{00000..00005}}.tar",
+            "data.batch_size=32",
+            "data.num_workers=1",
+            f"model.name={tiny_model_json}",
+            f"train.output_dir={out}",
+            "train.steps=4",
+            "train.precision=bf16",
+            "train.peak_tflops=100",
+            "logging.log_every=2",
+            "logging.profile_every=2",
+            "logging.progress_bar=false",
+            "logging.tensorboard=false",
+            "logging.plot=false",
+            "eval.suite=null",
+        ],
+    )
+    torch.cuda.reset_peak_memory_stats()
+    train(cfg)
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 < last["perf/max_memory_mb"] <= torch.cuda.max_memory_allocated() / 2**20 + 1
+    assert last["perf/mfu"] == pytest.approx(last["perf/model_tflops_per_device"] / 100) and last["perf/mfu"] > 0
+    parts = [key for key in last if key.startswith("time/") and key != "time/step_s"]
+    assert len(parts) == 8 and all(last[key] >= 0 for key in parts)
+    assert sum(last[key] for key in parts) == pytest.approx(last["time/step_s"], rel=1e-6)
 
 
 def draws(device: str) -> tuple[list[float], list[float], float]:

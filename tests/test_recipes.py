@@ -41,8 +41,12 @@ def test_dry_run_counts_parameters_and_flops_like_the_published_figures(name, pa
     assert summary["parameters"] == parameters
     assert summary["image_forward_gflops_per_sample"] == pytest.approx(image_gflops, rel=0.06)
     assert summary["text_forward_gflops_per_sample"] == pytest.approx(text_gflops, rel=0.06)
+    # forward + backward = 3 forwards, less the patch embedding's input gradient (pixels need none): under 1%
     assert summary["train_gflops_per_sample"] == pytest.approx(
-        3 * (summary["image_forward_gflops_per_sample"] + summary["text_forward_gflops_per_sample"])
+        3 * (summary["image_forward_gflops_per_sample"] + summary["text_forward_gflops_per_sample"]), rel=0.01
+    )
+    assert summary["train_gflops_per_sample"] < 3 * (
+        summary["image_forward_gflops_per_sample"] + summary["text_forward_gflops_per_sample"]
     )
 
 

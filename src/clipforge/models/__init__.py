@@ -8,6 +8,7 @@ import importlib
 
 _EXPORTS = {
     "BuiltModel": "clipforge.models.builder",
+    "enable_packed_attention": "clipforge.models.attention",
     "ModelConfig": "clipforge.models.config",
     "build_model": "clipforge.models.builder",
     "enable_text_trimming": "clipforge.models.builder",

@@ -50,6 +50,11 @@ class TrainConfig:
     """Cut each batch's token columns after its longest caption (and the text tower's work on them) where that is
     exact: a causal text tower pooled at the end-of-text token (open_clip's CLIP class). Same features and
     gradients; the text tower's cost follows the captions' length instead of the context length."""
+    packed_attention: bool = True
+    """In training, compute open_clip's batch-first self-attention (nn.MultiheadAttention) from its packed q/k/v
+    projection straight into scaled_dot_product_attention (clipforge.models.attention): the same parameters and
+    kernels, without torch's sequence-first transposes and the copies and zero-fills their backward costs (~1.35x
+    on the attention block of the tiny ViT, CPU time on a 2-core CPU). false = torch's own path."""
     parallel: str = "ddp"
     """Data parallelism over the ranks: ddp (every rank holds the whole model, its gradients and AdamW state) or
     fsdp (FSDP2: each rank holds 1/N of them, gathered block by block as they run; for towers that outgrow a device
@@ -64,6 +69,10 @@ class TrainConfig:
     range and accumulation, 10-bit mantissa inputs; several times the fp32 throughput on Ampere and later), as
     open_clip_train does. Not applied under bf16/fp16 autocast, whose matmuls are already half precision and whose
     loss stays full fp32. false = full fp32 matmuls."""
+    peak_tflops: float | None = None
+    """The device's dense peak TFLOP/s at this precision, for perf/mfu. None: from the table of known GPUs
+    (A100, H100, H200, L40S; TF32 for fp32 runs with train.tf32), or on a CPU a GEMM probe of this machine at the
+    run's dtype, measured once and cached in ~/.cache/clipforge (clipforge.train.peak)."""
     cudnn_benchmark: bool = True
     """On a CUDA device: cuDNN times its convolution algorithms for each new input shape and keeps the fastest
     (torch.backends.cudnn.benchmark), as open_clip_train does; training shapes are fixed, so the first steps pay
@@ -82,6 +91,8 @@ class TrainConfig:
             raise ValueError(f"train.max_nonfinite_steps: must be >= 1, got {self.max_nonfinite_steps}")
         if isinstance(self.channels_last, str) and self.channels_last != "auto":
             raise ValueError(f"train.channels_last: must be true, false or 'auto', got {self.channels_last!r}")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ValueError(f"train.peak_tflops: must be positive, got {self.peak_tflops}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"train.parallel: expected 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.precision not in PRECISIONS:

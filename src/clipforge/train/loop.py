@@ -13,7 +13,6 @@ import random
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +27,8 @@ from clipforge.health import CollapseError, CollapseMonitor, HealthProbe
 from clipforge.models import build_model
 from clipforge.train.build import Run, build_run
 from clipforge.train.config import TrainConfig
+from clipforge.train.flops import count_train_flops
+from clipforge.train.meter import StepMeter
 from clipforge.train.metrics import MetricLogger, plot_curves
 from clipforge.train.parallel import apply_training_options, unwrap
 from clipforge.train.step import AUTOCAST_DTYPES
@@ -65,15 +66,6 @@ def prepare_batch(
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _max_memory_mb(device: str) -> float:
-    """Peak accelerator memory allocated by torch, or the process's peak resident memory on a CPU."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 class NonFiniteError(RuntimeError):
@@ -187,18 +179,17 @@ def _check_health(
 
 
 def dry_run(cfg: RunConfig, check_inputs: bool = True) -> dict[str, Any]:
-    """What a run would train: parameter counts and FLOPs per sample; with ``check_inputs``, after every check the
-    real run makes before its first step (the suite file, the resume target, the sources: shards found, sample
+    """What a run would train: parameter counts and model FLOPs per sample; with ``check_inputs``, after every check
+    the real run makes before its first step (the suite file, the resume target, the sources: shards found, sample
     counts, enough shards for world size × data.num_workers), reading no sample.
 
-    FLOPs are counted by ``torch.utils.flop_counter`` on one forward pass of each tower (one image at the
-    model's size, one full-length caption); a training step costs about 3× the forward (forward + backward).
+    FLOPs are ``clipforge.train.flops.count_train_flops``, the count the run's MFU uses: each tower's forward in
+    train mode (patch dropout applied), and the backward autograd runs (none for a locked tower), at the full
+    caption length (a trimmed batch costs less; the run charges each batch for its own length).
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     built = build_model(cfg.model)
     apply_training_options(built.model, cfg.model, cfg.loss.learn_temperature)  # locks change the trainable count
-    model = built.model.train()  # in eval mode attention takes a fused fast path the flop counter cannot see
+    model = built.model
     counts = {
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -207,28 +198,21 @@ def dry_run(cfg: RunConfig, check_inputs: bool = True) -> dict[str, Any]:
     counts["text_tower_parameters"] = counts["parameters"] - counts["image_tower_parameters"]
     size = built.preprocess_cfg["size"]
     height, width = (size, size) if isinstance(size, int) else size
-    context = built.model_cfg["text_cfg"].get("context_length", 77)
-    flops = {}
-    with torch.no_grad():
-        for tower, run in (
-            ("image", lambda: model.encode_image(torch.zeros(1, 3, height, width))),
-            ("text", lambda: model.encode_text(torch.zeros(1, context, dtype=torch.long))),
-        ):
-            with FlopCounterMode(display=False) as counter:
-                run()
-            flops[f"{tower}_forward_gflops_per_sample"] = counter.get_total_flops() / 1e9
-    forward = sum(flops.values())
+    flops = count_train_flops(cfg.model, cfg.loss.learn_temperature)
     dist_info = DistInfo.from_env(os.environ)
     global_batch = cfg.data.batch_size * dist_info.world_size
     inputs = _check_inputs(cfg, built, dist_info) if check_inputs else {}
     return {
         "architecture": built.architecture,
         "image_size": [height, width],
-        "context_length": context,
+        "context_length": flops.context_length,
         **counts,
-        **flops,
-        "train_gflops_per_sample": 3 * forward,
-        "train_pflops_total": 3 * forward * 1e9 * global_batch * cfg.train.steps / 1e15,
+        "image_forward_gflops_per_sample": flops.image_forward / 1e9,
+        "text_forward_gflops_per_sample": flops.text_forward / 1e9,
+        "image_train_gflops_per_sample": flops.image_train / 1e9,
+        "text_train_gflops_per_sample": flops.text_train() / 1e9,
+        "train_gflops_per_sample": flops.train() / 1e9,
+        "train_pflops_total": flops.train() * global_batch * cfg.train.steps / 1e15,
         **inputs,
     }
 
@@ -287,16 +271,20 @@ def _train(
         run.run_dir, cfg.logging, cfg.train.steps, run.state.step, dist_info.is_main, config=yaml.safe_load(config_yaml)
     )
     meter, guard = StepMeter(cfg, dist_info, run), NumericsGuard(cfg.train.max_nonfinite_steps, dist_info.rank)
+    cleanup.callback(meter.close)  # a trace of steps the run did not reach is still written
     preempted = False
     while run.state.step < cfg.train.steps:
+        recorder = meter.recorder(run.state.step + 1)  # times the step's parts if it is profiled, else a no-op
         try:
-            with meter.waiting():
+            with meter.waiting(), recorder.part("data_wait"):
                 batch = next(run.loader)
         except StopRequested:  # a signal while waiting for data: every rank stops here, before the step
             preempted = True
             break
-        batch = prepare_batch(batch, run.loader.transform, dist_info.device, run.channels_last, run.dynamic_text)
-        out = run.step_fn(batch)
+        with recorder.part("copy"):
+            batch = prepare_batch(batch, run.loader.transform, dist_info.device, run.channels_last, run.dynamic_text)
+        out = run.step_fn(batch, recorder)
+        meter.stepped(batch, recorder)
         run.state.step += 1
         step = run.state.step
         guard.record(step, out, batch)
@@ -410,62 +398,3 @@ class NumericsGuard:
             f"step {step}: another rank reached train.max_nonfinite_steps non-finite steps in a row "
             "(its log names the step and the batch keys); every rank stops"
         )
-
-
-@contextlib.contextmanager
-def _timed(record):
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        record(time.perf_counter() - started)
-
-
-class StepMeter:
-    """The throughput window between logging steps: samples/s, step and data-wait time, memory."""
-
-    def __init__(self, cfg: RunConfig, dist_info: DistInfo, run: Run) -> None:
-        self.cfg, self.dist_info, self.run = cfg, dist_info, run
-        self.parameters = sum(p.numel() for p in run.built.model.parameters())
-        self.start, self.steps, self.data_wait = time.perf_counter(), 0, 0.0
-        self.last: dict[str, Any] = {}
-
-    def waiting(self):
-        """Around the wait for a batch: its time is data wait, and one more step is in the window."""
-        return _timed(self._waited)
-
-    def paused(self):
-        """Around health checks and evaluation: their time stays out of the throughput window."""
-        return _timed(self._paused)
-
-    def _waited(self, seconds: float) -> None:
-        self.data_wait, self.steps = self.data_wait + seconds, self.steps + 1
-
-    def _paused(self, seconds: float) -> None:
-        self.start += seconds
-
-    def metrics(self, out: dict[str, Any], nonfinite_total: int) -> dict[str, Any]:
-        """The logging step's metrics (host syncs happen here, not every step); starts a new window."""
-        elapsed = time.perf_counter() - self.start
-        batch_size, world_size = self.cfg.data.batch_size, self.dist_info.world_size
-        scale = out["logit_scale"].item()
-        self.last = {
-            "train/loss": out["loss"].item(),
-            "train/lr": self.run.scheduler.get_last_lr()[0],
-            "train/logit_scale": scale,
-            "train/temperature": 1.0 / scale,
-            "train/grad_norm": out["grad_norm"].item(),
-            "train/epoch": self.run.loader.epoch,
-            "perf/samples_per_s": self.steps * batch_size * world_size / elapsed,
-            "perf/samples_per_s_per_device": self.steps * batch_size / elapsed,
-            "perf/step_time_s": elapsed / self.steps,
-            "perf/compute_time_s": (elapsed - self.data_wait) / self.steps,
-            "perf/max_memory_mb": _max_memory_mb(self.dist_info.device),
-            "model/parameters": self.parameters,
-            "perf/data_wait_fraction": self.data_wait / elapsed,
-            "train/nonfinite_steps": nonfinite_total,
-            **{f"data/skipped_{k}": v for k, v in self.run.loader.skipped.items()},
-            **({"train/distill": out["distill"].item()} if "distill" in out else {}),  # loss.distill_weight's term
-        }
-        self.start, self.steps, self.data_wait = time.perf_counter(), 0, 0.0
-        return self.last

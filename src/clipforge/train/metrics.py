@@ -28,6 +28,14 @@ class LoggingConfig:
 
     log_every: int = 10
     """Log metrics every N steps."""
+    profile_every: int = 0
+    """Time the parts of one step every N steps (data wait, host→device copy, each tower's forward, loss, backward,
+    optimizer): logged as time/* at the next logging step, with a one-line diagnosis when one part dominates. CUDA
+    events on a GPU, the wall clock on a CPU; a synchronisation before and after the profiled step only. 0 = off
+    (no cost)."""
+    trace_steps: str | None = None
+    """torch.profiler trace of these steps, 'FIRST-LAST' (e.g. '20-22') or 'STEP', written to RUN_DIR/traces for
+    TensorBoard's profile plugin or ui.perfetto.dev. None = no trace."""
     tensorboard: bool = True
     """Write TensorBoard event files to RUN_DIR/tensorboard."""
     progress_bar: bool = True
@@ -46,6 +54,12 @@ class LoggingConfig:
     def __post_init__(self) -> None:
         if self.log_every <= 0:
             raise ValueError(f"logging.log_every: must be positive, got {self.log_every}")
+        if self.profile_every < 0:
+            raise ValueError(f"logging.profile_every: must be >= 0 (0 = off), got {self.profile_every}")
+        if self.trace_steps is not None:
+            from clipforge.train.profile import parse_steps
+
+            parse_steps(self.trace_steps)
         if self.wandb and importlib.util.find_spec("wandb") is None:
             raise ValueError("logging.wandb=true needs the wandb package: pip install wandb")
 

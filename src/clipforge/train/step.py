@@ -25,6 +25,9 @@ step makes no host sync and the CPU runs ahead (tests/test_cuda.py checks it und
 FSDP-sharded model and the negative queue (whose enqueue depends on the skip) read the flag on the host: one sync
 per step there.
 Everything returned is a detached tensor.
+
+Profiling: each strategy marks its parts (forward, loss, backward, optimizer) on the recorder it is called with
+(``clipforge.train.profile``); the default recorder, ``OFF``, does nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch
 from clipforge.losses import clamp_logit_scale, queue_contrastive_loss
 from clipforge.train.config import PRECISIONS
 from clipforge.train.parallel import no_gradient_sync, unwrap
+from clipforge.train.profile import OFF, OffRecorder, StepRecorder
 
 AUTOCAST_DTYPES = {name: getattr(torch, dtype) if dtype else None for name, dtype in PRECISIONS.items()}
 
@@ -83,21 +87,24 @@ class PlainStep:
             extras["teacher_image"], extras["teacher_text"] = self.teacher(images, texts)
         return extras
 
-    def backward(self, batch: dict) -> dict[str, torch.Tensor]:
+    def backward(self, batch: dict, recorder: OffRecorder | StepRecorder = OFF) -> dict[str, torch.Tensor]:
         """Gradients of the batch's loss in ``.grad``; returns the loss terms and the scale used."""
-        images = batch["images"].to(self.device, non_blocking=True)
-        texts = batch["texts"].to(self.device, non_blocking=True)
-        with self._autocast():
+        with recorder.part("copy"):
+            images = batch["images"].to(self.device, non_blocking=True)
+            texts = batch["texts"].to(self.device, non_blocking=True)
+        with recorder.forward(self.model), self._autocast():
             out = self.model(images, texts)
-        losses = self._loss(
-            out["image_features"].float(),
-            out["text_features"].float(),
-            out["logit_scale"].float(),
-            None if out.get("logit_bias") is None else out["logit_bias"].float(),
-            self._extras(batch, images, texts),
-        )
-        loss = sum(losses.values())
-        self._backward(loss)
+        with recorder.part("loss"):
+            losses = self._loss(
+                out["image_features"].float(),
+                out["text_features"].float(),
+                out["logit_scale"].float(),
+                None if out.get("logit_bias") is None else out["logit_bias"].float(),
+                self._extras(batch, images, texts),
+            )
+            loss = sum(losses.values())
+        with recorder.part("backward"):
+            self._backward(loss)
         return {
             "loss": loss.detach(),
             "logit_scale": out["logit_scale"].detach().float(),
@@ -107,10 +114,15 @@ class PlainStep:
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: dict, recorder: OffRecorder | StepRecorder = OFF) -> dict[str, torch.Tensor]:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = self.backward(batch)
+        metrics = self.backward(batch, recorder)
+        with recorder.part("optimizer"):
+            return self._update(metrics)
+
+    def _update(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Unscale, clip, the optimizer step (skipped for a non-finite loss or gradient), schedule, clamp."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.grad_clip_norm:
@@ -149,29 +161,34 @@ class QueueStep(PlainStep):
         self.queue, self.rank = queue, rank
         self._keys = None
 
-    def backward(self, batch: dict) -> dict[str, torch.Tensor]:
-        images = batch["images"].to(self.device, non_blocking=True)
-        texts = batch["texts"].to(self.device, non_blocking=True)
-        self._keys = self.queue.keys(images, texts, self._autocast)
-        with self._autocast():
+    def backward(self, batch: dict, recorder: OffRecorder | StepRecorder = OFF) -> dict[str, torch.Tensor]:
+        with recorder.part("copy"):
+            images = batch["images"].to(self.device, non_blocking=True)
+            texts = batch["texts"].to(self.device, non_blocking=True)
+        with recorder.part("loss"):  # the momentum encoder's keys: part of this objective, not of the model
+            self._keys = self.queue.keys(images, texts, self._autocast)
+        with recorder.forward(self.model), self._autocast():
             out = self.model(images, texts)
         scale = out["logit_scale"].float()
-        loss = queue_contrastive_loss(
-            out["image_features"].float(),
-            out["text_features"].float(),
-            *self._keys,
-            *self.queue.queued(),
-            scale,
-            self.rank,
-        )
-        self._backward(loss)
+        with recorder.part("loss"):
+            loss = queue_contrastive_loss(
+                out["image_features"].float(),
+                out["text_features"].float(),
+                *self._keys,
+                *self.queue.queued(),
+                scale,
+                self.rank,
+            )
+        with recorder.part("backward"):
+            self._backward(loss)
         return {"loss": loss.detach(), "logit_scale": scale.detach(), "contrastive": loss.detach()}
 
-    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
-        result = super().__call__(batch)
-        if not bool(result["nonfinite"]):  # the queue's one host sync: only an applied update is enqueued
-            self.queue.update_encoder(self.model)
-            self.queue.enqueue(*self._keys)
+    def __call__(self, batch: dict, recorder: OffRecorder | StepRecorder = OFF) -> dict[str, torch.Tensor]:
+        result = super().__call__(batch, recorder)
+        with recorder.part("optimizer"):
+            if not bool(result["nonfinite"]):  # the queue's one host sync: only an applied update is enqueued
+                self.queue.update_encoder(self.model)
+                self.queue.enqueue(*self._keys)
         return result
 
 
@@ -202,23 +219,35 @@ class CachedAccumulationStep(PlainStep):
             text_features.append(out["text_features"].float())
         return states, torch.cat(image_features), torch.cat(text_features)
 
-    def backward(self, batch: dict) -> dict[str, torch.Tensor]:
-        images = batch["images"].to(self.device, non_blocking=True)
-        texts = batch["texts"].to(self.device, non_blocking=True)
+    def backward(self, batch: dict, recorder: OffRecorder | StepRecorder = OFF) -> dict[str, torch.Tensor]:
+        with recorder.part("copy"):
+            images = batch["images"].to(self.device, non_blocking=True)
+            texts = batch["texts"].to(self.device, non_blocking=True)
         chunks = list(zip(images.chunk(self.accum_steps), texts.chunk(self.accum_steps)))
-        states, image_features, text_features = self.cache_features(chunks)
+        with recorder.forward(self.model):
+            states, image_features, text_features = self.cache_features(chunks)
         core = unwrap(self.model)
-        image_features.requires_grad_()
-        text_features.requires_grad_()
-        scale = core.logit_scale.detach().exp().requires_grad_()
-        bias = (
-            core.logit_bias.detach().clone().requires_grad_() if getattr(core, "logit_bias", None) is not None else None
-        )
-        losses = self._loss(image_features, text_features, scale, bias, self._extras(batch, images, texts))
-        loss = sum(losses.values())
-        self._backward(loss)
+        with recorder.part("loss"):
+            image_features.requires_grad_()
+            text_features.requires_grad_()
+            scale = core.logit_scale.detach().exp().requires_grad_()
+            bias = (
+                core.logit_bias.detach().clone().requires_grad_()
+                if getattr(core, "logit_bias", None) is not None
+                else None
+            )
+            losses = self._loss(image_features, text_features, scale, bias, self._extras(batch, images, texts))
+            loss = sum(losses.values())
+        with recorder.part("backward"):
+            self._backward(loss)
+            self._accumulate(chunks, states, image_features.grad, text_features.grad, scale.grad, bias)
+        return {"loss": loss.detach(), "logit_scale": scale.detach(), **{k: v.detach() for k, v in losses.items()}}
+
+    def _accumulate(self, chunks, states, image_grad, text_grad, scale_grad, bias) -> None:
+        """Each micro-batch forwarded again from its RNG state and backpropagated with its cached feature gradients;
+        the temperature's and bias's gradients go in with the last one."""
         sizes = [len(chunk_images) for chunk_images, _ in chunks]
-        image_grads, text_grads = image_features.grad.split(sizes), text_features.grad.split(sizes)
+        image_grads, text_grads = image_grad.split(sizes), text_grad.split(sizes)
         end_state = self._rng_state()
         for index, ((chunk_images, chunk_texts), state) in enumerate(zip(chunks, states)):
             last = index == len(chunks) - 1
@@ -231,12 +260,11 @@ class CachedAccumulationStep(PlainStep):
                     out["text_features"].float() * text_grads[index]
                 ).sum()
                 if last:  # temperature and bias: their gradient from the one loss evaluation
-                    surrogate = surrogate + (out["logit_scale"].float() * scale.grad).sum()
+                    surrogate = surrogate + (out["logit_scale"].float() * scale_grad).sum()
                     if bias is not None:
                         surrogate = surrogate + (out["logit_bias"].float() * bias.grad).sum()
                 surrogate.backward()  # the cached feature gradients already carry the fp16 loss scale
         self._set_rng_state(end_state)
-        return {"loss": loss.detach(), "logit_scale": scale.detach(), **{k: v.detach() for k, v in losses.items()}}
 
 
 def build_step(

@@ -1,0 +1,130 @@
+"""The one count of a training step's model FLOPs: ``clipforge train --dry-run`` reports it, MFU in the logs uses it.
+
+``count_train_flops(model_cfg, learn_temperature)`` builds the model on the meta device (no memory, no arithmetic:
+``torch.utils.flop_counter`` only reads shapes), applies the training options that change the work (tower locks,
+patch dropout; ``clipforge.train.parallel.apply_training_options``) and counts, for one sample, each tower's
+forward pass in train mode and the backward pass autograd really runs:
+
+* a fully trainable tower: backward = 2 × forward (a gradient for each matmul's input and one for its weight), so
+  the tower costs 3 × its forward, the usual convention (Kaplan et al. 2020; PaLM's MFU, Chowdhery et al. 2022);
+  the first layer's input gradient (pixels, token ids) is not computed and not counted;
+* a locked tower (LiT): no parameter needs a gradient and nothing upstream does, so autograd skips its backward:
+  1 × forward; a partly locked tower pays weight gradients only for its unlocked layers and input gradients only
+  down to the first unlocked one;
+* patch dropout: the train-mode forward drops the patches, so the image tower is counted on the tokens it keeps;
+* text trimming: the text tower's cost is a quadratic in the caption length L (projections ∝ L, attention ∝ L²,
+  the pooled projection constant); it is counted at three lengths and the quadratic is exact at every L, so the
+  loop charges each batch for its own trimmed length.
+
+Attention is counted as its matmuls (forward 2, backward 4 per head: scores and weighted sum; the backward kernels'
+recomputation of the scores is hardware work, not model work, and so is gradient checkpointing's re-forward:
+neither is counted). Model FLOPs per second over the peak is MFU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from clipforge.models import ModelConfig, build_model, enable_text_trimming
+from clipforge.train.parallel import apply_training_options
+
+
+@dataclass(frozen=True)
+class TrainFlops:
+    """Model FLOPs of one sample, by tower; the text tower's as ``a·L² + b·L + c`` in the caption length L."""
+
+    image_forward: float
+    image_train: float  # forward + the backward autograd runs (0 backward for a locked tower)
+    text_forward: float  # at the full context length
+    text_train_quadratic: tuple[float, float, float]
+    context_length: int
+
+    def text_train(self, length: int | None = None) -> float:
+        a, b, c = self.text_train_quadratic
+        length = self.context_length if length is None else length
+        return a * length**2 + b * length + c
+
+    def train(self, text_length: int | None = None) -> float:
+        """One sample's forward + backward FLOPs, with its captions cut to ``text_length`` tokens (None: full)."""
+        return self.image_train + self.text_train(text_length)
+
+
+def count_train_flops(model_cfg: ModelConfig, learn_temperature: bool = True) -> TrainFlops:
+    """Count one sample's model FLOPs in training (see the module docstring), on a meta-device copy of the model."""
+    model_cfg = dataclasses.replace(model_cfg, init_from=None, grad_checkpointing=False)  # no weights, no recompute
+    try:
+        return _count(model_cfg, learn_temperature, "meta")
+    except (NotImplementedError, RuntimeError):  # a tower that cannot be built or run without data: count on the CPU
+        return _count(model_cfg, learn_temperature, "cpu")
+
+
+def _count(model_cfg: ModelConfig, learn_temperature: bool, device: str) -> TrainFlops:
+    with torch.device(device):
+        built = build_model(model_cfg, device=device)
+        model = built.model
+        apply_training_options(model, model_cfg, learn_temperature)
+        trims = enable_text_trimming(model)  # the caption lengths training may give it
+        model.train()
+        size = built.preprocess_cfg["size"]
+        height, width = (size, size) if isinstance(size, int) else size
+        context = built.model_cfg["text_cfg"].get("context_length", 77)
+        # two samples (a train-mode BatchNorm needs more than one value per channel), halved: the count is linear
+        image = _forward_and_train(lambda: model.encode_image(torch.zeros(2, 3, height, width)), per=2)
+        text = {}
+        lengths = sorted({context, max(1, context // 2), max(1, context // 4)}) if trims else [context]
+        for length in lengths:
+            tokens = torch.zeros(2, length, dtype=torch.long)
+            text[length] = _forward_and_train(lambda tokens=tokens: model.encode_text(tokens), per=2)
+    return TrainFlops(*image, text[context][0], _quadratic(text, lengths), context)
+
+
+def _attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _attention_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)  # the gradients' four matmuls, no recomputation
+
+
+_ATEN = torch.ops.aten
+# Fused attention counted as its matmuls on every device: torch counts none for the CPU kernel, and five (the
+# scores recomputed) for the GPU kernels' backward; the meta device's math path is two forward, four backward.
+ATTENTION_FLOPS = {
+    _ATEN._scaled_dot_product_flash_attention_for_cpu: _attention,
+    _ATEN._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward,
+    _ATEN._scaled_dot_product_flash_attention_backward: _attention_backward,
+    _ATEN._scaled_dot_product_efficient_attention_backward: _attention_backward,
+    _ATEN._scaled_dot_product_cudnn_attention_backward: _attention_backward,
+}
+
+
+def _forward_and_train(run, per: int = 1) -> tuple[float, float]:
+    """FLOPs of ``run()``'s forward, and of forward + backward of its output's sum (when anything needs a gradient),
+    divided by ``per`` (the samples in the batch ``run`` makes)."""
+    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
+        run()
+    forward = counter.get_total_flops()
+    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
+        out = run()
+        if out.requires_grad:
+            out.sum().backward()
+    return forward / per, counter.get_total_flops() / per
+
+
+def _quadratic(counts: dict[int, tuple[float, float]], lengths: list[int]) -> tuple[float, float, float]:
+    """The quadratic through the train counts at the given lengths (a line, or a constant, with fewer of them)."""
+    points = [(float(length), counts[length][1]) for length in lengths]
+    if len(points) == 1:
+        return 0.0, 0.0, points[0][1]
+    if len(points) == 2:
+        (x0, y0), (x1, y1) = points
+        slope = (y1 - y0) / (x1 - x0)
+        return 0.0, slope, y0 - slope * x0
+    matrix = torch.tensor([[x * x, x, 1.0] for x, _ in points], dtype=torch.float64)
+    values = torch.tensor([y for _, y in points], dtype=torch.float64)
+    a, b, c = torch.linalg.solve(matrix, values).tolist()
+    return a, b, c

@@ -1,0 +1,169 @@
+"""What the loop measures between logging steps: throughput, model TFLOP/s and MFU, data wait, memory, and the
+step-time breakdown of profiled steps.
+
+Model FLOPs come from ``clipforge.train.flops`` (the count ``--dry-run`` reports), charged per step at the
+batch's own caption length; the peak from ``clipforge.train.peak``. Only rank 0 counts and probes: only it logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from clipforge.distributed import DistInfo
+from clipforge.train.flops import count_train_flops
+from clipforge.train.peak import cache_file, peak_tflops
+from clipforge.train.profile import OffRecorder, Setting, StepProfiler, StepRecorder, diagnose, median_image_side
+
+if TYPE_CHECKING:
+    from clipforge.config import RunConfig
+    from clipforge.train.build import Run
+
+log = logging.getLogger("clipforge.train")
+
+
+def max_memory_mb(device: str) -> float:
+    """Peak accelerator memory allocated by torch, or the process's peak resident memory on a CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+@contextlib.contextmanager
+def _timed(record):
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        record(time.perf_counter() - started)
+
+
+class StepMeter:
+    """The throughput window between logging steps: samples/s, model TFLOP/s and MFU, step and data-wait time,
+    memory; ``recorder(step)`` times a profiled step's parts (``logging.profile_every``, ``logging.trace_steps``)."""
+
+    def __init__(self, cfg: RunConfig, dist_info: DistInfo, run: Run) -> None:
+        self.cfg, self.dist_info, self.run = cfg, dist_info, run
+        self.parameters = sum(p.numel() for p in run.built.model.parameters())
+        self.start, self.steps, self.data_wait, self.flops = time.perf_counter(), 0, 0.0, 0.0
+        self.last: dict[str, Any] = {}
+        self.train_flops, self.peak, self.warned = None, 0.0, False
+        if dist_info.is_main:
+            self.train_flops = count_train_flops(cfg.model, cfg.loss.learn_temperature)
+            self.peak, source = peak_tflops(
+                dist_info.device, cfg.train.precision, cfg.train.tf32, cfg.train.peak_tflops
+            )
+            log.info(
+                "model FLOPs per sample (forward + backward): %.3g G at full caption length; MFU peak: %s",
+                self.train_flops.train() / 1e9,
+                f"{self.peak:.4g} TFLOP/s per device ({source})" if self.peak else source,
+            )
+        self.profiler = StepProfiler(
+            cfg.logging.profile_every,
+            cfg.logging.trace_steps,
+            dist_info.device,
+            run.run_dir / "traces",
+            split_towers=not cfg.train.compile,  # hooks on a compiled model's tower would recompile it
+        )
+        self.setting = Setting(
+            num_workers=cfg.data.num_workers,
+            cpu_count=os.cpu_count() or 1,
+            image_size=max(_as_pair(run.built.preprocess_cfg["size"])),
+            world_size=dist_info.world_size,
+            fused_optimizer=bool(
+                getattr(run.step_fn, "optimizer", None) and run.step_fn.optimizer.defaults.get("fused")
+            ),
+            median_image_side=median_image_side(list(run.loader.dataset.shards)) if cfg.logging.profile_every else None,
+        )
+
+    def recorder(self, step: int) -> OffRecorder | StepRecorder:
+        """The recorder of ``step``'s parts: a no-op (``profile.OFF``) unless the step is profiled or traced."""
+        return self.profiler.recorder(step)
+
+    def waiting(self):
+        """Around the wait for a batch: its time is data wait, and one more step is in the window."""
+        return _timed(self._waited)
+
+    def paused(self):
+        """Around health checks and evaluation: their time stays out of the throughput window."""
+        return _timed(self._paused)
+
+    def stepped(self, batch: dict[str, Any], recorder: OffRecorder | StepRecorder) -> None:
+        """After the step: its model FLOPs (at the batch's caption length, trimmed or not); ends a profiled step."""
+        if self.train_flops is not None:
+            texts = batch["texts"]
+            self.flops += texts.shape[0] * self.train_flops.train(texts.shape[1])
+        recorder.finish()
+
+    def close(self) -> None:
+        """Writes a trace the run left before its last traced step."""
+        self.profiler.close()
+
+    def _waited(self, seconds: float) -> None:
+        self.data_wait, self.steps = self.data_wait + seconds, self.steps + 1
+
+    def _paused(self, seconds: float) -> None:
+        self.start += seconds
+
+    def metrics(self, out: dict[str, Any], nonfinite_total: int) -> dict[str, Any]:
+        """The logging step's metrics (host syncs happen here, not every step); starts a new window."""
+        elapsed = time.perf_counter() - self.start
+        batch_size, world_size = self.cfg.data.batch_size, self.dist_info.world_size
+        scale = out["logit_scale"].item()
+        self.last = {
+            "train/loss": out["loss"].item(),
+            **({"train/distill": out["distill"].item()} if "distill" in out else {}),  # loss.distill_weight's term
+            "train/lr": self.run.scheduler.get_last_lr()[0],
+            "train/logit_scale": scale,
+            "train/temperature": 1.0 / scale,
+            "train/grad_norm": out["grad_norm"].item(),
+            "train/epoch": self.run.loader.epoch,
+            "perf/samples_per_s": self.steps * batch_size * world_size / elapsed,
+            "perf/samples_per_s_per_device": self.steps * batch_size / elapsed,
+            "perf/step_time_s": elapsed / self.steps,
+            "perf/compute_time_s": (elapsed - self.data_wait) / self.steps,
+            "perf/max_memory_mb": max_memory_mb(self.dist_info.device),
+            "model/parameters": self.parameters,
+            "perf/data_wait_fraction": self.data_wait / elapsed,
+            "train/nonfinite_steps": nonfinite_total,
+            **{f"data/skipped_{k}": v for k, v in self.run.loader.skipped.items()},
+            **self._model_flops(elapsed),
+            **self._breakdown(),
+        }
+        self.start, self.steps, self.data_wait, self.flops = time.perf_counter(), 0, 0.0, 0.0
+        return self.last
+
+    def _model_flops(self, elapsed: float) -> dict[str, float]:
+        if self.train_flops is None:
+            return {}
+        tflops = self.flops / elapsed / 1e12
+        if self.peak and tflops > self.peak and not self.dist_info.device.startswith("cuda") and not self.warned:
+            self.warned = True
+            log.warning(
+                "perf/mfu above 1: the cached GEMM peak (%.3g TFLOP/s) was probed while the machine was busy; "
+                "delete its entry in %s to measure it again",
+                self.peak,
+                cache_file(),
+            )
+        return {"perf/model_tflops_per_device": tflops, **({"perf/mfu": tflops / self.peak} if self.peak else {})}
+
+    def _breakdown(self) -> dict[str, float]:
+        """``time/*`` of the latest profiled step, in seconds, and a one-line diagnosis when a part dominates."""
+        breakdown = self.profiler.take()
+        if breakdown is None:
+            return {}
+        diagnosis = diagnose(breakdown, self.setting)
+        if diagnosis and self.dist_info.is_main:
+            log.warning("where the time goes: %s", diagnosis)
+        return {f"time/{name}_s": seconds for name, seconds in breakdown.items()}
+
+
+def _as_pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
