@@ -75,7 +75,7 @@ def test_ruff_check_and_format_are_clean():
     import sys
 
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    folders = ["src", "tests", "bench", "data_prep", "eval", "slurm"]
+    folders = ["src", "tests", "bench", "data_prep", "eval", "slurm", "examples"]
     for command in (["check"], ["format", "--check"]):
         done = subprocess.run([ruff, *command, *folders], cwd=PACKAGE.parents[1], capture_output=True, text=True)
         assert done.returncode == 0, f"ruff {' '.join(command)}: " + done.stdout[-3000:]

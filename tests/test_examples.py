@@ -1,0 +1,70 @@
+"""examples/: the scripts `make demo` ends with, run on a tiny ViT checkpoint exported by the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from checkpointing import save_checkpoint
+from PIL import Image
+
+from clipforge.cli import main
+from clipforge.config import load_config, to_yaml
+from clipforge.models import build_model
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("model_format", ["hf", "open_clip"])
+def test_zero_shot_ranks_as_the_trained_model_does(model_format, synth_data, tiny_model_json, tmp_path, capsys):
+    """checkpoint → `clipforge export` → the example, in transformers' pipeline or open_clip: the model's ranking."""
+    example = load_example("zero_shot")
+    benchmark = synth_data / "eval" / "shapes"
+    classnames = (benchmark / "classnames.txt").read_text().splitlines()
+    template = (benchmark / "zeroshot_classification_templates.txt").read_text().splitlines()[0]
+    cfg = load_config(None, ["data.train_urls=data/{0..9}.tar", f"model.name={tiny_model_json}"])
+    torch.manual_seed(0)
+    built = build_model(cfg.model)
+    model = built.model.eval()
+    samples = [example.test_image(benchmark, index) for index in range(12)]
+    with torch.no_grad():  # a least-squares image projection, so that the tiny model ranks the true class first
+        pixels = torch.stack([built.eval_transform(image) for image, _, _ in samples])
+        labels = torch.tensor([label for _, label, _ in samples])
+        texts = model.encode_text(built.tokenizer([template.replace("{c}", name) for name in classnames]), True)
+        model.visual.proj.copy_(torch.eye(model.visual.proj.shape[0]))
+        model.visual.proj.copy_(torch.linalg.lstsq(model.encode_image(pixels), texts[labels]).solution)
+    checkpoint = save_checkpoint(tmp_path / "run" / "checkpoints", model, 30, to_yaml(cfg))
+    assert main(["export", str(checkpoint), "--format", model_format, "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+
+    index = 3
+    assert example.main([str(tmp_path / "out"), str(benchmark), "--index", str(index), "--top", "6"]) == 0
+    printed = capsys.readouterr().out
+    image, label, where = samples[index]
+    assert isinstance(image, Image.Image) and where in printed and f"true class: {classnames[label]}" in printed
+    assert ("transformers.pipeline" if model_format == "hf" else "local-dir:") in printed
+    ranking = [(float(score) / 100, name) for score, name in re.findall(r"^\s+([\d.]+)%\s+(\w+)$", printed, re.M)]
+    with torch.no_grad():
+        logits = model.logit_scale.exp() * model.encode_image(pixels[index : index + 1], True) @ texts.T
+    expected = sorted(zip(logits[0].softmax(0).tolist(), classnames), reverse=True)
+    assert [name for _, name in ranking] == [name for _, name in expected]
+    assert [score for score, _ in ranking] == pytest.approx([score for score, _ in expected], abs=1e-3)
+    assert ranking[0][1] == classnames[label]
+
+
+def test_zero_shot_names_a_bad_index_and_a_folder_that_is_no_export(synth_data, tmp_path):
+    example = load_example("zero_shot")
+    with pytest.raises(ValueError, match="--index 100000"):
+        example.test_image(synth_data / "eval" / "shapes", 100000)
+    with pytest.raises(FileNotFoundError, match="neither config.json"):
+        example.main([str(tmp_path), str(synth_data / "eval" / "shapes")])
