@@ -45,11 +45,18 @@ class TrainConfig:
     output_dir: str = "runs/default"
     """Run directory: resolved config, metrics, TensorBoard, checkpoints, eval results, curves.png."""
     steps: int = 1000
-    """Optimizer steps to train for."""
+    """Optimizer steps to train for, at the global batch the run starts with (data.batch_size × world size). A run
+    resumed with another global batch trains on the same number of samples: the length and the learning-rate
+    schedule are counted in samples (see docs/training.md)."""
     checkpoint_every: int = 500
     """Write a checkpoint every N steps (and always at the end)."""
     keep_last: int = 3
     """Keep the newest K checkpoints."""
+    async_checkpoint: bool = False
+    """Write checkpoints in the background (torch.distributed.checkpoint async_save): the step pauses only to copy the
+    model and optimizer in memory, and the files are written while training goes on; the checkpoint becomes
+    `latest` once every rank's files are on disk (a failed write leaves the previous one as latest). The model and
+    optimizer are then stored as DCP shards under DDP too. Costs one more copy of them in host memory."""
     seed: int = 0
     """Seed of model init and torch RNG (the rank is added)."""
     precision: str = "fp32"
@@ -358,13 +365,14 @@ def _train(
     cleanup.callback(run.loader.close)  # on return or error: the DataLoader workers stop before the process exits
     if run.resume_from is not None:
         run.checkpointer.load(run.resume_from, run.pieces)
-        log.info("resumed from %s at step %d", run.resume_from, run.state.step)
+        log.info("resumed from %s at step %d (%d samples)", run.resume_from, run.state.step, run.state.samples)
+    last_step = run.state.clock.last_step(cfg.train.steps)  # train.steps unless the global batch changed
     logger = MetricLogger(
-        run.run_dir, cfg.logging, cfg.train.steps, run.state.step, dist_info.is_main, config=yaml.safe_load(config_yaml)
+        run.run_dir, cfg.logging, last_step, run.state.step, dist_info.is_main, config=yaml.safe_load(config_yaml)
     )
     meter, guard = StepMeter(cfg, dist_info, run), NumericsGuard(cfg.train.max_nonfinite_steps, dist_info.rank)
     preempted = False
-    while run.state.step < cfg.train.steps:
+    while run.state.step < last_step:
         try:
             with meter.waiting():
                 batch = next(run.loader)
@@ -377,7 +385,7 @@ def _train(
         step = run.state.step
         guard.record(step, out, batch)
         logger.advance()
-        logging_step = step % cfg.logging.log_every == 0 or step == cfg.train.steps
+        logging_step = step % cfg.logging.log_every == 0 or step == last_step
         abort = guard.check() if logging_step else None  # the window's one host sync for the skip flags
         if logging_step:
             logger.log(step, meter.metrics(out, guard.total))
@@ -389,7 +397,7 @@ def _train(
         with meter.paused():  # health and evaluation time stays out of the throughput window
             if cfg.health.every_n_steps and step % cfg.health.every_n_steps == 0:
                 _check_health(run.model, run.probe, run.monitor, cfg, dist_info, run.agree, step, logger)
-            if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < cfg.train.steps:
+            if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < last_step:
                 logger.log(step, _evaluate(run.model, run.built, cfg, dist_info, step, run.run_dir))
         stop_now = stop.received is not None
         if dist_info.is_distributed:
@@ -399,10 +407,10 @@ def _train(
             abort = abort or (None if healthy else guard.peer_abort(step))
         if abort is not None:
             raise abort
-        if stop_now and step < cfg.train.steps:
+        if stop_now and step < last_step:
             preempted = True
             break
-        if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
+        if step % cfg.train.checkpoint_every == 0 and step < last_step:
             run.checkpointer.save(step, run.pieces, config_yaml)
     return _finish(cfg, dist_info, run, logger, meter, config_yaml, preempted)
 
@@ -419,6 +427,7 @@ def _finish(
     """The final checkpoint, then (unless pre-empted) the final evaluation, curves and the result table."""
     step = run.state.step
     final = run.checkpointer.save(step, run.pieces, config_yaml)
+    run.checkpointer.wait()  # the last checkpoint is on disk and `latest` before the run returns
     result = {
         "step": step,
         "checkpoint": str(final),
