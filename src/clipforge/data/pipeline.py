@@ -39,6 +39,12 @@ its shard plan and shuffle, drops the consumed samples before decoding them, and
 is rotated so that the DataLoader's round robin continues where it stopped. Augmentation and
 caption choice are seeded per sample from its place in the stream, so the resumed run sees exactly
 the batches the uninterrupted one would have.
+
+Resume on another layout (world size, ``num_workers``, ``batch_size``): every batch also names the samples it
+read, as (shard, ordinal in the shard), and each rank records those it trained on (``position.Consumed``). A run
+of another layout unions every rank's record (``TrainLoader.reshard``) and plans the rest of the epoch over its
+own ranks × workers from the shards and samples not yet taken (``ShardedImageText.plan``); in resampled mode it
+counts the samples trained on and draws fresh streams for the rest of the epoch. docs/training.md has the table.
 """
 
 from __future__ import annotations
