@@ -26,13 +26,13 @@ class Held:
 
 
 def model_pieces(
-    model: torch.nn.Module, step: int = 1, device: str = "cpu", data: dict[str, Any] | None = None
+    model: torch.nn.Module, step: int = 1, device: str = "cpu", data: dict[str, Any] | None = None, rank: int = 0
 ) -> dict[str, Piece]:
-    """The restart state of ``model`` with a fresh AdamW and schedule, as the trainer lists it."""
+    """The restart state of ``model`` on ``rank`` with a fresh AdamW and schedule, as the trainer lists it."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     cfg = OptimConfig()
     return restart_state(
-        model, optimizer, build_scheduler(cfg, optimizer, 10), cfg, 10, TrainState(step), Held(data), device
+        model, optimizer, build_scheduler(cfg, optimizer, 10), cfg, 10, TrainState(step), Held(data), device, rank=rank
     )
 
 
@@ -45,11 +45,13 @@ def save_checkpoint(
     device: str = "cpu",
     data: dict[str, Any] | None = None,
 ) -> Path:
-    return Checkpointer(Path(directory), rank=rank).save(step, model_pieces(model, step, device, data), config_yaml)
+    return Checkpointer(Path(directory), rank=rank).save(
+        step, model_pieces(model, step, device, data, rank), config_yaml
+    )
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, rank: int = 0, device: str = "cpu") -> dict[str, Piece]:
     """Load ``path`` into ``model`` (and fresh pieces); returns the pieces, e.g. ``["data"].stateful.state``."""
-    pieces = model_pieces(model, device=device)
+    pieces = model_pieces(model, device=device, rank=rank)
     Checkpointer(Path(path).parent, rank=rank).load(path, pieces)
     return pieces

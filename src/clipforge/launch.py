@@ -186,7 +186,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Validate CONFIG (with --set overrides), write the resolved config and the rendered sbatch script "
         "to RUN/slurm/ (RUN = train.output_dir), submit it with sbatch and print the job id and log "
         "path. The job asks for --signal=USR1@SECONDS and --requeue: on the signal the trainer "
-        "checkpoints and requeues the job, which resumes from that checkpoint (train.resume=auto).",
+        "checkpoints and requeues the job, which resumes from that checkpoint (train.resume=auto). To continue "
+        "on another node count, submit the same CONFIG with the new --nodes (and the same train.output_dir): "
+        "the model, optimizer and data position are resharded, the rest of the epoch reads each remaining "
+        "sample once, and train.steps keeps its sample count (docs/training.md, 'Resume anywhere'). "
+        "SECONDS must cover the pre-emption checkpoint (bench/checkpoint_time.py measures it).",
     )
     parser.add_argument("config", help="run config YAML, e.g. configs/vit-b-32.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")

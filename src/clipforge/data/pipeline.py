@@ -39,6 +39,12 @@ its shard plan and shuffle, drops the consumed samples before decoding them, and
 is rotated so that the DataLoader's round robin continues where it stopped. Augmentation and
 caption choice are seeded per sample from its place in the stream, so the resumed run sees exactly
 the batches the uninterrupted one would have.
+
+Resume on another layout (world size, ``num_workers``, ``batch_size``): every batch also names the samples it
+read, as (shard, ordinal in the shard), and each rank records those it trained on (``position.Consumed``). A run
+of another layout unions every rank's record (``TrainLoader.reshard``) and plans the rest of the epoch over its
+own ranks × workers from the shards and samples not yet taken (``ShardedImageText.plan``); in resampled mode it
+counts the samples trained on and draws fresh streams for the rest of the epoch. docs/training.md has the table.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipforge.data.config import DataConfig
 from clipforge.data.images import ImageTransform
+from clipforge.data.position import Consumed
 from clipforge.data.samples import DataError, SampleDecoder, SkipCounter, read_tar
 from clipforge.data.sources import Source, open_shard
 from clipforge.data.teacher import TeacherEmbeddings
@@ -124,35 +131,61 @@ class ShardedImageText(IterableDataset):
         self.shards = [shard for source in sources for shard in source.shards]
         self.sizes = {shard: size for source in sources for shard, size in source.sizes.items()}
         self.epoch = 0
+        self.before = Consumed()  # epoch mode: what this epoch had taken when its plan was made (see position.py)
+        self.samples_before = 0  # resampled mode: samples of this epoch trained on before these streams started
         self.resume_consumed: dict[int, int] = {}
         self.resume_produced: dict[int, int] = {}
         self.worker_batches: dict[int, int] = {}  # resampled mode: batches each logical worker yields per epoch
         self.rotation = 0
         self.stop_requested: Callable[[], bool] | None = None  # polled per sample when loading in-process
 
-    def shards_for(self, logical_worker: int, num_workers: int) -> Iterator[str]:
+    def shards_for(self, logical_worker: int, num_workers: int) -> Iterator[int]:
+        """Indices into ``self.shards``: this worker's part of the epoch's plan, or its endless resampled draws."""
         if self.mode == "epoch":
-            plan = assign_shards(self.shards, self.sizes, self.cfg.seed, self.epoch, self.world_size * num_workers)
-            yield from plan[self.rank * num_workers + logical_worker]
+            yield from self.plan(num_workers)[self.rank * num_workers + logical_worker]
             return
-        rng = random.Random(f"{self.cfg.seed}-resample-{self.epoch}-{self.rank}-{logical_worker}")
+        rng = random.Random(f"{self.cfg.seed}-resample-{self.epoch}-{self.rank}-{logical_worker}{self._restart_tag()}")
         weights = [source.weight / source.mean_shard_size() for source in self.sources]  # per-sample proportions
+        index = {shard: i for i, shard in enumerate(self.shards)}
         while True:
             source = rng.choices(self.sources, weights)[0]
-            yield rng.choice(source.shards)
+            yield index[rng.choice(source.shards)]
+
+    def plan(self, num_workers: int) -> list[list[int]]:
+        """Epoch mode: the shards still to read (those not done in ``self.before``), split over world size × workers,
+        balanced by the samples each still holds. The permutation depends on the seed and epoch only."""
+        remaining = [i for i in range(len(self.shards)) if i not in self.before.done]
+        sizes = {}
+        for i in remaining:
+            size = self.before.sizes.get(i, self.sizes.get(self.shards[i]))
+            sizes[i] = None if size is None else size - len(self.before.taken(i))
+        return assign_shards(remaining, sizes, self.cfg.seed, self.epoch, self.world_size * num_workers)
+
+    def _restart_tag(self) -> str:
+        """Resampled streams restarted mid-epoch (another layout) draw afresh, not the start of the old ones."""
+        return f"-after{self.samples_before}" if self.samples_before else ""
 
     def _read(
-        self, shards: Iterator[str], counter: SkipCounter, unkept: list[int], worker: int
+        self, shards: Iterator[int], counter: SkipCounter, unkept: list[int], worker: int, ends: dict[int, int]
     ) -> Iterator[dict[str, Any]]:
-        for url in shards:
+        """The samples of ``shards``, each with its ``__place__`` (shard, ordinal), less those taken before this
+        plan; ``ends`` gets each shard's sample count when its end is reached."""
+        for shard in shards:
+            url = self.shards[shard]
             self._count_unkept(unkept, counter, worker)  # a plan of shards that yield nothing must not spin forever
             try:
                 stream = open_shard(url)
             except Exception as exn:
                 counter.skip("unreadable_shard", url, f"{type(exn).__name__}: {exn}")
+                ends[shard] = 0
                 continue
+            taken, ordinal = self.before.taken(shard), 0
             try:
-                yield from read_tar(url, stream, counter)
+                for ordinal, sample in enumerate(read_tar(url, stream, counter), start=1):
+                    if ordinal - 1 not in taken:
+                        sample["__place__"] = (shard, ordinal - 1)
+                        yield sample
+                ends[shard] = ordinal
             finally:
                 try:
                     stream.close()
@@ -179,33 +212,43 @@ class ShardedImageText(IterableDataset):
         worker = ((info.id if info else 0) + self.rotation) % num_workers  # logical id, see module doc
         counter = SkipCounter(self.cfg.strict)
         position = {"worker": worker, "consumed": 0, "produced": self.resume_produced.get(worker, 0)}
+        ends: dict[int, int] = {}  # shard → sample count, found since the last record
+        tail: list[str] = []  # the keys of the last, unfilled batch
         try:
-            yield from self._batches(worker, num_workers, counter, position)
+            yield from self._batches(worker, num_workers, counter, position, ends, tail)
         except DataError as exn:  # sent as a record: re-raised in the main process as one line, not a traceback
-            yield {
-                "images": None,
-                **position,
-                "skipped": dict(counter.counts),
-                "first_skips": dict(counter.first),
-                "error": str(exn),
-            }
+            yield {"images": None, **position, **self._counts(counter, ends), "error": str(exn)}
             return
-        # A last record without images carries the final counts (skips after the last full batch).
-        yield {"images": None, **position, "skipped": dict(counter.counts), "first_skips": dict(counter.first)}
+        # A last record without images carries the final counts (skips after the last full batch) and the number of
+        # samples left over in the unfilled batch (epoch mode drops them, as every epoch's end does).
+        yield {"images": None, **position, **self._counts(counter, ends), "unbatched": len(tail)}
+
+    @staticmethod
+    def _counts(counter: SkipCounter, ends: dict[int, int]) -> dict[str, Any]:
+        counts = {"skipped": dict(counter.counts), "first_skips": dict(counter.first), "shard_ends": dict(ends)}
+        ends.clear()
+        return counts
 
     def _batches(
-        self, worker: int, num_workers: int, counter: SkipCounter, position: dict[str, int]
+        self,
+        worker: int,
+        num_workers: int,
+        counter: SkipCounter,
+        position: dict[str, int],
+        ends: dict[int, int],
+        keys: list[str],
     ) -> Iterator[dict[str, Any]]:
         unkept = [0]
-        samples = self._read(self.shards_for(worker, num_workers), counter, unkept, worker)
-        rng = random.Random(f"{self.cfg.seed}-buffer-{self.epoch}-{self.rank}-{worker}")
+        samples = self._read(self.shards_for(worker, num_workers), counter, unkept, worker, ends)
+        restart = self._restart_tag()
+        rng = random.Random(f"{self.cfg.seed}-buffer-{self.epoch}-{self.rank}-{worker}{restart}")
         shuffled = wds.filters._shuffle(samples, self.cfg.shuffle_buffer, self.cfg.shuffle_initial, rng=rng)
         skip = self.resume_consumed.get(worker, 0)
         quota = self.worker_batches.get(worker) if self.mode == "resampled" else None
         decode = SampleDecoder(self.transform, self.cfg.caption_key)
         teacher = TeacherEmbeddings(self.cfg.teacher) if self.cfg.teacher else None
-        images, texts, keys, ids, rows = [], [], [], [], []
-        place = f"{self.cfg.seed}-{self.epoch}-{self.rank}-{worker}"
+        images, texts, ids, taken, rows = [], [], [], [], []
+        place = f"{self.cfg.seed}-{self.epoch}-{self.rank}-{worker}{restart}"
         for sample in shuffled:
             if quota is not None and position["produced"] >= quota:
                 break
@@ -214,6 +257,7 @@ class ShardedImageText(IterableDataset):
             position["consumed"] += 1
             if position["consumed"] <= skip:
                 continue
+            taken.append(sample["__place__"])
             row = teacher.lookup(sample["__url__"], sample["__key__"]) if teacher is not None else None
             if teacher is not None and row is None:  # looked up by (shard, key): nothing can misalign it
                 counter.skip(
@@ -235,8 +279,9 @@ class ShardedImageText(IterableDataset):
                 ids.append((stable_id(decoded[1].encode()), stable_id(sample[decoded[2]])))
             if len(images) == self.cfg.batch_size:
                 position["produced"] += 1
-                yield self._collate(images, texts, keys, ids, position, counter, rows)
-                images, texts, keys, ids, rows = [], [], [], [], []
+                yield self._collate(images, texts, keys, ids, position, counter, ends, taken, rows)
+                images, texts, ids, taken, rows = [], [], [], [], []
+                keys.clear()
 
     def _collate(
         self,
@@ -246,6 +291,8 @@ class ShardedImageText(IterableDataset):
         ids: list[tuple[int, int]],
         position: dict[str, int],
         counter: SkipCounter,
+        ends: dict[int, int],
+        taken: list[tuple[int, int]],
         teacher_rows: list[tuple[Any, Any]] = (),
     ) -> dict[str, Any]:
         stacked = torch.stack(images)
@@ -257,10 +304,10 @@ class ShardedImageText(IterableDataset):
         batch = {
             "images": stacked,
             "texts": tokens,
-            "keys": keys,
+            "keys": list(keys),
             **position,
-            "skipped": dict(counter.counts),
-            "first_skips": dict(counter.first),
+            **self._counts(counter, ends),
+            "taken": taken if self.mode == "epoch" else [],  # (shard, ordinal) of every sample read since the last
         }
         if self.sample_ids:
             batch["caption_ids"], batch["image_ids"] = torch.tensor(ids, dtype=torch.int64).unbind(1)
@@ -319,16 +366,16 @@ class TrainLoader:
         self.epoch = 0
         self.consumed: dict[int, int] = {}
         self.produced: dict[int, int] = {}
+        self.before = Consumed()  # epoch mode: what the epoch had taken when its plan was made (another layout's)
+        self.taken: Consumed | None = Consumed()  # epoch mode: what this rank trained on since (None: not recorded)
+        self.samples_before = 0  # resampled mode: samples of the epoch trained on before its streams (re)started
+        self.unbatched: dict[int, int] = {}  # epoch → samples left in workers' unfilled last batches
         self.next_worker = 0
         self.epoch_skipped: dict[int, dict[str, int]] = {}
         self.skipped_before: Counter[str] = Counter()
         self._iterator: Iterator | None = None
         self._epoch_yielded = False
         self._logged: set[str] = set()
-        if dataset.mode == "resampled":
-            steps = self.steps_per_epoch
-            workers = max(1, num_workers)
-            dataset.worker_batches = {w: steps // workers + (w < steps % workers) for w in range(workers)}
 
     @property
     def steps_per_epoch(self) -> int | None:
@@ -349,6 +396,12 @@ class TrainLoader:
         return dict(total)
 
     def _start_epoch(self) -> Iterator:
+        if self.dataset.mode == "resampled":  # this epoch's batches, split over the workers
+            global_batch = self.dataset.cfg.batch_size * self.dataset.world_size
+            steps = self.steps_per_epoch if not self.samples_before else self._samples_left() // global_batch
+            workers = max(1, self.num_workers)
+            self.dataset.worker_batches = {w: steps // workers + (w < steps % workers) for w in range(workers)}
+        self.dataset.before, self.dataset.samples_before = self.before, self.samples_before
         self.dataset.epoch = self.epoch
         self.dataset.resume_consumed = dict(self.consumed)
         self.dataset.resume_produced = dict(self.produced)
@@ -404,12 +457,21 @@ class TrainLoader:
                     f"(data.max_wait_seconds={limit:g}); skipped so far: {self.skipped or 'nothing'}"
                 )
 
+    def _samples_left(self) -> int:
+        total = self.dataset.cfg.epoch_samples or sum(s.num_samples or 0 for s in self.dataset.sources)
+        return max(0, total - self.samples_before)
+
     def _account(self, record: dict[str, Any]) -> None:
         """Take a record's position and skip counts into this loader's state (a batch once every rank has one)."""
         worker = record.pop("worker")
         self.consumed[worker] = record.pop("consumed")
         self.produced[worker] = record.pop("produced")
         self.epoch_skipped[worker] = record.pop("skipped")
+        if self.taken is not None:
+            self.taken.found_sizes(record.pop("shard_ends"), self.before)
+            self.taken.take(record.pop("taken", ()), self.before)
+        if "unbatched" in record:
+            self.unbatched[self.epoch] = self.unbatched.get(self.epoch, 0) + record.pop("unbatched")
         for kind, message in record.pop("first_skips").items():
             if kind not in self._logged:
                 self._logged.add(kind)
@@ -459,8 +521,12 @@ class TrainLoader:
             self._iterator = None
             for counts in self.epoch_skipped.values():
                 self.skipped_before.update(counts)
+            log.info(
+                "epoch %d ends: %d samples left in unfilled batches", self.epoch, self.unbatched.get(self.epoch, 0)
+            )
             self.epoch, self.next_worker = self.epoch + 1, 0
             self.consumed, self.produced, self.epoch_skipped = {}, {}, {}
+            self.before, self.taken, self.samples_before = Consumed(), Consumed(), 0
             empty_epochs = 0 if self._epoch_yielded else empty_epochs + 1
             self._epoch_yielded = False
             if empty_epochs == 2:  # a resumed epoch may legitimately be empty; two in a row cannot
@@ -483,15 +549,33 @@ class TrainLoader:
             "batch_size": self.dataset.cfg.batch_size,
             "world_size": self.dataset.world_size,
             "skipped": self.skipped,
+            "num_shards": len(self.dataset.shards),
+            "before": self.before.to_json(),
+            "taken": None if self.taken is None else self.taken.to_json(),
+            "samples_before": self.samples_before,
+        }
+
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        """Every rank's saved position, by rank (the checkpointer's call). With the same world size, workers, batch
+        size and mode, this rank takes its own and resumes bit-identically (``load_state_dict``); otherwise the
+        epoch's remaining samples are redistributed over this run's ranks and workers (``reshard``)."""
+        rank, layout = self.dataset.rank, self._layout()
+        if len(states) == self.dataset.world_size and all(states[rank].get(k, v) == v for k, v in layout.items()):
+            self.load_state_dict(states[rank])
+        else:
+            self.reshard(states)
+
+    def _layout(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "batch_size": self.dataset.cfg.batch_size,
+            "world_size": self.dataset.world_size,
+            "mode": self.dataset.mode,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, have in (
-            ("num_workers", self.num_workers),
-            ("batch_size", self.dataset.cfg.batch_size),
-            ("world_size", self.dataset.world_size),
-            ("mode", self.dataset.mode),
-        ):
+        """This rank's own saved position, written with this run's layout: the same batches as the run that saved it."""
+        for key, have in self._layout().items():
             if state.get(key, have) != have:
                 raise ValueError(
                     f"cannot resume the data position exactly: the checkpoint was written with "
@@ -502,8 +586,65 @@ class TrainLoader:
         self.produced = {int(k): int(v) for k, v in state.get("produced", {}).items()}
         self.next_worker = int(state["next_worker"])
         self.skipped_before = Counter(state.get("skipped", {}))
+        self.before = Consumed.from_json(state["before"]) if "before" in state else Consumed()
+        self.taken = Consumed.from_json(state["taken"]) if state.get("taken") is not None else None
+        self.samples_before = int(state.get("samples_before", 0))
         self.epoch_skipped = {}
         self._iterator = None
+
+    def reshard(self, states: list[dict[str, Any]]) -> None:
+        """Resume from every rank's position saved by a run of another layout (world size, workers, batch size).
+
+        Epoch mode: the samples every rank trained on in the epoch are unioned; the shards and samples left are
+        split over this run's ranks and workers (``ShardedImageText.plan``), so the rest of the epoch reads each of
+        them once. Resampled mode: the samples trained on are counted; the epoch goes on with fresh streams for what
+        is left of ``epoch_samples``. Either way the next epoch is an ordinary one of this layout."""
+        mode = self.dataset.mode
+        first = states[0]
+        if first.get("mode", mode) != mode:
+            raise ValueError(
+                f"cannot resume the data position: the checkpoint was written in data.mode={first['mode']}, this "
+                f"run has {mode}; resume with data.mode={first['mode']}"
+            )
+        if first.get("num_shards", len(self.dataset.shards)) != len(self.dataset.shards):
+            raise ValueError(
+                f"cannot resume the data position: the checkpoint's sources had {first['num_shards']} shards, "
+                f"this run's have {len(self.dataset.shards)}"
+            )
+        if len({int(state["epoch"]) for state in states}) > 1:
+            raise ValueError("cannot resume the data position: the checkpoint's ranks are in different epochs")
+        if mode == "epoch" and any(state.get("taken") is None for state in states):
+            raise ValueError(
+                "cannot resume the data position on another world size, data.num_workers or data.batch_size: this "
+                "checkpoint does not record which samples were trained on (written before 2026-12-01, or resumed "
+                "from one in this epoch); resume it with its own "
+                + ", ".join(f"{k}={first.get(k)}" for k in ("world_size", "num_workers", "batch_size"))
+            )
+        self.epoch = int(first["epoch"])
+        if mode == "epoch":
+            records = [Consumed.from_json(state[part]) for state in states for part in ("before", "taken")]
+            self.before = Consumed.union(records)
+        else:
+            produced = sum(int(n) * int(s["batch_size"]) for s in states for n in s.get("produced", {}).values())
+            self.samples_before = int(first.get("samples_before", 0)) + produced
+        self.taken = Consumed()
+        self.consumed, self.produced, self.next_worker, self.epoch_skipped = {}, {}, 0, {}
+        rank = self.dataset.rank
+        self.skipped_before = Counter(states[rank].get("skipped", {}) if rank < len(states) else {})
+        self._iterator = None
+        log.info(
+            "data position of %d ranks × %s workers, batch %s, redistributed over %d × %d, batch %d: epoch %d, %s",
+            len(states),
+            first.get("num_workers"),
+            first.get("batch_size"),
+            self.dataset.world_size,
+            self.num_workers,
+            self.dataset.cfg.batch_size,
+            self.epoch,
+            f"{self.samples_before} samples trained on"
+            if mode == "resampled"
+            else f"{len(self.before.done)} shards done, {len(self.before.partial)} partly read",
+        )
 
 
 def build_train_loader(

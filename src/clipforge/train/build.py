@@ -24,7 +24,7 @@ from clipforge.losses import build_loss
 from clipforge.models import BuiltModel, build_model
 from clipforge.train.checkpoint import Checkpointer
 from clipforge.train.momentum import MomentumQueue
-from clipforge.train.optim import build_optimizer, build_scheduler
+from clipforge.train.optim import SampleClock, build_optimizer, build_scheduler
 from clipforge.train.parallel import prepare_model
 from clipforge.train.state import Piece, TrainState, restart_state
 from clipforge.train.step import PlainStep, build_step
@@ -61,12 +61,15 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
     run_dir = Path(cfg.train.output_dir)
     if cfg.eval.suite is not None:
         load_suite(cfg.eval.suite)  # a bad suite file fails now, not after training
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_last, dist_info.rank)
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints", cfg.train.keep_last, dist_info.rank, asynchronous=cfg.train.async_checkpoint
+    )
     resume_from = resolve_resume(cfg.train.resume, checkpointer)
     built = build_model(cfg.model)
     prepared = prepare_model(built.model, cfg.model, cfg.train, cfg.loss.learn_temperature, dist_info)
     optimizer = build_optimizer(cfg.optim, built.model)
-    scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
+    state = TrainState(clock=SampleClock(global_batch=cfg.data.batch_size * dist_info.world_size))
+    scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps, state.clock)
     agree = make_agreement(dist_info)
     on_gpu = dist_info.device.startswith("cuda")
     loader = build_train_loader(
@@ -104,7 +107,6 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
         dist_info.rank,
         teacher,
     )
-    state = TrainState()
     pieces = restart_state(
         prepared.model,
         optimizer,
@@ -116,6 +118,7 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
         dist_info.device,
         step_fn.scaler,
         queue,
+        dist_info.rank,
     )
     probe = health_probe(cfg, built, dist_info, agree)
     monitor = CollapseMonitor(cfg.health, cfg.loss.max_logit_scale, log_warnings=dist_info.is_main)

@@ -28,6 +28,8 @@ import json
 import logging
 import os
 import shutil
+import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from clipforge.checkpoints import (
     CorruptCheckpoint,
     check_complete,
     is_sharded,
+    read_metadata,
     read_weights,
     sha256,
     storage_reader,
@@ -90,11 +93,24 @@ def _barrier() -> None:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep_last: int = 3, rank: int = 0) -> None:
+    """Writes and reads the checkpoints of one run directory. With ``asynchronous`` (``train.async_checkpoint``) the
+    model and optimizer are copied in memory and written in the background by ``torch.distributed.checkpoint``'s
+    ``async_save`` (on a process group of its own, so its collectives never interleave with the step's), and the
+    next step starts while they are written; rank 0 publishes the checkpoint (manifest, rename, ``latest``) once
+    every rank's shards are on disk. A write that fails or is killed publishes nothing: ``latest`` keeps pointing at
+    the previous checkpoint. ``wait`` blocks until the pending checkpoint is published and raises its error."""
+
+    def __init__(self, directory: str | Path, keep_last: int = 3, rank: int = 0, asynchronous: bool = False) -> None:
         self.directory, self.keep_last, self.rank = Path(directory), keep_last, rank
+        self.asynchronous = asynchronous
+        self._group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
+        self._pending: Future | None = None
+        self._published: Future | None = None
 
     def save(self, step: int, pieces: dict[str, Piece], config_yaml: str) -> Path:
-        """Write every piece of ``pieces`` (``clipforge.train.state.restart_state``); collective when distributed."""
+        """Write every piece of ``pieces`` (``clipforge.train.state.restart_state``); collective when distributed.
+        Asynchronous: returns once the model and optimizer are copied, before they are written (see ``wait``)."""
+        self.wait()
         final = self.directory / f"step_{step:08d}"
         temporary = self.directory / f".step_{step:08d}.tmp"
         if self.rank == 0:
@@ -114,13 +130,8 @@ class Checkpointer:
         _barrier()
         self._check_ranks_agree(temporary)  # on every rank, so that all of them raise, none waits for rank 0
         state = {name: piece.stateful.state_dict() for name, piece in pieces.items() if piece.kind == REPLICATED}
-        if sharded:  # every rank writes its shards (a collective)
-            import torch.distributed.checkpoint as dcp
-
-            dcp.save(
-                {name: piece.stateful.state_dict() for name, piece in pieces.items() if piece.kind == SHARDED},
-                storage_writer=dcp.FileSystemWriter(str(temporary), sync_files=True),
-            )
+        if sharded or self.asynchronous:  # every rank writes its shards (a collective); replicas are deduplicated
+            self._write_shards(temporary, {n: p.stateful.state_dict() for n, p in pieces.items() if p.kind == SHARDED})
         elif self.rank == 0:
             weights = pieces["model"].stateful.state_dict()
             _write_synced(temporary / "model.safetensors", lambda p: save_file(weights, str(p)))
@@ -132,31 +143,75 @@ class Checkpointer:
                     if piece.kind == SHARDED and name != "model"
                 }
             )
-        _barrier()
         if self.rank == 0:
             _write_synced(temporary / "state.pt", lambda p: torch.save(state, p))
             _write_synced(temporary / "config.yaml", lambda p: p.write_text(config_yaml))
-            files = {
-                f.name: {"bytes": f.stat().st_size, "sha256": sha256(f)}
-                for f in sorted(temporary.iterdir())
-                if f.is_file()
-            }
-            _write_synced(
-                temporary / "manifest.json",
-                lambda p: p.write_text(json.dumps({"step": step, "files": files}, indent=1)),
-            )
-            _fsync_dir(temporary)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(temporary, final)
-            link = self.directory / ".latest.tmp"
-            link.unlink(missing_ok=True)
-            link.symlink_to(final.name)
-            os.replace(link, self.directory / "latest")
-            _fsync_dir(self.directory)
-            self._prune()
+        if self._pending is not None:  # rank 0 publishes when the background write is done, on every rank
+            if self.rank == 0:
+                published = self._published = Future()
+                self._pending.add_done_callback(
+                    lambda written: self._publish_after(written, published, temporary, final, step)
+                )
+            return final
+        _barrier()
+        if self.rank == 0:
+            self._publish(temporary, final, step)
         _barrier()
         return final
+
+    def _write_shards(self, temporary: Path, tensors: dict[str, Any]) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        writer = dcp.FileSystemWriter(str(temporary), sync_files=True)
+        if not self.asynchronous:
+            dcp.save(tensors, storage_writer=writer)
+            return
+        with warnings.catch_warnings():  # one process: "torch.distributed is ... uninitialized, assuming ..."
+            warnings.simplefilter("ignore", UserWarning)
+            self._pending = dcp.async_save(tensors, storage_writer=writer, process_group=self._group)
+
+    def _publish_after(self, written: Future, published: Future, temporary: Path, final: Path, step: int) -> None:
+        """Rank 0, in the background writer's thread: publish the checkpoint if every rank's write succeeded."""
+        try:
+            written.result()
+            self._publish(temporary, final, step)
+            published.set_result(final)
+        except BaseException as exn:  # noqa: BLE001 — handed to wait(), which raises it in the training thread
+            log.error("checkpoint of step %d not written (%s); %s stays the latest", step, exn, self.latest())
+            shutil.rmtree(temporary, ignore_errors=True)
+            published.set_exception(exn)
+
+    def wait(self) -> None:
+        """Block until the pending asynchronous checkpoint (if any) is written and published; raise its error."""
+        pending, published, self._pending, self._published = self._pending, self._published, None, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+            if published is not None:
+                published.result()
+        finally:
+            _barrier()  # no rank starts the next checkpoint before rank 0 has published this one
+
+    def _publish(self, temporary: Path, final: Path, step: int) -> None:
+        """Rank 0: the manifest (written last), then the rename to the final name and ``latest``, atomically."""
+        files = {
+            f.name: {"bytes": f.stat().st_size, "sha256": sha256(f)} for f in sorted(temporary.iterdir()) if f.is_file()
+        }
+        _write_synced(
+            temporary / "manifest.json",
+            lambda p: p.write_text(json.dumps({"step": step, "files": files}, indent=1)),
+        )
+        _fsync_dir(temporary)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        link = self.directory / ".latest.tmp"
+        link.unlink(missing_ok=True)
+        link.symlink_to(final.name)
+        os.replace(link, self.directory / "latest")
+        _fsync_dir(self.directory)
+        self._prune()
 
     def load(self, path: str | Path, pieces: dict[str, Piece]) -> None:
         """Restore every piece from the checkpoint at ``path`` (verified against its manifest first)."""
@@ -171,9 +226,11 @@ class Checkpointer:
         if is_sharded(path):
             import torch.distributed.checkpoint as dcp
 
-            loaded = {name: piece.stateful.state_dict() for name, piece in sharded.items()}
+            loaded = _templates(sharded, set(read_metadata(path).state_dict_metadata))
             try:
-                dcp.load(loaded, storage_reader=storage_reader(path))
+                with warnings.catch_warnings():  # one process: "torch.distributed is ... uninitialized, assuming ..."
+                    warnings.simplefilter("ignore", UserWarning)
+                    dcp.load(loaded, storage_reader=storage_reader(path))
             except Exception as exn:  # the storage layer raises its own types for a bad or foreign shard
                 raise CorruptCheckpoint(
                     f"checkpoint {path}: its shards do not load into this run's model and "
@@ -184,7 +241,11 @@ class Checkpointer:
             state["model"] = read_weights(path)
         for name, piece in pieces.items():
             if piece.kind == PER_RANK:
-                found = _read_per_rank(path, name, self.rank)
+                states = _read_all_ranks(path, name)
+                if hasattr(piece.stateful, "load_state_dicts") and states:
+                    _loading(path, piece.stateful.load_state_dicts, states)
+                    continue
+                found = states[self.rank] if self.rank < len(states) else None
             else:
                 found = state.get(name)
             if found is None:
@@ -194,10 +255,7 @@ class Checkpointer:
                     f"checkpoint {path} holds no {name!r} state for rank {self.rank}: it was written by "
                     f"a run with other settings (another world size, or without this {name})"
                 )
-            try:
-                piece.stateful.load_state_dict(found)
-            except ValueError as exc:
-                raise ValueError(f"{path}: {exc}") from exc
+            _loading(path, piece.stateful.load_state_dict, found)
 
     @staticmethod
     def _check_ranks_agree(directory: Path) -> None:
@@ -246,6 +304,27 @@ class Checkpointer:
         return None
 
 
+def _templates(sharded: dict[str, Piece], saved: set[str]) -> dict[str, Any]:
+    """What each sharded piece is read into: its ``template`` of the entries the checkpoint holds (the optimizer's,
+    whose template would otherwise ask for the state of a parameter that had none when it was written), or its
+    ``state_dict``."""
+    loaded = {}
+    for name, piece in sharded.items():
+        template = getattr(piece.stateful, "template", None)
+        if template is None:
+            loaded[name] = piece.stateful.state_dict()
+        else:
+            loaded[name] = template({key[len(name) + 1 :] for key in saved if key.startswith(name + ".")})
+    return loaded
+
+
+def _loading(path: Path, load, state) -> None:
+    try:
+        load(state)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
 def _legacy_names(state: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint from before the restart state was iterated: ``step`` and ``scheduler`` at the top of state.pt."""
     renamed = {}
@@ -271,6 +350,14 @@ def _write_per_rank(directory: Path, name: str, rank: int, value: dict[str, Any]
         _write_synced(directory / f"{name}_rank{rank}.pt", lambda p: torch.save(value, p))
     else:
         _write_synced(directory / f"{name}_rank{rank}.json", lambda p: p.write_text(text))
+
+
+def _read_all_ranks(path: Path, name: str) -> list[dict[str, Any]]:
+    """Every rank's saved ``name`` state, by rank (rank 0 up to the first rank with none)."""
+    states = []
+    while (found := _read_per_rank(path, name, len(states))) is not None:
+        states.append(found)
+    return states
 
 
 def _read_per_rank(path: Path, name: str, rank: int) -> dict[str, Any] | None:

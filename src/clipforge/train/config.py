@@ -19,11 +19,18 @@ class TrainConfig:
     output_dir: str = "runs/default"
     """Run directory: resolved config, metrics, TensorBoard, checkpoints, eval results, curves.png."""
     steps: int = 1000
-    """Optimizer steps to train for."""
+    """Optimizer steps to train for, at the global batch the run starts with (data.batch_size × world size). A run
+    resumed with another global batch trains on the same number of samples: the length and the learning-rate
+    schedule are counted in samples (see docs/training.md)."""
     checkpoint_every: int = 500
     """Write a checkpoint every N steps (and always at the end)."""
     keep_last: int = 3
     """Keep the newest K checkpoints."""
+    async_checkpoint: bool = False
+    """Write checkpoints in the background (torch.distributed.checkpoint async_save): the step pauses only to copy the
+    model and optimizer in memory, and the files are written while training goes on; the checkpoint becomes
+    `latest` once every rank's files are on disk (a failed write leaves the previous one as latest). The model and
+    optimizer are then stored as DCP shards under DDP too. Costs one more copy of them in host memory."""
     seed: int = 0
     """Seed of model init and torch RNG (the rank is added)."""
     precision: str = "fp32"

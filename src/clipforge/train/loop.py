@@ -266,14 +266,15 @@ def _train(
     cleanup.callback(run.loader.close)  # on return or error: the DataLoader workers stop before the process exits
     if run.resume_from is not None:
         run.checkpointer.load(run.resume_from, run.pieces)
-        log.info("resumed from %s at step %d", run.resume_from, run.state.step)
+        log.info("resumed from %s at step %d (%d samples)", run.resume_from, run.state.step, run.state.samples)
+    last_step = run.state.clock.last_step(cfg.train.steps)  # train.steps unless the global batch changed
     logger = MetricLogger(
-        run.run_dir, cfg.logging, cfg.train.steps, run.state.step, dist_info.is_main, config=yaml.safe_load(config_yaml)
+        run.run_dir, cfg.logging, last_step, run.state.step, dist_info.is_main, config=yaml.safe_load(config_yaml)
     )
     meter, guard = StepMeter(cfg, dist_info, run), NumericsGuard(cfg.train.max_nonfinite_steps, dist_info.rank)
     cleanup.callback(meter.close)  # a trace of steps the run did not reach is still written
     preempted = False
-    while run.state.step < cfg.train.steps:
+    while run.state.step < last_step:
         recorder = meter.recorder(run.state.step + 1)  # times the step's parts if it is profiled, else a no-op
         try:
             with meter.waiting(), recorder.part("data_wait"):
@@ -289,7 +290,7 @@ def _train(
         step = run.state.step
         guard.record(step, out, batch)
         logger.advance()
-        logging_step = step % cfg.logging.log_every == 0 or step == cfg.train.steps
+        logging_step = step % cfg.logging.log_every == 0 or step == last_step
         abort = guard.check() if logging_step else None  # the window's one host sync for the skip flags
         if logging_step:
             logger.log(step, meter.metrics(out, guard.total))
@@ -301,7 +302,7 @@ def _train(
         with meter.paused():  # health and evaluation time stays out of the throughput window
             if cfg.health.every_n_steps and step % cfg.health.every_n_steps == 0:
                 _check_health(run.model, run.probe, run.monitor, cfg, dist_info, run.agree, step, logger)
-            if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < cfg.train.steps:
+            if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < last_step:
                 logger.log(step, _evaluate(run.model, run.built, cfg, dist_info, step, run.run_dir))
         stop_now = stop.received is not None
         if dist_info.is_distributed:
@@ -311,10 +312,10 @@ def _train(
             abort = abort or (None if healthy else guard.peer_abort(step))
         if abort is not None:
             raise abort
-        if stop_now and step < cfg.train.steps:
+        if stop_now and step < last_step:
             preempted = True
             break
-        if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
+        if step % cfg.train.checkpoint_every == 0 and step < last_step:
             run.checkpointer.save(step, run.pieces, config_yaml)
     return _finish(cfg, dist_info, run, logger, meter, config_yaml, preempted)
 
@@ -331,6 +332,7 @@ def _finish(
     """The final checkpoint, then (unless pre-empted) the final evaluation, curves and the result table."""
     step = run.state.step
     final = run.checkpointer.save(step, run.pieces, config_yaml)
+    run.checkpointer.wait()  # the last checkpoint is on disk and `latest` before the run returns
     result = {
         "step": step,
         "checkpoint": str(final),

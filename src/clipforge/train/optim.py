@@ -1,4 +1,13 @@
-"""AdamW with open_clip_train's parameter groups, and a warmup + cosine learning-rate schedule.
+"""AdamW with open_clip_train's parameter groups, and a warmup + cosine learning-rate schedule counted in samples.
+
+The schedule and the run's length are counted in samples, so that a run resumed with another global batch (fewer
+nodes, another data.batch_size) keeps its warmup, its decay and its end: ``train.steps``, ``optim.warmup_steps``
+and ``optim.cooldown_steps`` are steps of the *reference* global batch, the one the run started with
+(data.batch_size × world size at step 0, kept in the checkpoint). ``SampleClock`` converts: after a resume at
+another global batch, step ``s`` is at ``samples(s) / reference_batch`` reference steps, and the run ends at the
+first step whose samples reach ``train.steps × reference_batch``. With the global batch unchanged every number is
+the step-counted one, bit for bit. The peak rate is not rescaled unless ``optim.lr_scaling`` says so (OpenCLIP
+never rescales it either).
 
 No weight decay on what open_clip_train exempts (its ``main.py``: parameters with fewer than 2 dimensions, or
 "bn", "ln", "bias" or "logit_scale" in the name), so a recipe copied from OpenCLIP decays exactly the same
@@ -21,6 +30,7 @@ log = logging.getLogger(__name__)
 
 
 SCHEDULES = ("cosine", "constant", "constant-cooldown")
+LR_SCALINGS = ("none", "linear", "sqrt")
 
 
 @dataclass
@@ -54,8 +64,13 @@ class OptimConfig:
     """Clip the global gradient norm to this value (null = no clipping)."""
     fused: bool = True
     """Fused AdamW kernel (one kernel for all parameters) where the device supports it; else the foreach one."""
+    lr_scaling: str = "none"
+    """A run resumed with another global batch than it started with: none keeps optim.lr (as OpenCLIP); linear
+    multiplies lr and min_lr by new / first global batch, sqrt by its square root."""
 
     def __post_init__(self) -> None:
+        if self.lr_scaling not in LR_SCALINGS:
+            raise ValueError(f"optim.lr_scaling: {self.lr_scaling!r} is not one of {LR_SCALINGS}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule: {self.schedule!r} is not one of {SCHEDULES}")
         if self.schedule == "constant-cooldown" and self.cooldown_steps <= 0:
@@ -94,10 +109,42 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Ada
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
-def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """Multiplier of cfg.lr for the update made at ``step`` (0-based)."""
+@dataclass
+class SampleClock:
+    """Steps → samples → reference steps. ``global_batch`` is this run's; ``reference_batch`` the global batch the
+    configured step counts are in (the run's first); ``base_step`` / ``base_samples`` where this run resumed."""
+
+    global_batch: int = 1
+    reference_batch: int = 0  # 0: this run's global batch (a fresh start)
+    base_step: int = 0
+    base_samples: int = 0
+
+    def __post_init__(self) -> None:
+        self.reference_batch = self.reference_batch or self.global_batch
+
+    def samples(self, step: int) -> int:
+        """Samples trained on before the update made at ``step``."""
+        return self.base_samples + (step - self.base_step) * self.global_batch
+
+    def position(self, step: int) -> float:
+        """``step`` in steps of the reference batch."""
+        return self.samples(step) / self.reference_batch
+
+    def last_step(self, reference_steps: int) -> int:
+        """The step at which ``reference_steps`` steps of the reference batch are done (the run's end)."""
+        remaining = max(0, reference_steps * self.reference_batch - self.samples(self.base_step))
+        return self.base_step + math.ceil(remaining / self.global_batch)
+
+    def lr_scale(self, scaling: str) -> float:
+        ratio = self.global_batch / self.reference_batch
+        return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[scaling]
+
+
+def lr_factor(step: float, cfg: OptimConfig, total_steps: int, step_size: float = 1.0) -> float:
+    """Multiplier of cfg.lr for the update made at ``step`` (0-based; in reference steps, of which this update makes
+    ``step_size``)."""
     if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+        return min(1.0, (step + step_size) / cfg.warmup_steps)
     if cfg.schedule == "constant":
         return 1.0
     floor = cfg.min_lr / cfg.lr
@@ -111,20 +158,37 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+def schedule_factor(step: int, cfg: OptimConfig, total_steps: int, clock: SampleClock) -> float:
+    """Multiplier of cfg.lr for the update made at optimizer step ``step`` of this run (``total_steps`` in reference
+    steps), with ``optim.lr_scaling`` applied."""
+    step_size = clock.global_batch / clock.reference_batch
+    return clock.lr_scale(cfg.lr_scaling) * lr_factor(clock.position(step), cfg, total_steps, step_size)
+
+
+def build_scheduler(
+    cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int, clock: SampleClock | None = None
+):
+    """LambdaLR over ``schedule_factor``; ``clock`` (shared with ``TrainState``) is read at every step, so a resume
+    that moves it moves the schedule. None: every step is one reference step."""
     import torch
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
+    clock = clock or SampleClock()
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule_factor(step, cfg, total_steps, clock))
 
 
 def load_schedule_state(
-    scheduler, optimizer: torch.optim.Optimizer, state: dict, cfg: OptimConfig, total_steps: int
+    scheduler,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    cfg: OptimConfig,
+    total_steps: int,
+    clock: SampleClock | None = None,
 ) -> None:
     """Resume the schedule's position (its step count) from a checkpoint, after ``optimizer.load_state_dict``. The
     learning rate itself follows this run's config (optim.lr, warmup, schedule, train.steps), as open_clip_train
     recomputes it from its arguments every step; with an unchanged config it is the same number."""
     scheduler.load_state_dict({k: v for k, v in state.items() if k not in ("base_lrs", "_last_lr")})
     scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
-    lr = cfg.lr * lr_factor(scheduler.last_epoch, cfg, total_steps)  # LambdaLR's own expression: base * factor
+    lr = cfg.lr * schedule_factor(scheduler.last_epoch, cfg, total_steps, clock or SampleClock())  # base * factor
     for group in optimizer.param_groups:
         group["initial_lr"], group["lr"] = cfg.lr, lr

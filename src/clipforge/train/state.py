@@ -7,20 +7,24 @@
   ``model.safetensors`` and the optimizer goes into ``state.pt``.
 * ``REPLICATED``: the same on every rank (the schedule, the train step, the fp16 scaler, the negative queue):
   rank 0 writes them into ``state.pt``.
-* ``PER_RANK``: each rank's own (its data position, its random generators): ``NAME_rank{R}.pt``.
+* ``PER_RANK``: each rank's own (its data position, its random generators): ``NAME_rank{R}.pt``. On load, a piece
+  with ``load_state_dicts`` is given every rank's saved state, by rank, and picks its own or, when the world size
+  changed, makes its state from all of them (the data position is redistributed over the new ranks); any other
+  takes its own rank's.
 
 Adding a piece of restart state is one line in ``restart_state``.
 """
 
 from __future__ import annotations
 
+import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from clipforge.train.optim import OptimConfig, load_schedule_state
+from clipforge.train.optim import OptimConfig, SampleClock, load_schedule_state
 from clipforge.train.parallel import is_sharded, unwrap
 
 SHARDED, REPLICATED, PER_RANK = "sharded", "replicated", "per_rank"
@@ -41,15 +45,25 @@ class Piece:
 
 @dataclass
 class TrainState:
-    """The loop's own position."""
+    """The loop's own position: optimizer steps taken, and (``clock``) samples trained on and the reference global
+    batch the configured step counts are in (see ``clipforge.train.optim``)."""
 
     step: int = 0
+    clock: SampleClock = field(default_factory=SampleClock)
+
+    @property
+    def samples(self) -> int:
+        return self.clock.samples(self.step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
+        return {"step": self.step, "samples": self.samples, "reference_batch": self.clock.reference_batch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Checkpoints written before 2026-12-01 hold only the step: their global batch is taken to be this run's."""
         self.step = int(state["step"])
+        self.clock.base_step = self.step
+        self.clock.base_samples = int(state.get("samples", self.step * self.clock.global_batch))
+        self.clock.reference_batch = int(state.get("reference_batch", self.clock.global_batch))
 
 
 class ModelState:
@@ -76,26 +90,44 @@ class ModelState:
 
 
 class OptimizerState:
-    """AdamW's moments: ``optimizer.state_dict()`` for DDP; keyed by parameter name and sharded for FSDP."""
+    """AdamW's moments, keyed by parameter name (``get_optimizer_state_dict``): whole tensors for DDP or one process,
+    this rank's shards (DTensors) for FSDP, so that a checkpoint written at one world size or strategy loads at
+    another (``torch.distributed.checkpoint`` reshards the sharded layout; whole tensors are sharded on load)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
 
     def state_dict(self) -> dict[str, Any]:
         if is_sharded(self.model):
-            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+            return self.template()
+        return _keyed_by_name(self.optimizer.state_dict(), self.model, self.optimizer)
 
-            return get_optimizer_state_dict(self.model, self.optimizer)
-        return self.optimizer.state_dict()
+    def template(self, saved: set[str] | None = None) -> dict[str, Any]:
+        """What a sharded checkpoint is read into: this optimizer's state in ``get_optimizer_state_dict``'s form,
+        its tensors made first (a zero-gradient, zero-rate step) if the optimizer has taken no step yet; with
+        ``saved`` (the checkpoint's keys, ``state.NAME.exp_avg``), only the parameters' entries it holds."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        state = get_optimizer_state_dict(self.model, self.optimizer)
+        if saved is not None:
+            kept = {n: {k: v for k, v in e.items() if f"state.{n}.{k}" in saved} for n, e in state["state"].items()}
+            state["state"] = {name: entry for name, entry in kept.items() if entry}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        try:
-            if is_sharded(self.model):
-                from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-                set_optimizer_state_dict(self.model, self.optimizer, state)
-            else:
+        try:
+            if not is_sharded(self.model):
+                if not _numbered(state):
+                    state = _keyed_by_number(state, self.model, self.optimizer)
                 self.optimizer.load_state_dict(state)
+                return
+            if _numbered(state):  # optimizer.state_dict() of a checkpoint written before 2026-12-01
+                state = _keyed_by_name(state, self.model, self.optimizer)
+            whole = not any(type(v).__name__ == "DTensor" for entry in state["state"].values() for v in entry.values())
+            options = StateDictOptions(full_state_dict=whole)  # whole tensors (DDP or one process) are sharded here
+            set_optimizer_state_dict(self.model, self.optimizer, state, options=options)
         except (ValueError, KeyError) as exc:  # torch: "... parameter group that doesn't match the size of ..."
             raise ValueError(
                 f"its optimizer state does not fit this run's parameter groups ({exc}). Checkpoints "
@@ -105,24 +137,77 @@ class OptimizerState:
             ) from exc
 
 
+def _numbered(state: dict[str, Any]) -> bool:
+    return any(isinstance(index, int) for group in state.get("param_groups", []) for index in group["params"])
+
+
+def _parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the optimizer's parameters, in its groups' order (the numbering of ``optimizer.state_dict()``)."""
+    names = {id(parameter): name for name, parameter in unwrap(model).named_parameters()}
+    return [names[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
+
+
+def _keyed_by_name(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` (parameters numbered in group order) keyed by parameter name instead, as
+    ``get_optimizer_state_dict`` keys it; the numbering follows this run's groups, which must be the writer's."""
+    ordered = _parameter_names(model, optimizer)
+    saved = [index for group in state["param_groups"] for index in group["params"]]
+    if len(saved) != len(ordered):
+        raise ValueError(f"{len(saved)} parameters in the checkpoint's groups, {len(ordered)} in this run's")
+    name_of = dict(zip(saved, ordered, strict=True))
+    return {
+        "state": {name_of[index]: entry for index, entry in state["state"].items()},
+        "param_groups": [{**group, "params": [name_of[i] for i in group["params"]]} for group in state["param_groups"]],
+    }
+
+
+def _keyed_by_number(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The inverse of ``_keyed_by_name``, for ``optimizer.load_state_dict`` (no zero-rate step, as
+    ``set_optimizer_state_dict`` takes to make an empty optimizer's tensors)."""
+    number = {name: index for index, name in enumerate(_parameter_names(model, optimizer))}
+    missing = [name for group in state["param_groups"] for name in group["params"] if name not in number]
+    if missing:
+        raise ValueError(f"the checkpoint's optimizer has parameters this run's has not: {missing[:3]}")
+    return {
+        "state": {number[name]: entry for name, entry in state["state"].items()},
+        "param_groups": [{**group, "params": [number[n] for n in group["params"]]} for group in state["param_groups"]],
+    }
+
+
 class ScheduleState:
     """The learning-rate schedule's position; the rate itself follows this run's config (``load_schedule_state``)."""
 
-    def __init__(self, scheduler, optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> None:
+    def __init__(
+        self,
+        scheduler,
+        optimizer: torch.optim.Optimizer,
+        cfg: OptimConfig,
+        total_steps: int,
+        clock: SampleClock | None = None,
+    ) -> None:
         self.scheduler, self.optimizer, self.cfg, self.total_steps = scheduler, optimizer, cfg, total_steps
+        self.clock = clock
 
     def state_dict(self) -> dict[str, Any]:
         return self.scheduler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_schedule_state(self.scheduler, self.optimizer, state, self.cfg, self.total_steps)
+        load_schedule_state(self.scheduler, self.optimizer, state, self.cfg, self.total_steps, self.clock)
 
 
 class RNGState:
     """This rank's generators: torch's CPU one, Python's, and its own GPU's when it trains on one."""
 
-    def __init__(self, device: str | torch.device) -> None:
-        self.device = torch.device(device)
+    def __init__(self, device: str | torch.device, rank: int = 0) -> None:
+        self.device, self.rank = torch.device(device), rank
+
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        """This rank's saved generators; a rank the checkpoint's run did not have keeps its own seeding (seed +
+        rank), which no saved rank shares."""
+        if self.rank < len(states):
+            self.load_state_dict(states[self.rank])
+        else:
+            logging.getLogger(__name__).info("rank %d: no saved generators (the checkpoint had fewer ranks)", self.rank)
 
     def state_dict(self) -> dict[str, Any]:
         """Other GPUs' generators belong to other ranks: saving them all made a resume with fewer visible GPUs
@@ -145,8 +230,6 @@ class RNGState:
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
             cuda_state = state["cuda"][index] if index < len(state["cuda"]) else None
         if cuda_state is None:
-            import logging
-
             logging.getLogger(__name__).warning(
                 "the checkpoint holds no CUDA generator state for %s; it keeps this run's seed", self.device
             )
@@ -165,15 +248,17 @@ def restart_state(
     device: str,
     scaler=None,
     queue=None,
+    rank: int = 0,
 ) -> dict[str, Piece]:
-    """Every piece of restart state, in loading order (the schedule after the optimizer, whose groups it sets)."""
+    """Every piece of restart state, in loading order (the schedule after the optimizer, whose groups it sets, and
+    after the train state, whose clock places it)."""
     pieces = {
         "model": Piece(SHARDED, ModelState(model)),
         "optimizer": Piece(SHARDED, OptimizerState(model, optimizer)),
-        "schedule": Piece(REPLICATED, ScheduleState(scheduler, optimizer, optim_cfg, total_steps)),
         "train": Piece(REPLICATED, train),
+        "schedule": Piece(REPLICATED, ScheduleState(scheduler, optimizer, optim_cfg, total_steps, train.clock)),
         "data": Piece(PER_RANK, loader),
-        "rng": Piece(PER_RANK, RNGState(device)),
+        "rng": Piece(PER_RANK, RNGState(device, rank)),
     }
     if scaler is not None:
         pieces["scaler"] = Piece(REPLICATED, scaler, required=False)

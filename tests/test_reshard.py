@@ -1,0 +1,158 @@
+"""A checkpoint written at N ranks resumes at M ranks, under DDP and under FSDP2 (gloo): after the load every
+weight and every AdamW moment (whole, gathered from the shards) equals the checkpoint's, read back here.
+
+Each world size runs in one spawn (one rank: in this process) that loads the checkpoints the other sizes wrote,
+then trains one step of its own (seeded by rank, so its weights differ from any checkpoint's) and writes its
+checkpoint. 2 → 1 and 1 → 2 run by default; 2 → 4 and 4 → 2 are ``slow`` (four gloo processes).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_MODEL
+from ranks import run_ranks
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+from torch.distributed.tensor import DTensor
+
+from clipforge.checkpoints import is_sharded, read_metadata, read_weights, storage_reader
+from clipforge.distributed import DistInfo
+from clipforge.losses import LossConfig, build_loss
+from clipforge.models import ModelConfig, build_model
+from clipforge.train.checkpoint import Checkpointer
+from clipforge.train.optim import OptimConfig, build_optimizer, build_scheduler
+from clipforge.train.parallel import parallelize, unwrap
+from clipforge.train.state import TrainState, restart_state
+from clipforge.train.step import build_step
+
+STRATEGIES = ("ddp", "fsdp")
+GLOBAL_BATCH = 4
+END_OF_TEXT = 49407
+
+
+class Position:
+    """Stands for the data position: every rank's own, loaded from whichever ranks wrote one."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        pass
+
+
+def build(rank: int, world_size: int, strategy: str, model_json: str):
+    torch.manual_seed(1 + rank)
+    info = DistInfo(rank=rank, world_size=world_size, local_world_size=world_size)
+    model = parallelize(build_model(ModelConfig(name=model_json)).model, info, strategy)
+    cfg = OptimConfig(lr=1e-3, warmup_steps=1)
+    optimizer = build_optimizer(cfg, unwrap(model))
+    scheduler = build_scheduler(cfg, optimizer, 10)
+    pieces = restart_state(model, optimizer, scheduler, cfg, 10, TrainState(), Position(), "cpu", rank=rank)
+    return model, optimizer, scheduler, pieces
+
+
+def train_one_step(model, optimizer, scheduler, rank: int, world_size: int) -> None:
+    generator = torch.Generator().manual_seed(7)
+    images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=generator)
+    texts = torch.randint(
+        1, END_OF_TEXT - 1, (GLOBAL_BATCH, TINY_MODEL["text_cfg"]["context_length"]), generator=generator
+    )
+    texts[:, -1] = END_OF_TEXT
+    local = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
+    loss = build_loss(LossConfig(), rank, world_size)
+    step = build_step(model, loss, optimizer, scheduler, "cpu", "fp32", 1.0, 100.0, 1)
+    step({"images": images[local], "texts": texts[local]})
+
+
+def whole(model, optimizer) -> dict[str, torch.Tensor]:
+    """Weights and AdamW moments as whole tensors, keyed as in the checkpoint (``model.NAME``,
+    ``optimizer.state.NAME.exp_avg``)."""
+    out = {}
+    for name, parameter in unwrap(model).named_parameters():
+        value = parameter.full_tensor() if isinstance(parameter, DTensor) else parameter
+        out[f"model.{name}"] = value.detach().clone()
+    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    for name, entry in state["state"].items():
+        for key, value in entry.items():
+            out[f"optimizer.state.{name}.{key}"] = value.detach().clone()
+    return out
+
+
+def phase(rank: int, world_size: int, root: str, written_at: list[int], save: bool, model_json: str) -> dict:
+    """Load the checkpoints written at ``written_at`` ranks (each strategy); then, with ``save``, write this size's."""
+    loaded = {}
+    for strategy in STRATEGIES:
+        for size in written_at:
+            model, optimizer, _, pieces = build(rank, world_size, strategy, model_json)
+            path = Path(root) / strategy / f"ranks{size}" / "step_00000001"
+            Checkpointer(path.parent, rank=rank).load(path, pieces)
+            loaded[(strategy, size)] = whole(model, optimizer)
+        if save:
+            model, optimizer, scheduler, pieces = build(rank, world_size, strategy, model_json)
+            train_one_step(model, optimizer, scheduler, rank, world_size)
+            Checkpointer(Path(root) / strategy / f"ranks{world_size}", rank=rank).save(1, pieces, "train: {}\n")
+    return loaded if rank == 0 else {}
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights and moments, whole, read in this process (either layout)."""
+    out = {f"model.{name}": tensor for name, tensor in read_weights(path).items()}
+    if not is_sharded(path):
+        state = torch.load(path / "state.pt", weights_only=True)["optimizer"]["state"]
+        out.update({f"optimizer.state.{n}.{k}": v for n, entry in state.items() for k, v in entry.items()})
+        return out
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entries = read_metadata(path).state_dict_metadata.items()
+    template = {
+        key: torch.empty(entry.size, dtype=entry.properties.dtype)
+        for key, entry in entries
+        if key.startswith("optimizer.state.") and isinstance(entry, TensorStorageMetadata)
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(template, storage_reader=storage_reader(path), no_dist=True)
+    return {**out, **template}
+
+
+def assert_resumed_exactly(loaded: dict, root: Path, strategy: str, written_at: int) -> None:
+    expected = read_checkpoint(root / strategy / f"ranks{written_at}" / "step_00000001")
+    got = loaded[(strategy, written_at)]
+    assert got.keys() == expected.keys(), sorted(set(got) ^ set(expected))[:5]
+    assert any(".exp_avg_sq" in key for key in got)
+    different = [key for key in got if not torch.equal(got[key].reshape(expected[key].shape), expected[key])]
+    assert not different, f"{strategy} {written_at} ranks: {different[:5]}"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("reshard")
+
+
+@pytest.fixture(scope="module")
+def small_sizes(root, tiny_model_json) -> dict:
+    """1 rank (this process: no process group, as in training) writes; 2 ranks load it and write theirs; 1 rank
+    loads theirs."""
+    phase(0, 1, str(root), [], True, tiny_model_json)
+    from_one = run_ranks(phase, 2, root / "out2", str(root), [1], True, tiny_model_json, timeout=300)[0]
+    from_two = phase(0, 1, str(root), [2], False, tiny_model_json)
+    return {**from_one, **from_two}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("written_at", [2, 1], ids=["2to1", "1to2"])
+def test_model_and_optimizer_resume_on_another_world_size(small_sizes, root, strategy, written_at):
+    assert_resumed_exactly(small_sizes, root, strategy, written_at)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_to_four_and_four_to_two_ranks(small_sizes, root, strategy, tiny_model_json):
+    from_two = run_ranks(phase, 4, root / "out4", str(root), [2], True, tiny_model_json, timeout=600)[0]
+    from_four = run_ranks(phase, 2, root / "out2c", str(root), [4], False, tiny_model_json, timeout=600)[0]
+    assert_resumed_exactly(from_two, root, strategy, 2)
+    assert_resumed_exactly(from_four, root, strategy, 4)
