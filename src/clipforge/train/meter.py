@@ -147,8 +147,8 @@ class StepMeter:
         if self.peak and tflops > self.peak and not self.dist_info.device.startswith("cuda") and not self.warned:
             self.warned = True
             log.warning(
-                "perf/mfu above 1: the cached GEMM peak (%.3g TFLOP/s) was probed while the machine was busy; "
-                "delete its entry in %s to measure it again",
+                "perf/mfu above 1: the GEMM peak (%.3g TFLOP/s, the best probe seen in %s) was measured while the "
+                "machine was busy; the next run's probe replaces it if the machine is quieter",
                 self.peak,
                 cache_file(),
             )
