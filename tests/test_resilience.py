@@ -328,8 +328,8 @@ from clipforge.train import step
 if os.environ["RANK"] == "1":  # this rank alone reports non-finite steps from its third step on
     original = step.PlainStep.__call__
 
-    def faulty(self, batch):
-        out = original(self, batch)
+    def faulty(self, batch, *recorder):
+        out = original(self, batch, *recorder)
         self.calls = getattr(self, "calls", 0) + 1
         out["nonfinite"] = out["nonfinite"] or self.calls >= 3
         return out
