@@ -57,6 +57,7 @@ def rank_with_open_clip(model: str, image: Image.Image, labels: list[str], templ
     import torch
 
     clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{model}")
+    clip.eval()  # open_clip returns the model in training mode: BatchNorm (a ResNet tower) would use this one image
     tokenizer = open_clip.get_tokenizer(f"local-dir:{model}")
     with torch.no_grad():
         image_features = clip.encode_image(preprocess(image).unsqueeze(0), normalize=True)

@@ -62,6 +62,36 @@ def test_zero_shot_ranks_as_the_trained_model_does(model_format, synth_data, tin
     assert ranking[0][1] == classnames[label]
 
 
+def test_zero_shot_runs_a_batchnorm_tower_as_open_clip_in_eval_mode_does(
+    trained_checkpoint, synth_data, tmp_path, capsys
+):
+    """The demo's CLIP-ResNet: open_clip hands the model back in training mode, where BatchNorm would normalise the
+    one image by itself; the example must rank as the model in eval mode does."""
+    import open_clip
+
+    example = load_example("zero_shot")
+    benchmark = synth_data / "eval" / "shapes"
+    out = tmp_path / "out"
+    assert main(["export", str(trained_checkpoint), "--format", "open_clip", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert example.main([str(out), str(benchmark), "--index", "3", "--top", "6"]) == 0
+    printed = capsys.readouterr().out
+    ranking = [(float(score) / 100, name) for score, name in re.findall(r"^\s+([\d.]+)%\s+(\w+)$", printed, re.M)]
+
+    clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    clip.eval()
+    classnames = (benchmark / "classnames.txt").read_text().splitlines()
+    template = (benchmark / "zeroshot_classification_templates.txt").read_text().splitlines()[0]
+    image, _, _ = example.test_image(benchmark, 3)
+    tokens = open_clip.get_tokenizer(f"local-dir:{out}")([template.replace("{c}", name) for name in classnames])
+    with torch.no_grad():
+        image_features = clip.encode_image(preprocess(image).unsqueeze(0), normalize=True)
+        logits = clip.logit_scale.exp() * image_features @ clip.encode_text(tokens, normalize=True).T
+    expected = sorted(zip(logits[0].softmax(0).tolist(), classnames), reverse=True)
+    assert [name for _, name in ranking] == [name for _, name in expected]
+    assert [score for score, _ in ranking] == pytest.approx([score for score, _ in expected], abs=1e-3)
+
+
 def test_zero_shot_names_a_bad_index_and_a_folder_that_is_no_export(synth_data, tmp_path):
     example = load_example("zero_shot")
     with pytest.raises(ValueError, match="--index 100000"):
