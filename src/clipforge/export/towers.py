@@ -43,6 +43,17 @@ class Tower:
     eps: float = 1e-5
     problems: list[str] = field(default_factory=list)
 
+    def hf_sizes(self) -> dict:
+        """The fields of a transformers tower config (CLIP or SigLIP, text or vision) that this tower's sizes set."""
+        return dict(
+            hidden_size=self.width,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            hidden_act=self.activation,
+            layer_norm_eps=self.eps,
+        )
+
 
 def norm_eps(norms: list[nn.Module], tower: Tower, what: str) -> None:
     kinds = {type(norm) for norm in norms}
