@@ -3,7 +3,8 @@ weight and every AdamW moment (whole, gathered from the shards) equals the check
 
 Each world size runs in one spawn (one rank: in this process) that loads the checkpoints the other sizes wrote,
 then trains one step of its own (seeded by rank, so its weights differ from any checkpoint's) and writes its
-checkpoint. 2 → 1 and 1 → 2 run by default; 2 → 4 and 4 → 2 are ``slow`` (four gloo processes).
+checkpoint; at 2 ranks, DDP and FSDP also load each other's. 2 → 1 and 1 → 2 run by default; 2 → 4 and 4 → 2
+are ``slow`` (four gloo processes).
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ def phase(rank: int, world_size: int, root: str, written_at: list[int], save: bo
             model, optimizer, scheduler, pieces = build(rank, world_size, strategy, model_json)
             train_one_step(model, optimizer, scheduler, rank, world_size)
             Checkpointer(Path(root) / strategy / f"ranks{world_size}", rank=rank).save(1, pieces, "train: {}\n")
+    if save and world_size > 1:  # ddp ↔ fsdp at this world size: each loads the checkpoint the other just wrote
+        for strategy, other in zip(STRATEGIES, reversed(STRATEGIES)):
+            model, optimizer, _, pieces = build(rank, world_size, strategy, model_json)
+            path = Path(root) / other / f"ranks{world_size}" / "step_00000001"
+            Checkpointer(path.parent, rank=rank).load(path, pieces)
+            loaded[(f"{other}→{strategy}", world_size)] = whole(model, optimizer)
     return loaded if rank == 0 else {}
 
 
@@ -119,9 +126,11 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return {**out, **template}
 
 
-def assert_resumed_exactly(loaded: dict, root: Path, strategy: str, written_at: int) -> None:
+def assert_resumed_exactly(loaded: dict, root: Path, strategy: str, written_at: int, loaded_as: str = "") -> None:
+    """The weights and moments ``loaded`` from ``strategy``'s checkpoint at ``written_at`` ranks (into the same
+    strategy, or into ``loaded_as``) equal the checkpoint's."""
     expected = read_checkpoint(root / strategy / f"ranks{written_at}" / "step_00000001")
-    got = loaded[(strategy, written_at)]
+    got = loaded[(f"{strategy}→{loaded_as}" if loaded_as else strategy, written_at)]
     assert got.keys() == expected.keys(), sorted(set(got) ^ set(expected))[:5]
     assert any(".exp_avg_sq" in key for key in got)
     different = [key for key in got if not torch.equal(got[key].reshape(expected[key].shape), expected[key])]
@@ -147,6 +156,12 @@ def small_sizes(root, tiny_model_json) -> dict:
 @pytest.mark.parametrize("written_at", [2, 1], ids=["2to1", "1to2"])
 def test_model_and_optimizer_resume_on_another_world_size(small_sizes, root, strategy, written_at):
     assert_resumed_exactly(small_sizes, root, strategy, written_at)
+
+
+@pytest.mark.parametrize("written_by, loaded_as", [("ddp", "fsdp"), ("fsdp", "ddp")], ids=["ddp2fsdp", "fsdp2ddp"])
+def test_ddp_and_fsdp_load_each_others_checkpoint_at_the_same_world_size(small_sizes, root, written_by, loaded_as):
+    """2 ranks: DDP's whole-tensor checkpoint into FSDP shards, FSDP's sharded one into DDP replicas."""
+    assert_resumed_exactly(small_sizes, root, written_by, 2, loaded_as)
 
 
 @pytest.mark.slow
