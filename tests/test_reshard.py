@@ -126,10 +126,12 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return {**out, **template}
 
 
-def assert_resumed_exactly(loaded: dict, root: Path, strategy: str, written_at: int, loaded_as: str = "") -> None:
+def assert_resumed_exactly(
+    loaded: dict, root: Path, strategy: str, written_at: int, loaded_as: str = "", path: Path | None = None
+) -> None:
     """The weights and moments ``loaded`` from ``strategy``'s checkpoint at ``written_at`` ranks (into the same
-    strategy, or into ``loaded_as``) equal the checkpoint's."""
-    expected = read_checkpoint(root / strategy / f"ranks{written_at}" / "step_00000001")
+    strategy, or into ``loaded_as``) equal the checkpoint's (at ``path``, if not the usual place)."""
+    expected = read_checkpoint(path or root / strategy / f"ranks{written_at}" / "step_00000001")
     got = loaded[(f"{strategy}→{loaded_as}" if loaded_as else strategy, written_at)]
     assert got.keys() == expected.keys(), sorted(set(got) ^ set(expected))[:5]
     assert any(".exp_avg_sq" in key for key in got)
@@ -171,3 +173,28 @@ def test_two_to_four_and_four_to_two_ranks(small_sizes, root, strategy, tiny_mod
     from_four = run_ranks(phase, 2, root / "out2c", str(root), [4], False, tiny_model_json, timeout=600)[0]
     assert_resumed_exactly(from_two, root, strategy, 2)
     assert_resumed_exactly(from_four, root, strategy, 4)
+
+
+def async_phase(rank: int, world_size: int, root: str, model_json: str) -> dict:
+    """FSDP at ``world_size`` ranks: one step, an asynchronous save, and the next step while the save is written;
+    returns (rank 0) the weights and moments at the save and after the next step."""
+    model, optimizer, scheduler, pieces = build(rank, world_size, "fsdp", model_json)
+    train_one_step(model, optimizer, scheduler, rank, world_size)
+    at_save = whole(model, optimizer)
+    checkpointer = Checkpointer(Path(root), rank=rank, asynchronous=True)
+    checkpointer.save(1, pieces, "train: {}\n")
+    train_one_step(model, optimizer, scheduler, rank, world_size)
+    after = whole(model, optimizer)
+    checkpointer.wait()
+    return {"at_save": at_save, "after": after} if rank == 0 else {}
+
+
+def test_asynchronous_save_under_fsdp_writes_the_state_at_the_save(tmp_path, tiny_model_json):
+    """train.async_checkpoint with FSDP at 2 ranks: the sharded checkpoint holds the weights and AdamW moments of the
+    step it was taken at, although the next step changed them while the shards were being written."""
+    states = run_ranks(async_phase, 2, tmp_path / "out", str(tmp_path / "run"), tiny_model_json, timeout=300)[0]
+    final = tmp_path / "run" / "step_00000001"
+    assert is_sharded(final) and (tmp_path / "run" / "latest").resolve() == final
+    assert_resumed_exactly({("fsdp", 2): states["at_save"]}, tmp_path, "fsdp", 2, path=final)
+    changed = [key for key, value in states["after"].items() if not torch.equal(value, states["at_save"][key])]
+    assert len(changed) > len(states["after"]) // 2  # the next step did move the state the checkpoint must not see
