@@ -1,7 +1,7 @@
 """DataComp in miniature on the synthetic set: does curation pay, and does distillation?
 
-    python bench/curation.py --out runs/bench-curation                       (the full run: hours on a 2-core CPU)
-    python bench/curation.py --out runs/bench-curation --steps 150 --seeds 0 --teacher runs/teacher/checkpoints/latest
+    python bench/curation.py --out runs/bench-curation --teacher runs/demo/checkpoints/latest   (about 50 min, 2 cores)
+    python bench/curation.py --out runs/bench-curation --steps 150 --seeds 0 --teacher runs/demo/checkpoints/latest
 
 1. ``clipforge prep synthetic --noise 0.3``: the clean set's images with 30% of the captions swapped for another
    sample's (``train/noisy_keys.tsv`` lists them).
