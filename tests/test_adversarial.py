@@ -283,6 +283,33 @@ def test_a_pending_stop_stops_a_starved_loader(tmp_path, workers):
     assert loader.consumed == {}  # nothing was taken as trained on
 
 
+EXIT_WITHOUT_CLOSE = """
+import sys
+import open_clip
+from clipforge.data import DataConfig, build_train_loader
+from clipforge.models import ModelConfig, build_model
+built = build_model(ModelConfig(name=sys.argv[2]))
+config = DataConfig(train_urls=sys.argv[1], batch_size=4, num_workers=2, shuffle_buffer=10)
+loader = build_train_loader(config, built.preprocess_cfg, built.tokenizer)
+next(loader)
+print("took a batch", flush=True)
+"""
+
+
+def test_a_script_that_never_closes_its_loader_still_exits(synth_data, tiny_model_json):
+    """The workers ignore SIGTERM, so the interpreter's exit, which joins them, waited forever for a loader nobody
+    closed (a notebook or script using the data pipeline alone); an exit handler now closes it."""
+    command = [sys.executable, "-c", EXIT_WITHOUT_CLOSE, f"{synth_data}/train/{{00000..00001}}.tar", tiny_model_json]
+    pipe = subprocess.PIPE
+    process = subprocess.Popen(command, stdout=pipe, stderr=pipe, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the script and its workers, which ignore SIGTERM
+        pytest.fail(f"the interpreter did not exit: {process.communicate()[0]}")
+    assert process.returncode == 0 and "took a batch" in stdout, stderr[-2000:]
+
+
 def test_a_stalled_stream_stops_after_max_wait_seconds(tmp_path):
     loader = make_loader("pipe:sleep 30", num_workers=1, max_wait_seconds=2)
     started = time.monotonic()

@@ -1,10 +1,14 @@
 """The shard reader's two borrowed rules, written out so that reading shards imports no torch, against their originals:
-webdataset's member-name split and open_clip's caption cleaning."""
+webdataset's member-name split and open_clip's caption cleaning; and the training tokenizer, which does not clean
+the cleaned captions again, against open_clip's tokenizer on the raw ones."""
 
+import open_clip
 import pytest
-from open_clip.tokenizer import basic_clean, whitespace_clean
+import torch
+from open_clip.tokenizer import SimpleTokenizer, basic_clean, whitespace_clean
 from webdataset.tariterators import base_plus_ext
 
+from clipforge.data.pipeline import tokenizer_for_cleaned_captions
 from clipforge.data.samples import clean_caption, split_member_name
 
 MEMBER_NAMES = [
@@ -49,3 +53,21 @@ def test_member_names_split_as_webdataset_splits_them(name):
 @pytest.mark.parametrize("caption", CAPTIONS)
 def test_captions_clean_as_open_clip_cleans_them(caption):
     assert clean_caption(caption) == whitespace_clean(basic_clean(caption))
+
+
+@pytest.mark.parametrize("clean", ["lower", "whitespace"])
+def test_training_tokens_of_cleaned_captions_equal_open_clips_of_the_raw_ones(clean):
+    tokenizer = SimpleTokenizer(context_length=32, clean=clean)
+    fast = tokenizer_for_cleaned_captions(tokenizer)
+    assert fast is not tokenizer and fast.clean_fn is not tokenizer.clean_fn  # it does skip the second cleaning
+    captions = [*CAPTIONS, "UPPER case &AMP; Mixed", "&amp;amp;amp;lt; triple"]
+    assert torch.equal(fast([clean_caption(c) for c in captions]), tokenizer(captions))
+    assert tokenizer.clean_fn("A &amp; B") == ("a & b" if clean == "lower" else "A & B")  # the model's stays as it was
+
+
+def test_other_tokenizers_and_rules_are_used_as_they_are():
+    canonical = SimpleTokenizer(clean="canonicalize")
+    assert tokenizer_for_cleaned_captions(canonical) is canonical
+    other = open_clip.get_tokenizer("RN50")  # the same class, 'lower': replaced; a plain function is kept
+    assert tokenizer_for_cleaned_captions(other) is not other
+    assert tokenizer_for_cleaned_captions(str.split) is str.split

@@ -49,12 +49,15 @@ counts the samples trained on and draws fresh streams for the rest of the epoch.
 
 from __future__ import annotations
 
+import atexit
+import copy
 import hashlib
 import heapq
 import logging
 import random
 import signal
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -107,6 +110,27 @@ def assign_shards(
     return out
 
 
+def _unchanged(text: str) -> str:
+    return text
+
+
+def tokenizer_for_cleaned_captions(tokenizer: Callable) -> Callable:
+    """``tokenizer`` for captions ``samples.clean_caption`` has already cleaned.
+
+    open_clip's ``SimpleTokenizer`` cleans every text it encodes (ftfy, HTML unescaping twice, whitespace), the
+    rule ``clean_caption`` applies to every caption as it is read; a second pass of it was a fifth of a worker's
+    time per sample. For its 'lower' and 'whitespace' rules a copy that only lower-cases (or keeps the text)
+    gives the tokens open_clip's tokenizer gives the raw caption (tests/test_samples.py). Any other tokenizer or
+    rule is used as it is."""
+    from open_clip.tokenizer import SimpleTokenizer, _clean_lower, _clean_whitespace
+
+    if not isinstance(tokenizer, SimpleTokenizer) or tokenizer.clean_fn not in (_clean_lower, _clean_whitespace):
+        return tokenizer
+    cleaned = copy.copy(tokenizer)  # the model's own tokenizer (zero-shot prompts) keeps its cleaning
+    cleaned.clean_fn = str.lower if tokenizer.clean_fn is _clean_lower else _unchanged
+    return cleaned
+
+
 class ShardedImageText(IterableDataset):
     """Yields whole batches: {"images" (uint8), "texts", "keys", "worker", "consumed", "produced", "skipped"}."""
 
@@ -123,7 +147,8 @@ class ShardedImageText(IterableDataset):
         sample_ids: bool = False,
         trim_text: bool = False,
     ) -> None:
-        self.sources, self.cfg, self.transform, self.tokenizer = sources, cfg, transform, tokenizer
+        self.sources, self.cfg, self.transform = sources, cfg, transform
+        self.tokenizer = tokenizer_for_cleaned_captions(tokenizer)
         self.normalize_in_workers = normalize_in_workers
         self.sample_ids = sample_ids  # batches carry caption_ids / image_ids (content hashes) for loss.positives
         self.trim_text = trim_text  # token batches end at their longest caption (models.enable_text_trimming)
@@ -337,6 +362,11 @@ def _never() -> bool:
     return False
 
 
+def _close_at_exit(loader: weakref.ref) -> None:
+    if (alive := loader()) is not None:
+        alive.close()
+
+
 class TrainLoader:
     """Endless iterator over training batches, epoch after epoch, whose position can be saved.
 
@@ -376,6 +406,9 @@ class TrainLoader:
         self._iterator: Iterator | None = None
         self._epoch_yielded = False
         self._logged: set[str] = set()
+        # A script that iterates without calling close() would hang at exit (see close); registered after
+        # multiprocessing's own exit handler (imported with torch), so it runs before that joins the workers.
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     @property
     def steps_per_epoch(self) -> int | None:
@@ -424,7 +457,8 @@ class TrainLoader:
     def close(self) -> None:
         """Stop the current epoch's workers now. They ignore SIGTERM (pre-emption is the trainer's business), so
         the interpreter's exit, which terminates daemonic children and then joins them, would wait for them
-        forever if the iterator had not been collected by then; the trainer calls this when it is done."""
+        forever if the iterator had not been collected by then; the trainer calls this when it is done, and an
+        exit handler calls it for a loader still open when the interpreter exits."""
         iterator, self._iterator = self._iterator, None
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is None:  # no workers, or none started
