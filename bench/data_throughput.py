@@ -502,7 +502,8 @@ def per_image_costs(
     from PIL import Image
 
     from clipforge.data.images import ImageTransform
-    from clipforge.data.pipeline import read_caption
+    from clipforge.data.pipeline import tokenizer_for_cleaned_captions
+    from clipforge.data.samples import read_caption
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what a DataLoader worker runs with
@@ -540,13 +541,16 @@ def per_image_costs(
             "text": best(lambda: [tokenizer(text)[0] for _, text in samples]),
         }
         rng = random.Random(0)
+        ours_tokenizer = tokenizer_for_cleaned_captions(tokenizer)  # what the training loader tokenizes with
         ours = {
             "decode": best(
                 lambda: [transform._decode_jpeg(data, random.Random(i)) for i, (data, _) in enumerate(samples)]
             ),
             "text": best(
                 lambda: [
-                    tokenizer([read_caption({"txt": t.encode()}, "txt", rng) for _, t in samples[i : i + batch_size]])
+                    ours_tokenizer(
+                        [read_caption({"txt": t.encode()}, "txt", rng) for _, t in samples[i : i + batch_size]]
+                    )
                     for i in range(0, n, batch_size)
                 ]
             ),
