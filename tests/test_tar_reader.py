@@ -146,3 +146,16 @@ def test_what_is_not_a_tar_is_an_unreadable_shard(data, message):
 
 def test_an_empty_archive_is_no_problem():
     assert samples(bytes(1024)) == ([], {}, {})
+
+
+def test_a_shard_cut_inside_the_padding_after_a_member_keeps_that_member():
+    data = archive(tarfile.USTAR_FORMAT, extra_types=False)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        first = tar.getmembers()[0]  # 000001.jpg: 1,794 bytes, so 254 bytes of padding follow it
+    cut = data[: first.offset_data + first.size + 100]
+    counter = SkipCounter()
+    kept = list(read_tar("case.tar", io.BytesIO(cut), counter))
+    assert [sorted(sample) for sample in kept] == [["__key__", "__url__", "jpg"]]
+    assert kept[0]["jpg"] == PAYLOADS["000001.jpg"]
+    assert dict(counter.counts) == {"truncated_tar": 1}
+    assert "after 1 samples: the tar ends without its end-of-archive block" in counter.first["truncated_tar"]
