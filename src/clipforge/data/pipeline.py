@@ -122,12 +122,17 @@ def tokenizer_for_cleaned_captions(tokenizer: Callable) -> Callable:
     time per sample. For its 'lower' and 'whitespace' rules a copy that only lower-cases (or keeps the text)
     gives the tokens open_clip's tokenizer gives the raw caption (tests/test_samples.py). Any other tokenizer or
     rule is used as it is."""
-    from open_clip.tokenizer import SimpleTokenizer, _clean_lower, _clean_whitespace
+    from open_clip import tokenizer as open_clip_tokenizer
 
-    if not isinstance(tokenizer, SimpleTokenizer) or tokenizer.clean_fn not in (_clean_lower, _clean_whitespace):
+    # open_clip's private rule functions: if a release renames them, captions are simply cleaned twice again
+    lower = getattr(open_clip_tokenizer, "_clean_lower", None)
+    whitespace = getattr(open_clip_tokenizer, "_clean_whitespace", None)
+    rule = getattr(tokenizer, "clean_fn", None)
+    simple = isinstance(tokenizer, open_clip_tokenizer.SimpleTokenizer)
+    if not simple or rule is None or rule not in (lower, whitespace):
         return tokenizer
     cleaned = copy.copy(tokenizer)  # the model's own tokenizer (zero-shot prompts) keeps its cleaning
-    cleaned.clean_fn = str.lower if tokenizer.clean_fn is _clean_lower else _unchanged
+    cleaned.clean_fn = str.lower if rule is lower else _unchanged
     return cleaned
 
 
