@@ -2,6 +2,7 @@
 
 import io
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -32,7 +33,8 @@ def encode(image: Image.Image, fmt: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def mixed_wds(tmp_path_factory):
-    """Two shards; webp, png and jpg images, an upper-case extension, a metadata member to ignore."""
+    """Two shards; webp, png and jpg images, an upper-case extension, keys in a sub-folder, a metadata member to
+    ignore."""
     root = tmp_path_factory.mktemp("mixed")
     generator = np.random.default_rng(0)
     formats = (("webp", "WEBP"), ("png", "PNG"), ("jpg", "JPEG"), ("PNG", "PNG"))
@@ -42,9 +44,15 @@ def mixed_wds(tmp_path_factory):
             image = Image.fromarray(generator.integers(0, 255, (12 + index, 10, 3), dtype=np.uint8))
             extension, fmt = formats[(shard + index) % len(formats)]
             samples.append(
-                {"__key__": f"s{shard}_{index:03d}", extension: encode(image, fmt), "cls": str((shard * 7 + index) % 3)}
+                {
+                    "__key__": f"part{shard}/s_{index:03d}" if index % 2 else f"s{shard}_{index:03d}",
+                    extension: encode(image, fmt),
+                    "cls": str((shard * 7 + index) % 3),
+                }
             )
         write_tar(root / "test" / f"{shard}.tar", iter(samples))
+    with tarfile.open(root / "test" / "0.tar", "a") as tar:  # webdataset skips a top-level __name__ member
+        tar.addfile(tarfile.TarInfo("__meta__"), io.BytesIO())
     (root / "test" / "nshards.txt").write_text("2\n")
     (root / "classnames.txt").write_text("zero\none\ntwo\n")
     (root / "zeroshot_classification_templates.txt").write_text("a {c}.\n")
@@ -62,6 +70,14 @@ def test_wds_reader_matches_webdataset_sample_for_sample(mixed_wds, synth_data):
             expected = target.splitlines() if isinstance(target, str) else target
             assert benchmark.source.target(index) == expected
     assert load_benchmark(mixed_wds).classnames == ["zero", "one", "two"]
+    assert load_benchmark(mixed_wds).source.keys[:3] == ["s0_000", "part0/s_001", "s0_002"]
+
+
+def test_the_benchmark_reader_knows_the_training_readers_image_extensions():
+    from clipforge.data.images import IMAGE_EXTENSIONS
+    from clipforge.evaluation.datasets import CLIP_BENCHMARK_IMAGE_ORDER
+
+    assert sorted(CLIP_BENCHMARK_IMAGE_ORDER) == sorted(IMAGE_EXTENSIONS)
 
 
 def test_one_set_in_three_formats_gives_identical_embeddings_and_metrics(synth_data, tiny_resnet_json, tmp_path):

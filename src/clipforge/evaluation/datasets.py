@@ -39,10 +39,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from clipforge.data.samples import split_member_name
 from clipforge.eval_config import FORMATS
 from clipforge.evaluation.zeroshot import check_templates
 
-IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")  # the order CLIP_benchmark's to_tuple tries them in
+# data.images.IMAGE_EXTENSIONS, in the order CLIP_benchmark's to_tuple tries them when a sample has several
+# (tests/test_evaluation_formats.py checks that the two name the same extensions)
+CLIP_BENCHMARK_IMAGE_ORDER = ("webp", "png", "jpg", "jpeg")
 CLASSIFICATION, RETRIEVAL = "classification", "retrieval"
 HF_CAPTION_COLUMNS = ("captions", "caption", "sentences", "text", "texts")
 HF_LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
@@ -107,11 +110,10 @@ class WdsSource:
 
     def image(self, index: int) -> Image.Image:
         members = self.samples[index][1]
-        extension = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
+        extension = next((ext for ext in CLIP_BENCHMARK_IMAGE_ORDER if ext in members), None)
         if extension is None:
-            raise ValueError(
-                f"{self.shards[self.samples[index][0]]}: sample {index} has no image ({', '.join(IMAGE_EXTENSIONS)})"
-            )
+            shard = self.shards[self.samples[index][0]]
+            raise ValueError(f"{shard}: sample {index} has no image ({', '.join(CLIP_BENCHMARK_IMAGE_ORDER)})")
         return Image.open(io.BytesIO(self._read(index, extension))).convert("RGB")
 
     def key(self, index: int) -> str:
@@ -143,14 +145,9 @@ def _index_tar(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     current_key = None
     with tarfile.open(path, "r:") as tar:
         for member in tar:
-            name = member.name
-            if not member.isfile() or ("/" not in name and name.startswith("__")):
+            key, extension = split_member_name(member.name)  # the training reader's rule, webdataset's __key__
+            if not member.isfile() or key is None or key.startswith("__"):  # and its metadata members
                 continue
-            directory, _, base = name.rpartition("/")
-            if "." not in base:
-                continue
-            stem, extension = base.split(".", 1)
-            key = f"{directory}/{stem}" if directory else stem  # webdataset's __key__
             if key != current_key:
                 samples.append((key, {}))
                 current_key = key
