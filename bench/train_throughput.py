@@ -2,8 +2,10 @@
 
 Both trainers run as subprocesses, one after the other and alternating (``--repeats``), on the same
 shards, model, batch size, precision (fp32) and DataLoader worker count, for the same number of
-steps. Each one's steady-state samples/s is the mean over its logging windows after the first
-``--skip-windows`` (start-up, worker spawn and the first shuffle-buffer fill excluded):
+steps. Odd repeats run the trainers in the reverse order, so that a machine speeding up or slowing
+down over the run (this 2-core machine drifts by 15% within minutes) favours none of them. Each
+one's steady-state samples/s is the mean over its logging windows after the first ``--skip-windows``
+(start-up, worker spawn and the first shuffle-buffer fill excluded):
 
 * OpenCLIP: its own log line, ``Batch (t): <mean seconds per step over the window>``;
 * clipforge: ``perf/samples_per_s`` in ``metrics.jsonl`` (steps × global batch / window wall time).
@@ -293,15 +295,25 @@ def main() -> None:
     ours, theirs, before = [], [], []
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
         old = stack.enter_context(worktree(args.against, Path(scratch))) if args.against else None
-        for index in range(args.repeats):
+
+        def clipforge_now(index):
             ours.append(window_means(run_clipforge(args, urls, Path(scratch), index, overrides=tuple(args.overrides))))
+
+        def open_clip_train(index):
             rates = run_open_clip(args, urls, Path(scratch), index)
             theirs.append((statistics.mean(rates), statistics.mean(rates) * flops / 1e12))
+
+        def clipforge_then(index):
+            before.append(window_means(run_clipforge(args, urls, Path(scratch), index, old, "clipforge_ref")))
+
+        trainers = [clipforge_now, open_clip_train] + ([clipforge_then] if old is not None else [])
+        for index in range(args.repeats):
+            for trainer in trainers if index % 2 == 0 else trainers[::-1]:
+                trainer(index)
             line = (
                 f"repeat {index}: clipforge {ours[-1][0]:.1f} samples/s, open_clip_train {theirs[-1][0]:.1f} samples/s"
             )
             if old is not None:
-                before.append(window_means(run_clipforge(args, urls, Path(scratch), index, old, "clipforge_ref")))
                 line += f", clipforge@{args.against} {before[-1][0]:.1f} samples/s"
             print(line, flush=True)
     mine, reference = median_of(ours), median_of(theirs)
