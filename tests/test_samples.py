@@ -2,6 +2,8 @@
 webdataset's member-name split and open_clip's caption cleaning; and the training tokenizer, which does not clean
 the cleaned captions again, against open_clip's tokenizer on the raw ones."""
 
+import random
+
 import open_clip
 import pytest
 import torch
@@ -42,6 +44,10 @@ CAPTIONS = [
     "",
     "   ",
     "emoji 🐈 and ünïcode",
+    "vertical\x0btab, form\x0cfeed, unit\x1fseparator, nul\x00 and delete\x7f",
+    "a \x1b[31mred\x1b[0m terminal escape",
+    "<b>bold</b> &lt;tag&gt; &#39;quoted&#39;",
+    "lone\rcarriage returns\r",
 ]
 
 
@@ -53,6 +59,16 @@ def test_member_names_split_as_webdataset_splits_them(name):
 @pytest.mark.parametrize("caption", CAPTIONS)
 def test_captions_clean_as_open_clip_cleans_them(caption):
     assert clean_caption(caption) == whitespace_clean(basic_clean(caption))
+
+
+def test_random_ascii_captions_clean_as_open_clip_cleans_them():
+    """The printable-ASCII shortcut of clean_caption against open_clip's cleaning, on captions drawn from every
+    ASCII character and the start of an HTML entity."""
+    generator = random.Random(0)
+    alphabet = [chr(code) for code in range(128)] + ["&amp;", "&lt;", "&#", "&quot;"] + ["a", "e", " "] * 20
+    for _ in range(3000):
+        caption = "".join(generator.choice(alphabet) for _ in range(generator.randrange(0, 40)))
+        assert clean_caption(caption) == whitespace_clean(basic_clean(caption)), repr(caption)
 
 
 @pytest.mark.parametrize("clean", ["lower", "whitespace"])

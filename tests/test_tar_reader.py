@@ -8,11 +8,12 @@ import bz2
 import gzip
 import io
 import lzma
+import random
 import tarfile
 
 import pytest
 
-from clipforge.data.samples import SkipCounter, _number, _tar_members, read_tar
+from clipforge.data.samples import SkipCounter, _byte_sum, _number, _tar_members, read_tar
 
 LONG_DIRECTORY = "a-directory-name-long-enough/" * 4  # 116 characters: past ustar's 100-byte name field
 PAYLOADS = {
@@ -159,3 +160,11 @@ def test_a_shard_cut_inside_the_padding_after_a_member_keeps_that_member():
     assert kept[0]["jpg"] == PAYLOADS["000001.jpg"]
     assert dict(counter.counts) == {"truncated_tar": 1}
     assert "after 1 samples: the tar ends without its end-of-archive block" in counter.first["truncated_tar"]
+
+
+def test_header_byte_sums_are_exact():
+    """The checksum's byte sum, taken from Adler-32 of each half-block, against Python's sum: the extremes (a block
+    of 0xFF sums to 130,560, past Adler-32's modulus) and random blocks."""
+    generator = random.Random(0)
+    blocks = [bytes(512), b"\xff" * 512, b"\xff" * 256 + bytes(256), *(generator.randbytes(512) for _ in range(500))]
+    assert [_byte_sum(block) for block in blocks] == [sum(block) for block in blocks]
