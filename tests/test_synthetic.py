@@ -6,7 +6,7 @@ import tarfile
 from PIL import Image
 
 from clipforge.data import synthetic
-from clipforge.data.shards import SyntheticSpec, write_synthetic
+from clipforge.data.shards import FIXED_MTIME, SyntheticSpec, write_synthetic, write_tar
 
 
 def tar_members(path):
@@ -33,6 +33,16 @@ def test_same_seed_same_bytes_whatever_the_process_count(tmp_path):
         digests.append({str(p.relative_to(tmp_path / name)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
     assert digests[0] == digests[1]
     assert "train/00002.tar" in digests[0] and "eval/retrieval/test/0.tar" in digests[0]
+
+
+def test_shard_members_are_plain_ustar_entries(tmp_path):
+    """One header block per member: no pax header (tarfile writes one for a float mtime)."""
+    path = tmp_path / "a.tar"
+    assert write_tar(path, iter([{"__key__": "k0", "txt": b"a caption", "json": b"{}"}])) == 1
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    assert sorted(m.name for m in members) == ["k0.json", "k0.txt"]
+    assert all(m.pax_headers == {} and m.mtime == FIXED_MTIME for m in members)
 
 
 def test_other_seed_other_data():

@@ -31,8 +31,9 @@ from tqdm import tqdm
 
 from clipforge.data import synthetic
 
-# Tar member mtime: fixed so the same seed writes byte-identical shards.
-FIXED_MTIME = 1_700_000_000.0
+# Tar member mtime: fixed so the same seed writes byte-identical shards. An int: tarfile gives a float mtime a pax
+# header of its own, 1 KiB more per member (a third of a 64 px synthetic sample) and a second header to read.
+FIXED_MTIME = 1_700_000_000
 
 
 @dataclass(frozen=True)
