@@ -10,9 +10,10 @@ import torch
 from eval_fixtures import write_hf, write_imagefolder
 from PIL import Image
 
+from clipforge.data.images import IMAGE_EXTENSIONS
 from clipforge.data.shards import write_tar
 from clipforge.evaluation import OpenClipEncoder, benchmark_loader, load_benchmark, load_suite, run_suite
-from clipforge.evaluation.datasets import detect_format
+from clipforge.evaluation.datasets import CLIP_BENCHMARK_IMAGE_ORDER, detect_format
 from clipforge.evaluation.zeroshot import embed_images
 from clipforge.models import ModelConfig, build_model
 
@@ -74,9 +75,6 @@ def test_wds_reader_matches_webdataset_sample_for_sample(mixed_wds, synth_data):
 
 
 def test_the_benchmark_reader_knows_the_training_readers_image_extensions():
-    from clipforge.data.images import IMAGE_EXTENSIONS
-    from clipforge.evaluation.datasets import CLIP_BENCHMARK_IMAGE_ORDER
-
     assert sorted(CLIP_BENCHMARK_IMAGE_ORDER) == sorted(IMAGE_EXTENSIONS)
 
 

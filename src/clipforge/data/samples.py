@@ -87,6 +87,9 @@ def split_member_name(name: str) -> tuple[str | None, str | None]:
     return (match.group(1), match.group(2)) if match else (None, None)
 
 
+_PLAIN_CAPTION = re.compile(r"[\t\n\r\x20-\x25\x27-\x7e]*")  # printable ASCII, tabs, line breaks; 0x26 is "&"
+
+
 def clean_caption(text: str) -> str:
     """open_clip's tokenizer cleaning, ``whitespace_clean(basic_clean(text))``: ftfy, HTML entities unescaped
     twice, whitespace runs collapsed to one space, the ends stripped. A caption of printable ASCII, tabs and line
@@ -96,9 +99,6 @@ def clean_caption(text: str) -> str:
     if _PLAIN_CAPTION.fullmatch(text):
         return " ".join(text.split())
     return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split())
-
-
-_PLAIN_CAPTION = re.compile(r"[\t\n\r\x20-\x25\x27-\x7e]*")  # 0x26 is "&"
 
 
 def read_tar(url: str, stream: IO[bytes], counter: SkipCounter) -> Iterator[dict[str, Any]]:
@@ -272,7 +272,7 @@ def _number(field: bytes) -> int:
 def _byte_sum(block: bytes) -> int:
     """The sum of a 512-byte block's bytes, from the low half of Adler-32 (1 + the byte sum, modulo 65,521) of each
     256-byte half, whose sum (at most 65,280) the modulo leaves whole: in C, where Python's ``sum`` over the bytes
-    took a third of reading a shard of small images."""
+    took a quarter of reading a shard of small images (3.9 → 2.9 ms per 128 samples)."""
     view = memoryview(block)
     return (zlib.adler32(view[:256]) & 0xFFFF) + (zlib.adler32(view[256:]) & 0xFFFF) - 2
 
