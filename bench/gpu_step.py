@@ -18,7 +18,7 @@ import time
 import torch
 
 from clipforge.losses import LossConfig, build_loss
-from clipforge.models import ModelConfig, build_model, enable_packed_attention
+from clipforge.models import ModelConfig, build_model, enable_packed_attention, enable_pooled_last_block
 from clipforge.train.flops import count_train_flops
 from clipforge.train.optim import OptimConfig, build_optimizer, build_scheduler
 from clipforge.train.peak import peak_tflops
@@ -42,7 +42,8 @@ def main() -> None:
     cuda = device.startswith("cuda")
     built = build_model(ModelConfig(name=args.model), device=device)
     model = built.model.train()
-    enable_packed_attention(model)  # as train.packed_attention (the default) prepares it
+    enable_pooled_last_block(model)  # as train.pooled_last_block and train.packed_attention (the defaults) prepare it
+    enable_packed_attention(model)
     size = built.preprocess_cfg["size"]
     size = size if isinstance(size, int) else size[0]
     context = built.model_cfg["text_cfg"].get("context_length", 77)

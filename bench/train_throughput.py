@@ -332,11 +332,13 @@ def main() -> None:
 
 
 def full_length_flops(model: str) -> float:
-    """Model FLOPs of one training sample at the full context length (what open_clip_train always runs)."""
+    """Model FLOPs of one training sample at the full context length and on every token (what open_clip_train
+    always runs)."""
     from clipforge.models import ModelConfig
     from clipforge.train.flops import count_train_flops
 
-    return count_train_flops(ModelConfig(name=model if is_builtin(model) else str(model_json(model)))).train()
+    cfg = ModelConfig(name=model if is_builtin(model) else str(model_json(model)))
+    return count_train_flops(cfg, pooled_last_block=False).train()
 
 
 def window_means(windows: list[tuple[float, float | None]]) -> tuple[float, float | None]:

@@ -1,5 +1,6 @@
 """The one FLOP count (clipforge.train.flops) against analytical counts: locked towers have no backward, patch
-dropout counts the kept tokens, trimming charges the trimmed caption length; and the peaks MFU is measured against."""
+dropout counts the kept tokens, trimming charges the trimmed caption length, the pooled last block counts the class
+token alone past its keys and values; and the peaks MFU is measured against."""
 
 from __future__ import annotations
 
@@ -9,19 +10,22 @@ import pytest
 import torch
 from conftest import TINY_MODEL
 
-from clipforge.models import ModelConfig, build_model, enable_text_trimming
+from clipforge.models import ModelConfig, build_model, enable_pooled_last_block, enable_text_trimming
 from clipforge.train import peak
 from clipforge.train.flops import _forward_and_train, count_train_flops
 
 
-def vit_forward_flops(tokens: int, patches: int, vision: dict, embed_dim: int) -> int:
+def vit_forward_flops(tokens: int, patches: int, vision: dict, embed_dim: int, pooled_last_block: bool = True) -> int:
     """A ViT image tower's matmul FLOPs for one image: the patch embedding over every patch, then `layers` blocks
     on `tokens` tokens (q, k, v, out projections 4d², MLP 8d²; scores and weighted sum 2·T²·d), the pooled projection.
+    With the pooled last block, that block's keys and values cover every token and the rest the class token only.
     Norms and activations are not matmuls and not counted."""
     width, layers, patch = vision["width"], vision["layers"], vision["patch_size"]
     embedding = 2 * patches * 3 * patch * patch * width
     block = 2 * tokens * 12 * width * width + 2 * 2 * tokens * tokens * width
-    return embedding + layers * block + 2 * width * embed_dim
+    last = 2 * tokens * 2 * width * width + 2 * 10 * width * width + 2 * 2 * tokens * width
+    blocks = (layers - 1) * block + last if pooled_last_block else layers * block
+    return embedding + blocks + 2 * width * embed_dim
 
 
 def test_a_trainable_tower_costs_three_forwards_and_a_locked_one_one(tiny_model_json):
@@ -38,15 +42,19 @@ def test_a_trainable_tower_costs_three_forwards_and_a_locked_one_one(tiny_model_
 
 @pytest.mark.parametrize("patch_dropout,kept_patches", [(0.0, 16), (0.5, 8)])
 def test_patch_dropout_counts_the_tokens_the_image_tower_keeps(tiny_model_json, patch_dropout, kept_patches):
-    flops = count_train_flops(ModelConfig(name=tiny_model_json, patch_dropout=patch_dropout))
-    expected = vit_forward_flops(1 + kept_patches, 16, TINY_MODEL["vision_cfg"], TINY_MODEL["embed_dim"])
-    assert flops.image_forward == expected
+    cfg = ModelConfig(name=tiny_model_json, patch_dropout=patch_dropout)
+    for pooled_last_block in (True, False):
+        flops = count_train_flops(cfg, pooled_last_block=pooled_last_block)
+        expected = vit_forward_flops(
+            1 + kept_patches, 16, TINY_MODEL["vision_cfg"], TINY_MODEL["embed_dim"], pooled_last_block
+        )
+        assert flops.image_forward == expected
 
 
 def test_trimmed_captions_are_charged_for_their_own_length(tiny_model_json):
     flops = count_train_flops(ModelConfig(name=tiny_model_json))
     model = build_model(ModelConfig(name=tiny_model_json)).model.train()
-    assert enable_text_trimming(model)
+    assert enable_text_trimming(model) and enable_pooled_last_block(model) == ["image", "text"]
     for length in (3, 7, 24):
         forward, train = _forward_and_train(lambda length=length: model.encode_text(torch.zeros(1, length).long()))
         model.zero_grad(set_to_none=True)

@@ -11,10 +11,11 @@ _EXPORTS = {
     "enable_packed_attention": "clipforge.models.attention",
     "ModelConfig": "clipforge.models.config",
     "build_model": "clipforge.models.builder",
-    "enable_text_trimming": "clipforge.models.builder",
+    "enable_pooled_last_block": "clipforge.models.shortcuts",
+    "enable_text_trimming": "clipforge.models.shortcuts",
     "load_weights": "clipforge.models.builder",
     "resolve_architecture": "clipforge.models.builder",
-    "trims_text_padding": "clipforge.models.builder",
+    "trims_text_padding": "clipforge.models.shortcuts",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any
 
 import open_clip
 import torch
-from open_clip.transformer import text_global_pool
 
 from clipforge.checkpoints import is_checkpoint, read_weights
 from clipforge.models.config import ModelConfig
@@ -148,43 +146,3 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> BuiltMo
     model_cfg = open_clip.get_model_config(architecture)
     preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
     return BuiltModel(model, eval_transform, preprocess_cfg, tokenizer, architecture, model_cfg)
-
-
-def trims_text_padding(model: torch.nn.Module) -> bool:
-    """Whether ``model`` encodes a caption the same with the padding after its end-of-text token cut off.
-
-    True for open_clip's ``CLIP`` class with a causal text transformer pooled at the EOT token (``argmax``: the
-    OpenAI tokenizer's EOT has the highest id): OpenAI CLIP, the LAION ViT-B/32 and B/16 recipes, the demo. The
-    causal mask keeps every position up to the EOT from seeing the padding after it, so the features and every
-    gradient are the same with or without those positions; only the work on them is saved.
-    """
-    return (
-        isinstance(model, open_clip.CLIP)
-        and getattr(model, "attn_mask", None) is not None
-        and getattr(model, "text_pool_type", None) == "argmax"
-        and hasattr(model, "positional_embedding")
-    )
-
-
-def _encode_text_any_length(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-    """open_clip's ``CLIP.encode_text`` for token sequences of any length up to the context: the positional
-    embedding and the causal mask are cut to the sequence (open_clip adds the full-length ones)."""
-    length = text.shape[1]
-    cast_dtype = self.transformer.get_cast_dtype()
-    x = self.token_embedding(text).to(cast_dtype)
-    x = x + self.positional_embedding[:length].to(cast_dtype)
-    x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
-    x = self.ln_final(x)
-    x = text_global_pool(x, text, self.text_pool_type, eos_token_id=getattr(self, "text_eos_id", None))
-    if self.text_projection is not None:
-        x = self.text_projection(x) if isinstance(self.text_projection, torch.nn.Linear) else x @ self.text_projection
-    return torch.nn.functional.normalize(x, dim=-1) if normalize else x
-
-
-def enable_text_trimming(model: torch.nn.Module) -> bool:
-    """Let ``model`` take batches whose token columns after the batch's last EOT were dropped (the training
-    loader's ``trim_text``); returns whether the model allows it exactly (``trims_text_padding``)."""
-    if not trims_text_padding(model):
-        return False
-    model.encode_text = types.MethodType(_encode_text_any_length, model)
-    return True

@@ -1,9 +1,10 @@
 """The one count of a training step's model FLOPs: ``clipforge train --dry-run`` reports it, MFU in the logs uses it.
 
-``count_train_flops(model_cfg, learn_temperature)`` builds the model on the meta device (no memory, no arithmetic:
-``torch.utils.flop_counter`` only reads shapes), applies the training options that change the work (tower locks,
-patch dropout; ``clipforge.train.parallel.apply_training_options``) and counts, for one sample, each tower's
-forward pass in train mode and the backward pass autograd really runs:
+``count_train_flops(model_cfg, learn_temperature, pooled_last_block)`` builds the model on the meta device (no
+memory, no arithmetic: ``torch.utils.flop_counter`` only reads shapes), applies the training options that change
+the work (tower locks, patch dropout: ``clipforge.train.parallel.apply_training_options``; text trimming and the
+pooled last block: ``clipforge.models.shortcuts``) and counts, for one sample, each tower's forward pass in train
+mode and the backward pass autograd really runs:
 
 * a fully trainable tower: backward = 2 × forward (a gradient for each matmul's input and one for its weight), so
   the tower costs 3 × its forward, the usual convention (Kaplan et al. 2020; PaLM's MFU, Chowdhery et al. 2022);
@@ -15,6 +16,8 @@ forward pass in train mode and the backward pass autograd really runs:
 * text trimming: the text tower's cost is a quadratic in the caption length L (projections ∝ L, attention ∝ L²,
   the pooled projection constant); it is counted at three lengths and the quadratic is exact at every L, so the
   loop charges each batch for its own trimmed length.
+* the pooled last block (``train.pooled_last_block``): the last block's work on the tokens pooling discards is not
+  done, and not counted (open_clip, which does it, is counted in full: ``pooled_last_block=False``).
 
 Attention is counted as its matmuls (forward 2, backward 4 per head: scores and weighted sum; the backward kernels'
 recomputation of the scores is hardware work, not model work, and so is gradient checkpointing's re-forward:
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from clipforge.models import ModelConfig, build_model, enable_text_trimming
+from clipforge.models import ModelConfig, build_model, enable_pooled_last_block, enable_text_trimming
 from clipforge.train.parallel import apply_training_options
 
 
@@ -53,21 +56,25 @@ class TrainFlops:
         return self.image_train + self.text_train(text_length)
 
 
-def count_train_flops(model_cfg: ModelConfig, learn_temperature: bool = True) -> TrainFlops:
+def count_train_flops(
+    model_cfg: ModelConfig, learn_temperature: bool = True, pooled_last_block: bool = True
+) -> TrainFlops:
     """Count one sample's model FLOPs in training (see the module docstring), on a meta-device copy of the model."""
     model_cfg = dataclasses.replace(model_cfg, init_from=None, grad_checkpointing=False)  # no weights, no recompute
     try:
-        return _count(model_cfg, learn_temperature, "meta")
+        return _count(model_cfg, learn_temperature, pooled_last_block, "meta")
     except (NotImplementedError, RuntimeError):  # a tower that cannot be built or run without data: count on the CPU
-        return _count(model_cfg, learn_temperature, "cpu")
+        return _count(model_cfg, learn_temperature, pooled_last_block, "cpu")
 
 
-def _count(model_cfg: ModelConfig, learn_temperature: bool, device: str) -> TrainFlops:
+def _count(model_cfg: ModelConfig, learn_temperature: bool, pooled_last_block: bool, device: str) -> TrainFlops:
     with torch.device(device):
         built = build_model(model_cfg, device=device)
         model = built.model
         apply_training_options(model, model_cfg, learn_temperature)
         trims = enable_text_trimming(model)  # the caption lengths training may give it
+        if pooled_last_block:
+            enable_pooled_last_block(model)
         model.train()
         size = built.preprocess_cfg["size"]
         height, width = (size, size) if isinstance(size, int) else size

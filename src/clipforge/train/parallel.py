@@ -2,8 +2,9 @@
 
 ``prepare_model`` takes the model ``build_model`` made and, in this order: freezes the temperature (and bias)
 unless ``loss.learn_temperature``, locks towers (LiT: ``model.lock_image`` / ``model.lock_text``), turns on
-gradient checkpointing, lets the text tower take trimmed token batches (``train.trim_text_padding``), routes
-self-attention through one packed projection in training (``train.packed_attention``), switches to
+gradient checkpointing, lets the text tower take trimmed token batches (``train.trim_text_padding``), runs each
+tower's last block at its pooled token only (``train.pooled_last_block``), routes self-attention through one
+packed projection in training (``train.packed_attention``), switches to
 channels-last (``train.channels_last``), places it on the device and makes it data-parallel (``parallelize``:
 DDP, or FSDP2 with ``train.parallel: fsdp``), then compiles it (``train.compile``; after wrapping, see
 ``TrainConfig.compile``). Model code knows none of this. ``unwrap`` gives back the module that holds
@@ -38,7 +39,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from clipforge.distributed import DistInfo
-from clipforge.models import ModelConfig, enable_packed_attention, enable_text_trimming
+from clipforge.models import ModelConfig, enable_packed_attention, enable_pooled_last_block, enable_text_trimming
 
 STRATEGIES = ("ddp", "fsdp")
 log = logging.getLogger("clipforge.train")
@@ -57,6 +58,8 @@ def prepare_model(
     """``model`` (open_clip, as ``build_model`` made it) ready to train; ``train_cfg`` is the ``TrainConfig``."""
     apply_training_options(model, model_cfg, learn_temperature)
     trim_text = train_cfg.trim_text_padding and enable_text_trimming(model)
+    if train_cfg.pooled_last_block:
+        enable_pooled_last_block(model)
     if train_cfg.packed_attention:
         enable_packed_attention(model)
     channels_last = use_channels_last(train_cfg.channels_last, model)
