@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from clipforge.data.images import ImageTransform
 from clipforge.losses import LossConfig, build_loss, naive_clip_loss
-from clipforge.models import ModelConfig, build_model, enable_packed_attention
+from clipforge.models import ModelConfig, build_model, enable_packed_attention, enable_pooled_last_block
 from clipforge.train.optim import OptimConfig, build_optimizer
 from clipforge.train.state import RNGState
 from clipforge.train.step import build_step
@@ -208,7 +208,8 @@ def test_training_attention_takes_the_fused_sdpa_kernels(precision, tiny_model_j
 
     built = build_model(ModelConfig(name=tiny_model_json))
     model = built.model.to(DEVICE).train()
-    enable_packed_attention(model)  # as train.packed_attention prepares it
+    enable_pooled_last_block(model)  # as train.pooled_last_block and train.packed_attention prepare it
+    enable_packed_attention(model)
     optimizer = build_optimizer(OptimConfig(warmup_steps=0), model)
     step = build_step(
         model, build_loss(LossConfig()), optimizer, constant_schedule(optimizer), DEVICE, precision, 1.0, 100.0
