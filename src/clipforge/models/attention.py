@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _packable(module: nn.MultiheadAttention) -> bool:
+def packable(module: nn.MultiheadAttention) -> bool:
+    """Whether ``module``'s self-attention can be computed from its packed q/k/v projection (here and in
+    ``clipforge.models.shortcuts``): batch-first, one projection, no bias_k/zero_attn, no dropout."""
     return (
         module.batch_first
         and module._qkv_same_embed_dim
@@ -78,7 +80,7 @@ def enable_packed_attention(model: nn.Module) -> int:
     returns how many modules were changed."""
     changed = 0
     for module in model.modules():
-        if isinstance(module, nn.MultiheadAttention) and _packable(module):
+        if isinstance(module, nn.MultiheadAttention) and packable(module):
             module.forward = types.MethodType(_forward, module)
             changed += 1
     return changed

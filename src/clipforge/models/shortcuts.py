@@ -28,7 +28,7 @@ from open_clip.transformer import ResidualAttentionBlock, Transformer, VisionTra
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from clipforge.models.attention import _packable
+from clipforge.models.attention import packable
 
 
 def trims_text_padding(model: nn.Module) -> bool:
@@ -115,7 +115,7 @@ def _splittable(transformer: nn.Module) -> bool:
     if not (isinstance(transformer, Transformer) and transformer.batch_first and len(transformer.resblocks)):
         return False
     last = transformer.resblocks[-1]
-    return type(last) is ResidualAttentionBlock and not hasattr(last, "ln_1_kv") and _packable(last.attn)
+    return type(last) is ResidualAttentionBlock and not hasattr(last, "ln_1_kv") and packable(last.attn)
 
 
 def _install_block(block: ResidualAttentionBlock) -> None:
