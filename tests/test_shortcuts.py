@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from conftest import TINY_MODEL
+from open_clip.transformer import ResidualAttentionBlock
 
 from clipforge.losses import naive_clip_loss
 from clipforge.models import ModelConfig, build_model, enable_pooled_last_block, enable_text_trimming, shortcuts
@@ -57,6 +58,18 @@ def test_the_pooled_last_block_trains_and_encodes_the_same(tiny_model_json, monk
         torch.testing.assert_close(pooled.encode_image(images), reference.encode_image(images), rtol=1e-10, atol=0)
         torch.testing.assert_close(pooled.encode_text(tokens), reference.encode_text(tokens), rtol=1e-10, atol=0)
     assert pooled.state_dict().keys() == reference.state_dict().keys()
+
+
+@pytest.mark.parametrize("at", [0, 3, torch.tensor([5, 0, 2])])
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_block_at_one_token_is_the_full_block_at_that_token(at, causal):
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(16, 4).double()
+    x = torch.randn(3, 6, 16, dtype=torch.float64)
+    mask = torch.full((6, 6), float("-inf")).triu(1) if causal else None
+    full = block(x, attn_mask=mask)
+    expected = full[:, at : at + 1] if isinstance(at, int) else full[torch.arange(3), at].unsqueeze(1)
+    torch.testing.assert_close(block_at_token(block, x, at, mask), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_text_trimming_after_it_keeps_it(tiny_model_json):
