@@ -72,3 +72,32 @@ def test_every_field_is_documented():
         if line.startswith("      "):
             assert line.strip(), f"undocumented field above: {text}"
     assert "data.sources = []" in text and "optim.lr = 0.0005" in text
+
+
+def test_saved_config_keeps_environment_interpolations_as_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPFORGE_TEST_TOKEN", "hf_notforfiles123")
+    path = write(
+        tmp_path,
+        "data:\n  train_urls: 'pipe:curl -s -H \"Authorization: Bearer ${oc.env:CLIPFORGE_TEST_TOKEN}\" x.tar'\n"
+        "train:\n  output_dir: runs/a\neval:\n  suite: ${train.output_dir}/suite.yaml\n"
+        "logging:\n  wandb_run_name: ${data.train_urls}\n",
+    )
+    cfg = load_config(path)
+    assert "hf_notforfiles123" in cfg.data.train_urls  # the run itself sees the value
+    assert cfg.eval.suite == "runs/a/suite.yaml"
+    saved = to_yaml(cfg)
+    assert "hf_notforfiles123" not in saved
+    assert "${oc.env:CLIPFORGE_TEST_TOKEN}" in saved
+    assert "suite: runs/a/suite.yaml" in saved  # a plain reference is saved resolved
+    assert "wandb_run_name: ${data.train_urls}" in saved  # a reference to an environment value is not
+    again = load_config(write(tmp_path, saved))
+    assert again.data.train_urls == cfg.data.train_urls and again.logging.wandb_run_name == cfg.data.train_urls
+
+
+def test_yaml_mistake_in_an_override_is_one_line_with_a_hint():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["data.train_urls=x.tar", "data.sources=[{urls: data/x/{00000..00063}.tar}]"])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("--set 'data.sources=[{urls: data/x/{00000..00063}.tar}]': the value is not valid YAML")
+    assert "character 16 of the value ('{')" in message and "quote" in message

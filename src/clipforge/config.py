@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,9 +134,7 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
             )
         merged = _merge(merged, file_cfg, str(path))
     for override in overrides:
-        if "=" not in override:
-            raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. optim.lr=5e-4")
-        merged = _merge(merged, OmegaConf.from_dotlist([override]), f"--set {override!r}")
+        merged = _merge(merged, _parse_override(override), f"--set {override!r}")
     source = f"{path}" if path is not None else "config"
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
@@ -148,16 +147,96 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
             f"{source}: data.sources: no training data given (set data.sources, or data.train_urls for a single source)"
         )
     try:
-        return OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, ValueError) else None
         raise ConfigError(f"{source}: {cause if cause else _describe(exc)}") from exc
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
+    cfg._unresolved = _resolver_interpolations(OmegaConf.to_container(merged, resolve=False))
+    return cfg
+
+
+def _parse_override(override: str):
+    """One ``--set KEY=VALUE`` as a config fragment; the value is YAML, and a YAML mistake is one line naming the
+    argument and the character where parsing stopped (the usual one: braces of a brace-expanded path inside a flow
+    mapping, which YAML reads as a nested mapping)."""
+    import yaml
+
+    key, equals, value = override.partition("=")
+    if not equals or not key.strip():
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. optim.lr=5e-4")
+    try:
+        return OmegaConf.from_dotlist([override])
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at character {mark.column + 1} of the value" if mark is not None and mark.line == 0 else ""
+        shown = f" ({value[mark.column]!r})" if where and mark.column < len(value) else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(
+            f"--set {override!r}: the value is not valid YAML{where}{shown}: {problem}; quote strings that hold "
+            "braces, commas or colons inside the YAML, e.g. --set 'data.sources=[{urls: \"data/{00000..00063}.tar\"}]'"
+        ) from None
+
+
+_RESOLVER_CALL = re.compile(r"\$\{\s*[\w.-]+\s*:")  # ${oc.env:X}, ${oc.decode:...}: a resolver, not a node
+_NODE_REFERENCE = re.compile(r"\$\{\s*([\w.\[\]]+)\s*\}")
+
+
+def _resolver_interpolations(raw) -> dict[tuple, str]:
+    """The values written as interpolations that call a resolver (``${oc.env:HF_TOKEN}``), directly or through node
+    references, keyed by their path: the saved config keeps them as written, so no environment value (a token, a
+    password in a ``pipe:`` URL) is ever written into a run directory, a checkpoint or a model card. Plain node
+    references (``${train.output_dir}``) are saved resolved, since what they point to is in the file too."""
+    leaves: dict[tuple, str] = {}
+
+    def walk(node, path: tuple) -> None:
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            if isinstance(value, dict | list):
+                walk(value, (*path, key))
+            elif isinstance(value, str) and "${" in value:
+                leaves[(*path, key)] = value
+
+    walk(raw, ())
+
+    def calls_resolver(value: str, seen: frozenset) -> bool:
+        if _RESOLVER_CALL.search(value):
+            return True
+        for reference in _NODE_REFERENCE.findall(value):
+            target = tuple(int(part) if part.isdigit() else part for part in re.split(r"[.\[\]]+", reference) if part)
+            if target in seen:
+                continue
+            if target in leaves and calls_resolver(leaves[target], seen | {target}):
+                return True
+            if target not in leaves and not _resolves_plainly(raw, target):
+                return True  # a relative or unusual reference: keep it as written rather than guess
+        return False
+
+    return {path: value for path, value in leaves.items() if calls_resolver(value, frozenset({path}))}
+
+
+def _resolves_plainly(raw, path: tuple) -> bool:
+    """Whether ``path`` names a value in ``raw`` (a container, or a leaf without interpolation)."""
+    node = raw
+    for part in path:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return False
+    return True
 
 
 def to_yaml(cfg: RunConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The config as YAML: every value resolved except those that call a resolver (``${oc.env:...}``), which stay
+    as written; the run directory, each checkpoint and ``clipforge submit`` save this text."""
+    conf = OmegaConf.structured(cfg)
+    for path, value in getattr(cfg, "_unresolved", {}).items():
+        node = conf
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = value
+    return OmegaConf.to_yaml(conf)
 
 
 def _field_docs(cls: type) -> dict[str, str]:
