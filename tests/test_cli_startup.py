@@ -96,3 +96,12 @@ def test_submit_dry_run_validates_the_config_without_torch():
     )
     assert code == 2 and "loss.kind" in output  # validated all the same
     assert heavy == []
+
+
+def test_train_refuses_a_bad_override_before_importing_torch():
+    code, heavy, output = run_cli("train", "configs/demo.yaml", "--set", "optim.learning_rate=1")
+    assert code == 2 and "clipforge train: error: --set 'optim.learning_rate=1'" in output
+    assert heavy == [], f"refusing an unknown key imported {heavy}"
+    code, heavy, output = run_cli("train", "configs/demo.yaml", "--set", "data.sources=[{urls: d/{0..9}.tar}]")
+    assert code == 2 and "not valid YAML at character" in output and "Traceback" not in output
+    assert heavy == []

@@ -55,30 +55,31 @@ def test_dry_run_counts_parameters_and_flops_like_the_published_figures(name, pa
     )
 
 
-def test_dry_run_from_the_command_line_prints_config_and_counts(capsys, tmp_path, synth_data, synth_suite):
+def test_dry_run_from_the_command_line_prints_counts_then_config_on_request(capsys, tmp_path, synth_data, synth_suite):
     out_dir = tmp_path / "never"
     shards = f"[{{urls: '{synth_data}/train/00000.tar::{synth_data}/train/00001.tar'}}]"
-    assert (
-        main(
-            [
-                "train",
-                str(CONFIGS / "demo.yaml"),
-                "--dry-run",
-                "--set",
-                f"train.output_dir={out_dir}",
-                "--set",
-                f"data.sources={shards}",
-                "--set",
-                f"eval.suite={synth_suite}",
-            ]
-        )
-        == 0
-    )
+    arguments = [
+        "train",
+        str(CONFIGS / "demo.yaml"),
+        "--dry-run",
+        "--set",
+        f"train.output_dir={out_dir}",
+        "--set",
+        f"data.sources={shards}",
+        "--set",
+        f"eval.suite={synth_suite}",
+    ]
+    assert main(arguments) == 0
     out = capsys.readouterr().out
     assert re.search(r"shards +2\n", out) and re.search(r"resume_from +none \(fresh start\)", out), out[-800:]
-    assert "model:\n  name: tiny-rn-64" in out and f"output_dir: {out_dir}" in out
+    assert out.startswith("architecture ")  # the summary first, not the config
     assert "parameters                       8,500,249" in out and "train_gflops_per_sample" in out
+    assert "model:\n  name: tiny-rn-64" not in out and "--print-config" in out
     assert not out_dir.exists()  # nothing was started
+    assert main([*arguments, "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "model:\n  name: tiny-rn-64" in out and f"output_dir: {out_dir}" in out
+    assert out.index("train_gflops_per_sample") < out.index("model:\n  name: tiny-rn-64")
 
 
 def test_dry_run_refuses_what_the_run_would_refuse(capsys, tmp_path, synth_data, synth_suite):

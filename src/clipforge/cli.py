@@ -16,6 +16,7 @@ clipforge submit configs/vit-b-32.yaml --nodes 16 --gpus-per-node 8 --partition 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -350,30 +351,16 @@ def _add_prep_curation(prep_kinds: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from clipforge.config import load_config
-    from clipforge.train.loop import EXIT_PREEMPTED, train
 
     overrides = list(args.set)
     if args.resume:
         overrides.append(f"train.resume={args.resume}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)  # before torch is imported: a wrong key is refused at once
+    _log_rank()
     if args.dry_run:
-        from clipforge.config import to_yaml
-        from clipforge.train.loop import dry_run
+        return _dry_run(cfg, args.print_config)
+    from clipforge.train.loop import EXIT_PREEMPTED, train
 
-        print(to_yaml(cfg))
-        summary = dry_run(cfg)
-        width = max(map(len, summary))
-        print(
-            "\n".join(
-                f"{key:<{width}}  {value:,.3f}"
-                if isinstance(value, float)
-                else f"{key:<{width}}  {value:,}"
-                if isinstance(value, int)
-                else f"{key:<{width}}  {value}"
-                for key, value in summary.items()
-            )
-        )
-        return 0
     result = train(cfg)
     if result.get("eval_table"):
         print(f"\nzero-shot results at step {result['step']} ({cfg.eval.suite}):\n\n{result['eval_table']}")
@@ -382,6 +369,35 @@ def _train(args: argparse.Namespace) -> int:
             json.dumps({"step": result["step"], "checkpoint": result["checkpoint"], "preempted": result["preempted"]})
         )
     return EXIT_PREEMPTED if result["preempted"] else 0
+
+
+def _dry_run(cfg, print_config: bool) -> int:
+    """The checks and the summary first (a problem is the one line the user sees), the resolved config on request."""
+    from clipforge.config import to_yaml
+    from clipforge.train.loop import dry_run
+
+    summary = dry_run(cfg)
+    width = max(map(len, summary))
+    for key, value in summary.items():
+        shown = f"{value:,.3f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else value
+        print(f"{key:<{width}}  {shown}")
+    if print_config:
+        print(f"\n{to_yaml(cfg)}", end="")
+    else:
+        print(
+            f"{'config':<{width}}  not shown (--print-config); the run writes it to {cfg.train.output_dir}/config.yaml"
+        )
+    return 0
+
+
+def _log_rank() -> None:
+    """Prefix log lines with the rank when there are several: they write to one SLURM log."""
+    from clipforge.distributed import DistInfo
+
+    info = DistInfo.from_env(os.environ, cuda_available=False)
+    if info.is_distributed:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(logging.Formatter(f"%(asctime)s rank {info.rank} %(levelname)s %(name)s: %(message)s"))
 
 
 DATASET_OPTIONS = ("task", "classnames", "templates", "split", "format", "predictions", "top_k")  # --dataset only
@@ -666,9 +682,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the resolved config, parameter counts and FLOPs per sample, then exit, after the "
-        "checks the run makes before its first step (the eval suite, the resume target, the "
-        "sources: shards found, sample counts, enough shards for world size × data.num_workers)",
+        help="make the checks the run makes before its first step (the eval suite, the resume target, the "
+        "sources: shards found, sample counts, enough shards for world size × data.num_workers), then print "
+        "parameter counts and FLOPs per sample and exit; writes nothing",
+    )
+    train.add_argument(
+        "--print-config", action="store_true", help="with --dry-run: also print the resolved config (YAML)"
     )
     train.set_defaults(func=_train)
 
@@ -772,20 +791,14 @@ def main(argv: list[str] | None = None) -> int:
         # OpenMP reads it when torch loads, so it is set first (an explicit OMP_WAIT_POLICY wins).
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)  # first: --help and usage errors exit here, before torch is imported
-    rank = ""
-    if args.command == "train":
-        from clipforge.distributed import DistInfo
-
-        info = DistInfo.from_env(os.environ, cuda_available=False)
-        rank = f"rank {info.rank} " if info.is_distributed else ""  # several ranks write to one SLURM log
-    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("clipforge").setLevel(logging.INFO)  # ours at INFO; libraries' chatter stays at WARNING
     try:
         return args.func(args)
-    except _user_errors() as exc:
-        if args.debug or os.environ.get("CLIPFORGE_DEBUG", "") not in ("", "0"):
+    except Exception as exc:
+        if not _is_user_error(exc) or args.debug or os.environ.get("CLIPFORGE_DEBUG", "") not in ("", "0"):
             raise
-        message = " ".join(str(exc).split())  # one line, whatever the message held
+        message = _one_line(exc)
         kind = (
             ""
             if type(exc).__module__ == "builtins" or type(exc).__name__ == "ConfigError"
@@ -815,6 +828,48 @@ def _user_errors() -> tuple[type[Exception], ...]:
     raised, and importing them (torch, the whole trainer) would make a one-line message take seconds."""
     loaded = [getattr(sys.modules[module], name) for module, name in _USER_ERRORS if module in sys.modules]
     return *loaded, FileNotFoundError, ValueError
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """A user's input or environment: the listed kinds, and an OS error on a path (a full disk, a read-only or
+    unwritable folder, a file where a folder belongs) from anywhere."""
+    if isinstance(exc, _user_errors()):
+        return True
+    return isinstance(exc, OSError) and (exc.filename is not None or exc.errno in _FILESYSTEM_ERRNOS)
+
+
+_FILESYSTEM_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.ENOENT,
+    errno.ENAMETOOLONG,
+    errno.ELOOP,
+    errno.ENOTEMPTY,
+}
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error as one line. An error raised in a DataLoader worker arrives with the worker's whole traceback as its
+    text (torch's ``ExceptionWrapper``): its original last line is the message. An OS error on a path says which."""
+    text = str(exc)
+    marker = "Original Traceback (most recent call last):\n"
+    if marker in text:
+        frames = text.split(marker, 1)[1].splitlines()
+        first = next((i for i, line in enumerate(frames) if line and not line.startswith(" ")), None)
+        if first is not None:
+            original = "\n".join(frames[first:])
+            name, sep, rest = original.partition(": ")
+            text = rest if sep and name.split(".")[-1] == type(exc).__name__ else original
+    elif isinstance(exc, OSError) and exc.filename is not None:
+        target = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+        text = f"{exc.filename}{target}: {exc.strerror or text}"
+    return " ".join(text.split())
 
 
 def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
