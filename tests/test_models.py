@@ -107,3 +107,44 @@ def test_text_trimming_is_refused_where_it_would_change_the_result(tmp_path):
     (tmp_path / "bidirectional.json").write_text(json.dumps(config))
     model = build_model(ModelConfig(name=str(tmp_path / "bidirectional.json"))).model
     assert not enable_text_trimming(model)
+
+
+class _RunsCode:
+    """A pickled object whose unpickling would run code (touch a file): what weights_only=True refuses."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_pickle_that_would_run_code_is_refused_in_one_line_and_never_run(
+    tiny_model_json, synth_suite, tmp_path, capsys
+):
+    from clipforge.cli import main
+
+    evil, marker = tmp_path / "weights.pt", tmp_path / "code-ran"
+    torch.save({"visual.proj": _RunsCode(str(marker))}, evil)
+    with pytest.raises(ValueError) as refused:
+        build_model(ModelConfig(name=tiny_model_json, init_from=str(evil)))
+    message = str(refused.value)
+    assert message.startswith(f"model.init_from: {evil} is not a weights-only file") and "\n" not in message
+    assert "(Unsupported global: GLOBAL " in message, message  # what weights_only refused
+    # clipforge eval --weights: the same line, no traceback, exit 2
+    code = main(["eval", "--model", tiny_model_json, "--weights", str(evil), "--suite", str(synth_suite)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and f"{evil} is not a weights-only file" in err, err
+    assert not marker.exists()  # the code never ran
+
+
+def test_a_file_torch_cannot_read_is_one_line_naming_it(tiny_model_json, tmp_path):
+    model = build_model(ModelConfig(name=tiny_model_json)).model
+    whole = tmp_path / "whole.pt"
+    torch.save(model.state_dict(), whole)
+    for name, data in (("empty.pt", b""), ("cut.pt", whole.read_bytes()[: whole.stat().st_size // 2])):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"{tmp_path / name} is not a weights file torch.load can read"):
+            load_weights(model, str(tmp_path / name))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from transformers import PreTrainedConfig
 from clipforge.export import clip, siglip
 from clipforge.export.mapping import convert
 from clipforge.export.towers import CannotConvert
+from clipforge.models.builder import unreadable_weights
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,10 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
             weights.update(load_file(str(folder / shard)))
     elif (folder / "pytorch_model.bin").is_file():
-        weights = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            weights = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, EOFError) as exn:
+            raise unreadable_weights(folder / "pytorch_model.bin", exn) from None
     else:
         raise FileNotFoundError(f"{folder}: transformers folder without model.safetensors or pytorch_model.bin")
     # Older transformers saved the position_ids buffers; they are derived, not weights.

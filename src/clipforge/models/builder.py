@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +71,7 @@ def load_weights(model: torch.nn.Module, source: str) -> list[str]:
     """
     path = Path(source)
     if path.is_file():
-        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+        _load_open_clip_file(model, path)
         return []
     if not path.is_dir():
         raise FileNotFoundError(f"{source} does not exist")
@@ -77,7 +79,7 @@ def load_weights(model: torch.nn.Module, source: str) -> list[str]:
         weights = [path / name for name in OPEN_CLIP_WEIGHT_FILES if (path / name).is_file()]
         if not weights:
             raise FileNotFoundError(f"{source}: open_clip folder without {' or '.join(OPEN_CLIP_WEIGHT_FILES)}")
-        open_clip.load_checkpoint(model, str(weights[0]), strict=True, weights_only=True)
+        _load_open_clip_file(model, weights[0])
         return []
     if (path / "config.json").is_file():
         from clipforge.export.convert import load_transformers_folder  # the export package owns the converters
@@ -90,6 +92,33 @@ def load_weights(model: torch.nn.Module, source: str) -> list[str]:
         f"{source}: a directory with neither model.safetensors (clipforge checkpoint), "
         "open_clip_config.json (open_clip folder) nor config.json (transformers folder)"
     )
+
+
+def unreadable_weights(path: Path, exn: BaseException) -> ValueError:
+    """The one-line error for a file that ``torch.load(weights_only=True)`` refused (a pickle that could run code
+    when loaded) or could not read (not a torch file, cut short)."""
+    text = str(exn)
+    if "Weights only load failed" in text:
+        reason = re.search(r"WeightsUnpickler error:\s*(.*?)(?: was not an allowed global|\.\s|\n\n|$)", text, re.S)
+        refused = f" ({' '.join(reason.group(1).split())})" if reason and reason.group(1).strip() else ""
+        return ValueError(
+            f"{path} is not a weights-only file: torch.load(weights_only=True) refused it{refused}, since unpickling "
+            "it could run code; nothing was loaded. Save the model's state_dict or safetensors where it was made"
+        )
+    message = " ".join(text.split())
+    return ValueError(f"{path} is not a weights file torch.load can read ({type(exn).__name__}: {message[:160]})")
+
+
+def _load_open_clip_file(model: torch.nn.Module, path: Path) -> None:
+    """open_clip's loader (its key conversions included), which unpickles with ``weights_only=True``."""
+    try:
+        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+    except (pickle.UnpicklingError, EOFError) as exn:
+        raise unreadable_weights(path, exn) from None
+    except RuntimeError as exn:
+        if not str(exn).startswith("PytorchStreamReader"):  # the zip container is damaged; others are not ours
+            raise
+        raise unreadable_weights(path, exn) from None
 
 
 def _check_patch_dropout(model: torch.nn.Module, cfg: ModelConfig) -> None:
