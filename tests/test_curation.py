@@ -278,3 +278,37 @@ def test_a_corrupt_image_gets_no_row_and_is_counted(tmp_path, tiny_resnet_json, 
         str(tmp_path / "shards"), str(tmp_path / "s"), ModelSpec(None, tiny_resnet_json, weights), 8, 1, progress=False
     )
     assert summary["samples"] == 1 and summary["skipped"] == {"corrupt_image": 1}
+
+
+def write_kept(path: Path, keys: list[str]) -> None:
+    path.write_text("shard\tkey\n" + "".join(f"{key[:5]}\t{key}\n" for key in keys))
+
+
+def test_reshard_writes_its_own_output_again_and_refuses_other_settings(noisy_and_clean, tmp_path):
+    source = str(noisy_and_clean[1] / "train")
+    keys = sorted(samples_of(noisy_and_clean[1] / "train"))
+    kept, out = tmp_path / "kept.tsv", tmp_path / "new"
+    write_kept(kept, keys[:25])
+    reshard(source, str(kept), str(out), 10)
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 10, "00001.tar": 10, "00002.tar": 5}
+    write_kept(kept, keys[:12])  # the filter run again, keeping fewer: no shard of the earlier list may stay
+    reshard(source, str(kept), str(out), 10)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar"]
+    assert set(samples_of(out)) == set(keys[:12])
+    with pytest.raises(
+        ValueError, match=r"holds shards written with other settings: samples_per_shard 10 \(this run: 5\)"
+    ):
+        reshard(source, str(kept), str(out), 5)
+    reshard(source, str(kept), str(out), 5, overwrite=True)
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 5, "00001.tar": 5, "00002.tar": 2}
+
+
+def test_reshard_with_nothing_to_write_fails_and_leaves_nothing(noisy_and_clean, tmp_path):
+    source = str(noisy_and_clean[1] / "train")
+    write_kept(tmp_path / "kept.tsv", ["000009999", "000019999"])  # shards that exist, keys that do not
+    with pytest.raises(ValueError, match=r"kept.tsv: none of its 2 samples is in .*, so nothing was written"):
+        reshard(source, str(tmp_path / "kept.tsv"), str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+    write_kept(tmp_path / "kept.tsv", [])
+    with pytest.raises(ValueError, match=r"kept.tsv: lists no samples"):
+        reshard(source, str(tmp_path / "kept.tsv"), str(tmp_path / "new"))

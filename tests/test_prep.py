@@ -223,7 +223,9 @@ def test_an_interrupted_run_resumes_keeping_finished_shards_and_ends_identical(i
             table, out, "filepath", "title", samples_per_shard=SAMPLES_PER_SHARD, num_workers=1, progress=False
         )
     assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar"]  # no half-written shard
-    assert not (out / "00002.tar.tmp").exists() and not (out / "00002_stats.json").exists()  # cleaned up
+    assert not (out / "00002.tar.tmp").exists()  # cleaned up
+    # its stats file, written first, marks the shard as this run's but not complete
+    assert json.loads((out / "00002_stats.json").read_text())["status"] == "writing"
     assert not (out / "sizes.json").exists()
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("0000[01]*")}
     monkeypatch.setattr(prep, "make_sample", real_make_sample)
@@ -248,7 +250,9 @@ def test_parallel_rerun_rewrites_only_incomplete_shards_and_refuses_other_settin
     )
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.tar")}
     (out / "00001.tar").unlink()  # a lost shard
-    (out / "00004_stats.json").unlink()  # killed between the tar's rename and its stats file
+    placeholder = json.loads((out / "00004_stats.json").read_text())
+    placeholder = {"shard": "00004.tar", "settings": placeholder["settings"], "status": "writing"}
+    (out / "00004_stats.json").write_text(json.dumps(placeholder))  # killed between the tar's rename and its stats
     summary = prep.write_from_table(
         table, out, "filepath", "title", samples_per_shard=SAMPLES_PER_SHARD, num_workers=2, progress=False
     )
@@ -267,10 +271,14 @@ def test_parallel_rerun_rewrites_only_incomplete_shards_and_refuses_other_settin
             table, out, "filepath", "title", samples_per_shard=SAMPLES_PER_SHARD, resize_to=16, progress=False
         )
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == {n: m for n, (m, _) in after.items()}
-    (out / "notes.txt").write_text("mine")  # not prep's: --overwrite leaves it
+    (out / "notes.txt").write_text("mine")  # not prep's: refused with --overwrite too, and left alone
+    with pytest.raises(ValueError, match=r"out holds 1 entry prep did not write \(notes.txt\): .*move them away"):
+        prep.write_from_table(table, out, "filepath", "title", resize_to=16, overwrite=True, progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == {n: m for n, (m, _) in after.items()}
+    (out / "notes.txt").unlink()
     summary = prep.write_from_table(table, out, "filepath", "title", resize_to=16, overwrite=True, progress=False)
     assert summary["samples_per_shard"] == 1 and summary["shards"] == inputs["num_rows"]  # auto: 27 rows, one a shard
-    assert (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in out.glob("*.tar")) == [f"{i:05d}.tar" for i in range(summary["shards"])]
 
 
@@ -551,3 +559,106 @@ def test_open_clip_train_loader_reads_prep_output(table_shards, inputs, monkeypa
     tokenizer = open_clip.get_tokenizer("RN50")
     expected = sorted(tuple(tokenizer(caption)[0].tolist()) for _, caption in inputs["good"].values())
     assert seen == expected  # every good sample exactly once in one epoch
+
+
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_an_empty_table_is_an_error_naming_the_file(tmp_path, content):
+    (tmp_path / "empty.csv").write_text(content)
+    with pytest.raises(ValueError, match=r"empty.csv: empty, without the header row .* \(expected 'path' and 'text'\)"):
+        prep.write_from_table(tmp_path / "empty.csv", tmp_path / "out", "path", "text", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["pairs.jsonl", "pairs.json", "array.json"])
+def test_a_json_lines_table_is_read_as_json_lines(inputs, tmp_path, name):
+    records = [
+        {"filepath": str(path), "title": caption, "score": 0.5} for path, caption in list(inputs["good"].values())[:5]
+    ]
+    records[2]["title"] = "123"  # a caption that looks like a number stays the text it is
+    text = json.dumps(records) if name == "array.json" else "".join(json.dumps(r) + "\n" for r in records)
+    (tmp_path / name).write_text(text)
+    summary = prep.write_from_table(
+        tmp_path / name, tmp_path / "out", "filepath", "title", num_workers=1, progress=False
+    )
+    assert summary["samples"] == 5
+    assert sorted(sample["txt"].decode() for sample in read_shards(tmp_path / "out").values()) == sorted(
+        r["title"] for r in records
+    )
+    (tmp_path / "broken.jsonl").write_text('{"filepath": "a.jpg", "title": "x"}\n{"filepath": \n')
+    with pytest.raises(ValueError, match=r"broken.jsonl: not JSON lines"):
+        prep.write_from_table(tmp_path / "broken.jsonl", tmp_path / "other", "filepath", "title", progress=False)
+
+
+def test_an_image_column_of_urls_is_refused_with_a_pointer_to_img2dataset(tmp_path, capsys):
+    import shlex
+
+    table = tmp_path / "my pairs.csv"
+    table.write_text("url,caption\nhttps://example.com/a.jpg,a cat\nhttp://example.org/b.png,a dog\nlocal.jpg,x\n")
+    arguments = ["prep", "table", str(table), "--out", str(tmp_path / "out"), "--image-column", "url"]
+    assert main([*arguments, "--caption-column", "caption", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "image column 'url' holds URLs (2 of 3 rows, e.g. row 0: https://example.com/a.jpg)" in err
+    command = re.search(r"\((img2dataset .*?)\) and train on its shards directly", err).group(1)
+    assert shlex.split(command) == [
+        *("img2dataset", "--url_list", str(table), "--input_format", "csv", "--url_col", "url"),
+        *("--caption_col", "caption", "--output_format", "webdataset", "--output_folder", "SHARDS"),
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hugging_face_column_of_urls_is_refused_with_a_pointer_to_img2dataset(tmp_path):
+    import datasets
+
+    dataset = datasets.Dataset.from_dict({"image_url": ["https://example.com/a.jpg"], "text": ["a cat"]})
+    with pytest.raises(ValueError, match=r"image column 'image_url' holds URLs .*Dataset.to_parquet.*img2dataset"):
+        prep.write_from_hf(dataset, tmp_path / "out", image_column="image_url", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_table_whose_paths_all_miss_fails_naming_the_folder_and_leaves_no_shards(inputs, tmp_path, capsys):
+    """Paths relative to another folder than the table's: nothing usable, so no shards and exit 2."""
+    import pandas as pd
+
+    table = tmp_path / "elsewhere" / "pairs.csv"
+    table.parent.mkdir()
+    frame = pd.read_csv(inputs["root"] / "table.csv")
+    frame["filepath"] = [str(Path(path)).removeprefix(f"{inputs['root']}/") for path in frame["filepath"]]
+    frame.to_csv(table, index=False)
+    out = tmp_path / "out"
+    arguments = ["prep", "table", str(table), "--out", str(out), "--image-column", "filepath"]
+    arguments += ["--caption-column", "title", "--samples-per-shard", "2", "--workers", "1", "--quiet"]
+    assert main(arguments) == 2
+    captured = capsys.readouterr()
+    line = captured.err.strip().splitlines()[-1]
+    assert line.startswith("clipforge prep: error: ") and "Traceback" not in captured.err and not captured.out
+    assert f"{table}: none of its {inputs['num_rows']} rows gave a sample ({inputs['num_rows']} missing_file)" in line
+    assert f"e.g. row 0 (images/000.jpeg): {table.parent / 'images' / '000.jpeg'}: No such file or directory" in line
+    assert f"relative image paths were resolved against {table.parent} (the folder of the table)" in line
+    assert "--image-root" in line
+    assert not out.exists()  # not 14 empty shards that look like a finished dataset
+    out.mkdir()
+    assert main(arguments) == 2 and out.is_dir() and not any(out.iterdir())  # a folder the user made stays
+    assert main([*arguments, "--image-root", str(inputs["root"])]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == NUM_GOOD
+
+
+def test_a_table_whose_paths_mostly_miss_warns_with_the_count_and_the_folder(tmp_path, caplog):
+    Image.new("RGB", (8, 8)).save(tmp_path / "there.png")
+    (tmp_path / "t.csv").write_text("path,caption\n" + "there.png,found\n" + "gone.png,lost\n" * 19)
+    with caplog.at_level(logging.WARNING, logger="clipforge.data.prep"):
+        summary = prep.write_from_table(tmp_path / "t.csv", tmp_path / "out", "path", "caption", progress=False)
+    assert summary["samples"] == 1
+    warned = [r.getMessage() for r in caplog.records if "name an image file that does not exist" in r.getMessage()]
+    assert len(warned) == 1 and "19 of 20 rows" in warned[0]
+    assert f"resolved against {tmp_path} (the folder of the table)" in warned[0]
+
+
+def test_inspect_calls_shards_without_samples_empty_not_ok(tmp_path, capsys):
+    for shard in range(3):
+        write_tar(tmp_path / "empty" / f"{shard:05d}.tar", iter([]))
+    report = inspect_shards(tmp_path / "empty", num_workers=1)
+    assert not report["ok"] and report["problems"] == {"empty": 1} and report["samples"] == 0
+    assert report["examples"]["empty"] == "3 shards hold no samples"
+    assert main(["prep", "inspect", str(tmp_path / "empty"), "--quiet", "--no-write", "--workers", "1"]) == 1
+    assert json.loads(capsys.readouterr().out)["ok"] is False

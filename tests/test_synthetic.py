@@ -3,6 +3,7 @@ import io
 import json
 import tarfile
 
+import pytest
 from PIL import Image
 
 from clipforge.data import synthetic
@@ -105,3 +106,40 @@ def test_clip_benchmark_layout(synth_data):
     ]
     assert len(captions) == 100 and all(len(c) == 5 for c in captions)
     assert sum(len(set(c)) for c in captions) / len(captions) > 3  # mostly distinct phrasings
+
+
+def small_spec(out, **changes) -> SyntheticSpec:
+    values = dict(num_samples=30, samples_per_shard=10, image_size=16, num_eval_samples=2, num_retrieval_samples=2)
+    values.update(num_eval_train_samples=0, num_workers=1)
+    return SyntheticSpec(out=str(out), **{**values, **changes})
+
+
+def test_a_rerun_keeps_complete_shards_refuses_other_settings_and_overwrite_replaces(tmp_path):
+    spec = small_spec(tmp_path / "s")
+    write_synthetic(spec, progress=False)
+    train = tmp_path / "s" / "train"
+    first = {p.name: p.read_bytes() for p in train.glob("*.tar")}
+    (train / "00001.tar").unlink()
+    kept = {name: (train / name).stat().st_mtime_ns for name in ("00000.tar", "00002.tar")}
+    assert write_synthetic(spec, progress=False)["train_samples"] == 30
+    assert {p.name: p.read_bytes() for p in train.glob("*.tar")} == first
+    assert {name: (train / name).stat().st_mtime_ns for name in kept} == kept  # not written again
+    with pytest.raises(ValueError, match=r"train holds shards written with other settings: seed 0 \(this run: 1\)"):
+        write_synthetic(small_spec(tmp_path / "s", seed=1), progress=False)
+    assert {p.name: p.read_bytes() for p in train.glob("*.tar")} == first
+    write_synthetic(small_spec(tmp_path / "s", seed=1), progress=False, overwrite=True)
+    replaced = {p.name: p.read_bytes() for p in train.glob("*.tar")}
+    assert replaced.keys() == first.keys() and all(replaced[name] != first[name] for name in first)
+    assert json.loads((train / "00000_stats.json").read_text())["settings"]["seed"] == 1
+
+
+def test_an_out_with_other_files_is_refused_and_a_dropped_probe_split_is_removed(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "my_data").mkdir()
+    with pytest.raises(ValueError, match=r"s holds 1 entry prep did not write \(my_data/\)"):
+        write_synthetic(small_spec(tmp_path / "s"), progress=False, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["my_data"]
+    write_synthetic(small_spec(tmp_path / "t", num_eval_train_samples=2), progress=False)
+    assert (tmp_path / "t" / "eval" / "shapes" / "train" / "0.tar").is_file()
+    write_synthetic(small_spec(tmp_path / "t"), progress=False)  # the same training shards, no probe split
+    assert not (tmp_path / "t" / "eval" / "shapes" / "train" / "0.tar").exists()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from clipforge.data.prep import write_json
+from clipforge.data.prep_output import write_json
 
 BAR_WIDTH = 40
 SHOWN_ENTRIES = 30  # entries listed in the markdown (the JSON has all of them)

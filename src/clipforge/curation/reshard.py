@@ -9,10 +9,15 @@ With ``--embeddings SCORES_DIR`` the kept samples' embeddings are written beside
 ``clipforge.data.teacher``'s format, with ``teacher.json``: ``data.teacher: OUT`` then trains on them.
 
 The data card (``OUT/reshard_card.json`` and ``.md``) says how many samples were asked for, found and written.
+
+Each new shard is marked by its ``NNNNN_stats.json``, as ``prep table`` marks its shards
+(``clipforge.data.prep_output``): OUT may hold only an earlier reshard's output, which is written again whole with the
+same settings and refused with other settings unless ``overwrite``; files prep did not write are refused either way.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -24,7 +29,14 @@ import numpy as np
 from clipforge.curation.card import write_card
 from clipforge.curation.filter import read_kept
 from clipforge.data.inspection import shard_paths
-from clipforge.data.prep import write_json
+from clipforge.data.prep_output import (
+    announce_shard,
+    check_output_folder,
+    claim_output,
+    finish_shard,
+    remove_output,
+    write_json,
+)
 from clipforge.data.samples import SkipCounter, read_tar
 from clipforge.data.shards import write_tar
 from clipforge.data.sources import open_shard
@@ -48,12 +60,16 @@ def reshard(
     out: str,
     samples_per_shard: int = 1_000,
     embeddings: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the kept samples of ``shards`` to ``out``; returns the data card."""
     if samples_per_shard <= 0:
         raise ValueError(f"--samples-per-shard: must be positive, got {samples_per_shard}")
     started = time.monotonic()
+    destination = check_output_folder(out)
     listing = read_kept(kept)
+    if listing.empty:
+        raise ValueError(f"{kept}: lists no samples (the filter kept none), so there is nothing to write")
     duplicated = listing["key"].duplicated()
     if duplicated.any():
         row = listing[duplicated].iloc[0]
@@ -68,23 +84,36 @@ def reshard(
     if missing:
         raise FileNotFoundError(f"{kept}: names shard {missing[0]}, which is not among {shards}")
     teacher = TeacherEmbeddings(embeddings) if embeddings is not None else None
-    destination = Path(out)
-    destination.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "source": os.path.abspath(shards),
+        "kept": os.path.abspath(kept),
+        "samples_per_shard": samples_per_shard,
+        "embeddings": None if embeddings is None else os.path.abspath(embeddings),
+    }
+    created = not destination.exists()
+    claim_output(destination, settings, overwrite, names=[])  # the same settings: written again, whole
     counter = SkipCounter()
     samples = _kept_samples(urls, wanted, counter)
     sizes: dict[str, int] = {}
-    written: list[tuple[str, str]] = []
     while True:
         batch = [sample for _, sample in zip(range(samples_per_shard), samples)]
         if not batch:
             break
         name = f"{len(sizes):05d}"
+        announce_shard(destination, name, settings)
         sizes[f"{name}.tar"] = write_tar(destination / f"{name}.tar", (_member_dict(s) for s in batch))
-        written += [(shard_name(s["__url__"]), s["__key__"]) for s in batch]
         if teacher is not None:
             _write_embeddings(teacher, destination, name, batch, embeddings)
-    write_json(destination / "sizes.json", sizes)
+        finish_shard(destination, name, settings, {"count": len(batch), "successes": len(batch)})
     total = sum(sizes.values())
+    if not total:
+        remove_output(destination, remove_folder=created)
+        raise ValueError(
+            f"{kept}: none of its {len(listing)} samples is in {shards}"
+            + (f" (read problems: {dict(counter.counts)})" if counter.counts else "")
+            + ", so nothing was written; was the list made from these shards?"
+        )
+    write_json(destination / "sizes.json", sizes)
     write_json(destination / "_stats.json", {"count": total, "successes": total, "failed_to_download": 0})
     if teacher is not None:
         shutil.copyfile(Path(embeddings) / "teacher.json", destination / "teacher.json")

@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from clipforge.data.images import decode_error, decode_rgb
 from clipforge.data.inspection import shard_paths
-from clipforge.data.prep import run_jobs, write_json
+from clipforge.data.prep import run_jobs
+from clipforge.data.prep_output import write_json
 from clipforge.data.samples import CaptionProblem, SkipCounter, image_member, read_caption, read_tar
 from clipforge.data.sources import open_shard
 from clipforge.data.teacher import shard_done, shard_name, write_shard_embeddings

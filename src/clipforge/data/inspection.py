@@ -20,7 +20,8 @@ import braceexpand
 from tqdm import tqdm
 
 from clipforge.data.images import DEFAULT_MAX_PIXELS, ImageTransform, open_image
-from clipforge.data.prep import run_jobs, write_json
+from clipforge.data.prep import run_jobs
+from clipforge.data.prep_output import write_json
 from clipforge.data.samples import SampleDecoder, SkipCounter, read_tar
 from clipforge.data.sources import open_shard
 
@@ -134,9 +135,10 @@ def inspect_shards(
     """Check every sample of some shards; returns the report and (``write_stats``) stores it as ``"inspect"`` in
     ``_stats.json`` beside the first shard, keeping what is there, and writes ``sizes.json`` if there is none.
 
-    ``ok`` is true when there is no problem: every shard reads to its end, and training would keep every sample
-    (``caption_key`` and ``max_pixels`` as ``data.caption_key`` and ``data.max_image_pixels``); and ``sizes.json``
-    (if present) matches the shards.
+    ``ok`` is true when there is no problem: the shards hold samples (shards that read well and hold none are the
+    problem ``empty``), every shard reads to its end, and training would keep every sample (``caption_key`` and
+    ``max_pixels`` as ``data.caption_key`` and ``data.max_image_pixels``); and ``sizes.json`` (if present) matches
+    the shards.
     """
     shards = shard_paths(urls_or_dir)
     check = partial(inspect_shard, caption_key=caption_key, max_pixels=max_pixels)
@@ -166,6 +168,8 @@ def inspect_shards(
             if theirs:
                 mine[:] = [min(mine[0], theirs[0]), max(mine[1], theirs[1])] if mine else list(theirs)
     directory = shards[0].parent
+    if not total.samples and not total.problems:  # shards that read well, holding nothing to train on
+        total.problem("empty", f"{len(shards)} shard{'s' if len(shards) > 1 else ''} hold no samples")
     counts = {report.shard: report.samples for report in reports}
     sizes_json = _check_sizes(directory / "sizes.json", counts, total)
     result = {

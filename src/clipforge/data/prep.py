@@ -1,7 +1,8 @@
 """Turning image–caption data into training shards (checking shards: ``clipforge.data.inspection``).
 
-Sources: a CSV/TSV/parquet table of local image paths (or image bytes) and captions
-(``write_from_table``), and a Hugging Face ``datasets`` dataset: saved with ``save_to_disk``, an
+Sources: a CSV/TSV/parquet/JSON-lines table of local image paths (or image bytes) and captions
+(``write_from_table``; a column of http(s) URLs is refused with a pointer to img2dataset, which downloads them into
+shards), and a Hugging Face ``datasets`` dataset: saved with ``save_to_disk``, an
 ``imagefolder`` directory with a caption column in ``metadata.jsonl``/``.csv``, or a ``Dataset`` object
 (``write_from_hf``). Output is img2dataset's webdataset layout: ``00000.tar`` … with ``KEY.jpg|png|webp``,
 ``KEY.txt`` and ``KEY.json``, a ``00000_stats.json`` per shard, ``sizes.json`` (what OpenCLIP's
@@ -10,7 +11,8 @@ Sources: a CSV/TSV/parquet table of local image paths (or image bytes) and capti
 As in img2dataset, shard k holds input rows ``k * samples_per_shard`` … and a key is the shard number
 (5 digits) then the row's index in the shard (4 digits), so a key names its input row and a shard's
 keys have gaps where rows were skipped. Rows with a missing image file, an undecodable image or an
-empty caption are skipped, counted by kind and the first of each kind is logged with its row.
+empty caption are skipped, counted by kind and the first of each kind is logged with its row. When no row gives a
+sample, the empty shards are removed and the run fails, saying where relative paths were looked for.
 
 Images are stored as their original bytes (extension from the decoded format; formats other than
 JPEG, PNG and WebP are re-encoded as PNG). With ``resize_to=N`` they are resized so the shorter side
@@ -18,10 +20,11 @@ is N pixels, aspect ratio kept, up or down (img2dataset's ``keep_ratio``), and r
 (quality 95), after the training stream's rule (``clipforge.data.images.to_rgb``): EXIF orientation
 applied, transparency over white, 16-bit greyscale scaled.
 
-Resume: a tar is written under a temporary name and renamed, then its ``NNNNN_stats.json``; a shard
-counts as complete only when both exist and the stats match this run, so re-running the same command
-after an interruption writes only the missing shards. Shards written with other settings or from
-another source stop the run with an error rather than being mixed.
+Resume: a shard's ``NNNNN_stats.json`` is written first (with the settings, marking it as this run's), then the
+tar under a temporary name, renamed, then the stats again with the counts; a shard counts as complete only when
+both exist and the stats say so, so re-running the same command after an interruption writes only the missing
+shards. Shards written with other settings or from another source, and files prep did not write, stop the run
+with an error rather than being mixed (``clipforge.data.prep_output``).
 
 Entry points: ``clipforge prep table FILE --out DIR --image-column filepath --caption-column title``,
 ``clipforge prep hf PATH --out DIR [--imagefolder]``.
@@ -33,7 +36,8 @@ import io
 import json
 import logging
 import math
-import os
+import re
+import shlex
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -46,6 +50,14 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from clipforge.data.images import DecompressionBomb, decode_error, open_image, to_rgb
+from clipforge.data.prep_output import (
+    announce_shard,
+    check_output_folder,
+    claim_output,
+    finish_shard,
+    remove_output,
+    write_json,
+)
 from clipforge.data.shards import write_tar
 
 log = logging.getLogger(__name__)
@@ -264,27 +276,17 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
                 where = f"{job.source} row {row.index}" + (f" ({row.url})" if row.url else "")
                 first_skipped.setdefault(skip.kind, f"{where}: {skip.detail}")
 
+    announce_shard(Path(job.out), job.name, job.settings)
     successes = write_tar(Path(job.out) / f"{job.name}.tar", samples())
     stats = {
-        "shard": f"{job.name}.tar",
         "count": job.num_rows,
         "successes": successes,
         "failed": sum(skipped.values()),
         "skipped": dict(skipped),
         "first_skipped": first_skipped,
-        "settings": job.settings,
         "duration": round(time.time() - started, 3),
-        "status": "success",
     }
-    write_json(Path(job.out) / f"{job.name}_stats.json", stats)
-    return stats
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write JSON under a temporary name, then rename."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
+    return finish_shard(Path(job.out), job.name, job.settings, stats)
 
 
 MIN_SHARDS = 64  # enough for 8 ranks × 8 workers to read disjoint shards in epoch mode
@@ -295,49 +297,6 @@ def auto_samples_per_shard(num_rows: int) -> int:
     """At least ``MIN_SHARDS`` shards, and at most ``MAX_SAMPLES_PER_SHARD`` rows each (whichever gives more
     shards): 2,000 pairs become 64 shards of 32, 10M pairs 1,000 shards of 10,000."""
     return max(1, min(MAX_SAMPLES_PER_SHARD, math.ceil(num_rows / MIN_SHARDS)))
-
-
-def _shard_stats_files(out: Path) -> list[Path]:
-    """The per-shard stats prep writes (``NNNNN_stats.json``): they mark the shards of an earlier run."""
-    return sorted(path for path in out.glob("*_stats.json") if path.name.split("_")[0].isdigit())
-
-
-def _remove_earlier_output(out: Path) -> None:
-    """What an earlier prep run wrote (shards, their stats, sizes.json, _stats.json); other files are left alone."""
-    for stats in _shard_stats_files(out):
-        (out / f"{stats.name.split('_')[0]}.tar").unlink(missing_ok=True)
-        stats.unlink()
-    for name in ("sizes.json", "_stats.json"):
-        (out / name).unlink(missing_ok=True)
-
-
-def _refuse_other_settings(out: Path, settings: dict[str, Any]) -> None:
-    """One sentence naming the settings an earlier run in ``out`` used differently, before anything is written."""
-    differing: dict[str, Any] = {}
-    for path in _shard_stats_files(out):
-        try:
-            earlier = json.loads(path.read_text()).get("settings") or {}
-        except ValueError:
-            continue
-        differing.update({key: earlier.get(key) for key in settings if earlier.get(key) != settings[key]})
-    if differing:
-        named = ", ".join(f"{key} {differing[key]!r} (this run: {settings[key]!r})" for key in sorted(differing))
-        raise ValueError(
-            f"{out} holds shards written with other settings: {named}; write to another --out, repeat "
-            "the earlier settings to resume it, or pass --overwrite to replace it"
-        )
-
-
-def _complete_stats(out: Path, name: str, num_rows: int) -> dict[str, Any] | None:
-    """The stats of a shard already written completely by an equivalent run (settings checked before), else None."""
-    stats_path = out / f"{name}_stats.json"
-    if not (out / f"{name}.tar").is_file() or not stats_path.is_file():
-        return None
-    try:
-        stats = json.loads(stats_path.read_text())
-    except ValueError:
-        return None
-    return stats if stats.get("count") == num_rows else None
 
 
 def run_jobs(jobs: Iterable[Any], work: Callable[[Any], Any], num_workers: int) -> Iterator[Any]:
@@ -378,19 +337,20 @@ def _plan(
 ) -> tuple[list[str], list[ShardJob], dict[int, dict[str, Any]]]:
     """Shard names, the shards still to write (rows not yet attached), and the stats of those already complete.
 
-    Runs before any writing, so outputs from other settings or sources are refused with nothing changed.
+    Runs before any writing, so a folder holding anything else than an equivalent earlier run's output is refused
+    with nothing changed (``prep_output.claim_output``).
     """
     per_shard = options.samples_per_shard
     num_shards = -(-num_rows // per_shard)
     names = [f"{shard:0{max(5, len(str(num_shards - 1)))}d}" for shard in range(num_shards)]
     key_digits = max(4, len(str(per_shard - 1)))
     settings = _settings(options, source)
-    _refuse_other_settings(out, settings)
+    earlier = claim_output(out, settings, options.overwrite, names)
     todo, complete = [], {}
     for shard, name in enumerate(names):
         count = min(per_shard, num_rows - shard * per_shard)
-        stats = _complete_stats(out, name, count)
-        if stats is None:
+        stats = earlier.get(name)
+        if stats is None or stats.get("count") != count:
             todo.append(
                 ShardJob(str(out), name, shard, count, shard * per_shard, (), options, settings, source, key_digits)
             )
@@ -406,17 +366,20 @@ def write_shards(
     options: WriteOptions,
     source: str,
     progress: bool = True,
+    paths_hint: str = "",
 ) -> dict[str, Any]:
-    """Write ``num_rows`` rows (``rows_for(start, stop)``) as shards under ``out``; skip complete shards."""
+    """Write ``num_rows`` rows (``rows_for(start, stop)``) as shards under ``out``; skip complete shards.
+
+    When no row gives a sample, what was written is removed and the run stops (``ValueError``); when most rows name
+    an image file that does not exist, a warning says so. ``paths_hint`` (how the source's paths were resolved and
+    how to change it) goes into both."""
     options.check()
     if num_rows <= 0:
         raise ValueError(f"{source}: no rows to write")
     if options.samples_per_shard is None:
         options = replace(options, samples_per_shard=auto_samples_per_shard(num_rows))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if options.overwrite:
-        _remove_earlier_output(out)
+    created = not out.exists()
     names, todo, stats_by_shard = _plan(out, num_rows, options, source)
     num_shards, resumed = len(names), len(stats_by_shard)
     if resumed:
@@ -449,6 +412,22 @@ def write_shards(
                 bar.set_postfix(skipped=sum(skipped.values()))
     sizes = {f"{name}.tar": stats_by_shard[shard]["successes"] for shard, name in enumerate(names)}
     samples = sum(sizes.values())
+    first_skipped: dict[str, str] = {}
+    for shard in sorted(stats_by_shard):
+        for kind, where in stats_by_shard[shard]["first_skipped"].items():
+            first_skipped.setdefault(kind, where.removeprefix(f"{source} "))
+    if not samples:
+        remove_output(out, remove_folder=created)  # empty shards would look like a finished dataset
+        raise ValueError(_nothing_usable(source, num_rows, skipped, first_skipped, paths_hint))
+    if skipped["missing_file"] * 2 >= num_rows:
+        log.warning(
+            "%s: %d of %d rows name an image file that does not exist, e.g. %s%s",
+            source,
+            skipped["missing_file"],
+            num_rows,
+            first_skipped["missing_file"],
+            f"; {paths_hint}" if paths_hint else "",
+        )
     write_json(out / "sizes.json", sizes)
     summary = {
         "out": str(out),
@@ -473,26 +452,47 @@ def write_shards(
     return summary
 
 
+def _nothing_usable(
+    source: str, num_rows: int, skipped: Counter[str], first_skipped: dict[str, str], paths_hint: str
+) -> str:
+    counts = ", ".join(f"{n} {kind}" for kind, n in skipped.most_common())
+    common = skipped.most_common(1)[0][0]
+    hint = f"; {paths_hint}" if paths_hint and common == "missing_file" else ""
+    return (
+        f"{source}: none of its {num_rows} rows gave a sample ({counts}), so nothing was written; "
+        f"e.g. {first_skipped[common]}{hint}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------- sources
 
 
-def _table_reader(path: Path) -> tuple[str, dict[str, Any]]:
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        return "parquet", {}
-    return "csv", {"sep": "\t" if suffix == ".tsv" else ","}
+_TABLE_KINDS = {".parquet": "parquet", ".pq": "parquet", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+_URL = re.compile(r"^\s*https?://", re.IGNORECASE)
+_URL_ROWS_CHECKED = 1_000  # of a Hugging Face dataset's path column (a table's is checked whole: it is in memory)
+
+
+def table_kind(path: Path) -> str:
+    """How a table is read, by its suffix (img2dataset's ``--input_format`` names): parquet, tsv, jsonl (JSON lines),
+    json (``.json``: JSON lines, or one array of records if it starts with ``[``), else csv."""
+    kind = _TABLE_KINDS.get(path.suffix.lower(), "csv")
+    if path.suffix.lower() == ".json":
+        with open(path, "rb") as stream:
+            kind = "json" if stream.read(4096).lstrip().startswith(b"[") else "jsonl"
+    return kind
 
 
 def read_table(
     path: str | Path, image_column: str, caption_column: str, encoding: str = "utf-8"
 ) -> tuple[list[Any], list[Any]]:
-    """The image and caption columns of a CSV (``.tsv``: tab-separated; text in ``encoding``) or parquet file."""
+    """The image and caption columns of a table (see ``table_kind``; text in ``encoding``). A column of http(s)
+    URLs is refused with a pointer to img2dataset, which downloads them."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such table file")
-    kind, csv_options = _table_reader(path)
+    kind = table_kind(path)
     try:
-        return _read_columns(path, kind, csv_options, image_column, caption_column, encoding)
+        images, captions = _read_columns(path, kind, image_column, caption_column, encoding)
     except UnicodeDecodeError as exc:
         raise ValueError(
             f"{path}: not {encoding} text ({exc.reason}: byte 0x{exc.object[exc.start]:02x} at offset "
@@ -501,28 +501,71 @@ def read_table(
         ) from None
     except LookupError as exc:  # an unknown codec name
         raise ValueError(f"{path}: --encoding {encoding!r}: {exc}") from None
+    refuse_urls(
+        images, str(path), image_column, caption_column, f"--url_list {shlex.quote(str(path))} --input_format {kind}"
+    )
+    return images, captions
 
 
 def _read_columns(
-    path: Path, kind: str, csv_options: dict[str, Any], image_column: str, caption_column: str, encoding: str
+    path: Path, kind: str, image_column: str, caption_column: str, encoding: str
 ) -> tuple[list[Any], list[Any]]:
     import pandas as pd
-    import pyarrow.parquet as pq
+    import pyarrow
+    import pyarrow.parquet
 
-    if kind == "parquet":
-        columns = list(pq.read_schema(path).names)
-    else:
-        csv_options = {**csv_options, "encoding": encoding}
-        columns = list(pd.read_csv(path, nrows=0, **csv_options).columns)
+    frame = None
+    try:
+        if kind == "parquet":
+            columns = list(pyarrow.parquet.read_schema(path).names)
+        elif kind in ("json", "jsonl"):
+            frame = pd.read_json(path, lines=kind == "jsonl", dtype=False, encoding=encoding)
+            columns = list(frame.columns)
+        else:
+            csv_options = {"sep": "\t" if kind == "tsv" else ",", "encoding": encoding}
+            columns = list(pd.read_csv(path, nrows=0, **csv_options).columns)
+    except pd.errors.EmptyDataError:
+        raise ValueError(
+            f"{path}: empty, without the header row that names its columns (expected {image_column!r} and "
+            f"{caption_column!r})"
+        ) from None
+    except pyarrow.ArrowException as exc:
+        raise ValueError(f"{path}: not a parquet file ({exc})") from None
+    except ValueError as exc:
+        if isinstance(exc, UnicodeDecodeError):
+            raise
+        raise ValueError(
+            f"{path}: not {'JSON lines' if kind == 'jsonl' else 'a JSON array of records'} ({exc})"
+        ) from None
     for role, column in (("image", image_column), ("caption", caption_column)):
         if column not in columns:
             raise ValueError(f"{path}: no {role} column {column!r} (columns: {', '.join(map(str, columns))})")
     wanted = list(dict.fromkeys([image_column, caption_column]))
     if kind == "parquet":
         frame = pd.read_parquet(path, columns=wanted)
-    else:
+    elif frame is None:
         frame = pd.read_csv(path, usecols=wanted, dtype=str, keep_default_na=False, **csv_options)
     return frame[image_column].tolist(), frame[caption_column].tolist()
+
+
+def refuse_urls(
+    values: list[Any], where: str, image_column: str, caption_column: str, url_list: str, note: str = ""
+) -> None:
+    """One line pointing to img2dataset when image cells are http(s) URLs, which prep does not download.
+
+    ``url_list``: img2dataset's options that name the input (``--url_list FILE --input_format KIND``); ``note``: how
+    to make that input, if it is not there yet."""
+    urls = [index for index, value in enumerate(values) if isinstance(value, str) and _URL.match(value)]
+    if urls:
+        command = (
+            f"img2dataset {url_list} --url_col {shlex.quote(image_column)} --caption_col "
+            f"{shlex.quote(caption_column)} --output_format webdataset --output_folder SHARDS"
+        )
+        raise ValueError(
+            f"{where}: image column {image_column!r} holds URLs ({len(urls)} of {len(values)} rows, e.g. row "
+            f"{urls[0]}: {values[urls[0]].strip()}), and prep reads local files only; download them with img2dataset "
+            f"({note}{command}) and train on its shards directly (data.sources: SHARDS/{{00000..NNNNN}}.tar)"
+        )
 
 
 def write_from_table(
@@ -544,8 +587,20 @@ def write_from_table(
         samples_per_shard=samples_per_shard, resize_to=resize_to, num_workers=num_workers, overwrite=overwrite
     )
     options.check()
+    check_output_folder(out)
     images, captions = read_table(path, image_column, caption_column, encoding)
     root = Path(image_root) if image_root is not None else Path(path).resolve().parent
+    relative = any(
+        isinstance(value, str) and value.strip() and not Path(value.strip()).expanduser().is_absolute()
+        for value in images
+    )
+    paths_hint = (
+        f"relative image paths were resolved against {root} "
+        f"({'--image-root' if image_root is not None else 'the folder of the table'}); give the folder they start "
+        "from with --image-root"
+        if relative
+        else ""
+    )
 
     def rows_for(start: int, stop: int) -> RowList:
         rows = []
@@ -554,7 +609,7 @@ def write_from_table(
             rows.append(Row(index, image, captions[index], url))
         return RowList(rows)
 
-    return write_shards(out, len(images), rows_for, options, str(Path(path).resolve()), progress)
+    return write_shards(out, len(images), rows_for, options, str(Path(path).resolve()), progress, paths_hint)
 
 
 def open_hf_dataset(
@@ -612,17 +667,24 @@ def write_from_hf(
         samples_per_shard=samples_per_shard, resize_to=resize_to, num_workers=num_workers, overwrite=overwrite
     )
     options.check()
+    check_output_folder(out)
     dataset, name = open_hf_dataset(source, split, imagefolder, cache_dir)
     for role, column in (("image", image_column), ("caption", caption_column)):
         if column not in dataset.column_names:
             raise ValueError(f"{name}: no {role} column {column!r} (columns: {', '.join(dataset.column_names)})")
     dataset = dataset.select_columns(list(dict.fromkeys([image_column, caption_column]))).with_format(None)
+    paths_hint = ""
     if isinstance(dataset.features[image_column], datasets.Image):
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    elif getattr(dataset.features[image_column], "dtype", None) in ("string", "large_string"):
+        first = dataset[:_URL_ROWS_CHECKED][image_column]
+        url_list, note = "--url_list FILE.parquet --input_format parquet", "Dataset.to_parquet('FILE.parquet'), then "
+        refuse_urls(first, name, image_column, caption_column, url_list, note)
+        paths_hint = f"relative image paths were resolved against the current folder, {Path.cwd()}"
     on_disk = bool(dataset.cache_files)  # memory-mapped: workers get the dataset by path, not by value
 
     def rows_for(start: int, stop: int) -> Iterable[Row]:
         rows = DatasetRows(dataset, image_column, caption_column, start, stop)
         return rows if on_disk or options.num_workers <= 1 else RowList(list(rows))
 
-    return write_shards(out, len(dataset), rows_for, options, name, progress)
+    return write_shards(out, len(dataset), rows_for, options, name, progress, paths_hint)

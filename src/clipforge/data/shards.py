@@ -9,7 +9,9 @@ per shard, read by the loader to size an epoch). Evaluation sets follow CLIP_ben
 classification sets also get a ``train/`` split (for linear probes) drawn from the same distribution.
 
 Shards are written under a temporary name and renamed, so an interrupted run never leaves a
-truncated ``.tar`` behind, and a re-run skips the shards that are already complete.
+truncated ``.tar`` behind, and a re-run with the same settings skips the shards that are already complete: each
+training shard is marked by its ``NNNNN_stats.json`` with the settings, as ``prep table`` marks its shards
+(``clipforge.data.prep_output``: other settings, or files prep did not write, are refused).
 
 With ``noise`` (``--noise 0.3``) that share of training captions is replaced by another sample's caption, the same
 images and keys otherwise, and ``train/noisy_keys.tsv`` lists which: the ground truth of curation benchmarks.
@@ -30,6 +32,15 @@ import numpy as np
 from tqdm import tqdm
 
 from clipforge.data import synthetic
+from clipforge.data.prep_output import (
+    announce_shard,
+    check_output_folder,
+    claim_output,
+    finish_shard,
+    refuse_foreign,
+    survey,
+    write_json,
+)
 
 # Tar member mtime: fixed so the same seed writes byte-identical shards. An int: tarfile gives a float mtime a pax
 # header of its own, 1 KiB more per member (a third of a 64 px synthetic sample) and a second header to read.
@@ -135,12 +146,41 @@ def _train_samples(spec: SyntheticSpec, shard: int) -> Iterator[dict]:
         yield {"__key__": key, "jpg": synthetic.encode_jpeg(image), "txt": text, "json": json.dumps(meta)}
 
 
+def train_settings(spec: SyntheticSpec) -> dict:
+    """What must match for training shards already in ``OUT/train`` to count as this run's (``prep_output``)."""
+    return {
+        "source": "synthetic",
+        "seed": spec.seed,
+        "num_samples": spec.num_samples,
+        "samples_per_shard": spec.samples_per_shard,
+        "image_size": spec.image_size,
+        "noise": spec.noise,
+    }
+
+
 def _write_train_shard(spec: SyntheticSpec, shard: int) -> tuple[str, int]:
-    path = Path(spec.out) / "train" / f"{shard:05d}.tar"
-    expected = min(spec.samples_per_shard, spec.num_samples - shard * spec.samples_per_shard)
-    if path.exists():  # complete shards only ever exist under their final name
-        return path.name, expected
-    return path.name, write_tar(path, _train_samples(spec, shard))
+    train, name = Path(spec.out) / "train", f"{shard:05d}"
+    announce_shard(train, name, train_settings(spec))
+    count = write_tar(train / f"{name}.tar", _train_samples(spec, shard))
+    finish_shard(train, name, train_settings(spec), {"count": count, "successes": count})
+    return f"{name}.tar", count
+
+
+def _claim(spec: SyntheticSpec, names: list[str], overwrite: bool) -> dict[str, dict]:
+    """The complete training shards of an equivalent earlier run in ``spec.out`` (``prep_output.claim_output``); the
+    folder itself may hold only ``train/`` and, once training shards are there, ``eval/``."""
+    out = check_output_folder(spec.out)
+    if out.is_dir():
+        expected = {"train"} | ({"eval"} if survey(out / "train")[0] else set())
+        refuse_foreign(
+            out,
+            [
+                p
+                for p in sorted(out.iterdir())
+                if not p.name.startswith(".") and not (p.name in expected and p.is_dir())
+            ],
+        )
+    return claim_output(out / "train", train_settings(spec), overwrite, names)
 
 
 # The train split of a classification set draws sample indices from here on: a stream disjoint from its test split.
@@ -223,15 +263,21 @@ def write_eval_sets(spec: SyntheticSpec) -> dict[str, int]:
             root / "retrieval", _retrieval_samples(spec), {"dataset_type.txt": "retrieval\n"}
         ),
     }
-    for name in ("shapes", "colors") if spec.num_eval_train_samples > 0 else ():
-        counts[f"{name}/train"] = _write_benchmark(
-            root / name, _classification_samples(spec, name, label_of[name], train=True), {}, split="train"
-        )
+    for name in ("shapes", "colors"):
+        if spec.num_eval_train_samples > 0:
+            counts[f"{name}/train"] = _write_benchmark(
+                root / name, _classification_samples(spec, name, label_of[name], train=True), {}, split="train"
+            )
+        else:  # an earlier run's split would pair these test images with another run's probe data
+            for stale in ("nshards.txt", "0.tar"):
+                (root / name / "train" / stale).unlink(missing_ok=True)
     return counts
 
 
-def write_synthetic(spec: SyntheticSpec, progress: bool = True) -> dict:
-    """Write the training shards (in ``spec.num_workers`` processes) and the evaluation sets."""
+def write_synthetic(spec: SyntheticSpec, progress: bool = True, overwrite: bool = False) -> dict:
+    """Write the training shards (in ``spec.num_workers`` processes) and the evaluation sets. Complete shards of an
+    earlier run with the same settings are kept; other settings, or files prep did not write, are refused
+    (``overwrite``: what an earlier run wrote is replaced)."""
     if not 0 <= spec.noise < 1:
         raise ValueError(f"--noise: a share of captions in [0, 1), got {spec.noise}")
     if spec.num_samples <= 0 or spec.samples_per_shard <= 0:
@@ -239,19 +285,21 @@ def write_synthetic(spec: SyntheticSpec, progress: bool = True) -> dict:
             f"num_samples and samples_per_shard must be positive, got {spec.num_samples}, {spec.samples_per_shard}"
         )
     num_shards = -(-spec.num_samples // spec.samples_per_shard)
-    sizes: dict[str, int] = {}
+    names = [f"{shard:05d}" for shard in range(num_shards)]
+    complete = _claim(spec, names, overwrite)
+    sizes = {f"{name}.tar": stats["successes"] for name, stats in complete.items()}
+    todo = [shard for shard, name in enumerate(names) if name not in complete]
     with ProcessPoolExecutor(max_workers=max(1, spec.num_workers)) as pool:
-        jobs = pool.map(_write_train_shard, [spec] * num_shards, range(num_shards))
-        for name, count in tqdm(jobs, total=num_shards, desc="train shards", unit="shard", disable=not progress):
+        jobs = pool.map(_write_train_shard, [spec] * len(todo), todo)
+        bar = tqdm(
+            jobs, total=num_shards, initial=len(complete), desc="train shards", unit="shard", disable=not progress
+        )
+        for name, count in bar:
             sizes[name] = count
     train = Path(spec.out) / "train"
-    (train / "sizes.json").write_text(json.dumps(sizes, indent=1, sort_keys=True) + "\n")
-    (train / "_stats.json").write_text(
-        json.dumps(
-            {"count": sum(sizes.values()), "successes": sum(sizes.values()), "failed_to_download": 0, "seed": spec.seed}
-        )
-        + "\n"
-    )
+    total = sum(sizes.values())
+    write_json(train / "sizes.json", dict(sorted(sizes.items())))
+    write_json(train / "_stats.json", {"count": total, "successes": total, "failed_to_download": 0, "seed": spec.seed})
     noisy = write_noisy_keys(spec, train / "noisy_keys.tsv") if spec.noise > 0 else 0
     evaluation = write_eval_sets(spec)
     return {
