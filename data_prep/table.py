@@ -1,4 +1,4 @@
-"""Write a CSV/TSV/parquet table of local image paths and captions as training shards (same as `clipforge prep table`).
+"""Write a CSV/TSV/parquet/JSON-lines table of local image paths and captions as shards (`clipforge prep table`).
 
 python data_prep/table.py captions.csv --out data/mine --image-column filepath --caption-column title [--resize 256]
 """

@@ -312,3 +312,13 @@ def test_reshard_with_nothing_to_write_fails_and_leaves_nothing(noisy_and_clean,
     write_kept(tmp_path / "kept.tsv", [])
     with pytest.raises(ValueError, match=r"kept.tsv: lists no samples"):
         reshard(source, str(tmp_path / "kept.tsv"), str(tmp_path / "new"))
+
+
+def test_score_and_filter_refuse_an_out_they_cannot_write_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    out = str(tmp_path / "file")
+    model = ModelSpec(None, "no-such-architecture", str(tmp_path / "no-weights.safetensors"))  # never loaded
+    with pytest.raises(ValueError, match=rf"--out {out}: it is a file, not a folder"):
+        score_shards(str(tmp_path / "no-shards"), out, model, progress=False)
+    with pytest.raises(ValueError, match=rf"--out {out}: it is a file, not a folder"):
+        filter_scores(str(tmp_path / "no-scores"), out, FilterRules())

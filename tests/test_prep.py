@@ -561,52 +561,6 @@ def test_open_clip_train_loader_reads_prep_output(table_shards, inputs, monkeypa
     assert seen == expected  # every good sample exactly once in one epoch
 
 
-@pytest.mark.parametrize("content", ["", "\n\n"])
-def test_an_empty_table_is_an_error_naming_the_file(tmp_path, content):
-    (tmp_path / "empty.csv").write_text(content)
-    with pytest.raises(ValueError, match=r"empty.csv: empty, without the header row .* \(expected 'path' and 'text'\)"):
-        prep.write_from_table(tmp_path / "empty.csv", tmp_path / "out", "path", "text", progress=False)
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("name", ["pairs.jsonl", "pairs.json", "array.json"])
-def test_a_json_lines_table_is_read_as_json_lines(inputs, tmp_path, name):
-    records = [
-        {"filepath": str(path), "title": caption, "score": 0.5} for path, caption in list(inputs["good"].values())[:5]
-    ]
-    records[2]["title"] = "123"  # a caption that looks like a number stays the text it is
-    text = json.dumps(records) if name == "array.json" else "".join(json.dumps(r) + "\n" for r in records)
-    (tmp_path / name).write_text(text)
-    summary = prep.write_from_table(
-        tmp_path / name, tmp_path / "out", "filepath", "title", num_workers=1, progress=False
-    )
-    assert summary["samples"] == 5
-    assert sorted(sample["txt"].decode() for sample in read_shards(tmp_path / "out").values()) == sorted(
-        r["title"] for r in records
-    )
-    (tmp_path / "broken.jsonl").write_text('{"filepath": "a.jpg", "title": "x"}\n{"filepath": \n')
-    with pytest.raises(ValueError, match=r"broken.jsonl: not JSON lines"):
-        prep.write_from_table(tmp_path / "broken.jsonl", tmp_path / "other", "filepath", "title", progress=False)
-
-
-def test_an_image_column_of_urls_is_refused_with_a_pointer_to_img2dataset(tmp_path, capsys):
-    import shlex
-
-    table = tmp_path / "my pairs.csv"
-    table.write_text("url,caption\nhttps://example.com/a.jpg,a cat\nhttp://example.org/b.png,a dog\nlocal.jpg,x\n")
-    arguments = ["prep", "table", str(table), "--out", str(tmp_path / "out"), "--image-column", "url"]
-    assert main([*arguments, "--caption-column", "caption", "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert "image column 'url' holds URLs (2 of 3 rows, e.g. row 0: https://example.com/a.jpg)" in err
-    command = re.search(r"\((img2dataset .*?)\) and train on its shards directly", err).group(1)
-    assert shlex.split(command) == [
-        *("img2dataset", "--url_list", str(table), "--input_format", "csv", "--url_col", "url"),
-        *("--caption_col", "caption", "--output_format", "webdataset", "--output_folder", "SHARDS"),
-    ]
-    assert not (tmp_path / "out").exists()
-
-
 def test_a_hugging_face_column_of_urls_is_refused_with_a_pointer_to_img2dataset(tmp_path):
     import datasets
 

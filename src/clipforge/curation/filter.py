@@ -34,6 +34,7 @@ import pandas as pd
 from clipforge.curation.card import rule_record, write_card
 from clipforge.curation.dedup import near_duplicates
 from clipforge.curation.score import score_histogram
+from clipforge.data.prep_output import check_output_folder
 from clipforge.data.teacher import read_shard_embeddings
 
 _NOT_LETTER_OR_SPACE = re.compile(r"[^\w\s]|[\d_]")
@@ -192,6 +193,7 @@ def apply_rules(
 def filter_scores(scores_dir: str, out: str, rules: FilterRules) -> dict[str, Any]:
     """Apply ``rules`` to ``scores_dir/scores.parquet``; write ``kept.tsv`` and the data card. Returns the card."""
     started = time.monotonic()
+    check_output_folder(out)
     directory = Path(scores_dir)
     path = directory / "scores.parquet"
     if not path.is_file():

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from clipforge.data.images import decode_error, decode_rgb
 from clipforge.data.inspection import shard_paths
 from clipforge.data.prep import run_jobs
-from clipforge.data.prep_output import write_json
+from clipforge.data.prep_output import check_output_folder, write_json
 from clipforge.data.samples import CaptionProblem, SkipCounter, image_member, read_caption, read_tar
 from clipforge.data.sources import open_shard
 from clipforge.data.teacher import shard_done, shard_name, write_shard_embeddings
@@ -184,7 +184,7 @@ def score_shards(
     """Score every shard not scored yet; then write ``scores.parquet`` over all of them. Returns a summary."""
     if batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
-    directory = Path(out)
+    directory = check_output_folder(out)  # before the model is loaded
     urls = [str(path) for path in shard_paths(shards)]
     names = [shard_name(url) for url in urls]
     repeated = [name for name, count in Counter(names).items() if count > 1]

@@ -1,12 +1,12 @@
 """Turning image–caption data into training shards (checking shards: ``clipforge.data.inspection``).
 
 Sources: a CSV/TSV/parquet/JSON-lines table of local image paths (or image bytes) and captions
-(``write_from_table``; a column of http(s) URLs is refused with a pointer to img2dataset, which downloads them into
-shards), and a Hugging Face ``datasets`` dataset: saved with ``save_to_disk``, an
-``imagefolder`` directory with a caption column in ``metadata.jsonl``/``.csv``, or a ``Dataset`` object
-(``write_from_hf``). Output is img2dataset's webdataset layout: ``00000.tar`` … with ``KEY.jpg|png|webp``,
-``KEY.txt`` and ``KEY.json``, a ``00000_stats.json`` per shard, ``sizes.json`` (what OpenCLIP's
-``get_dataset_size`` reads) and ``_stats.json``.
+(``write_from_table``, read by ``clipforge.data.tables``: a column of http(s) URLs is refused with a pointer to
+img2dataset, which downloads them into shards), and a Hugging Face ``datasets`` dataset: saved with
+``save_to_disk``, an ``imagefolder`` directory with a caption column in ``metadata.jsonl``/``.csv``, or a
+``Dataset`` object (``write_from_hf``). Output is img2dataset's webdataset layout: ``00000.tar`` … with
+``KEY.jpg|png|webp``, ``KEY.txt`` and ``KEY.json``, a ``00000_stats.json`` per shard, ``sizes.json`` (what
+OpenCLIP's ``get_dataset_size`` reads) and ``_stats.json``.
 
 As in img2dataset, shard k holds input rows ``k * samples_per_shard`` … and a key is the shard number
 (5 digits) then the row's index in the shard (4 digits), so a key names its input row and a shard's
@@ -36,8 +36,6 @@ import io
 import json
 import logging
 import math
-import re
-import shlex
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -59,6 +57,7 @@ from clipforge.data.prep_output import (
     write_json,
 )
 from clipforge.data.shards import write_tar
+from clipforge.data.tables import read_table, refuse_urls
 
 log = logging.getLogger(__name__)
 
@@ -467,105 +466,7 @@ def _nothing_usable(
 # ---------------------------------------------------------------------------------------------------- sources
 
 
-_TABLE_KINDS = {".parquet": "parquet", ".pq": "parquet", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-_URL = re.compile(r"^\s*https?://", re.IGNORECASE)
 _URL_ROWS_CHECKED = 1_000  # of a Hugging Face dataset's path column (a table's is checked whole: it is in memory)
-
-
-def table_kind(path: Path) -> str:
-    """How a table is read, by its suffix (img2dataset's ``--input_format`` names): parquet, tsv, jsonl (JSON lines),
-    json (``.json``: JSON lines, or one array of records if it starts with ``[``), else csv."""
-    kind = _TABLE_KINDS.get(path.suffix.lower(), "csv")
-    if path.suffix.lower() == ".json":
-        with open(path, "rb") as stream:
-            kind = "json" if stream.read(4096).lstrip().startswith(b"[") else "jsonl"
-    return kind
-
-
-def read_table(
-    path: str | Path, image_column: str, caption_column: str, encoding: str = "utf-8"
-) -> tuple[list[Any], list[Any]]:
-    """The image and caption columns of a table (see ``table_kind``; text in ``encoding``). A column of http(s)
-    URLs is refused with a pointer to img2dataset, which downloads them."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such table file")
-    kind = table_kind(path)
-    try:
-        images, captions = _read_columns(path, kind, image_column, caption_column, encoding)
-    except UnicodeDecodeError as exc:
-        raise ValueError(
-            f"{path}: not {encoding} text ({exc.reason}: byte 0x{exc.object[exc.start]:02x} at offset "
-            f"{exc.start}); give the file's encoding with --encoding, e.g. --encoding latin-1 or "
-            "--encoding cp1252"
-        ) from None
-    except LookupError as exc:  # an unknown codec name
-        raise ValueError(f"{path}: --encoding {encoding!r}: {exc}") from None
-    refuse_urls(
-        images, str(path), image_column, caption_column, f"--url_list {shlex.quote(str(path))} --input_format {kind}"
-    )
-    return images, captions
-
-
-def _read_columns(
-    path: Path, kind: str, image_column: str, caption_column: str, encoding: str
-) -> tuple[list[Any], list[Any]]:
-    import pandas as pd
-    import pyarrow
-    import pyarrow.parquet
-
-    frame = None
-    try:
-        if kind == "parquet":
-            columns = list(pyarrow.parquet.read_schema(path).names)
-        elif kind in ("json", "jsonl"):
-            frame = pd.read_json(path, lines=kind == "jsonl", dtype=False, encoding=encoding)
-            columns = list(frame.columns)
-        else:
-            csv_options = {"sep": "\t" if kind == "tsv" else ",", "encoding": encoding}
-            columns = list(pd.read_csv(path, nrows=0, **csv_options).columns)
-    except pd.errors.EmptyDataError:
-        raise ValueError(
-            f"{path}: empty, without the header row that names its columns (expected {image_column!r} and "
-            f"{caption_column!r})"
-        ) from None
-    except pyarrow.ArrowException as exc:
-        raise ValueError(f"{path}: not a parquet file ({exc})") from None
-    except ValueError as exc:
-        if isinstance(exc, UnicodeDecodeError):
-            raise
-        raise ValueError(
-            f"{path}: not {'JSON lines' if kind == 'jsonl' else 'a JSON array of records'} ({exc})"
-        ) from None
-    for role, column in (("image", image_column), ("caption", caption_column)):
-        if column not in columns:
-            raise ValueError(f"{path}: no {role} column {column!r} (columns: {', '.join(map(str, columns))})")
-    wanted = list(dict.fromkeys([image_column, caption_column]))
-    if kind == "parquet":
-        frame = pd.read_parquet(path, columns=wanted)
-    elif frame is None:
-        frame = pd.read_csv(path, usecols=wanted, dtype=str, keep_default_na=False, **csv_options)
-    return frame[image_column].tolist(), frame[caption_column].tolist()
-
-
-def refuse_urls(
-    values: list[Any], where: str, image_column: str, caption_column: str, url_list: str, note: str = ""
-) -> None:
-    """One line pointing to img2dataset when image cells are http(s) URLs, which prep does not download.
-
-    ``url_list``: img2dataset's options that name the input (``--url_list FILE --input_format KIND``); ``note``: how
-    to make that input, if it is not there yet."""
-    urls = [index for index, value in enumerate(values) if isinstance(value, str) and _URL.match(value)]
-    if urls:
-        command = (
-            f"img2dataset {url_list} --url_col {shlex.quote(image_column)} --caption_col "
-            f"{shlex.quote(caption_column)} --output_format webdataset --output_folder SHARDS"
-        )
-        raise ValueError(
-            f"{where}: image column {image_column!r} holds URLs ({len(urls)} of {len(values)} rows, e.g. row "
-            f"{urls[0]}: {values[urls[0]].strip()}), and prep reads local files only; download them with img2dataset "
-            f"({note}{command}) and train on its shards directly (data.sources: SHARDS/{{00000..NNNNN}}.tar)"
-        )
 
 
 def write_from_table(
