@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import tarfile
 from pathlib import Path
@@ -26,6 +27,7 @@ from clipforge.cli import main
 from clipforge.config import load_config, to_yaml
 from clipforge.evaluation import OpenClipEncoder, build_classifier
 from clipforge.export import CannotConvert, CardInfo, export_model, push_to_hub, write_transformers
+from clipforge.export.card import photo_of
 from clipforge.models import ModelConfig, build_model
 
 TOLERANCE = 1e-5
@@ -211,9 +213,11 @@ def test_pipeline_predicts_what_clipforge_eval_predicts(synth_data, tiny_model_j
         f"name: one\ndatasets:\n  - name: colors\n    task: zeroshot_classification\n    path: {benchmark}\n"
     )
     assert main(["eval", str(checkpoint), "--suite", str(suite), "--workers", "0", "--quiet", "--no-plots"]) == 0
-    results = json.loads((tmp_path / "run" / "eval" / "one_step_00000030.json").read_text())
+    (results_file,) = (tmp_path / "run" / "eval").rglob("one_step_00000030.json")  # an ad-hoc eval: named to export
+    results = json.loads(results_file.read_text())
     with caplog.at_level(logging.WARNING):
-        assert main(["export", str(checkpoint), "--format", "hf", "--out", str(tmp_path / "exported")]) == 0
+        command = ["export", str(checkpoint), "--format", "hf", "--out", str(tmp_path / "exported")]
+        assert main([*command, "--eval-results", str(results_file)]) == 0
     assert "No pretrained weights loaded" not in caplog.text  # random init then the checkpoint: no false alarm
     umask = os.umask(0)
     os.umask(umask)
@@ -310,7 +314,8 @@ def test_resnet_tower_is_a_clear_error_for_transformers_and_exports_to_open_clip
     with torch.no_grad():
         assert torch.equal(loaded.eval().encode_image(pixels), built.model.eval().encode_image(pixels))
     card = ModelCard.load(tmp_path / "oc" / "README.md")
-    assert card.data.library_name == "open_clip" and "hf-hub:run" in card.text  # the run's name, not the folder's
+    assert card.data.library_name == "open_clip" and card.text.lstrip().startswith("# run\n")  # titled after the run
+    assert f'create_model_and_transforms("local-dir:{tmp_path / "oc"}")' in card.text  # loaded from the folder
 
 
 SIGLIP_VIT = "clipforge_test_siglip_vit"
@@ -551,14 +556,26 @@ def test_cli_push_uses_hf_api_with_the_environment_token(gelu_export, tiny_model
 
 
 PUSH_FAILURES = {
-    "offline mode": ({"HF_HUB_OFFLINE": "1"}, None, r"HF_HUB_OFFLINE is set"),
-    "no token": ({}, LocalTokenNotFoundError("Token is required"), r"no Hugging Face token: set HF_TOKEN"),
-    "no network": ({}, OSError("[Errno 111] Connection refused"), r"cannot reach the Hub \(OSError: \[Errno 111"),
+    "offline mode": (
+        {"HF_HUB_OFFLINE": "1"},
+        None,
+        r"HF_HUB_OFFLINE is set, so nothing was pushed to org/name; the export is kept: unset it, then push it with",
+    ),
+    "no token": (
+        {},
+        LocalTokenNotFoundError("Token is required"),
+        r"no Hugging Face token; the export is kept: set HF_TOKEN or run `hf auth login`, then push it with",
+    ),
+    "no network": (
+        {},
+        OSError("[Errno 111] Connection refused"),
+        r"cannot reach the Hub \(OSError: \[Errno 111.*\); the export is kept: check the network or proxy, then",
+    ),
     "a namespace the token cannot write": (
         {},
         None,
-        r"the token belongs to me \(organisations: org\), who cannot "
-        r"write to elsewhere/",
+        r"the token belongs to me \(organisations: org\), who cannot write to elsewhere/; the export is kept: use a "
+        r"token that can write to elsewhere/ \(or push to me/...\), then push it with",
     ),
 }
 
@@ -578,14 +595,18 @@ def test_a_push_that_cannot_happen_fails_in_one_line_before_any_upload(
         api.whoami.side_effect = whoami_error
     monkeypatch.setattr("clipforge.export.hub.HfApi", mock.Mock(return_value=api))
     repo = "elsewhere/name" if "namespace" in case else "org/name"
-    assert main(["export", str(checkpoint), "--out", str(tmp_path / "out"), "--push", repo]) == 1
+    out = tmp_path / "my exports" / "it's $HOME"  # a folder a shell would split, unquote and expand
+    assert main(["export", str(checkpoint), "--out", str(out), "--push", repo, "--revision", "v 1"]) == 1
     err = capsys.readouterr().err.strip()
     last = err.splitlines()[-1]  # (transformers' own progress bar for writing the weights comes before it)
     assert "Traceback" not in err and last.startswith(f"clipforge export: push to {repo} failed: "), err
-    assert re.search(expected, last) and "the export is kept" in last, last
+    assert re.search(expected, last) and "FOLDER" not in last, last
+    # The command it suggests is valid for that folder and repo: a POSIX shell gives hf exactly these words.
+    command = re.search(r"then push it with `(.*)`$", last).group(1)
+    assert shlex.split(command) == ["hf", "upload", repo, str(out.resolve()), ".", "--revision", "v 1"], command
     api.create_repo.assert_not_called()
     api.upload_folder.assert_not_called()
-    assert (tmp_path / "out" / "model.safetensors").is_file()  # the local export stays
+    assert (out / "model.safetensors").is_file()  # the local export stays
 
 
 def test_export_replaces_only_its_own_folders(gelu_export, tmp_path):
@@ -628,7 +649,8 @@ def test_the_cards_example_classifies_the_eval_classes_and_runs_on_the_folder(ge
     export_model(built, folder, ("hf",), CardInfo(name=str(folder), eval_results={"flickr": RETRIEVAL, "pets": PETS}))
     (snippet,) = card_snippets(folder)
     assert f"candidate_labels={expected!r}" in snippet and "`pets`" in (folder / "README.md").read_text()
-    assert repr([f"a photo of a {name}" for name in expected]) in snippet
+    assert repr([photo_of(name) for name in expected]) in snippet
+    assert "a photo of an abyssinian" in snippet and "a photo of a beagle" in snippet
     namespace = {"image": images(1, size=45)[0]}
     exec(snippet, namespace)
     assert namespace["probs"].shape == (1, len(expected))
@@ -783,7 +805,7 @@ def test_cli_towers_writes_the_encoder_asked_for_and_refuses_them_without_transf
     assert not names & {"image_encoder", "feature_extractor", "config.json", "model.safetensors"}
     card = ModelCard.load(tmp_path / "t" / "README.md")
     assert card.data.pipeline_tag is None and "zero-shot-image-classification" not in card.data.tags
-    assert 'CLIPTextModelWithProjection.from_pretrained("run", subfolder="text_encoder")' in card.text
+    assert f'CLIPTextModelWithProjection.from_pretrained("{tmp_path / "t"}", subfolder="text_encoder")' in card.text
     assert "image_encoder" not in card.text
     assert (
         main(["export", str(checkpoint), "--towers", "both", "--format", "open_clip", "--out", str(tmp_path / "o")])
@@ -801,7 +823,7 @@ def test_the_towers_cards_example_runs_on_the_folder(gelu_export, tmp_path):
     folder = tmp_path / "towers-card"
     export_model(built, folder, ("hf",), CardInfo(name=str(folder), eval_results={"pets": PETS}), ("text", "image"))
     (snippet,) = card_snippets(folder)
-    texts = [f"a photo of a {name}" for name in list(PETS["per_class_accuracy"])[:5]]
+    texts = [photo_of(name) for name in list(PETS["per_class_accuracy"])[:5]]
     assert repr(texts) in snippet
     image = images(1, size=45)[0]
     namespace = {"image": image}
@@ -809,3 +831,135 @@ def test_the_towers_cards_example_runs_on_the_folder(gelu_export, tmp_path):
     assert (namespace["text_embeds"] - built.model.encode_text(built.tokenizer(texts))).abs().max() < TOLERANCE
     pixels = built.eval_transform(image)[None]  # (1, 3, 32, 32)
     assert (namespace["image_embeds"] - built.model.encode_image(pixels)).abs().max() < TOLERANCE
+
+
+ENV_SECRET = "env-secret-0451-do-not-publish"
+HUB_TOKEN = "hf_" + "Qx7" * 12  # a literal token, shaped as Hugging Face's are
+API_KEY = "0123456789abcdef" * 2 + "01234567"  # a hex key: only its key's name says it is a credential
+
+
+def test_no_environment_value_or_literal_token_reaches_any_exported_file(
+    gelu_export, tiny_model_json, tmp_path, monkeypatch
+):
+    """A config that reads a token from the environment and holds literal ones: the checkpoint's config.yaml keeps
+    the interpolation as written, the export never resolves it, and the card shows neither the environment's value
+    nor a literal credential, in any file of the folder."""
+    _, built, _ = gelu_export
+    monkeypatch.setenv("CLIPFORGE_TEST_HUB_TOKEN", ENV_SECRET)
+    authorised = (
+        "pipe:curl -s -H 'Authorization: Bearer ${oc.env:CLIPFORGE_TEST_HUB_TOKEN}' https://example.com/{0..3}.tar"
+    )
+    cfg = load_config(None, [f'data.train_urls="{authorised}"', f"model.name={tiny_model_json}"])
+    saved = yaml.safe_load(to_yaml(cfg))
+    assert saved["data"]["train_urls"] == authorised  # saved as written (clipforge.config.to_yaml)
+    saved["data"]["sources"] = [{"urls": f"https://me:{HUB_TOKEN}@example.com/{{0..1}}.tar", "weight": 2.0}]
+    saved["logging"]["hf_token"] = HUB_TOKEN  # keys of a config from elsewhere: the export reads what is there
+    saved["logging"]["wandb_api_key"] = API_KEY
+    checkpoint = write_checkpoint(built, yaml.safe_dump(saved), tmp_path / "run")
+    out = tmp_path / "out"
+    assert main(["export", str(checkpoint), "--format", "both", "--out", str(out)]) == 0
+    files = [path for path in out.rglob("*") if path.is_file()]
+    assert {"README.md", "model.safetensors", "open_clip_config.json"} <= {path.name for path in files}
+    for path in files:
+        data = path.read_bytes()
+        for secret in (ENV_SECRET, HUB_TOKEN, API_KEY):
+            assert secret.encode() not in data, (secret, path.name)
+    card = (out / "README.md").read_text()
+    assert "Bearer ${oc.env:CLIPFORGE_TEST_HUB_TOKEN}" in card  # shown as written: a name, not a value
+    assert "`https://me:<redacted>@example.com/{0..1}.tar` (weight 2.0)" in card  # the data are still named
+    assert "hf_token: <redacted>" in card and "wandb_api_key: <redacted>" in card
+    assert "caption_key: txt" in card  # a key that is not a credential is kept
+
+
+@pytest.mark.parametrize("repo", ["bad id/with spaces", "org/na..me", "a/b/c"])
+def test_push_refuses_an_invalid_repo_id_before_any_export_work(
+    repo, gelu_export, tiny_model_json, tmp_path, monkeypatch, capsys
+):
+    _, built, folder = gelu_export
+    cfg = load_config(None, ["data.train_urls=x.tar", f"model.name={tiny_model_json}"])
+    checkpoint = write_checkpoint(built, to_yaml(cfg), tmp_path / "run")
+    hub = mock.Mock()
+    monkeypatch.setattr("clipforge.export.hub.HfApi", hub)
+    monkeypatch.setattr("clipforge.models.build_model", mock.Mock(side_effect=AssertionError("the model was built")))
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "out"), "--push", repo]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"clipforge export: error: --push {repo!r} is not a Hub repo id (NAME or ORG/NAME): "), err
+    assert re.search(r"alphanumeric|--|form 'repo_name' or 'namespace/repo_name'", err), err  # the Hub's rule
+    assert not (tmp_path / "out").exists()
+    hub.assert_not_called()
+    api = fake_hub(None)
+    with pytest.raises(ValueError, match="is not a Hub repo id"):  # the library call checks it too, first
+        push_to_hub(folder, repo, api=api)
+    api.whoami.assert_not_called()
+
+
+def write_results(path: Path, acc1: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metrics = {"task": "zeroshot_classification", "acc1": acc1, "acc5": 1.0, "mean_per_class_recall": acc1}
+    path.write_text(json.dumps({"shapes": {**metrics, "chance_acc1": 1 / 6}}))
+    return path
+
+
+def test_the_card_says_which_evaluation_its_numbers_come_from(gelu_export, tiny_model_json, tmp_path):
+    """By default the card takes the training-time evaluation of the exported checkpoint and nothing else: not
+    another checkpoint's, not an ad-hoc `clipforge eval` (which may have used other labels). It names the
+    checkpoint, the suite, the datasets and the file; results named with --eval-results say what they evaluated."""
+    _, built, _ = gelu_export
+    saved = yaml.safe_load(to_yaml(load_config(None, ["data.train_urls=x.tar", f"model.name={tiny_model_json}"])))
+    saved["eval"]["suite"] = "eval/shapes.yaml"
+    checkpoint = write_checkpoint(built, yaml.safe_dump(saved), tmp_path / "run", step=30)
+    evals = tmp_path / "run" / "eval"
+    training = write_results(evals / "step_00000030.json", 0.75)
+    for other in ("step_00000040.json", "mine_step_00000030.json", "adhoc/mine_step_00000030.json"):
+        os.utime(write_results(evals / other, 0.0), (2e9, 2e9))  # newer than the training-time file
+    latest = tmp_path / "run" / "checkpoints" / "latest"  # what users export
+    if not latest.exists():
+        latest.symlink_to(checkpoint.name)
+
+    def card(*options: str) -> str:
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+        assert main(["export", str(latest), "--format", "open_clip", "--out", str(out), *options]) == 0
+        return (out / "README.md").read_text()
+
+    text = card()
+    assert "| 75.0% |" in text and "| 0.0% |" not in text, text
+    assert (
+        f"`clipforge eval` of checkpoint `step_00000030` with suite `eval/shapes.yaml` on `shapes` "
+        f"(results file `{training}`):"
+    ) in text
+    named = evals / "adhoc" / "shapes_step_00000020.json"
+    write_results(named, 0.5)
+    text = card("--eval-results", str(named))
+    assert "| 50.0% |" in text
+    assert (
+        "`clipforge eval` of checkpoint `step_00000020` (not the exported `step_00000030`) with suite `shapes` on "
+        f"`shapes` (results file `{named}`):"
+    ) in text
+    training.unlink()  # this checkpoint was not evaluated in training: no numbers, rather than another model's
+    text = card()
+    assert "No `clipforge eval` results of checkpoint `step_00000030`" in text and "0.0%" not in text
+
+
+@torch.no_grad()
+def test_the_cards_snippets_load_the_export_folder_and_say_a_photo_of_an(gelu_export, tiny_model_json, tmp_path):
+    """Not pushed, the card's snippets load the folder it was written to (the title stays the run's name); class
+    names get the article they need, and keep their own."""
+    _, built, _ = gelu_export
+    cfg = load_config(None, ["data.train_urls=x.tar", f"model.name={tiny_model_json}"])
+    checkpoint = write_checkpoint(built, to_yaml(cfg), tmp_path / "vit")
+    names = ["an astronaut", "astronaut", "camera", "the moon", "eagle"]
+    results = tmp_path / "results.json"
+    scores = {name: 0.5 for name in names}
+    results.write_text(json.dumps({"photos": {"task": "zeroshot_classification", "per_class_accuracy": scores}}))
+    out = tmp_path / "exported" / "vit"
+    assert main(["export", str(checkpoint), "--format", "both", "--out", str(out), "--eval-results", str(results)]) == 0
+    text = (out / "README.md").read_text()
+    assert text.count(f'.from_pretrained("{out}")') == 2 and '"vit"' not in text
+    assert f'create_model_and_transforms("local-dir:{out}")' in text and "hf-hub:" in text  # and once pushed
+    expected = ["a photo of an astronaut", "a photo of an astronaut", "a photo of a camera", "a photo of the moon"]
+    assert repr(expected + ["a photo of an eagle"]) in text
+    (snippet, _) = card_snippets(out)
+    namespace = {"image": images(1, size=45)[0]}
+    exec(snippet, namespace)  # runs as written, from any directory the folder path is valid in
+    assert namespace["probs"].shape == (1, len(names))

@@ -39,7 +39,7 @@ def _prep(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         noise=args.noise,
     )
-    summary = write_synthetic(spec, progress=not args.quiet, overwrite=args.overwrite)
+    summary = write_synthetic(spec, progress=not args.quiet)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -137,8 +137,8 @@ def _add_writer_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace what an earlier run wrote in --out (default: resume it with the same settings, or refuse "
-        "other settings; files prep did not write are refused either way)",
+        help="replace the shards an earlier run wrote in --out (default: resume it with the same "
+        "settings, or refuse other settings)",
     )
     parser.add_argument("--workers", type=int, default=2, help="writer processes; 1 writes in this process (2)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -147,21 +147,15 @@ def _add_writer_options(parser: argparse.ArgumentParser) -> None:
 def _add_prep_sources(prep_kinds: argparse._SubParsersAction) -> None:
     resumable = (
         "Shards already complete (NNNNN.tar + NNNNN_stats.json) are kept, so an interrupted run can simply be "
-        "repeated; an --out holding anything else than an earlier prep run's output is refused. Rows with a missing "
-        "or undecodable image or an empty caption are skipped and counted; when no row gives a sample, nothing is "
-        "left written and the command fails."
+        "repeated. Rows with a missing or undecodable image or an empty caption are skipped and counted."
     )
     table = prep_kinds.add_parser(
         "table",
-        help="a CSV/TSV/parquet/JSON-lines table of local image paths and captions → img2dataset-layout shards",
-        description="Write the rows of TABLE (.csv, .tsv, .parquet, .jsonl) as img2dataset-layout shards: "
-        "OUT/00000.tar (KEY.jpg|png|webp, KEY.txt, KEY.json) ... " + resumable + " Image URLs (http://, https://) "
-        "are refused: img2dataset downloads them into shards that train as they are.",
+        help="a CSV/TSV/parquet table of local image paths and captions → img2dataset-layout shards",
+        description="Write the rows of TABLE (.csv, .tsv, .parquet) as img2dataset-layout shards: OUT/00000.tar "
+        "(KEY.jpg|png|webp, KEY.txt, KEY.json) ... " + resumable,
     )
-    table.add_argument(
-        "table",
-        help="CSV, .tsv (tab-separated), .parquet, or JSON lines (.jsonl; .json: JSON lines, or one array of records)",
-    )
+    table.add_argument("table", help="CSV (.tsv: tab-separated) or parquet file")
     table.add_argument("--image-column", required=True, help="column holding image paths (or, in parquet, image bytes)")
     table.add_argument("--caption-column", required=True, help="column holding the captions")
     table.add_argument("--image-root", help="directory that relative image paths start from (default: the table's)")
@@ -273,7 +267,7 @@ def _prep_filter(args: argparse.Namespace) -> int:
 def _prep_reshard(args: argparse.Namespace) -> int:
     from clipforge.curation.reshard import reshard
 
-    card = reshard(args.shards, args.kept, args.out, args.samples_per_shard, args.embeddings, args.overwrite)
+    card = reshard(args.shards, args.kept, args.out, args.samples_per_shard, args.embeddings)
     print(json.dumps({key: card[key] for key in ("samples_in", "samples_out", "output", "extra")}, indent=1))
     return 0
 
@@ -352,12 +346,6 @@ def _add_prep_curation(prep_kinds: argparse._SubParsersAction) -> None:
     again.add_argument("--out", required=True, help="output directory")
     again.add_argument("--samples-per-shard", type=int, default=1_000, help="samples per new shard (1000)")
     again.add_argument("--embeddings", metavar="SCORES", help="`prep score` output whose rows to carry along")
-    again.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace what an earlier reshard with other settings wrote in --out (default: refuse other settings; "
-        "the same settings write it again; files prep did not write are refused either way)",
-    )
     again.set_defaults(func=_prep_reshard)
 
 
@@ -491,12 +479,15 @@ def _export(args: argparse.Namespace) -> int:
     from huggingface_hub.errors import HfHubHTTPError
 
     from clipforge.export import CannotConvert, CardInfo, check_request, export_model, find_eval_results, push_to_hub
-    from clipforge.export.hub import HubUnavailable
+    from clipforge.export.card import eval_origin
+    from clipforge.export.hub import HubUnavailable, check_repo_id
     from clipforge.models import ModelConfig, build_model, load_weights
 
     formats = ["hf", "open_clip"] if args.format == "both" else [args.format]
     towers = {None: (), "both": ("text", "image")}.get(args.towers, (args.towers,))
     check_request(formats, towers)  # before the model is built
+    if args.push:
+        check_repo_id(args.push)
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "config.yaml").is_file():
         raise FileNotFoundError(f"{checkpoint}: not a clipforge checkpoint directory (no config.yaml)")
@@ -510,21 +501,26 @@ def _export(args: argparse.Namespace) -> int:
         model_cfg = ModelConfig(**model_keys)
     except TypeError as exc:
         raise ValueError(f"{checkpoint / 'config.yaml'}: model section: {exc}") from exc
-    built = build_model(model_cfg)
-    load_weights(built.model, str(checkpoint))
-    built.model.eval()
-    if args.eval_results:
+    if args.eval_results:  # read before the model is built, so that a wrong path fails at once
         found = (Path(args.eval_results), json.loads(Path(args.eval_results).read_text()))
     else:
         found = find_eval_results(checkpoint.resolve().parent.parent, checkpoint.resolve().name)
+    built = build_model(model_cfg)
+    load_weights(built.model, str(checkpoint))
+    built.model.eval()
     resolved = checkpoint.resolve()  # RUN/checkpoints/step_N: the card is titled after the run, or the Hub repo
     run_name = resolved.parent.parent.name if resolved.parent.name == "checkpoints" else resolved.name
+    eval_suite, eval_step = eval_origin(found[0], run_config) if found else (None, None)
     card = CardInfo(
         name=args.push or run_name,
         source=str(checkpoint),
-        run_config=run_config,
+        step=resolved.name,
+        folder=None if args.push else args.out,
+        run_config=run_config,  # as saved: yaml.safe_load resolves no ${...} interpolation
         eval_results=found[1] if found else None,
         eval_source=str(found[0]) if found else None,
+        eval_suite=eval_suite,
+        eval_step=eval_step,
         license=args.license,
         datasets=args.dataset,
     )
@@ -603,7 +599,8 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--eval-results",
         metavar="JSON",
-        help="`clipforge eval` results for the card (default: RUN_DIR/eval/*CHECKPOINT.json, else the newest)",
+        help="`clipforge eval` results for the card (default: the training-time evaluation of this checkpoint, "
+        "RUN_DIR/eval/step_N.json, if there is one)",
     )
     export.set_defaults(func=_export)
 
@@ -664,12 +661,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="share of training captions replaced by another sample's, e.g. 0.3; the replaced keys are listed in "
         "OUT/train/noisy_keys.tsv (for curation benchmarks; 0)",
-    )
-    synth.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace what an earlier run wrote in --out (default: resume it with the same settings, or refuse "
-        "other settings; files prep did not write are refused either way)",
     )
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=_prep)

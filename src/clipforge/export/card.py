@@ -2,13 +2,20 @@
 
 Metadata (library, tags, license, datasets, pipeline tag) is written with ``huggingface_hub``'s
 ``ModelCardData`` so the Hub parses it as it parses its own. Results come from a ``clipforge eval``
-JSON (``{dataset: metrics}``) rendered by the evaluation package's ``markdown_table``. The usage examples
-classify with the first class names of the first classification set in those results (the names its per-class
-accuracies are keyed by, so the suite's own), and with generic labels only when no set names classes.
+JSON (``{dataset: metrics}``) rendered by the evaluation package's ``markdown_table``, introduced by which
+evaluation made them: the file, the suite and the checkpoint it evaluated. By default that is the training-time
+evaluation of the exported checkpoint (``RUN/eval/step_N.json``); an ad-hoc ``clipforge eval`` is used only when
+named. The usage examples load the Hub repo, or the export folder when nothing is pushed, and classify with the
+first class names of the first classification set in those results (the names its per-class accuracies are keyed
+by, so the suite's own), and with generic labels only when no set names classes.
+
+The run config is shown as saved with the checkpoint, never resolved (``${oc.env:...}`` stays as written), with
+credentials redacted (``clipforge.export.redact``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -18,6 +25,7 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from clipforge.export.redact import redact, redact_text
 from clipforge.models import BuiltModel
 
 
@@ -26,26 +34,48 @@ class CardInfo:
     """What the card says beyond the model itself."""
 
     name: str
-    """Repository id (org/name) or folder name: the title and the name in the loading snippets."""
+    """Repository id (org/name) or folder name: the title and, unless ``folder`` is set, the name in the loading
+    snippets."""
     source: str = ""
     """The exported checkpoint."""
+    step: str | None = None
+    """The exported checkpoint's name (``step_N``), which the results are checked against."""
+    folder: str | None = None
+    """The export folder as the user named it: the loading snippets load it (``local-dir:`` for open_clip) in place
+    of the Hub repo ``name``, for an export that is not pushed."""
     run_config: dict[str, Any] | None = None
-    """The run's resolved config (config.yaml as a dict): training data and recipe."""
+    """The run's config as saved with the checkpoint (config.yaml as a dict, interpolations unresolved): training
+    data and recipe. Credentials in it are redacted on the card."""
     eval_results: dict[str, Any] | None = None
     eval_source: str | None = None
+    """The results file."""
+    eval_suite: str | None = None
+    """The suite that made the results (a path or a suite name), when known."""
+    eval_step: str | None = None
+    """The checkpoint the results evaluated (``step_N``), when known."""
     license: str = "mit"
     datasets: list[str] = field(default_factory=list)
     """Hub dataset ids for the metadata, besides those read from hf://datasets/... training URLs."""
 
 
 def find_eval_results(run_dir: Path, checkpoint_name: str) -> tuple[Path, dict] | None:
-    """The run's ``clipforge eval`` JSON for this checkpoint (``*{checkpoint_name}.json``), else the newest one."""
-    files = sorted((run_dir / "eval").glob("*.json"), key=lambda path: path.stat().st_mtime)
-    if not files:
-        return None
-    matching = [path for path in files if path.stem.endswith(checkpoint_name)]
-    chosen = (matching or files)[-1]
-    return chosen, json.loads(chosen.read_text())
+    """The training-time evaluation of checkpoint ``checkpoint_name`` (``RUN/eval/step_N.json``, as the trainer
+    writes it), or None. Results of other checkpoints, and ad-hoc ``clipforge eval`` runs, are not taken: the card
+    must not publish numbers of another model, or of a suite or labels the run was not evaluated with."""
+    path = run_dir / "eval" / f"{checkpoint_name}.json"
+    return (path, json.loads(path.read_text())) if path.is_file() else None
+
+
+def eval_origin(path: Path, run_config: dict | None = None) -> tuple[str | None, str | None]:
+    """(suite, checkpoint) that a results file's name records: the trainer writes ``step_N.json`` with the run's
+    ``eval.suite``; ``clipforge eval`` writes ``SUITE_CHECKPOINT.json``. ``None`` where the name does not say."""
+    match = re.fullmatch(r"(?:(.+)_)?(step_\d+)", Path(path).stem)
+    if match is None:
+        return None, None
+    if match.group(1) is not None:
+        return match.group(1), match.group(2)
+    suite = ((run_config or {}).get("eval") or {}).get("suite")
+    return (str(suite) if suite is not None else None), match.group(2)
 
 
 def _sources(run_config: dict) -> list[dict]:
@@ -67,7 +97,11 @@ def hub_datasets(run_config: dict | None, extra: list[str]) -> list[str]:
 
 def _results_section(info: CardInfo) -> str:
     if not info.eval_results:
-        return "No `clipforge eval` results were found for this run.\n"
+        checkpoint = f"checkpoint `{info.step}`" if info.step else "the exported checkpoint"
+        return (
+            f"No `clipforge eval` results of {checkpoint}: none were written during training (`RUN/eval/step_N.json`) "
+            "and none were named (`clipforge export --eval-results FILE`).\n"
+        )
     from clipforge.evaluation import markdown_table
 
     try:
@@ -81,7 +115,21 @@ def _results_section(info: CardInfo) -> str:
             if isinstance(value, (int, float))
         ]
         table = "\n".join(["| dataset | metric | value |", "|---|---|---|", *rows])
-    return f"Zero-shot results from `clipforge eval` (`{info.eval_source}`):\n\n{table}\n"
+    return f"{_results_origin(info)}:\n\n{table}\n"
+
+
+def _results_origin(info: CardInfo) -> str:
+    """Which evaluation the numbers come from: checkpoint, suite, datasets and file."""
+    if info.eval_step is None:
+        checkpoint = "a checkpoint its file name does not record"
+    elif info.step is not None and info.eval_step != info.step:
+        checkpoint = f"checkpoint `{info.eval_step}` (not the exported `{info.step}`)"
+    else:
+        checkpoint = f"checkpoint `{info.eval_step}`"
+    suite = f" with suite `{redact_text(info.eval_suite)}`" if info.eval_suite else ""
+    names = [name for name, metrics in (info.eval_results or {}).items() if isinstance(metrics, dict)]
+    datasets = f" on {', '.join(f'`{name}`' for name in names)}" if names else ""
+    return f"`clipforge eval` of {checkpoint}{suite}{datasets} (results file `{info.eval_source}`)"
 
 
 RECIPE = (
@@ -115,7 +163,8 @@ def _training_section(info: CardInfo) -> str:
     config_yaml = yaml.safe_dump(info.run_config, sort_keys=False)
     lines += [
         "",
-        "<details><summary>Full resolved run config</summary>",
+        "<details><summary>Full run config, as saved with the checkpoint (interpolations such as `${oc.env:...}` "
+        "unresolved, credentials redacted)</summary>",
         "",
         "```yaml",
         config_yaml.rstrip(),
@@ -142,6 +191,14 @@ def example_labels(eval_results: dict[str, Any] | None) -> tuple[str | None, lis
     return None, GENERIC_LABELS
 
 
+def photo_of(label: str) -> str:
+    """``"a photo of a/an LABEL"``, or ``"a photo of LABEL"`` where the label brings its own article."""
+    if label.split(" ", 1)[0].lower() in ("a", "an", "the"):
+        return f"a photo of {label}"
+    article = "an" if label[:1].lower() in tuple("aeiou") else "a"  # by the first letter: a guess, not phonetics
+    return f"a photo of {article} {label}"
+
+
 def _labels_sentence(dataset: str | None) -> str:
     if dataset is None:
         return ""
@@ -151,7 +208,7 @@ def _labels_sentence(dataset: str | None) -> str:
 def _towers_section(name: str, family: str | None, towers: dict[str, dict], labels: list[str]) -> str:
     """How to load the encoders of ``towers`` ({"text"|"image": {"folder", "class", "processor"}}, as written)."""
     embeds = {"text": "text_embeds", "image": "image_embeds"} if family == "clip" else {}
-    texts = [f"a photo of a {label}" for label in labels]
+    texts = [photo_of(label) for label in labels]
     imports = [towers[tower]["class"] for tower in towers]
     imports += ["AutoImageProcessor"] if "image" in towers else []
     imports += ["AutoTokenizer"] if towers.get("text", {}).get("processor") else []
@@ -194,9 +251,12 @@ def _usage_section(
     context_length: int,
     towers: dict[str, dict] | None = None,
     eval_results: dict[str, Any] | None = None,
+    folder: str | None = None,
 ) -> str:
+    """How to load the export: from the Hub repo ``name``, or from ``folder`` where the export is not pushed."""
+    name = folder or name
     dataset, labels = example_labels(eval_results)
-    texts = [f"a photo of a {label}" for label in labels]
+    texts = [photo_of(label) for label in labels]
     parts = []
     if "hf" in formats and towers:
         note = _labels_sentence(dataset)
@@ -226,23 +286,26 @@ classifier(image, candidate_labels={labels!r})
 ```
 
 {_labels_sentence(dataset)}The tokenizer is open_clip's BPE with a context of {context_length} tokens
-(`truncation=True` cuts longer captions as open_clip does). Images that need resizing are preprocessed exactly as
-in training's evaluation with `AutoImageProcessor.from_pretrained("{name}", backend="pil")`; the default
-torchvision backend resizes tensors and differs slightly. open_clip also cleans text with `ftfy` and HTML
-unescaping; for captions with curly quotes, ligatures, full-width letters or HTML entities apply
-`open_clip.tokenizer.basic_clean` first to get identical token ids.
+(`truncation=True` cuts longer captions as open_clip does). `AutoImageProcessor.from_pretrained("{name}",
+backend="pil")` gives the pixels of training's evaluation (open_clip's transform) except where the centre crop of
+the resized image has a margin of 4k+3 pixels: open_clip's torchvision crop rounds half that margin to even,
+transformers rounds it down, so the crop sits one pixel apart. The default torchvision backend also resizes
+tensors, slightly differently. open_clip also cleans text with `ftfy` and HTML unescaping; for captions with curly
+quotes, ligatures, full-width letters or HTML entities apply `open_clip.tokenizer.basic_clean` first to get
+identical token ids.
 """)
     if "open_clip" in formats:
+        where, other = (f"local-dir:{folder}", "hf-hub:ORG/NAME") if folder else (f"hf-hub:{name}", "local-dir:PATH")
         parts.append(f"""### open_clip
 
 ```python
 import open_clip
 
-model, _, preprocess = open_clip.create_model_and_transforms("hf-hub:{name}")
-tokenizer = open_clip.get_tokenizer("hf-hub:{name}")
+model, _, preprocess = open_clip.create_model_and_transforms("{where}")
+tokenizer = open_clip.get_tokenizer("{where}")
 ```
 
-A local copy loads with `"local-dir:PATH"` in place of `"hf-hub:{name}"`.
+{"Pushed to the Hub" if folder else "A local copy"} loads with `"{other}"` in place of `"{where}"`.
 """)
     return "\n".join(parts)
 
@@ -257,6 +320,7 @@ def model_card(
 ) -> ModelCard:
     """The README.md for an export folder written in ``formats`` ("hf", "open_clip"); ``towers``, where the "hf"
     format wrote encoders alone, is what ``write_transformers`` says it wrote of them."""
+    info = dataclasses.replace(info, run_config=redact(info.run_config) if info.run_config else None)
     encoders_alone = bool(towers) and "hf" in formats  # they cannot classify: no zero-shot tag, and no Hub widget
     tags = ["clip", "clipforge"] + ([] if encoders_alone else ["zero-shot-image-classification"])
     tags += (["siglip"] if family == "siglip" else []) + (["open_clip"] if "open_clip" in formats else [])
@@ -291,7 +355,9 @@ def model_card(
         _training_section(info),
         "## How to load",
         "",
-        _usage_section(info.name, formats, family, text_cfg.get("context_length", 77), towers, info.eval_results),
+        _usage_section(
+            info.name, formats, family, text_cfg.get("context_length", 77), towers, info.eval_results, info.folder
+        ),
     ]
     if notes:
         body += ["## Conversion notes", "", *[f"- {note}" for note in notes], ""]

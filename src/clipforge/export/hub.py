@@ -10,19 +10,22 @@ is refused unless ``force``; then the upload only adds and replaces files. A cli
 to mirror the folder (files of an earlier export that this one lacks are deleted in the same
 commit), so a stale ``open_clip_model.safetensors`` cannot outlive the weights it belonged to.
 
-Before anything is created or uploaded, ``check_access`` asks the Hub who the token belongs to: offline mode, no
-token, a rejected token, no network, or a namespace the token cannot write to each end in one ``HubUnavailable``
-line saying what to do (the local export is already written and stays).
+``check_repo_id`` refuses a repo id the Hub would refuse, before any export work. Before anything is created or
+uploaded, ``check_access`` asks the Hub who the token belongs to: offline mode, no token, a rejected token, no
+network, or a namespace the token cannot write to each end in one ``HubUnavailable`` line saying what to do, with
+the ``hf upload`` command (shell-quoted) that pushes the folder later (the local export is already written and stays).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 from pathlib import Path
 
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError
+from huggingface_hub.utils import validate_repo_id
 
 log = logging.getLogger(__name__)
 
@@ -33,37 +36,54 @@ class HubUnavailable(ValueError):
     """The Hub cannot take this push (offline, no or a rejected token, no network, no write access)."""
 
 
-def check_access(api: HfApi, repo_id: str) -> str:
+def check_repo_id(repo_id: str) -> None:
+    """``ValueError`` naming ``repo_id`` and the Hub's rule unless it is a model repo id the Hub accepts."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exn:
+        raise ValueError(f"--push {repo_id!r} is not a Hub repo id (NAME or ORG/NAME): {exn}") from None
+
+
+def upload_command(folder: str | Path, repo_id: str, revision: str | None = None, private: bool = False) -> str:
+    """The ``hf upload`` command line that pushes ``folder`` to ``repo_id``, each value quoted for a POSIX shell."""
+    words = ["hf", "upload", repo_id, str(Path(folder).resolve()), "."]  # absolute: never read as an option
+    words += ["--revision", revision] if revision else []
+    words += ["--private"] if private else []
+    return shlex.join(words)
+
+
+def _unavailable(problem: str, fix: str, later: str) -> HubUnavailable:
+    return HubUnavailable(f"{problem}; the export is kept: {fix}, then push it with `{later}`")
+
+
+def check_access(api: HfApi, repo_id: str, later: str = "hf upload") -> str:
     """The user the token belongs to, once token, network and write access to ``repo_id``'s namespace are known
-    good; else ``HubUnavailable`` naming what to do."""
-    later = f"the export is kept; push it later with `hf upload {repo_id} FOLDER`"
+    good; else ``HubUnavailable`` saying what is wrong, what to do, and ``later``, the command that pushes the
+    folder once it can be (``upload_command``)."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise HubUnavailable(f"HF_HUB_OFFLINE is set, so nothing can be pushed to {repo_id}; unset it, or {later}")
+        raise _unavailable(f"HF_HUB_OFFLINE is set, so nothing was pushed to {repo_id}", "unset it", later)
     try:
         me = api.whoami()
     except LocalTokenNotFoundError:
-        raise HubUnavailable(f"no Hugging Face token: set HF_TOKEN or run `hf auth login` ({later})") from None
+        raise _unavailable("no Hugging Face token", "set HF_TOKEN or run `hf auth login`", later) from None
     except HfHubHTTPError as exn:
         status = getattr(getattr(exn, "response", None), "status_code", None)
         if status == 401:
-            raise HubUnavailable(
-                f"the Hub rejected the token (401): set a valid HF_TOKEN or run `hf auth login` ({later})"
-            ) from None
-        raise HubUnavailable(f"the Hub answered {status or 'an error'} ({str(exn).splitlines()[0]}); {later}") from None
+            fix = "set a valid HF_TOKEN or run `hf auth login`"
+            raise _unavailable("the Hub rejected the token (401)", fix, later) from None
+        problem = f"the Hub answered {status or 'an error'} ({str(exn).splitlines()[0]})"
+        raise _unavailable(problem, "wait until it answers", later) from None
     except Exception as exn:  # httpx's and the OS's connection errors: no network, DNS, proxy
         detail = " ".join(str(exn).split())[:200]
-        raise HubUnavailable(
-            f"cannot reach the Hub ({type(exn).__name__}: {detail}); check the network or proxy, or {later}"
-        ) from None
+        problem = f"cannot reach the Hub ({type(exn).__name__}: {detail})"
+        raise _unavailable(problem, "check the network or proxy", later) from None
     user = me.get("name", "?")
     namespaces = {user} | {org.get("name") for org in me.get("orgs", []) or []}
     namespace = repo_id.split("/")[0] if "/" in repo_id else user
     if namespace not in namespaces:
         organisations = ", ".join(sorted(namespaces - {user})) or "none"
-        raise HubUnavailable(
-            f"the token belongs to {user} (organisations: {organisations}), who cannot write to "
-            f"{namespace}/; push to {user}/... or use a token of {namespace} ({later})"
-        )
+        problem = f"the token belongs to {user} (organisations: {organisations}), who cannot write to {namespace}/"
+        raise _unavailable(problem, f"use a token that can write to {namespace}/ (or push to {user}/...)", later)
     return user
 
 
@@ -80,10 +100,11 @@ def push_to_hub(
 ) -> str:
     """Upload ``folder`` (a clipforge export) to the model repo ``repo_id``; returns the commit URL."""
     folder = Path(folder)
+    check_repo_id(repo_id)
     if not (folder / MARKER).is_file():
         raise FileNotFoundError(f"{folder} is not a clipforge export folder (no {MARKER})")
     api = api or HfApi(token=token)
-    check_access(api, repo_id)
+    check_access(api, repo_id, upload_command(folder, repo_id, revision, private))
     mirror = True
     if api.repo_exists(repo_id, repo_type="model"):
         files = api.list_repo_files(repo_id, repo_type="model")
