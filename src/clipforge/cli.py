@@ -39,7 +39,7 @@ def _prep(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         noise=args.noise,
     )
-    summary = write_synthetic(spec, progress=not args.quiet)
+    summary = write_synthetic(spec, progress=not args.quiet, overwrite=args.overwrite)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -137,8 +137,8 @@ def _add_writer_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the shards an earlier run wrote in --out (default: resume it with the same "
-        "settings, or refuse other settings)",
+        help="replace what an earlier run wrote in --out (default: resume it with the same settings, or refuse "
+        "other settings; files prep did not write are refused either way)",
     )
     parser.add_argument("--workers", type=int, default=2, help="writer processes; 1 writes in this process (2)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -147,15 +147,21 @@ def _add_writer_options(parser: argparse.ArgumentParser) -> None:
 def _add_prep_sources(prep_kinds: argparse._SubParsersAction) -> None:
     resumable = (
         "Shards already complete (NNNNN.tar + NNNNN_stats.json) are kept, so an interrupted run can simply be "
-        "repeated. Rows with a missing or undecodable image or an empty caption are skipped and counted."
+        "repeated; an --out holding anything else than an earlier prep run's output is refused. Rows with a missing "
+        "or undecodable image or an empty caption are skipped and counted; when no row gives a sample, nothing is "
+        "left written and the command fails."
     )
     table = prep_kinds.add_parser(
         "table",
-        help="a CSV/TSV/parquet table of local image paths and captions → img2dataset-layout shards",
-        description="Write the rows of TABLE (.csv, .tsv, .parquet) as img2dataset-layout shards: OUT/00000.tar "
-        "(KEY.jpg|png|webp, KEY.txt, KEY.json) ... " + resumable,
+        help="a CSV/TSV/parquet/JSON-lines table of local image paths and captions → img2dataset-layout shards",
+        description="Write the rows of TABLE (.csv, .tsv, .parquet, .jsonl) as img2dataset-layout shards: "
+        "OUT/00000.tar (KEY.jpg|png|webp, KEY.txt, KEY.json) ... " + resumable + " Image URLs (http://, https://) "
+        "are refused: img2dataset downloads them into shards that train as they are.",
     )
-    table.add_argument("table", help="CSV (.tsv: tab-separated) or parquet file")
+    table.add_argument(
+        "table",
+        help="CSV, .tsv (tab-separated), .parquet, or JSON lines (.jsonl; .json: JSON lines, or one array of records)",
+    )
     table.add_argument("--image-column", required=True, help="column holding image paths (or, in parquet, image bytes)")
     table.add_argument("--caption-column", required=True, help="column holding the captions")
     table.add_argument("--image-root", help="directory that relative image paths start from (default: the table's)")
@@ -267,7 +273,7 @@ def _prep_filter(args: argparse.Namespace) -> int:
 def _prep_reshard(args: argparse.Namespace) -> int:
     from clipforge.curation.reshard import reshard
 
-    card = reshard(args.shards, args.kept, args.out, args.samples_per_shard, args.embeddings)
+    card = reshard(args.shards, args.kept, args.out, args.samples_per_shard, args.embeddings, args.overwrite)
     print(json.dumps({key: card[key] for key in ("samples_in", "samples_out", "output", "extra")}, indent=1))
     return 0
 
@@ -346,6 +352,12 @@ def _add_prep_curation(prep_kinds: argparse._SubParsersAction) -> None:
     again.add_argument("--out", required=True, help="output directory")
     again.add_argument("--samples-per-shard", type=int, default=1_000, help="samples per new shard (1000)")
     again.add_argument("--embeddings", metavar="SCORES", help="`prep score` output whose rows to carry along")
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what an earlier reshard with other settings wrote in --out (default: refuse other settings; "
+        "the same settings write it again; files prep did not write are refused either way)",
+    )
     again.set_defaults(func=_prep_reshard)
 
 
@@ -661,6 +673,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="share of training captions replaced by another sample's, e.g. 0.3; the replaced keys are listed in "
         "OUT/train/noisy_keys.tsv (for curation benchmarks; 0)",
+    )
+    synth.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what an earlier run wrote in --out (default: resume it with the same settings, or refuse "
+        "other settings; files prep did not write are refused either way)",
     )
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=_prep)
