@@ -84,8 +84,9 @@ def test_clip_model_gives_clipforge_embeddings(clip_export):
     pixels = torch.stack([built.eval_transform(picture) for picture in pictures])  # (4, 3, 32, 32)
     inputs = processor(text=CAPTIONS, images=pictures, return_tensors="pt", padding=True, truncation=True)
     torch.testing.assert_close(inputs["pixel_values"], pixels, atol=1e-6, rtol=0)
-    # Images that need resizing: transformers' PIL backend resizes and crops exactly as open_clip's transform
-    # (its default torchvision backend resizes tensors, a few hundredths off).
+    # Images that need resizing: transformers' PIL backend resizes and crops exactly as open_clip's transform where
+    # the crop's margin is not 4k+3 (here 0 and 29; the test on odd margins has the rest). Its default torchvision
+    # backend resizes tensors, a few hundredths off.
     resized = images(2, size=45) + [images(1, size=77)[0].crop((0, 0, 77, 40))]
     pil_processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
     torch.testing.assert_close(
@@ -963,3 +964,47 @@ def test_the_cards_snippets_load_the_export_folder_and_say_a_photo_of_an(gelu_ex
     namespace = {"image": images(1, size=45)[0]}
     exec(snippet, namespace)  # runs as written, from any directory the folder path is valid in
     assert namespace["probs"].shape == (1, len(names))
+
+
+ODD_MARGINS = {  # an image's size → the margin its centre crop removes after the shortest side is resized to 32
+    (42, 40): 1,
+    (44, 40): 3,
+    (47, 40): 5,
+    (49, 40): 7,
+    (40, 44): 3,
+    (40, 49): 7,
+    (40, 47): 5,
+    (128, 45): 59,
+}
+
+
+@torch.no_grad()
+def test_the_processor_crops_as_clipforge_eval_except_at_a_margin_of_4k_plus_3(gelu_export):
+    """Where the resized image leaves an odd margin to crop, torchvision's CenterCrop (open_clip's transform, which
+    clipforge eval uses) puts the crop at round(margin / 2), rounding half to even, and transformers' processor (both
+    backends) at floor(margin / 2). At a margin of 4k+1 they agree and the PIL backend gives clipforge's pixels
+    exactly; at 4k+3 its crop sits one pixel further up or left, and otherwise matches to the last bit."""
+    import torchvision.transforms.functional as TF
+    from transformers import AutoImageProcessor
+
+    _, built, folder = gelu_export
+    pil = AutoImageProcessor.from_pretrained(folder, backend="pil")
+    default = AutoImageProcessor.from_pretrained(folder)  # transformers 5: the torchvision backend
+    resize, _crop, *rest = built.eval_transform.transforms
+    generator = np.random.default_rng(0)
+    for (width, height), margin in ODD_MARGINS.items():
+        picture = Image.fromarray(generator.integers(0, 256, (height, width, 3), dtype=np.uint8))  # every shift shows
+        resized = resize(picture)
+        assert max(resized.size) - 32 == margin
+        floor = TF.crop(resized, (resized.size[1] - 32) // 2, (resized.size[0] - 32) // 2, 32, 32)
+        for step in rest:
+            floor = step(floor)
+        ours = built.eval_transform(picture)  # (3, 32, 32)
+        theirs = pil(images=picture, return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(theirs, floor, atol=1e-6, rtol=0)  # transformers crops at floor(margin / 2)
+        if margin % 4 == 3:
+            assert (theirs - ours).abs().max() > 0.5, (width, height)  # one pixel apart
+        else:
+            torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=0)
+        tensors = default(images=picture, return_tensors="pt")["pixel_values"][0]
+        assert (tensors - theirs).abs().mean() < 0.01  # the same crop; its tensor resize differs slightly

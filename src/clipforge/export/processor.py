@@ -22,10 +22,13 @@ shipped inside open_clip, offline, and gives it to transformers' ``CLIPTokenizer
 Image processor: ``CLIPImageProcessor`` with open_clip's eval transform: resize the shortest side
 to the image size (or squash to it), centre-crop, the same interpolation, mean and std. Its PIL
 backend (``AutoImageProcessor.from_pretrained(DIR, backend="pil")``) gives open_clip's pixels
-exactly; transformers 5 loads the torchvision backend by default, which resizes tensors and
-differs by up to a few tenths (normalised units) where an image is resized, not at all where it
-is already at the model's size. A saved folder cannot choose the backend: transformers 5 records
-both under the one ``image_processor_type``.
+exactly, but for the crop's offset where the resized image leaves a margin of 4k+3 pixels:
+torchvision's ``CenterCrop`` takes ``round(margin / 2)``, rounding half to even, and both of
+transformers' backends ``floor(margin / 2)``, one pixel less; no processor setting expresses
+torchvision's rounding. transformers 5 loads the torchvision backend by default, which also resizes
+tensors and differs by up to a few tenths (normalised units) where an image is resized, not at all
+where it is already at the model's size. A saved folder cannot choose the backend: transformers 5
+records both under the one ``image_processor_type``.
 """
 
 from __future__ import annotations
