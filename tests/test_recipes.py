@@ -9,7 +9,7 @@ import pytest
 
 from clipforge.cli import main
 from clipforge.config import load_config
-from clipforge.train.loop import dry_run
+from clipforge.train.preflight import dry_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))

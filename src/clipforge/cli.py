@@ -386,7 +386,7 @@ def _train(args: argparse.Namespace) -> int:
 def _dry_run(cfg, print_config: bool) -> int:
     """The checks and the summary first (a problem is the one line the user sees), the resolved config on request."""
     from clipforge.config import to_yaml
-    from clipforge.train.loop import dry_run
+    from clipforge.train.preflight import dry_run
 
     summary = dry_run(cfg)
     width = max(map(len, summary))

@@ -60,6 +60,7 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -78,7 +79,7 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0  # how often a rank waiting for its workers checks for a stop request and for a stall
 
-__all__ = ["DataConfig", "DataError", "StopRequested", "TrainLoader", "build_train_loader"]
+__all__ = ["DataConfig", "DataError", "DataPlan", "StopRequested", "TrainLoader", "build_train_loader", "plan_data"]
 
 
 class StopRequested(Exception):
@@ -418,13 +419,10 @@ class TrainLoader:
     @property
     def steps_per_epoch(self) -> int | None:
         """Batches per rank per epoch: exact in resampled mode, an upper bound in epoch mode (None if unknown)."""
-        global_batch = self.dataset.cfg.batch_size * self.dataset.world_size
-        if self.dataset.mode == "resampled":
-            total = self.dataset.cfg.epoch_samples or sum(s.num_samples or 0 for s in self.dataset.sources)
-            return max(1, total // global_batch)
-        if any(v is None for v in self.dataset.sizes.values()):
-            return None
-        return sum(v or 0 for v in self.dataset.sizes.values()) // global_batch
+        plan = DataPlan(self.dataset.sources, self.dataset.mode)
+        return plan.steps_per_epoch(
+            self.dataset.cfg.batch_size, self.dataset.world_size, self.dataset.cfg.epoch_samples
+        )
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -686,30 +684,56 @@ class TrainLoader:
         )
 
 
-def build_train_loader(
-    cfg: DataConfig,
-    preprocess_cfg: dict[str, Any],
-    tokenizer: Callable,
-    rank: int = 0,
-    world_size: int = 1,
-    pin_memory: bool = False,
-    agree: Callable[..., Any] = _all_ranks_agree,
-    normalize_in_workers: bool = False,
-    sample_ids: bool = False,
-    trim_text: bool = False,
-    stop_requested: Callable[[], bool] = _never,
-) -> TrainLoader:
-    """The training loader for this rank. ``preprocess_cfg`` is open_clip's (``model.visual.preprocess_cfg``):
-    output size, mean, std, interpolation. Batches hold uint8 images and ``loader.transform.normalize`` makes
-    the model's float input from them on the training device; with ``normalize_in_workers`` (training on a
-    CPU) the workers do that and batches arrive normalised (``normalize`` then passes them through). With
-    ``sample_ids`` batches also hold ``caption_ids`` and ``image_ids`` (int64 (B,), 63-bit BLAKE2b hashes of the
-    cleaned caption and of the image file's bytes) for the multi-positive loss. With ``trim_text`` each batch's
-    tokens stop after its longest caption's end-of-text token (for a model ``enable_text_trimming`` accepted)."""
-    sources = [Source.resolve(source, i) for i, source in enumerate(cfg.source_configs())]
+@dataclass(frozen=True)
+class DataPlan:
+    """The training data as a run reads it, decided before any sample is: the resolved sources (their shards and
+    sample counts) and the mode (``data.shard_shortage=resample`` turns a short epoch mode into resampled)."""
+
+    sources: list[Source]
+    mode: str
+
+    @property
+    def num_shards(self) -> int:
+        return sum(len(source.shards) for source in self.sources)
+
+    @property
+    def num_samples(self) -> int | None:
+        """Samples in all sources (from ``num_samples`` or the counts beside the shards); None if one is unknown."""
+        counts = [source.num_samples for source in self.sources]
+        return None if any(count is None for count in counts) else sum(counts)
+
+    def steps_per_epoch(self, batch_size: int, world_size: int, epoch_samples: int | None = None) -> int | None:
+        """Batches per rank per epoch: exact in resampled mode, an upper bound in epoch mode (None if unknown)."""
+        global_batch = batch_size * world_size
+        if self.mode == "resampled":
+            total = epoch_samples or sum(source.num_samples or 0 for source in self.sources)
+            return max(1, total // global_batch)
+        sizes = {shard: size for source in self.sources for shard, size in source.sizes.items()}
+        if any(size is None for size in sizes.values()):
+            return None
+        return sum(sizes.values()) // global_batch
+
+
+def plan_data(cfg: DataConfig, world_size: int) -> DataPlan:
+    """The sources resolved and the mode chosen for ``world_size`` ranks × ``cfg.num_workers`` readers, with every
+    check that needs no sample: shards exist, enough of them to split disjointly (epoch mode), the counts resampled
+    mode needs, and no source (or epoch) without a sample or a full batch where the counts are known. Raises
+    ``ValueError`` (``FileNotFoundError`` when no shard exists) naming the key and the shards."""
+    configs = cfg.source_configs()
+    sources = [Source.resolve(source, i) for i, source in enumerate(configs)]
     if cfg.teacher is not None:
         TeacherEmbeddings(cfg.teacher)  # a wrong folder fails here, not in a worker
-    transform = ImageTransform.from_preprocess_cfg(preprocess_cfg, train=True, max_pixels=cfg.max_image_pixels)
+    for i, source in enumerate(sources):
+        if source.num_samples == 0:
+            counted = (
+                f"data.sources[{i}].num_samples is 0"
+                if configs[i].num_samples is not None
+                else f"its {len(source.shards)} shards ({configs[i].urls}) hold 0 samples by the sizes.json or "
+                "*_stats.json beside them"
+            )
+            raise ValueError(
+                f"data.sources[{i}]: {counted}: nothing to train on (clipforge prep inspect shows what the shards hold)"
+            )
     mode = cfg.mode
     num_shards = sum(len(source.shards) for source in sources)
     slots = world_size * max(1, cfg.num_workers)
@@ -742,7 +766,50 @@ def build_train_loader(
             f"data.sources[{unknown[0]}]: resampled mode needs its sample count to weight sources by "
             "samples: set its num_samples, or write sizes.json beside the shards"
         )
+    plan = DataPlan(sources, mode)
+    if plan.steps_per_epoch(cfg.batch_size, world_size) == 0:  # epoch mode, every count known
+        raise ValueError(
+            f"data.sources: {plan.num_samples} samples in all ({' + '.join(c.urls for c in configs)}) make no full "
+            f"global batch of {cfg.batch_size * world_size} (data.batch_size {cfg.batch_size} × world size "
+            f"{world_size}), so an epoch has no step: lower data.batch_size, or add data"
+        )
+    return plan
+
+
+def build_train_loader(
+    cfg: DataConfig,
+    preprocess_cfg: dict[str, Any],
+    tokenizer: Callable,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    agree: Callable[..., Any] = _all_ranks_agree,
+    normalize_in_workers: bool = False,
+    sample_ids: bool = False,
+    trim_text: bool = False,
+    stop_requested: Callable[[], bool] = _never,
+    plan: DataPlan | None = None,
+) -> TrainLoader:
+    """The training loader for this rank. ``preprocess_cfg`` is open_clip's (``model.visual.preprocess_cfg``):
+    output size, mean, std, interpolation. Batches hold uint8 images and ``loader.transform.normalize`` makes
+    the model's float input from them on the training device; with ``normalize_in_workers`` (training on a
+    CPU) the workers do that and batches arrive normalised (``normalize`` then passes them through). With
+    ``sample_ids`` batches also hold ``caption_ids`` and ``image_ids`` (int64 (B,), 63-bit BLAKE2b hashes of the
+    cleaned caption and of the image file's bytes) for the multi-positive loss. With ``trim_text`` each batch's
+    tokens stop after its longest caption's end-of-text token (for a model ``enable_text_trimming`` accepted).
+    ``plan`` is ``plan_data(cfg, world_size)`` when the caller has made it already (its checks ran then)."""
+    plan = plan or plan_data(cfg, world_size)
+    transform = ImageTransform.from_preprocess_cfg(preprocess_cfg, train=True, max_pixels=cfg.max_image_pixels)
     dataset = ShardedImageText(
-        sources, cfg, transform, tokenizer, rank, world_size, mode, normalize_in_workers, sample_ids, trim_text
+        plan.sources,
+        cfg,
+        transform,
+        tokenizer,
+        rank,
+        world_size,
+        plan.mode,
+        normalize_in_workers,
+        sample_ids,
+        trim_text,
     )
     return TrainLoader(dataset, cfg.num_workers, cfg.prefetch_factor, pin_memory, agree, stop_requested)

@@ -2,8 +2,9 @@
 
 Each component gets its own sub-config and the runtime objects it needs (``DistInfo``, the agreement function,
 the stop signals), never the whole config. ``build_run`` checks what can fail cheaply first (the suite file, the
-resume target) and returns a ``Run``: the prepared model, the step strategy, the loader, the restart state
-(``clipforge.train.state``), the checkpointer and the health monitor.
+resume target, the data plan: shards, sample counts, enough shards for the readers; ``clipforge.train.preflight``
+makes the same checks without a run) and returns a ``Run``: the prepared model, the step strategy, the loader, the
+restart state (``clipforge.train.state``), the checkpointer and the health monitor.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from clipforge.data.pipeline import TrainLoader, build_train_loader
+from clipforge.data.pipeline import TrainLoader, build_train_loader, plan_data
 from clipforge.distributed import DistInfo, make_agreement
 from clipforge.evaluation import load_suite
 from clipforge.health import CollapseMonitor, HealthProbe
@@ -65,6 +66,7 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
         run_dir / "checkpoints", cfg.train.keep_last, dist_info.rank, asynchronous=cfg.train.async_checkpoint
     )
     resume_from = resolve_resume(cfg.train.resume, checkpointer)
+    plan = plan_data(cfg.data, dist_info.world_size)  # empty or too few shards fail now, not after the model is built
     built = build_model(cfg.model)
     prepared = prepare_model(built.model, cfg.model, cfg.train, cfg.loss.learn_temperature, dist_info)
     optimizer = build_optimizer(cfg.optim, built.model)
@@ -84,6 +86,7 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
         sample_ids=cfg.loss.positives != "pairs",
         trim_text=prepared.trim_text,
         stop_requested=stop_requested,
+        plan=plan,
     )
     queue = (
         MomentumQueue(

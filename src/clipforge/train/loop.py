@@ -24,13 +24,12 @@ from clipforge.distributed import DistInfo, destroy_process_group, init_process_
 from clipforge.evaluation import OpenClipEncoder, load_suite, markdown_table, run_suite
 from clipforge.evaluation.suite import headline
 from clipforge.health import CollapseError, CollapseMonitor, HealthProbe
-from clipforge.models import build_model
 from clipforge.train.build import Run, build_run
 from clipforge.train.config import TrainConfig
-from clipforge.train.flops import count_train_flops
 from clipforge.train.meter import StepMeter
 from clipforge.train.metrics import MetricLogger, plot_curves
-from clipforge.train.parallel import apply_training_options, unwrap
+from clipforge.train.parallel import unwrap
+from clipforge.train.preflight import check_output_dir
 from clipforge.train.step import AUTOCAST_DTYPES
 
 if TYPE_CHECKING:
@@ -178,68 +177,12 @@ def _check_health(
         raise collapsed
 
 
-def dry_run(cfg: RunConfig, check_inputs: bool = True) -> dict[str, Any]:
-    """What a run would train: parameter counts and model FLOPs per sample; with ``check_inputs``, after every check
-    the real run makes before its first step (the suite file, the resume target, the sources: shards found, sample
-    counts, enough shards for world size × data.num_workers), reading no sample.
-
-    FLOPs are ``clipforge.train.flops.count_train_flops``, the count the run's MFU uses: each tower's forward in
-    train mode (patch dropout applied), and the backward autograd runs (none for a locked tower), at the full
-    caption length (a trimmed batch costs less; the run charges each batch for its own length).
-    """
-    built = build_model(cfg.model)
-    apply_training_options(built.model, cfg.model, cfg.loss.learn_temperature)  # locks change the trainable count
-    model = built.model
-    counts = {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "image_tower_parameters": sum(p.numel() for p in model.visual.parameters()),
-    }
-    counts["text_tower_parameters"] = counts["parameters"] - counts["image_tower_parameters"]
-    size = built.preprocess_cfg["size"]
-    height, width = (size, size) if isinstance(size, int) else size
-    flops = count_train_flops(cfg.model, cfg.loss.learn_temperature, cfg.train.pooled_last_block)
-    dist_info = DistInfo.from_env(os.environ)
-    global_batch = cfg.data.batch_size * dist_info.world_size
-    inputs = _check_inputs(cfg, built, dist_info) if check_inputs else {}
-    return {
-        "architecture": built.architecture,
-        "image_size": [height, width],
-        "context_length": flops.context_length,
-        **counts,
-        "image_forward_gflops_per_sample": flops.image_forward / 1e9,
-        "text_forward_gflops_per_sample": flops.text_forward / 1e9,
-        "image_train_gflops_per_sample": flops.image_train / 1e9,
-        "text_train_gflops_per_sample": flops.text_train() / 1e9,
-        "train_gflops_per_sample": flops.train() / 1e9,
-        "train_pflops_total": flops.train() * global_batch * cfg.train.steps / 1e15,
-        **inputs,
-    }
-
-
-def _check_inputs(cfg: RunConfig, built, dist_info: DistInfo) -> dict[str, Any]:
-    """The run's own checks of its inputs, as ``build_run`` makes them (rank 0's view of the data)."""
-    from clipforge.data.pipeline import build_train_loader
-    from clipforge.train.build import resolve_resume
-    from clipforge.train.checkpoint import Checkpointer
-
-    if cfg.eval.suite is not None:
-        load_suite(cfg.eval.suite)
-    resume = resolve_resume(cfg.train.resume, Checkpointer(Path(cfg.train.output_dir) / "checkpoints"))
-    loader = build_train_loader(cfg.data, built.preprocess_cfg, built.tokenizer, 0, dist_info.world_size)
-    return {
-        "shards": len(loader.dataset.shards),
-        "data_mode": loader.dataset.mode,
-        "steps_per_epoch": loader.steps_per_epoch if loader.steps_per_epoch is not None else "unknown",
-        "resume_from": str(resume) if resume else "none (fresh start)",
-    }
-
-
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Train as configured; returns the final step, last metrics and final eval results."""
     from clipforge.config import to_yaml
 
     dist_info = DistInfo.from_env(os.environ)
+    check_output_dir(cfg.train.output_dir)  # before the process group and the run directory's lock
     init_process_group(dist_info, os.environ)
     try:
         with StopSignals() as stop, contextlib.ExitStack() as cleanup:
