@@ -46,7 +46,19 @@ def commands(shards: Path) -> dict[str, list[str]]:
         "--help": ["--help"],
         "train --help": ["train", "--help"],
         "prep inspect": ["prep", "inspect", str(shards), "--no-write", "--quiet", "--workers", "1"],
-        "submit --dry-run": ["submit", str(REPO / "configs" / "demo.yaml"), "--gpus-per-node", "0", "--dry-run"],
+        "submit --dry-run": [
+            "submit",
+            str(REPO / "configs" / "demo.yaml"),
+            "--gpus-per-node",
+            "0",
+            "--dry-run",
+            "--set",
+            f"data.sources=[{{urls: '{shards}/{{00000..00003}}.tar'}}]",  # the run's checks read the shards
+            "--set",
+            "data.batch_size=8",
+            "--set",
+            "eval.suite=null",  # eval/synthetic.yaml's data is not here
+        ],
     }
 
 

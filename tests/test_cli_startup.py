@@ -87,15 +87,26 @@ def test_a_user_error_is_reported_without_importing_torch(tmp_path):
     assert heavy == [], f"the error report imported {heavy}"
 
 
-def test_submit_dry_run_validates_the_config_without_torch():
-    code, heavy, output = run_cli("submit", "configs/demo.yaml", "--gpus-per-node", "0", "--dry-run")
-    assert code == 0 and "#SBATCH --nodes=1" in output
-    assert heavy == [], f"submit --dry-run imported {heavy}"
+def test_submit_dry_run_validates_the_config_without_torch(shards, tmp_path):
+    """A bad config is refused before torch is imported. A valid one then gets the run's own checks for the job's
+    world size (shards, sample counts, suite, checkpoints: clipforge.train.preflight), which import the trainer."""
     code, heavy, output = run_cli(
         "submit", "configs/demo.yaml", "--gpus-per-node", "0", "--dry-run", "--set", "loss.kind=x"
     )
-    assert code == 2 and "loss.kind" in output  # validated all the same
-    assert heavy == []
+    assert code == 2 and "loss.kind" in output
+    assert heavy == [], f"submit --dry-run imported {heavy} to refuse a config"
+    data = [f"data.sources=[{{urls: '{shards}/{{00000..00001}}.tar'}}]", "data.batch_size=4", "eval.suite=null"]
+    code, _, output = run_cli(
+        "submit",
+        "configs/demo.yaml",
+        "--gpus-per-node",
+        "0",
+        "--dry-run",
+        "--set",
+        f"train.output_dir={tmp_path}/run",
+        *(item for override in data for item in ("--set", override)),
+    )
+    assert code == 0 and "#SBATCH --nodes=1" in output, output[-2000:]
 
 
 def test_train_refuses_a_bad_override_before_importing_torch():
