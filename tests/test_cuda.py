@@ -27,12 +27,13 @@ import pytest
 import torch
 from checkpointing import load_checkpoint, save_checkpoint
 from ranks import run_ranks
+from references import naive_clip_loss
 from test_losses_distributed import LOCAL_BATCH, TinyDualEncoder, global_batch, loss_of, single_process_reference
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
 from clipforge.data.images import ImageTransform
-from clipforge.losses import LossConfig, build_loss, naive_clip_loss
+from clipforge.losses import LossConfig, build_loss
 from clipforge.models import ModelConfig, build_model, enable_packed_attention, enable_pooled_last_block
 from clipforge.train.optim import OptimConfig, build_optimizer
 from clipforge.train.state import RNGState

@@ -9,17 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ranks import run_ranks
+from references import naive_clip_loss, naive_distillation_loss
 from test_losses_distributed import LOCAL_BATCH, TinyDualEncoder, global_batch
 from torch.nn.parallel import DistributedDataParallel
 
-from clipforge.losses import (
-    DistillationLoss,
-    LossConfig,
-    build_loss,
-    distillation_loss,
-    naive_clip_loss,
-    naive_distillation_loss,
-)
+from clipforge.losses import DistillationLoss, LossConfig, build_loss, distillation_loss
 
 TEACHER_TEMPERATURE = 0.05
 WEIGHT = 0.7

@@ -193,7 +193,7 @@ def test_health_needs_held_out_pairs(synth_data, tiny_resnet_json, tmp_path):
 def test_pipeline_ids_are_equal_exactly_for_equal_captions(synth_data, tiny_resnet_json):
     cfg = config(synth_data, tiny_resnet_json, "unused", "data.batch_size=256")
     built = build_model(cfg.model)
-    loader = build_train_loader(cfg.data, built.preprocess_cfg, built.tokenizer, sample_ids=True)
+    loader = build_train_loader(cfg.data, built.preprocess_cfg, built.tokenizer, fields=("caption_ids", "image_ids"))
     batch = next(iter(loader))
     tokens, ids = batch["texts"], batch["caption_ids"]
     same_text = (tokens[:, None, :] == tokens[None, :, :]).all(-1)

@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ranks import run_ranks
+from references import naive_clip_loss, naive_siglip_loss
 from torch.nn.parallel import DistributedDataParallel
 
-from clipforge.losses import LossConfig, build_loss, naive_clip_loss, naive_siglip_loss
+from clipforge.losses import LossConfig, build_loss
 
 LOCAL_BATCH = 6
 

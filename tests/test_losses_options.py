@@ -15,9 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ranks import run_ranks
+from references import naive_clip_loss
 from torch.nn.parallel import DistributedDataParallel
 
-from clipforge.losses import ClipLoss, LossConfig, _hard_negative_loss, build_loss, naive_clip_loss
+from clipforge.losses import ClipLoss, LossConfig, build_loss
+from clipforge.losses.clip import hard_negative_loss
 
 CAPTION_IDS = [7, 3, 7, 9, 4, 3, 11, 7, 12, 13]  # 7 three times, 3 twice
 IMAGE_IDS = [20, 21, 22, 23, 23, 25, 20, 27, 28, 29]  # 20 and 23 twice; (0, 6) share an image, not a caption
@@ -204,8 +206,8 @@ def test_hard_negative_loss_at_beta_0_tau_0_is_the_clip_loss():
         labels = torch.arange(10)
         diagonal = torch.eye(10, dtype=torch.bool)
         return (
-            _hard_negative_loss(scale * image @ text.T, diagonal, labels, scale, 0.0, 0.0)
-            + _hard_negative_loss(scale * text @ image.T, diagonal, labels, scale, 0.0, 0.0)
+            hard_negative_loss(scale * image @ text.T, diagonal, labels, scale, 0.0, 0.0)
+            + hard_negative_loss(scale * text @ image.T, diagonal, labels, scale, 0.0, 0.0)
         ) / 2
 
     assert_same(

@@ -11,10 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from clipforge.config import ConfigError, load_config
-from clipforge.losses import queue_contrastive_loss
+from clipforge.losses import MomentumQueue, queue_contrastive_loss
 from clipforge.models import ModelConfig, build_model
 from clipforge.train.loop import train
-from clipforge.train.momentum import MomentumQueue
 
 
 def test_queue_loss_matches_a_per_row_reference():

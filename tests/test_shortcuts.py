@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import TINY_MODEL
 from open_clip.transformer import ResidualAttentionBlock
+from references import naive_clip_loss
 
-from clipforge.losses import naive_clip_loss
 from clipforge.models import ModelConfig, build_model, enable_pooled_last_block, enable_text_trimming, shortcuts
 from clipforge.models.shortcuts import block_at_token
 

@@ -55,7 +55,8 @@ def test_replayed_rng_reproduces_patch_dropout(tmp_path):
     step = make_step(model, build_loss(LossConfig()), 4)
     data = batch(built)
     chunks = list(zip(data["images"].chunk(4), data["texts"].chunk(4)))
-    states, image_features, _ = step.cache_features(chunks)
+    states, cached = step.cache_features(chunks)
+    image_features = cached["image_features"]
     replayed, fresh = [], []
     with torch.no_grad():
         for (images, texts), state in zip(chunks, states):

@@ -170,6 +170,16 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise CorruptCheckpoint(f"checkpoint {path}: model.safetensors does not load ({exn})") from None
 
 
+TRAINING_ONLY_PREFIX = "objectives."
+"""Parameters of the objectives attached to the model while it trains (a head, a decoder): in the checkpoint, never
+in the model that is evaluated or exported (``clipforge.train.parallel.attach_objectives``)."""
+
+
+def read_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model's own state dict from a checkpoint: ``read_weights`` without the training-only objectives."""
+    return {key: value for key, value in read_weights(path).items() if not key.startswith(TRAINING_ONLY_PREFIX)}
+
+
 def _read_sharded_weights(path: Path) -> dict[str, torch.Tensor]:
     """Every ``model.*`` tensor of a DCP checkpoint, whole, in this process (the shards of every rank)."""
     import torch.distributed.checkpoint as dcp

@@ -27,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 from clipforge.data.config import DataConfig
 from clipforge.eval_config import EvalConfig
 from clipforge.health_config import HealthConfig
-from clipforge.loss_config import LossConfig
+from clipforge.losses.config import LossConfig
 from clipforge.models.config import ModelConfig
 from clipforge.train.config import TrainConfig
 from clipforge.train.metrics import LoggingConfig

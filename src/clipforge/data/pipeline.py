@@ -150,13 +150,15 @@ class ShardedImageText(IterableDataset):
         world_size: int = 1,
         mode: str = "epoch",
         normalize_in_workers: bool = False,
-        sample_ids: bool = False,
+        fields: tuple = (),
         trim_text: bool = False,
     ) -> None:
         self.sources, self.cfg, self.transform = sources, cfg, transform
         self.tokenizer = tokenizer_for_cleaned_captions(tokenizer)
         self.normalize_in_workers = normalize_in_workers
-        self.sample_ids = sample_ids  # batches carry caption_ids / image_ids (content hashes) for loss.positives
+        # batches carry caption_ids / image_ids (content hashes) when an objective asks for either (loss.positives)
+        self.sample_ids = any(field in ("caption_ids", "image_ids") for field in fields)
+        self.sample_fields = [field for field in fields if not isinstance(field, str)]  # made per sample, by name
         self.trim_text = trim_text  # token batches end at their longest caption (models.enable_text_trimming)
         self.rank, self.world_size, self.mode = rank, world_size, mode
         self.shards = [shard for source in sources for shard in source.shards]
@@ -278,7 +280,7 @@ class ShardedImageText(IterableDataset):
         quota = self.worker_batches.get(worker) if self.mode == "resampled" else None
         decode = SampleDecoder(self.transform, self.cfg.caption_key)
         teacher = TeacherEmbeddings(self.cfg.teacher) if self.cfg.teacher else None
-        images, texts, ids, taken, rows = [], [], [], [], []
+        images, texts, ids, taken, rows, made = [], [], [], [], [], {}
         place = f"{self.cfg.seed}-{self.epoch}-{self.rank}-{worker}{restart}"
         for sample in shuffled:
             if quota is not None and position["produced"] >= quota:
@@ -308,10 +310,12 @@ class ShardedImageText(IterableDataset):
                 rows.append(row)
             if self.sample_ids:
                 ids.append((stable_id(decoded[1].encode()), stable_id(sample[decoded[2]])))
+            for field in self.sample_fields:
+                made.setdefault(field.name, []).append(field.function(decoded[0], decoded[1]))
             if len(images) == self.cfg.batch_size:
                 position["produced"] += 1
-                yield self._collate(images, texts, keys, ids, position, counter, ends, taken, rows)
-                images, texts, ids, taken, rows = [], [], [], [], []
+                yield self._collate(images, texts, keys, ids, position, counter, ends, taken, rows, made)
+                images, texts, ids, taken, rows, made = [], [], [], [], [], {}
                 keys.clear()
 
     def _collate(
@@ -325,6 +329,7 @@ class ShardedImageText(IterableDataset):
         ends: dict[int, int],
         taken: list[tuple[int, int]],
         teacher_rows: list[tuple[Any, Any]] = (),
+        made: dict[str, list[torch.Tensor]] | None = None,
     ) -> dict[str, Any]:
         stacked = torch.stack(images)
         if self.normalize_in_workers:
@@ -342,6 +347,8 @@ class ShardedImageText(IterableDataset):
         }
         if self.sample_ids:
             batch["caption_ids"], batch["image_ids"] = torch.tensor(ids, dtype=torch.int64).unbind(1)
+        for name, values in (made or {}).items():  # the objectives' own per-sample fields, (B, *shape)
+            batch[name] = torch.stack(values).float()
         if teacher_rows:  # (B, D_teacher) each
             batch["teacher_image"] = torch.from_numpy(np.stack([image for image, _ in teacher_rows]))
             batch["teacher_text"] = torch.from_numpy(np.stack([text for _, text in teacher_rows]))
@@ -785,7 +792,7 @@ def build_train_loader(
     pin_memory: bool = False,
     agree: Callable[..., Any] = _all_ranks_agree,
     normalize_in_workers: bool = False,
-    sample_ids: bool = False,
+    fields: tuple = (),
     trim_text: bool = False,
     stop_requested: Callable[[], bool] = _never,
     plan: DataPlan | None = None,
@@ -793,10 +800,13 @@ def build_train_loader(
     """The training loader for this rank. ``preprocess_cfg`` is open_clip's (``model.visual.preprocess_cfg``):
     output size, mean, std, interpolation. Batches hold uint8 images and ``loader.transform.normalize`` makes
     the model's float input from them on the training device; with ``normalize_in_workers`` (training on a
-    CPU) the workers do that and batches arrive normalised (``normalize`` then passes them through). With
-    ``sample_ids`` batches also hold ``caption_ids`` and ``image_ids`` (int64 (B,), 63-bit BLAKE2b hashes of the
-    cleaned caption and of the image file's bytes) for the multi-positive loss. With ``trim_text`` each batch's
-    tokens stop after its longest caption's end-of-text token (for a model ``enable_text_trimming`` accepted).
+    CPU) the workers do that and batches arrive normalised (``normalize`` then passes them through). ``fields``
+    are the batch fields the objectives declared (``clipforge.losses.objective``): with ``caption_ids`` or
+    ``image_ids`` batches hold both (int64 (B,), 63-bit BLAKE2b hashes of the cleaned caption and of the image
+    file's bytes); a ``SampleField`` (a name and a function of the uint8 image (3, H, W) and the caption) is made
+    for every kept sample in the workers and stacked as float32 (B, *shape) under its name. With ``trim_text``
+    each batch's tokens stop after its longest caption's end-of-text token (for a model ``enable_text_trimming``
+    accepted).
     ``plan`` is ``plan_data(cfg, world_size)`` when the caller has made it already (its checks ran then)."""
     plan = plan or plan_data(cfg, world_size)
     transform = ImageTransform.from_preprocess_cfg(preprocess_cfg, train=True, max_pixels=cfg.max_image_pixels)
@@ -809,7 +819,7 @@ def build_train_loader(
         world_size,
         plan.mode,
         normalize_in_workers,
-        sample_ids,
+        tuple(fields),
         trim_text,
     )
     return TrainLoader(dataset, cfg.num_workers, cfg.prefetch_factor, pin_memory, agree, stop_requested)

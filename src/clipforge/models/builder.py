@@ -20,7 +20,7 @@ from typing import Any
 import open_clip
 import torch
 
-from clipforge.checkpoints import is_checkpoint, read_weights
+from clipforge.checkpoints import is_checkpoint, read_model_weights
 from clipforge.models.config import ModelConfig
 
 # JSON architectures shipped inside the package (``clipforge/models/configs/NAME.json``, linked from the
@@ -86,7 +86,7 @@ def load_weights(model: torch.nn.Module, source: str) -> list[str]:
 
         return load_transformers_folder(model, path)
     if is_checkpoint(path):  # a clipforge checkpoint: its manifest is verified before anything loads
-        model.load_state_dict(read_weights(path), strict=True)
+        model.load_state_dict(read_model_weights(path), strict=True)
         return []
     raise FileNotFoundError(
         f"{source}: a directory with neither model.safetensors (clipforge checkpoint), "

@@ -21,14 +21,14 @@ from clipforge.data.pipeline import TrainLoader, build_train_loader, plan_data
 from clipforge.distributed import DistInfo, make_agreement
 from clipforge.evaluation import load_suite
 from clipforge.health import CollapseMonitor, HealthProbe
-from clipforge.losses import build_loss
+from clipforge.losses import ObjectiveContext, build_objectives
 from clipforge.models import BuiltModel, build_model
+from clipforge.models.outputs import needs_every_token
 from clipforge.train.checkpoint import Checkpointer
-from clipforge.train.momentum import MomentumQueue
 from clipforge.train.optim import SampleClock, build_optimizer, build_scheduler
-from clipforge.train.parallel import prepare_model
+from clipforge.train.parallel import attach_objectives, prepare_model, unwrap
 from clipforge.train.state import Piece, TrainState, restart_state
-from clipforge.train.step import PlainStep, build_step
+from clipforge.train.step import PlainStep, autocast_for, build_step
 from clipforge.train.teacher import build_teacher
 
 if TYPE_CHECKING:
@@ -68,9 +68,31 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
     resume_from = resolve_resume(cfg.train.resume, checkpointer)
     plan = plan_data(cfg.data, dist_info.world_size)  # empty or too few shards fail now, not after the model is built
     built = build_model(cfg.model)
-    prepared = prepare_model(built.model, cfg.model, cfg.train, cfg.loss.learn_temperature, dist_info)
-    optimizer = build_optimizer(cfg.optim, built.model)
     state = TrainState(clock=SampleClock(global_batch=cfg.data.batch_size * dist_info.world_size))
+    teacher, teacher_temperature = build_teacher(cfg.loss, cfg.data.teacher, built, dist_info.device)
+    context = ObjectiveContext(
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        device=dist_info.device,
+        model=built.model,
+        autocast=autocast_for(dist_info.device, cfg.train.precision),
+        step=lambda: state.step,
+        teacher=teacher,
+        teacher_temperature=teacher_temperature,
+    )
+    objectives = build_objectives(cfg.loss, context, cfg.train.steps)
+    if not attach_objectives(built.model, objectives):
+        objectives.to(dist_info.device)
+    prepared = prepare_model(
+        built.model,
+        cfg.model,
+        cfg.train,
+        cfg.loss.learn_temperature,
+        dist_info,
+        every_token=needs_every_token(objectives.model_outputs),
+    )
+    objectives.bind(unwrap(prepared.model))
+    optimizer = build_optimizer(cfg.optim, built.model)
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps, state.clock)
     agree = make_agreement(dist_info)
     on_gpu = dist_info.device.startswith("cuda")
@@ -83,22 +105,14 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
         pin_memory=on_gpu,
         agree=agree,
         normalize_in_workers=not on_gpu,
-        sample_ids=cfg.loss.positives != "pairs",
+        fields=objectives.batch_fields,
         trim_text=prepared.trim_text,
         stop_requested=stop_requested,
         plan=plan,
     )
-    queue = (
-        MomentumQueue(
-            prepared.model, cfg.loss.queue_size, cfg.loss.queue_momentum, dist_info.rank, dist_info.world_size
-        )
-        if cfg.loss.queue_size
-        else None
-    )
-    teacher, teacher_temperature = build_teacher(cfg.loss, cfg.data.teacher, built, dist_info.device)
     step_fn = build_step(
         prepared.model,
-        build_loss(cfg.loss, dist_info.rank, dist_info.world_size, teacher_temperature),
+        objectives,
         optimizer,
         scheduler,
         dist_info.device,
@@ -106,9 +120,6 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
         cfg.optim.grad_clip_norm,
         cfg.loss.max_logit_scale,
         cfg.train.accum_steps,
-        queue,
-        dist_info.rank,
-        teacher,
     )
     pieces = restart_state(
         prepared.model,
@@ -120,7 +131,7 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
         loader,
         dist_info.device,
         step_fn.scaler,
-        queue,
+        objectives.restart_pieces(),
         dist_info.rank,
     )
     probe = health_probe(cfg, built, dist_info, agree)

@@ -119,7 +119,7 @@ class StepMeter:
         scale = out["logit_scale"].item()
         self.last = {
             "train/loss": out["loss"].item(),
-            **({"train/distill": out["distill"].item()} if "distill" in out else {}),  # loss.distill_weight's term
+            **{f"train/{name}": value.item() for name, value in out.get("terms", {}).items()},  # each objective's
             "train/lr": self.run.scheduler.get_last_lr()[0],
             "train/logit_scale": scale,
             "train/temperature": 1.0 / scale,

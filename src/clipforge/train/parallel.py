@@ -53,12 +53,19 @@ class PreparedModel:
 
 
 def prepare_model(
-    model: torch.nn.Module, model_cfg: ModelConfig, train_cfg, learn_temperature: bool, dist_info: DistInfo
+    model: torch.nn.Module,
+    model_cfg: ModelConfig,
+    train_cfg,
+    learn_temperature: bool,
+    dist_info: DistInfo,
+    every_token: bool = False,
 ) -> PreparedModel:
-    """``model`` (open_clip, as ``build_model`` made it) ready to train; ``train_cfg`` is the ``TrainConfig``."""
+    """``model`` (open_clip, as ``build_model`` made it) ready to train; ``train_cfg`` is the ``TrainConfig``.
+    ``every_token``: an objective reads the towers' unpooled tokens, so the last block runs at every token (the
+    pooled-last-block shortcut stays off)."""
     apply_training_options(model, model_cfg, learn_temperature)
     trim_text = train_cfg.trim_text_padding and enable_text_trimming(model)
-    if train_cfg.pooled_last_block:
+    if train_cfg.pooled_last_block and not every_token:
         enable_pooled_last_block(model)
     if train_cfg.packed_attention:
         enable_packed_attention(model)
@@ -76,6 +83,20 @@ def prepare_model(
     if train_cfg.compile:
         wrapped.compile()
     return PreparedModel(wrapped, trim_text, channels_last)
+
+
+def attach_objectives(model: nn.Module, objectives: nn.Module) -> bool:
+    """Objectives that hold parameters (a head, a decoder) become the submodule ``objectives`` of the model before it
+    is wrapped, so that DDP reduces their gradients, FSDP shards them (as one unit, ``shard_model``), the optimizer
+    updates them and the checkpoint keeps them with the model's weights; exports leave the ``objectives.`` keys out
+    (``clipforge.checkpoints``). Objectives without parameters stay apart: the model is then exactly as built.
+    Returns whether they were attached."""
+    if not any(True for _ in objectives.parameters()):
+        return False
+    if hasattr(model, "objectives"):
+        raise ValueError("the model already has an attribute named 'objectives'")
+    model.add_module("objectives", objectives)
+    return True
 
 
 def apply_training_options(model: torch.nn.Module, cfg: ModelConfig, learn_temperature: bool = True) -> None:
@@ -208,6 +229,8 @@ def shard_model(
     options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     for block in residual_blocks(model):
         fully_shard(block, **options)
+    if isinstance(getattr(model, "objectives", None), nn.Module):  # called on its own, after the model's forward
+        fully_shard(model.objectives, **options)
     fully_shard(model, ignored_params=set(scalars), **options)
     return model
 

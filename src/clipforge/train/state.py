@@ -5,7 +5,7 @@
 * ``SHARDED``: the model and the optimizer. Under FSDP every rank writes its own shard through
   ``torch.distributed.checkpoint``; under DDP (or one process) the replicas are identical, so rank 0 writes
   ``model.safetensors`` and the optimizer goes into ``state.pt``.
-* ``REPLICATED``: the same on every rank (the schedule, the train step, the fp16 scaler, the negative queue):
+* ``REPLICATED``: the same on every rank (the schedule, the train step, the fp16 scaler, the objectives' state):
   rank 0 writes them into ``state.pt``.
 * ``PER_RANK``: each rank's own (its data position, its random generators): ``NAME_rank{R}.pt``. On load, a piece
   with ``load_state_dicts`` is given every rank's saved state, by rank, and picks its own or, when the world size
@@ -247,11 +247,12 @@ def restart_state(
     loader,
     device: str,
     scaler=None,
-    queue=None,
+    objective_pieces: dict[str, Stateful] | None = None,
     rank: int = 0,
 ) -> dict[str, Piece]:
     """Every piece of restart state, in loading order (the schedule after the optimizer, whose groups it sets, and
-    after the train state, whose clock places it)."""
+    after the train state, whose clock places it). ``objective_pieces``: the objectives' own state
+    (``Objectives.restart_pieces``: a negative queue, a head), the same on every rank."""
     pieces = {
         "model": Piece(SHARDED, ModelState(model)),
         "optimizer": Piece(SHARDED, OptimizerState(model, optimizer)),
@@ -262,6 +263,8 @@ def restart_state(
     }
     if scaler is not None:
         pieces["scaler"] = Piece(REPLICATED, scaler, required=False)
-    if queue is not None:
-        pieces["queue"] = Piece(REPLICATED, queue)
+    for key, stateful in (objective_pieces or {}).items():
+        if key in pieces:
+            raise ValueError(f"an objective keeps restart state under {key!r}, a name the trainer uses")
+        pieces[key] = Piece(REPLICATED, stateful)
     return pieces

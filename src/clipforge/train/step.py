@@ -1,7 +1,9 @@
 """Step strategies: how one batch becomes one optimizer update. Chosen once, at build time.
 
-``PlainStep``: forward both towers under autocast, contrastive loss in fp32, backward, clip the
-gradient norm, AdamW step, schedule step, clamp the temperature.
+``PlainStep``: the objectives' ``before_forward`` hooks, forward both towers under autocast (with the extra outputs
+the objectives ask for), the objectives' terms in fp32 and their sum, backward, clip the gradient norm, AdamW step,
+schedule step, clamp the temperature, the objectives' ``after_update`` hooks. Every strategy calls the objectives the
+same way (``clipforge.losses.objective``): the step knows no loss by name and no batch field but the images and texts.
 
 ``CachedAccumulationStep`` (``train.accum_steps = k > 1``): GradCache (Gao et al., 2021). The batch
 is split into k micro-batches whose features are computed without a graph; the loss is taken
@@ -22,8 +24,8 @@ stays on the device with fused AdamW (the default), as GradScaler skips an overf
 handed the flag as ``found_inf`` and its kernel leaves weights, moments and step count untouched, so a plain
 step makes no host sync and the CPU runs ahead (tests/test_cuda.py checks it under
 ``set_sync_debug_mode("error")``). The foreach AdamW (``optim.fused: false``), fp16 with its gradient scaler, an
-FSDP-sharded model and the negative queue (whose enqueue depends on the skip) read the flag on the host: one sync
-per step there.
+FSDP-sharded model and an objective whose ``after_update`` depends on the skip (the negative queue's enqueue) read
+the flag on the host: one sync per step there.
 Everything returned is a detached tensor.
 
 Profiling: each strategy marks its parts (forward, loss, backward, optimizer) on the recorder it is called with
@@ -36,79 +38,77 @@ from contextlib import nullcontext
 
 import torch
 
-from clipforge.losses import clamp_logit_scale, queue_contrastive_loss
+from clipforge.losses import Objectives, clamp_logit_scale, objective_for
+from clipforge.models.outputs import OutputCapture
 from clipforge.train.config import PRECISIONS
-from clipforge.train.parallel import no_gradient_sync, unwrap
+from clipforge.train.parallel import is_sharded, no_gradient_sync, unwrap
 from clipforge.train.profile import OFF, OffRecorder, StepRecorder
 
 AUTOCAST_DTYPES = {name: getattr(torch, dtype) if dtype else None for name, dtype in PRECISIONS.items()}
+
+
+def autocast_for(device: str, precision: str):
+    """A function returning the autocast context of ``train.precision`` on ``device`` (a null one for fp32)."""
+    dtype, device_type = AUTOCAST_DTYPES[precision], torch.device(device).type
+    if dtype is None:
+        return nullcontext
+    return lambda: torch.autocast(device_type, dtype=dtype)
 
 
 class PlainStep:
     def __init__(
         self,
         model: torch.nn.Module,
-        loss_fn: torch.nn.Module,
+        objectives: Objectives,
         optimizer: torch.optim.Optimizer,
         scheduler,
         device: str,
         precision: str,
         grad_clip_norm: float | None,
         max_logit_scale: float,
-        teacher=None,
     ) -> None:
-        self.model, self.loss_fn, self.optimizer, self.scheduler = model, loss_fn, optimizer, scheduler
-        self.teacher = teacher  # loss.distill_model: (images, tokens) → teacher embeddings, no gradient
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.objectives = objectives if isinstance(objectives, Objectives) else Objectives([objective_for(objectives)])
+        self.capture = OutputCapture(unwrap(model), self.objectives.model_outputs)
         self.device = torch.device(device)
-        self.autocast_dtype = AUTOCAST_DTYPES[precision]
+        self._autocast = autocast_for(device, precision)
         self.grad_clip_norm, self.max_logit_scale = grad_clip_norm, max_logit_scale
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
-        # fused AdamW takes the skip as a device flag; its kernel on DTensor shards is left to the host check
-        self.skips_on_device = optimizer.defaults.get("fused") is True and not any(
-            type(p).__name__ == "DTensor" for p in unwrap(model).parameters()
+        # fused AdamW takes the skip as a device flag; its kernel on DTensor shards is left to the host check, and an
+        # objective that reads the flag after the update needs it on the host anyway
+        self.skips_on_device = (
+            optimizer.defaults.get("fused") is True and not is_sharded(model) and not self.objectives.needs_host_sync
         )
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+    def _inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The batch on the device: images, texts and every field the objectives declared (the loader made them)."""
+        return {key: value.to(self.device, non_blocking=True) for key, value in batch.items() if key != "keys"}
 
-    def _loss(self, image_features, text_features, logit_scale, logit_bias, extras=None) -> dict[str, torch.Tensor]:
-        if logit_bias is None:
-            return self.loss_fn(image_features, text_features, logit_scale, **(extras or {}))
-        return self.loss_fn(image_features, text_features, logit_scale, logit_bias)
-
-    def _extras(self, batch: dict, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What the loss takes besides features, for the whole batch (also under GradCache): per-sample caption /
-        image ids for loss.positives, the teacher's embeddings for loss.distill_weight (stored or online)."""
-        keys = ("caption_ids", "image_ids", "teacher_image", "teacher_text")
-        extras = {key: batch[key].to(self.device, non_blocking=True) for key in keys if key in batch}
-        if self.teacher is not None:
-            extras["teacher_image"], extras["teacher_text"] = self.teacher(images, texts)
-        return extras
+    def _forward(self, model, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model's outputs in fp32: pooled features, scale, bias, and what the objectives asked for."""
+        with self._autocast():
+            out = model(images, texts)
+        outputs = {key: value.float() for key, value in out.items() if value is not None}
+        outputs.update({key: value.float() for key, value in self.capture.take().items()})
+        return outputs
 
     def backward(self, batch: dict, recorder: OffRecorder | StepRecorder = OFF) -> dict[str, torch.Tensor]:
-        """Gradients of the batch's loss in ``.grad``; returns the loss terms and the scale used."""
+        """Gradients of the batch's loss in ``.grad``; returns the loss, the scale used and each term (``terms``)."""
         with recorder.part("copy"):
-            images = batch["images"].to(self.device, non_blocking=True)
-            texts = batch["texts"].to(self.device, non_blocking=True)
-        with recorder.forward(self.model), self._autocast():
-            out = self.model(images, texts)
+            inputs = self._inputs(batch)
+        with recorder.part("loss"):  # e.g. a momentum encoder's keys: part of an objective, not of the model
+            self.objectives.before_forward(inputs)
+        with recorder.forward(self.model):
+            outputs = self._forward(self.model, inputs["images"], inputs["texts"])
         with recorder.part("loss"):
-            losses = self._loss(
-                out["image_features"].float(),
-                out["text_features"].float(),
-                out["logit_scale"].float(),
-                None if out.get("logit_bias") is None else out["logit_bias"].float(),
-                self._extras(batch, images, texts),
-            )
-            loss = sum(losses.values())
+            terms = self.objectives(outputs, inputs)
+            loss = sum(terms.values())
         with recorder.part("backward"):
             self._backward(loss)
         return {
             "loss": loss.detach(),
-            "logit_scale": out["logit_scale"].detach().float(),
-            **{k: v.detach() for k, v in losses.items()},
+            "logit_scale": outputs["logit_scale"].detach(),
+            "terms": {name: value.detach() for name, value in terms.items()},
         }
 
     def _backward(self, loss: torch.Tensor) -> None:
@@ -119,7 +119,9 @@ class PlainStep:
         self.optimizer.zero_grad(set_to_none=True)
         metrics = self.backward(batch, recorder)
         with recorder.part("optimizer"):
-            return self._update(metrics)
+            result = self._update(metrics)
+            self.objectives.after_update(~result["nonfinite"])
+            return result
 
     def _update(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Unscale, clip, the optimizer step (skipped for a non-finite loss or gradient), schedule, clamp."""
@@ -151,50 +153,14 @@ class PlainStep:
         return {**metrics, "grad_norm": grad_norm.detach(), "nonfinite": ~finite}
 
 
-class QueueStep(PlainStep):
-    """The plain step with a negative queue (``loss.queue_size``; ``clipforge.train.momentum``): the loss takes
-    the momentum keys of the batch and the queue; after an applied update the momentum encoder follows the model
-    and the batch's keys are enqueued."""
-
-    def __init__(self, *args, queue, rank: int = 0, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.queue, self.rank = queue, rank
-        self._keys = None
-
-    def backward(self, batch: dict, recorder: OffRecorder | StepRecorder = OFF) -> dict[str, torch.Tensor]:
-        with recorder.part("copy"):
-            images = batch["images"].to(self.device, non_blocking=True)
-            texts = batch["texts"].to(self.device, non_blocking=True)
-        with recorder.part("loss"):  # the momentum encoder's keys: part of this objective, not of the model
-            self._keys = self.queue.keys(images, texts, self._autocast)
-        with recorder.forward(self.model), self._autocast():
-            out = self.model(images, texts)
-        scale = out["logit_scale"].float()
-        with recorder.part("loss"):
-            loss = queue_contrastive_loss(
-                out["image_features"].float(),
-                out["text_features"].float(),
-                *self._keys,
-                *self.queue.queued(),
-                scale,
-                self.rank,
-            )
-        with recorder.part("backward"):
-            self._backward(loss)
-        return {"loss": loss.detach(), "logit_scale": scale.detach(), "contrastive": loss.detach()}
-
-    def __call__(self, batch: dict, recorder: OffRecorder | StepRecorder = OFF) -> dict[str, torch.Tensor]:
-        result = super().__call__(batch, recorder)
-        with recorder.part("optimizer"):
-            if not bool(result["nonfinite"]):  # the queue's one host sync: only an applied update is enqueued
-                self.queue.update_encoder(self.model)
-                self.queue.enqueue(*self._keys)
-        return result
-
-
 class CachedAccumulationStep(PlainStep):
     def __init__(self, *args, accum_steps: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if self.objectives.model_outputs:
+            raise ValueError(
+                f"train.accum_steps > 1 (GradCache) caches the pooled features only; the loss terms need "
+                f"{', '.join(self.objectives.model_outputs)} as well: use train.accum_steps=1"
+            )
         self.accum_steps = accum_steps
 
     def _rng_state(self):
@@ -208,68 +174,64 @@ class CachedAccumulationStep(PlainStep):
             torch.cuda.set_rng_state(state[1], self.device)
 
     @torch.no_grad()
-    def cache_features(self, chunks):
-        """Features of every micro-batch without graphs, and the RNG state each one started from."""
-        states, image_features, text_features = [], [], []
+    def cache_features(self, chunks) -> tuple[list, dict[str, torch.Tensor]]:
+        """Outputs of every micro-batch without graphs (features concatenated; the scale and bias, the same in every
+        micro-batch, from the first), and the RNG state each micro-batch started from."""
+        states, parts = [], []
         for images, texts in chunks:
             states.append(self._rng_state())
-            with self._autocast():
-                out = self.model(images, texts)
-            image_features.append(out["image_features"].float())
-            text_features.append(out["text_features"].float())
-        return states, torch.cat(image_features), torch.cat(text_features)
+            parts.append(self._forward(self.model, images, texts))
+        cached = {key: torch.cat([part[key] for part in parts]) for key in ("image_features", "text_features")}
+        cached.update({key: value for key, value in parts[0].items() if key not in cached})
+        return states, cached
 
     def backward(self, batch: dict, recorder: OffRecorder | StepRecorder = OFF) -> dict[str, torch.Tensor]:
         with recorder.part("copy"):
-            images = batch["images"].to(self.device, non_blocking=True)
-            texts = batch["texts"].to(self.device, non_blocking=True)
-        chunks = list(zip(images.chunk(self.accum_steps), texts.chunk(self.accum_steps)))
+            inputs = self._inputs(batch)
+        self.objectives.before_forward(inputs)
+        chunks = list(zip(inputs["images"].chunk(self.accum_steps), inputs["texts"].chunk(self.accum_steps)))
         with recorder.forward(self.model):
-            states, image_features, text_features = self.cache_features(chunks)
-        core = unwrap(self.model)
+            states, cached = self.cache_features(chunks)
         with recorder.part("loss"):
-            image_features.requires_grad_()
-            text_features.requires_grad_()
-            scale = core.logit_scale.detach().exp().requires_grad_()
-            bias = (
-                core.logit_bias.detach().clone().requires_grad_()
-                if getattr(core, "logit_bias", None) is not None
-                else None
-            )
-            losses = self._loss(image_features, text_features, scale, bias, self._extras(batch, images, texts))
-            loss = sum(losses.values())
+            leaves = {key: value.detach().requires_grad_() for key, value in cached.items()}  # the loss's own leaves
+            terms = self.objectives(leaves, inputs)
+            loss = sum(terms.values())
         with recorder.part("backward"):
             self._backward(loss)
-            self._accumulate(chunks, states, image_features.grad, text_features.grad, scale.grad, bias)
-        return {"loss": loss.detach(), "logit_scale": scale.detach(), **{k: v.detach() for k, v in losses.items()}}
+            self._accumulate(chunks, states, leaves)
+        return {
+            "loss": loss.detach(),
+            "logit_scale": leaves["logit_scale"].detach(),
+            "terms": {name: value.detach() for name, value in terms.items()},
+        }
 
-    def _accumulate(self, chunks, states, image_grad, text_grad, scale_grad, bias) -> None:
+    def _accumulate(self, chunks, states, leaves: dict[str, torch.Tensor]) -> None:
         """Each micro-batch forwarded again from its RNG state and backpropagated with its cached feature gradients;
         the temperature's and bias's gradients go in with the last one."""
         sizes = [len(chunk_images) for chunk_images, _ in chunks]
-        image_grads, text_grads = image_grad.split(sizes), text_grad.split(sizes)
+        image_grads = leaves["image_features"].grad.split(sizes)
+        text_grads = leaves["text_features"].grad.split(sizes)
         end_state = self._rng_state()
         for index, ((chunk_images, chunk_texts), state) in enumerate(zip(chunks, states)):
             last = index == len(chunks) - 1
             self._set_rng_state(state)
             sync = nullcontext() if last else no_gradient_sync(self.model)
             with sync:
-                with self._autocast():
-                    out = self.model(chunk_images, chunk_texts)
-                surrogate = (out["image_features"].float() * image_grads[index]).sum() + (
-                    out["text_features"].float() * text_grads[index]
+                out = self._forward(self.model, chunk_images, chunk_texts)
+                surrogate = (out["image_features"] * image_grads[index]).sum() + (
+                    out["text_features"] * text_grads[index]
                 ).sum()
                 if last:  # temperature and bias: their gradient from the one loss evaluation
-                    surrogate = surrogate + (out["logit_scale"].float() * scale_grad).sum()
-                    if bias is not None:
-                        surrogate = surrogate + (out["logit_bias"].float() * bias.grad).sum()
+                    for key in ("logit_scale", "logit_bias"):
+                        if key in leaves and leaves[key].grad is not None:
+                            surrogate = surrogate + (out[key] * leaves[key].grad).sum()
                 surrogate.backward()  # the cached feature gradients already carry the fp16 loss scale
         self._set_rng_state(end_state)
 
 
 def build_step(
     model,
-    loss_fn,
+    objectives,
     optimizer,
     scheduler,
     device: str,
@@ -277,15 +239,10 @@ def build_step(
     grad_clip_norm,
     max_logit_scale,
     accum_steps: int = 1,
-    queue=None,
-    rank: int = 0,
-    teacher=None,
 ) -> PlainStep:
-    args = (model, loss_fn, optimizer, scheduler, device, precision, grad_clip_norm, max_logit_scale, teacher)
-    if queue is not None:
-        if accum_steps > 1:
-            raise ValueError("loss.queue_size cannot be combined with train.accum_steps > 1")
-        return QueueStep(*args, queue=queue, rank=rank)
+    """The step strategy: GradCache for ``accum_steps > 1``, else the plain step. ``objectives``: the run's
+    ``Objectives``, or one loss module (``build_loss``'s), which is put under the objective contract."""
+    args = (model, objectives, optimizer, scheduler, device, precision, grad_clip_norm, max_logit_scale)
     if accum_steps > 1:
         return CachedAccumulationStep(*args, accum_steps=accum_steps)
     return PlainStep(*args)

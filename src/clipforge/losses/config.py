@@ -1,16 +1,47 @@
-"""The ``loss`` section of the run config, and the rules its options obey (``losses.py`` checks them too).
+"""The ``loss`` section of the run config, the rules its options obey, and the registry of extra loss terms.
 
-It lives apart from ``losses.py``, whose autograd functions need torch at import, so that reading and validating a
-config (``clipforge train --help``, ``clipforge submit``) imports no torch.
+It imports no torch (the package's other modules are imported on first use), so that reading and validating a
+config (``clipforge train --help``, ``clipforge submit``) stays fast.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 LOSS_KINDS = ("clip", "siglip")
 SIGLIP_EXCHANGES = ("all_gather", "ring")
 POSITIVES = ("pairs", "caption", "image", "caption_or_image")
+
+TERMS: dict[str, str] = {}
+"""Extra loss terms by name (``loss.terms``): the ``module:function`` that builds each, called as
+``function(options: dict, context: ObjectiveContext) -> Objective``. Adding an objective is its module plus one line
+here."""
+
+
+@dataclass
+class TermConfig:
+    """One extra loss term: a registered objective, its weight, when it starts, and its own options."""
+
+    name: str = "???"
+    """The objective's name in ``clipforge.losses.config.TERMS``."""
+    weight: float = 1.0
+    """Multiplies every term the objective returns."""
+    start: float = 0.0
+    """Fraction of train.steps after which the term is switched on (0: from the first step)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The objective's own options; it refuses unknown ones by name."""
+
+    def __post_init__(self) -> None:
+        if self.name not in TERMS:
+            known = ", ".join(sorted(TERMS)) or "none registered"
+            raise ValueError(f"loss.terms: unknown objective {self.name!r} (known: {known})")
+        if not 0 <= self.start < 1:
+            raise ValueError(
+                f"loss.terms {self.name}: start must be a fraction of training in [0, 1), got {self.start}"
+            )
+        if not self.weight >= 0:
+            raise ValueError(f"loss.terms {self.name}: weight must be >= 0, got {self.weight}")
 
 
 def check_clip_options(
@@ -93,6 +124,10 @@ class LossConfig:
     distill_teacher_temperature: float | None = None
     """The teacher's softmax temperature τ_T (its logits are cos / τ_T); None = the teacher's own, from the
     teacher.json of data.teacher or the logit_scale of loss.distill_model."""
+    terms: list[TermConfig] = field(default_factory=list)
+    """Extra loss terms added to the contrastive loss above, each a registered objective (clipforge.losses.config
+    TERMS) with a weight, a start fraction and its own options: [{name: NAME, weight: 1.0, start: 0.0, options:
+    {...}}]. Each term is logged as train/TERM (docs/architecture.md, 'Add an objective')."""
     distill_model: str | None = None
     """An online teacher when no embeddings are stored: a checkpoint, open_clip folder or transformers folder (as
     `clipforge eval` loads it), run in eval mode without gradient on every batch. It must take the student's

@@ -6,7 +6,8 @@ With ``loss.queue_size = K > 0`` each step contrasts this rank's online image (t
     logits_i2t = t · q_img @ [k_txt(global batch); queue_txt]ᵀ      target: the sample's own k_txt
     logits_t2i = t · q_txt @ [k_img(global batch); queue_img]ᵀ      loss = (CE(i2t) + CE(t2i)) / 2
 
-The loss is ``clipforge.losses.queue_contrastive_loss``; this module holds its state. The keys ``k`` come
+``queue_contrastive_loss`` is the loss, ``MomentumQueue`` its state, ``QueueObjective`` both under the objective
+contract (``clipforge.losses.objective``). The keys ``k`` come
 from a copy of the model whose weights (and floating buffers, e.g. batch-norm statistics) follow the trained
 ones by an exponential moving average with ``loss.queue_momentum`` m after every update
 (θ_k ← m θ_k + (1 − m) θ), run in train mode (batch statistics, as MoCo's key encoder) without gradient;
@@ -27,7 +28,25 @@ import torch
 import torch.nn.functional as F
 
 from clipforge.distributed import all_gather
-from clipforge.train.parallel import unwrap
+from clipforge.losses.objective import Objective
+
+
+def queue_contrastive_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    image_keys: torch.Tensor,
+    text_keys: torch.Tensor,
+    image_queue: torch.Tensor,
+    text_queue: torch.Tensor,
+    logit_scale: torch.Tensor,
+    rank: int = 0,
+) -> torch.Tensor:
+    """Online (B_local, D) embeddings against momentum keys of the global batch (B_global, D) and the queues
+    (Q, D); row i's positive is global key ``rank · B_local + i``."""
+    labels = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
+    logits_per_image = logit_scale * image.float() @ torch.cat([text_keys, text_queue]).float().T
+    logits_per_text = logit_scale * text.float() @ torch.cat([image_keys, image_queue]).float().T
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
 class MomentumQueue:
@@ -36,10 +55,16 @@ class MomentumQueue:
     def __init__(
         self, model: torch.nn.Module, size: int, momentum: float, rank: int = 0, world_size: int = 1, group=None
     ) -> None:
-        online = unwrap(model)
+        """``model``: the plain (unwrapped) model, whose parameters are the ones the optimizer updates."""
+        online = model
         # train mode, as MoCo's key encoder: batch-norm towers normalise keys with the batch's statistics, like the
         # online model's queries (running statistics of a fast-changing network lag behind it)
-        self.encoder = copy.deepcopy(online).train().requires_grad_(False)
+        attached = online._modules.pop("objectives", None)  # objectives the trainer attached: not the encoders'
+        try:
+            self.encoder = copy.deepcopy(online).train().requires_grad_(False)
+        finally:
+            if attached is not None:
+                online._modules["objectives"] = attached
         self.size, self.momentum = size, momentum
         self.rank, self.world_size, self.group = rank, world_size, group
         device = next(online.parameters()).device
@@ -74,7 +99,7 @@ class MomentumQueue:
     @torch.no_grad()
     def update_encoder(self, model: torch.nn.Module) -> None:
         """θ_k ← m θ_k + (1 − m) θ for every parameter and floating buffer; integer buffers are copied."""
-        online = unwrap(model).state_dict()
+        online = model.state_dict()
         for name, value in self.encoder.state_dict().items():
             if value.is_floating_point():
                 value.mul_(self.momentum).add_(online[name].detach(), alpha=1 - self.momentum)
@@ -106,3 +131,55 @@ class MomentumQueue:
         self.image_queue.copy_(state["image_queue"])
         self.text_queue.copy_(state["text_queue"])
         self.filled, self.pointer = int(state["filled"]), int(state["pointer"])
+
+
+class QueueObjective(Objective):
+    """The queue loss as an objective: the term ``contrastive``. Before the model's forward, the momentum encoder
+    makes the batch's keys (under the step's autocast); after an applied update the encoder follows the model and
+    the keys are enqueued (one host sync per step for the skip flag). The momentum encoder is a copy of the model
+    taken when it is bound (``bind``); its restart state is the queue's."""
+
+    term_names = ("contrastive",)
+
+    def __init__(self, size: int, momentum: float, autocast, rank: int = 0, world_size: int = 1, group=None) -> None:
+        super().__init__()
+        self.size, self.momentum, self.autocast = size, momentum, autocast
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.queue: MomentumQueue | None = None
+        self.online: list[torch.nn.Module] = []  # a list, so the model is not registered as a submodule
+        self._keys = None
+
+    def bind(self, model: torch.nn.Module) -> None:
+        self.queue = MomentumQueue(model, self.size, self.momentum, self.rank, self.world_size, self.group)
+        self.online = [model]
+
+    def before_forward(self, batch):
+        self._keys = self._bound().keys(batch["images"], batch["texts"], self.autocast)
+
+    def _bound(self) -> MomentumQueue:
+        if self.queue is None:
+            raise RuntimeError("the queue objective was never bound to a model (Objectives.bind)")
+        return self.queue
+
+    def forward(self, outputs, batch):
+        loss = queue_contrastive_loss(
+            outputs["image_features"],
+            outputs["text_features"],
+            *self._keys,
+            *self._bound().queued(),
+            outputs["logit_scale"],
+            self.rank,
+        )
+        return {"contrastive": loss}
+
+    @property
+    def needs_host_sync(self) -> bool:
+        return True
+
+    def after_update(self, applied):
+        if bool(applied):  # the queue's one host sync: only an applied update is enqueued
+            self.queue.update_encoder(self.online[0])
+            self.queue.enqueue(*self._keys)
+
+    def restart_pieces(self) -> dict:
+        return {"queue": self._bound()}
