@@ -1,8 +1,12 @@
 """The launch environment, read once, and the one collective the loss needs.
 
 ``DistInfo.from_env(os.environ)`` is a pure function of the environment: torchrun and
-``accelerate launch`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``...), SLURM ``srun`` (``SLURM_PROCID``...)
-or nothing (a single process). Nothing else in clipforge reads those variables.
+``accelerate launch`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``..., ``TORCHELASTIC_RESTART_COUNT``), SLURM ``srun``
+(``SLURM_PROCID``...) or nothing (a single process). Nothing else in clipforge reads those variables.
+
+``init_process_group`` keeps the rendezvous keys of each torchrun restart apart: torchrun's agent serves one
+TCPStore for the whole job, so without that a restarted rank can read a key its killed predecessor wrote (gloo's
+listening address: ``Gloo connectFullMesh failed ... Connection refused``, or a connect that never completes).
 
 ``gather_with_grad`` all-gathers a tensor along dim 0 and routes gradients back to their owner:
 the backward pass sums every rank's gradient for the gathered tensor and keeps this rank's
@@ -28,6 +32,8 @@ class DistInfo:
     local_world_size: int = 1
     device: str = "cpu"
     backend: str = "gloo"
+    restart_count: int = 0
+    """How many times torchrun has restarted the worker group (``--max-restarts``): 0 on the first start."""
 
     @property
     def is_main(self) -> bool:
@@ -48,10 +54,12 @@ class DistInfo:
         rank. ``cuda_available`` and ``device_count`` default to what torch reports."""
         if cuda_available is None:
             cuda_available = torch.cuda.is_available()
+        restart_count = 0
         if "WORLD_SIZE" in env and "RANK" in env:  # torchrun, accelerate launch, torch.distributed.launch
             rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
             local_rank = int(env.get("LOCAL_RANK", 0))
             local_world_size = int(env.get("LOCAL_WORLD_SIZE", world_size))
+            restart_count = int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
         elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:  # srun, one task per rank
             rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
             local_rank = int(env.get("SLURM_LOCALID", 0))
@@ -65,11 +73,19 @@ class DistInfo:
             if device_count is None:
                 device_count = torch.cuda.device_count()
             device = f"cuda:{local_rank % max(1, device_count)}"
-        return cls(rank, local_rank, world_size, local_world_size, device, "gloo" if use_cpu else "nccl")
+        backend = "gloo" if use_cpu else "nccl"
+        return cls(rank, local_rank, world_size, local_world_size, device, backend, restart_count)
 
 
-def init_process_group(info: DistInfo, env: Mapping[str, str], timeout_s: float = 1800) -> None:
-    """Create the default process group for ``info`` (no-op for a single process)."""
+def init_process_group(
+    info: DistInfo, env: Mapping[str, str], timeout_s: float = 1800, connect_timeout_s: float = 600
+) -> None:
+    """Create the default process group for ``info`` (no-op for a single process).
+
+    The group's keys live under ``clipforge/restart_{info.restart_count}/`` in the rendezvous store, so the ranks
+    of a torchrun restart never read what the previous attempt's ranks wrote there. Connecting (the store, then
+    gloo's full mesh) gives up after ``connect_timeout_s`` with an error naming the rendezvous address; collectives
+    wait up to ``timeout_s`` (a rank may legitimately wait that long for another's evaluation or checkpoint)."""
     if not info.is_distributed or dist.is_initialized():
         return
     if "MASTER_ADDR" not in env:
@@ -80,13 +96,27 @@ def init_process_group(info: DistInfo, env: Mapping[str, str], timeout_s: float 
     if info.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(info.device))  # the visible device from_env chose, not the local rank
     address = f"tcp://{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29500')}"
-    dist.init_process_group(
-        backend=info.backend,
-        init_method=address,
-        rank=info.rank,
-        world_size=info.world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
+    connect_timeout = timedelta(seconds=connect_timeout_s)
+    try:
+        # the store torch would make from this address: a client of torchrun's agent store, or hosted by rank 0
+        store, _, _ = next(dist.rendezvous(address, info.rank, info.world_size, timeout=connect_timeout))
+        store.set_timeout(connect_timeout)
+        dist.init_process_group(
+            backend=info.backend,
+            store=dist.PrefixStore(f"clipforge/restart_{info.restart_count}", store),
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=connect_timeout,
+        )
+    except RuntimeError as error:  # torch's store errors (DistStoreError, DistNetworkError) and gloo's connect
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConnectionError(
+            f"rank {info.rank} of {info.world_size} could not join the process group at {address} (restart "
+            f"{info.restart_count}, connect timeout {connect_timeout_s:g} s): {reason}"
+        ) from error
+    timeout = timedelta(seconds=timeout_s)
+    store.set_timeout(timeout)  # later store waits (new_group's connects) as long as a collective may take
+    dist.set_timeout(timeout)
 
 
 def destroy_process_group() -> None:
