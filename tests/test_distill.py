@@ -105,5 +105,9 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     reference.backward()
     assert math.isclose(loss, reference.item(), rel_tol=1e-5)
     for name, parameter in model.named_parameters():
-        torch.testing.assert_close(grads[name], parameter.grad, rtol=1e-5, atol=1e-7, msg=name)
+        # 1e-5 relative as in test_losses_distributed: entries near zero judged against the tensor's scale (an
+        # absolute 1e-7 failed here on fp32 rounding of 3e-7 in gradients whose largest entry is about 2)
+        reference = parameter.grad
+        torch.testing.assert_close(grads[name], reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+        assert (grads[name] - reference).norm() <= 1e-5 * reference.norm(), name
     assert isinstance(build_loss(LossConfig(distill_weight=0.5), teacher_temperature=0.1), DistillationLoss)
