@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from clipforge.data.pipeline import TrainLoader, build_train_loader, plan_data
+from clipforge.data.loader import TrainLoader, build_train_loader
+from clipforge.data.pipeline import plan_data
 from clipforge.distributed import DistInfo, make_agreement
 from clipforge.evaluation import load_suite
 from clipforge.health import CollapseMonitor, HealthProbe
-from clipforge.losses import ObjectiveContext, build_objectives
+from clipforge.losses import ObjectiveContext, Objectives, build_objectives
 from clipforge.models import BuiltModel, build_model
 from clipforge.models.outputs import needs_every_token
 from clipforge.train.checkpoint import Checkpointer
@@ -69,20 +70,7 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
     plan = plan_data(cfg.data, dist_info.world_size)  # empty or too few shards fail now, not after the model is built
     built = build_model(cfg.model)
     state = TrainState(clock=SampleClock(global_batch=cfg.data.batch_size * dist_info.world_size))
-    teacher, teacher_temperature = build_teacher(cfg.loss, cfg.data.teacher, built, dist_info.device)
-    context = ObjectiveContext(
-        rank=dist_info.rank,
-        world_size=dist_info.world_size,
-        device=dist_info.device,
-        model=built.model,
-        autocast=autocast_for(dist_info.device, cfg.train.precision),
-        step=lambda: state.step,
-        teacher=teacher,
-        teacher_temperature=teacher_temperature,
-    )
-    objectives = build_objectives(cfg.loss, context, cfg.train.steps)
-    if not attach_objectives(built.model, objectives):
-        objectives.to(dist_info.device)
+    objectives = objectives_for_run(cfg, built, dist_info, state)
     prepared = prepare_model(
         built.model,
         cfg.model,
@@ -130,29 +118,47 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
         state,
         loader,
         dist_info.device,
-        step_fn.scaler,
-        objectives.restart_pieces(),
-        dist_info.rank,
+        scaler=step_fn.scaler,
+        objective_pieces=objectives.restart_pieces(),
+        rank=dist_info.rank,
     )
-    probe = health_probe(cfg, built, dist_info, agree)
-    monitor = CollapseMonitor(cfg.health, cfg.loss.max_logit_scale, log_warnings=dist_info.is_main)
     return Run(
-        run_dir,
-        built,
-        prepared.model,
-        prepared.channels_last,
-        cfg.train.compile and prepared.trim_text,
-        loader,
-        step_fn,
-        scheduler,
-        state,
-        pieces,
-        checkpointer,
-        resume_from,
-        agree,
-        probe,
-        monitor,
+        run_dir=run_dir,
+        built=built,
+        model=prepared.model,
+        channels_last=prepared.channels_last,
+        dynamic_text=cfg.train.compile and prepared.trim_text,
+        loader=loader,
+        step_fn=step_fn,
+        scheduler=scheduler,
+        state=state,
+        pieces=pieces,
+        checkpointer=checkpointer,
+        resume_from=resume_from,
+        agree=agree,
+        probe=health_probe(cfg, built, dist_info, agree),
+        monitor=CollapseMonitor(cfg.health, cfg.loss.max_logit_scale, log_warnings=dist_info.is_main),
     )
+
+
+def objectives_for_run(cfg: RunConfig, built: BuiltModel, dist_info: DistInfo, state: TrainState) -> Objectives:
+    """The configured objectives with the runtime objects they need; those that hold parameters are attached to the
+    model (``attach_objectives``), the others put on the device. They are bound once the model is prepared."""
+    teacher, teacher_temperature = build_teacher(cfg.loss, cfg.data.teacher, built, dist_info.device)
+    context = ObjectiveContext(
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        device=dist_info.device,
+        model=built.model,
+        autocast=autocast_for(dist_info.device, cfg.train.precision),
+        step=lambda: state.step,
+        teacher=teacher,
+        teacher_temperature=teacher_temperature,
+    )
+    objectives = build_objectives(cfg.loss, context, cfg.train.steps)
+    if not attach_objectives(built.model, objectives):
+        objectives.to(dist_info.device)
+    return objectives
 
 
 def resolve_resume(resume: str | None, checkpointer: Checkpointer) -> Path | None:
