@@ -259,3 +259,37 @@ def test_a_rank_whose_peer_never_comes_fails_within_the_connect_timeout(monkeypa
         "(restart 0, connect timeout 3 s): "
     ), message
     assert "\n" not in message and not torch.distributed.is_initialized()
+
+
+def _join_that_never_returns(log_path):
+    import logging
+
+    import torch
+
+    from clipforge import distributed
+
+    logging.getLogger("clipforge.distributed").addHandler(logging.FileHandler(log_path))
+    distributed.JOIN_GRACE_S = 1.0
+    distributed.dist.rendezvous = lambda *args, **kwargs: iter([(torch.distributed.Store(), 0, 2)])
+    distributed.dist.init_process_group = lambda **kwargs: time.sleep(120)  # as gloo's connect to a stale address
+    env = {**TORCHRUN, "RANK": "0", "WORLD_SIZE": "2"}
+    distributed.init_process_group(DistInfo.from_env(env, cuda_available=False), env, connect_timeout_s=1)
+
+
+def test_a_rank_still_joining_past_the_connect_timeout_ends_itself(tmp_path):
+    """gloo's connect to an address that went stale waits in C++ past its own timeout: the rank ends itself, in one
+    line, JOIN_GRACE_S after the connect timeout."""
+    import multiprocessing
+
+    process = multiprocessing.get_context("fork").Process(target=_join_that_never_returns, args=(tmp_path / "log",))
+    start = time.monotonic()
+    process.start()
+    process.join(60)
+    if process.is_alive():
+        process.kill()
+        raise AssertionError("still joining after 60 s")
+    assert process.exitcode == 1 and time.monotonic() - start < 30
+    assert (tmp_path / "log").read_text() == (
+        "rank 0 of 2 still joining the process group at tcp://node0:29500 (restart 0) after 2 s, past its connect "
+        "timeout of 1 s: exiting\n"
+    )

@@ -16,12 +16,22 @@ the whole global batch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("clipforge.distributed")
+
+JOIN_GRACE_S = 60.0
+"""How long past ``connect_timeout_s`` a rank may still be joining before it ends itself: gloo's connect to an address
+that went stale can wait in C++ past its own timeout (an hour was seen), out of reach of any Python exception."""
 
 
 @dataclass(frozen=True)
@@ -84,8 +94,9 @@ def init_process_group(
 
     The group's keys live under ``clipforge/restart_{info.restart_count}/`` in the rendezvous store, so the ranks
     of a torchrun restart never read what the previous attempt's ranks wrote there. Connecting (the store, then
-    gloo's full mesh) gives up after ``connect_timeout_s`` with an error naming the rendezvous address; collectives
-    wait up to ``timeout_s`` (a rank may legitimately wait that long for another's evaluation or checkpoint)."""
+    gloo's full mesh) gives up after ``connect_timeout_s`` with an error naming the rendezvous address, and a rank
+    still connecting ``JOIN_GRACE_S`` later ends itself; collectives wait up to ``timeout_s`` (a rank may
+    legitimately wait that long for another's evaluation or checkpoint)."""
     if not info.is_distributed or dist.is_initialized():
         return
     if "MASTER_ADDR" not in env:
@@ -97,26 +108,49 @@ def init_process_group(
         torch.cuda.set_device(torch.device(info.device))  # the visible device from_env chose, not the local rank
     address = f"tcp://{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29500')}"
     connect_timeout = timedelta(seconds=connect_timeout_s)
-    try:
-        # the store torch would make from this address: a client of torchrun's agent store, or hosted by rank 0
-        store, _, _ = next(dist.rendezvous(address, info.rank, info.world_size, timeout=connect_timeout))
-        store.set_timeout(connect_timeout)
-        dist.init_process_group(
-            backend=info.backend,
-            store=dist.PrefixStore(f"clipforge/restart_{info.restart_count}", store),
-            rank=info.rank,
-            world_size=info.world_size,
-            timeout=connect_timeout,
-        )
-    except RuntimeError as error:  # torch's store errors (DistStoreError, DistNetworkError) and gloo's connect
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ConnectionError(
-            f"rank {info.rank} of {info.world_size} could not join the process group at {address} (restart "
-            f"{info.restart_count}, connect timeout {connect_timeout_s:g} s): {reason}"
-        ) from error
+    deadline_s = connect_timeout_s + JOIN_GRACE_S
+    still_joining = (
+        f"rank {info.rank} of {info.world_size} still joining the process group at {address} (restart "
+        f"{info.restart_count}) after {deadline_s:g} s, past its connect timeout of {connect_timeout_s:g} s: exiting"
+    )
+    with _exit_if_still_running(deadline_s, still_joining):
+        try:
+            # the store torch would make from this address: a client of torchrun's agent store, or hosted by rank 0
+            store, _, _ = next(dist.rendezvous(address, info.rank, info.world_size, timeout=connect_timeout))
+            store.set_timeout(connect_timeout)
+            dist.init_process_group(
+                backend=info.backend,
+                store=dist.PrefixStore(f"clipforge/restart_{info.restart_count}", store),
+                rank=info.rank,
+                world_size=info.world_size,
+                timeout=connect_timeout,
+            )
+        except RuntimeError as error:  # torch's store errors (DistStoreError, DistNetworkError) and gloo's connect
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ConnectionError(
+                f"rank {info.rank} of {info.world_size} could not join the process group at {address} (restart "
+                f"{info.restart_count}, connect timeout {connect_timeout_s:g} s): {reason}"
+            ) from error
     timeout = timedelta(seconds=timeout_s)
     store.set_timeout(timeout)  # later store waits (new_group's connects) as long as a collective may take
     dist.set_timeout(timeout)
+
+
+@contextlib.contextmanager
+def _exit_if_still_running(seconds: float, message: str) -> Iterator[None]:
+    """Log ``message`` and end the process (exit status 1) if the block is still running after ``seconds``."""
+
+    def expire() -> None:
+        log.error(message)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def destroy_process_group() -> None:
