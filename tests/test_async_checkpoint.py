@@ -13,11 +13,10 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from checkpointing import model_pieces
-from torch.distributed.checkpoint.api import CheckpointException
 
 from clipforge.checkpoints import is_sharded, read_weights, verify
 from clipforge.models import ModelConfig, build_model
-from clipforge.train.checkpoint import Checkpointer
+from clipforge.train.checkpoint import Checkpointer, CheckpointWriteError
 
 
 @pytest.fixture
@@ -61,9 +60,9 @@ def test_a_failed_background_write_leaves_the_previous_checkpoint_latest(model, 
 
     monkeypatch.setattr(dcp.FileSystemWriter, "write_data", failing)
     checkpointer.save(2, model_pieces(model, 2), "train: {}\n")  # returns: the failure is in the background
-    with pytest.raises(CheckpointException) as raised:  # a BaseException holding each rank's error
-        checkpointer.wait()
-    assert "No space left on device" in str(raised.value.failures[0])
+    with pytest.raises(CheckpointWriteError, match="^checkpoint of step 2 not written to .*: No space left") as raised:
+        checkpointer.wait()  # one line naming the folder, with DCP's CheckpointException (every rank's error) as cause
+    assert "No space left on device" in str(raised.value.__cause__.failures[0])
     monkeypatch.undo()
     assert [p.name for p in checkpointer.complete()] == ["step_00000001"]
     assert checkpointer.latest_intact() == (tmp_path / "latest").resolve() == tmp_path / "step_00000001"

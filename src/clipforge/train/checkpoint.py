@@ -11,9 +11,13 @@ iterating the Stateful pieces.
 
 plus ``sync_rank{R}.json`` (DDP: a digest of each rank's weights; if replicas diverged, every rank raises and
 nothing is saved), ``config.yaml`` (the resolved run config) and ``manifest.json``, written last, with every file's
-size and SHA-256. A checkpoint is written under a hidden temporary name, every file fsynced, then renamed: a crash
-or kill (during the DCP write too) never leaves a partial directory under a final name. ``latest`` is a symlink
-to the newest one, replaced atomically; ``latest_intact`` falls back past a corrupt one.
+size and SHA-256. A checkpoint is written under a hidden temporary name unique to this writer
+(``.step_N.ID.tmp``), every file fsynced, checked complete, then renamed: a crash or kill (during the DCP write
+too), or a second trainer writing into the same folder, never leaves a partial directory under a final name.
+``latest`` is a symlink to the newest one, replaced atomically; ``latest_intact`` falls back past a corrupt one. A
+write that fails (a full disk, a read-only or unwritable folder) removes its temporary directory and raises
+``CheckpointWriteError``, one line naming the folder and, for a full disk, the space needed and free; the previous
+checkpoint stays ``latest``.
 
 Reading goes through ``clipforge.checkpoints`` (the manifest verified first; DCP metadata through a restricted
 unpickler; ``torch.load(weights_only=True)``): no arbitrary object is ever unpickled. Checkpoints written before
@@ -23,11 +27,15 @@ still resume.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import uuid
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
@@ -55,6 +63,10 @@ from clipforge.train.state import PER_RANK, REPLICATED, SHARDED, Piece
 log = logging.getLogger(__name__)
 
 
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (no space, a read-only or unwritable folder); nothing was published."""
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -67,6 +79,70 @@ def _write_synced(path: Path, write) -> None:
     write(path)
     with open(path, "rb+") as stream:
         os.fsync(stream.fileno())
+
+
+def _torch_save(value: Any, path: Path) -> None:
+    """``torch.save`` through a Python file: a failed write raises ``OSError`` with its errno (saved to a path name,
+    torch's writer turns a full disk into ``RuntimeError: ... unexpected pos``)."""
+    with open(path, "wb") as stream:
+        torch.save(value, stream)
+
+
+def _save_safetensors(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """``safetensors.torch.save_file``, its I/O errors raised as ``OSError`` (it reports them as a string)."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(weights, str(path))
+    except SafetensorError as exn:
+        found = re.search(r"os error (\d+)", str(exn))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exn
+
+
+def _nbytes(value: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict, at their full size (a DTensor counts all its shards)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(item) for item in value)
+    return 0
+
+
+def _os_error(exn: BaseException) -> OSError | None:
+    """The ``OSError`` behind a failed write: ``exn`` itself, its cause or context, or a rank's failure inside a
+    ``torch.distributed.checkpoint`` ``CheckpointException``."""
+    seen: list[BaseException] = [exn]
+    while seen:
+        current = seen.pop(0)
+        if isinstance(current, OSError):
+            return current
+        failures = getattr(current, "failures", None)
+        if isinstance(failures, dict):
+            seen.extend(item[0] if isinstance(item, tuple) else item for item in failures.values())
+        seen.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return None
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _size(count: int) -> str:
+    """``count`` bytes in binary units, e.g. '47.2 MiB'."""
+    value, unit = float(count), "bytes"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{count} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -106,22 +182,52 @@ class Checkpointer:
         self._group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
         self._pending: Future | None = None
         self._published: Future | None = None
+        self._writer: str | None = None
+        self._attempt: tuple[int, Path, int] = (0, self.directory, 0)  # step, temporary directory, bytes
 
     def save(self, step: int, pieces: dict[str, Piece], config_yaml: str) -> Path:
         """Write every piece of ``pieces`` (``clipforge.train.state.restart_state``); collective when distributed.
-        Asynchronous: returns once the model and optimizer are copied, before they are written (see ``wait``)."""
+        Asynchronous: returns once the model and optimizer are copied, before they are written (see ``wait``).
+        A failed write removes what it wrote and raises ``CheckpointWriteError`` for an OS error (no space, a
+        read-only or unwritable folder), the original error otherwise."""
         self.wait()
         final = self.directory / f"step_{step:08d}"
-        temporary = self.directory / f".step_{step:08d}.tmp"
+        temporary = self.directory / f".step_{step:08d}.{self._writer_id()}.tmp"
+        self._attempt = (step, temporary, 0)
+        try:
+            self._write(step, pieces, config_yaml, temporary, final)
+        except BaseException as exn:  # a second Ctrl-C too: no partial copy stays behind
+            pending, self._pending, self._published = self._pending, None, None
+            if pending is not None:  # the background write into the folder that is about to go: let it end first
+                with contextlib.suppress(BaseException):
+                    pending.result()
+            if self.rank == 0:
+                shutil.rmtree(temporary, ignore_errors=True)
+            failure = self._failure(exn)
+            if failure is exn:
+                raise
+            raise failure from exn
+        return final
+
+    def _write(self, step: int, pieces: dict[str, Piece], config_yaml: str, temporary: Path, final: Path) -> None:
+        model = pieces["model"].stateful.model
+        sharded = model_is_sharded(model)
+        every_rank_writes_shards = sharded or self.asynchronous  # a collective; replicas are deduplicated
+        # every rank's own (data positions and generators differ between ranks); then what rank 0 writes alone
+        per_rank = {name: piece.stateful.state_dict() for name, piece in pieces.items() if piece.kind == PER_RANK}
+        state = {name: piece.stateful.state_dict() for name, piece in pieces.items() if piece.kind == REPLICATED}
+        tensors = (
+            {name: piece.stateful.state_dict() for name, piece in pieces.items() if piece.kind == SHARDED}
+            if every_rank_writes_shards or self.rank == 0
+            else {}
+        )
+        self._attempt = (step, temporary, _nbytes(per_rank) + _nbytes(state) + _nbytes(tensors))
         if self.rank == 0:
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir(parents=True)
         _barrier()
-        for name, piece in pieces.items():
-            if piece.kind == PER_RANK:  # every rank's own: data positions and generators differ between ranks
-                _write_per_rank(temporary, name, self.rank, piece.stateful.state_dict())
-        model = pieces["model"].stateful.model
-        sharded = model_is_sharded(model)
+        for name, value in per_rank.items():
+            _write_per_rank(temporary, name, self.rank, value)
         if not sharded:
             _write_synced(
                 temporary / f"sync_rank{self.rank}.json",
@@ -129,22 +235,15 @@ class Checkpointer:
             )
         _barrier()
         self._check_ranks_agree(temporary)  # on every rank, so that all of them raise, none waits for rank 0
-        state = {name: piece.stateful.state_dict() for name, piece in pieces.items() if piece.kind == REPLICATED}
-        if sharded or self.asynchronous:  # every rank writes its shards (a collective); replicas are deduplicated
-            self._write_shards(temporary, {n: p.stateful.state_dict() for n, p in pieces.items() if p.kind == SHARDED})
+        if every_rank_writes_shards:
+            self._write_shards(temporary, tensors)
         elif self.rank == 0:
-            weights = pieces["model"].stateful.state_dict()
-            _write_synced(temporary / "model.safetensors", lambda p: save_file(weights, str(p)))
+            weights = tensors.pop("model")
+            state.update(tensors)  # the optimizer, beside the replicated pieces
+            _write_synced(temporary / "model.safetensors", lambda p: _save_safetensors(weights, p))
             with_process_umask(temporary / "model.safetensors")
-            state.update(
-                {
-                    name: piece.stateful.state_dict()
-                    for name, piece in pieces.items()
-                    if piece.kind == SHARDED and name != "model"
-                }
-            )
         if self.rank == 0:
-            _write_synced(temporary / "state.pt", lambda p: torch.save(state, p))
+            _write_synced(temporary / "state.pt", lambda p: _torch_save(state, p))
             _write_synced(temporary / "config.yaml", lambda p: p.write_text(config_yaml))
         if self._pending is not None:  # rank 0 publishes when the background write is done, on every rank
             if self.rank == 0:
@@ -152,12 +251,58 @@ class Checkpointer:
                 self._pending.add_done_callback(
                     lambda written: self._publish_after(written, published, temporary, final, step)
                 )
-            return final
+            return
         _barrier()
         if self.rank == 0:
             self._publish(temporary, final, step)
         _barrier()
-        return final
+
+    def _writer_id(self) -> str:
+        """A name for this writer's temporary directories, the same on every rank (agreed at the first save): two
+        trainers that somehow write into one folder never write into, or remove, each other's."""
+        if self._writer is None:
+            agreed = [uuid.uuid4().hex[:12]]
+            if dist.is_initialized():
+                dist.broadcast_object_list(agreed, src=0)
+            self._writer = agreed[0]
+        return self._writer
+
+    def _failure(self, exn: BaseException) -> BaseException:
+        """``exn`` as the one-line ``CheckpointWriteError`` when an OS error caused it (after the partial copy was
+        removed: the free space is what the next try would have); any other error as it is."""
+        if isinstance(exn, (KeyboardInterrupt, SystemExit)):
+            return exn
+        step, temporary, needed = self._attempt
+        cause = _os_error(exn)
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:
+            free = None
+        full = cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        if cause is None and not (free is not None and needed > free):  # a writer that hid the errno, or a bug
+            return exn
+        latest = self.latest()
+        kept = f"{latest.name} stays latest" if latest else "no checkpoint was written before it"
+        if cause is None or full:
+            what = os.strerror(cause.errno) if cause is not None else "not enough space"
+            mount = _mount_point(self.directory)
+            space = (
+                f"it needs about {_size(needed)}, {_size(free)} is free ({needed:,} vs {free:,} bytes)"
+                if free is not None
+                else f"it needs about {_size(needed)}"
+            )
+            return CheckpointWriteError(
+                f"checkpoint of step {step} not written to {self.directory}: {what} on the filesystem at {mount}; "
+                f"{space}. Its partial copy was removed and {kept}; free space (or set train.keep_last lower, or "
+                "train.output_dir elsewhere) and run again with --resume auto"
+            )
+        path = cause.filename or temporary
+        reason = cause.strerror or str(cause)
+        return CheckpointWriteError(
+            f"checkpoint of step {step} not written to {self.directory}: {reason} ({path}). Its partial copy was "
+            f"removed and {kept}; make the folder writable (or set train.output_dir elsewhere) and run again with "
+            "--resume auto"
+        )
 
     def _write_shards(self, temporary: Path, tensors: dict[str, Any]) -> None:
         import torch.distributed.checkpoint as dcp
@@ -177,24 +322,37 @@ class Checkpointer:
             self._publish(temporary, final, step)
             published.set_result(final)
         except BaseException as exn:  # noqa: BLE001 — handed to wait(), which raises it in the training thread
-            log.error("checkpoint of step %d not written (%s); %s stays the latest", step, exn, self.latest())
             shutil.rmtree(temporary, ignore_errors=True)
-            published.set_exception(exn)
+            failure = self._failure(exn)
+            if failure is not exn:
+                failure.__cause__ = exn
+            log.error("background checkpoint of step %d failed: %s", step, " ".join(str(failure).split())[:500])
+            published.set_exception(failure)
 
     def wait(self) -> None:
-        """Block until the pending asynchronous checkpoint (if any) is written and published; raise its error."""
+        """Block until the pending asynchronous checkpoint (if any) is written and published; raise its error
+        (``CheckpointWriteError`` for an OS error, as ``save``)."""
         pending, published, self._pending, self._published = self._pending, self._published, None, None
         if pending is None:
             return
         try:
-            pending.result()
-            if published is not None:
+            if published is not None:  # rank 0: the error, if any, as the publishing callback made it
                 published.result()
+                return
+            try:
+                pending.result()
+            except BaseException as exn:
+                failure = self._failure(exn)
+                if failure is exn:
+                    raise
+                raise failure from exn
         finally:
             _barrier()  # no rank starts the next checkpoint before rank 0 has published this one
 
     def _publish(self, temporary: Path, final: Path, step: int) -> None:
-        """Rank 0: the manifest (written last), then the rename to the final name and ``latest``, atomically."""
+        """Rank 0: the manifest (written last), then the rename to the final name and ``latest``, atomically. A
+        temporary directory that lacks a file of its layout is never published (the rename is where it would
+        become a checkpoint)."""
         files = {
             f.name: {"bytes": f.stat().st_size, "sha256": sha256(f)} for f in sorted(temporary.iterdir()) if f.is_file()
         }
@@ -203,15 +361,31 @@ class Checkpointer:
             lambda p: p.write_text(json.dumps({"step": step, "files": files}, indent=1)),
         )
         _fsync_dir(temporary)
+        try:
+            check_complete(temporary)
+        except CorruptCheckpoint as exn:
+            raise CheckpointWriteError(
+                f"checkpoint of step {step} not published: {exn}; is another trainer writing into {self.directory}?"
+            ) from None
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
-        link = self.directory / ".latest.tmp"
+        link = self.directory / f".latest.{self._writer_id()}.tmp"
         link.unlink(missing_ok=True)
         link.symlink_to(final.name)
         os.replace(link, self.directory / "latest")
         _fsync_dir(self.directory)
         self._prune()
+
+    def discard_partial(self) -> list[Path]:
+        """Rank 0 of the run that holds the run directory's lock: remove the temporary directories of checkpoints
+        that were never finished (a kill mid-write); returns them."""
+        found = sorted(self.directory.glob(".step_*.tmp")) if self.directory.is_dir() else []
+        for path in found:
+            shutil.rmtree(path, ignore_errors=True)
+        for link in self.directory.glob(".latest.*tmp") if self.directory.is_dir() else []:
+            link.unlink(missing_ok=True)
+        return found
 
     def load(self, path: str | Path, pieces: dict[str, Piece]) -> None:
         """Restore every piece from the checkpoint at ``path`` (verified against its manifest first)."""
@@ -262,6 +436,7 @@ class Checkpointer:
         """Data parallelism keeps every rank's weights identical; a checkpoint is where that is checked."""
         digests = {f.name: json.loads(f.read_text())["weights_sha256"] for f in sorted(directory.glob("sync_rank*"))}
         if len(set(digests.values())) > 1:
+            _barrier()  # every rank finds the same, and has read the files before rank 0 removes them
             raise RuntimeError(
                 f"ranks hold different weights at this checkpoint ({digests}); data-parallel replicas "
                 f"diverged — every rank refuses to write {directory.name}"
@@ -347,7 +522,7 @@ def _write_per_rank(directory: Path, name: str, rank: int, value: dict[str, Any]
     try:
         text = json.dumps(value, sort_keys=True)
     except TypeError:
-        _write_synced(directory / f"{name}_rank{rank}.pt", lambda p: torch.save(value, p))
+        _write_synced(directory / f"{name}_rank{rank}.pt", lambda p: _torch_save(value, p))
     else:
         _write_synced(directory / f"{name}_rank{rank}.json", lambda p: p.write_text(text))
 
