@@ -23,6 +23,7 @@ from checkpointing import load_checkpoint, model_pieces, save_checkpoint
 from ranks import free_port, launch_ranks
 from safetensors.torch import load_file
 
+from clipforge.checkpoints import verify
 from clipforge.config import load_config
 from clipforge.train.checkpoint import Checkpointer, CorruptCheckpoint
 from clipforge.train.loop import EXIT_PREEMPTED, NonFiniteError, train
@@ -394,3 +395,136 @@ def test_every_rank_resumes_its_own_random_generators(tmp_path):
     assert [r["data"] for r in ranks] == [{"rank": 0}, {"rank": 1}]
     assert ranks[0]["draw"].tolist() != ranks[1]["draw"].tolist()  # rank 1 did not get rank 0's stream
     assert {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in (tmp_path / "checkpoints" / "step_00000001").iterdir()}
+
+
+def test_ctrl_c_checkpoints_and_exits_75_without_a_traceback(synth_data, tiny_model_json, tmp_path):
+    """SIGINT to the trainer's whole process group, as a terminal sends it (DataLoader workers included)."""
+    config = write_config(
+        tmp_path / "cfg.yaml", synth_data, tiny_model_json, tmp_path / "run", steps=400, checkpoint_every=100
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "clipforge", "train", str(config)],
+        env=env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_step(tmp_path / "run", 3, process)
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == EXIT_PREEMPTED, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["preempted"] and 3 <= result["step"] < 100
+    checkpoint = tmp_path / "run" / "checkpoints" / f"step_{result['step']:08d}"
+    assert Path(result["checkpoint"]) == checkpoint == (tmp_path / "run" / "checkpoints" / "latest").resolve()
+    verify(checkpoint)
+    assert "received SIGINT: stopping after this step with a checkpoint" in err
+    assert f"stopped at step {result['step']} on a signal" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert not (tmp_path / "run" / "train.lock").exists()
+
+
+SLOW_PUBLISH = """
+import sys, time
+from clipforge.train import checkpoint
+
+original = checkpoint.Checkpointer._publish
+
+def slow(self, temporary, final, step):  # from step 4 on: every file written, the rename not yet made
+    if step >= 4:
+        print(f"publishing step {step}", file=sys.stderr, flush=True)
+        time.sleep(120)
+    original(self, temporary, final, step)
+
+checkpoint.Checkpointer._publish = slow
+from clipforge.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_second_ctrl_c_aborts_at_once_leaving_the_previous_checkpoint_latest(synth_data, tiny_model_json, tmp_path):
+    from clipforge.train.loop import EXIT_ABORTED
+
+    config = write_config(
+        tmp_path / "cfg.yaml", synth_data, tiny_model_json, tmp_path / "run", steps=400, checkpoint_every=2
+    )
+    script = tmp_path / "slow_publish.py"
+    script.write_text(SLOW_PUBLISH)
+    process = subprocess.Popen(
+        [sys.executable, str(script), "train", str(config)],
+        env=env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoints = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 240
+    while not list(checkpoints.glob(".step_00000004.*.tmp/config.yaml")):  # the checkpoint of step 4 is written
+        assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)  # stop after this step: it waits for the checkpoint being published
+    time.sleep(1.5)  # a second Ctrl-C, not the launcher's copy of the first
+    os.killpg(process.pid, signal.SIGINT)
+    started = time.time()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == EXIT_ABORTED, err[-3000:]
+    assert time.time() - started < 30  # at once, not after the 120 s publish
+    assert "aborted on a second Ctrl-C: no checkpoint of this step" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert (checkpoints / "latest").resolve() == checkpoints / "step_00000002"
+    verify(checkpoints / "latest")
+    assert not list(checkpoints.glob(".*")) and not (tmp_path / "run" / "train.lock").exists()
+
+
+def test_a_ctrl_c_repeated_within_a_second_is_the_same_ctrl_c():
+    """A terminal's Ctrl-C reaches torchrun and its ranks, and torchrun forwards it again: one request to stop."""
+    from clipforge.train.loop import StopSignals
+
+    stop = StopSignals()
+    stop._handle(signal.SIGINT, None)
+    stop._handle(signal.SIGINT, None)
+    assert stop.received == signal.SIGINT
+    stop._interrupted_at -= StopSignals.REPEAT_S + 0.1
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(reference_run, synth_data, tiny_model_json, tmp_path):
+    """As a kill during an append leaves metrics.jsonl: --resume auto warns naming the file and continues, and the
+    file is valid JSONL again, with the uninterrupted run's records."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir, symlinks=True)
+    for step in (9, 12):  # killed after step 7's record: the newest checkpoint is step 6's
+        shutil.rmtree(run_dir / "checkpoints" / f"step_{step:08d}")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines[:7]) + "\n" + lines[7][: len(lines[7]) // 2])
+    config = write_config(tmp_path / "cfg.yaml", synth_data, tiny_model_json, run_dir)
+    done = subprocess.run(
+        [sys.executable, "-m", "clipforge", "train", str(config), "--resume", "auto"],
+        env=env(),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{run_dir / 'metrics.jsonl'}: dropped its torn last line 8" in done.stderr
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 13))
+    assert losses(run_dir) == losses(reference_run)
+
+
+def test_two_metric_loggers_on_one_file_never_interleave_within_a_line(tmp_path):
+    """Even if two writers ever ran (the run directory's lock is there to stop that): whole records, appended."""
+    from clipforge.train.metrics import LoggingConfig, MetricLogger
+
+    cfg = LoggingConfig(tensorboard=False, progress_bar=False)
+    first, second = (MetricLogger(tmp_path, cfg, 100, 0, True) for _ in range(2))
+    for step in range(1, 6):
+        first.log(step, {"train/loss": 1.0 / step, "note": "x" * 50})
+        second.log(step, {"train/loss": 2.0})
+    first.close()
+    second.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]  # the second's: it replaced the file, whole

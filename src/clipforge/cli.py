@@ -373,7 +373,7 @@ def _train(args: argparse.Namespace) -> int:
         return _dry_run(cfg, args.print_config)
     from clipforge.train.loop import EXIT_PREEMPTED, train
 
-    result = train(cfg)
+    result = train(cfg, take_over_lock=args.take_over_lock)
     if result.get("eval_table"):
         print(f"\nzero-shot results at step {result['step']} ({cfg.eval.suite}):\n\n{result['eval_table']}")
     if result["is_main"]:
@@ -704,7 +704,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="auto|DIR",
         help="continue from the newest intact checkpoint of this run (auto; 'latest' is an alias) or a "
-        "checkpoint directory. Exit code 75: stopped by SIGUSR1/SIGTERM after a checkpoint",
+        "checkpoint directory. Exit code 75: stopped by Ctrl-C (SIGINT), SIGUSR1 or SIGTERM after a checkpoint; "
+        "130: a second Ctrl-C aborted at once, without one",
+    )
+    train.add_argument(
+        "--take-over-lock",
+        action="store_true",
+        help="take the run directory's lock (RUN/train.lock) from a trainer that holds it on another host and is "
+        "known to be dead; on this host, or for an earlier attempt of the same SLURM job, a dead holder's lock is "
+        "taken over by itself",
     )
     train.add_argument(
         "--dry-run",

@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from clipforge.evaluation.suite import headline
 from clipforge.health import CollapseError, CollapseMonitor, HealthProbe
 from clipforge.train.build import Run, build_run
 from clipforge.train.config import TrainConfig
+from clipforge.train.lock import hold_run_dir
 from clipforge.train.meter import StepMeter
 from clipforge.train.metrics import MetricLogger, plot_curves
 from clipforge.train.parallel import unwrap
@@ -72,16 +74,23 @@ class NonFiniteError(RuntimeError):
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal after checkpointing; run again with --resume auto
+EXIT_ABORTED = 130  # 128 + SIGINT: a second Ctrl-C stopped the run at once, without a checkpoint of its step
 
 
 class StopSignals:
-    """SIGUSR1 / SIGTERM request a stop after the current step (DataLoader workers ignore both)."""
+    """SIGINT (Ctrl-C), SIGUSR1 and SIGTERM request a stop after the current step, with a checkpoint (DataLoader
+    workers ignore all three). A second SIGINT aborts at once: ``KeyboardInterrupt`` in the main thread, which
+    ``train`` turns into exit code 130. A SIGINT within ``REPEAT_S`` of the first is not a second one: a terminal's
+    Ctrl-C reaches a launcher and its ranks together, and torchrun forwards it to the ranks again."""
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM)
+    REPEAT_S = 1.0
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict = {}
+        self._interrupted_at: float | None = None
+        self._pid = os.getpid()
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -90,8 +99,16 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked child (a DataLoader worker before it ignores signals) has no say
+            return
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._interrupted_at is not None and now - self._interrupted_at > self.REPEAT_S:
+                raise KeyboardInterrupt
+            self._interrupted_at = self._interrupted_at or now
         if self.received is None:
-            log.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
+            more = "; Ctrl-C again to abort at once" if signum == signal.SIGINT else ""
+            log.warning("received %s: stopping after this step with a checkpoint%s", signal.Signals(signum).name, more)
         self.received = signum
 
     def __exit__(self, *exc) -> None:
@@ -177,15 +194,21 @@ def _check_health(
         raise collapsed
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
-    """Train as configured; returns the final step, last metrics and final eval results."""
+def train(cfg: RunConfig, take_over_lock: bool = False) -> dict[str, Any]:
+    """Train as configured; returns the final step, last metrics and final eval results. Rank 0 holds the run
+    directory's lock (``clipforge.train.lock``) throughout; ``take_over_lock`` takes it from a holder on another host
+    that cannot be checked. A second Ctrl-C exits at once with ``EXIT_ABORTED`` (``SystemExit``)."""
     from clipforge.config import to_yaml
 
     dist_info = DistInfo.from_env(os.environ)
     check_output_dir(cfg.train.output_dir)  # before the process group and the run directory's lock
     init_process_group(dist_info, os.environ)
     try:
-        with StopSignals() as stop, contextlib.ExitStack() as cleanup:
+        with (
+            StopSignals() as stop,
+            hold_run_dir(cfg.train.output_dir, dist_info, os.environ, take_over_lock),
+            contextlib.ExitStack() as cleanup,
+        ):
             result = _train(cfg, dist_info, to_yaml(cfg), stop, cleanup)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # gloo aborts if a rank tears down while a peer still talks
@@ -193,6 +216,11 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         if result["preempted"] and cfg.train.requeue:
             _requeue(dist_info)  # after the barrier: every rank has written its part of the checkpoint
         return result
+    except KeyboardInterrupt:  # the second Ctrl-C: what was being written was removed, `latest` is untouched
+        log.error(
+            "aborted on a second Ctrl-C: no checkpoint of this step; continue from the newest one with --resume auto"
+        )
+        raise SystemExit(EXIT_ABORTED) from None
     finally:
         destroy_process_group()
 
@@ -207,6 +235,9 @@ def _train(
     apply_cuda_settings(cfg.train, dist_info.device)
     run = build_run(cfg, dist_info, stop_requested=lambda: stop.received is not None)
     cleanup.callback(run.loader.close)  # on return or error: the DataLoader workers stop before the process exits
+    if dist_info.is_main:  # this run holds the run directory's lock: a partial checkpoint left here is a dead run's
+        for partial in run.checkpointer.discard_partial():
+            log.info("removed %s, a checkpoint an earlier run did not finish", partial)
     if run.resume_from is not None:
         run.checkpointer.load(run.resume_from, run.pieces)
         log.info("resumed from %s at step %d (%d samples)", run.resume_from, run.state.step, run.state.samples)

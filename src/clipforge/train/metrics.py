@@ -2,7 +2,10 @@
 accelerate's ``WandBTracker``), and the loss/temperature plot.
 
 Only rank 0 writes. ``metrics.jsonl`` in the run directory holds one record per logged step and
-is what ``plot_curves`` reads to draw ``curves.png`` (loss and temperature over steps).
+is what ``plot_curves`` reads to draw ``curves.png`` (loss and temperature over steps). Each record is appended with
+one ``write`` to a file opened ``O_APPEND``, so records never interleave mid-line; a resumed run keeps the records up
+to its checkpoint's step (rewritten atomically), dropping with a warning a torn last line that a kill during an
+append leaves.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import datetime
 import importlib.util
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -85,11 +89,11 @@ class MetricLogger:
         if cfg.wandb:
             self.wandb = _start_wandb(run_dir, cfg, config or {})
         path = run_dir / "metrics.jsonl"
-        kept = []
-        if start_step > 0 and path.is_file():  # resumed: drop what was logged after the checkpoint
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
-        self.jsonl = open(path, "w")
-        self.jsonl.writelines(line + "\n" for line in kept)
+        kept = _records_until(path, start_step) if start_step > 0 and path.is_file() else []
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        os.replace(temporary, path)  # resumed: what was logged after the checkpoint is dropped, atomically
+        self.jsonl = open(path, "ab", buffering=0)  # O_APPEND, unbuffered: one write() per record
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -105,8 +109,7 @@ class MetricLogger:
         if not self.enabled:
             return
         record = {"step": step, **metrics}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
+        self.jsonl.write((json.dumps(record) + "\n").encode())
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if self.writer is not None:
             for key, value in numbers.items():
@@ -136,6 +139,33 @@ class MetricLogger:
             self.jsonl.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _records_until(path: Path, step: int) -> list[str]:
+    """The lines of ``path`` (metrics.jsonl) whose record is at or before ``step``. A line that is not a JSON record
+    with a step (the torn last line of a run killed during an append) is dropped with a warning naming the file."""
+    kept, dropped = [], []
+    lines = path.read_text(errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record_step = int(record["step"])
+        except (ValueError, TypeError, KeyError):
+            dropped.append(number)
+            continue
+        if record_step <= step:
+            kept.append(line)
+    if dropped:
+        torn = dropped == [len(lines)]
+        log.warning(
+            "%s: dropped %s (%s); the file is valid JSONL again",
+            path,
+            f"its torn last line {dropped[0]}" if torn else f"{len(dropped)} unreadable line(s) {dropped[:5]}",
+            "a kill during an append leaves one" if torn else "two writers, or damage",
+        )
+    return kept
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
