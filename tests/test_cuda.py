@@ -182,7 +182,7 @@ def test_bf16_autocast_features_and_gradients_follow_fp32(tiny_model_json):
 
 @ONE_GPU
 def test_pinned_batches_copy_without_blocking_and_normalise_on_the_device(synth_data, tiny_model_json):
-    from clipforge.data.pipeline import DataConfig, build_train_loader
+    from clipforge.data import DataConfig, build_train_loader
     from clipforge.train.loop import prepare_batch
 
     built = build_model(ModelConfig(name=tiny_model_json))

@@ -13,7 +13,7 @@ from PIL import Image
 
 from clipforge.cli import main
 from clipforge.config import ConfigError, load_config
-from clipforge.data.pipeline import build_train_loader
+from clipforge.data.loader import build_train_loader
 from clipforge.evaluation import load_eval_model
 from clipforge.evaluation.datasets import load_benchmark
 from clipforge.evaluation.plots import HEATMAP_SIZE, HISTOGRAM_SIZE, PROJECTION_SIZE

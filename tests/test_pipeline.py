@@ -213,7 +213,7 @@ def test_workers_can_normalise_for_a_cpu_run(synth_data):
 CLOSE_SCRIPT = """
 import sys
 from clipforge.config import load_config
-from clipforge.data.pipeline import build_train_loader
+from clipforge.data.loader import build_train_loader
 from clipforge.models import build_model
 
 cfg = load_config(None, [f"data.train_urls={sys.argv[1]}/train/{{00000..00005}}.tar", "data.batch_size=32",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from clipforge.config import ConfigError, load_config
-from clipforge.data.pipeline import TrainLoader
+from clipforge.data.loader import TrainLoader
 from clipforge.train import profile
 from clipforge.train.loop import train
 from clipforge.train.profile import OFF, Setting, StepProfiler, diagnose, median_image_side

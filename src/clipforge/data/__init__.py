@@ -1,4 +1,4 @@
-"""Training data: sources and shard lists, fast image decoding, the webdataset stream, shard writers.
+"""Training data: sources and shard lists, fast image decoding, the webdataset stream and its loader, shard writers.
 
 The names below are imported on first use (PEP 562), not with the package: ``clipforge.data.config`` (read by every
 command) and the shard reader behind ``clipforge prep inspect`` need no torch, which the stream imports.
@@ -11,8 +11,8 @@ _EXPORTS = {
     "ImageTransform": "clipforge.data.images",
     "ShardedImageText": "clipforge.data.pipeline",
     "SourceConfig": "clipforge.data.sources",
-    "TrainLoader": "clipforge.data.pipeline",
-    "build_train_loader": "clipforge.data.pipeline",
+    "TrainLoader": "clipforge.data.loader",
+    "build_train_loader": "clipforge.data.loader",
     "expand_urls": "clipforge.data.sources",
 }
 

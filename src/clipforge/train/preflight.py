@@ -15,7 +15,7 @@ anything is written or queued).
    data.num_workers disjoint readers in epoch mode, and the sample counts (``num_samples``, or the sizes.json or
    ``*_stats.json`` beside the shards) leave no source empty and make at least one full global batch. Where the
    counts are unknown, shards that hold nothing are found only by reading them: the run stops after two empty
-   epochs (``clipforge.data.pipeline``), and ``clipforge prep inspect`` finds them beforehand.
+   epochs (``clipforge.data.loader``), and ``clipforge prep inspect`` finds them beforehand.
 
 The world size is an argument (``submit`` passes the one it requests); it defaults to this process's launch
 environment (``DistInfo.from_env``), as ``train`` reads it.
