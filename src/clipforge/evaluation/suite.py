@@ -382,6 +382,7 @@ def _linear_probe(run: _Run, entry: SuiteEntry) -> dict:
         val_labels,
         entry.val_proportion,
         entry.seed,
+        progress=run.progress,
     )
     metrics = {**classification_metrics(logits, test_labels, num_classes), **facts}
     if run.predictions is not None:
