@@ -249,5 +249,5 @@ def test_data_root_comes_from_the_flag_then_the_environment_then_the_suite(tmp_p
     with pytest.raises(ValueError, match="task = 'zero_shot' is not one of"):
         load_suite(suite, check=False)
     suite.write_text("name: s\ndatasets:\n  - {name: a, task: linear_probe, path: x, split_name: y}\n")
-    with pytest.raises(ValueError, match=r"unknown \['split_name'\]"):
+    with pytest.raises(ValueError, match=r"suite.yaml: key 'datasets\[0\]\.split_name': unknown \(known: name, task"):
         load_suite(suite, check=False)

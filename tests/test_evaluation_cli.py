@@ -170,7 +170,7 @@ def test_linear_probe_predictions_agree_with_the_reported_metrics(trained_checkp
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_retrieval_predictions_agree_with_the_reported_recalls(trained_checkpoint, synth_data, tmp_path, suffix):
     retrieval, path = synth_data / "eval" / "retrieval", tmp_path / f"retrieval{suffix}"
-    args = ["--dataset", retrieval, "--predictions", path, "--top-k", "10"]
+    args = ["--dataset", retrieval, "--predictions", path, "--top-k", "11"]
     (metrics,) = run_eval(trained_checkpoint, tmp_path / "out", *args).values()
     rows = read_rows(path)
     keys = wds_keys(retrieval)
@@ -187,10 +187,17 @@ def test_retrieval_predictions_agree_with_the_reported_recalls(trained_checkpoin
 
     assert all(relevant(row) == [row["query"].split("#")[0]] for row in to_image)
     assert all(relevant(row) == [c for c in captions if c.split("#")[0] == row["query"]] for row in to_text)
+
+    def scores(row):
+        return row["top_scores"] if suffix == ".jsonl" else [float(row[f"top{rank}_score"]) for rank in range(1, 12)]
+
     for k in (1, 5, 10):
         for direction, queries in (("image", to_image), ("text", to_text)):
             hits = sum(bool(set(ranked(row, "id", k)) & set(relevant(row))) for row in queries)
-            assert hits / len(queries) == metrics[f"{direction}_retrieval_recall@{k}"], (direction, k)
+            # Captions repeated word for word embed equally: where the k-th and (k+1)-th scores tie, the top k is
+            # ambiguous and the metrics' topk(k) may keep another of the tied ids than the file's topk(11) does.
+            tied = sum(scores(row)[k - 1] == scores(row)[k] for row in queries)
+            assert abs(hits - round(metrics[f"{direction}_retrieval_recall@{k}"] * len(queries))) <= tied, (k, tied)
     assert 0 < metrics["image_retrieval_recall@1"] < metrics["image_retrieval_recall@10"] < 1
 
 

@@ -74,7 +74,7 @@ def test_default_output_is_the_run_directory(trained_checkpoint, synth_suite):
         main(["eval", str(trained_checkpoint), "--suite", str(synth_suite), "--quiet", "--no-plots", "--workers", "0"])
         == 0
     )
-    eval_dir = trained_checkpoint.parent.parent / "eval"
+    eval_dir = trained_checkpoint.parent.parent / "eval" / "adhoc"  # beside training's eval/step_N.json, not among
     assert (eval_dir / f"synthetic_{trained_checkpoint.name}.json").is_file()
     assert not list(eval_dir.glob("*.png"))
 

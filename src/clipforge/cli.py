@@ -447,14 +447,20 @@ def _eval(args: argparse.Namespace) -> int:
 
     from clipforge.evaluation import load_eval_model, run_suite, write_report
     from clipforge.evaluation.loading import model_kind
-    from clipforge.evaluation.predictions import write_predictions
-    from clipforge.evaluation.report import health_table, markdown_table
+    from clipforge.evaluation.predictions import check_destination, write_predictions
+    from clipforge.evaluation.report import adhoc_results_dir, health_table, markdown_table
 
-    # Cheap checks first: a wrong model path, a bad suite, templates or missing data fail before the model is built.
-    model_kind(args.checkpoint, args.model, args.weights)
+    # Cheap checks first: a wrong model path, a bad suite, templates, class names, missing data or an unwritable
+    # destination fail before the model is built.
+    kind = model_kind(args.checkpoint, args.model, args.weights)
     suite = _eval_suite(args)
     if args.embedding_plots and args.no_plots:
         raise ValueError("--embedding-plots and --no-plots contradict each other")
+    if args.out:
+        out = Path(args.out)
+    else:  # never the run's own eval/ folder, whose step_N.json files are training's results and the card's source
+        out = adhoc_results_dir(args.checkpoint) if kind == "clipforge" else Path("eval_results")
+    check_destination(out, "--out", folder=True)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_eval_model(args.checkpoint, args.model, args.weights, device, args.amp)
     predictions = {} if args.predictions else None
@@ -470,19 +476,16 @@ def _eval(args: argparse.Namespace) -> int:
         predictions=predictions,
         top_k=args.top_k or 5,
     )
-    if args.out:
-        out = Path(args.out)
-    elif loaded.kind == "clipforge":
-        out = Path(args.checkpoint).resolve().parent.parent / "eval"
-    else:
-        out = Path("eval_results")
-    written = write_report(results, out, f"{suite.name}_{loaded.name}", plots=not args.no_plots)
+    stem = f"{suite.name}_{loaded.name}"
+    replaced = " (replaced the one there)" if (out / f"{stem}.json").exists() else ""
+    written = write_report(results, out, stem, plots=not args.no_plots)
     health = health_table(results)
     print(markdown_table(results) + (f"\n\n{health}" if health else ""))
-    print(f"\nresults: {written[0]}" + (f" (+ {len(written) - 2} plots)" if len(written) > 2 else ""))
+    print(f"\nresults: {written[0]}{replaced}" + (f" (+ {len(written) - 2} plots)" if len(written) > 2 else ""))
     if predictions is not None:
         (rows,) = predictions.values()
-        print(f"predictions: {write_predictions(rows, args.predictions)} ({len(rows):,} rows)")
+        replaced = " (replaced the file there)" if Path(args.predictions).exists() else ""
+        print(f"predictions: {write_predictions(rows, args.predictions)} ({len(rows):,} rows){replaced}")
     return 0
 
 
@@ -793,7 +796,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="what {data_root} in suite paths means (default: $CLIPFORGE_DATA_ROOT, else the suite's data_root)",
     )
     evaluate.add_argument(
-        "--out", help="where to write the results (default: RUN_DIR/eval for a checkpoint, else eval_results/)"
+        "--out",
+        help="where to write the results (default: RUN_DIR/eval/adhoc for a checkpoint, apart from training's "
+        "RUN_DIR/eval/step_N.json; else eval_results/)",
     )
     evaluate.add_argument("--batch-size", type=int, default=256, help="images per batch (256)")
     evaluate.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images (2)")

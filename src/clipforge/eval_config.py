@@ -1,13 +1,25 @@
-"""The ``eval`` section of the run config: zero-shot evaluation during and after training.
+"""The ``eval`` section of the run config, and the schema of suite files (``eval/*.yaml``).
 
-It lives outside ``clipforge.evaluation``, whose package imports torch and every evaluator (``evaluation/suite.py``
-runs the suite), so that reading and validating a config (``clipforge train --help``, ``clipforge submit``) imports
-neither.
+Both live outside ``clipforge.evaluation``, whose package imports torch and every evaluator (``evaluation/suite.py``
+runs the suite), so that reading and validating a config or a suite (``clipforge train --help``, ``clipforge
+submit``) imports neither.
+
+A suite file is validated as a run config is (OmegaConf structured configs, ``clipforge.config``): YAML syntax,
+unknown keys, wrong types and invalid values stop with one line naming the file, the key
+(``datasets[0].recall_k``) and the value. ``read_suite_file`` does it; ``clipforge.evaluation.suite.load_suite``
+then resolves paths and class names and checks the data.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 # The evaluation tasks and dataset layouts a suite entry (or `clipforge eval --dataset`) names; here, torch-free,
 # so that the CLI's parser can offer them as choices without importing the evaluators.
@@ -31,3 +43,130 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.every_n_steps < 0:
             raise ValueError(f"eval.every_n_steps: must be >= 0, got {self.every_n_steps}")
+
+
+@dataclass
+class SuiteDataset:
+    """One dataset of a suite file (an item of ``datasets:``); docs/evaluation.md describes each key."""
+
+    name: str = MISSING
+    task: str = MISSING
+    path: str = MISSING
+    format: str | None = None
+    split: str = "test"
+    classnames: Any = None  # openai_imagenet, a .txt/.json file, or a list of names
+    templates: Any = None  # the same, or a {class name: [prompts]} mapping
+    get: str | None = None
+    recall_k: list[int] = field(default_factory=lambda: [1, 5, 10])
+    train_split: str = "train"
+    val_split: str | None = None
+    val_proportion: float = 0.2
+    seed: int = 0
+    image_column: str | None = None
+    label_column: str | None = None
+    caption_column: str | None = None
+
+    def __post_init__(self) -> None:
+        """Values a type cannot rule out. Messages start with the key; the suite reader puts the file and the entry
+        before it (``suite.yaml: datasets[0].task = ...``)."""
+        if self.task not in TASKS:
+            raise ValueError(f"task = {self.task!r} is not one of {TASKS}")
+        if self.format is not None and self.format not in FORMATS:
+            raise ValueError(f"format = {self.format!r} is not one of {FORMATS}")
+        if not 0 < self.val_proportion < 1:
+            raise ValueError(f"val_proportion = {self.val_proportion}: must be between 0 and 1")
+        if not self.recall_k or any(k < 1 for k in self.recall_k):
+            raise ValueError(f"recall_k = {list(self.recall_k)}: expected a list of k >= 1, e.g. [1, 5, 10]")
+        if not _is_names(self.classnames):
+            raise ValueError(
+                f"classnames = {self.classnames!r}: expected openai_imagenet, a .txt/.json file, or a list of names"
+            )
+        if not (_is_names(self.templates) or _is_prompt_mapping(self.templates)):
+            raise ValueError(
+                f"templates = {self.templates!r}: expected openai_imagenet, a .txt/.json file, a list of templates, "
+                "or a {class name: [prompts]} mapping"
+            )
+
+
+@dataclass
+class SuiteFile:
+    """The top level of a suite file."""
+
+    name: str | None = None
+    data_root: str | None = None
+    datasets: list[Any] = field(default_factory=list)  # each checked against SuiteDataset, so errors name its index
+
+
+def _is_names(value: Any) -> bool:
+    """None, one name or path, or a list of strings."""
+    return (
+        value is None
+        or isinstance(value, str)
+        or (isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value))
+    )
+
+
+def _is_prompt_mapping(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(key, str) and isinstance(prompts, list) and _is_names(prompts) for key, prompts in value.items()
+    )
+
+
+def _fields(schema: type) -> list[str]:
+    return [item.name for item in dataclasses.fields(schema)]
+
+
+def _validated(schema: type, given: DictConfig, source: str, prefix: str = ""):
+    """``given`` merged into ``schema``'s structured config, as a ``schema`` instance; every error is a ValueError
+    naming ``source``, the dotted key (``prefix`` + the field) and the value."""
+    known = _fields(schema)
+    lists = [item.name for item in dataclasses.fields(schema) if str(item.type).startswith("list")]
+    for key, value in given.items_ex(resolve=False):
+        if key not in known:
+            raise ValueError(f"{source}: key {prefix + str(key)!r}: unknown (known: {', '.join(known)})")
+        if key in lists and value is not None and not isinstance(value, ListConfig):
+            # OmegaConf's own message names a node type ("AnyNode is not a ListConfig"), not the value
+            raise ValueError(f"{source}: key {prefix + str(key)!r}: expected a list, got {value!r}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), given))
+    except MissingMandatoryValue as exc:
+        raise ValueError(f"{source}: key {prefix + str(exc.full_key)!r}: required, missing") from None
+    except ConfigKeyError as exc:
+        raise ValueError(f"{source}: key {prefix + str(exc.full_key)!r}: unknown") from None
+    except OmegaConfBaseException as exc:
+        if isinstance(exc.__cause__, ValueError):  # __post_init__'s message names the key
+            raise ValueError(f"{source}: {prefix}{exc.__cause__}") from None
+        message = str(exc).splitlines()[0]
+        key = getattr(exc, "full_key", None)
+        raise ValueError(f"{source}: key {prefix + str(key)!r}: {message}" if key else f"{source}: {message}") from None
+    except ValueError as exc:
+        raise ValueError(f"{source}: {prefix}{exc}") from None
+
+
+def read_suite_file(path: str | Path) -> tuple[SuiteFile, list[SuiteDataset]]:
+    """A suite file's top level and its datasets, validated (see the module docstring); ``FileNotFoundError`` when
+    it is missing, else ``ValueError`` naming the file, key and value."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval suite {path} does not exist")
+    try:
+        raw = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ValueError(f"{path}: not valid YAML{where}: {problem}") from None
+    if not isinstance(raw, DictConfig):
+        got = "a list" if isinstance(raw, ListConfig) else repr(raw)
+        raise ValueError(f"{path}: the top level must be a mapping with {', '.join(_fields(SuiteFile))}; got {got}")
+    datasets = raw.get("datasets")
+    if datasets is not None and not isinstance(datasets, ListConfig):
+        raise ValueError(f"{path}: key 'datasets': expected a list ('- name: ...' per dataset), got {datasets!r}")
+    suite = _validated(SuiteFile, raw, str(path))
+    entries = []
+    for index, item in enumerate(datasets or []):
+        where = f"datasets[{index}]."
+        if not isinstance(item, DictConfig):
+            raise ValueError(f"{path}: key 'datasets[{index}]': expected a mapping with name, task, path; got {item!r}")
+        entries.append(_validated(SuiteDataset, item, str(path), where))
+    return suite, entries

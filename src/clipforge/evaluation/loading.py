@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from clipforge.checkpoints import is_checkpoint
 from clipforge.evaluation.encoder import Encoder, HFClipEncoder, OpenClipEncoder, Tokenizer
 from clipforge.models import ModelConfig, build_model, load_weights
 
@@ -54,6 +55,11 @@ def model_kind(source: str | None = None, architecture: str | None = None, weigh
     if source is None:
         raise ValueError("nothing to evaluate: give a checkpoint or model folder, or --model with --weights")
     path = Path(source)
+    latest = _latest_below(path)
+    if latest is not None:
+        what = "checkpoints folder" if latest.parent == path else "run directory"
+        written = "" if latest.exists() else " (no checkpoint is written there yet)"
+        raise FileNotFoundError(f"{path} is a {what}, not a checkpoint: did you mean {latest}?{written}")
     for marker, kind in (
         ("config.yaml", "clipforge"),
         ("open_clip_config.json", "open_clip_dir"),
@@ -65,6 +71,18 @@ def model_kind(source: str | None = None, architecture: str | None = None, weigh
         f"{path}: not a clipforge checkpoint directory (no config.yaml), an open_clip folder "
         "(no open_clip_config.json) nor a transformers CLIP folder (no config.json)"
     )
+
+
+def _latest_below(path: Path) -> Path | None:
+    """``RUN/checkpoints/latest`` when ``path`` is a run directory (RUN) or its checkpoints folder rather than a
+    checkpoint (a run directory holds a config.yaml too, so that file alone does not make a checkpoint)."""
+    if not path.is_dir() or is_checkpoint(path):
+        return None
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints" / "latest"
+    if path.name == "checkpoints" or (path / "latest").exists():
+        return path / "latest"
+    return None
 
 
 def load_eval_model(

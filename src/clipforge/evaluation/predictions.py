@@ -22,7 +22,14 @@ the ids that count as a hit; scores are cosine similarities. Recall@1 in a direc
 whose ``top_ids[0]`` is in ``relevant``.
 
 CSV holds the same fields, the lists spread over numbered columns (``top1_label, top1_name, top1_score,
-top2_label, ...``; ``top1_id, top1_score, ...``) and ``relevant`` joined by spaces.
+top2_label, ...``; ``top1_id, top1_score, ...``) and ``relevant`` joined by spaces. A text cell that begins with
+``=``, ``+``, ``-``, ``@``, a tab or a carriage return (a caption, a class name, an id) gets a leading ``'``, as
+OWASP's CSV-injection guidance says, so that a spreadsheet shows it as text instead of running it as a formula;
+JSON Lines keep every text as it is.
+
+``check_destination`` refuses, before the evaluation runs, a file or folder that cannot be written (a folder
+where the file goes, a file where a folder goes, no permission, a read-only filesystem), so that no result is
+computed and then lost.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -42,12 +50,52 @@ RANKED_FIELDS = {
 }
 
 
+# OWASP, CSV injection: cells starting with these are formulas (or become one) in spreadsheet programs
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def check_path(path: str | Path) -> Path:
-    """The predictions file, refused unless its extension says CSV or JSON Lines."""
+    """The predictions file, refused unless its extension says CSV or JSON Lines and it can be written
+    (``check_destination``)."""
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
         raise ValueError(f"predictions file {path}: the extension must be .csv or .jsonl, got {path.suffix!r}")
+    check_destination(path, "--predictions")
     return path
+
+
+def check_destination(path: str | Path, what: str, folder: bool = False) -> None:
+    """A ValueError naming ``what`` (the option) and the path unless ``path`` can be written: a file (or with
+    ``folder``, a folder) that exists and is writable, or one that can be created, the folders above it included.
+    Nothing is created."""
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            raise ValueError(f"{what} {path}: is a file, not a folder")
+        if not folder and path.is_dir():
+            raise ValueError(f"{what} {path}: is a folder; give a file name")
+        if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
+            raise ValueError(f"{what} {path}: cannot be written ({_why_not_writable(path)})")
+        return
+    above = path.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise ValueError(f"{what} {path}: {above} is a file, so no folder can be made under it")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: nothing can be created in {above} ({_why_not_writable(above)})")
+
+
+def _why_not_writable(path: Path) -> str:
+    try:
+        return "read-only filesystem" if os.statvfs(path).f_flag & os.ST_RDONLY else "permission denied"
+    except OSError as exc:
+        return exc.strerror or "not accessible"
+
+
+def csv_cell(value):
+    """``value`` as a CSV cell: text that a spreadsheet would run as a formula gets a leading ``'``."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
 def _score(value: float) -> float | None:
@@ -61,6 +109,11 @@ def classification_rows(
     """Rows from (N, C) logits (ranked as the metrics rank them) and (N,) labels; a score is ``logit / scale``."""
     values, indices = logits.topk(min(k, logits.shape[1]), dim=1)  # (N, k)
     names = classnames or [str(index) for index in range(logits.shape[1])]
+    low, high = (int(labels.min()), int(labels.max())) if len(labels) else (0, 0)
+    if len(names) != logits.shape[1] or low < 0 or high >= len(names):  # load_benchmark refuses these earlier
+        raise ValueError(
+            f"{len(names)} class names for {logits.shape[1]} classes (labels {low} to {high}): one name per class"
+        )
     rows = []
     for index, (label, top, top_values) in enumerate(zip(labels.tolist(), indices.tolist(), values.tolist())):
         rows.append(
@@ -134,7 +187,7 @@ def _csv_row(row: dict, ranked: dict[str, str]) -> dict:
         for key, column in ranked.items():
             value = row[key][rank]
             flat[f"top{rank + 1}_{column}"] = "" if value is None else value
-    return flat
+    return {key: csv_cell(value) for key, value in flat.items()}
 
 
 def write_predictions(rows: list[dict], path: str | Path) -> Path:

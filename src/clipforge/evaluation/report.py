@@ -4,6 +4,10 @@
 health of the retrieval sets) and the plots (``STEM_NAME_per_class.png`` per classification set,
 ``STEM_NAME_retrieval.png`` per retrieval set; with ``clipforge eval --embedding-plots`` also
 ``STEM_NAME_tsne.png``, ``STEM_NAME_similarity.png`` and ``STEM_NAME_similarity_hist.png``) in one directory.
+
+Where: ``clipforge eval`` of a clipforge checkpoint writes to ``RUN_DIR/eval/adhoc/`` (``adhoc_results_dir``)
+unless ``--out`` says, never to ``RUN_DIR/eval/`` itself, which holds training's ``step_N.json`` results (those
+the model card of ``clipforge export`` takes by default).
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ HEADLINE_KEYS = {
     ),
 }
 TASK_LABELS = {"zeroshot_classification": "classification", "linear_probe": "linear probe"}
+
+
+def adhoc_results_dir(checkpoint: str | Path) -> Path:
+    """``RUN_DIR/eval/adhoc``: where ``clipforge eval CHECKPOINT`` writes by default (``RUN_DIR/checkpoints/step_N``,
+    or its ``latest`` link, is the checkpoint)."""
+    return Path(checkpoint).resolve().parent.parent / "eval" / "adhoc"
 
 
 def headline(results: dict[str, dict]) -> dict[str, float]:
@@ -75,9 +85,11 @@ def sizes_table(results: dict[str, dict]) -> str:
         split = dataset.get("split", "")
         if metrics["task"] == "linear_probe":
             split = f"{dataset.get('train_split')} → {split}"
+        images = f"{dataset.get('num_images', metrics.get('num_samples', 0)):,}"
+        if dataset.get("num_unreadable"):  # the metrics count only the images that were read
+            images = f"{dataset['num_scored']:,} of {images} ({dataset['num_unreadable']:,} unreadable, not scored)"
         rows.append(
-            f"| {name} | {TASK_LABELS.get(metrics['task'], 'retrieval')} | {split} | "
-            f"{dataset.get('num_images', metrics.get('num_samples', 0)):,} | {second} | "
+            f"| {name} | {TASK_LABELS.get(metrics['task'], 'retrieval')} | {split} | {images} | {second} | "
             f"{metrics['seconds']:.1f} |"
         )
     return "\n".join(rows)

@@ -32,6 +32,7 @@ Entry points: ``clipforge eval runs/demo/checkpoints/latest --suite eval/synthet
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -41,14 +42,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from clipforge.eval_config import FORMATS, TASKS
+from clipforge.eval_config import FORMATS, TASKS, SuiteDataset, read_suite_file
 from clipforge.evaluation.datasets import (
     CLASSIFICATION,
     RETRIEVAL,
     Benchmark,
     benchmark_loader,
+    dataset_classes,
     dataset_kind,
     dataset_templates,
     load_benchmark,
@@ -70,45 +71,15 @@ from clipforge.health import embedding_health
 
 DATA_ROOT_ENV = "CLIPFORGE_DATA_ROOT"
 DEFAULT_DATA_ROOT = "data/benchmarks"
-ENTRY_KEYS = {
-    "name",
-    "task",
-    "path",
-    "format",
-    "split",
-    "classnames",
-    "templates",
-    "get",
-    "recall_k",
-    "train_split",
-    "val_split",
-    "val_proportion",
-    "seed",
-    "image_column",
-    "label_column",
-    "caption_column",
-}
 
 
 @dataclass
-class SuiteEntry:
-    name: str
-    task: str
-    path: str
-    format: str | None = None
-    split: str = "test"
-    classnames: Any = None
-    templates: Any = None
-    get: str | None = None
-    recall_k: tuple[int, ...] = (1, 5, 10)
-    train_split: str = "train"
-    val_split: str | None = None
-    val_proportion: float = 0.2
-    seed: int = 0
-    image_column: str | None = None
-    label_column: str | None = None
-    caption_column: str | None = None
+class SuiteEntry(SuiteDataset):
+    """A suite's dataset ready to run: its path with ``{data_root}`` replaced, its class names and templates
+    resolved to lists (``resolve_names``)."""
+
     data_root: str | None = None  # what {data_root} in the path stood for, if it was used
+    classnames_from: str | None = None  # where the class names came from (a file, a suite key, openai_imagenet)
 
     @property
     def kind(self) -> str:
@@ -136,52 +107,34 @@ def resolve_data_root(suite_default: str | None, data_root: str | None = None) -
     return data_root or os.environ.get(DATA_ROOT_ENV) or suite_default or DEFAULT_DATA_ROOT
 
 
-def _entry(path: Path, index: int, item: Any, data_root: str) -> SuiteEntry:
+def _entry(path: Path, index: int, item: SuiteDataset, data_root: str) -> SuiteEntry:
     where = f"{path}: datasets[{index}]"
-    if not isinstance(item, dict):
-        raise ValueError(f"{where} must be a mapping with name, task, path")
-    missing, extra = {"name", "task", "path"} - set(item), set(item) - ENTRY_KEYS
-    if missing or extra:
-        raise ValueError(
-            f"{where} needs name, task, path (missing {sorted(missing)}) and knows only "
-            f"{sorted(ENTRY_KEYS)} (unknown {sorted(extra)})"
-        )
-    if item["task"] not in TASKS:
-        raise ValueError(f"{where}.task = {item['task']!r} is not one of {TASKS}")
-    if item.get("format") is not None and item["format"] not in FORMATS:
-        raise ValueError(f"{where}.format = {item['format']!r} is not one of {FORMATS}")
-    values = {key: value for key, value in item.items() if value is not None}
-    values["name"], values["path"] = str(item["name"]), str(item["path"]).replace("{data_root}", data_root)
-    values["data_root"] = data_root if "{data_root}" in str(item["path"]) else None
-    if "recall_k" in values:
-        values["recall_k"] = tuple(int(k) for k in values["recall_k"])
-    if not 0 < float(values.get("val_proportion", 0.2)) < 1:
-        raise ValueError(f"{where}.val_proportion must be between 0 and 1")
+    values = dataclasses.asdict(item)
+    values["path"] = item.path.replace("{data_root}", data_root)
+    values["data_root"] = data_root if "{data_root}" in item.path else None
     base = path.parent
     for key in ("classnames", "templates"):
-        if key in values:
+        if values[key] is not None:
             values[key] = resolve_names(values[key], key, base, where=f"{where}.{key}")
+    if item.classnames is not None:
+        values["classnames_from"] = item.classnames if isinstance(item.classnames, str) else f"{where}.classnames"
     return SuiteEntry(**values)
 
 
 def load_suite(path: str | Path, data_root: str | None = None, check: bool = True) -> Suite:
-    """Read and validate a suite; with ``check``, also that every dataset's files are there (see ``check_data``),
-    so a run fails before any model is built or trained."""
+    """Read and validate a suite (``clipforge.eval_config.read_suite_file``: YAML, keys, types, values); with
+    ``check``, also that every dataset's files are there and its class names fit it (see ``check_data``), so a run
+    fails before any model is built or trained."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"eval suite {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
-    unknown = set(raw) - {"name", "datasets", "data_root"}
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)} (expected name, data_root, datasets)")
-    root = resolve_data_root(raw.get("data_root"), data_root)
-    entries = [_entry(path, index, item, root) for index, item in enumerate(raw.get("datasets") or [])]
+    top, items = read_suite_file(path)
+    root = resolve_data_root(top.data_root, data_root)
+    entries = [_entry(path, index, item, root) for index, item in enumerate(items)]
     if not entries:
         raise ValueError(f"{path}: the suite lists no datasets")
     names = [entry.name for entry in entries]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: dataset names must be unique, got {names}")
-    suite = Suite(str(raw.get("name", path.stem)), entries, str(path))
+    suite = Suite(top.name or path.stem, entries, str(path))
     if check:
         check_data(suite)
     return suite
@@ -208,6 +161,8 @@ def check_data(suite: Suite) -> None:
                     "dataset ships none (zeroshot_classification_templates.txt), so set templates: in the suite, "
                     "or --templates with --dataset (openai_imagenet, a file, or a list)"
                 )
+            if entry.kind == CLASSIFICATION:
+                _check_classes(entry)
             continue
         split_text = splits[0] if len(splits) == 1 else "{" + ",".join(splits) + "}"
         layout = LAYOUTS[entry.format or "wds"].format(path=entry.path, split=split_text)
@@ -225,6 +180,15 @@ def check_data(suite: Suite) -> None:
         problems.append("\n".join(lines))
     if problems:
         raise FileNotFoundError(f"suite {suite.name!r} ({suite.path}): data missing\n" + "\n".join(problems))
+
+
+def _check_classes(entry: SuiteEntry) -> None:
+    """The entry's class names fit its dataset's count of classes, where the dataset's files give one (cheap: no
+    image or label is read; ``load_benchmark`` also checks the labels)."""
+    own = dataset_classes(entry.path, entry.split, entry.format, entry.label_column)
+    names = entry.classnames or own.names
+    if names:
+        own.check(names, (entry.classnames_from or "the class names given") if entry.classnames else own.names_from)
 
 
 def single_dataset_suite(
@@ -255,6 +219,8 @@ def single_dataset_suite(
         task = "zeroshot_classification" if classifies else "zeroshot_retrieval"
     name = Path(path).resolve().name or str(path)
     entry = SuiteEntry(name, task, str(path), format, split, names["classnames"], names["templates"])
+    if classnames is not None:
+        entry.classnames_from = classnames if isinstance(classnames, str) else "--classnames"
     suite = Suite(name, [entry], None)
     check_data(suite)
     return suite
@@ -295,18 +261,23 @@ class _Run:
                 entry.kind,
                 entry.classnames,
                 entry.templates,
+                entry.classnames_from or "the class names given",
                 **entry.columns(),
             )
         return self.benchmarks[key]
 
     def embedded(self, benchmark: Benchmark) -> tuple:
+        """(N_scored, D) embeddings and targets of the images that decode; ``benchmark.unreadable`` lists the rest."""
         key = (benchmark.path, benchmark.split, benchmark.format, benchmark.kind)
         if key not in self.features:
             loader = benchmark_loader(benchmark, self.transform, self.batch_size, self.num_workers)
-            self.features[key] = embed_images(
-                self.encoder, loader, self.progress, desc=f"{benchmark.name} {benchmark.split}"
+            skipped: list[tuple[int, str]] = []
+            features, targets = embed_images(
+                self.encoder, loader, self.progress, desc=f"{benchmark.name} {benchmark.split}", skipped=skipped
             )
-        return self.features[key]
+            self.features[key] = (features, targets, sorted(skipped))
+        features, targets, benchmark.unreadable = self.features[key]
+        return features, targets
 
     def classifier(self, classnames: list[str], templates) -> Any:
         key = (tuple(classnames), json.dumps(templates, sort_keys=True))
@@ -335,7 +306,7 @@ def _classification(run: _Run, entry: SuiteEntry) -> dict:
     if run.predictions is not None:
         logits = zero_shot_logits(features, classifier)
         run.predictions[entry.name] = classification_rows(
-            logits, labels, benchmark.classnames, benchmark.keys(), run.top_k, scale=100.0
+            logits, labels, benchmark.classnames, scored_keys(benchmark), run.top_k, scale=100.0
         )
     return {**metrics, "dataset": benchmark.describe()}
 
@@ -347,10 +318,14 @@ def _retrieval(run: _Run, entry: SuiteEntry) -> dict:
     metrics = retrieval_metrics(image_features, text_features, caption_image, entry.recall_k)
     # A random ranking puts a match first with probability 1/num_images, both ways.
     metrics["chance_recall@1"] = 1 / metrics["num_images"]
-    metrics["examples"] = retrieval_examples(image_features, text_features, texts, caption_image)
+    scored = benchmark.scored()  # the benchmark index of each embedded image
+    metrics["examples"] = [
+        {**example, "image": scored[example["image"]], "top_images": [scored[i] for i in example["top_images"]]}
+        for example in retrieval_examples(image_features, text_features, texts, caption_image)
+    ]
     if run.predictions is not None:
         run.predictions[entry.name] = retrieval_rows(
-            image_features, text_features, caption_image, texts, benchmark.keys(), run.top_k
+            image_features, text_features, caption_image, texts, scored_keys(benchmark), run.top_k
         )
     # each image with its first caption: the paired embeddings the health diagnostics are defined on
     first: dict[int, int] = {}
@@ -386,11 +361,19 @@ def _linear_probe(run: _Run, entry: SuiteEntry) -> dict:
     )
     metrics = {**classification_metrics(logits, test_labels, num_classes), **facts}
     if run.predictions is not None:
-        run.predictions[entry.name] = classification_rows(logits, test_labels, classnames, test.keys(), run.top_k)
+        run.predictions[entry.name] = classification_rows(logits, test_labels, classnames, scored_keys(test), run.top_k)
     if classnames:
         metrics["per_class_accuracy"] = {classnames[c]: v for c, v in metrics["per_class_accuracy"].items()}
     metrics["chance_acc1"] = 1 / num_classes
-    return {**metrics, "dataset": {**test.describe(), "train_split": entry.train_split, "val_split": entry.val_split}}
+    dataset = {**test.describe(), "train_split": entry.train_split, "val_split": entry.val_split}
+    dataset["train_num_unreadable"] = len(train.unreadable or ())
+    return {**metrics, "dataset": dataset}
+
+
+def scored_keys(benchmark: Benchmark) -> list[str]:
+    """The ids of the images that were embedded (every image that decoded), in index order."""
+    keys = benchmark.keys()
+    return [keys[index] for index in benchmark.scored()]
 
 
 RUNNERS = {"zeroshot_classification": _classification, "zeroshot_retrieval": _retrieval, "linear_probe": _linear_probe}

@@ -14,6 +14,7 @@ per-class accuracy and the number of samples.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from clipforge.evaluation.encoder import Encoder, Tokenizer
 
+log = logging.getLogger(__name__)
 PLACEHOLDER = re.compile(r"\{c?\}")  # {c} or {}
 
 
@@ -86,15 +88,45 @@ def build_classifier(
 
 
 @torch.no_grad()
-def embed_images(encoder: Encoder, loader: Iterable, progress: bool = False, desc: str = "images"):
-    """Concatenated (N, D) image embeddings and the targets (labels (N,) or N caption lists), one pass."""
-    features, targets = [], []
-    for images, batch_targets in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
+def embed_images(
+    encoder: Encoder,
+    loader: Iterable,
+    progress: bool = False,
+    desc: str = "images",
+    skipped: list[tuple[int, str]] | None = None,
+):
+    """Concatenated (N, D) image embeddings and the targets (labels (N,) or N caption lists), one pass.
+
+    ``loader`` yields (images, targets) or, as ``benchmark_loader`` does, (images, targets, skipped) where skipped
+    lists the (index, note) of each image that did not decode: those are left out of N, logged as one warning
+    naming the first few, and appended to ``skipped`` when it is given. None decoding is a ValueError."""
+    features, targets, missed, total = [], [], [], 0
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
+        images, batch_targets = batch[0], batch[1]
+        if len(batch) > 2:
+            missed.extend(batch[2])
+        if images is None:
+            continue
+        total += len(images)
         features.append(encoder.encode_image(images).cpu())
         if isinstance(batch_targets, torch.Tensor):
             targets.append(batch_targets)
         else:
             targets.extend(batch_targets)
+    if missed:
+        named = "; ".join(note for _, note in missed[:5]) + ("; ..." if len(missed) > 5 else "")
+        if not features:
+            raise ValueError(f"{desc}: none of the {len(missed):,} images could be read: {named}")
+        log.warning(
+            "%s: %d of %d images could not be read and were skipped (the metrics count the %d that were): %s",
+            desc,
+            len(missed),
+            len(missed) + total,
+            total,
+            named,
+        )
+        if skipped is not None:
+            skipped.extend(missed)
     labels = torch.cat(targets) if targets and isinstance(targets[0], torch.Tensor) else targets
     return torch.cat(features), labels
 
