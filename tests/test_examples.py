@@ -92,6 +92,41 @@ def test_zero_shot_runs_a_batchnorm_tower_as_open_clip_in_eval_mode_does(
     assert [score for score, _ in ranking] == pytest.approx([score for score, _ in expected], abs=1e-3)
 
 
+def test_zero_shot_reads_an_image_folder_as_it_reads_the_same_set_in_webdataset_shards(
+    trained_checkpoint, synth_data, tmp_path, capsys
+):
+    """PATH/test/CLASS/*.jpg and PATH/CLASS/*.jpg: the same image gets the same true class and the same ranking as
+    in the WebDataset benchmark it was copied from."""
+    from eval_fixtures import write_imagefolder
+
+    example = load_example("zero_shot")
+    benchmark = synth_data / "eval" / "shapes"
+    folder = write_imagefolder(benchmark, tmp_path / "folder")  # files named after their index in the shards
+    (folder / "test" / "zeroshot_classification_templates.txt").write_text(
+        (folder / "zeroshot_classification_templates.txt").read_text()
+    )
+    out = tmp_path / "out"
+    assert main(["export", str(trained_checkpoint), "--format", "open_clip", "--out", str(out)]) == 0
+    capsys.readouterr()
+
+    def ranking(path, index):
+        """Where the image is, its true class, and the ranked "score name" lines (the label list's order is the
+        layout's own: sorted folders, or classnames.txt)."""
+        assert example.main([str(out), str(path), "--index", str(index), "--top", "6"]) == 0
+        call, labels, *ranked = capsys.readouterr().out.splitlines()
+        return call.rsplit(" ", 1)[1], labels.rsplit("true class: ", 1)[1], ranked
+
+    for index in (0, 200):
+        where, true_class, from_folder = ranking(folder, index)
+        assert ranking(folder / "test", index) == (where, true_class, from_folder)
+        class_name, file_name = where.split("/")
+        _, true_in_shards, from_shards = ranking(benchmark, int(file_name.split(".")[0]))
+        assert from_folder == from_shards and len(from_folder) == 6
+        assert true_class == true_in_shards == class_name
+    with pytest.raises(ValueError, match="--index 300: .* holds 300 images"):
+        example.test_image(folder, 300)
+
+
 def test_zero_shot_names_a_bad_index_and_a_folder_that_is_no_export(synth_data, tmp_path):
     example = load_example("zero_shot")
     with pytest.raises(ValueError, match="--index 100000"):
