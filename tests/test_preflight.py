@@ -234,3 +234,41 @@ def test_the_dry_run_counts_the_global_batch_of_its_world_size(tmp_path, synth_d
     assert three["train_pflops_total"] == pytest.approx(3 * one["train_pflops_total"])
     assert (one["world_size"], one["steps_per_epoch"], three["steps_per_epoch"]) == (1, 30, 10)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_directory_a_live_trainer_holds_is_refused_by_the_checks(tmp_path, synth_data):
+    from clipforge.train.lock import RunLock, RunLocked
+
+    cfg = config(tmp_path / "run", shards_of(synth_data), "data.num_workers=1")
+    lock = RunLock(tmp_path / "run", os.environ).acquire()  # this live process holds it, as a running trainer does
+    try:
+        with pytest.raises(RunLocked, match=r"run is in use by another clipforge train .*--take-over-lock"):
+            check_run(cfg, world_size=1)
+    finally:
+        lock.release()
+    assert check_run(cfg, world_size=1)["shards"] == 6  # released: the checks pass
+
+
+def test_the_dry_run_builds_the_loss_terms_refusing_their_bad_options(tmp_path, synth_data, monkeypatch):
+    from clipforge.losses.config import TERMS
+
+    monkeypatch.setitem(TERMS, "mean_colour", "objective_example:build")  # tests/objective_example.py
+    cfg = config(tmp_path / "run", shards_of(synth_data), "data.num_workers=1", "model.name=tiny-vit-64")
+    assert dry_run(cfg, world_size=1)["loss_terms"] == "contrastive"
+    terms = config(
+        tmp_path / "run",
+        shards_of(synth_data),
+        "data.num_workers=1",
+        "model.name=tiny-vit-64",
+        "loss.terms=[{name: mean_colour}]",
+    )
+    assert dry_run(terms, world_size=1)["loss_terms"] == "contrastive, mean_colour"
+    bad = config(
+        tmp_path / "run",
+        shards_of(synth_data),
+        "data.num_workers=1",
+        "model.name=tiny-vit-64",
+        "loss.terms=[{name: mean_colour, options: {depth: 2}}]",
+    )
+    with pytest.raises(ValueError, match=r"loss.terms\[0\] \(mean_colour\): unknown options \['depth'\]"):
+        dry_run(bad, world_size=1)

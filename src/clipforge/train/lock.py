@@ -254,6 +254,28 @@ class RunLock:
                 os.utime(self.path)
 
 
+def check_unlocked(run_dir: str | Path, env: Mapping[str, str]) -> None:
+    """Raise ``RunLocked`` when ``acquire`` would refuse the lock of ``run_dir`` (a live holder, or one on another
+    host), taking nothing: the pre-flight of ``--dry-run`` and ``clipforge submit``."""
+    lock = RunLock(run_dir, env)
+    try:
+        text = lock.path.read_text()
+    except FileNotFoundError:
+        return
+    except OSError as exn:
+        raise ValueError(f"train.output_dir {lock.run_dir}: cannot read the run's lock: {exn}") from None
+    try:
+        holder = Holder.parse(text)
+    except (ValueError, TypeError) as exn:
+        raise RunLocked(
+            f"{lock.run_dir} is locked by {lock.path}, whose holder cannot be read ({exn}); if no trainer runs "
+            "there, take it over with --take-over-lock"
+        ) from None
+    if holder.earlier_attempt_of(lock.me) or holder.alive(lock.me) is False:
+        return  # stale: the run would take it over
+    raise RunLocked(lock._refusal(holder))
+
+
 @contextlib.contextmanager
 def hold_run_dir(
     run_dir: str | Path, dist_info: DistInfo, env: Mapping[str, str], take_over: bool = False

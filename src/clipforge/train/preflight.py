@@ -8,7 +8,7 @@ anything is written or queued).
 
 1. the output directory (``check_output_dir``; ``train`` calls it first too): ``train.output_dir`` and its
    ``checkpoints`` are directories (or can be made) that this process can write, tried with a file created and
-   removed at once;
+   removed at once, and no live trainer holds its lock (``clipforge.train.lock.check_unlocked``);
 2. the eval suite file;
 3. the resume target (``clipforge.train.build.resolve_resume``: a fresh start where checkpoints exist is refused);
 4. the data (``clipforge.data.pipeline.plan_data``): the shards exist, enough of them for world size ×
@@ -23,6 +23,7 @@ environment (``DistInfo.from_env``), as ``train`` reads it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -31,10 +32,12 @@ from typing import TYPE_CHECKING, Any
 from clipforge.data.pipeline import plan_data
 from clipforge.distributed import DistInfo
 from clipforge.evaluation import load_suite
+from clipforge.losses import ObjectiveContext, build_objectives
 from clipforge.models import build_model
 from clipforge.train.build import resolve_resume
 from clipforge.train.checkpoint import Checkpointer
 from clipforge.train.flops import count_train_flops
+from clipforge.train.lock import check_unlocked
 from clipforge.train.parallel import apply_training_options
 
 if TYPE_CHECKING:
@@ -92,6 +95,7 @@ def check_run(cfg: RunConfig, world_size: int | None = None) -> dict[str, Any]:
     target."""
     world_size = launch_world_size() if world_size is None else world_size
     check_output_dir(cfg.train.output_dir)
+    check_unlocked(cfg.train.output_dir, os.environ)
     if cfg.eval.suite is not None:
         load_suite(cfg.eval.suite)
     resume = resolve_resume(cfg.train.resume, Checkpointer(Path(cfg.train.output_dir) / "checkpoints"))
@@ -119,6 +123,7 @@ def dry_run(cfg: RunConfig, check_inputs: bool = True, world_size: int | None = 
     world_size = launch_world_size() if world_size is None else world_size
     inputs = check_run(cfg, world_size) if check_inputs else {}
     built = build_model(cfg.model)
+    objectives = build_objectives(cfg.loss, ObjectiveContext(model=built.model, autocast=contextlib.nullcontext))
     apply_training_options(built.model, cfg.model, cfg.loss.learn_temperature)  # locks change the trainable count
     model = built.model
     counts = {
@@ -142,5 +147,6 @@ def dry_run(cfg: RunConfig, check_inputs: bool = True, world_size: int | None = 
         "text_train_gflops_per_sample": flops.text_train() / 1e9,
         "train_gflops_per_sample": flops.train() / 1e9,
         "train_pflops_total": flops.train() * global_batch * cfg.train.steps / 1e15,
+        "loss_terms": ", ".join(name for member in objectives.members for name in getattr(member, "term_names", ())),
         **inputs,
     }
