@@ -301,6 +301,7 @@ def test_unreadable_images_are_skipped_counted_and_named(make, unreadable, tmp_p
     keys = load_benchmark(root, templates=["a {c}."]).keys()
     scored = [key for key in keys if not any(name.endswith(key) or key in name for name in unreadable)]
     assert [row["id"] for row in predictions["s"]] == scored
+    assert [keys[row["index"]] for row in predictions["s"]] == scored  # its position in the split, skipped ones too
 
 
 def test_a_set_with_no_readable_image_is_one_line_naming_the_files(run_checkpoint, tmp_path, capsys):
@@ -351,6 +352,20 @@ def test_a_read_only_destination_is_refused_before_the_model_loads(
     one_line_error(capsys, [*base, "--out", str(locked)], f"--out {locked}: cannot be written (permission denied)")
     argv = [*base, "--out", str(tmp_path / "o"), "--predictions", str(locked / "p.csv")]
     one_line_error(capsys, argv, f"nothing can be created in {locked} (permission denied)")
+
+
+def test_the_reason_a_folder_cannot_be_written_is_named(tmp_path, monkeypatch):
+    """As root nothing is refused for its permissions, so the refusals are shown with os.access saying no."""
+    from types import SimpleNamespace
+
+    from clipforge.evaluation.predictions import check_destination
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ValueError, match=f"--out {tmp_path}: cannot be written \\(permission denied\\)$"):
+        check_destination(tmp_path, "--out", folder=True)
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_flag=os.ST_RDONLY))
+    with pytest.raises(ValueError, match=f"nothing can be created in {tmp_path} \\(read-only filesystem\\)$"):
+        check_destination(tmp_path / "new" / "p.csv", "--predictions")
 
 
 # --- suite files -----------------------------------------------------------------------------------------------

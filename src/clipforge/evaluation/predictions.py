@@ -104,9 +104,17 @@ def _score(value: float) -> float | None:
 
 @torch.no_grad()
 def classification_rows(
-    logits: torch.Tensor, labels: torch.Tensor, classnames: list[str] | None, ids: list[str], k: int = 5, scale=1.0
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    classnames: list[str] | None,
+    ids: list[str],
+    k: int = 5,
+    scale=1.0,
+    positions: list[int] | None = None,
 ) -> list[dict]:
-    """Rows from (N, C) logits (ranked as the metrics rank them) and (N,) labels; a score is ``logit / scale``."""
+    """Rows from (N, C) logits (ranked as the metrics rank them) and (N,) labels; a score is ``logit / scale``;
+    ``positions``: each row's position in the split (0 to N - 1 when left out; the scored images' own when some
+    were skipped)."""
     values, indices = logits.topk(min(k, logits.shape[1]), dim=1)  # (N, k)
     names = classnames or [str(index) for index in range(logits.shape[1])]
     low, high = (int(labels.min()), int(labels.max())) if len(labels) else (0, 0)
@@ -118,7 +126,7 @@ def classification_rows(
     for index, (label, top, top_values) in enumerate(zip(labels.tolist(), indices.tolist(), values.tolist())):
         rows.append(
             {
-                "index": index,
+                "index": index if positions is None else positions[index],
                 "id": ids[index],
                 "label": label,
                 "label_name": names[label],

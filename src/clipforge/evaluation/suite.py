@@ -306,7 +306,7 @@ def _classification(run: _Run, entry: SuiteEntry) -> dict:
     if run.predictions is not None:
         logits = zero_shot_logits(features, classifier)
         run.predictions[entry.name] = classification_rows(
-            logits, labels, benchmark.classnames, scored_keys(benchmark), run.top_k, scale=100.0
+            logits, labels, benchmark.classnames, scored_keys(benchmark), run.top_k, 100.0, benchmark.scored()
         )
     return {**metrics, "dataset": benchmark.describe()}
 
@@ -361,7 +361,9 @@ def _linear_probe(run: _Run, entry: SuiteEntry) -> dict:
     )
     metrics = {**classification_metrics(logits, test_labels, num_classes), **facts}
     if run.predictions is not None:
-        run.predictions[entry.name] = classification_rows(logits, test_labels, classnames, scored_keys(test), run.top_k)
+        run.predictions[entry.name] = classification_rows(
+            logits, test_labels, classnames, scored_keys(test), run.top_k, positions=test.scored()
+        )
     if classnames:
         metrics["per_class_accuracy"] = {classnames[c]: v for c, v in metrics["per_class_accuracy"].items()}
     metrics["chance_acc1"] = 1 / num_classes
