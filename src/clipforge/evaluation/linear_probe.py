@@ -35,8 +35,8 @@ C_GRID = np.logspace(-6, 6, 97)
 COARSE_STEP = 16  # seven coarse points: 1e-6, 1e-4, ..., 1e6
 MAX_FITS = len(C_GRID[::COARSE_STEP]) + 2 * 4 + 1  # coarse points, at most two new per span (8, 4, 2, 1), the refit
 # Largest gradient component in the scaled coordinates, where the Hessian is about the identity: decision values
-# within 0.1% of the optimum's on the tests' clusters (1e-6: 0.5%); at weak regularisation float32 features
-# resolve less, and the fit ends where its line search can gain no more.
+# within 0.2% of the optimum's on the tests' clusters (tests/test_evaluation_probe.py); where float32 features
+# resolve less (weak regularisation), a fit ends where its line search can gain no more.
 TOLERANCE = 1e-7
 
 
