@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -149,3 +151,34 @@ def test_a_file_torch_cannot_read_is_one_line_naming_it(tiny_model_json, tmp_pat
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ValueError, match=f"{tmp_path / name} is not a weights file torch.load can read"):
             load_weights(model, str(tmp_path / name))
+
+
+def test_an_open_clip_folder_whose_weights_would_run_code_is_one_line_in_eval(
+    tiny_model_json, synth_suite, tmp_path, capsys
+):
+    import json
+
+    from clipforge.cli import main
+
+    folder, marker = tmp_path / "open_clip_folder", tmp_path / "code-ran"
+    folder.mkdir()
+    model_cfg = json.loads(Path(tiny_model_json).read_text())
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    torch.save({"visual.proj": _RunsCode(str(marker))}, folder / "open_clip_pytorch_model.bin")
+    code = main(["eval", str(folder), "--suite", str(synth_suite)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{folder / 'open_clip_pytorch_model.bin'} is not a weights-only file" in err, err
+    assert not marker.exists()
+
+
+def test_export_of_a_run_directory_suggests_its_latest_checkpoint(tmp_path, capsys):
+    from clipforge.cli import main
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("model:\n  name: tiny-rn-64\n")  # as training leaves a run directory
+    assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run} is a run directory, not a checkpoint: did you mean {run / 'checkpoints' / 'latest'}?" in err, err
+    assert not (tmp_path / "out").exists()

@@ -493,6 +493,7 @@ def _export(args: argparse.Namespace) -> int:
     import yaml
     from huggingface_hub.errors import HfHubHTTPError
 
+    from clipforge.evaluation.loading import model_kind
     from clipforge.export import CannotConvert, CardInfo, check_request, export_model, find_eval_results, push_to_hub
     from clipforge.export.card import eval_origin
     from clipforge.export.hub import HubUnavailable, check_repo_id
@@ -504,7 +505,8 @@ def _export(args: argparse.Namespace) -> int:
     if args.push:
         check_repo_id(args.push)
     checkpoint = Path(args.checkpoint)
-    if not (checkpoint / "config.yaml").is_file():
+    # a run directory is refused with the path of its latest checkpoint, a missing path as missing
+    if model_kind(args.checkpoint) != "clipforge" or not (checkpoint / "config.yaml").is_file():
         raise FileNotFoundError(f"{checkpoint}: not a clipforge checkpoint directory (no config.yaml)")
     run_config = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
     # Only the architecture is needed: the checkpoint's weights replace the run's initial ones (init_from, or

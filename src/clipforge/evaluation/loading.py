@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import yaml
 from clipforge.checkpoints import is_checkpoint
 from clipforge.evaluation.encoder import Encoder, HFClipEncoder, OpenClipEncoder, Tokenizer
 from clipforge.models import ModelConfig, build_model, load_weights
+from clipforge.models.builder import unreadable_weights
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")  # what open_clip's local-dir: loader looks for
 INIT_KEYS = ("pretrained", "init_from")  # model.* keys naming initial weights, in older and newer configs
@@ -136,7 +138,11 @@ def _open_clip_folder(path: Path, device, dtype) -> EvalModel:
     # open_clip random-initialises (with only a warning) when the folder has no weights it recognises.
     if not any(file.suffix in WEIGHT_SUFFIXES for file in path.iterdir()):
         raise FileNotFoundError(f"{path}: open_clip folder without weights ({', '.join(WEIGHT_SUFFIXES)})")
-    model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{path}", device=device)
+    try:
+        model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{path}", device=device)
+    except (pickle.UnpicklingError, EOFError) as exn:  # open_clip loads with weights_only=True: refused, not run
+        weights = next(file for file in sorted(path.iterdir()) if file.suffix in WEIGHT_SUFFIXES)
+        raise unreadable_weights(weights, exn) from None
     tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
     return EvalModel(
         OpenClipEncoder(model.eval(), device, dtype), tokenizer, transform, path.resolve().name, "open_clip_dir"
