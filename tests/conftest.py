@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+# As `clipforge train` and `clipforge eval` do (clipforge.cli.main): OpenMP threads that spin while they wait take the
+# cores DataLoader workers and other ranks need; on 2 shared cores torch code ran up to 10x slower without this.
+# OpenMP reads it when torch loads, so it is set before any test module imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 
