@@ -171,24 +171,7 @@ def _add_prep_sources(prep_kinds: argparse._SubParsersAction) -> None:
     _add_writer_options(table)
     table.set_defaults(func=_prep_table)
 
-    hf = prep_kinds.add_parser(
-        "hf",
-        help="a Hugging Face datasets dataset (save_to_disk folder or imagefolder) → img2dataset-layout shards",
-        description="Write a Hugging Face dataset as img2dataset-layout shards. DATASET is a directory written by "
-        "Dataset.save_to_disk, or with --imagefolder a folder of images with metadata.jsonl (file_name "
-        "and a caption column) read by load_dataset('imagefolder', data_dir=DATASET). " + resumable,
-    )
-    hf.add_argument("dataset", help="save_to_disk directory, or image folder with --imagefolder")
-    hf.add_argument("--image-column", default="image", help="image column: Image feature, paths or bytes (image)")
-    hf.add_argument("--caption-column", default="text", help="caption column (text)")
-    hf.add_argument(
-        "--imagefolder",
-        action="store_true",
-        help="DATASET is a folder of images loaded with load_dataset('imagefolder', data_dir=...)",
-    )
-    hf.add_argument("--split", help="split of a DatasetDict (default: train, or the only one)")
-    _add_writer_options(hf)
-    hf.set_defaults(func=_prep_hf)
+    _add_prep_hf(prep_kinds, resumable)
 
     inspect = prep_kinds.add_parser(
         "inspect",
@@ -225,6 +208,27 @@ def _add_prep_sources(prep_kinds: argparse._SubParsersAction) -> None:
     )
     inspect.add_argument("--quiet", action="store_true", help="no progress bar")
     inspect.set_defaults(func=_prep_inspect)
+
+
+def _add_prep_hf(prep_kinds: argparse._SubParsersAction, resumable: str) -> None:
+    hf = prep_kinds.add_parser(
+        "hf",
+        help="a Hugging Face datasets dataset (save_to_disk folder or imagefolder) → img2dataset-layout shards",
+        description="Write a Hugging Face dataset as img2dataset-layout shards. DATASET is a directory written by "
+        "Dataset.save_to_disk, or with --imagefolder a folder of images with metadata.jsonl (file_name "
+        "and a caption column) read by load_dataset('imagefolder', data_dir=DATASET). " + resumable,
+    )
+    hf.add_argument("dataset", help="save_to_disk directory, or image folder with --imagefolder")
+    hf.add_argument("--image-column", default="image", help="image column: Image feature, paths or bytes (image)")
+    hf.add_argument("--caption-column", default="text", help="caption column (text)")
+    hf.add_argument(
+        "--imagefolder",
+        action="store_true",
+        help="DATASET is a folder of images loaded with load_dataset('imagefolder', data_dir=...)",
+    )
+    hf.add_argument("--split", help="split of a DatasetDict (default: train, or the only one)")
+    _add_writer_options(hf)
+    hf.set_defaults(func=_prep_hf)
 
 
 def _prep_score(args: argparse.Namespace) -> int:
@@ -340,6 +344,10 @@ def _add_prep_curation(prep_kinds: argparse._SubParsersAction) -> None:
     chosen.add_argument("--seed", type=int, default=0, help="seed of the balancing draws (0)")
     chosen.set_defaults(func=_prep_filter)
 
+    _add_prep_reshard(prep_kinds)
+
+
+def _add_prep_reshard(prep_kinds: argparse._SubParsersAction) -> None:
     again = prep_kinds.add_parser(
         "reshard",
         help="write the pairs a filter kept as new shards, with sizes.json (and their embeddings)",
@@ -642,12 +650,7 @@ def _config_keys() -> str:
     return describe_fields()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from clipforge.eval_config import FORMATS, TASKS  # torch-free: the parser imports no evaluator
-
-    parser = _Parser(prog="clipforge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_prep(commands: argparse._SubParsersAction) -> None:
     prep = commands.add_parser("prep", help="write training shards and benchmark sets")
     prep_kinds = prep.add_subparsers(dest="kind", required=True)
     synth = prep_kinds.add_parser(
@@ -690,6 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prep_sources(prep_kinds)
     _add_prep_curation(prep_kinds)
 
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train",
         help="train a dual encoder from a YAML config",
@@ -730,6 +735,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--print-config", action="store_true", help="with --dry-run: also print the resolved config (YAML)"
     )
     train.set_defaults(func=_train)
+
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    from clipforge.eval_config import FORMATS, TASKS  # torch-free: the parser imports no evaluator
 
     evaluate = commands.add_parser(
         "eval",
@@ -782,6 +791,12 @@ def build_parser() -> argparse.ArgumentParser:
         "image, or top-k ids per retrieval query (see docs/evaluation.md)",
     )
     evaluate.add_argument("--top-k", type=int, help="labels or ids per row of the --predictions file (5)")
+    _add_eval_model_and_output_options(evaluate)
+    evaluate.set_defaults(func=_eval)
+
+
+def _add_eval_model_and_output_options(evaluate: argparse.ArgumentParser) -> None:
+    """How the model is given and run, and where the results go."""
     evaluate.add_argument(
         "--model",
         metavar="ARCH",
@@ -815,7 +830,14 @@ def build_parser() -> argparse.ArgumentParser:
         "retrieval set (t-SNE takes a few seconds per 1000 images)",
     )
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
-    evaluate.set_defaults(func=_eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="clipforge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_prep(commands)
+    _add_train(commands)
+    _add_eval(commands)
     _add_export(commands)
     from clipforge.launch import add_parser as add_submit
 
