@@ -68,21 +68,7 @@ def reshard(
     started = time.monotonic()
     destination = check_output_folder(out)
     listing = read_kept(kept)
-    if listing.empty:
-        raise ValueError(f"{kept}: lists no samples (the filter kept none), so there is nothing to write")
-    duplicated = listing["key"].duplicated()
-    if duplicated.any():
-        row = listing[duplicated].iloc[0]
-        raise ValueError(
-            f"{kept}: key {row['key']} is kept from two shards (again in {row['shard']}); keys must be unique"
-        )
-    wanted: dict[str, set[str]] = {}
-    for shard, key in zip(listing["shard"], listing["key"]):
-        wanted.setdefault(shard, set()).add(key)
-    urls = [str(path) for path in shard_paths(shards)]
-    missing = sorted(set(wanted) - {shard_name(url) for url in urls})
-    if missing:
-        raise FileNotFoundError(f"{kept}: names shard {missing[0]}, which is not among {shards}")
+    wanted, urls = _wanted(listing, kept, shards)
     teacher = TeacherEmbeddings(embeddings) if embeddings is not None else None
     settings = {
         "source": os.path.abspath(shards),
@@ -136,6 +122,27 @@ def reshard(
     }
     write_card(destination, "reshard_card", card)
     return card
+
+
+def _wanted(listing, kept: str, shards: str) -> tuple[dict[str, set[str]], list[str]]:
+    """The kept keys by shard name, and the shard paths; an empty or ambiguous list, or a shard not among
+    ``shards``, is an error naming it."""
+    if listing.empty:
+        raise ValueError(f"{kept}: lists no samples (the filter kept none), so there is nothing to write")
+    duplicated = listing["key"].duplicated()
+    if duplicated.any():
+        row = listing[duplicated].iloc[0]
+        raise ValueError(
+            f"{kept}: key {row['key']} is kept from two shards (again in {row['shard']}); keys must be unique"
+        )
+    wanted: dict[str, set[str]] = {}
+    for shard, key in zip(listing["shard"], listing["key"]):
+        wanted.setdefault(shard, set()).add(key)
+    urls = [str(path) for path in shard_paths(shards)]
+    missing = sorted(set(wanted) - {shard_name(url) for url in urls})
+    if missing:
+        raise FileNotFoundError(f"{kept}: names shard {missing[0]}, which is not among {shards}")
+    return wanted, urls
 
 
 def _member_dict(sample: dict[str, Any]) -> dict[str, Any]:

@@ -384,31 +384,7 @@ def write_shards(
     if resumed:
         log.info("%s: %d of %d shards already complete, writing the other %d", out, resumed, num_shards, len(todo))
 
-    def jobs() -> Iterator[ShardJob]:
-        for job in todo:
-            job.rows = rows_for(job.first_row, job.first_row + job.num_rows)
-            yield job
-
-    skipped: Counter[str] = Counter()
-    for stats in stats_by_shard.values():
-        skipped.update(stats["skipped"])
-    bar = tqdm(
-        total=num_rows,
-        initial=sum(s["count"] for s in stats_by_shard.values()),
-        unit="row",
-        desc=f"writing {out}",
-        disable=not progress,
-    )
-    with bar:
-        for stats in run_jobs(jobs(), write_shard, options.num_workers):
-            for kind, where in stats["first_skipped"].items():
-                if not skipped[kind]:
-                    log.warning("skipping %s: %s (further ones are counted, not logged)", kind.replace("_", " "), where)
-            skipped.update(stats["skipped"])
-            stats_by_shard[int(stats["shard"].split(".")[0])] = stats
-            bar.update(stats["count"])
-            if skipped:
-                bar.set_postfix(skipped=sum(skipped.values()))
+    skipped = _write_todo(out, todo, rows_for, options, stats_by_shard, num_rows, progress)
     sizes = {f"{name}.tar": stats_by_shard[shard]["successes"] for shard, name in enumerate(names)}
     samples = sum(sizes.values())
     first_skipped: dict[str, str] = {}
@@ -449,6 +425,46 @@ def write_shards(
             ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items())),
         )
     return summary
+
+
+def _write_todo(
+    out: Path,
+    todo: list[ShardJob],
+    rows_for: Callable[[int, int], Iterable[Row]],
+    options: WriteOptions,
+    stats_by_shard: dict[int, dict[str, Any]],
+    num_rows: int,
+    progress: bool,
+) -> Counter[str]:
+    """Write the shards still to do, with a progress bar over all rows; ``stats_by_shard`` gains each one's stats.
+    Returns the skip counts of every shard, the complete earlier ones included; the first of each kind is logged."""
+
+    def jobs() -> Iterator[ShardJob]:
+        for job in todo:
+            job.rows = rows_for(job.first_row, job.first_row + job.num_rows)
+            yield job
+
+    skipped: Counter[str] = Counter()
+    for stats in stats_by_shard.values():
+        skipped.update(stats["skipped"])
+    bar = tqdm(
+        total=num_rows,
+        initial=sum(s["count"] for s in stats_by_shard.values()),
+        unit="row",
+        desc=f"writing {out}",
+        disable=not progress,
+    )
+    with bar:
+        for stats in run_jobs(jobs(), write_shard, options.num_workers):
+            for kind, where in stats["first_skipped"].items():
+                if not skipped[kind]:
+                    log.warning("skipping %s: %s (further ones are counted, not logged)", kind.replace("_", " "), where)
+            skipped.update(stats["skipped"])
+            stats_by_shard[int(stats["shard"].split(".")[0])] = stats
+            bar.update(stats["count"])
+            if skipped:
+                bar.set_postfix(skipped=sum(skipped.values()))
+    return skipped
 
 
 def _nothing_usable(
