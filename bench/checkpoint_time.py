@@ -1,4 +1,4 @@
-"""How long a checkpoint stops training: synchronous against ``train.async_checkpoint`` (DCP async_save), one process.
+"""How long a checkpoint stops training: synchronous against ``checkpoint.async_save`` (DCP async_save), one process.
 
     PYTHONPATH=src .venv/bin/python bench/checkpoint_time.py                    # ViT-B-16, random init, CPU
     PYTHONPATH=src .venv/bin/python bench/checkpoint_time.py --model ViT-L-14 --out /scratch/ckpt --repeats 2

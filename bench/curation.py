@@ -60,7 +60,7 @@ def train(out: Path, name: str, steps: int, seed: int, urls: str, suite: Path, *
     run_dir = out / "runs" / f"{name}-s{seed}"
     if not any((run_dir / "eval").glob("step_*.json")):
         arguments = [f"data.sources=[{{urls: '{urls}'}}]", f"train.steps={steps}", f"train.seed={seed}"]
-        arguments += [f"data.seed={seed}", f"train.output_dir={run_dir}", f"train.checkpoint_every={steps}"]
+        arguments += [f"data.seed={seed}", f"train.output_dir={run_dir}", f"checkpoint.every={steps}"]
         arguments += [f"eval.suite={suite}", "logging.progress_bar=false", "logging.tensorboard=false", *extra]
         overrides = [item for argument in arguments for item in ("--set", argument)]
         clipforge("train", "configs/demo.yaml", *overrides, log=out / "runs" / f"{name}-s{seed}.log")

@@ -5,7 +5,7 @@
 #      copies with on-device normalisation, SDPA flash attention taken in training, NCCL single-rank start, the CUDA
 #      generator in checkpoints, memory stats in the logs, no host syncs; with two GPUs the losses under NCCL);
 #   2. ViT-B/16, 224 px, bf16, batch 256 from synthetic shards written at 256 px: clipforge train against
-#      open_clip_train (--precision amp_bf16), eager then compiled (train.compile / --torchcompile), samples/s and
+#      open_clip_train (--precision amp_bf16), eager then compiled (speed.compile / --torchcompile), samples/s and
 #      MFU of each (bench/train_throughput.py --device cuda);
 #   3. the model's step ceiling without the data pipeline (bench/gpu_step.py, eager).
 # Each part has a time limit, so a hang cannot eat the machine's whole budget.

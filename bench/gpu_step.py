@@ -42,7 +42,7 @@ def main() -> None:
     cuda = device.startswith("cuda")
     built = build_model(ModelConfig(name=args.model), device=device)
     model = built.model.train()
-    enable_pooled_last_block(model)  # as train.pooled_last_block and train.packed_attention (the defaults) prepare it
+    enable_pooled_last_block(model)  # as speed.pooled_last_block and speed.packed_attention (the defaults) prepare it
     enable_packed_attention(model)
     size = built.preprocess_cfg["size"]
     size = size if isinstance(size, int) else size[0]

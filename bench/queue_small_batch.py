@@ -32,7 +32,7 @@ def run(args, out: Path, queue_size: int) -> tuple[dict, float]:
         "--set",
         f"train.steps={args.steps}",
         "--set",
-        f"train.checkpoint_every={args.steps}",
+        f"checkpoint.every={args.steps}",
         "--set",
         f"train.output_dir={out}",
         "--set",

@@ -18,7 +18,7 @@ drops those markers before OpenCLIP's own grouping, and changes nothing else.
     python bench/train_throughput.py --model tiny-vit-64 --steps 120 --repeats 3
 
 On a GPU (``bench/gpu_check.sh`` runs this), the same comparison with open_clip_train's ``--precision amp_bf16``
-(and ``--torchcompile`` with ``--compile``, clipforge's ``train.compile``), shards written at ``--shard-image-size``::
+(and ``--torchcompile`` with ``--compile``, clipforge's ``speed.compile``), shards written at ``--shard-image-size``::
 
     python bench/train_throughput.py --device cuda --model ViT-B-16 --precision bf16 --batch-size 256 \
         --shard-image-size 256 --workers 8 --steps 60 --repeats 1 [--compile]
@@ -33,7 +33,7 @@ worktree and imported from there), so a change's cost to the default path is mea
 the same OpenCLIP reference. ``--set KEY=VALUE`` overrides apply to the current clipforge only (REF may not know
 the key), e.g. to compare the current default path without a newer speed-up::
 
-    python bench/train_throughput.py --against df39410 --set train.trim_text_padding=false
+    python bench/train_throughput.py --against df39410 --set speed.trim_text_padding=false
 """
 
 from __future__ import annotations
@@ -210,13 +210,13 @@ def run_clipforge(
         "--set",
         f"train.steps={args.steps}",
         "--set",
-        f"train.checkpoint_every={args.steps}",
+        f"checkpoint.every={args.steps}",
         "--set",
         f"train.output_dir={out}",
         "--set",
         f"train.precision={args.precision}",
         "--set",
-        f"train.compile={str(args.compile).lower()}",
+        f"speed.compile={str(args.compile).lower()}",
         "--set",
         "eval.suite=null",
         "--set",
@@ -251,7 +251,7 @@ def main() -> None:
     parser.add_argument("--against", metavar="REF", help="also time clipforge as of this git commit")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: open_clip's amp_bf16")
-    parser.add_argument("--compile", action="store_true", help="train.compile / open_clip's --torchcompile")
+    parser.add_argument("--compile", action="store_true", help="speed.compile / open_clip's --torchcompile")
     parser.add_argument("--shard-image-size", type=int, default=64, help="side of the synthetic shards' images")
     parser.add_argument(
         "--set",

@@ -20,7 +20,7 @@ _CACHE: dict[str, Path] = {}  # fixtures imported into several modules still tra
 @pytest.fixture(scope="session")
 def trained_checkpoint(synth_data, tiny_resnet_json, tmp_path_factory) -> Path:
     if "checkpoint" not in _CACHE:
-        from clipforge.config import load_config
+        from clipforge.train.config import load_config
         from clipforge.train.loop import train
 
         out = tmp_path_factory.mktemp("trained")

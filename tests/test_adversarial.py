@@ -439,8 +439,9 @@ def test_a_stop_signal_stops_a_starved_trainer_with_a_checkpoint(tmp_path, tiny_
 def checkpoint(tmp_path, tiny_model_json) -> Path:
     from checkpointing import save_checkpoint
 
-    from clipforge.config import load_config, to_yaml
+    from clipforge.config import to_yaml
     from clipforge.models import build_model
+    from clipforge.train.config import load_config
 
     cfg = load_config(
         None, [f"model.name={tiny_model_json}", "data.train_urls=x.tar", f"train.output_dir={tmp_path / 'run'}"]

@@ -1,4 +1,4 @@
-"""``train.async_checkpoint``: the model and optimizer are copied, then written in the background (DCP async_save).
+"""``checkpoint.async_save``: the model and optimizer are copied, then written in the background (DCP async_save).
 
 The save returns before the files are written, and what it writes is the state at the save even though the next
 step changes the weights meanwhile; a background write that fails publishes nothing, so ``latest`` still names the

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from clipforge.config import ConfigError, RunConfig, describe_fields, load_config, to_yaml
+from clipforge.config import ConfigError, describe_fields, to_yaml
+from clipforge.train.config import MOVED, RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +61,47 @@ def test_malformed_override_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+@pytest.mark.parametrize("old, new", sorted(MOVED.items()))
+def test_a_moved_key_stops_in_one_line_naming_its_new_place(tmp_path, old, new):
+    section, key = old.split(".")
+    with pytest.raises(ConfigError) as raised:
+        load_config(write(tmp_path, f"data:\n  train_urls: x.tar\n{section}:\n  {key}: 1\n"))
+    message = str(raised.value)
+    assert (
+        "\n" not in message and message.startswith(str(tmp_path / "run.yaml")) and f"{old!r} is now {new!r}" in message
+    )
+    with pytest.raises(ConfigError, match=f"--set '{old}=1': key '{old}' is now '{new}'"):
+        load_config(None, ["data.train_urls=x.tar", f"{old}=1"])
+    # the new place is a key of the schema, and the old one is not (a stale entry in MOVED would hide a typo)
+    assert new in describe_fields(RunConfig) and f"  {old} =" not in describe_fields(RunConfig)
+
+
+def test_each_section_has_its_keys_and_the_train_section_only_its_own():
+    cfg = load_config(
+        None,
+        [
+            "data.train_urls=x.tar",
+            "checkpoint.every=7",
+            "checkpoint.resume=auto",
+            "parallel.strategy=fsdp",
+            "speed.compile=true",
+            "logging.peak_tflops=3.5",
+        ],
+    )
+    assert (cfg.checkpoint.every, cfg.checkpoint.resume, cfg.parallel.strategy) == (7, "auto", "fsdp")
+    assert cfg.speed.compile is True and cfg.logging.peak_tflops == 3.5
+    assert sorted(vars(cfg.train)) == [
+        "accum_steps",
+        "max_nonfinite_steps",
+        "output_dir",
+        "precision",
+        "requeue",
+        "seed",
+        "steps",
+        "tf32",
+    ]
+
+
 def test_resolved_yaml_round_trips(tmp_path):
     cfg = load_config(None, ["data.train_urls=x/{0..1}.tar", "optim.lr=0.002", "eval.suite=e.yaml"])
     again = load_config(write(tmp_path, to_yaml(cfg)))
@@ -67,7 +109,7 @@ def test_resolved_yaml_round_trips(tmp_path):
 
 
 def test_every_field_is_documented():
-    text = describe_fields()
+    text = describe_fields(RunConfig)
     for line in text.splitlines():
         if line.startswith("      "):
             assert line.strip(), f"undocumented field above: {text}"

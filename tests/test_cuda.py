@@ -209,7 +209,7 @@ def test_training_attention_takes_the_fused_sdpa_kernels(precision, tiny_model_j
 
     built = build_model(ModelConfig(name=tiny_model_json))
     model = built.model.to(DEVICE).train()
-    enable_pooled_last_block(model)  # as train.pooled_last_block and train.packed_attention prepare it
+    enable_pooled_last_block(model)  # as speed.pooled_last_block and speed.packed_attention prepare it
     enable_packed_attention(model)
     optimizer = build_optimizer(OptimConfig(warmup_steps=0), model)
     step = build_step(
@@ -246,7 +246,7 @@ def test_an_nccl_group_of_one_rank_starts_and_its_collectives_work(tmp_path):
 def test_a_gpu_run_logs_memory_mfu_and_the_cuda_event_breakdown(synth_data, tiny_model_json, tmp_path):
     import json
 
-    from clipforge.config import load_config
+    from clipforge.train.config import load_config
     from clipforge.train.loop import train
 
     out = tmp_path / "run"
@@ -260,7 +260,7 @@ def test_a_gpu_run_logs_memory_mfu_and_the_cuda_event_breakdown(synth_data, tiny
             f"train.output_dir={out}",
             "train.steps=4",
             "train.precision=bf16",
-            "train.peak_tflops=100",
+            "logging.peak_tflops=100",
             "logging.log_every=2",
             "logging.profile_every=2",
             "logging.progress_bar=false",

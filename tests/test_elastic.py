@@ -41,8 +41,8 @@ def torchrun_command(synth_data: Path, model_json: str, run_dir: Path) -> list[s
         "model.name": model_json,
         "train.output_dir": run_dir,
         "train.steps": STEPS,
-        "train.checkpoint_every": 2,
-        "train.resume": "auto",  # as torchrun restarts the same command, the restarted run finds the checkpoint
+        "checkpoint.every": 2,
+        "checkpoint.resume": "auto",  # as torchrun restarts the same command, the restarted run finds the checkpoint
         "eval.suite": "null",
         "logging.log_every": 1,
         "logging.progress_bar": "false",

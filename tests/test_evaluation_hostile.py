@@ -30,8 +30,9 @@ def run_checkpoint(tiny_resnet_json, tmp_path_factory):
     """A random-init tiny CLIP-ResNet saved as training saves it: RUN/checkpoints/step_00000030 and ``latest``."""
     from checkpointing import save_checkpoint
 
-    from clipforge.config import load_config, to_yaml
+    from clipforge.config import to_yaml
     from clipforge.models import build_model
+    from clipforge.train.config import load_config
 
     cfg = load_config(None, ["data.train_urls=data/{0..9}.tar", f"model.name={tiny_resnet_json}"])
     torch.manual_seed(0)

@@ -12,8 +12,9 @@ from checkpointing import save_checkpoint
 from PIL import Image
 
 from clipforge.cli import main
-from clipforge.config import load_config, to_yaml
+from clipforge.config import to_yaml
 from clipforge.models import build_model
+from clipforge.train.config import load_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -70,7 +70,7 @@ def test_the_gpu_table_names_the_right_chip():
     assert peak.gpu_peak_tflops("NVIDIA L40S", "fp16") == 362.1
     assert peak.gpu_peak_tflops("NVIDIA GeForce GTX 1080", "bf16") is None
     assert peak.matmul_precision("fp32", tf32=True) == "tf32" and peak.matmul_precision("bf16", tf32=True) == "bf16"
-    assert peak.peak_tflops("cuda:0", "bf16", configured=123.0) == (123.0, "train.peak_tflops")
+    assert peak.peak_tflops("cuda:0", "bf16", configured=123.0) == (123.0, "logging.peak_tflops")
 
 
 def test_the_cpu_peak_is_probed_and_cached_keeping_the_best_seen(tmp_path, monkeypatch):

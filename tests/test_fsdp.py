@@ -1,4 +1,4 @@
-"""FSDP2 (``train.parallel`` fsdp) trains exactly as DDP does, on 2 and 4 gloo processes.
+"""FSDP2 (``parallel.strategy`` fsdp) trains exactly as DDP does, on 2 and 4 gloo processes.
 
 Every rank builds the tiny ViT from its own seed (as the loop seeds ranks differently), takes its slice of a fixed
 global batch and runs the real step strategy (build_step, build_loss, build_optimizer, build_scheduler) for three
@@ -281,7 +281,7 @@ def test_residual_blocks_of_each_tower_kind(tiny_model_json, tiny_resnet_json):
 def test_single_process_fsdp_only_moves_the_model(tiny_model_json):
     model = build_model(ModelConfig(name=tiny_model_json)).model
     assert parallelize(model, DistInfo(), strategy="fsdp") is model
-    with pytest.raises(ValueError, match="train.parallel"):
+    with pytest.raises(ValueError, match="parallel.strategy"):
         parallelize(model, DistInfo(), strategy="zero3")
 
 

@@ -1,4 +1,4 @@
-"""The trainer under ``train.parallel: fsdp`` on 2 gloo ranks: sharded checkpoints (each rank its own DCP shard),
+"""The trainer under ``parallel.strategy: fsdp`` on 2 gloo ranks: sharded checkpoints (each rank its own DCP shard),
 exact resume from them, ``clipforge export`` / ``eval`` reading them directly, atomicity when a save dies, a corrupt
 shard named; and checkpoints of the earlier single-file layout still resuming.
 """
@@ -23,7 +23,7 @@ from clipforge.train.checkpoint import Checkpointer
 BIN = Path(sys.executable).parent
 
 
-def write_config(path: Path, synth_data: Path, model_json: str, out: Path, **train) -> Path:
+def write_config(path: Path, synth_data: Path, model_json: str, out: Path, **parallel) -> Path:
     cfg = {
         "data": {
             "train_urls": f"{synth_data}/train/{{00000..00005}}.tar",
@@ -34,7 +34,9 @@ def write_config(path: Path, synth_data: Path, model_json: str, out: Path, **tra
         },
         "model": {"name": model_json},
         "optim": {"lr": 1e-3, "warmup_steps": 1},
-        "train": {"output_dir": str(out), "steps": 6, "checkpoint_every": 3, "keep_last": 5, **train},
+        "train": {"output_dir": str(out), "steps": 6},
+        "checkpoint": {"every": 3, "keep_last": 5},
+        "parallel": parallel,
         "logging": {"log_every": 1, "progress_bar": False, "tensorboard": False, "plot": False},
     }
     path.write_text(yaml.safe_dump(cfg))
@@ -56,7 +58,7 @@ def train_ranks(config: Path, *extra: str) -> None:
 @pytest.fixture(scope="module")
 def fsdp_run(synth_data, tiny_model_json, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp") / "run"
-    train_ranks(write_config(out.parent / "cfg.yaml", synth_data, tiny_model_json, out, parallel="fsdp"))
+    train_ranks(write_config(out.parent / "cfg.yaml", synth_data, tiny_model_json, out, strategy="fsdp"))
     return out
 
 
@@ -73,7 +75,7 @@ def test_fsdp_checkpoints_are_sharded_and_resume_exactly(fsdp_run, synth_data, t
     os.symlink("step_00000003", resumed / "checkpoints" / "latest")
     (resumed / "metrics.jsonl").write_text("")
     train_ranks(
-        write_config(tmp_path / "cfg.yaml", synth_data, tiny_model_json, resumed, parallel="fsdp"), "--resume", "auto"
+        write_config(tmp_path / "cfg.yaml", synth_data, tiny_model_json, resumed, strategy="fsdp"), "--resume", "auto"
     )
     expected, got = losses(fsdp_run), losses(resumed)
     assert sorted(got) == [4, 5, 6] and all(got[step] == expected[step] for step in got), (got, expected)
@@ -187,7 +189,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path, ti
 
 def test_a_checkpoint_of_the_earlier_single_file_layout_still_resumes(synth_data, tiny_model_json, tmp_path):
     """Written before the restart state was iterated: state.pt held step, optimizer and scheduler at its top."""
-    from clipforge.config import load_config
+    from clipforge.train.config import load_config
     from clipforge.train.loop import train
 
     full, old = tmp_path / "full", tmp_path / "old"
@@ -205,7 +207,9 @@ def test_a_checkpoint_of_the_earlier_single_file_layout_still_resumes(synth_data
     manifest["files"]["state.pt"] = {"bytes": (step3 / "state.pt").stat().st_size, "sha256": sha256(step3 / "state.pt")}
     (step3 / "manifest.json").write_text(json.dumps(manifest))
     (old / "metrics.jsonl").write_text("")
-    cfg = load_config(write_config(tmp_path / "cfg_old.yaml", synth_data, tiny_model_json, old), ["train.resume=auto"])
+    cfg = load_config(
+        write_config(tmp_path / "cfg_old.yaml", synth_data, tiny_model_json, old), ["checkpoint.resume=auto"]
+    )
     train(cfg)
     expected, got = losses(full), losses(old)
     assert sorted(got) == [4, 5, 6] and all(got[step] == expected[step] for step in got)

@@ -11,16 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipforge.health import (
-    HEALTH_KEYS,
-    CollapseError,
-    CollapseMonitor,
-    HealthConfig,
-    alignment,
-    effective_rank,
-    embedding_health,
-    uniformity,
-)
+from clipforge.evaluation.health import HEALTH_KEYS, alignment, effective_rank, embedding_health, uniformity
+from clipforge.train.config import HealthConfig
+from clipforge.train.health import CollapseError, CollapseMonitor
 
 
 def paired(n=24, dim=8, noise=0.6, seed=0):

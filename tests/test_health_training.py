@@ -12,13 +12,14 @@ import torch
 from PIL import Image
 
 from clipforge.cli import main
-from clipforge.config import ConfigError, load_config
+from clipforge.config import ConfigError
 from clipforge.data.loader import build_train_loader
 from clipforge.evaluation import load_eval_model
 from clipforge.evaluation.datasets import load_benchmark
 from clipforge.evaluation.plots import HEATMAP_SIZE, HISTOGRAM_SIZE, PROJECTION_SIZE
-from clipforge.health import CollapseError
 from clipforge.models import build_model
+from clipforge.train.config import load_config
+from clipforge.train.health import CollapseError
 from clipforge.train.loop import train
 
 
@@ -34,7 +35,7 @@ def config(synth_data, model_json, out, *extra):
             "optim.lr=2e-3",
             "optim.warmup_steps=2",
             f"train.output_dir={out}",
-            "train.checkpoint_every=100",
+            "checkpoint.every=100",
             "logging.log_every=1",
             "logging.progress_bar=false",
             "logging.tensorboard=false",

@@ -209,7 +209,7 @@ def test_training_runs_on_img2dataset_output(img2dataset_run, tiny_model_json, t
     import json as json_module
     import math
 
-    from clipforge.config import load_config
+    from clipforge.train.config import load_config
     from clipforge.train.loop import train
 
     shards = sorted(p.name for p in img2dataset_run.out.glob("*.tar"))
@@ -224,7 +224,7 @@ def test_training_runs_on_img2dataset_output(img2dataset_run, tiny_model_json, t
             "data.shuffle_initial=2",
             f"model.name={tiny_model_json}",
             "train.steps=8",
-            "train.checkpoint_every=4",
+            "checkpoint.every=4",
             f"train.output_dir={tmp_path / 'run'}",
             "logging.log_every=1",
             "logging.progress_bar=false",

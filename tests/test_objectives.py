@@ -12,11 +12,11 @@ from objective_example import mean_colour
 from ranks import run_ranks
 from safetensors.torch import load_file
 
-from clipforge.config import load_config
 from clipforge.losses import ClipLoss, ObjectiveContext, Objectives, build_objectives
 from clipforge.losses.clip import ClipObjective
 from clipforge.losses.config import TERMS, LossConfig, TermConfig
 from clipforge.models import ModelConfig, build_model, load_weights
+from clipforge.train.config import load_config
 from clipforge.train.loop import train
 
 TERMS["mean_colour"] = "objective_example:build"  # the one registration line
@@ -68,7 +68,7 @@ def test_the_set_sums_terms_and_declares_the_union_of_needs(tiny_model_json):
 def test_a_new_objective_trains_checkpoints_resumes_exactly_and_stays_out_of_exports(
     synth_data, tiny_model_json, tmp_path
 ):
-    common = ("train.steps=6", "train.checkpoint_every=3", "train.keep_last=5")
+    common = ("train.steps=6", "checkpoint.every=3", "checkpoint.keep_last=5")
     full = run_config(synth_data, tiny_model_json, tmp_path / "full", *common)
     train(full)
     logged = [r["train/mean_colour"] for r in records(tmp_path / "full") if "train/mean_colour" in r]
@@ -81,7 +81,7 @@ def test_a_new_objective_trains_checkpoints_resumes_exactly_and_stays_out_of_exp
 
     (tmp_path / "partial" / "checkpoints").mkdir(parents=True)
     shutil.copytree(checkpoints / "step_00000003", tmp_path / "partial" / "checkpoints" / "step_00000003")
-    train(run_config(synth_data, tiny_model_json, tmp_path / "partial", *common, "train.resume=latest"))
+    train(run_config(synth_data, tiny_model_json, tmp_path / "partial", *common, "checkpoint.resume=latest"))
     resumed = load_file(tmp_path / "partial" / "checkpoints" / "latest" / "model.safetensors")
     assert weights.keys() == resumed.keys()
     assert all(torch.equal(weights[name], resumed[name]) for name in weights)
@@ -122,7 +122,7 @@ def _batch(world_size: int):
 
 def _gradients(model_json: str, rank: int, world_size: int, local: slice, distributed: bool, ranks: int = 2):
     from clipforge.distributed import DistInfo
-    from clipforge.train.config import TrainConfig
+    from clipforge.train.config import ParallelConfig, SpeedConfig
     from clipforge.train.optim import OptimConfig, build_optimizer
     from clipforge.train.parallel import attach_objectives, prepare_model
     from clipforge.train.step import build_step
@@ -133,7 +133,16 @@ def _gradients(model_json: str, rank: int, world_size: int, local: slice, distri
     objectives = build_objectives(cfg, ObjectiveContext(rank=rank, world_size=world_size, model=built.model))
     attach_objectives(built.model, objectives)
     info = DistInfo(rank=rank, world_size=world_size, local_world_size=world_size) if distributed else DistInfo()
-    prepared = prepare_model(built.model, ModelConfig(name=model_json), TrainConfig(), True, info, every_token=True)
+    prepared = prepare_model(
+        built.model,
+        model_cfg=ModelConfig(name=model_json),
+        speed=SpeedConfig(),
+        parallel=ParallelConfig(),
+        precision="fp32",
+        learn_temperature=True,
+        dist_info=info,
+        every_token=True,
+    )
     optimizer = build_optimizer(OptimConfig(), built.model)
     step = build_step(prepared.model, objectives, optimizer, None, "cpu", "fp32", None, 100.0)
     images, texts, colours = _batch(ranks)  # the global batch of 2 ranks; this process's part of it

@@ -8,7 +8,8 @@ import types
 
 import pytest
 
-from clipforge.config import ConfigError, load_config
+from clipforge.config import ConfigError
+from clipforge.train.config import load_config
 from clipforge.train.loop import train
 
 
@@ -38,7 +39,7 @@ def overrides(synth_data, tiny_model_json, out, *extra):
         "data.shuffle_buffer=100",
         f"model.name={tiny_model_json}",
         f"train.output_dir={out}",
-        "train.checkpoint_every=3",
+        "checkpoint.every=3",
         "logging.log_every=2",
         "logging.progress_bar=false",
         *extra,
@@ -108,7 +109,7 @@ def test_metrics_cover_loss_lr_temperature_throughput_memory_and_wandb(
             "train.steps=6",
             "logging.wandb=true",
             "logging.wandb_project=proj",
-            "train.resume=auto",
+            "checkpoint.resume=auto",
         ),
     )
     train(cfg)

@@ -100,7 +100,7 @@ def test_resumed_schedule_follows_the_config_and_is_unchanged_when_the_config_is
 
 
 def test_resuming_with_other_weight_decay_groups_names_the_setting(synth_data, tiny_model_json, tmp_path):
-    from clipforge.config import load_config
+    from clipforge.train.config import load_config
     from clipforge.train.loop import train
 
     common = [
@@ -110,7 +110,7 @@ def test_resuming_with_other_weight_decay_groups_names_the_setting(synth_data, t
         "data.shuffle_buffer=50",
         f"model.name={tiny_model_json}",
         f"train.output_dir={tmp_path / 'run'}",
-        "train.checkpoint_every=2",
+        "checkpoint.every=2",
         "logging.progress_bar=false",
         "logging.tensorboard=false",
     ]
@@ -120,8 +120,8 @@ def test_resuming_with_other_weight_decay_groups_names_the_setting(synth_data, t
         match=r"step_00000002: its optimizer state does not fit .* "
         r"optim\.weight_decay_embeddings=false",
     ):
-        train(load_config(None, [*common, "train.steps=4", "train.resume=auto"]))
+        train(load_config(None, [*common, "train.steps=4", "checkpoint.resume=auto"]))
     result = train(
-        load_config(None, [*common, "train.steps=4", "train.resume=auto", "optim.weight_decay_embeddings=false"])
+        load_config(None, [*common, "train.steps=4", "checkpoint.resume=auto", "optim.weight_decay_embeddings=false"])
     )
     assert result["step"] == 4

@@ -212,7 +212,7 @@ def test_workers_can_normalise_for_a_cpu_run(synth_data):
 
 CLOSE_SCRIPT = """
 import sys
-from clipforge.config import load_config
+from clipforge.train.config import load_config
 from clipforge.data.loader import build_train_loader
 from clipforge.models import build_model
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from clipforge.cli import main
-from clipforge.config import load_config
 from clipforge.data.pipeline import plan_data
 from clipforge.data.shards import write_tar
 from clipforge.data.sources import SourceConfig
 from clipforge.train import preflight
+from clipforge.train.config import load_config
 from clipforge.train.preflight import check_output_dir, check_run, dry_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -10,9 +10,10 @@ import time
 import pytest
 import torch
 
-from clipforge.config import ConfigError, load_config
+from clipforge.config import ConfigError
 from clipforge.data.loader import TrainLoader
 from clipforge.train import profile
+from clipforge.train.config import load_config
 from clipforge.train.loop import train
 from clipforge.train.profile import OFF, Setting, StepProfiler, diagnose, median_image_side
 
@@ -27,8 +28,8 @@ def overrides(synth_data, tiny_model_json, out, *extra):
         "data.shuffle_buffer=100",
         f"model.name={tiny_model_json}",
         f"train.output_dir={out}",
-        "train.checkpoint_every=100",
-        "train.peak_tflops=0.5",
+        "checkpoint.every=100",
+        "logging.peak_tflops=0.5",
         "logging.progress_bar=false",
         "logging.tensorboard=false",
         "logging.plot=false",
@@ -68,7 +69,7 @@ def test_a_slow_data_source_shows_in_the_breakdown_and_the_diagnosis(
         assert sum(parts.values()) == pytest.approx(record["time/step_s"], rel=1e-6)
         assert parts["other"] < 0.25 * record["time/step_s"], parts  # the named parts are the step
         assert parts["data_wait"] >= 1.4 and parts["image_forward"] > 0 and parts["backward"] > 0
-        # MFU on every line: the model FLOPs of the window against train.peak_tflops
+        # MFU on every line: the model FLOPs of the window against logging.peak_tflops
         assert record["perf/model_tflops_per_device"] > 0
         assert record["perf/mfu"] == pytest.approx(record["perf/model_tflops_per_device"] / 0.5)
     diagnoses = [r.getMessage() for r in caplog.records if "where the time goes" in r.getMessage()]

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clipforge.config import ConfigError, load_config
+from clipforge.config import ConfigError
 from clipforge.losses import MomentumQueue, queue_contrastive_loss
 from clipforge.models import ModelConfig, build_model
+from clipforge.train.config import load_config
 from clipforge.train.loop import train
 
 
@@ -71,8 +72,8 @@ def config(synth_data, model_json, out, *extra):
             "optim.lr=2e-3",
             "optim.warmup_steps=2",
             f"train.output_dir={out}",
-            "train.checkpoint_every=3",
-            "train.keep_last=5",
+            "checkpoint.every=3",
+            "checkpoint.keep_last=5",
             "logging.log_every=1",
             "logging.progress_bar=false",
             "logging.tensorboard=false",
@@ -91,7 +92,7 @@ def test_queue_run_trains_and_resumes_exactly(synth_data, tiny_resnet_json, tmp_
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step_00000003", partial / "step_00000003")
     state = torch.load(partial / "step_00000003" / "state.pt", weights_only=True)
     assert state["queue"]["filled"] == 40 and state["queue"]["pointer"] == 8  # 3 × 16 keys into 40 rows
-    train(config(synth_data, tiny_resnet_json, tmp_path / "partial", "train.steps=6", "train.resume=auto"))
+    train(config(synth_data, tiny_resnet_json, tmp_path / "partial", "train.steps=6", "checkpoint.resume=auto"))
     expected = load_file(tmp_path / "full" / "checkpoints" / "step_00000006" / "model.safetensors")
     got = load_file(tmp_path / "partial" / "checkpoints" / "step_00000006" / "model.safetensors")
     assert all(torch.equal(expected[name], got[name]) for name in expected)

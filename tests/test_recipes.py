@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from clipforge.cli import main
-from clipforge.config import load_config
+from clipforge.train.config import load_config
 from clipforge.train.preflight import dry_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -38,7 +38,7 @@ def test_recipe_loads_and_states_its_hardware(name):
 )
 def test_dry_run_counts_parameters_and_flops_like_the_published_figures(name, parameters, image_gflops, text_gflops):
     # the recipes' data is not here; the published figures are every token's, the pooled last block runs fewer
-    summary = dry_run(load_config(CONFIGS / name, ["train.pooled_last_block=false"]), check_inputs=False)
+    summary = dry_run(load_config(CONFIGS / name, ["speed.pooled_last_block=false"]), check_inputs=False)
     pooled = dry_run(load_config(CONFIGS / name), check_inputs=False)
     for tower in ("image", "text"):  # 5/6 of one block's matmuls of 12 (attention and the patch embedding aside)
         saved = 1 - pooled[f"{tower}_forward_gflops_per_sample"] / summary[f"{tower}_forward_gflops_per_sample"]
@@ -97,10 +97,10 @@ def test_dry_run_refuses_what_the_run_would_refuse(capsys, tmp_path, synth_data,
     one_shard = f"data.sources=[{{urls: '{synth_data}/train/00000.tar'}}]"
     cases = {
         "shards cannot feed world_size × num_workers = 2 readers": [one_shard, "data.num_workers=2"],
-        "train.resume: checkpoint .*nowhere does not exist": [
+        "checkpoint.resume: checkpoint .*nowhere does not exist": [
             one_shard,
             "data.num_workers=1",
-            f"train.resume={tmp_path / 'nowhere'}",
+            f"checkpoint.resume={tmp_path / 'nowhere'}",
         ],
         "suite .*missing.yaml": [one_shard, "data.num_workers=1", f"eval.suite={tmp_path / 'missing.yaml'}"],
     }

@@ -190,7 +190,7 @@ def async_phase(rank: int, world_size: int, root: str, model_json: str) -> dict:
 
 
 def test_asynchronous_save_under_fsdp_writes_the_state_at_the_save(tmp_path, tiny_model_json):
-    """train.async_checkpoint with FSDP at 2 ranks: the sharded checkpoint holds the weights and AdamW moments of the
+    """checkpoint.async_save with FSDP at 2 ranks: the sharded checkpoint holds the weights and AdamW moments of the
     step it was taken at, although the next step changed them while the shards were being written."""
     states = run_ranks(async_phase, 2, tmp_path / "out", str(tmp_path / "run"), tiny_model_json, timeout=300)[0]
     final = tmp_path / "run" / "step_00000001"

@@ -24,14 +24,14 @@ from ranks import free_port, launch_ranks
 from safetensors.torch import load_file
 
 from clipforge.checkpoints import verify
-from clipforge.config import load_config
 from clipforge.train.checkpoint import Checkpointer, CorruptCheckpoint
+from clipforge.train.config import load_config
 from clipforge.train.loop import EXIT_PREEMPTED, NonFiniteError, train
 
 BIN = Path(sys.executable).parent
 
 
-def write_config(path: Path, synth_data, model_json, out: Path, **train_options) -> Path:
+def write_config(path: Path, synth_data, model_json, out: Path, checkpoint_every: int = 3, **train_options) -> Path:
     cfg = {
         "data": {
             "train_urls": f"{synth_data}/train/{{00000..00005}}.tar",
@@ -42,7 +42,8 @@ def write_config(path: Path, synth_data, model_json, out: Path, **train_options)
         },
         "model": {"name": model_json},
         "optim": {"lr": 2e-3, "warmup_steps": 2, "weight_decay": 0.05},
-        "train": {"output_dir": str(out), "steps": 12, "checkpoint_every": 3, "keep_last": 10, **train_options},
+        "train": {"output_dir": str(out), "steps": 12, **train_options},
+        "checkpoint": {"every": checkpoint_every, "keep_last": 10},
         "logging": {"log_every": 1, "progress_bar": False, "tensorboard": False},
     }
     path.write_text(yaml.safe_dump(cfg))
@@ -156,7 +157,7 @@ def test_fp16_with_a_gradient_scaler_trains_and_resumes_its_scale(synth_data, ti
     # resume from the step-2 checkpoint: the same later losses and the same scaler state as the uninterrupted run
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "run" / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
-    train(load_config(config, [f"train.output_dir={resumed}", "train.resume=auto"]))
+    train(load_config(config, [f"train.output_dir={resumed}", "checkpoint.resume=auto"]))
     assert sorted(losses(resumed)) == [3, 4]
     assert all(losses(resumed)[step] == losses(tmp_path / "run")[step] for step in (3, 4))
     states = [

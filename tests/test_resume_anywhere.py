@@ -1,6 +1,6 @@
 """The trainer resumed with another global batch (another data.batch_size, or another world size) trains on the same
 number of samples, along the same learning-rate schedule counted in samples; the checkpoints it resumes from were
-written in the background (``train.async_checkpoint``)."""
+written in the background (``checkpoint.async_save``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 import yaml
 from ranks import launch_ranks
 
-from clipforge.config import load_config
+from clipforge.train.config import load_config
 from clipforge.train.loop import train
 
 
@@ -30,7 +30,8 @@ def write_config(path: Path, synth_data: Path, model_json: str, out: Path) -> Pa
         },
         "model": {"name": model_json},
         "optim": {"lr": 1e-3, "warmup_steps": 2},
-        "train": {"output_dir": str(out), "steps": 6, "checkpoint_every": 2, "keep_last": 5, "async_checkpoint": True},
+        "train": {"output_dir": str(out), "steps": 6},
+        "checkpoint": {"every": 2, "keep_last": 5, "async_save": True},
         "logging": {"log_every": 1, "progress_bar": False, "tensorboard": False, "plot": False},
     }
     path.write_text(yaml.safe_dump(cfg))
@@ -62,7 +63,7 @@ def test_half_the_batch_takes_twice_the_steps_along_the_same_schedule(synth_data
     config = write_config(tmp_path / "cfg.yaml", synth_data, tiny_model_json, tmp_path / "run")
     assert train(load_config(config))["step"] == 6
     resumed = from_step_2(tmp_path / "run", tmp_path / "resumed")
-    result = train(load_config(config, [f"train.output_dir={resumed}", "train.resume=auto", "data.batch_size=8"]))
+    result = train(load_config(config, [f"train.output_dir={resumed}", "checkpoint.resume=auto", "data.batch_size=8"]))
     assert result["step"] == 2 + (6 - 2) * 16 // 8  # the same 96 samples in all
     assert train_state(resumed / "checkpoints" / "step_00000010") == {"step": 10, "samples": 96, "reference_batch": 16}
     original, halved = metric(tmp_path / "run", "train/lr"), metric(resumed, "train/lr")
@@ -82,6 +83,6 @@ def test_two_ranks_resume_on_one(synth_data, tiny_model_json, tmp_path):
         "data_rank1.json",
     }
     resumed = from_step_2(tmp_path / "run", tmp_path / "resumed")
-    result = train(load_config(config, [f"train.output_dir={resumed}", "train.resume=auto"]))
+    result = train(load_config(config, [f"train.output_dir={resumed}", "checkpoint.resume=auto"]))
     assert result["step"] == 2 + (6 - 2) * 2  # one rank: half the global batch
     assert train_state(resumed / "checkpoints" / "step_00000010")["samples"] == 6 * 32

@@ -52,7 +52,7 @@ def demo_overrides(synth_data: Path, suite: Path, run_dir: Path) -> list[str]:
         "--set",
         f"train.steps={STEPS}",
         "--set",
-        "train.checkpoint_every=10",
+        "checkpoint.every=10",
         "--set",
         f"train.output_dir={run_dir}",
         "--set",

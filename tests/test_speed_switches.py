@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clipforge.config import load_config
 from clipforge.models import build_model
+from clipforge.train.config import load_config
 from clipforge.train.loop import train
 from clipforge.train.parallel import apply_training_options
 
@@ -28,7 +28,7 @@ def run(synth_data, model_json, out, *extra, steps=12):
             "optim.lr=2e-3",
             "optim.warmup_steps=2",
             f"train.steps={steps}",
-            "train.checkpoint_every=1000",
+            "checkpoint.every=1000",
             f"train.output_dir={out}",
             "train.seed=3",
             "logging.log_every=1",
@@ -47,8 +47,8 @@ SWITCHES = {
     "bf16": ["train.precision=bf16"],
     "fp16": ["train.precision=fp16"],
     "foreach_adamw": ["optim.fused=false"],
-    "channels_last": ["train.channels_last=true"],
-    "compile": ["train.compile=true"],
+    "channels_last": ["speed.channels_last=true"],
+    "compile": ["speed.compile=true"],
     "grad_checkpointing": ["model.grad_checkpointing=true"],
     "patch_dropout": ["model.patch_dropout=0.5"],
 }
@@ -75,8 +75,8 @@ def test_channels_last_auto_is_on_for_a_convolutional_tower_only(tiny_model_json
     resnet, vit = (build_model(ModelConfig(name=name)).model for name in (tiny_resnet_json, tiny_model_json))
     assert use_channels_last("auto", resnet) and not use_channels_last("auto", vit)
     assert use_channels_last(True, vit) and not use_channels_last(False, resnet)
-    with pytest.raises(ValueError, match="train.channels_last: must be true, false or 'auto', got 'yes please'"):
-        load_config(None, ["data.train_urls=x.tar", "train.channels_last=yes please"])
+    with pytest.raises(ValueError, match="speed.channels_last: must be true, false or 'auto', got 'yes please'"):
+        load_config(None, ["data.train_urls=x.tar", "speed.channels_last=yes please"])
 
 
 def test_channels_last_changes_the_layout_not_the_training(synth_data, tiny_resnet_json, tmp_path, caplog):
@@ -85,7 +85,7 @@ def test_channels_last_changes_the_layout_not_the_training(synth_data, tiny_resn
     for flag in ("true", "false"):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="clipforge.train"):
-            runs[flag] = run(synth_data, tiny_resnet_json, tmp_path / flag, f"train.channels_last={flag}", steps=6)
+            runs[flag] = run(synth_data, tiny_resnet_json, tmp_path / flag, f"speed.channels_last={flag}", steps=6)
         assert ("channels-last memory format" in caplog.text) == (flag == "true")  # the setting took effect
     (_, curve_cl, weights_cl), (cfg, curve, weights) = runs["true"], runs["false"]
     # summation order differs (convolution, batch norm): equal to float rounding, compounded over 6 steps
@@ -173,15 +173,19 @@ def torch_backend_settings():
     ],
 )
 def test_cuda_settings_apply_on_a_gpu_device_as_switched(device, options, precision, benchmark, torch_backend_settings):
-    from clipforge.train.loop import TrainConfig, apply_cuda_settings
+    from clipforge.train.config import RunConfig, SpeedConfig, TrainConfig
+    from clipforge.train.loop import apply_cuda_settings
 
-    apply_cuda_settings(TrainConfig(**options), device)  # only flags: no GPU needed to set them
+    speed_options = {"cudnn_benchmark": options.pop("cudnn_benchmark")} if "cudnn_benchmark" in options else {}
+    apply_cuda_settings(
+        RunConfig(train=TrainConfig(**options), speed=SpeedConfig(**speed_options)), device
+    )  # only flags: no GPU needed to set them
     assert torch.get_float32_matmul_precision() == precision
     assert torch.backends.cudnn.benchmark is benchmark
 
 
 def test_compiled_model_keeps_one_graph_for_every_trimmed_caption_length(synth_data, tiny_model_json):
-    """What the loop does with train.compile and trimmed captions (prepare_batch marks the length dynamic), counted
+    """What the loop does with speed.compile and trimmed captions (prepare_batch marks the length dynamic), counted
     by dynamo's CompileCounter backend: unmarked, a second length recompiles."""
     from torch._dynamo.testing import CompileCounter
 

@@ -102,7 +102,7 @@ def test_training_distils_from_stored_embeddings_then_from_an_online_teacher(syn
         rows /= np.linalg.norm(rows, axis=1, keepdims=True)
         write_shard_embeddings(tmp_path / "teacher", f"{shard:05d}", keys, rows, rows)
     (tmp_path / "teacher" / "teacher.json").write_text(json.dumps({"embed_dim": 8, "temperature": 0.1}))
-    common = ("train.steps=3", "train.checkpoint_every=3", "loss.distill_weight=0.5", "data.num_workers=1")
+    common = ("train.steps=3", "checkpoint.every=3", "loss.distill_weight=0.5", "data.num_workers=1")
     stored = config(synth_data, tiny_resnet_json, tmp_path / "stored", *common, f"data.teacher={tmp_path}/teacher")
     train(stored)
     records = [json.loads(line) for line in (tmp_path / "stored" / "metrics.jsonl").read_text().splitlines()]

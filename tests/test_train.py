@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clipforge.config import load_config
 from clipforge.evaluation import OpenClipEncoder, load_eval_model, load_suite, run_suite
 from clipforge.models import build_model
+from clipforge.train.config import load_config
 from clipforge.train.loop import train
 
 
@@ -44,7 +44,7 @@ def test_loss_falls_and_zero_shot_beats_chance(synth_data, synth_suite, tiny_res
         tiny_resnet_json,
         tmp_path / "run",
         "train.steps=150",
-        "train.checkpoint_every=1000",
+        "checkpoint.every=1000",
         f"eval.suite={synth_suite}",
         "eval.batch_size=100",
         "logging.plot=true",
@@ -81,7 +81,7 @@ def test_evaluation_during_training_leaves_training_unchanged(synth_data, synth_
     """Evaluating every 2 steps must not touch the model: batch-norm statistics included (the tiny ResNet has them)."""
     common = (
         "train.steps=6",
-        "train.checkpoint_every=100",
+        "checkpoint.every=100",
         "data.shuffle_buffer=100",
         "data.num_workers=0",
         f"eval.suite={synth_suite}",
@@ -102,7 +102,7 @@ def test_evaluation_during_training_leaves_training_unchanged(synth_data, synth_
 
 
 def test_resume_continues_exactly(synth_data, tiny_model_json, tmp_path):
-    common = ("train.steps=8", "train.checkpoint_every=3", "train.keep_last=5", "data.shuffle_buffer=100")
+    common = ("train.steps=8", "checkpoint.every=3", "checkpoint.keep_last=5", "data.shuffle_buffer=100")
     train(config(synth_data, tiny_model_json, tmp_path / "full", *common))
     checkpoints = tmp_path / "full" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == [
@@ -117,7 +117,7 @@ def test_resume_continues_exactly(synth_data, tiny_model_json, tmp_path):
     import shutil
 
     shutil.copytree(checkpoints / "step_00000003", partial / "step_00000003")
-    train(config(synth_data, tiny_model_json, tmp_path / "partial", *common, "train.resume=latest"))
+    train(config(synth_data, tiny_model_json, tmp_path / "partial", *common, "checkpoint.resume=latest"))
     full, resumed = losses(tmp_path / "full"), losses(tmp_path / "partial")
     assert sorted(resumed) == [4, 5, 6, 7, 8]
     assert [resumed[s] for s in range(4, 9)] == [full[s] for s in range(4, 9)]
@@ -132,7 +132,7 @@ def test_resume_continues_exactly(synth_data, tiny_model_json, tmp_path):
 def test_incomplete_checkpoints_are_ignored(synth_data, tiny_model_json, tmp_path):
     from clipforge.train.checkpoint import Checkpointer
 
-    train(config(synth_data, tiny_model_json, tmp_path / "run", "train.steps=2", "train.checkpoint_every=1"))
+    train(config(synth_data, tiny_model_json, tmp_path / "run", "train.steps=2", "checkpoint.every=1"))
     checkpoints = tmp_path / "run" / "checkpoints"
     (checkpoints / ".step_00000009.tmp").mkdir()  # a save that was killed mid-way
     broken = checkpoints / "step_00000010"
@@ -183,7 +183,7 @@ def test_skipped_inputs_reach_the_training_metrics(synth_data, tiny_model_json, 
             + [{"__key__": "nocap", "jpg": b"\xff\xd8\xff"}]
         ),
     )
-    cfg = config(synth_data, tiny_model_json, tmp_path / "run", "train.steps=10", "train.checkpoint_every=100")
+    cfg = config(synth_data, tiny_model_json, tmp_path / "run", "train.steps=10", "checkpoint.every=100")
     cfg.data.train_urls = f"{synth_data}/train/00000.tar::{tmp_path}/bad.tar"  # 500 samples: 7 steps an epoch
     train(cfg)
     last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]

@@ -1,14 +1,13 @@
-"""The run configuration: one typed tree assembled from the sub-configs beside their owners.
+"""Reading a typed config: YAML over dataclass defaults, ``--set`` overrides, one-line errors, saved YAML, --help.
 
-Defaults (the dataclasses) → a YAML file → ``--set a.b=value`` overrides, merged with OmegaConf
-structured configs. An unknown key, a value of the wrong type, a missing required value or an
-invalid one stops the run before any work, with a ``ConfigError`` naming the source and the
-dotted key. ``to_yaml`` gives the resolved config that is saved in the run directory and in
-every checkpoint; ``describe_fields`` turns each field's docstring into ``--help`` text.
+Defaults (the dataclasses) → a YAML file → ``--set a.b=value`` overrides, merged with OmegaConf structured configs.
+An unknown key, a value of the wrong type, a missing required value or an invalid one stops before any work, with a
+``ConfigError`` naming the source and the dotted key. ``to_yaml`` gives the resolved config that is saved;
+``describe_fields`` turns each field's docstring into ``--help`` text.
 
-Each section's dataclass lives beside its owner in a module that imports no torch (``data/config.py``,
-``loss_config.py``, ...; its owner imports it from there), so reading and validating a config takes a fraction of a
-second (``clipforge train --help``, ``clipforge submit``); tests/test_cli_startup.py keeps it so.
+This is the one config reader: the training run's tree (``clipforge.train.config.RunConfig``, assembled from the
+sections beside their owners) and the evaluation suites (``clipforge.evaluation.config``) are read through it. It
+knows no section, so every package may use it.
 """
 
 from __future__ import annotations
@@ -18,65 +17,11 @@ import dataclasses
 import inspect
 import re
 import textwrap
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-
-from clipforge.data.config import DataConfig
-from clipforge.eval_config import EvalConfig
-from clipforge.health_config import HealthConfig
-from clipforge.losses.config import LossConfig
-from clipforge.models.config import ModelConfig
-from clipforge.train.config import TrainConfig
-from clipforge.train.metrics import LoggingConfig
-from clipforge.train.optim import OptimConfig
-
-
-@dataclass
-class RunConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    health: HealthConfig = field(default_factory=HealthConfig)
-
-    def __post_init__(self) -> None:
-        """Contradictions between sections."""
-        if self.loss.kind == "siglip" and self.model.init_logit_bias is None:
-            raise ValueError(
-                "loss.kind=siglip needs a learnable bias: set model.init_logit_bias (SigLIP: -10) and "
-                "model.init_logit_scale (SigLIP: 2.302585, i.e. log 10)"
-            )
-        if self.loss.kind == "clip" and self.model.init_logit_bias is not None:
-            raise ValueError("model.init_logit_bias is set but loss.kind=clip ignores the bias; unset it")
-        if self.health.every_n_steps and self.health.dataset is None and self.eval.suite is None:
-            raise ValueError(
-                "health.every_n_steps needs held-out image–caption pairs: set health.dataset or "
-                "eval.suite (its first zeroshot_retrieval dataset is used)"
-            )
-        if self.loss.queue_size and self.train.accum_steps > 1:
-            raise ValueError("loss.queue_size cannot be combined with train.accum_steps > 1 (GradCache)")
-        if self.loss.queue_size and self.train.parallel == "fsdp":
-            raise ValueError(
-                "loss.queue_size (a momentum encoder copied from the model) is not supported with "
-                "train.parallel=fsdp; use ddp"
-            )
-        if self.loss.distill_weight and (self.data.teacher is None) == (self.loss.distill_model is None):
-            raise ValueError(
-                "loss.distill_weight needs one teacher: data.teacher (stored embeddings) or loss.distill_model "
-                f"(online), got data.teacher={self.data.teacher}, loss.distill_model={self.loss.distill_model}"
-            )
-        if self.data.teacher is not None and not self.loss.distill_weight:
-            raise ValueError(f"data.teacher={self.data.teacher} is set but loss.distill_weight=0 would not use it")
-        if self.data.batch_size % self.train.accum_steps:
-            raise ValueError(
-                f"data.batch_size={self.data.batch_size} is not divisible by train.accum_steps={self.train.accum_steps}"
-            )
 
 
 class ConfigError(ValueError):
@@ -116,9 +61,17 @@ def _merge(merged, update, source: str):
         raise ConfigError(f"{source}: {found or detail}") from exc
 
 
-def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
-    """Defaults, then the YAML at ``path``, then ``a.b=value`` overrides; validated completely."""
-    merged = OmegaConf.structured(RunConfig)
+def read_config(
+    schema: type,
+    path: str | Path | None = None,
+    overrides: tuple[str, ...] | list[str] = (),
+    moved: dict[str, str] | None = None,
+    check: Callable | None = None,
+):
+    """Defaults of the dataclass ``schema``, then the YAML at ``path``, then ``a.b=value`` overrides; validated
+    completely. ``moved`` maps keys that are no longer read to where they went (each stops the read in one line);
+    ``check(merged, source)`` runs on the merged tree before it becomes objects."""
+    merged = OmegaConf.structured(schema)
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -132,9 +85,12 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
                 f"{path}: the top level must be a mapping of sections (data:, model:, train:, ...), "
                 f"got a {'list' if OmegaConf.is_list(file_cfg) else type(file_cfg).__name__}"
             )
+        _refuse_moved(file_cfg, moved, str(path))
         merged = _merge(merged, file_cfg, str(path))
     for override in overrides:
-        merged = _merge(merged, _parse_override(override), f"--set {override!r}")
+        update = _parse_override(override)
+        _refuse_moved(update, moved, f"--set {override!r}")
+        merged = _merge(merged, update, f"--set {override!r}")
     source = f"{path}" if path is not None else "config"
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
@@ -142,10 +98,8 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
             f"{source}: required value missing for {', '.join(missing)} (set it in the YAML "
             f"or with --set {missing[0]}=...)"
         )
-    if merged.data.train_urls is None and not merged.data.sources:
-        raise ConfigError(
-            f"{source}: data.sources: no training data given (set data.sources, or data.train_urls for a single source)"
-        )
+    if check is not None:
+        check(merged, source)
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
@@ -155,6 +109,15 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
         raise ConfigError(f"{source}: {exc}") from exc
     cfg._unresolved = _resolver_interpolations(OmegaConf.to_container(merged, resolve=False))
     return cfg
+
+
+def _refuse_moved(given, moved: dict[str, str] | None, source: str) -> None:
+    """A key of ``moved`` in ``given`` (a config fragment) stops in one line naming where it went."""
+    for old, new in (moved or {}).items():
+        section, _, key = old.rpartition(".")
+        node = OmegaConf.select(given, section, default=None) if section else given
+        if OmegaConf.is_dict(node) and key in node:
+            raise ConfigError(f"{source}: key {old!r} is now {new!r}; write it there (--set {new}=...)")
 
 
 def _parse_override(override: str):
@@ -227,7 +190,7 @@ def _resolves_plainly(raw, path: tuple) -> bool:
     return True
 
 
-def to_yaml(cfg: RunConfig) -> str:
+def to_yaml(cfg) -> str:
     """The config as YAML: every value resolved except those that call a resolver (``${oc.env:...}``), which stay
     as written; the run directory, each checkpoint and ``clipforge submit`` save this text."""
     conf = OmegaConf.structured(cfg)
@@ -256,11 +219,11 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def describe_fields() -> str:
-    """Every config key with its default and docstring, for ``--help``."""
+def describe_fields(schema: type) -> str:
+    """Every key of the dataclass ``schema`` (a tree of sections) with its default and docstring, for ``--help``."""
     lines = []
-    defaults = RunConfig()
-    for section in dataclasses.fields(RunConfig):
+    defaults = schema()
+    for section in dataclasses.fields(schema):
         sub = getattr(defaults, section.name)
         docs = _field_docs(type(sub))
         lines.append(f"{section.name}:  {(type(sub).__doc__ or '').strip()}")

@@ -6,7 +6,7 @@ marked blocks — the ``#SBATCH`` options (nodes, GPUs, tasks and CPUs for the c
 account, pre-emption signal, requeue, log file) and the settings (resolved config, launcher, interpreter, set-up
 line) — and writes into the run directory::
 
-    RUN/slurm/config.yaml      the resolved config the job trains (train.resume=auto, train.requeue)
+    RUN/slurm/config.yaml      the resolved config the job trains (checkpoint.resume=auto, train.requeue)
     RUN/slurm/train.sbatch     the rendered script
     RUN/slurm/JOBID.out        the job's log (appended to by every requeued restart)
 
@@ -317,9 +317,10 @@ def submit(
     """Validate the config, make the run's pre-flight checks for the job's world size (nodes × processes per node),
     render the script, write both into RUN/slurm/, ``sbatch`` it; returns what happened (``checks``: what the
     pre-flight found). With ``dry_run`` everything but the writing and the submission."""
-    from clipforge.config import load_config, to_yaml
+    from clipforge.config import to_yaml
+    from clipforge.train.config import load_config
 
-    cfg = load_config(config, [*overrides, "train.resume=auto", f"train.requeue={str(spec.requeue).lower()}"])
+    cfg = load_config(config, [*overrides, "checkpoint.resume=auto", f"train.requeue={str(spec.requeue).lower()}"])
     run_dir = Path(cfg.train.output_dir).resolve()
     workdir = Path.cwd()
     slurm_dir = run_dir / "slurm"
@@ -366,8 +367,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "and the rendered sbatch script to RUN/slurm/ (RUN = train.output_dir), submit it with sbatch and print the "
         "job id and log path. Values that go into #SBATCH lines are checked against what SLURM accepts and quoted as "
         "sbatch reads them (docs/slurm.md). The job asks for --signal=USR1@SECONDS and --requeue: on the signal the "
-        "trainer checkpoints and requeues the job, which resumes from that checkpoint (train.resume=auto). To continue "
-        "on another node count, submit the same CONFIG with the new --nodes (and the same train.output_dir): "
+        "trainer checkpoints and requeues the job, which resumes from that checkpoint (checkpoint.resume=auto). To "
+        "continue on another node count, submit the same CONFIG with the new --nodes (and the same train.output_dir): "
         "the model, optimizer and data position are resharded, the rest of the epoch reads each remaining "
         "sample once, and train.steps keeps its sample count (docs/training.md, 'Resume anywhere'). "
         "SECONDS must cover the pre-emption checkpoint (bench/checkpoint_time.py measures it).",

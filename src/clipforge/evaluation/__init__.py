@@ -1,33 +1,38 @@
 """Evaluation: zero-shot classification and retrieval, linear probes, on CLIP_benchmark-layout sets, image folders
-and HF datasets; suites, reports and plots; model loading for ``clipforge eval``."""
+and HF datasets; suites, reports and plots; embedding health; model loading for ``clipforge eval``.
 
-from clipforge.eval_config import EvalConfig
-from clipforge.evaluation.datasets import Benchmark, benchmark_loader, load_benchmark
-from clipforge.evaluation.encoder import Encoder, HFClipEncoder, OpenClipEncoder
-from clipforge.evaluation.linear_probe import linear_probe
-from clipforge.evaluation.loading import EvalModel, load_eval_model
-from clipforge.evaluation.report import headline, markdown_table, write_report
-from clipforge.evaluation.retrieval import retrieval
-from clipforge.evaluation.suite import load_suite, run_suite
-from clipforge.evaluation.zeroshot import build_classifier, zero_shot_classification
+The names below are imported on first use (PEP 562), not with the package, so that ``clipforge.evaluation.config``
+(the ``eval`` section and the suite schema, read by every command) imports no torch.
+"""
 
-__all__ = [
-    "Benchmark",
-    "Encoder",
-    "EvalConfig",
-    "EvalModel",
-    "HFClipEncoder",
-    "OpenClipEncoder",
-    "benchmark_loader",
-    "build_classifier",
-    "headline",
-    "linear_probe",
-    "load_benchmark",
-    "load_eval_model",
-    "load_suite",
-    "markdown_table",
-    "retrieval",
-    "run_suite",
-    "write_report",
-    "zero_shot_classification",
-]
+import importlib
+
+_EXPORTS = {
+    "EvalConfig": "clipforge.evaluation.config",
+    "Benchmark": "clipforge.evaluation.datasets",
+    "benchmark_loader": "clipforge.evaluation.datasets",
+    "load_benchmark": "clipforge.evaluation.datasets",
+    "Encoder": "clipforge.evaluation.encoder",
+    "HFClipEncoder": "clipforge.evaluation.encoder",
+    "OpenClipEncoder": "clipforge.evaluation.encoder",
+    "linear_probe": "clipforge.evaluation.linear_probe",
+    "EvalModel": "clipforge.evaluation.loading",
+    "load_eval_model": "clipforge.evaluation.loading",
+    "headline": "clipforge.evaluation.report",
+    "markdown_table": "clipforge.evaluation.report",
+    "write_report": "clipforge.evaluation.report",
+    "retrieval": "clipforge.evaluation.retrieval",
+    "load_suite": "clipforge.evaluation.suite",
+    "run_suite": "clipforge.evaluation.suite",
+    "build_classifier": "clipforge.evaluation.zeroshot",
+    "zero_shot_classification": "clipforge.evaluation.zeroshot",
+    "embedding_health": "clipforge.evaluation.health",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

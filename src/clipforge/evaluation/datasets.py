@@ -55,7 +55,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from clipforge.data.samples import split_member_name
-from clipforge.eval_config import FORMATS
+from clipforge.evaluation.config import FORMATS
 from clipforge.evaluation.zeroshot import check_templates
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from clipforge.eval_config import FORMATS, TASKS, SuiteDataset, read_suite_file
+from clipforge.evaluation.config import FORMATS, TASKS, SuiteDataset, read_suite_file
 from clipforge.evaluation.datasets import (
     CLASSIFICATION,
     RETRIEVAL,
@@ -56,6 +56,7 @@ from clipforge.evaluation.datasets import (
     resolve_names,
 )
 from clipforge.evaluation.encoder import Encoder, Tokenizer
+from clipforge.evaluation.health import embedding_health
 from clipforge.evaluation.linear_probe import fit_linear_probe
 from clipforge.evaluation.predictions import classification_rows, retrieval_rows
 from clipforge.evaluation.report import headline, markdown_table  # noqa: F401 — part of this module's interface
@@ -67,7 +68,6 @@ from clipforge.evaluation.zeroshot import (
     embed_images,
     zero_shot_logits,
 )
-from clipforge.health import embedding_health
 
 DATA_ROOT_ENV = "CLIPFORGE_DATA_ROOT"
 DEFAULT_DATA_ROOT = "data/benchmarks"
@@ -122,7 +122,7 @@ def _entry(path: Path, index: int, item: SuiteDataset, data_root: str) -> SuiteE
 
 
 def load_suite(path: str | Path, data_root: str | None = None, check: bool = True) -> Suite:
-    """Read and validate a suite (``clipforge.eval_config.read_suite_file``: YAML, keys, types, values); with
+    """Read and validate a suite (``clipforge.evaluation.config.read_suite_file``: YAML, keys, types, values); with
     ``check``, also that every dataset's files are there and its class names fit it (see ``check_data``), so a run
     fails before any model is built or trained."""
     path = Path(path)
@@ -433,7 +433,7 @@ def run_suite(
     A ``predictions`` dict is filled with {dataset name: per-image rows with the top ``top_k`` labels or ids}
     (the rows ``clipforge.evaluation.predictions`` writes); the results stay metrics only.
 
-    Every retrieval set also reports ``health`` (``clipforge.health.embedding_health`` of each image with its
+    Every retrieval set also reports ``health`` (``clipforge.evaluation.health.embedding_health`` of each image with its
     first caption). ``diagnostics`` adds what the embedding plots draw: a t-SNE ``projection`` per
     classification set, ``similarity_sample`` and ``similarity_histogram`` per retrieval set."""
     check_data(suite)

@@ -3,10 +3,10 @@
 Both keep the parameters, the state dict, the features and every gradient (to float rounding: the same products
 summed in another order); only the arithmetic on discarded tokens goes.
 
-* **Text trimming** (``enable_text_trimming``; ``train.trim_text_padding``). A causal text tower pooled at the
+* **Text trimming** (``enable_text_trimming``; ``speed.trim_text_padding``). A causal text tower pooled at the
   end-of-text token never lets a position up to the EOT see the padding after it, so the loader may cut each batch's
   token columns after its longest caption and the tower runs on the rest.
-* **The pooled last block** (``enable_pooled_last_block``; ``train.pooled_last_block``). A tower pooled at one token
+* **The pooled last block** (``enable_pooled_last_block``; ``speed.pooled_last_block``). A tower pooled at one token
   (a ViT's class token, that text tower's EOT) reads its last block's output at that token only. Attention is the
   only part of a block that mixes tokens, and in the last block the other tokens' attention rows, output
   projections, residuals, norms and MLPs feed nothing that is kept. The last block computes its keys and values for

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -21,19 +21,17 @@ from clipforge.data.loader import TrainLoader, build_train_loader
 from clipforge.data.pipeline import plan_data
 from clipforge.distributed import DistInfo, make_agreement
 from clipforge.evaluation import load_suite
-from clipforge.health import CollapseMonitor, HealthProbe
 from clipforge.losses import ObjectiveContext, Objectives, build_objectives
 from clipforge.models import BuiltModel, build_model
 from clipforge.models.outputs import needs_every_token
 from clipforge.train.checkpoint import Checkpointer
+from clipforge.train.config import RunConfig
+from clipforge.train.health import CollapseMonitor, HealthProbe
 from clipforge.train.optim import SampleClock, build_optimizer, build_scheduler
 from clipforge.train.parallel import attach_objectives, prepare_model, unwrap
 from clipforge.train.state import Piece, TrainState, restart_state
 from clipforge.train.step import PlainStep, autocast_for, build_step
 from clipforge.train.teacher import build_teacher
-
-if TYPE_CHECKING:
-    from clipforge.config import RunConfig
 
 log = logging.getLogger("clipforge.train")
 
@@ -64,19 +62,21 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
     if cfg.eval.suite is not None:
         load_suite(cfg.eval.suite)  # a bad suite file fails now, not after training
     checkpointer = Checkpointer(
-        run_dir / "checkpoints", cfg.train.keep_last, dist_info.rank, asynchronous=cfg.train.async_checkpoint
+        run_dir / "checkpoints", cfg.checkpoint.keep_last, dist_info.rank, asynchronous=cfg.checkpoint.async_save
     )
-    resume_from = resolve_resume(cfg.train.resume, checkpointer)
+    resume_from = resolve_resume(cfg.checkpoint.resume, checkpointer)
     plan = plan_data(cfg.data, dist_info.world_size)  # empty or too few shards fail now, not after the model is built
     built = build_model(cfg.model)
     state = TrainState(clock=SampleClock(global_batch=cfg.data.batch_size * dist_info.world_size))
     objectives = objectives_for_run(cfg, built, dist_info, state)
     prepared = prepare_model(
         built.model,
-        cfg.model,
-        cfg.train,
-        cfg.loss.learn_temperature,
-        dist_info,
+        model_cfg=cfg.model,
+        speed=cfg.speed,
+        parallel=cfg.parallel,
+        precision=cfg.train.precision,
+        learn_temperature=cfg.loss.learn_temperature,
+        dist_info=dist_info,
         every_token=needs_every_token(objectives.model_outputs),
     )
     objectives.bind(unwrap(prepared.model))
@@ -127,7 +127,7 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
         built=built,
         model=prepared.model,
         channels_last=prepared.channels_last,
-        dynamic_text=cfg.train.compile and prepared.trim_text,
+        dynamic_text=cfg.speed.compile and prepared.trim_text,
         loader=loader,
         step_fn=step_fn,
         scheduler=scheduler,
@@ -162,7 +162,7 @@ def objectives_for_run(cfg: RunConfig, built: BuiltModel, dist_info: DistInfo, s
 
 
 def resolve_resume(resume: str | None, checkpointer: Checkpointer) -> Path | None:
-    """The checkpoint to resume from: train.resume as a directory, or 'auto'/'latest' = the newest intact one here
+    """The checkpoint to resume from: checkpoint.resume as a directory, or 'auto'/'latest' = the newest intact one here
     (None: start fresh). A fresh start in a directory that already holds checkpoints is refused."""
     found = None
     if resume in ("auto", "latest"):
@@ -172,7 +172,7 @@ def resolve_resume(resume: str | None, checkpointer: Checkpointer) -> Path | Non
     elif resume:
         found = Path(resume)
         if not found.is_dir():
-            raise FileNotFoundError(f"train.resume: checkpoint {found} does not exist")
+            raise FileNotFoundError(f"checkpoint.resume: checkpoint {found} does not exist")
     if found is None and checkpointer.latest() is not None:
         raise ValueError(
             f"{checkpointer.directory.parent} already holds checkpoints (newest: "

@@ -169,7 +169,7 @@ def _barrier() -> None:
 
 
 class Checkpointer:
-    """Writes and reads the checkpoints of one run directory. With ``asynchronous`` (``train.async_checkpoint``) the
+    """Writes and reads the checkpoints of one run directory. With ``asynchronous`` (``checkpoint.async_save``) the
     model and optimizer are copied in memory and written in the background by ``torch.distributed.checkpoint``'s
     ``async_save`` (on a process group of its own, so its collectives never interleave with the step's), and the
     next step starts while they are written; rank 0 publishes the checkpoint (manifest, rename, ``latest``) once
@@ -293,7 +293,7 @@ class Checkpointer:
             )
             return CheckpointWriteError(
                 f"checkpoint of step {step} not written to {self.directory}: {what} on the filesystem at {mount}; "
-                f"{space}. Its partial copy was removed and {kept}; free space (or set train.keep_last lower, or "
+                f"{space}. Its partial copy was removed and {kept}; free space (or set checkpoint.keep_last lower, or "
                 "train.output_dir elsewhere) and run again with --resume auto"
             )
         path = cause.filename or temporary

@@ -16,7 +16,7 @@ mode and the backward pass autograd really runs:
 * text trimming: the text tower's cost is a quadratic in the caption length L (projections ∝ L, attention ∝ L²,
   the pooled projection constant); it is counted at three lengths and the quadratic is exact at every L, so the
   loop charges each batch for its own trimmed length.
-* the pooled last block (``train.pooled_last_block``): the last block's work on the tokens pooling discards is not
+* the pooled last block (``speed.pooled_last_block``): the last block's work on the tokens pooling discards is not
   done, and not counted (open_clip, which does it, is counted in full: ``pooled_last_block=False``).
 
 Attention is counted as its matmuls (forward 2, backward 4 per head: scores and weighted sum; the backward kernels'

@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import yaml
@@ -24,9 +24,9 @@ from clipforge.data.pipeline import StopRequested
 from clipforge.distributed import DistInfo, destroy_process_group, init_process_group
 from clipforge.evaluation import OpenClipEncoder, load_suite, markdown_table, run_suite
 from clipforge.evaluation.suite import headline
-from clipforge.health import CollapseError, CollapseMonitor, HealthProbe
 from clipforge.train.build import Run, build_run
-from clipforge.train.config import TrainConfig
+from clipforge.train.config import RunConfig
+from clipforge.train.health import CollapseError, CollapseMonitor, HealthProbe
 from clipforge.train.lock import hold_run_dir
 from clipforge.train.meter import StepMeter
 from clipforge.train.metrics import MetricLogger, plot_curves
@@ -34,19 +34,16 @@ from clipforge.train.parallel import unwrap
 from clipforge.train.preflight import check_output_dir
 from clipforge.train.step import AUTOCAST_DTYPES
 
-if TYPE_CHECKING:
-    from clipforge.config import RunConfig
-
 log = logging.getLogger("clipforge.train")
 
 
-def apply_cuda_settings(cfg: TrainConfig, device: str) -> None:
-    """train.tf32 and train.cudnn_benchmark, process-wide torch settings, on a CUDA device only."""
+def apply_cuda_settings(cfg: RunConfig, device: str) -> None:
+    """train.tf32 and speed.cudnn_benchmark, process-wide torch settings, on a CUDA device only."""
     if not device.startswith("cuda"):
         return
-    if cfg.tf32 and cfg.precision == "fp32":
+    if cfg.train.tf32 and cfg.train.precision == "fp32":
         torch.set_float32_matmul_precision("high")
-    if cfg.cudnn_benchmark:
+    if cfg.speed.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
 
 
@@ -232,7 +229,7 @@ def _train(
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.train.output_dir) / "config.yaml").write_text(config_yaml)
     _seed_everything(cfg.train.seed + dist_info.rank)
-    apply_cuda_settings(cfg.train, dist_info.device)
+    apply_cuda_settings(cfg, dist_info.device)
     run = build_run(cfg, dist_info, stop_requested=lambda: stop.received is not None)
     cleanup.callback(run.loader.close)  # on return or error: the DataLoader workers stop before the process exits
     if dist_info.is_main:  # this run holds the run directory's lock: a partial checkpoint left here is a dead run's
@@ -289,7 +286,7 @@ def _train(
         if stop_now and step < last_step:
             preempted = True
             break
-        if step % cfg.train.checkpoint_every == 0 and step < last_step:
+        if step % cfg.checkpoint.every == 0 and step < last_step:
             run.checkpointer.save(step, run.pieces, config_yaml)
     return _finish(cfg, dist_info, run, logger, meter, config_yaml, preempted)
 

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from clipforge.distributed import DistInfo
+from clipforge.train.config import RunConfig
 from clipforge.train.flops import count_train_flops
 from clipforge.train.peak import cache_file, peak_tflops
 from clipforge.train.profile import OffRecorder, Setting, StepProfiler, StepRecorder, diagnose, median_image_side
 
 if TYPE_CHECKING:
-    from clipforge.config import RunConfig
     from clipforge.train.build import Run
 
 log = logging.getLogger("clipforge.train")
@@ -56,9 +56,9 @@ class StepMeter:
         self.last: dict[str, Any] = {}
         self.train_flops, self.peak, self.warned = None, 0.0, False
         if dist_info.is_main:
-            self.train_flops = count_train_flops(cfg.model, cfg.loss.learn_temperature, cfg.train.pooled_last_block)
+            self.train_flops = count_train_flops(cfg.model, cfg.loss.learn_temperature, cfg.speed.pooled_last_block)
             self.peak, source = peak_tflops(
-                dist_info.device, cfg.train.precision, cfg.train.tf32, cfg.train.peak_tflops
+                dist_info.device, cfg.train.precision, cfg.train.tf32, cfg.logging.peak_tflops
             )
             log.info(
                 "model FLOPs per sample (forward + backward): %.3g G at full caption length; MFU peak: %s",
@@ -70,7 +70,7 @@ class StepMeter:
             cfg.logging.trace_steps,
             dist_info.device,
             run.run_dir / "traces",
-            split_towers=not cfg.train.compile,  # hooks on a compiled model's tower would recompile it
+            split_towers=not cfg.speed.compile,  # hooks on a compiled model's tower would recompile it
         )
         self.setting = Setting(
             num_workers=cfg.data.num_workers,

@@ -28,7 +28,7 @@ log = logging.getLogger("clipforge.train")
 
 @dataclass
 class LoggingConfig:
-    """Where training metrics go."""
+    """Where training metrics go, and what they are measured against."""
 
     log_every: int = 10
     """Log metrics every N steps."""
@@ -54,12 +54,18 @@ class LoggingConfig:
     """W&B project."""
     wandb_run_name: str | None = None
     """W&B run name (None = the run directory's name)."""
+    peak_tflops: float | None = None
+    """The device's dense peak TFLOP/s at this precision, for perf/mfu. None: from the table of known GPUs
+    (A100, H100, H200, L40S; TF32 for fp32 runs with train.tf32), or on a CPU a GEMM probe of this machine at the
+    run's dtype, measured once and cached in ~/.cache/clipforge (clipforge.train.peak)."""
 
     def __post_init__(self) -> None:
         if self.log_every <= 0:
             raise ValueError(f"logging.log_every: must be positive, got {self.log_every}")
         if self.profile_every < 0:
             raise ValueError(f"logging.profile_every: must be >= 0 (0 = off), got {self.profile_every}")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ValueError(f"logging.peak_tflops: must be positive, got {self.peak_tflops}")
         if self.trace_steps is not None:
             from clipforge.train.profile import parse_steps
 

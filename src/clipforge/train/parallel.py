@@ -2,11 +2,11 @@
 
 ``prepare_model`` takes the model ``build_model`` made and, in this order: freezes the temperature (and bias)
 unless ``loss.learn_temperature``, locks towers (LiT: ``model.lock_image`` / ``model.lock_text``), turns on
-gradient checkpointing, lets the text tower take trimmed token batches (``train.trim_text_padding``), runs each
-tower's last block at its pooled token only (``train.pooled_last_block``), routes self-attention through one
-packed projection in training (``train.packed_attention``), switches to
-channels-last (``train.channels_last``), places it on the device and makes it data-parallel (``parallelize``:
-DDP, or FSDP2 with ``train.parallel: fsdp``), then compiles it (``train.compile``; after wrapping, see
+gradient checkpointing, lets the text tower take trimmed token batches (``speed.trim_text_padding``), runs each
+tower's last block at its pooled token only (``speed.pooled_last_block``), routes self-attention through one
+packed projection in training (``speed.packed_attention``), switches to
+channels-last (``speed.channels_last``), places it on the device and makes it data-parallel (``parallelize``:
+DDP, or FSDP2 with ``parallel.strategy: fsdp``), then compiles it (``speed.compile``; after wrapping, see
 ``TrainConfig.compile``). Model code knows none of this. ``unwrap`` gives back the module that holds
 ``logit_scale`` (DDP's ``.module``; FSDP2 changes the model in place, so the model itself).
 FSDP2 (``strategy="fsdp"``, ``shard_model``): ``torch.distributed.fsdp.fully_shard`` on every residual block of
@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from clipforge.distributed import DistInfo
 from clipforge.models import ModelConfig, enable_packed_attention, enable_pooled_last_block, enable_text_trimming
+from clipforge.train.config import ParallelConfig, SpeedConfig
 
 STRATEGIES = ("ddp", "fsdp")
 log = logging.getLogger("clipforge.train")
@@ -54,33 +55,37 @@ class PreparedModel:
 
 def prepare_model(
     model: torch.nn.Module,
+    *,
     model_cfg: ModelConfig,
-    train_cfg,
+    speed: SpeedConfig,
+    parallel: ParallelConfig,
+    precision: str,
     learn_temperature: bool,
     dist_info: DistInfo,
     every_token: bool = False,
 ) -> PreparedModel:
-    """``model`` (open_clip, as ``build_model`` made it) ready to train; ``train_cfg`` is the ``TrainConfig``.
+    """``model`` (open_clip, as ``build_model`` made it) ready to train: the ``speed`` switches applied, wrapped for
+    the ``parallel`` strategy (FSDP's parameters in bf16 under ``precision`` bf16) and compiled if asked.
     ``every_token``: an objective reads the towers' unpooled tokens, so the last block runs at every token (the
     pooled-last-block shortcut stays off)."""
     apply_training_options(model, model_cfg, learn_temperature)
-    trim_text = train_cfg.trim_text_padding and enable_text_trimming(model)
-    if train_cfg.pooled_last_block and not every_token:
+    trim_text = speed.trim_text_padding and enable_text_trimming(model)
+    if speed.pooled_last_block and not every_token:
         enable_pooled_last_block(model)
-    if train_cfg.packed_attention:
+    if speed.packed_attention:
         enable_packed_attention(model)
-    channels_last = use_channels_last(train_cfg.channels_last, model)
+    channels_last = use_channels_last(speed.channels_last, model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-        log.info("channels-last memory format (train.channels_last: %s)", train_cfg.channels_last)
+        log.info("channels-last memory format (speed.channels_last: %s)", speed.channels_last)
     wrapped = parallelize(
         model,
         dist_info,
-        train_cfg.parallel,
-        train_cfg.reshard_after_forward,
-        torch.bfloat16 if train_cfg.precision == "bf16" else None,
+        parallel.strategy,
+        parallel.reshard_after_forward,
+        torch.bfloat16 if precision == "bf16" else None,
     )
-    if train_cfg.compile:
+    if speed.compile:
         wrapped.compile()
     return PreparedModel(wrapped, trim_text, channels_last)
 
@@ -123,7 +128,7 @@ def apply_training_options(model: torch.nn.Module, cfg: ModelConfig, learn_tempe
 
 
 def use_channels_last(setting: bool | str, model: torch.nn.Module) -> bool:
-    """train.channels_last resolved: 'auto' is on when the image tower is convolutional (more than one Conv2d)."""
+    """speed.channels_last resolved: 'auto' is on when the image tower is convolutional (more than one Conv2d)."""
     if setting != "auto":
         return bool(setting)
     visual = getattr(model, "visual", None)
@@ -141,7 +146,7 @@ def parallelize(
     (``"fsdp"``, see ``shard_model``); a single process only moves it. ``reshard_after_forward`` and
     ``mixed_precision`` apply to FSDP2 only."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"train.parallel: {strategy!r} is not one of {STRATEGIES}")
+        raise ValueError(f"parallel.strategy: {strategy!r} is not one of {STRATEGIES}")
     model = model.to(dist_info.device)
     if not dist_info.is_distributed:
         return model
@@ -212,8 +217,8 @@ def shard_model(
     """
     if any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules()):
         raise ValueError(
-            "train.parallel=fsdp: this model has BatchNorm layers (a CLIP-ResNet tower), whose running "
-            "statistics FSDP does not keep equal across ranks as DDP does; use train.parallel=ddp"
+            "parallel.strategy=fsdp: this model has BatchNorm layers (a CLIP-ResNet tower), whose running "
+            "statistics FSDP does not keep equal across ranks as DDP does; use parallel.strategy=ddp"
         )
     _broadcast_from_rank_zero(model)
     scalars = [parameter for parameter in model.parameters() if parameter.ndim == 0]

@@ -1,9 +1,9 @@
-"""The peak a run's MFU is measured against: a known accelerator's dense peak, ``train.peak_tflops``, or on a CPU
+"""The peak a run's MFU is measured against: a known accelerator's dense peak, ``logging.peak_tflops``, or on a CPU
 this machine's own matrix-multiply throughput, measured once by a GEMM probe and cached.
 
 Datasheet peaks are dense (no 2:4 sparsity), per device, for the precision the matmuls run in: bf16/fp16 autocast;
 fp32 runs use TF32 tensor cores when ``train.tf32`` (the default on CUDA), plain fp32 otherwise. A GPU missing
-from the table has no MFU unless ``train.peak_tflops`` gives its peak.
+from the table has no MFU unless ``logging.peak_tflops`` gives its peak.
 
 A CPU has no datasheet figure worth trusting (cores, clocks, AVX-512 and what else runs on the machine all
 count), so its peak is measured: the best of a few square matmuls at the run's dtype and thread count (``probe``).
@@ -57,13 +57,13 @@ def gpu_peak_tflops(device_name: str, precision: str) -> float | None:
 def peak_tflops(device: str, precision: str, tf32: bool = True, configured: float | None = None) -> tuple[float, str]:
     """(peak TFLOP/s per device, where it came from) for MFU; (0.0, reason) when there is none."""
     if configured:
-        return configured, "train.peak_tflops"
+        return configured, "logging.peak_tflops"
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(torch.device(device))
         used = matmul_precision(precision, tf32)
         peak = gpu_peak_tflops(name, used)
         if peak is None:
-            return 0.0, f"{name} is not in clipforge.train.peak.GPU_PEAKS: set train.peak_tflops for MFU"
+            return 0.0, f"{name} is not in clipforge.train.peak.GPU_PEAKS: set logging.peak_tflops for MFU"
         return peak, f"{name} datasheet, {used} dense"
     return cached_cpu_peak(precision), f"GEMM probe of this CPU, {precision}, {torch.get_num_threads()} threads"
 

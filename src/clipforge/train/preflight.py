@@ -27,7 +27,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from clipforge.data.pipeline import plan_data
 from clipforge.distributed import DistInfo
@@ -36,12 +36,10 @@ from clipforge.losses import ObjectiveContext, build_objectives
 from clipforge.models import build_model
 from clipforge.train.build import resolve_resume
 from clipforge.train.checkpoint import Checkpointer
+from clipforge.train.config import RunConfig
 from clipforge.train.flops import count_train_flops
 from clipforge.train.lock import check_unlocked
 from clipforge.train.parallel import apply_training_options
-
-if TYPE_CHECKING:
-    from clipforge.config import RunConfig
 
 
 def _not_a_directory(path: Path) -> str:
@@ -98,7 +96,7 @@ def check_run(cfg: RunConfig, world_size: int | None = None) -> dict[str, Any]:
     check_unlocked(cfg.train.output_dir, os.environ)
     if cfg.eval.suite is not None:
         load_suite(cfg.eval.suite)
-    resume = resolve_resume(cfg.train.resume, Checkpointer(Path(cfg.train.output_dir) / "checkpoints"))
+    resume = resolve_resume(cfg.checkpoint.resume, Checkpointer(Path(cfg.train.output_dir) / "checkpoints"))
     plan = plan_data(cfg.data, world_size)
     steps = plan.steps_per_epoch(cfg.data.batch_size, world_size, cfg.data.epoch_samples)
     return {
@@ -134,7 +132,7 @@ def dry_run(cfg: RunConfig, check_inputs: bool = True, world_size: int | None = 
     counts["text_tower_parameters"] = counts["parameters"] - counts["image_tower_parameters"]
     size = built.preprocess_cfg["size"]
     height, width = (size, size) if isinstance(size, int) else size
-    flops = count_train_flops(cfg.model, cfg.loss.learn_temperature, cfg.train.pooled_last_block)
+    flops = count_train_flops(cfg.model, cfg.loss.learn_temperature, cfg.speed.pooled_last_block)
     global_batch = cfg.data.batch_size * world_size
     return {
         "architecture": built.architecture,

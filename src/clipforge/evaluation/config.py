@@ -1,8 +1,7 @@
 """The ``eval`` section of the run config, and the schema of suite files (``eval/*.yaml``).
 
-Both live outside ``clipforge.evaluation``, whose package imports torch and every evaluator (``evaluation/suite.py``
-runs the suite), so that reading and validating a config or a suite (``clipforge train --help``, ``clipforge
-submit``) imports neither.
+This module imports no torch and no evaluator (the package imports its evaluators on first use), so that reading
+and validating a config or a suite (``clipforge train --help``, ``clipforge submit``) takes a fraction of a second.
 
 A suite file is validated as a run config is (OmegaConf structured configs, ``clipforge.config``): YAML syntax,
 unknown keys, wrong types and invalid values stop with one line naming the file, the key
