@@ -229,6 +229,7 @@ def run_clipforge(
         "logging.plot=false",
         *[part for kv in overrides for part in ("--set", kv)],
     ]
+    command = [in_layout_of(tree, part) for part in command]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=work)
     if done.returncode != 0:
         raise RuntimeError(f"{label} train failed ({done.returncode}):\n{(done.stdout + done.stderr)[-4000:]}")
@@ -356,6 +357,18 @@ def row(label: str, result: tuple[float, float | None], reference: tuple[float, 
     if tflops is None:
         return f"| {label} | {rate:.1f} | {rate / reference[0]:.2f} | n/a | n/a |"
     return f"| {label} | {rate:.1f} | {rate / reference[0]:.2f} | {tflops:.4f} | {tflops / peak:.1%} |"
+
+
+def in_layout_of(tree: Path, argument: str) -> str:
+    """``argument`` (a ``--set KEY=VALUE`` value) with KEY as ``tree``'s config names it: a checkout from before the
+    train section was split into checkpoint/parallel/speed reads those keys under ``train.``."""
+    from clipforge.train.config import MOVED
+
+    if tree == ROOT or "class SpeedConfig" in (tree / "src/clipforge/train/config.py").read_text():
+        return argument
+    key, equals, value = argument.partition("=")
+    old = {new: old for old, new in MOVED.items()}.get(key)
+    return f"{old}={value}" if equals and old else argument
 
 
 @contextlib.contextmanager
