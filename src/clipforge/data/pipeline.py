@@ -111,7 +111,7 @@ def tokenizer_for_cleaned_captions(tokenizer: Callable) -> Callable:
     """``tokenizer`` for captions ``samples.clean_caption`` has already cleaned.
 
     open_clip's ``SimpleTokenizer`` cleans every text it encodes (ftfy, HTML unescaping twice, whitespace), the
-    rule ``clean_caption`` applies to every caption as it is read; a second pass of it was a fifth of a worker's
+    rule ``clean_caption`` applies to every caption as it is read; a second pass of it would be a fifth of a worker's
     time per sample. For its 'lower' and 'whitespace' rules a copy that only lower-cases (or keeps the text)
     gives the tokens open_clip's tokenizer gives the raw caption (tests/test_samples.py). Any other tokenizer or
     rule is used as it is."""

@@ -122,7 +122,7 @@ def _requeue(dist_info: DistInfo) -> None:
         log.warning("train.requeue is set but this is not a SLURM job (no SLURM_JOB_ID): not requeued")
         return
     # Logged before the command: SLURM starts ending the job while scontrol returns, so a line written after it
-    # can be lost (it was, under torchrun, in CI).
+    # can be lost (under torchrun, whose agent is killed with the job step).
     log.info("requeueing SLURM job %s (scontrol requeue); it resumes from the checkpoint above", job)
     done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if done.returncode:
