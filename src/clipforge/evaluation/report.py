@@ -1,4 +1,5 @@
-"""Reports of a suite run: headline metrics, a markdown table, and the files ``clipforge eval`` writes.
+"""Reports of a suite run: headline metrics, the tables (the results' own is ``clipforge.eval_results``'s), and the
+files ``clipforge eval`` writes.
 
 ``write_report`` puts ``STEM.json`` (every metric), ``STEM.md`` (the tables: results, sizes, representation
 health of the retrieval sets) and the plots (``STEM_NAME_per_class.png`` per classification set,
@@ -13,8 +14,11 @@ the model card of ``clipforge export`` takes by default).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
+
+from clipforge.eval_results import TASK_LABELS, markdown_table
+
+__all__ = ["adhoc_results_dir", "headline", "health_table", "markdown_table", "sizes_table", "write_report"]
 
 HEADLINE_KEYS = {
     "zeroshot_classification": ("acc1", "acc5", "mean_per_class_recall"),
@@ -26,7 +30,6 @@ HEADLINE_KEYS = {
         "text_retrieval_recall@5",
     ),
 }
-TASK_LABELS = {"zeroshot_classification": "classification", "linear_probe": "linear probe"}
 
 
 def adhoc_results_dir(checkpoint: str | Path) -> Path:
@@ -43,35 +46,6 @@ def headline(results: dict[str, dict]) -> dict[str, float]:
             if metrics.get(key) is not None:
                 flat[f"{name}/{key}"] = metrics[key]
     return flat
-
-
-def _percent(value: float | None) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1%}"
-
-
-def markdown_table(results: dict[str, dict]) -> str:
-    rows = ["| dataset | task | metric | value | chance |", "|---|---|---|---|---|"]
-    for name, metrics in results.items():
-        if metrics["task"] in TASK_LABELS:
-            task, chance = TASK_LABELS[metrics["task"]], metrics["chance_acc1"]
-            rows.append(f"| {name} | {task} | top-1 | {_percent(metrics['acc1'])} | {_percent(chance)} |")
-            if metrics.get("acc5") is not None:
-                rows.append(
-                    f"| {name} | {task} | top-5 | {_percent(metrics['acc5'])} | {_percent(min(1.0, 5 * chance))} |"
-                )
-            rows.append(
-                f"| {name} | {task} | mean per-class recall | "
-                f"{_percent(metrics['mean_per_class_recall'])} | {_percent(chance)} |"
-            )
-            continue
-        ks = sorted(int(key.rsplit("@", 1)[1]) for key in metrics if key.startswith("image_retrieval_recall@"))
-        for direction, prefix in (("text→image", "image_retrieval"), ("image→text", "text_retrieval")):
-            for k in ks:
-                rows.append(
-                    f"| {name} | {direction} | R@{k} | {_percent(metrics[f'{prefix}_recall@{k}'])} "
-                    f"| {_percent(min(1.0, k * metrics['chance_recall@1']))} |"
-                )
-    return "\n".join(rows)
 
 
 def sizes_table(results: dict[str, dict]) -> str:

@@ -2,7 +2,7 @@
 
 Metadata (library, tags, license, datasets, pipeline tag) is written with ``huggingface_hub``'s
 ``ModelCardData`` so the Hub parses it as it parses its own. Results come from a ``clipforge eval``
-JSON (``{dataset: metrics}``) rendered by the evaluation package's ``markdown_table``, introduced by which
+JSON (``{dataset: metrics}``) rendered by ``clipforge.eval_results.markdown_table``, introduced by which
 evaluation made them: the file, the suite and the checkpoint it evaluated. By default that is the training-time
 evaluation of the exported checkpoint (``RUN/eval/step_N.json``); an ad-hoc ``clipforge eval`` is used only when
 named. The usage examples load the Hub repo, or the export folder when nothing is pushed, and classify with the
@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from clipforge.eval_results import markdown_table
 from clipforge.export.redact import redact, redact_text
 from clipforge.models import BuiltModel
 
@@ -102,8 +103,6 @@ def _results_section(info: CardInfo) -> str:
             f"No `clipforge eval` results of {checkpoint}: none were written during training (`RUN/eval/step_N.json`) "
             "and none were named (`clipforge export --eval-results FILE`).\n"
         )
-    from clipforge.evaluation import markdown_table
-
     try:
         table = markdown_table(info.eval_results)
     except (KeyError, TypeError, AttributeError):  # a results file of another shape: list its numbers
