@@ -24,11 +24,13 @@ from huggingface_hub.errors import LocalTokenNotFoundError
 from PIL import Image
 
 from clipforge.cli import main
-from clipforge.config import load_config, to_yaml
+from clipforge.config import to_yaml
 from clipforge.evaluation import OpenClipEncoder, build_classifier
 from clipforge.export import CannotConvert, CardInfo, export_model, push_to_hub, write_transformers
 from clipforge.export.card import photo_of
+from clipforge.model_loading import load_init_weights
 from clipforge.models import ModelConfig, build_model
+from clipforge.train.config import load_config
 
 TOLERANCE = 1e-5
 CAPTIONS = [
@@ -271,12 +273,19 @@ def transformers_files_only(folder: Path) -> Path:
     return target
 
 
+def initialised(cfg: ModelConfig) -> torch.nn.Module:
+    """The model as a run builds it: ``build_model``, then ``model.init_from``'s weights."""
+    model = build_model(cfg).model
+    load_init_weights(model, cfg.init_from)
+    return model
+
+
 def test_round_trip_open_clip_transformers_open_clip_is_bit_exact(clip_export, tiny_model_json):
     activation, built, folder = clip_export
     quick = activation == "quick_gelu"
-    restored = build_model(
+    restored = initialised(
         ModelConfig(name=tiny_model_json, force_quick_gelu=quick, init_from=str(transformers_files_only(folder)))
-    ).model
+    )
     assert restored.state_dict().keys() == built.model.state_dict().keys()
     for key, value in built.model.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value), key
@@ -288,11 +297,11 @@ def test_init_from_refuses_another_architecture(clip_export, tiny_model_json, tm
     activation, _, folder = clip_export
     source = str(transformers_files_only(folder))
     with pytest.raises(ValueError, match=r"model.init_from: .*hidden_act is '(quick_)?gelu' in the folder"):
-        build_model(ModelConfig(name=tiny_model_json, force_quick_gelu=activation != "quick_gelu", init_from=source))
+        initialised(ModelConfig(name=tiny_model_json, force_quick_gelu=activation != "quick_gelu", init_from=source))
     smaller = tmp_path / "smaller.json"
     smaller.write_text(json.dumps({**TINY_MODEL, "embed_dim": 32}))
     with pytest.raises(ValueError, match="projection_dim is 64 in the folder, 32 in the model"):
-        build_model(ModelConfig(name=str(smaller), init_from=source))
+        initialised(ModelConfig(name=str(smaller), init_from=source))
 
 
 def test_resnet_tower_is_a_clear_error_for_transformers_and_exports_to_open_clip(tiny_resnet_json, tmp_path, capsys):
@@ -395,9 +404,9 @@ def test_siglip_architecture_converts_to_siglip_model(tiny_siglip_json, tmp_path
     assert hf.logit_bias.item() == model.logit_bias.item() and hf.logit_scale.item() == model.logit_scale.item()
     assert hf.config.vision_config.hidden_act == hf.config.text_config.hidden_act == "gelu"  # open_clip's exact GELU
     (tmp_path / "siglip" / "open_clip_config.json").unlink()  # init_from reads the transformers files then
-    restored = build_model(ModelConfig(name=tiny_siglip_json, init_logit_bias=0.0, init_from=str(tmp_path / "siglip")))
+    restored = initialised(ModelConfig(name=tiny_siglip_json, init_logit_bias=0.0, init_from=str(tmp_path / "siglip")))
     for key, value in model.state_dict().items():
-        assert torch.equal(restored.model.state_dict()[key], value), key
+        assert torch.equal(restored.state_dict()[key], value), key
 
 
 @torch.no_grad()
@@ -872,6 +881,43 @@ def test_no_environment_value_or_literal_token_reaches_any_exported_file(
     assert "caption_key: txt" in card  # a key that is not a credential is kept
 
 
+def test_eval_and_export_read_a_checkpoints_model_section_alike(
+    gelu_export, tiny_model_json, synth_suite, tmp_path, capsys
+):
+    """One reading of a checkpoint's config.yaml for both commands: the run's initial weights (model.init_from, and
+    model.pretrained as earlier configs name it) are not read, since the checkpoint's own replace them; a model key
+    ModelConfig does not know stops both with the same line."""
+    from safetensors.torch import load_file
+
+    from clipforge.evaluation import load_eval_model
+    from clipforge.model_loading import read_checkpoint_config
+
+    _, built, _ = gelu_export
+    saved = yaml.safe_load(to_yaml(load_config(None, ["data.train_urls=x.tar", f"model.name={tiny_model_json}"])))
+    saved["model"].update(init_from=str(tmp_path / "moved-away"), pretrained="openai")
+    checkpoint = write_checkpoint(built, yaml.safe_dump(saved), tmp_path / "run")
+    assert read_checkpoint_config(checkpoint) == (ModelConfig(name=tiny_model_json), saved)
+    assert main(["export", str(checkpoint), "--format", "open_clip", "--out", str(tmp_path / "out")]) == 0
+    exported = load_file(tmp_path / "out" / "open_clip_model.safetensors")
+    evaluated = load_eval_model(str(checkpoint)).encoder.model.state_dict()
+    for key, value in built.model.state_dict().items():
+        assert torch.equal(exported[key], value) and torch.equal(evaluated[key], value), key
+
+    saved["model"]["patch_dropot"] = 0.5
+    misspelt = write_checkpoint(built, yaml.safe_dump(saved), tmp_path / "misspelt")
+    errors = []
+    for command in (
+        ["export", str(misspelt), "--out", str(tmp_path / "out2")],
+        ["eval", str(misspelt), "--suite", str(synth_suite), "--out", str(tmp_path / "results")],
+    ):
+        assert main(command) == 2
+        errors.append(capsys.readouterr().err.strip().split(": error: ", 1)[1])
+    assert errors[0] == errors[1] and errors[0].startswith(
+        f"{misspelt / 'config.yaml'}: unknown model keys ['patch_dropot']"
+    )
+    assert not (tmp_path / "out2").exists() and not list((tmp_path / "results").glob("*.json"))
+
+
 @pytest.mark.parametrize("repo", ["bad id/with spaces", "org/na..me", "a/b/c"])
 def test_push_refuses_an_invalid_repo_id_before_any_export_work(
     repo, gelu_export, tiny_model_json, tmp_path, monkeypatch, capsys
@@ -881,7 +927,9 @@ def test_push_refuses_an_invalid_repo_id_before_any_export_work(
     checkpoint = write_checkpoint(built, to_yaml(cfg), tmp_path / "run")
     hub = mock.Mock()
     monkeypatch.setattr("clipforge.export.hub.HfApi", hub)
-    monkeypatch.setattr("clipforge.models.build_model", mock.Mock(side_effect=AssertionError("the model was built")))
+    monkeypatch.setattr(
+        "clipforge.model_loading.build_model", mock.Mock(side_effect=AssertionError("the model was built"))
+    )
     assert main(["export", str(checkpoint), "--out", str(tmp_path / "out"), "--push", repo]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err

@@ -3,7 +3,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipforge.models import ModelConfig, build_model, load_weights
+from clipforge.model_loading import load_init_weights, load_weights
+from clipforge.models import ModelConfig, build_model
+
+
+def build_initialised(cfg: ModelConfig):
+    """The model as a run builds it: ``build_model``, then ``model.init_from``'s weights."""
+    built = build_model(cfg)
+    load_init_weights(built.model, cfg.init_from)
+    return built
 
 
 def test_builds_open_clip_architecture_by_name():
@@ -35,7 +43,7 @@ def test_loads_local_weights_file_and_checkpoint_dir(tiny_model_json, tmp_path):
     torch.save(source.state_dict(), tmp_path / "weights.pt")
     checkpoint = save_checkpoint(tmp_path / "checkpoints", source)
     for init_from in (tmp_path / "weights.pt", checkpoint):
-        loaded = build_model(ModelConfig(name=tiny_model_json, init_from=str(init_from))).model
+        loaded = build_initialised(ModelConfig(name=tiny_model_json, init_from=str(init_from))).model
         for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
             assert torch.equal(a, b), name
 
@@ -49,7 +57,7 @@ def test_bad_names_and_paths_are_clear_errors(tiny_model_json, tmp_path):
     with pytest.raises(FileNotFoundError, match="neither model.safetensors"):
         load_weights(model, str(tmp_path))
     with pytest.raises(FileNotFoundError, match="model.init_from: .* does not exist"):
-        build_model(ModelConfig(name=tiny_model_json, init_from=str(tmp_path / "missing.pt")))
+        build_initialised(ModelConfig(name=tiny_model_json, init_from=str(tmp_path / "missing.pt")))
 
 
 def test_text_trimming_gives_the_same_features_and_gradients(tiny_model_json):
@@ -132,7 +140,7 @@ def test_a_pickle_that_would_run_code_is_refused_in_one_line_and_never_run(
     evil, marker = tmp_path / "weights.pt", tmp_path / "code-ran"
     torch.save({"visual.proj": _RunsCode(str(marker))}, evil)
     with pytest.raises(ValueError) as refused:
-        build_model(ModelConfig(name=tiny_model_json, init_from=str(evil)))
+        build_initialised(ModelConfig(name=tiny_model_json, init_from=str(evil)))
     message = str(refused.value)
     assert message.startswith(f"model.init_from: {evil} is not a weights-only file") and "\n" not in message
     assert "(Unsupported global: GLOBAL " in message, message  # what weights_only refused
@@ -182,3 +190,31 @@ def test_export_of_a_run_directory_suggests_its_latest_checkpoint(tmp_path, caps
     err = capsys.readouterr().err
     assert f"{run} is a run directory, not a checkpoint: did you mean {run / 'checkpoints' / 'latest'}?" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_starts_from_the_weights_of_init_from(synth_data, tiny_model_json, tmp_path):
+    """``build_model`` initialises randomly; the run's build step loads ``model.init_from`` into the model before
+    anything is attached to it or wraps it."""
+    from checkpointing import save_checkpoint
+
+    from clipforge.distributed import DistInfo
+    from clipforge.train.build import build_run
+    from clipforge.train.config import load_config
+
+    torch.manual_seed(1)
+    source = build_model(ModelConfig(name=tiny_model_json)).model
+    checkpoint = save_checkpoint(tmp_path / "source", source)
+    cfg = load_config(
+        None,
+        [
+            f"data.train_urls={synth_data}/train/{{00000..00005}}.tar",
+            "data.num_workers=0",
+            f"model.name={tiny_model_json}",
+            f"model.init_from={checkpoint}",
+            f"train.output_dir={tmp_path / 'run'}",
+        ],
+    )
+    started = build_run(cfg, DistInfo(), lambda: False).built.model.state_dict()
+    assert any(not torch.equal(value, started[key]) for key, value in build_model(cfg.model).model.state_dict().items())
+    for key, value in source.state_dict().items():
+        assert torch.equal(started[key], value), key

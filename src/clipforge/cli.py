@@ -498,14 +498,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    import yaml
     from huggingface_hub.errors import HfHubHTTPError
 
-    from clipforge.evaluation.loading import model_kind
     from clipforge.export import CannotConvert, CardInfo, check_request, export_model, find_eval_results, push_to_hub
     from clipforge.export.card import eval_origin
     from clipforge.export.hub import HubUnavailable, check_repo_id
-    from clipforge.models import ModelConfig, build_model, load_weights
+    from clipforge.model_loading import load_checkpoint_model, read_checkpoint_config
 
     formats = ["hf", "open_clip"] if args.format == "both" else [args.format]
     towers = {None: (), "both": ("text", "image")}.get(args.towers, (args.towers,))
@@ -513,26 +511,13 @@ def _export(args: argparse.Namespace) -> int:
     if args.push:
         check_repo_id(args.push)
     checkpoint = Path(args.checkpoint)
-    # a run directory is refused with the path of its latest checkpoint, a missing path as missing
-    if model_kind(args.checkpoint) != "clipforge" or not (checkpoint / "config.yaml").is_file():
-        raise FileNotFoundError(f"{checkpoint}: not a clipforge checkpoint directory (no config.yaml)")
-    run_config = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
-    # Only the architecture is needed: the checkpoint's weights replace the run's initial ones (init_from, or
-    # pretrained in configs written before it was renamed), so those keys are not read.
-    model_keys = {
-        key: value for key, value in (run_config.get("model") or {}).items() if key not in ("init_from", "pretrained")
-    }
-    try:
-        model_cfg = ModelConfig(**model_keys)
-    except TypeError as exc:
-        raise ValueError(f"{checkpoint / 'config.yaml'}: model section: {exc}") from exc
+    # before any work: a run directory is refused with the path of its latest checkpoint, a bad model section named
+    _, run_config = read_checkpoint_config(checkpoint)
     if args.eval_results:  # read before the model is built, so that a wrong path fails at once
         found = (Path(args.eval_results), json.loads(Path(args.eval_results).read_text()))
     else:
         found = find_eval_results(checkpoint.resolve().parent.parent, checkpoint.resolve().name)
-    built = build_model(model_cfg)
-    load_weights(built.model, str(checkpoint))
-    built.model.eval()
+    built = load_checkpoint_model(checkpoint)
     resolved = checkpoint.resolve()  # RUN/checkpoints/step_N: the card is titled after the run, or the Hub repo
     run_name = resolved.parent.parent.name if resolved.parent.name == "checkpoints" else resolved.name
     eval_suite, eval_step = eval_origin(found[0], run_config) if found else (None, None)

@@ -1,4 +1,5 @@
-"""Dual encoders: open_clip architectures by name or our JSON configs, random init or local weights.
+"""Dual encoders: open_clip architectures by name or our JSON configs, randomly initialised (weights from a path,
+``model.init_from`` among them, are ``clipforge.model_loading``'s).
 
 The names below are imported on first use (PEP 562), not with the package, so that ``clipforge.models.config``
 (read by every command) imports no open_clip or torch.
@@ -13,7 +14,6 @@ _EXPORTS = {
     "build_model": "clipforge.models.builder",
     "enable_pooled_last_block": "clipforge.models.shortcuts",
     "enable_text_trimming": "clipforge.models.shortcuts",
-    "load_weights": "clipforge.models.builder",
     "resolve_architecture": "clipforge.models.builder",
     "trims_text_padding": "clipforge.models.shortcuts",
 }

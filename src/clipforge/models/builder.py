@@ -4,13 +4,16 @@
 L2-normalised embeddings with ``normalize=True``; ``logit_scale`` is the learnable log inverse
 temperature, initialised to log(1/0.07) by open_clip), its train and eval image transforms and
 its tokenizer. Model code here knows nothing of distribution, optimizers or losses.
+
+``model.init_from`` is not loaded here: weights from a path (a checkpoint, an open_clip file or folder, a
+transformers folder through ``clipforge.export``'s converter) are ``clipforge.model_loading``'s, which sits above
+both packages; the caller applies them right after the build (``model_loading.load_init_weights``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,14 +23,12 @@ from typing import Any
 import open_clip
 import torch
 
-from clipforge.checkpoints import is_checkpoint, read_model_weights
 from clipforge.models.config import ModelConfig
 
 # JSON architectures shipped inside the package (``clipforge/models/configs/NAME.json``, linked from the
 # checkout's ``configs/models/``), so an installed wheel builds them too; a config may also name a JSON file
 # anywhere by path.
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
 @dataclass
@@ -61,39 +62,6 @@ def resolve_architecture(name: str) -> str:
     return name
 
 
-def load_weights(model: torch.nn.Module, source: str) -> list[str]:
-    """Load local weights strictly into ``model``; returns notes on anything not loaded as is.
-
-    ``source`` is a clipforge checkpoint directory (model.safetensors), an open_clip weights file or
-    folder (open_clip_config.json beside its weights), or a transformers CLIPModel/SiglipModel folder
-    (config.json), which goes through ``clipforge.export``'s exact converter after its architecture
-    is checked against the model's.
-    """
-    path = Path(source)
-    if path.is_file():
-        _load_open_clip_file(model, path)
-        return []
-    if not path.is_dir():
-        raise FileNotFoundError(f"{source} does not exist")
-    if (path / "open_clip_config.json").is_file():
-        weights = [path / name for name in OPEN_CLIP_WEIGHT_FILES if (path / name).is_file()]
-        if not weights:
-            raise FileNotFoundError(f"{source}: open_clip folder without {' or '.join(OPEN_CLIP_WEIGHT_FILES)}")
-        _load_open_clip_file(model, weights[0])
-        return []
-    if (path / "config.json").is_file():
-        from clipforge.export.convert import load_transformers_folder  # the export package owns the converters
-
-        return load_transformers_folder(model, path)
-    if is_checkpoint(path):  # a clipforge checkpoint: its manifest is verified before anything loads
-        model.load_state_dict(read_model_weights(path), strict=True)
-        return []
-    raise FileNotFoundError(
-        f"{source}: a directory with neither model.safetensors (clipforge checkpoint), "
-        "open_clip_config.json (open_clip folder) nor config.json (transformers folder)"
-    )
-
-
 def unreadable_weights(path: Path, exn: BaseException) -> ValueError:
     """The one-line error for a file that ``torch.load(weights_only=True)`` refused (a pickle that could run code
     when loaded) or could not read (not a torch file, cut short)."""
@@ -109,18 +77,6 @@ def unreadable_weights(path: Path, exn: BaseException) -> ValueError:
     return ValueError(f"{path} is not a weights file torch.load can read ({type(exn).__name__}: {message[:160]})")
 
 
-def _load_open_clip_file(model: torch.nn.Module, path: Path) -> None:
-    """open_clip's loader (its key conversions included), which unpickles with ``weights_only=True``."""
-    try:
-        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
-    except (pickle.UnpicklingError, EOFError) as exn:
-        raise unreadable_weights(path, exn) from None
-    except RuntimeError as exn:
-        if not str(exn).startswith("PytorchStreamReader"):  # the zip container is damaged; others are not ours
-            raise
-        raise unreadable_weights(path, exn) from None
-
-
 def _check_patch_dropout(model: torch.nn.Module, cfg: ModelConfig) -> None:
     if cfg.patch_dropout and not hasattr(model.visual, "patch_dropout"):
         raise ValueError(
@@ -132,8 +88,9 @@ def _check_patch_dropout(model: torch.nn.Module, cfg: ModelConfig) -> None:
 @contextlib.contextmanager
 def _random_init_intended():
     """Hide open_clip's "No pretrained weights loaded ... initialized randomly" (logged on the root logger):
-    ``build_model`` never asks open_clip for weights; it initialises randomly on purpose, and ``init_from`` (or the
-    caller: a checkpoint, an export) loads weights right after. On an export it read as if the weights were lost."""
+    ``build_model`` never asks open_clip for weights; it initialises randomly on purpose, and the caller loads weights
+    right after (``model.init_from``, a checkpoint to evaluate or export). On an export it reads as if the weights
+    were lost."""
 
     def drop(record: logging.LogRecord) -> bool:
         return "No pretrained weights loaded" not in record.getMessage()
@@ -165,11 +122,6 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> BuiltMo
             output_dict=True,
             **model_kwargs,
         )
-    if cfg.init_from:
-        try:
-            load_weights(model, cfg.init_from)
-        except (FileNotFoundError, ValueError) as exc:
-            raise type(exc)(f"model.init_from: {exc}") from exc
     _check_patch_dropout(model, cfg)  # training-only options (locks, checkpointing): clipforge.train.parallel
     tokenizer = open_clip.get_tokenizer(architecture)
     model_cfg = open_clip.get_model_config(architecture)
