@@ -36,7 +36,7 @@ def trained_checkpoint(synth_data, tiny_resnet_json, tmp_path_factory) -> Path:
                 "optim.warmup_steps=5",
                 f"train.output_dir={out}",
                 "train.steps=60",
-                "train.checkpoint_every=1000",
+                "checkpoint.every=1000",
                 "logging.log_every=20",
                 "logging.progress_bar=false",
                 "logging.tensorboard=false",

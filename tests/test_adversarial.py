@@ -486,6 +486,7 @@ def test_every_checkpoint_reader_verifies_the_manifest_first(case, checkpoint, t
     from checkpointing import load_checkpoint
 
     from clipforge.checkpoints import CorruptCheckpoint
+    from clipforge.model_loading import load_init_weights
     from clipforge.models import ModelConfig, build_model
 
     name = yaml.safe_load((checkpoint / "config.yaml").read_text())["model"]["name"]
@@ -502,7 +503,7 @@ def test_every_checkpoint_reader_verifies_the_manifest_first(case, checkpoint, t
     with pytest.raises(CorruptCheckpoint, match=expected):  # resume
         load_checkpoint(checkpoint, build_model(ModelConfig(name=name)).model)
     with pytest.raises(CorruptCheckpoint, match=f"model.init_from: .*{expected}"):
-        build_model(ModelConfig(name=name, init_from=str(checkpoint)))
+        load_init_weights(build_model(ModelConfig(name=name)).model, str(checkpoint))
 
 
 def test_resume_auto_when_every_checkpoint_is_corrupt_says_so(checkpoint):

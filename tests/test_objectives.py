@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from clipforge.losses import ClipLoss, ObjectiveContext, Objectives, build_objectives
 from clipforge.losses.clip import ClipObjective
 from clipforge.losses.config import TERMS, LossConfig, TermConfig
-from clipforge.models import ModelConfig, build_model, load_weights
+from clipforge.model_loading import load_weights
+from clipforge.models import ModelConfig, build_model
 from clipforge.train.config import load_config
 from clipforge.train.loop import train
 

@@ -370,11 +370,11 @@ def _add_prep_reshard(prep_kinds: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from clipforge.config import load_config
+    from clipforge.train.config import load_config
 
     overrides = list(args.set)
     if args.resume:
-        overrides.append(f"train.resume={args.resume}")
+        overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_config(args.config, overrides)  # before torch is imported: a wrong key is refused at once
     _log_rank()
     if args.dry_run:
@@ -631,8 +631,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _config_keys() -> str:
     from clipforge.config import describe_fields
+    from clipforge.train.config import RunConfig
 
-    return describe_fields()
+    return describe_fields(RunConfig)
 
 
 def _add_prep(commands: argparse._SubParsersAction) -> None:
@@ -723,7 +724,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_eval(commands: argparse._SubParsersAction) -> None:
-    from clipforge.eval_config import FORMATS, TASKS  # torch-free: the parser imports no evaluator
+    from clipforge.evaluation.config import FORMATS, TASKS  # torch-free: the parser imports no evaluator
 
     evaluate = commands.add_parser(
         "eval",
@@ -864,7 +865,7 @@ _USER_ERRORS = (
     ("clipforge.config", "ConfigError"),
     ("clipforge.data.samples", "DataError"),
     ("clipforge.checkpoints", "CorruptCheckpoint"),
-    ("clipforge.health", "CollapseError"),
+    ("clipforge.train.health", "CollapseError"),
     ("clipforge.train.loop", "NonFiniteError"),
 )
 

@@ -22,6 +22,7 @@ from clipforge.data.pipeline import plan_data
 from clipforge.distributed import DistInfo, make_agreement
 from clipforge.evaluation import load_suite
 from clipforge.losses import ObjectiveContext, Objectives, build_objectives
+from clipforge.model_loading import load_init_weights
 from clipforge.models import BuiltModel, build_model
 from clipforge.models.outputs import needs_every_token
 from clipforge.train.checkpoint import Checkpointer
@@ -67,6 +68,7 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
     resume_from = resolve_resume(cfg.checkpoint.resume, checkpointer)
     plan = plan_data(cfg.data, dist_info.world_size)  # empty or too few shards fail now, not after the model is built
     built = build_model(cfg.model)
+    load_init_weights(built.model, cfg.model.init_from)  # before objectives attach to the model and it is wrapped
     state = TrainState(clock=SampleClock(global_batch=cfg.data.batch_size * dist_info.world_size))
     objectives = objectives_for_run(cfg, built, dist_info, state)
     prepared = prepare_model(

@@ -33,6 +33,7 @@ from clipforge.data.pipeline import plan_data
 from clipforge.distributed import DistInfo
 from clipforge.evaluation import load_suite
 from clipforge.losses import ObjectiveContext, build_objectives
+from clipforge.model_loading import load_init_weights
 from clipforge.models import build_model
 from clipforge.train.build import resolve_resume
 from clipforge.train.checkpoint import Checkpointer
@@ -121,6 +122,7 @@ def dry_run(cfg: RunConfig, check_inputs: bool = True, world_size: int | None = 
     world_size = launch_world_size() if world_size is None else world_size
     inputs = check_run(cfg, world_size) if check_inputs else {}
     built = build_model(cfg.model)
+    load_init_weights(built.model, cfg.model.init_from)  # a missing or unreadable init_from fails the dry run
     objectives = build_objectives(cfg.loss, ObjectiveContext(model=built.model, autocast=contextlib.nullcontext))
     apply_training_options(built.model, cfg.model, cfg.loss.learn_temperature)  # locks change the trainable count
     model = built.model
