@@ -8,6 +8,10 @@
 TCPStore for the whole job, so without that a restarted rank can read a key its killed predecessor wrote (gloo's
 listening address: ``Gloo connectFullMesh failed ... Connection refused``, or a connect that never completes).
 
+``build_mesh(info)`` makes the run's one device mesh, once, after ``init_process_group``: every component that talks
+to the other ranks (the data-parallel wrapper, the losses, the ranks' agreement, the checkpointer) is handed it, so
+they all use the same ranks and the same process group (torchtitan's ``ParallelDims`` and its mesh).
+
 ``gather_with_grad`` all-gathers a tensor along dim 0 and routes gradients back to their owner:
 the backward pass sums every rank's gradient for the gathered tensor and keeps this rank's
 slice, so a "local" loss on each rank, averaged by DDP, equals the loss of one process holding
@@ -26,6 +30,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 log = logging.getLogger("clipforge.distributed")
 
@@ -158,6 +163,33 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+MESH_DIM = "dp"
+"""The name of the run's one mesh dimension: data parallel, over every rank."""
+
+
+def build_mesh(info: DistInfo) -> DeviceMesh | None:
+    """The run's device mesh: one dimension, ``MESH_DIM``, over every rank in rank order, on the device type of
+    ``info.device`` (``cuda`` or ``cpu``); its group holds the default group's ranks (on one device type, torch
+    gives the default group itself). Build it once, after ``init_process_group``, and hand it to every component
+    that talks to the other ranks.
+
+    One process has no mesh: None. It has no process group (``init_process_group`` makes none, and a mesh needs
+    one), and none of its components talks to another rank; each of them reads None as "this process alone"."""
+    if not info.is_distributed:
+        return None
+    if not dist.is_initialized():
+        raise RuntimeError(
+            f"build_mesh: rank {info.rank} of {info.world_size} has no process group yet (init_process_group first)"
+        )
+    return init_device_mesh(torch.device(info.device).type, (info.world_size,), mesh_dim_names=(MESH_DIM,))
+
+
+def mesh_group(mesh: DeviceMesh | None) -> dist.ProcessGroup | None:
+    """The process group of ``mesh``'s one dimension, for a collective's ``group=``; None (the default group, which
+    one process never uses) without a mesh."""
+    return None if mesh is None else mesh.get_group()
+
+
 def all_gather(tensor: torch.Tensor, world_size: int, group=None) -> torch.Tensor:
     """All-gather ``tensor`` (B_local, ...) → (world_size * B_local, ...) in rank order, without gradient.
 
@@ -197,23 +229,38 @@ def gather_with_grad(tensor: torch.Tensor, rank: int, world_size: int, group=Non
     return _GatherWithGrad.apply(tensor, world_size, group)
 
 
-def make_agreement(info: DistInfo):
+class Agreement:
     """``agree(flag) -> bool``: True only if ``flag`` is True on every rank; ``agree(a, b, ...)`` agrees on several
     flags in the same all-reduce and returns a tuple.
 
     The data loader asks it every step in epoch mode (do all ranks still have a batch?); the trainer once per step
-    (no stop signal and no numerics abort on any rank?). It runs on a gloo group of its own, on a CPU tensor, so
-    under NCCL it never synchronises the GPU stream.
+    (no stop signal and no numerics abort on any rank?). It runs on the ranks of ``mesh`` (the default group's
+    without one), on a CPU tensor: over the mesh's own group when that is gloo, else over a gloo group of the same
+    ranks made here (``group``), so that under NCCL it never synchronises the GPU stream. One process agrees with
+    itself and has no group.
     """
-    group = dist.new_group(backend="gloo") if info.is_distributed and info.backend != "gloo" else None
 
-    def agree(*flags: bool):
-        if info.is_distributed:
+    def __init__(self, info: DistInfo, mesh: DeviceMesh | None = None) -> None:
+        self.distributed = info.is_distributed
+        self.group: dist.ProcessGroup | None = None
+        if self.distributed:
+            ranks = mesh.get_group() if mesh is not None else dist.group.WORLD
+            if dist.get_backend(ranks) == "gloo":
+                self.group = ranks
+            else:
+                self.group = dist.new_group(dist.get_process_group_ranks(ranks), backend="gloo")
+
+    def __call__(self, *flags: bool):
+        if self.distributed:
             value = torch.tensor([1 if flag else 0 for flag in flags], dtype=torch.int32)
-            dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+            dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
             flags = tuple(bool(v) for v in value.tolist())
         else:
             flags = tuple(bool(flag) for flag in flags)
         return flags[0] if len(flags) == 1 else flags
 
-    return agree
+
+def make_agreement(info: DistInfo, mesh: DeviceMesh | None = None) -> Agreement:
+    """The ranks' agreement (``Agreement``) on ``mesh``'s ranks: the run's mesh (``build_mesh``) once there is one;
+    without it (a check before the run is built) the default group's, which are the same ranks."""
+    return Agreement(info, mesh)
