@@ -18,9 +18,10 @@ from clipforge.losses.siglip import SigLipLoss, SigLipObjective
 
 
 def build_loss(
-    cfg: LossConfig, rank: int = 0, world_size: int = 1, teacher_temperature: float | None = None
+    cfg: LossConfig, rank: int = 0, world_size: int = 1, teacher_temperature: float | None = None, group=None
 ) -> torch.nn.Module:
-    """The configured loss; with ``cfg.distill_weight``, wrapped in ``DistillationLoss`` at
+    """The configured loss, gathering over ``group`` (the run's mesh's, ``ObjectiveContext.group``; None: the
+    default group); with ``cfg.distill_weight``, wrapped in ``DistillationLoss`` at
     ``cfg.distill_teacher_temperature`` or else ``teacher_temperature`` (the teacher's own, found by the caller)."""
     if cfg.distill_weight:
         temperature = cfg.distill_teacher_temperature or teacher_temperature
@@ -29,19 +30,20 @@ def build_loss(
                 "loss.distill_weight: the teacher's temperature is unknown (its teacher.json has none): set "
                 "loss.distill_teacher_temperature"
             )
-        plain = build_loss(replace(cfg, distill_weight=0.0, distill_model=None), rank, world_size)
-        return DistillationLoss(plain, cfg.distill_weight, temperature, rank, world_size)
+        plain = build_loss(replace(cfg, distill_weight=0.0, distill_model=None), rank, world_size, group=group)
+        return DistillationLoss(plain, cfg.distill_weight, temperature, rank, world_size, group)
     if cfg.kind == "clip":
         return ClipLoss(
             rank,
             world_size,
             cfg.tile_size,
+            group,
             positives=cfg.positives,
             hard_negative_beta=cfg.hard_negative_beta,
             debias_tau_plus=cfg.debias_tau_plus,
         )
     if cfg.kind == "siglip":
-        return SigLipLoss(rank, world_size, cfg.siglip_exchange, cfg.tile_size)
+        return SigLipLoss(rank, world_size, cfg.siglip_exchange, cfg.tile_size, group)
     raise ValueError(f"loss.kind: {cfg.kind!r} is not one of {LOSS_KINDS}")
 
 
@@ -77,7 +79,7 @@ def build_objectives(cfg: LossConfig, context: ObjectiveContext, total_steps: in
             )
         ]
     else:
-        loss = build_loss(cfg, context.rank, context.world_size, context.teacher_temperature)
+        loss = build_loss(cfg, context.rank, context.world_size, context.teacher_temperature, context.group)
         members = [objective_for(loss, context.teacher)]
     for index, term in enumerate(cfg.terms):
         module_name, _, function = TERMS[term.name].partition(":")

@@ -35,6 +35,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
+
+from clipforge.distributed import mesh_group
 
 MODEL_OUTPUTS = ("image_tokens", "text_tokens")
 """What an objective may ask of the model besides the pooled features (``clipforge.models.outputs`` makes them)."""
@@ -57,19 +60,34 @@ class SampleField:
 class ObjectiveContext:
     """The runtime objects an objective may need, given by the trainer at build time.
 
-    ``model`` is the plain model as built (for reading shapes when making a head; copies are taken in ``bind``);
-    ``autocast`` returns the step's autocast context; ``step`` the number of optimizer steps taken so far;
-    ``teacher`` is the online distillation teacher (``loss.distill_model``), if any."""
+    ``mesh`` is the run's device mesh (``clipforge.distributed.build_mesh``): an objective's collectives go through
+    ``group``, the mesh's process group, and ``rank`` and ``world_size`` are this process's place in it (checked
+    against the mesh). Without a mesh (one process, or a caller outside a run) they use the default group. ``model`` is the plain model as built
+    (for reading shapes when making a head; copies are taken in ``bind``); ``autocast`` returns the step's autocast
+    context; ``step`` the number of optimizer steps taken so far; ``teacher`` is the online distillation teacher
+    (``loss.distill_model``), if any."""
 
     rank: int = 0
     world_size: int = 1
-    group: Any = None
+    mesh: DeviceMesh | None = None
     device: str = "cpu"
     model: torch.nn.Module | None = None
     autocast: Callable[[], Any] | None = None
     step: Callable[[], int] | None = None
     teacher: Any = None
     teacher_temperature: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mesh is not None and (self.mesh.size(), self.mesh.get_local_rank()) != (self.world_size, self.rank):
+            raise ValueError(
+                f"ObjectiveContext: rank {self.rank} of {self.world_size} is not this process's place in its mesh "
+                f"(rank {self.mesh.get_local_rank()} of {self.mesh.size()})"
+            )
+
+    @property
+    def group(self):
+        """The process group of the objectives' collectives: the mesh's (None, the default group, without one)."""
+        return mesh_group(self.mesh)
 
 
 class Objective(torch.nn.Module):
