@@ -108,9 +108,11 @@ def test_one_gpu_per_task_binds_and_wraps_the_visible_device(monkeypatch):
             return self
 
     monkeypatch.setattr(
-        parallel, "DistributedDataParallel", lambda model, device_ids: calls.setdefault("device_ids", device_ids)
+        parallel,
+        "DistributedDataParallel",
+        lambda model, device_ids, device_mesh: calls.setdefault("device_ids", device_ids),
     )
-    parallel.parallelize(Placed(2, 2), info)
+    parallel.parallelize(Placed(2, 2), info, mesh=object())  # the run's mesh; none can be built without a group
     assert calls["to"] == ("cuda:0",) and calls["device_ids"] == [0]
 
 

@@ -8,7 +8,9 @@ packed projection in training (``speed.packed_attention``), switches to
 channels-last (``speed.channels_last``), places it on the device and makes it data-parallel (``parallelize``:
 DDP, or FSDP2 with ``parallel.strategy: fsdp``), then compiles it (``speed.compile``; after wrapping, see
 ``TrainConfig.compile``). Model code knows none of this. ``unwrap`` gives back the module that holds
-``logit_scale`` (DDP's ``.module``; FSDP2 changes the model in place, so the model itself).
+``logit_scale`` (DDP's ``.module``; FSDP2 changes the model in place, so the model itself). Both wrappers run on
+the run's device mesh (``clipforge.distributed.build_mesh``), the one the losses, the ranks' agreement and the
+checkpointer are given too, so every collective of a run goes through one process group.
 FSDP2 (``strategy="fsdp"``, ``shard_model``): ``torch.distributed.fsdp.fully_shard`` on every residual block of
 both towers, then on the root, which takes the rest (embeddings, final norms, projections). Each parameter becomes
 a DTensor sharded on dim 0 across the ranks, and so do its gradient and its AdamW moments: per rank about 1/N of
@@ -30,15 +32,16 @@ import logging
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from clipforge.distributed import DistInfo
+from clipforge.distributed import DistInfo, build_mesh
 from clipforge.models import ModelConfig, enable_packed_attention, enable_pooled_last_block, enable_text_trimming
 from clipforge.train.config import ParallelConfig, SpeedConfig
 
@@ -62,10 +65,12 @@ def prepare_model(
     precision: str,
     learn_temperature: bool,
     dist_info: DistInfo,
+    mesh: DeviceMesh | None = None,
     every_token: bool = False,
 ) -> PreparedModel:
     """``model`` (open_clip, as ``build_model`` made it) ready to train: the ``speed`` switches applied, wrapped for
-    the ``parallel`` strategy (FSDP's parameters in bf16 under ``precision`` bf16) and compiled if asked.
+    the ``parallel`` strategy on ``mesh`` (the run's, see ``parallelize``; FSDP's parameters in bf16 under
+    ``precision`` bf16) and compiled if asked.
     ``every_token``: an objective reads the towers' unpooled tokens, so the last block runs at every token (the
     pooled-last-block shortcut stays off)."""
     apply_training_options(model, model_cfg, learn_temperature)
@@ -84,6 +89,7 @@ def prepare_model(
         parallel.strategy,
         parallel.reshard_after_forward,
         torch.bfloat16 if precision == "bf16" else None,
+        mesh=mesh,
     )
     if speed.compile:
         wrapped.compile()
@@ -141,20 +147,24 @@ def parallelize(
     strategy: str = "ddp",
     reshard_after_forward: bool = True,
     mixed_precision: torch.dtype | None = None,
+    *,
+    mesh: DeviceMesh | None = None,
 ) -> nn.Module:
     """``model`` on ``dist_info.device``, wrapped in DDP (``strategy="ddp"``) or sharded in place with FSDP2
-    (``"fsdp"``, see ``shard_model``); a single process only moves it. ``reshard_after_forward`` and
-    ``mixed_precision`` apply to FSDP2 only."""
+    (``"fsdp"``, see ``shard_model``) over ``mesh``; a single process only moves it. ``mesh`` is the run's
+    (``build_run`` passes the one it built); without one, ``build_mesh(dist_info)`` makes the same mesh, for a model
+    wrapped outside a run. ``reshard_after_forward`` and ``mixed_precision`` apply to FSDP2 only."""
     if strategy not in STRATEGIES:
         raise ValueError(f"parallel.strategy: {strategy!r} is not one of {STRATEGIES}")
     model = model.to(dist_info.device)
     if not dist_info.is_distributed:
         return model
+    mesh = mesh if mesh is not None else build_mesh(dist_info)
     if strategy == "fsdp":
-        return shard_model(model, dist_info, reshard_after_forward, mixed_precision)
+        return shard_model(model, mesh, reshard_after_forward, mixed_precision)
     device = torch.device(dist_info.device)
     device_ids = [device.index] if device.type == "cuda" else None  # from_env's choice: local rank % visible GPUs
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids, device_mesh=mesh)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -202,14 +212,15 @@ def residual_blocks(model: nn.Module) -> list[nn.Module]:
 
 def shard_model(
     model: nn.Module,
-    dist_info: DistInfo,
+    mesh: DeviceMesh,
     reshard_after_forward: bool = True,
     mixed_precision: torch.dtype | None = None,
 ) -> nn.Module:
-    """Shard ``model`` (on ``dist_info.device``, under an initialised process group) with FSDP2, in place.
+    """Shard ``model`` (on the device of ``mesh``, the run's 1-D data-parallel mesh) with FSDP2, in place.
 
-    ``fully_shard`` on each of ``residual_blocks(model)``, then on the root; 0-dim parameters (``logit_scale``,
-    ``logit_bias``) are left out and kept replicated, their gradients averaged over the ranks by a hook.
+    ``fully_shard`` on each of ``residual_blocks(model)``, then on the root, every one over ``mesh``; 0-dim
+    parameters (``logit_scale``, ``logit_bias``) are left out and kept replicated, their gradients averaged over the
+    mesh's ranks by a hook. Every rank starts from the weights of the mesh's first rank.
     ``reshard_after_forward``: free each block's gathered weights after its forward (gather them again for the
     backward) — less memory, one more all-gather per block. ``mixed_precision=torch.bfloat16``: blocks compute in
     bf16 and gradients are reduced in fp32, the sharded master weights and AdamW state stay fp32.
@@ -220,12 +231,12 @@ def shard_model(
             "parallel.strategy=fsdp: this model has BatchNorm layers (a CLIP-ResNet tower), whose running "
             "statistics FSDP does not keep equal across ranks as DDP does; use parallel.strategy=ddp"
         )
-    _broadcast_from_rank_zero(model)
+    group = mesh.get_group()
+    _broadcast_from_rank_zero(model, group)
     scalars = [parameter for parameter in model.parameters() if parameter.ndim == 0]
     for parameter in scalars:
         if parameter.requires_grad:
-            parameter.register_hook(_averaged_over_ranks)
-    mesh = init_device_mesh(torch.device(dist_info.device).type, (dist_info.world_size,))
+            parameter.register_hook(partial(_averaged_over_ranks, group=group))
     policy = (
         MixedPrecisionPolicy()
         if mixed_precision is None
@@ -241,17 +252,18 @@ def shard_model(
 
 
 @torch.no_grad()
-def _broadcast_from_rank_zero(model: nn.Module) -> None:
-    """Every rank starts from rank 0's weights and buffers, as DDP's constructor makes it: ``fully_shard`` keeps each
-    rank's own slice of its own copy, and the loop seeds every rank differently."""
+def _broadcast_from_rank_zero(model: nn.Module, group: dist.ProcessGroup) -> None:
+    """Every rank starts from the weights and buffers of ``group``'s rank 0, as DDP's constructor makes it:
+    ``fully_shard`` keeps each rank's own slice of its own copy, and the loop seeds every rank differently."""
     for tensor in [*model.parameters(), *model.buffers()]:
-        dist.broadcast(tensor.data, src=0)
+        dist.broadcast(tensor.data, group=group, group_src=0)
 
 
-def _averaged_over_ranks(grad: torch.Tensor) -> torch.Tensor:
-    """A replicated parameter's gradient (any shape), averaged over the ranks as DDP averages it (divide, then sum)."""
-    grad = grad / dist.get_world_size()
-    dist.all_reduce(grad)
+def _averaged_over_ranks(grad: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """A replicated parameter's gradient (any shape), averaged over ``group``'s ranks as DDP averages it (divide,
+    then sum)."""
+    grad = grad / dist.get_world_size(group)
+    dist.all_reduce(grad, group=group)
     return grad
 
 
