@@ -1,10 +1,13 @@
 """The build step: a ``RunConfig`` and the launch environment become the components of a run, before any step.
 
-Each component gets its own sub-config and the runtime objects it needs (``DistInfo``, the agreement function,
-the stop signals), never the whole config. ``build_run`` checks what can fail cheaply first (the suite file, the
-resume target, the data plan: shards, sample counts, enough shards for the readers; ``clipforge.train.preflight``
-makes the same checks without a run) and returns a ``Run``: the prepared model, the step strategy, the loader, the
-restart state (``clipforge.train.state``), the checkpointer and the health monitor.
+Each component gets its own sub-config and the runtime objects it needs (``DistInfo``, the run's device mesh, the
+agreement function, the stop signals), never the whole config. The mesh (``clipforge.distributed.build_mesh``) is
+built once, here, and every component that talks to the other ranks takes it: the data-parallel wrapper, the
+objectives (``ObjectiveContext.mesh``), the ranks' agreement and the checkpointer. ``build_run`` checks what can
+fail cheaply first (the suite file, the resume target, the data plan: shards, sample counts, enough shards for the
+readers; ``clipforge.train.preflight`` makes the same checks without a run) and returns a ``Run``: the prepared
+model, the step strategy, the loader, the restart state (``clipforge.train.state``), the checkpointer and the health
+monitor.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 
 from clipforge.data.loader import TrainLoader, build_train_loader
 from clipforge.data.pipeline import plan_data
-from clipforge.distributed import DistInfo, make_agreement
+from clipforge.distributed import DistInfo, build_mesh, make_agreement
 from clipforge.evaluation import load_suite
 from clipforge.losses import ObjectiveContext, Objectives, build_objectives
 from clipforge.model_loading import load_init_weights
@@ -42,6 +46,7 @@ class Run:
     """Everything a training run is made of, built once."""
 
     run_dir: Path
+    mesh: DeviceMesh | None  # the run's one device mesh (None: one process), the one every component was given
     built: BuiltModel  # the plain model (weights, tokenizer, transforms)
     model: torch.nn.Module  # what the step calls: prepared, wrapped, compiled
     channels_last: bool
@@ -60,6 +65,7 @@ class Run:
 
 def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], bool]) -> Run:
     run_dir = Path(cfg.train.output_dir)
+    mesh = build_mesh(dist_info)
     if cfg.eval.suite is not None:
         load_suite(cfg.eval.suite)  # a bad suite file fails now, not after training
     checkpointer = Checkpointer(
@@ -70,7 +76,7 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
     built = build_model(cfg.model)
     load_init_weights(built.model, cfg.model.init_from)  # before objectives attach to the model and it is wrapped
     state = TrainState(clock=SampleClock(global_batch=cfg.data.batch_size * dist_info.world_size))
-    objectives = objectives_for_run(cfg, built, dist_info, state)
+    objectives = objectives_for_run(cfg, built, dist_info, state, mesh)
     prepared = prepare_model(
         built.model,
         model_cfg=cfg.model,
@@ -79,12 +85,13 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
         precision=cfg.train.precision,
         learn_temperature=cfg.loss.learn_temperature,
         dist_info=dist_info,
+        mesh=mesh,
         every_token=needs_every_token(objectives.model_outputs),
     )
     objectives.bind(unwrap(prepared.model))
     optimizer = build_optimizer(cfg.optim, built.model)
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps, state.clock)
-    agree = make_agreement(dist_info)
+    agree = make_agreement(dist_info, mesh)
     on_gpu = dist_info.device.startswith("cuda")
     loader = build_train_loader(
         cfg.data,
@@ -126,6 +133,7 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
     )
     return Run(
         run_dir=run_dir,
+        mesh=mesh,
         built=built,
         model=prepared.model,
         channels_last=prepared.channels_last,
@@ -143,13 +151,17 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
     )
 
 
-def objectives_for_run(cfg: RunConfig, built: BuiltModel, dist_info: DistInfo, state: TrainState) -> Objectives:
-    """The configured objectives with the runtime objects they need; those that hold parameters are attached to the
-    model (``attach_objectives``), the others put on the device. They are bound once the model is prepared."""
+def objectives_for_run(
+    cfg: RunConfig, built: BuiltModel, dist_info: DistInfo, state: TrainState, mesh: DeviceMesh | None = None
+) -> Objectives:
+    """The configured objectives with the runtime objects they need (their collectives on ``mesh``, the run's);
+    those that hold parameters are attached to the model (``attach_objectives``), the others put on the device.
+    They are bound once the model is prepared."""
     teacher, teacher_temperature = build_teacher(cfg.loss, cfg.data.teacher, built, dist_info.device)
     context = ObjectiveContext(
         rank=dist_info.rank,
         world_size=dist_info.world_size,
+        mesh=mesh,
         device=dist_info.device,
         model=built.model,
         autocast=autocast_for(dist_info.device, cfg.train.precision),
