@@ -13,6 +13,9 @@ measures composition, not memorisation.
 Every sample is a pure function of ``(seed, split, index)``, so the output does not depend on
 how many processes write it.
 
+``render_layers`` says which object each pixel of ``render``'s image shows: the ground truth of the grounded
+scenes in ``clipforge.data.scenes`` (masks, boxes, region captions).
+
 Entry point: ``clipforge prep synthetic --out data/synth`` (see ``clipforge.data.shards``).
 """
 
@@ -86,7 +89,8 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 COLORLESS_CAPTIONS = 0.5
 _COLOR_WORDS = re.compile(r"\b(" + "|".join(COLORS) + r") ")
 
-SPLIT_IDS = {"train": 0, "shapes": 1, "colors": 2, "retrieval": 3}
+# Each split draws from its own stream; "scenes" is the training scenes' (``--scenes``), the dense sets have theirs.
+SPLIT_IDS = {"train": 0, "shapes": 1, "colors": 2, "retrieval": 3, "segmentation": 4, "referring": 5, "scenes": 6}
 
 
 @dataclass
@@ -326,13 +330,41 @@ def render(scene: Scene, rng: np.random.Generator, side: int = 64, supersample: 
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
         jitter = rng.integers(-12, 13, size=3)
-        fill = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLORS[obj.color], jitter))
-        cx, cy, r = obj.center[0] * big, obj.center[1] * big, obj.radius * big
-        if obj.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        else:
-            draw.polygon(_shape_polygon(obj.shape, cx, cy, r, obj.rotation), fill=fill)
+        _draw_object(draw, obj, big, tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLORS[obj.color], jitter)))
     return image.resize((side, side), Image.Resampling.BOX)
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, big: int, fill: tuple[int, ...] | int) -> None:
+    """The one drawing of an object's outline, for the image and for its mask alike (``big``: the canvas side)."""
+    cx, cy, r = obj.center[0] * big, obj.center[1] * big, obj.radius * big
+    if obj.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon(_shape_polygon(obj.shape, cx, cy, r, obj.rotation), fill=fill)
+
+
+def render_layers(scene: Scene, side: int = 64, supersample: int = 2) -> np.ndarray:
+    """Which object each pixel of ``render``'s image shows: (side, side) uint8, 0 = background, i + 1 =
+    ``scene.objects[i]``. The objects are drawn as ``render`` draws them (same outlines, same supersampling, later
+    ones over earlier ones), and each pixel takes the layer covering most of its ``supersample``² subpixels, a tie
+    going to the one drawn later, so the mask follows the antialiased image's edges. Needs no generator: the
+    geometry is all in ``scene``."""
+    if len(scene.objects) > 255:
+        raise ValueError(f"at most 255 objects in a uint8 mask, got {len(scene.objects)}")
+    big = side * supersample
+    canvas = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(canvas)
+    for layer, obj in enumerate(scene.objects, start=1):
+        _draw_object(draw, obj, big, layer)
+    blocks = np.asarray(canvas).reshape(side, supersample, side, supersample)
+    best = np.zeros((side, side), dtype=np.uint8)
+    best_count = (blocks == 0).sum(axis=(1, 3))
+    for layer in range(1, len(scene.objects) + 1):
+        count = (blocks == layer).sum(axis=(1, 3))
+        wins = (count >= best_count) & (count > 0)  # ">=": a tie goes to the layer drawn later
+        best[wins] = layer
+        best_count = np.where(wins, count, best_count)
+    return best
 
 
 def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
