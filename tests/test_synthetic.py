@@ -34,6 +34,10 @@ def test_same_seed_same_bytes_whatever_the_process_count(tmp_path):
         digests.append({str(p.relative_to(tmp_path / name)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
     assert digests[0] == digests[1]
     assert "train/00002.tar" in digests[0] and "eval/retrieval/test/0.tar" in digests[0]
+    assert (
+        "eval/segmentation/annotations/test/s0000000.png" in digests[0]
+        and "eval/referring/refs_test.json" in digests[0]
+    )
 
 
 def test_shard_members_are_plain_ustar_entries(tmp_path):

@@ -22,6 +22,8 @@ def _prep(args: argparse.Namespace) -> int:
         num_retrieval_samples=args.num_retrieval_samples,
         num_workers=args.workers,
         noise=args.noise,
+        scenes=args.scenes,
+        num_dense_samples=args.num_dense_samples,
     )
     summary = write_synthetic(spec, progress=not args.quiet, overwrite=args.overwrite)
     print(json.dumps(summary, indent=1))
@@ -360,8 +362,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "synthetic",
         help="seeded compositional scenes with captions (the embedded default data)",
         description="Write seeded synthetic scenes as img2dataset-layout shards (OUT/train/00000.tar ...) and "
-        "CLIP_benchmark-layout held-out sets (OUT/eval/{shapes,colors,retrieval}). Shards already "
-        "complete are kept, so an interrupted run can simply be repeated.",
+        "CLIP_benchmark-layout held-out sets (OUT/eval/{shapes,colors,retrieval}), and held-out dense sets of "
+        "scenes with 2-4 objects: semantic segmentation (OUT/eval/segmentation, ADE20K-style folders) and "
+        "referring expressions (OUT/eval/referring, RefCOCO-style JSON). Shards already complete are kept, so an "
+        "interrupted run can simply be repeated.",
     )
     synth.add_argument("--out", required=True, help="output directory")
     synth.add_argument("--num-samples", type=int, default=20_000, help="training samples (default 20000)")
@@ -377,6 +381,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     synth.add_argument(
         "--num-retrieval-samples", type=int, default=500, help="images in the retrieval set, 5 captions each (500)"
     )
+    synth.add_argument(
+        "--num-dense-samples",
+        type=int,
+        default=300,
+        help="images in each dense set (segmentation train and test splits, referring); 0 = none (300)",
+    )
     synth.add_argument("--workers", type=int, default=2, help="writer processes (2)")
     synth.add_argument(
         "--noise",
@@ -384,6 +394,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=0.0,
         help="share of training captions replaced by another sample's, e.g. 0.3; the replaced keys are listed in "
         "OUT/train/noisy_keys.tsv (for curation benchmarks; 0)",
+    )
+    synth.add_argument(
+        "--scenes",
+        type=float,
+        nargs="?",
+        const=1.0,
+        default=0.0,
+        metavar="SHARE",
+        help="grounded training data: SHARE of the training samples (all with --scenes alone) are scenes of 2-4 "
+        "objects, and every sample carries KEY.regions.json (boxes, names, region captions) and KEY.mask.png "
+        "(class per pixel); the other samples keep the images and captions of a run without it (0)",
     )
     synth.add_argument(
         "--overwrite",

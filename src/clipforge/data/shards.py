@@ -8,6 +8,14 @@ per shard, read by the loader to size an epoch). Evaluation sets follow CLIP_ben
 ``dataset_type.txt`` = ``retrieval`` (``KEY.jpg`` + ``KEY.txt`` with one caption per line). The
 classification sets also get a ``train/`` split (for linear probes) drawn from the same distribution.
 
+Beside them, the held-out dense sets of grounded scenes (``clipforge.data.scenes``): ``eval/segmentation`` in
+ADE20K-style folders (``classnames.txt``, ``images/{train,test}/NAME.jpg``, ``annotations/{train,test}/NAME.png``
+with the class of each pixel) and ``eval/referring`` in RefCOCO-style flat JSON (``images/NAME.jpg``,
+``refs_test.json``: expression, box and every object's box as candidates). With ``scenes`` (``--scenes 0.5``) that
+share of training samples are grounded scenes of 2–4 objects, and every training sample carries
+``KEY.regions.json`` (boxes, names, region captions) and ``KEY.mask.png`` (the class mask); the other samples keep
+the images, captions and keys of a run without it.
+
 Shards are written under a temporary name and renamed, so an interrupted run never leaves a
 truncated ``.tar`` behind, and a re-run with the same settings skips the shards that are already complete: each
 training shard is marked by its ``NNNNN_stats.json`` with the settings, as ``prep table`` marks its shards
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from clipforge.data import synthetic
+from clipforge.data import scenes, synthetic
 from clipforge.data.prep_output import (
     announce_shard,
     check_output_folder,
@@ -62,10 +71,16 @@ class SyntheticSpec:
     num_eval_train_samples: int = 1_000  # train split of each classification set (linear probe); 0 = none
     num_workers: int = 2
     noise: float = 0.0  # share of training captions replaced by another sample's (curation benchmarks)
+    scenes: float = 0.0  # share of training samples that are grounded scenes; > 0: all carry regions and a mask
+    num_dense_samples: int = 300  # images in each dense set (segmentation train and test, referring); 0 = none
 
 
-# The noise decisions draw from their own stream, so a noisy set shows the clean set's images, captions and keys.
+# The noise decisions draw from their own stream, so a noisy set shows the clean set's images, captions and keys;
+# so do the scene decisions, so the samples they leave alone are those of a run without scenes.
 NOISE_STREAM = 100
+SCENE_STREAM = 101
+# The dense sets' objects are held-out (shape, colour) pairs this often, as half the classification sets' images are.
+DENSE_HELDOUT_SHARE = 0.5
 
 
 def _key(spec: SyntheticSpec, index: int) -> str:
@@ -83,9 +98,26 @@ def caption_source(spec: SyntheticSpec, index: int) -> int:
     return other + (other >= index)
 
 
-def _caption_of(spec: SyntheticSpec, index: int) -> str:
+def is_grounded_scene(spec: SyntheticSpec, index: int) -> bool:
+    """Whether training sample ``index`` is a grounded scene of 2–4 objects (with probability ``spec.scenes``)."""
+    if not 0 < spec.scenes < 1:  # none or all: nothing to draw
+        return spec.scenes >= 1
+    return bool(np.random.default_rng([spec.seed, SCENE_STREAM, index]).random() < spec.scenes)
+
+
+def _train_scene(spec: SyntheticSpec, index: int) -> tuple[synthetic.Scene, np.random.Generator, str]:
+    """Training sample ``index``'s scene, its caption, and the generator that goes on to render it."""
+    if is_grounded_scene(spec, index):
+        rng = synthetic.sample_rng(spec.seed, "scenes", index)
+        scene = scenes.sample_grounded_scene(rng)
+        return scene, rng, scenes.scene_caption(scene, rng)
     rng = synthetic.sample_rng(spec.seed, "train", index)
-    return synthetic.caption(synthetic.sample_scene(rng, heldout="exclude"), rng)
+    scene = synthetic.sample_scene(rng, heldout="exclude")
+    return scene, rng, synthetic.caption(scene, rng)
+
+
+def _caption_of(spec: SyntheticSpec, index: int) -> str:
+    return _train_scene(spec, index)[2]
 
 
 def write_noisy_keys(spec: SyntheticSpec, path: Path) -> int:
@@ -127,9 +159,7 @@ def write_tar(path: Path, samples: Iterator[dict]) -> int:
 def _train_samples(spec: SyntheticSpec, shard: int) -> Iterator[dict]:
     start = shard * spec.samples_per_shard
     for index in range(start, min(start + spec.samples_per_shard, spec.num_samples)):
-        rng = synthetic.sample_rng(spec.seed, "train", index)
-        scene = synthetic.sample_scene(rng, heldout="exclude")
-        text = synthetic.caption(scene, rng)
+        scene, rng, text = _train_scene(spec, index)
         image = synthetic.render(scene, rng, spec.image_size)
         source = caption_source(spec, index)
         if source != index:
@@ -143,7 +173,12 @@ def _train_samples(spec: SyntheticSpec, shard: int) -> Iterator[dict]:
             "status": "success",
             "scene": synthetic.describe(scene),
         }
-        yield {"__key__": key, "jpg": synthetic.encode_jpeg(image), "txt": text, "json": json.dumps(meta)}
+        sample = {"__key__": key, "jpg": synthetic.encode_jpeg(image), "txt": text, "json": json.dumps(meta)}
+        if spec.scenes > 0:  # regions describe the image, whichever caption it carries
+            grounded = scenes.ground(scene, image, rng)
+            sample["regions.json"] = json.dumps(scenes.regions_json(grounded.regions)).encode()
+            sample["mask.png"] = scenes.encode_png(grounded.mask)
+        yield sample
 
 
 def train_settings(spec: SyntheticSpec) -> dict:
@@ -155,6 +190,7 @@ def train_settings(spec: SyntheticSpec) -> dict:
         "samples_per_shard": spec.samples_per_shard,
         "image_size": spec.image_size,
         "noise": spec.noise,
+        **({"scenes": spec.scenes} if spec.scenes > 0 else {}),  # absent when 0: shards written before it still match
     }
 
 
@@ -180,6 +216,14 @@ def _claim(spec: SyntheticSpec, names: list[str], overwrite: bool) -> dict[str, 
                 if not p.name.startswith(".") and not (p.name in expected and p.is_dir())
             ],
         )
+    if not overwrite:  # claim_output compares the keys this run's settings have, and scenes 0 leaves its key out
+        earlier = {stats["settings"].get("scenes", 0.0) for stats in survey(out / "train")[0].values()} - {spec.scenes}
+        if earlier:
+            raise ValueError(
+                f"{out / 'train'} holds shards written with other settings: scenes {min(earlier)!r} (this run: "
+                f"{spec.scenes!r}); write to another --out, repeat the earlier settings to resume it, or pass "
+                "--overwrite to replace it"
+            )
     return claim_output(out / "train", train_settings(spec), overwrite, names)
 
 
@@ -227,28 +271,102 @@ def _write_benchmark(root: Path, samples: Iterator[dict], metadata: dict[str, st
     return count
 
 
+SHAPE_TEMPLATES = (
+    "a photo of a {c}.",
+    "a drawing of a {c}.",
+    "a {c}.",
+    "a picture of a {c}.",
+    "there is a {c} in the image.",
+    "a {c} on a background.",
+)
+
+
+def _replace_folder(folder: Path, fill: Callable[[Path], dict[str, int]]) -> dict[str, int]:
+    """``fill`` a fresh folder that then takes ``folder``'s place, so no image of an earlier run (another seed,
+    more images) stays among this run's, and an interrupted run leaves the earlier set whole."""
+    temporary = folder.with_name(folder.name + ".tmp")
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir(parents=True)
+    counts = fill(temporary)
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        folder.rename(old)
+        temporary.rename(folder)
+        shutil.rmtree(old)
+    else:
+        temporary.rename(folder)
+    return counts
+
+
+def _fill_segmentation(spec: SyntheticSpec, root: Path) -> dict[str, int]:
+    """ADE20K-style folders: a JPEG per image, a PNG of class indices (``scenes.CLASSNAMES``) per annotation."""
+    (root / "classnames.txt").write_text("\n".join(scenes.CLASSNAMES) + "\n")
+    (root / "zeroshot_classification_templates.txt").write_text("\n".join(SHAPE_TEMPLATES) + "\n")
+    for split, offset in (("train", TRAIN_SPLIT_OFFSET), ("test", 0)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for index in range(spec.num_dense_samples):
+            grounded = scenes.grounded_sample(
+                spec.seed, "segmentation", index + offset, spec.image_size, DENSE_HELDOUT_SHARE
+            )
+            name = f"s{index:07d}"
+            (root / "images" / split / f"{name}.jpg").write_bytes(synthetic.encode_jpeg(grounded.image))
+            (root / "annotations" / split / f"{name}.png").write_bytes(scenes.encode_png(grounded.mask))
+    return {"segmentation/test": spec.num_dense_samples, "segmentation/train": spec.num_dense_samples}
+
+
+def _fill_referring(spec: SyntheticSpec, root: Path) -> dict[str, int]:
+    """RefCOCO-style flat JSON: each object a caption picks out is one entry, its image's objects the candidates."""
+    (root / "images").mkdir()
+    refs = []
+    for index in range(spec.num_dense_samples):
+        grounded = scenes.grounded_sample(spec.seed, "referring", index, spec.image_size, DENSE_HELDOUT_SHARE)
+        image = f"images/s{index:07d}.jpg"
+        candidates = [region.box for region in grounded.regions]
+        found = [
+            {"image": image, "expression": region.caption, "box": region.box, "candidates": candidates}
+            for region in grounded.regions
+            if region.unique
+        ]
+        if found:
+            (root / image).write_bytes(synthetic.encode_jpeg(grounded.image))
+            refs += found
+    (root / "refs_test.json").write_text("[\n" + ",\n".join(json.dumps(ref) for ref in refs) + "\n]\n")
+    return {"referring": len(refs)}
+
+
+def write_dense_sets(spec: SyntheticSpec) -> dict[str, int]:
+    """The held-out dense sets (``OUT/eval/segmentation``, ``OUT/eval/referring``) of grounded scenes; with
+    ``spec.num_dense_samples`` 0, none, and an earlier run's are removed (they would be another run's data)."""
+    root = Path(spec.out) / "eval"
+    if spec.num_dense_samples <= 0:
+        for name in ("segmentation", "referring"):
+            if (root / name).exists():
+                shutil.rmtree(root / name)
+        return {}
+    counts = _replace_folder(root / "segmentation", lambda folder: _fill_segmentation(spec, folder))
+    return counts | _replace_folder(root / "referring", lambda folder: _fill_referring(spec, folder))
+
+
 def write_eval_sets(spec: SyntheticSpec) -> dict[str, int]:
-    """The held-out CLIP_benchmark-layout sets: shape and colour classification, retrieval."""
+    """The held-out dense sets, then the CLIP_benchmark-layout sets (shape and colour classification, retrieval):
+    the colour set's probe split is written last, so ``eval/colors/train/nshards.txt`` marks a whole set."""
     root = Path(spec.out) / "eval"
     shapes = list(synthetic.SHAPES)
     colors = list(synthetic.COLORS)
-    shape_templates = [
-        "a photo of a {c}.",
-        "a drawing of a {c}.",
-        "a {c}.",
-        "a picture of a {c}.",
-        "there is a {c} in the image.",
-        "a {c} on a background.",
-    ]
     color_templates = ["a {c} shape.", "a photo of a {c} object.", "something {c}.", "a {c} thing."]
     label_of = {"shapes": lambda o: shapes.index(o.shape), "colors": lambda o: colors.index(o.color)}
-    counts = {
+    counts = write_dense_sets(spec)
+    counts |= {
         "shapes": _write_benchmark(
             root / "shapes",
             _classification_samples(spec, "shapes", label_of["shapes"]),
             {
                 "classnames.txt": "\n".join(shapes) + "\n",
-                "zeroshot_classification_templates.txt": "\n".join(shape_templates) + "\n",
+                "zeroshot_classification_templates.txt": "\n".join(SHAPE_TEMPLATES) + "\n",
             },
         ),
         "colors": _write_benchmark(
@@ -280,6 +398,10 @@ def write_synthetic(spec: SyntheticSpec, progress: bool = True, overwrite: bool 
     (``overwrite``: what an earlier run wrote is replaced)."""
     if not 0 <= spec.noise < 1:
         raise ValueError(f"--noise: a share of captions in [0, 1), got {spec.noise}")
+    if not 0 <= spec.scenes <= 1:
+        raise ValueError(f"--scenes: a share of training samples in [0, 1], got {spec.scenes}")
+    if spec.num_dense_samples < 0:
+        raise ValueError(f"--num-dense-samples: 0 or more images, got {spec.num_dense_samples}")
     if spec.num_samples <= 0 or spec.samples_per_shard <= 0:
         raise ValueError(
             f"num_samples and samples_per_shard must be positive, got {spec.num_samples}, {spec.samples_per_shard}"
