@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipforge.evaluation import retrieval, zero_shot_classification
+from clipforge.evaluation import zero_shot_classification
+from clipforge.evaluation.retrieval import retrieval
 from clipforge.evaluation.zeroshot import build_classifier
 
 CLASSNAMES = ["cat", "dog", "bird", "fish", "frog", "ant"]
