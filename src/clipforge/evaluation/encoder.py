@@ -5,6 +5,9 @@ from ``clipforge eval``, and on any other dual encoder (a test uses a hand-built
 ship: ``OpenClipEncoder`` (open_clip models, clipforge checkpoints) and ``HFClipEncoder``
 (transformers ``CLIPModel``). ``autocast_dtype=torch.bfloat16`` runs the towers under autocast
 (``clipforge eval --amp``); embeddings are always returned in fp32.
+
+``OpenClipEncoder.encode_image_dense`` also gives per-patch features for the dense evaluators
+(``clipforge.evaluation.dense``); an encoder without it is refused by them in one line.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from clipforge.evaluation.dense import DEFAULT_VARIANT, DenseFeatures, encode_dense
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
@@ -55,6 +60,16 @@ class OpenClipEncoder(_Autocast):
         with self._autocast():
             features = self.model.encode_text(tokens.to(self.device))
         return F.normalize(features.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_image_dense(
+        self, images: torch.Tensor, variant: str = DEFAULT_VARIANT, tokens: bool = True, embeddings: bool = True
+    ) -> DenseFeatures:
+        """(N, 3, H, W) images → ``DenseFeatures`` in fp32: (N, h, w, C) patch tokens and (N, h, w, D) normalised
+        patch embeddings (``clipforge.evaluation.dense.encode_dense``)."""
+        with self._autocast():
+            features = encode_dense(self.model, images.to(self.device), variant, tokens, embeddings)
+        return features.to(torch.float32)
 
 
 def _pooled(output) -> torch.Tensor:
