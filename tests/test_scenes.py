@@ -239,6 +239,16 @@ def test_a_smaller_rerun_leaves_no_image_of_the_earlier_dense_sets_and_zero_remo
     assert sorted(p.name for p in (tmp_path / "s" / "eval").iterdir()) == ["colors", "retrieval", "shapes"]
 
 
+def test_a_dense_set_holding_other_files_is_refused_before_anything_is_written(tmp_path):
+    write_synthetic(spec(tmp_path / "s"), progress=False)
+    before = digests(tmp_path / "s")
+    (tmp_path / "s" / "eval" / "referring" / "images" / "mine.jpg").write_bytes(b"mine")
+    with pytest.raises(ValueError, match=r"referring holds 1 entry prep did not write \(mine.jpg\)"):
+        write_synthetic(spec(tmp_path / "s", seed=1), progress=False, overwrite=True)
+    after = digests(tmp_path / "s")
+    assert after.pop("eval/referring/images/mine.jpg") and after == before  # nothing written, nothing removed
+
+
 def digests(root):
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -224,6 +225,8 @@ def _claim(spec: SyntheticSpec, names: list[str], overwrite: bool) -> dict[str, 
                 f"{spec.scenes!r}); write to another --out, repeat the earlier settings to resume it, or pass "
                 "--overwrite to replace it"
             )
+    for name, written in DENSE_FILES.items():  # a dense set is replaced whole: only once it holds prep's files alone
+        refuse_foreign(out / "eval" / name, _not_written(out / "eval" / name, written))
     return claim_output(out / "train", train_settings(spec), overwrite, names)
 
 
@@ -279,6 +282,23 @@ SHAPE_TEMPLATES = (
     "there is a {c} in the image.",
     "a {c} on a background.",
 )
+
+
+# What prep writes in each dense set (paths relative to it), and so may replace.
+DENSE_FILES = {
+    "segmentation": re.compile(
+        r"classnames\.txt|zeroshot_classification_templates\.txt|(images|annotations)(/(train|test)"
+        r"(/s[0-9]{7}\.(jpg|png))?)?"
+    ),
+    "referring": re.compile(r"refs_test\.json|images(/s[0-9]{7}\.jpg)?"),
+}
+
+
+def _not_written(folder: Path, written: re.Pattern) -> list[Path]:
+    """The files and folders in ``folder`` that prep does not write there."""
+    if not folder.is_dir():
+        return []
+    return [p for p in sorted(folder.rglob("*")) if not written.fullmatch(p.relative_to(folder).as_posix())]
 
 
 def _replace_folder(folder: Path, fill: Callable[[Path], dict[str, int]]) -> dict[str, int]:
@@ -339,9 +359,12 @@ def _fill_referring(spec: SyntheticSpec, root: Path) -> dict[str, int]:
 
 
 def write_dense_sets(spec: SyntheticSpec) -> dict[str, int]:
-    """The held-out dense sets (``OUT/eval/segmentation``, ``OUT/eval/referring``) of grounded scenes; with
-    ``spec.num_dense_samples`` 0, none, and an earlier run's are removed (they would be another run's data)."""
+    """The held-out dense sets (``OUT/eval/segmentation``, ``OUT/eval/referring``) of grounded scenes, each
+    replacing an earlier run's whole; with ``spec.num_dense_samples`` 0, none, and an earlier run's are removed (they
+    would be another run's data). A set's folder holding files prep does not write there is refused."""
     root = Path(spec.out) / "eval"
+    for name, written in DENSE_FILES.items():
+        refuse_foreign(root / name, _not_written(root / name, written))
     if spec.num_dense_samples <= 0:
         for name in ("segmentation", "referring"):
             if (root / name).exists():
