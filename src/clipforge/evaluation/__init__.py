@@ -1,5 +1,7 @@
 """Evaluation: zero-shot classification and retrieval, linear probes, on CLIP_benchmark-layout sets, image folders
-and HF datasets; suites, reports and plots; embedding health; model loading for ``clipforge eval``.
+and HF datasets; dense evaluation (segmentation by linear probe and zero-shot, referring expressions) on
+segmentation folders and referring-expression JSON; suites, reports and plots; embedding health; model loading for
+``clipforge eval``.
 
 The names below are imported on first use (PEP 562), not with the package, so that ``clipforge.evaluation.config``
 (the ``eval`` section and the suite schema, read by every command) imports no torch.
@@ -12,6 +14,11 @@ _EXPORTS = {
     "Benchmark": "clipforge.evaluation.datasets",
     "benchmark_loader": "clipforge.evaluation.datasets",
     "load_benchmark": "clipforge.evaluation.datasets",
+    "DenseFeatures": "clipforge.evaluation.dense",
+    "encode_dense": "clipforge.evaluation.dense",
+    "dense_kind": "clipforge.evaluation.dense_datasets",
+    "load_referring_set": "clipforge.evaluation.dense_datasets",
+    "load_segmentation_set": "clipforge.evaluation.dense_datasets",
     "Encoder": "clipforge.evaluation.encoder",
     "HFClipEncoder": "clipforge.evaluation.encoder",
     "OpenClipEncoder": "clipforge.evaluation.encoder",
@@ -21,7 +28,10 @@ _EXPORTS = {
     "headline": "clipforge.evaluation.report",
     "markdown_table": "clipforge.evaluation.report",
     "write_report": "clipforge.evaluation.report",
+    "referring_expressions": "clipforge.evaluation.referring",
     "retrieval": "clipforge.evaluation.retrieval",
+    "linear_probe_segmentation": "clipforge.evaluation.segmentation",
+    "zero_shot_segmentation": "clipforge.evaluation.segmentation",
     "load_suite": "clipforge.evaluation.suite",
     "run_suite": "clipforge.evaluation.suite",
     "build_classifier": "clipforge.evaluation.zeroshot",
