@@ -326,3 +326,20 @@ def test_the_prep_synthetic_flag():
     assert parser.parse_args(["prep", "synthetic", "--out", "x", "--scenes"]).scenes == 1.0
     assert parser.parse_args(["prep", "synthetic", "--out", "x", "--scenes", "0.25"]).scenes == 0.25
     assert parser.parse_args(["prep", "synthetic", "--out", "x"]).num_dense_samples == 300
+
+
+def test_noisy_captions_among_scenes_come_from_other_samples_and_regions_stay_with_the_image(tmp_path):
+    write_synthetic(spec(tmp_path / "clean", scenes=0.5, num_dense_samples=0), progress=False)
+    write_synthetic(spec(tmp_path / "noisy", scenes=0.5, noise=0.4, num_dense_samples=0), progress=False)
+    clean, noisy = {}, {}
+    for shard in sorted((tmp_path / "clean" / "train").glob("*.tar")):
+        clean |= tar_samples(shard)
+        noisy |= tar_samples(tmp_path / "noisy" / "train" / shard.name)
+    lines = (tmp_path / "noisy" / "train" / "noisy_keys.tsv").read_text().splitlines()[1:]
+    replaced = dict(line.split("\t") for line in lines)
+    assert 3 < len(replaced) < 18
+    for key, members in noisy.items():
+        assert members["txt"] == clean[replaced.get(key, key)]["txt"]
+        assert {s: members[s] for s in ("jpg", "regions.json", "mask.png")} == {
+            s: clean[key][s] for s in ("jpg", "regions.json", "mask.png")
+        }
