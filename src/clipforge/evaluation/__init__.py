@@ -4,7 +4,9 @@ segmentation folders and referring-expression JSON; suites, reports and plots; e
 ``clipforge eval``.
 
 The names below are imported on first use (PEP 562), not with the package, so that ``clipforge.evaluation.config``
-(the ``eval`` section and the suite schema, read by every command) imports no torch.
+(the ``eval`` section and the suite schema, read by every command) imports no torch. The functions named as their
+modules (``retrieval``, ``linear_probe``) are imported from those modules: a package attribute of that name is the
+module once it is imported.
 """
 
 import importlib
@@ -22,14 +24,12 @@ _EXPORTS = {
     "Encoder": "clipforge.evaluation.encoder",
     "HFClipEncoder": "clipforge.evaluation.encoder",
     "OpenClipEncoder": "clipforge.evaluation.encoder",
-    "linear_probe": "clipforge.evaluation.linear_probe",
     "EvalModel": "clipforge.evaluation.loading",
     "load_eval_model": "clipforge.evaluation.loading",
     "headline": "clipforge.evaluation.report",
     "markdown_table": "clipforge.evaluation.report",
     "write_report": "clipforge.evaluation.report",
     "referring_expressions": "clipforge.evaluation.referring",
-    "retrieval": "clipforge.evaluation.retrieval",
     "linear_probe_segmentation": "clipforge.evaluation.segmentation",
     "zero_shot_segmentation": "clipforge.evaluation.segmentation",
     "load_suite": "clipforge.evaluation.suite",
