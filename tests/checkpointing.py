@@ -1,7 +1,10 @@
-"""Checkpoints for tests, written and read by the trainer's own ``Checkpointer`` over a model's restart state."""
+"""Checkpoints for tests, written and read by the trainer's own ``Checkpointer`` over a model's restart state; and a
+checkpoint's files read by torch.distributed.checkpoint itself, never through clipforge."""
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +58,41 @@ def load_checkpoint(path: Path, model: torch.nn.Module, rank: int = 0, device: s
     pieces = model_pieces(model, device=device, rank=rank)
     Checkpointer(Path(path).parent, rank=rank).load(path, pieces)
     return pieces
+
+
+def dcp_contents(path: Path) -> dict[str, Any]:
+    """Everything a checkpoint's DCP files hold (``{"model": {...}, "optimizer": {...}}``), whole tensors, read by
+    ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``."""
+    import warnings
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "torch.distributed is ... uninitialized, assuming ..."
+        dcp_to_torch_save(path, Path(scratch) / "converted.pt")
+        return torch.load(Path(scratch) / "converted.pt", weights_only=True)
+
+
+def dcp_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model weights of the checkpoint at ``path``, read from its DCP files by torch itself."""
+    return dcp_contents(path)["model"]
+
+
+def as_older_layout(path: Path, model: dict[str, torch.Tensor] | None = None, state: dict | None = None) -> None:
+    """Make the checkpoint at ``path`` one of the single-file layout (with ``model``: its weights as
+    ``model.safetensors``, the DCP files removed; with ``state``: that ``state.pt``), its manifest listing the
+    files as they now are, without ``format``."""
+    from safetensors.torch import save_file
+
+    from clipforge.checkpoints import sha256
+
+    if model is not None:
+        for name in [".metadata", *(p.name for p in path.glob("*.distcp"))]:
+            (path / name).unlink()
+        save_file(model, str(path / "model.safetensors"))
+    if state is not None:
+        torch.save(state, path / "state.pt")
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256(f)} for f in sorted(path.iterdir())}
+    files.pop("manifest.json")
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({"step": manifest["step"], "files": files}))

@@ -14,7 +14,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from checkpointing import model_pieces
 
-from clipforge.checkpoints import is_sharded, read_weights, verify
+from clipforge.checkpoints import has_dcp_weights, read_weights, verify
 from clipforge.models import ModelConfig, build_model
 from clipforge.train.checkpoint import Checkpointer, CheckpointWriteError
 
@@ -45,7 +45,7 @@ def test_the_next_step_starts_before_the_files_are_written(model, tmp_path, monk
     release.set()
     checkpointer.wait()
     verify(final)
-    assert is_sharded(final) and (tmp_path / "latest").resolve() == final
+    assert has_dcp_weights(final) and (tmp_path / "latest").resolve() == final
     saved = read_weights(final)
     assert all(torch.equal(saved[name], before[name]) for name in saved)
 

@@ -1,7 +1,8 @@
-"""Checkpoints that cannot be written: a full disk (injected part-way through the safetensors, torch.save and DCP
-writes, and a real tmpfs where this test may mount one), a read-only folder, and a second writer in the same
-folder. Each stops with one ``CheckpointWriteError`` line naming the folder (for a full disk: the space needed and
-free), removes the partial copy, and leaves the previous checkpoint ``latest``; nothing incomplete is published."""
+"""Checkpoints that cannot be written: a full disk (injected part-way through the DCP and torch.save writes,
+synchronous and in the background, and a real tmpfs where this test may mount one), a read-only folder, and a
+second writer in the same folder. Each stops with one ``CheckpointWriteError`` line naming the folder (for a full
+disk: the space needed and free), removes the partial copy, and leaves the previous checkpoint ``latest``; nothing
+incomplete is published."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from checkpointing import model_pieces
 from test_resilience import env, write_config
 
 from clipforge.checkpoints import verify
-from clipforge.train import checkpoint
 from clipforge.train.checkpoint import Checkpointer, CheckpointWriteError
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -48,14 +48,14 @@ def assert_previous_is_latest(directory: Path) -> None:
 
 
 def write_half_then_fail(real):
-    """``real`` (a writer taking (value, path-or-stream)) writes half its bytes to its destination, then the disk
-    is full."""
+    """``real`` (``torch.save``, taking (value, path-or-stream)) writes half its bytes to its destination, then the
+    disk is full."""
 
     def failing(value, destination, *args, **kwargs):
         import io
 
         buffer = io.BytesIO()
-        real(value, buffer, *args, **kwargs) if real is torch.save else buffer.write(b"x" * 4096)
+        real(value, buffer, *args, **kwargs)
         data = buffer.getvalue()
         if hasattr(destination, "write"):
             destination.write(data[: len(data) // 2])
@@ -72,14 +72,14 @@ def model():
     return torch.nn.Linear(300, 200)
 
 
-@pytest.mark.parametrize("writer", ["safetensors", "torch.save"])
+@pytest.mark.parametrize("writer", ["dcp", "torch.save"])
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_latest(
     writer, model, tmp_path, monkeypatch
 ):
     checkpointer = Checkpointer(tmp_path)
     checkpointer.save(1, model_pieces(model, 1), "train: {}\n")
-    if writer == "safetensors":
-        monkeypatch.setattr(checkpoint, "save_file", write_half_then_fail(None))
+    if writer == "dcp":
+        fill_dcp_files_after(monkeypatch, 10_000)
     else:
         monkeypatch.setattr(torch, "save", write_half_then_fail(torch.save))
     with pytest.raises(CheckpointWriteError) as raised:
@@ -119,19 +119,24 @@ class FullAfter:
         return self.manager.__exit__(*exc)
 
 
-def test_a_full_disk_during_an_async_checkpoint_is_one_line(model, tmp_path, monkeypatch, caplog):
+def fill_dcp_files_after(monkeypatch, room: int) -> None:
+    """From now on, the disk is full after ``room`` bytes of each file torch.distributed.checkpoint writes."""
     from torch.distributed.checkpoint.filesystem import FileSystem
 
-    checkpointer = Checkpointer(tmp_path, asynchronous=True)
-    checkpointer.save(1, model_pieces(model, 1), "train: {}\n")
-    checkpointer.wait()
     original = FileSystem.create_stream
 
     def filling(self, path, mode):
         manager = original(self, path, mode)
-        return FullAfter(manager, 10_000) if "w" in mode else manager
+        return FullAfter(manager, room) if "w" in mode else manager
 
     monkeypatch.setattr(FileSystem, "create_stream", filling)
+
+
+def test_a_full_disk_during_an_async_checkpoint_is_one_line(model, tmp_path, monkeypatch, caplog):
+    checkpointer = Checkpointer(tmp_path, asynchronous=True)
+    checkpointer.save(1, model_pieces(model, 1), "train: {}\n")
+    checkpointer.wait()
+    fill_dcp_files_after(monkeypatch, 10_000)
     checkpointer.save(2, model_pieces(model, 2), "train: {}\n")  # returns: the write fails in the background
     with pytest.raises(CheckpointWriteError, match=r"^checkpoint of step 2 not written to .*No space left on device"):
         checkpointer.wait()
@@ -190,24 +195,32 @@ def test_a_real_full_disk(asynchronous, small_disk):
 
 def test_an_incomplete_directory_is_never_published(model, tmp_path, monkeypatch):
     """As when a second trainer in the same folder removed a file of this one's checkpoint before it was renamed."""
-    monkeypatch.setattr(checkpoint, "with_process_umask", lambda *paths: [Path(p).unlink() for p in paths])
-    with pytest.raises(CheckpointWriteError, match="checkpoint of step 1 not published: .* missing model.safetensors"):
+    written = Checkpointer._write_shards
+
+    def removed(self, temporary, tensors):
+        written(self, temporary, tensors)
+        (temporary / ".metadata").unlink()
+
+    monkeypatch.setattr(Checkpointer, "_write_shards", removed)
+    with pytest.raises(CheckpointWriteError, match="checkpoint of step 1 not published: .* missing .metadata"):
         Checkpointer(tmp_path).save(1, model_pieces(model, 1), "train: {}\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_two_writers_in_one_folder_never_mix_their_files(model, tmp_path, monkeypatch):
     """Writer A is held mid-checkpoint while writer B writes the same step; both then finish, whole."""
-    holding, release = threading.Event(), threading.Event()
-    real = checkpoint.save_file
+    import torch.distributed.checkpoint as dcp
 
-    def held(weights, path):
+    holding, release = threading.Event(), threading.Event()
+    real = dcp.FileSystemWriter.write_data
+
+    def held(self, plan, planner):
         if threading.current_thread().name == "writer-a":
             holding.set()
             assert release.wait(60)
-        real(weights, path)
+        return real(self, plan, planner)
 
-    monkeypatch.setattr(checkpoint, "save_file", held)
+    monkeypatch.setattr(dcp.FileSystemWriter, "write_data", held)
     errors = []
 
     def writer_a():
@@ -229,20 +242,27 @@ def test_two_writers_in_one_folder_never_mix_their_files(model, tmp_path, monkey
 
 
 FULL_DISK = """
-import errno, os, sys
-from clipforge.train import checkpoint
+import contextlib, errno, os, sys
+from torch.distributed.checkpoint.filesystem import FileSystem
 
-real, calls = checkpoint.save_file, []
+real, calls = FileSystem.create_stream, []
 
-def fills(weights, path):
+def fills(self, path, mode):  # the second checkpoint's DCP shard file: 1000 bytes, then the disk is full
+    if "w" not in mode or not str(path).endswith(".distcp"):
+        return real(self, path, mode)
     calls.append(path)
     if len(calls) < 2:
-        return real(weights, path)
-    with open(path, "wb") as stream:
-        stream.write(b"x" * 1000)
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, path, mode)
+    return filled(real(self, path, mode))
 
-checkpoint.save_file = fills
+@contextlib.contextmanager
+def filled(manager):
+    with manager as stream:
+        stream.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        yield stream
+
+FileSystem.create_stream = fills
 from clipforge.cli import main
 
 sys.exit(main(sys.argv[1:]))

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 
 import pytest
 import torch
-from checkpointing import load_checkpoint, save_checkpoint
+from checkpointing import as_older_layout, load_checkpoint, save_checkpoint
 
 from clipforge.train.state import RNGState
 
@@ -31,10 +32,15 @@ CUDA_FUNCTIONS = (
 @pytest.fixture
 def no_cuda(monkeypatch):
     """Every torch.cuda function a generator save or restore could reach raises (the tests seed torch themselves:
-    torch.manual_seed queues a CUDA seed, which is no part of the code under test)."""
+    torch.manual_seed queues a CUDA seed, which is no part of the code under test; and torch itself asks whether CUDA
+    is available, which initialises nothing, where torch.distributed.checkpoint writes a file or AdamW steps)."""
 
     def forbidden(name):
+        real = getattr(torch.cuda, name)
+
         def call(*args, **kwargs):
+            if name == "is_available" and sys._getframe(1).f_globals["__name__"].startswith("torch."):
+                return real(*args, **kwargs)
             raise AssertionError(f"torch.cuda.{name} called for a CPU device")
 
         return call
@@ -61,15 +67,25 @@ def test_a_cpu_rank_round_trips_its_generators_through_a_checkpoint_without_cuda
     assert draws() == expected
 
 
-def test_a_gpu_checkpoint_of_the_old_format_resumes_on_a_cpu(no_cuda):
-    """Written before per-device states: every visible GPU's generator in a list under "cuda"; a CPU run ignores
-    it and still gets the torch and Python generators back."""
+def as_every_gpus_list(checkpoint, every_gpu: list[torch.Tensor]) -> None:
+    """Make ``checkpoint``'s rank-0 generators those of a layout that saved every visible GPU's, as a list under
+    "cuda" (a checkpoint whose manifest has no ``format``)."""
+    state = torch.load(checkpoint / "rng_rank0.pt", weights_only=True)
+    torch.save({"torch": state["torch"], "python": state["python"], "cuda": every_gpu}, checkpoint / "rng_rank0.pt")
+    as_older_layout(checkpoint)
+
+
+def test_a_gpu_checkpoint_with_every_gpus_generator_resumes_on_a_cpu(no_cuda, tmp_path):
+    """A CPU run ignores the list and still gets the torch and Python generators back."""
     torch.manual_seed(3)
     random.seed(4)
-    old = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
-    state = {**RNGState("cpu").state_dict(), "cuda": old}
+    model = torch.nn.Linear(2, 2)
+    checkpoint = save_checkpoint(tmp_path, model)
+    as_every_gpus_list(checkpoint, [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)])
     expected = draws()
-    RNGState(torch.device("cpu")).load_state_dict(state)
+    torch.manual_seed(0)
+    random.seed(0)
+    load_checkpoint(checkpoint, model)
     assert draws() == expected
 
 
@@ -106,14 +122,18 @@ def test_a_gpu_rank_saves_and_restores_its_own_device_only(monkeypatch):
     assert torch.equal(restored, cuda.states[1]) and device == torch.device("cuda", 1)
 
 
-def test_an_old_checkpoint_gives_a_gpu_rank_the_entry_of_its_device(monkeypatch, caplog):
+def test_a_checkpoint_with_every_gpus_generator_gives_a_gpu_rank_the_entry_of_its_device(monkeypatch, caplog, tmp_path):
     cuda = FakeCudaGenerators(monkeypatch)
-    old = [torch.full((16,), 20, dtype=torch.uint8), torch.full((16,), 21, dtype=torch.uint8)]
-    RNGState("cuda:1").load_state_dict({**RNGState("cpu").state_dict(), "cuda": old})
+    model = torch.nn.Linear(2, 2)
+    checkpoint = save_checkpoint(tmp_path, model, device="cuda:1")
+    every_gpu = [torch.full((16,), 20, dtype=torch.uint8), torch.full((16,), 21, dtype=torch.uint8)]
+    as_every_gpus_list(checkpoint, every_gpu)
+    load_checkpoint(checkpoint, model, device="cuda:1")
     [(restored, device)] = cuda.set_calls
-    assert torch.equal(restored, old[1]) and device == torch.device("cuda", 1)
+    assert torch.equal(restored, every_gpu[1]) and device == torch.device("cuda", 1)
     # resumed with fewer visible GPUs than wrote it: nothing to take for cuda:1, no error
     cuda.set_calls.clear()
+    as_every_gpus_list(checkpoint, every_gpu[:1])
     with caplog.at_level(logging.WARNING):
-        RNGState("cuda:1").load_state_dict({**RNGState("cpu").state_dict(), "cuda": old[:1]})
+        load_checkpoint(checkpoint, model, device="cuda:1")
     assert cuda.set_calls == [] and "no CUDA generator state for cuda:1" in caplog.text

@@ -1,6 +1,6 @@
 """The trainer under ``parallel.strategy: fsdp`` on 2 gloo ranks: sharded checkpoints (each rank its own DCP shard),
 exact resume from them, ``clipforge export`` / ``eval`` reading them directly, atomicity when a save dies, a corrupt
-shard named; and checkpoints of the earlier single-file layout still resuming.
+shard named; and checkpoints of the single-file layout still resuming.
 """
 
 from __future__ import annotations
@@ -187,8 +187,13 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path, ti
     assert read_weights(tmp_path / "checkpoints" / "step_00000001")
 
 
-def test_a_checkpoint_of_the_earlier_single_file_layout_still_resumes(synth_data, tiny_model_json, tmp_path):
-    """Written before the restart state was iterated: state.pt held step, optimizer and scheduler at its top."""
+def test_a_checkpoint_of_the_single_file_layout_with_a_numbered_optimizer_still_resumes(
+    synth_data, tiny_model_json, tmp_path
+):
+    """The single-file layout as its oldest checkpoints have it: model.safetensors, and state.pt holding the step,
+    the optimizer numbered in its groups' order (optimizer.state_dict()) and the scheduler at its top."""
+    from checkpointing import as_older_layout, dcp_contents
+
     from clipforge.train.config import load_config
     from clipforge.train.loop import train
 
@@ -200,12 +205,15 @@ def test_a_checkpoint_of_the_earlier_single_file_layout_still_resumes(synth_data
     (old / "checkpoints" / "latest").unlink()
     os.symlink("step_00000003", old / "checkpoints" / "latest")
     step3 = old / "checkpoints" / "step_00000003"
-    state = torch.load(step3 / "state.pt", weights_only=True)
-    legacy = {"step": state["train"]["step"], "optimizer": state["optimizer"], "scheduler": state["schedule"]}
-    torch.save(legacy, step3 / "state.pt")
-    manifest = json.loads((step3 / "manifest.json").read_text())
-    manifest["files"]["state.pt"] = {"bytes": (step3 / "state.pt").stat().st_size, "sha256": sha256(step3 / "state.pt")}
-    (step3 / "manifest.json").write_text(json.dumps(manifest))
+    saved, state = dcp_contents(step3), torch.load(step3 / "state.pt", weights_only=True)
+    groups = saved["optimizer"]["param_groups"]
+    number = {name: index for index, name in enumerate(name for group in groups for name in group["params"])}
+    optimizer = {
+        "state": {number[name]: entry for name, entry in saved["optimizer"]["state"].items()},
+        "param_groups": [{**group, "params": [number[name] for name in group["params"]]} for group in groups],
+    }
+    oldest = {"step": state["train"]["step"], "optimizer": optimizer, "scheduler": state["schedule"]}
+    as_older_layout(step3, saved["model"], oldest)
     (old / "metrics.jsonl").write_text("")
     cfg = load_config(
         write_config(tmp_path / "cfg_old.yaml", synth_data, tiny_model_json, old), ["checkpoint.resume=auto"]

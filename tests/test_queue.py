@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from checkpointing import dcp_weights
 
 from clipforge.config import ConfigError
 from clipforge.losses import MomentumQueue, queue_contrastive_loss
@@ -93,8 +93,8 @@ def test_queue_run_trains_and_resumes_exactly(synth_data, tiny_resnet_json, tmp_
     state = torch.load(partial / "step_00000003" / "state.pt", weights_only=True)
     assert state["queue"]["filled"] == 40 and state["queue"]["pointer"] == 8  # 3 × 16 keys into 40 rows
     train(config(synth_data, tiny_resnet_json, tmp_path / "partial", "train.steps=6", "checkpoint.resume=auto"))
-    expected = load_file(tmp_path / "full" / "checkpoints" / "step_00000006" / "model.safetensors")
-    got = load_file(tmp_path / "partial" / "checkpoints" / "step_00000006" / "model.safetensors")
+    expected = dcp_weights(tmp_path / "full" / "checkpoints" / "step_00000006")
+    got = dcp_weights(tmp_path / "partial" / "checkpoints" / "step_00000006")
     assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 

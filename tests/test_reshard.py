@@ -9,17 +9,18 @@ are ``slow`` (four gloo processes).
 
 from __future__ import annotations
 
-import warnings
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from checkpointing import dcp_contents
 from conftest import TINY_MODEL
 from ranks import run_ranks
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 
-from clipforge.checkpoints import is_sharded, read_metadata, read_weights, storage_reader
+from clipforge.checkpoints import has_dcp_weights
 from clipforge.distributed import DistInfo
 from clipforge.losses import LossConfig, build_loss
 from clipforge.models import ModelConfig, build_model
@@ -105,25 +106,12 @@ def phase(rank: int, world_size: int, root: str, written_at: list[int], save: bo
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights and moments, whole, read in this process (either layout)."""
-    out = {f"model.{name}": tensor for name, tensor in read_weights(path).items()}
-    if not is_sharded(path):
-        state = torch.load(path / "state.pt", weights_only=True)["optimizer"]["state"]
-        out.update({f"optimizer.state.{n}.{k}": v for n, entry in state.items() for k, v in entry.items()})
-        return out
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    entries = read_metadata(path).state_dict_metadata.items()
-    template = {
-        key: torch.empty(entry.size, dtype=entry.properties.dtype)
-        for key, entry in entries
-        if key.startswith("optimizer.state.") and isinstance(entry, TensorStorageMetadata)
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(template, storage_reader=storage_reader(path), no_dist=True)
-    return {**out, **template}
+    """The checkpoint's weights and moments, whole, read in this process by torch.distributed.checkpoint itself."""
+    saved = dcp_contents(path)
+    out = {f"model.{name}": tensor for name, tensor in saved["model"].items()}
+    moments = saved["optimizer"]["state"].items()
+    out.update({f"optimizer.state.{n}.{k}": v for n, entry in moments for k, v in entry.items()})
+    return out
 
 
 def assert_resumed_exactly(
@@ -175,6 +163,31 @@ def test_two_to_four_and_four_to_two_ranks(small_sizes, root, strategy, tiny_mod
     assert_resumed_exactly(from_four, root, strategy, 4)
 
 
+def load_phase(rank: int, world_size: int, path: str, model_json: str) -> dict:
+    """Load the checkpoint at ``path`` under each strategy; returns (rank 0) the whole state loaded, by strategy."""
+    loaded = {}
+    for strategy in STRATEGIES:
+        model, optimizer, _, pieces = build(rank, world_size, strategy, model_json)
+        Checkpointer(Path(path).parent, rank=rank).load(path, pieces)
+        loaded[strategy] = whole(model, optimizer)
+    return loaded if rank == 0 else {}
+
+
+def test_a_single_file_checkpoint_resumes_under_ddp_and_fsdp(small_sizes, root, tiny_model_json):
+    """The single-file layout (model.safetensors, the optimizer's whole tensors in state.pt), made from the one rank's
+    DDP checkpoint, loads at 2 ranks into DDP replicas and into FSDP shards, equal to that checkpoint."""
+    from checkpointing import as_older_layout
+
+    single = root / "single-file" / "step_00000001"
+    shutil.copytree(root / "ddp" / "ranks1" / "step_00000001", single)
+    state = torch.load(single / "state.pt", weights_only=True)
+    saved = dcp_contents(single)
+    as_older_layout(single, saved["model"], {**state, "optimizer": saved["optimizer"]})
+    loaded = run_ranks(load_phase, 2, root / "out-single", str(single), tiny_model_json, timeout=300)[0]
+    for strategy in STRATEGIES:
+        assert_resumed_exactly({("ddp", 1): loaded[strategy]}, root, "ddp", 1)
+
+
 def async_phase(rank: int, world_size: int, root: str, model_json: str) -> dict:
     """FSDP at ``world_size`` ranks: one step, an asynchronous save, and the next step while the save is written;
     returns (rank 0) the weights and moments at the save and after the next step."""
@@ -194,7 +207,7 @@ def test_asynchronous_save_under_fsdp_writes_the_state_at_the_save(tmp_path, tin
     step it was taken at, although the next step changed them while the shards were being written."""
     states = run_ranks(async_phase, 2, tmp_path / "out", str(tmp_path / "run"), tiny_model_json, timeout=300)[0]
     final = tmp_path / "run" / "step_00000001"
-    assert is_sharded(final) and (tmp_path / "run" / "latest").resolve() == final
+    assert has_dcp_weights(final) and (tmp_path / "run" / "latest").resolve() == final
     assert_resumed_exactly({("fsdp", 2): states["at_save"]}, tmp_path, "fsdp", 2, path=final)
     changed = [key for key, value in states["after"].items() if not torch.equal(value, states["at_save"][key])]
     assert len(changed) > len(states["after"]) // 2  # the next step did move the state the checkpoint must not see

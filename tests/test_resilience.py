@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from checkpointing import load_checkpoint, model_pieces, save_checkpoint
+from checkpointing import dcp_weights, load_checkpoint, model_pieces, save_checkpoint
 from ranks import free_port, launch_ranks
-from safetensors.torch import load_file
 
 from clipforge.checkpoints import verify
 from clipforge.train.checkpoint import Checkpointer, CorruptCheckpoint
@@ -103,17 +102,17 @@ def test_sigkill_then_resume_auto_is_exact(reference_run, synth_data, tiny_model
     assert sorted(resumed) == list(range(1, 13))
     for step in range(1, 13):
         assert resumed[step] == expected[step], step  # bit-identical: same batches, same RNG, same updates
-    final = "checkpoints/step_00000012/model.safetensors"
-    a, b = load_file(reference_run / final), load_file(tmp_path / "run" / final)
-    assert all((a[k] == b[k]).all() for k in a)
+    final = "checkpoints/step_00000012"
+    a, b = dcp_weights(reference_run / final), dcp_weights(tmp_path / "run" / final)
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
 def test_corrupt_newest_checkpoint_is_skipped_with_a_clear_message(reference_run, tmp_path, caplog):
     checkpoints = tmp_path / "checkpoints"
     shutil.copytree(reference_run / "checkpoints", checkpoints, symlinks=True)
-    weights = checkpoints / "step_00000012" / "model.safetensors"
+    weights = checkpoints / "step_00000012" / "__0_0.distcp"
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated, as by a full disk
-    with pytest.raises(CorruptCheckpoint, match=r"step_00000012: model\.safetensors has \d+ bytes.*truncated"):
+    with pytest.raises(CorruptCheckpoint, match=r"step_00000012: __0_0\.distcp has \d+ bytes.*truncated"):
         Checkpointer(checkpoints).load(checkpoints / "step_00000012", {})
     state = checkpoints / "step_00000009" / "state.pt"
     data = bytearray(state.read_bytes())
@@ -206,7 +205,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(synth
         assert f"rank {rank} WARNING clipforge.train: stopped at step {result['step']} on a signal" in out, out
     checkpoint = Path(result["checkpoint"])
     assert checkpoint.name == f"step_{result['step']:08d}"
-    assert {p.name for p in checkpoint.iterdir()} >= {"data_rank0.json", "data_rank1.json", "model.safetensors"}
+    assert {p.name for p in checkpoint.iterdir()} >= {"data_rank0.json", "data_rank1.json", ".metadata", "__0_0.distcp"}
     assert "received SIGTERM" in outputs[1] and "Traceback" not in outputs[0] + outputs[1]
 
 
@@ -296,6 +295,33 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path, monkeypatch):
     manifest["files"]["state.pt"] = {"bytes": (path / "state.pt").stat().st_size, "sha256": sha256(path / "state.pt")}
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CorruptCheckpoint, match="state.pt does not load with weights_only=True.*Weights only load"):
+        load_checkpoint(path, model)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path):
+    import torch
+
+    model = torch.nn.Linear(3, 2)
+    path = save_checkpoint(tmp_path / "checkpoints", model)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format": manifest["format"] + 1}))
+    with pytest.raises(ValueError, match=r"is of format 3; this clipforge reads formats up to 2"):
+        load_checkpoint(path, model)
+
+
+def test_dcp_entries_that_would_run_code_are_never_unpickled(tmp_path, monkeypatch):
+    """The optimizer's parameter groups are pickled entries of the DCP files (torch.distributed.checkpoint unpickles
+    them with every class allowed): one that would run code is refused, naming it, and the code never runs."""
+    import torch
+
+    model = torch.nn.Linear(3, 2)
+    pieces = model_pieces(model)
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("CLIPFORGE_TEST_MARKER", str(marker))
+    pieces["optimizer"].stateful.optimizer.param_groups[0]["eps"] = _Payload()
+    path = Checkpointer(tmp_path / "checkpoints").save(1, pieces, "train: {}\n")
+    with pytest.raises(CorruptCheckpoint, match=r"optimizer\.param_groups\.0\.eps is not plain data"):
         load_checkpoint(path, model)
     assert not marker.exists()
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from checkpointing import dcp_weights
 
 from clipforge.evaluation import OpenClipEncoder, load_eval_model, load_suite, run_suite
 from clipforge.models import build_model
@@ -94,8 +94,8 @@ def test_evaluation_during_training_leaves_training_unchanged(synth_data, synth_
         "step_00000004.json",
         "step_00000006.json",
     ]
-    plain = load_file(tmp_path / "plain" / "checkpoints" / "latest" / "model.safetensors")
-    evaluated = load_file(tmp_path / "evaluated" / "checkpoints" / "latest" / "model.safetensors")
+    plain = dcp_weights(tmp_path / "plain" / "checkpoints" / "latest")
+    evaluated = dcp_weights(tmp_path / "evaluated" / "checkpoints" / "latest")
     assert any("running_mean" in name for name in plain)
     assert all(plain[name].equal(evaluated[name]) for name in plain)
     assert losses(tmp_path / "plain") == losses(tmp_path / "evaluated")
@@ -121,8 +121,8 @@ def test_resume_continues_exactly(synth_data, tiny_model_json, tmp_path):
     full, resumed = losses(tmp_path / "full"), losses(tmp_path / "partial")
     assert sorted(resumed) == [4, 5, 6, 7, 8]
     assert [resumed[s] for s in range(4, 9)] == [full[s] for s in range(4, 9)]
-    weights_full = load_file(checkpoints / "latest" / "model.safetensors")
-    weights_resumed = load_file(partial / "latest" / "model.safetensors")
+    weights_full = dcp_weights(checkpoints / "latest")
+    weights_resumed = dcp_weights(partial / "latest")
     for name, tensor in weights_full.items():
         assert torch.equal(tensor, weights_resumed[name]), name
     state = torch.load(partial / "latest" / "state.pt", weights_only=True)
@@ -137,7 +137,7 @@ def test_incomplete_checkpoints_are_ignored(synth_data, tiny_model_json, tmp_pat
     (checkpoints / ".step_00000009.tmp").mkdir()  # a save that was killed mid-way
     broken = checkpoints / "step_00000010"
     broken.mkdir()
-    (broken / "model.safetensors").write_bytes(b"half")
+    (broken / "__0_0.distcp").write_bytes(b"half")
     assert Checkpointer(checkpoints).latest().name == "step_00000002"
 
 
@@ -157,7 +157,7 @@ def test_fixed_temperature_and_siglip_training(synth_data, tiny_model_json, tmp_
         "loss.tile_size=16",
     )
     train(cfg)
-    weights = load_file(tmp_path / "run" / "checkpoints" / "latest" / "model.safetensors")
+    weights = dcp_weights(tmp_path / "run" / "checkpoints" / "latest")
     assert weights["logit_scale"].item() == pytest.approx(math.log(10), abs=1e-6)
     assert weights["logit_bias"].item() == -10.0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -2,16 +2,18 @@
 
 The one reader behind resume, ``clipforge eval``, ``clipforge export`` and ``model.init_from`` (the writer,
 and the rest of the restart state, are in ``clipforge.train.checkpoint``). A checkpoint directory holds
-``manifest.json`` ``{"step": N, "files": {name: {"bytes": n, "sha256": hex}}}``, written last: every file in
-the directory must be listed with its size and hash and every listed file must be there, so a truncated,
-bit-flipped, half-copied or tampered checkpoint is refused with a ``CorruptCheckpoint`` naming the file
-before anything is loaded.
+``manifest.json`` ``{"format": 2, "step": N, "files": {name: {"bytes": n, "sha256": hex}}}``, written last:
+every file in the directory must be listed with its size and hash and every listed file must be there, so a
+truncated, bit-flipped, half-copied or tampered checkpoint is refused with a ``CorruptCheckpoint`` naming the
+file before anything is loaded.
 
-Two layouts: sharded (``torch.distributed.checkpoint``: ``.metadata`` + one ``__R_0.distcp`` per rank that
-wrote, holding ``model.*`` and ``optimizer.*``), written since FSDP; and single-file (``model.safetensors`` +
-``state.pt``), written before it, still read. ``read_weights`` gives a full model state dict from either, in one
-process, with no process group. DCP's ``.metadata`` is a pickle: it is read with an unpickler that admits only
-DCP's own metadata classes and torch's sizes, dtypes and layouts, so a checkpoint cannot run code on load.
+The model and optimizer are ``torch.distributed.checkpoint`` (DCP) files: ``.metadata`` + one ``__R_0.distcp``
+per rank that wrote, holding ``model.*`` and ``optimizer.*``. A checkpoint without ``format`` in its manifest
+may instead hold the model as ``model.safetensors`` and the optimizer in ``state.pt`` (the single-file layout);
+``read_weights`` gives a full model state dict from either, in one process, with no process group, and
+``clipforge.train.checkpoint.upgrade`` reads the rest of such a checkpoint's restart state. DCP's ``.metadata``
+is a pickle: it is read with an unpickler that admits only DCP's own metadata classes and torch's sizes, dtypes
+and layouts, so a checkpoint cannot run code on load.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from typing import Any
 
 import torch
 
-LEGACY_FILES = ("model.safetensors", "state.pt", "config.yaml", "manifest.json")  # the single-file layout
-SHARDED_FILES = (".metadata", "state.pt", "config.yaml", "manifest.json")
-MODEL_PREFIX = "model."  # the model's entries among the sharded state's keys
+FORMAT = 2
+"""``manifest.json``'s ``format`` for the layout ``clipforge.train.checkpoint`` writes; a manifest without one is of a
+checkpoint that may need ``clipforge.train.checkpoint.upgrade`` (the single-file layout, older names in state.pt)."""
+DCP_FILES = (".metadata", "state.pt", "config.yaml", "manifest.json")
+SINGLE_FILE_FILES = ("model.safetensors", "state.pt", "config.yaml", "manifest.json")
+MODEL_PREFIX = "model."  # the model's entries among the DCP files' keys
 
 
 class CorruptCheckpoint(ValueError):
@@ -92,17 +97,36 @@ def is_checkpoint(path: str | Path) -> bool:
     )
 
 
-def is_sharded(path: str | Path) -> bool:
+def has_dcp_weights(path: str | Path) -> bool:
+    """Whether the checkpoint at ``path`` holds its model as DCP files (else as ``model.safetensors``)."""
     return (Path(path) / ".metadata").is_file()
 
 
+def manifest_format(path: str | Path) -> int:
+    """The ``format`` of the checkpoint's manifest (read after ``verify``): 1 for a manifest without one; a format
+    newer than ``FORMAT`` is a ``ValueError``."""
+    found = int(json.loads((Path(path) / "manifest.json").read_text()).get("format", 1))
+    if found > FORMAT:
+        raise ValueError(f"checkpoint {path} is of format {found}; this clipforge reads formats up to {FORMAT}")
+    return found
+
+
 def check_complete(path: str | Path) -> None:
-    """``CorruptCheckpoint`` unless the files of the directory's layout are all there."""
+    """``CorruptCheckpoint`` unless the files of the directory's layout are all there: the single-file layout's where
+    ``model.safetensors`` is, the DCP layout's otherwise."""
     path = Path(path)
-    required = SHARDED_FILES if is_sharded(path) else LEGACY_FILES
+    required = SINGLE_FILE_FILES if (path / "model.safetensors").is_file() else DCP_FILES
     missing = [name for name in required if not (path / name).is_file()]
     if missing:
         raise CorruptCheckpoint(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+
+
+def is_complete(path: str | Path) -> bool:
+    try:
+        check_complete(path)
+        return True
+    except CorruptCheckpoint:
+        return False
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -131,7 +155,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def read_metadata(path: str | Path):
-    """The DCP ``Metadata`` of a sharded checkpoint, unpickled with only DCP's own classes allowed."""
+    """The DCP ``Metadata`` of a checkpoint, unpickled with only DCP's own classes allowed."""
     path = Path(path)
     try:
         with open(path / ".metadata", "rb") as stream:
@@ -154,6 +178,43 @@ def storage_reader(path: str | Path):
     return SafeReader(str(path))
 
 
+def load_dcp(path: str | Path, state: dict[str, Any], into: str = "", **options: Any) -> None:
+    """``torch.distributed.checkpoint.load`` of the checkpoint at ``path`` into ``state`` (its tensors are read in
+    place; ``options``: ``process_group``, ``no_dist``), with the metadata of ``read_metadata`` and the non-tensor
+    entries (the optimizer's parameter groups) unpickled only if ``torch.load(weights_only=True)`` admits them (DCP's
+    own planner allows every class). A failure is one ``CorruptCheckpoint`` line (``into``: what ``state`` is) with
+    the first failed rank's error (DCP's own exception carries every rank's traceback)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(state, storage_reader=storage_reader(path), planner=_load_planner(), **options)
+    except (Exception, CheckpointException) as exn:  # the storage layer raises its own types for a bad file
+        failure = next(iter(getattr(exn, "failures", {}).values()), exn)
+        failure = failure[0] if isinstance(failure, tuple) else failure  # (error, traceback) by rank
+        raise CorruptCheckpoint(
+            f"checkpoint {path}: its DCP files do not load{into} ({type(failure).__name__}: {failure})"
+        ) from None
+
+
+def _load_planner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            try:
+                torch.load(value, weights_only=True)
+            except pickle.UnpicklingError:
+                fqn = read_item.dest_index.fqn
+                raise pickle.UnpicklingError(
+                    f"{fqn} is not plain data (torch.load(weights_only=True) refuses it)"
+                ) from None
+            value.seek(0)
+            super().load_bytes(read_item, value)  # what was just read as plain data: the same bytes, read again
+
+    return SafePlanner()
+
+
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The full model state dict of a checkpoint directory (either layout), after ``verify``."""
     from safetensors import SafetensorError
@@ -162,8 +223,8 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     check_complete(path)
     verify(path)
-    if is_sharded(path):
-        return _read_sharded_weights(path)
+    if has_dcp_weights(path):
+        return _read_dcp_weights(path)
     try:
         return load_file(str(path / "model.safetensors"))
     except (SafetensorError, OSError) as exn:  # listed with the right hash, yet unreadable: written wrong
@@ -180,9 +241,8 @@ def read_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return {key: value for key, value in read_weights(path).items() if not key.startswith(TRAINING_ONLY_PREFIX)}
 
 
-def _read_sharded_weights(path: Path) -> dict[str, torch.Tensor]:
+def _read_dcp_weights(path: Path) -> dict[str, torch.Tensor]:
     """Every ``model.*`` tensor of a DCP checkpoint, whole, in this process (the shards of every rank)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = read_metadata(path)
@@ -192,12 +252,9 @@ def _read_sharded_weights(path: Path) -> dict[str, torch.Tensor]:
         if key.startswith(MODEL_PREFIX) and isinstance(entry, TensorStorageMetadata)
     }
     if not template:
-        raise CorruptCheckpoint(f"checkpoint {path}: its shards hold no model tensors")
+        raise CorruptCheckpoint(f"checkpoint {path}: its DCP files hold no model tensors")
     state = {"model": template}
-    try:
-        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, storage_reader=storage_reader(path), no_dist=True)
-    except Exception as exn:  # the storage layer raises its own types for a bad shard
-        raise CorruptCheckpoint(f"checkpoint {path}: its shards do not load ({type(exn).__name__}: {exn})") from None
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        load_dcp(path, state, no_dist=True)
     return state["model"]

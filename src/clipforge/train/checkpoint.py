@@ -3,68 +3,72 @@ iterating the Stateful pieces.
 
 ``checkpoints/step_00000100/`` holds, by kind of piece:
 
-* sharded (the model and the optimizer): under FSDP, ``torch.distributed.checkpoint`` shards, one
-  ``__R_0.distcp`` per rank plus ``.metadata``, each rank writing its own; under DDP or one process
-  ``model.safetensors`` (rank 0; the replicas are identical) and the optimizer inside ``state.pt``;
-* replicated (schedule, train step, fp16 scaler, queue): ``state.pt``, a tensors-only pickle, rank 0;
+* sharded (the model and the optimizer): ``torch.distributed.checkpoint`` (DCP) files, ``.metadata`` plus one
+  ``__R_0.distcp`` per rank that wrote: under FSDP each rank its shards, under DDP or one process rank 0 the whole
+  tensors (the replicas are identical; rank 0's buffers are those DDP broadcasts). One layout for every strategy,
+  world size and ``asynchronous``: DCP is what FSDP's shards and ``async_save`` need, and it reads the files of
+  any world size or strategy into this run's;
+* replicated (schedule, train step, fp16 scaler, the objectives' state): ``state.pt``, a tensors-only pickle, rank 0;
 * per rank (data position, generators): ``NAME_rank{R}.json`` or ``NAME_rank{R}.pt``;
 
 plus ``sync_rank{R}.json`` (DDP: a digest of each rank's weights; if replicas diverged, every rank raises and
-nothing is saved), ``config.yaml`` (the resolved run config) and ``manifest.json``, written last, with every file's
-size and SHA-256. A checkpoint is written under a hidden temporary name unique to this writer
+nothing is saved), ``config.yaml`` and ``manifest.json``, written last, with the layout's ``format`` and every
+file's size and SHA-256. A checkpoint is written under a hidden temporary name unique to this writer
 (``.step_N.ID.tmp``), every file fsynced, checked complete, then renamed: a crash or kill (during the DCP write
 too), or a second trainer writing into the same folder, never leaves a partial directory under a final name.
 ``latest`` is a symlink to the newest one, replaced atomically; ``latest_intact`` falls back past a corrupt one. A
 write that fails (a full disk, a read-only or unwritable folder) removes its temporary directory and raises
-``CheckpointWriteError``, one line naming the folder and, for a full disk, the space needed and free; the previous
+``CheckpointWriteError``, one line naming the folder (``clipforge.train.checkpoint_failure``); the previous
 checkpoint stays ``latest``.
 
-Reading goes through ``clipforge.checkpoints`` (the manifest verified first; DCP metadata through a restricted
-unpickler; ``torch.load(weights_only=True)``): no arbitrary object is ever unpickled. Checkpoints written before
-the restart state was iterated (``data_rank{R}.json``, ``state.pt`` with ``step``/``optimizer``/``scheduler``)
-still resume.
+Reading goes through ``clipforge.checkpoints`` (the manifest verified first; DCP metadata and entries through
+restricted unpicklers; ``torch.load(weights_only=True)``): no arbitrary object is ever unpickled. A checkpoint
+whose manifest has no ``format`` is read through ``upgrade``, the one place that knows the other layouts and
+names such a checkpoint may have.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import uuid
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
 from clipforge.checkpoints import (
+    FORMAT,
     CorruptCheckpoint,
     check_complete,
-    is_sharded,
+    has_dcp_weights,
+    is_complete,
+    load_dcp,
+    manifest_format,
     read_metadata,
     read_weights,
     sha256,
-    storage_reader,
     verify,
-    with_process_umask,
 )
-from clipforge.train.parallel import is_sharded as model_is_sharded
-from clipforge.train.parallel import unwrap
+from clipforge.train.checkpoint_failure import CheckpointWriteError, nbytes, write_failure
+from clipforge.train.parallel import is_sharded, unwrap
 from clipforge.train.state import PER_RANK, REPLICATED, SHARDED, Piece
 
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
 log = logging.getLogger(__name__)
-
-
-class CheckpointWriteError(ValueError):
-    """A checkpoint could not be written (no space, a read-only or unwritable folder); nothing was published."""
+# DCP warns at every save and load in one process (in the background writer's thread too) that it assumes one process
+warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized", UserWarning)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -88,63 +92,6 @@ def _torch_save(value: Any, path: Path) -> None:
         torch.save(value, stream)
 
 
-def _save_safetensors(weights: dict[str, torch.Tensor], path: Path) -> None:
-    """``safetensors.torch.save_file``, its I/O errors raised as ``OSError`` (it reports them as a string)."""
-    from safetensors import SafetensorError
-
-    try:
-        save_file(weights, str(path))
-    except SafetensorError as exn:
-        found = re.search(r"os error (\d+)", str(exn))
-        if found is None:
-            raise
-        code = int(found.group(1))
-        raise OSError(code, os.strerror(code), str(path)) from exn
-
-
-def _nbytes(value: Any) -> int:
-    """Bytes of the tensors in a (nested) state dict, at their full size (a DTensor counts all its shards)."""
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_nbytes(item) for item in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(item) for item in value)
-    return 0
-
-
-def _os_error(exn: BaseException) -> OSError | None:
-    """The ``OSError`` behind a failed write: ``exn`` itself, its cause or context, or a rank's failure inside a
-    ``torch.distributed.checkpoint`` ``CheckpointException``."""
-    seen: list[BaseException] = [exn]
-    while seen:
-        current = seen.pop(0)
-        if isinstance(current, OSError):
-            return current
-        failures = getattr(current, "failures", None)
-        if isinstance(failures, dict):
-            seen.extend(item[0] if isinstance(item, tuple) else item for item in failures.values())
-        seen.extend(e for e in (current.__cause__, current.__context__) if e is not None)
-    return None
-
-
-def _mount_point(path: Path) -> Path:
-    path = path.resolve()
-    while not os.path.ismount(path) and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _size(count: int) -> str:
-    """``count`` bytes in binary units, e.g. '47.2 MiB'."""
-    value, unit = float(count), "bytes"
-    for bigger in ("KiB", "MiB", "GiB", "TiB"):
-        if value < 1024:
-            break
-        value, unit = value / 1024, bigger
-    return f"{count} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
-
-
 def weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 of the model's parameters (not buffers: BatchNorm running statistics legitimately differ between
     data-parallel ranks after a forward pass; DDP re-broadcasts rank 0's before the next one)."""
@@ -155,31 +102,41 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _is_complete(path: Path) -> bool:
-    try:
-        check_complete(path)
-        return True
-    except CorruptCheckpoint:
-        return False
+@dataclass
+class Saved:
+    """A checkpoint's restart state as read: ``state`` by piece name (sharded and replicated pieces), ``ranks``
+    each per-rank piece's states by rank; ``whole``: the sharded pieces are whole tensors whatever this run's
+    strategy (``upgrade``), not in this run's form (what DCP files are read into)."""
 
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    state: dict[str, Any]
+    ranks: dict[str, list[dict[str, Any]]]
+    whole: bool = False
 
 
 class Checkpointer:
-    """Writes and reads the checkpoints of one run directory. With ``asynchronous`` (``checkpoint.async_save``) the
-    model and optimizer are copied in memory and written in the background by ``torch.distributed.checkpoint``'s
-    ``async_save`` (on a process group of its own, so its collectives never interleave with the step's), and the
-    next step starts while they are written; rank 0 publishes the checkpoint (manifest, rename, ``latest``) once
-    every rank's shards are on disk. A write that fails or is killed publishes nothing: ``latest`` keeps pointing at
-    the previous checkpoint. ``wait`` blocks until the pending checkpoint is published and raises its error."""
+    """Writes and reads the checkpoints of one run directory. ``mesh``: the run's one-dimensional device mesh, whose
+    group's ranks write and read together (``rank`` is this process's place in it); None: the default process
+    group, or one process. With ``asynchronous`` (``checkpoint.async_save``) the model and optimizer are copied in
+    memory and written in the background by ``torch.distributed.checkpoint``'s ``async_save`` (on a gloo group of
+    its own, so its collectives never interleave with the step's), and the next step starts while they are
+    written; rank 0 publishes the checkpoint (manifest, rename, ``latest``) once every rank's files are on disk. A
+    write that fails or is killed publishes nothing: ``latest`` keeps pointing at the previous checkpoint. ``wait``
+    blocks until the pending checkpoint is published and raises its error."""
 
-    def __init__(self, directory: str | Path, keep_last: int = 3, rank: int = 0, asynchronous: bool = False) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        keep_last: int = 3,
+        rank: int = 0,
+        asynchronous: bool = False,
+        *,
+        mesh: DeviceMesh | None = None,
+    ) -> None:
         self.directory, self.keep_last, self.rank = Path(directory), keep_last, rank
         self.asynchronous = asynchronous
-        self._group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
+        self._group = None if mesh is None else mesh.get_group()
+        ranks = None if self._group is None else dist.get_process_group_ranks(self._group)
+        self._async_group = dist.new_group(ranks, backend="gloo") if asynchronous and dist.is_initialized() else None
         self._pending: Future | None = None
         self._published: Future | None = None
         self._writer: str | None = None
@@ -203,7 +160,7 @@ class Checkpointer:
                     pending.result()
             if self.rank == 0:
                 shutil.rmtree(temporary, ignore_errors=True)
-            failure = self._failure(exn)
+            failure = write_failure(exn, *self._attempt, self.directory, self.latest)
             if failure is exn:
                 raise
             raise failure from exn
@@ -211,37 +168,26 @@ class Checkpointer:
 
     def _write(self, step: int, pieces: dict[str, Piece], config_yaml: str, temporary: Path, final: Path) -> None:
         model = pieces["model"].stateful.model
-        sharded = model_is_sharded(model)
-        every_rank_writes_shards = sharded or self.asynchronous  # a collective; replicas are deduplicated
-        # every rank's own (data positions and generators differ between ranks); then what rank 0 writes alone
+        # every rank's own (data positions and generators differ between ranks), the DCP files' (written by every
+        # rank together), then what rank 0 writes alone
         per_rank = {name: piece.stateful.state_dict() for name, piece in pieces.items() if piece.kind == PER_RANK}
+        tensors = {name: piece.stateful.state_dict() for name, piece in pieces.items() if piece.kind == SHARDED}
         state = {name: piece.stateful.state_dict() for name, piece in pieces.items() if piece.kind == REPLICATED}
-        tensors = (
-            {name: piece.stateful.state_dict() for name, piece in pieces.items() if piece.kind == SHARDED}
-            if every_rank_writes_shards or self.rank == 0
-            else {}
-        )
-        self._attempt = (step, temporary, _nbytes(per_rank) + _nbytes(state) + _nbytes(tensors))
+        self._attempt = (step, temporary, nbytes(per_rank) + nbytes(state) + nbytes(tensors))
         if self.rank == 0:
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir(parents=True)
-        _barrier()
+        self._barrier()
         for name, value in per_rank.items():
             _write_per_rank(temporary, name, self.rank, value)
-        if not sharded:
+        if not is_sharded(model):
             _write_synced(
                 temporary / f"sync_rank{self.rank}.json",
                 lambda p: p.write_text(json.dumps({"weights_sha256": weights_digest(unwrap(model))})),
             )
-        _barrier()
+        self._barrier()
         self._check_ranks_agree(temporary)  # on every rank, so that all of them raise, none waits for rank 0
-        if every_rank_writes_shards:
-            self._write_shards(temporary, tensors)
-        elif self.rank == 0:
-            weights = tensors.pop("model")
-            state.update(tensors)  # the optimizer, beside the replicated pieces
-            _write_synced(temporary / "model.safetensors", lambda p: _save_safetensors(weights, p))
-            with_process_umask(temporary / "model.safetensors")
+        self._write_shards(temporary, tensors)
         if self.rank == 0:
             _write_synced(temporary / "state.pt", lambda p: _torch_save(state, p))
             _write_synced(temporary / "config.yaml", lambda p: p.write_text(config_yaml))
@@ -252,68 +198,35 @@ class Checkpointer:
                     lambda written: self._publish_after(written, published, temporary, final, step)
                 )
             return
-        _barrier()
+        self._barrier()
         if self.rank == 0:
             self._publish(temporary, final, step)
-        _barrier()
+        self._barrier()
 
     def _writer_id(self) -> str:
         """A name for this writer's temporary directories, the same on every rank (agreed at the first save): two
         trainers that somehow write into one folder never write into, or remove, each other's."""
         if self._writer is None:
             agreed = [uuid.uuid4().hex[:12]]
-            if dist.is_initialized():
-                dist.broadcast_object_list(agreed, src=0)
+            if self._distributed:
+                dist.broadcast_object_list(agreed, group=self._group, group_src=0)
             self._writer = agreed[0]
         return self._writer
 
-    def _failure(self, exn: BaseException) -> BaseException:
-        """``exn`` as the one-line ``CheckpointWriteError`` when an OS error caused it (after the partial copy was
-        removed: the free space is what the next try would have); any other error as it is."""
-        if isinstance(exn, (KeyboardInterrupt, SystemExit)):
-            return exn
-        step, temporary, needed = self._attempt
-        cause = _os_error(exn)
-        try:
-            free = shutil.disk_usage(self.directory).free
-        except OSError:
-            free = None
-        full = cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT)
-        if cause is None and not (free is not None and needed > free):  # a writer that hid the errno, or a bug
-            return exn
-        latest = self.latest()
-        kept = f"{latest.name} stays latest" if latest else "no checkpoint was written before it"
-        if cause is None or full:
-            what = os.strerror(cause.errno) if cause is not None else "not enough space"
-            mount = _mount_point(self.directory)
-            space = (
-                f"it needs about {_size(needed)}, {_size(free)} is free ({needed:,} vs {free:,} bytes)"
-                if free is not None
-                else f"it needs about {_size(needed)}"
-            )
-            return CheckpointWriteError(
-                f"checkpoint of step {step} not written to {self.directory}: {what} on the filesystem at {mount}; "
-                f"{space}. Its partial copy was removed and {kept}; free space (or set checkpoint.keep_last lower, or "
-                "train.output_dir elsewhere) and run again with --resume auto"
-            )
-        path = cause.filename or temporary
-        reason = cause.strerror or str(cause)
-        return CheckpointWriteError(
-            f"checkpoint of step {step} not written to {self.directory}: {reason} ({path}). Its partial copy was "
-            f"removed and {kept}; make the folder writable (or set train.output_dir elsewhere) and run again with "
-            "--resume auto"
-        )
-
     def _write_shards(self, temporary: Path, tensors: dict[str, Any]) -> None:
+        """The DCP files, by every rank together. A tensor every rank holds whole (DDP's model and optimizer, FSDP's
+        unsharded scalars) is written once, by the lowest rank: rank 0's buffers are the ones DDP broadcasts."""
         import torch.distributed.checkpoint as dcp
 
-        writer = dcp.FileSystemWriter(str(temporary), sync_files=True)
-        if not self.asynchronous:
-            dcp.save(tensors, storage_writer=writer)
-            return
-        with warnings.catch_warnings():  # one process: "torch.distributed is ... uninitialized, assuming ..."
-            warnings.simplefilter("ignore", UserWarning)
-            self._pending = dcp.async_save(tensors, storage_writer=writer, process_group=self._group)
+        options = dict(
+            storage_writer=dcp.FileSystemWriter(str(temporary), sync_files=True),
+            planner=dcp.DefaultSavePlanner(dedup_save_to_lowest_rank=True),
+            no_dist=not self._distributed,
+        )
+        if self.asynchronous:
+            self._pending = dcp.async_save(tensors, process_group=self._async_group, **options)
+        else:
+            dcp.save(tensors, process_group=self._group, **options)
 
     def _publish_after(self, written: Future, published: Future, temporary: Path, final: Path, step: int) -> None:
         """Rank 0, in the background writer's thread: publish the checkpoint if every rank's write succeeded."""
@@ -323,7 +236,7 @@ class Checkpointer:
             published.set_result(final)
         except BaseException as exn:  # noqa: BLE001 — handed to wait(), which raises it in the training thread
             shutil.rmtree(temporary, ignore_errors=True)
-            failure = self._failure(exn)
+            failure = write_failure(exn, *self._attempt, self.directory, self.latest)
             if failure is not exn:
                 failure.__cause__ = exn
             log.error("background checkpoint of step %d failed: %s", step, " ".join(str(failure).split())[:500])
@@ -342,12 +255,12 @@ class Checkpointer:
             try:
                 pending.result()
             except BaseException as exn:
-                failure = self._failure(exn)
+                failure = write_failure(exn, *self._attempt, self.directory, self.latest)
                 if failure is exn:
                     raise
                 raise failure from exn
         finally:
-            _barrier()  # no rank starts the next checkpoint before rank 0 has published this one
+            self._barrier()  # no rank starts the next checkpoint before rank 0 has published this one
 
     def _publish(self, temporary: Path, final: Path, step: int) -> None:
         """Rank 0: the manifest (written last), then the rename to the final name and ``latest``, atomically. A
@@ -358,7 +271,7 @@ class Checkpointer:
         }
         _write_synced(
             temporary / "manifest.json",
-            lambda p: p.write_text(json.dumps({"step": step, "files": files}, indent=1)),
+            lambda p: p.write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1)),
         )
         _fsync_dir(temporary)
         try:
@@ -394,34 +307,16 @@ class Checkpointer:
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         check_complete(path)
         verify(path)
-        state = _read_state(path)
-        state.update(_legacy_names(state))
-        sharded = {name: piece for name, piece in pieces.items() if piece.kind == SHARDED}
-        if is_sharded(path):
-            import torch.distributed.checkpoint as dcp
-
-            loaded = _templates(sharded, set(read_metadata(path).state_dict_metadata))
-            try:
-                with warnings.catch_warnings():  # one process: "torch.distributed is ... uninitialized, assuming ..."
-                    warnings.simplefilter("ignore", UserWarning)
-                    dcp.load(loaded, storage_reader=storage_reader(path))
-            except Exception as exn:  # the storage layer raises its own types for a bad or foreign shard
-                raise CorruptCheckpoint(
-                    f"checkpoint {path}: its shards do not load into this run's model and "
-                    f"optimizer ({type(exn).__name__}: {exn})"
-                ) from None
-            state.update(loaded)
-        else:
-            state["model"] = read_weights(path)
+        saved = self._read(path, pieces) if manifest_format(path) == FORMAT else upgrade(path, pieces, self._read)
         for name, piece in pieces.items():
             if piece.kind == PER_RANK:
-                states = _read_all_ranks(path, name)
+                states = saved.ranks.get(name, [])
                 if hasattr(piece.stateful, "load_state_dicts") and states:
                     _loading(path, piece.stateful.load_state_dicts, states)
                     continue
                 found = states[self.rank] if self.rank < len(states) else None
             else:
-                found = state.get(name)
+                found = saved.state.get(name)
             if found is None:
                 if not piece.required:
                     continue
@@ -429,14 +324,33 @@ class Checkpointer:
                     f"checkpoint {path} holds no {name!r} state for rank {self.rank}: it was written by "
                     f"a run with other settings (another world size, or without this {name})"
                 )
-            _loading(path, piece.stateful.load_state_dict, found)
+            if piece.kind == SHARDED:
+                _loading(path, lambda value, piece=piece: piece.stateful.load_state_dict(value, saved.whole), found)
+            else:
+                _loading(path, piece.stateful.load_state_dict, found)
 
-    @staticmethod
-    def _check_ranks_agree(directory: Path) -> None:
+    def _read(self, path: Path, pieces: dict[str, Piece]) -> Saved:
+        """The restart state of a DCP checkpoint: the sharded pieces read into this run's form (``_templates``)."""
+        state = _read_state(path)
+        sharded = {name: piece for name, piece in pieces.items() if piece.kind == SHARDED}
+        loaded = _templates(sharded, set(read_metadata(path).state_dict_metadata))
+        into = " into this run's model and optimizer"
+        load_dcp(path, loaded, into, process_group=self._group, no_dist=not self._distributed)
+        return Saved({**state, **loaded}, _read_ranks(path, pieces))
+
+    @property
+    def _distributed(self) -> bool:
+        return dist.is_initialized()
+
+    def _barrier(self) -> None:
+        if self._distributed:
+            dist.barrier(group=self._group)
+
+    def _check_ranks_agree(self, directory: Path) -> None:
         """Data parallelism keeps every rank's weights identical; a checkpoint is where that is checked."""
         digests = {f.name: json.loads(f.read_text())["weights_sha256"] for f in sorted(directory.glob("sync_rank*"))}
         if len(set(digests.values())) > 1:
-            _barrier()  # every rank finds the same, and has read the files before rank 0 removes them
+            self._barrier()  # every rank finds the same, and has read the files before rank 0 removes them
             raise RuntimeError(
                 f"ranks hold different weights at this checkpoint ({digests}); data-parallel replicas "
                 f"diverged — every rank refuses to write {directory.name}"
@@ -451,12 +365,11 @@ class Checkpointer:
         """Complete checkpoints, oldest first."""
         if not self.directory.is_dir():
             return []
-        found = [p for p in self.directory.glob("step_*") if p.is_dir() and _is_complete(p)]
+        found = [p for p in self.directory.glob("step_*") if p.is_dir() and is_complete(p)]
         return sorted(found, key=lambda p: p.name)
 
     def latest(self) -> Path | None:
-        complete = self.complete()
-        return complete[-1] if complete else None
+        return next(reversed(self.complete()), None)
 
     def latest_intact(self) -> Path | None:
         """The newest checkpoint whose files match their manifest; corrupt ones are skipped with a warning. When
@@ -500,14 +413,49 @@ def _loading(path: Path, load, state) -> None:
         raise ValueError(f"{path}: {exc}") from exc
 
 
-def _legacy_names(state: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint from before the restart state was iterated: ``step`` and ``scheduler`` at the top of state.pt."""
-    renamed = {}
+def upgrade(path: Path, pieces: dict[str, Piece], read: Callable[[Path, dict[str, Piece]], Saved]) -> Saved:
+    """The restart state of the checkpoint at ``path``, whose manifest has no ``format``, in the form this code's
+    pieces load; ``read`` reads a DCP checkpoint (``Checkpointer._read``). Such a checkpoint may hold:
+
+    * the model as ``model.safetensors`` and the optimizer in ``state.pt``, whole tensors (``Saved.whole``);
+    * in ``state.pt``: the train step and the schedule under ``step`` and ``scheduler``; the optimizer numbered in
+      its groups' order (``optimizer.state_dict()``), which must be this run's; the train state without samples
+      and reference batch, whose global batch is then taken to be this run's;
+    * in ``rng_rank{R}.pt``: every visible GPU's generator, a list under ``cuda``, of which this rank's device's
+      entry is taken, if there is one.
+    """
+    if has_dcp_weights(path):
+        saved = read(path, pieces)
+    else:
+        saved = Saved({**_read_state(path), "model": read_weights(path)}, _read_ranks(path, pieces), whole=True)
+    state = saved.state
     if "train" not in state and "step" in state:
-        renamed["train"] = {"step": state["step"]}
+        state["train"] = {"step": state.pop("step")}
     if "schedule" not in state and "scheduler" in state:
-        renamed["schedule"] = state["scheduler"]
-    return renamed
+        state["schedule"] = state.pop("scheduler")
+    groups = state.get("optimizer", {}).get("param_groups", [])
+    if "optimizer" in pieces and any(isinstance(index, int) for group in groups for index in group["params"]):
+        state["optimizer"] = pieces["optimizer"].stateful.keyed_by_name(state["optimizer"])
+    if "train" in pieces and "train" in state:
+        batch = pieces["train"].stateful.clock.global_batch
+        state["train"] = {"samples": int(state["train"]["step"]) * batch, "reference_batch": batch, **state["train"]}
+    if "rng" in pieces:
+        device = pieces["rng"].stateful.device
+        saved.ranks["rng"] = [_own_generator(generators, device) for generators in saved.ranks.get("rng", [])]
+    return saved
+
+
+def _own_generator(generators: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """``generators`` with, for a GPU ``device``, the entry of its index in the ``cuda`` list as ``cuda_device``."""
+    every_gpu = generators.get("cuda")
+    if every_gpu is None:
+        return generators
+    own = {key: value for key, value in generators.items() if key != "cuda"}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index < len(every_gpu):
+            own["cuda_device"] = every_gpu[index]
+    return own
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -527,12 +475,14 @@ def _write_per_rank(directory: Path, name: str, rank: int, value: dict[str, Any]
         _write_synced(directory / f"{name}_rank{rank}.json", lambda p: p.write_text(text))
 
 
-def _read_all_ranks(path: Path, name: str) -> list[dict[str, Any]]:
-    """Every rank's saved ``name`` state, by rank (rank 0 up to the first rank with none)."""
-    states = []
-    while (found := _read_per_rank(path, name, len(states))) is not None:
-        states.append(found)
-    return states
+def _read_ranks(path: Path, pieces: dict[str, Piece]) -> dict[str, list[dict[str, Any]]]:
+    """Every per-rank piece's saved states, by rank (rank 0 up to the first rank with none)."""
+    ranks: dict[str, list[dict[str, Any]]] = {}
+    for name in (name for name, piece in pieces.items() if piece.kind == PER_RANK):
+        states = ranks[name] = []
+        while (found := _read_per_rank(path, name, len(states))) is not None:
+            states.append(found)
+    return ranks
 
 
 def _read_per_rank(path: Path, name: str, rank: int) -> dict[str, Any] | None:

@@ -2,9 +2,8 @@
 
 ``restart_state`` lists them, one line each, with how each is stored:
 
-* ``SHARDED``: the model and the optimizer. Under FSDP every rank writes its own shard through
-  ``torch.distributed.checkpoint``; under DDP (or one process) the replicas are identical, so rank 0 writes
-  ``model.safetensors`` and the optimizer goes into ``state.pt``.
+* ``SHARDED``: the model and the optimizer, written through ``torch.distributed.checkpoint`` by every rank:
+  under FSDP each rank its own shards, under DDP (or one process) rank 0 the replicas, which are identical.
 * ``REPLICATED``: the same on every rank (the schedule, the train step, the fp16 scaler, the objectives' state):
   rank 0 writes them into ``state.pt``.
 * ``PER_RANK``: each rank's own (its data position, its random generators): ``NAME_rank{R}.pt``. On load, a piece
@@ -59,15 +58,17 @@ class TrainState:
         return {"step": self.step, "samples": self.samples, "reference_batch": self.clock.reference_batch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Checkpoints written before 2026-12-01 hold only the step: their global batch is taken to be this run's."""
         self.step = int(state["step"])
         self.clock.base_step = self.step
-        self.clock.base_samples = int(state.get("samples", self.step * self.clock.global_batch))
-        self.clock.reference_batch = int(state.get("reference_batch", self.clock.global_batch))
+        self.clock.base_samples = int(state["samples"])
+        self.clock.reference_batch = int(state["reference_batch"])
 
 
 class ModelState:
-    """The model's weights: full (``unwrap(model).state_dict()``) for DDP, this rank's shards (DTensors) for FSDP."""
+    """The model's weights: whole tensors for DDP or one process, this rank's shards (DTensors) for FSDP.
+
+    ``load_state_dict`` takes them in the form ``state_dict`` gives (what a DCP checkpoint is read into) or, with
+    ``whole``, every tensor entire whatever the strategy (a single-file checkpoint's, ``upgrade``d)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -77,33 +78,35 @@ class ModelState:
             from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
             return get_model_state_dict(self.model)
-        return {k: v.detach().cpu().contiguous() for k, v in unwrap(self.model).state_dict().items()}
+        return dict(unwrap(self.model).state_dict())
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], whole: bool = False) -> None:
         if is_sharded(self.model):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-            full = not any(type(v).__name__ == "DTensor" for v in state.values())  # a DDP checkpoint into FSDP
-            set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=full, strict=True))
+            set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=whole, strict=True))
         else:
             unwrap(self.model).load_state_dict(state, strict=True)
 
 
 class OptimizerState:
-    """AdamW's moments, keyed by parameter name (``get_optimizer_state_dict``): whole tensors for DDP or one process,
-    this rank's shards (DTensors) for FSDP, so that a checkpoint written at one world size or strategy loads at
-    another (``torch.distributed.checkpoint`` reshards the sharded layout; whole tensors are sharded on load)."""
+    """AdamW's moments, keyed by parameter name (``get_optimizer_state_dict``'s form): whole tensors for DDP or one
+    process, this rank's shards (DTensors) for FSDP, so that a checkpoint written at one world size or strategy
+    loads at another (``torch.distributed.checkpoint`` reads the saved tensors into this run's shards or whole
+    tensors). ``load_state_dict(..., whole=True)`` takes whole tensors under either strategy, as ``ModelState``."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
 
     def state_dict(self) -> dict[str, Any]:
+        """Whole tensors from ``optimizer.state_dict()`` itself where they are whole: ``get_optimizer_state_dict``
+        would give an optimizer that has taken no step yet state of a step it never took."""
         if is_sharded(self.model):
             return self.template()
-        return _keyed_by_name(self.optimizer.state_dict(), self.model, self.optimizer)
+        return self.keyed_by_name(self.optimizer.state_dict())
 
     def template(self, saved: set[str] | None = None) -> dict[str, Any]:
-        """What a sharded checkpoint is read into: this optimizer's state in ``get_optimizer_state_dict``'s form,
+        """What a checkpoint's DCP files are read into: this optimizer's state in ``get_optimizer_state_dict``'s form,
         its tensors made first (a zero-gradient, zero-rate step) if the optimizer has taken no step yet; with
         ``saved`` (the checkpoint's keys, ``state.NAME.exp_avg``), only the parameters' entries it holds."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -114,64 +117,52 @@ class OptimizerState:
             state["state"] = {name: entry for name, entry in kept.items() if entry}
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], whole: bool = False) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         try:
-            if not is_sharded(self.model):
-                if not _numbered(state):
-                    state = _keyed_by_number(state, self.model, self.optimizer)
-                self.optimizer.load_state_dict(state)
-                return
-            if _numbered(state):  # optimizer.state_dict() of a checkpoint written before 2026-12-01
-                state = _keyed_by_name(state, self.model, self.optimizer)
-            whole = not any(type(v).__name__ == "DTensor" for entry in state["state"].values() for v in entry.values())
-            options = StateDictOptions(full_state_dict=whole)  # whole tensors (DDP or one process) are sharded here
-            set_optimizer_state_dict(self.model, self.optimizer, state, options=options)
+            if is_sharded(self.model):
+                options = StateDictOptions(full_state_dict=whole)
+                set_optimizer_state_dict(self.model, self.optimizer, state, options=options)
+            else:
+                self.optimizer.load_state_dict(self._keyed_by_number(state))
         except (ValueError, KeyError) as exc:  # torch: "... parameter group that doesn't match the size of ..."
             raise ValueError(
-                f"its optimizer state does not fit this run's parameter groups ({exc}). Checkpoints "
-                "written before clipforge decayed the embeddings as OpenCLIP does resume with "
-                "optim.weight_decay_embeddings=false; otherwise the model, its locked towers or the "
-                "weight-decay setting differ from the run that wrote it"
+                f"its optimizer state does not fit this run's parameter groups ({exc}). A checkpoint whose "
+                "optimizer exempts the embeddings from weight decay resumes with optim.weight_decay_embeddings="
+                "false; otherwise the model, its locked towers or the weight-decay setting differ from the run "
+                "that wrote it"
             ) from exc
 
+    def parameter_names(self) -> list[str]:
+        """The optimizer's parameters' names in its groups' order (the numbering of ``optimizer.state_dict()``)."""
+        names = {id(parameter): name for name, parameter in unwrap(self.model).named_parameters()}
+        return [names[id(parameter)] for group in self.optimizer.param_groups for parameter in group["params"]]
 
-def _numbered(state: dict[str, Any]) -> bool:
-    return any(isinstance(index, int) for group in state.get("param_groups", []) for index in group["params"])
+    def keyed_by_name(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``optimizer.state_dict()``'s form (parameters numbered in group order) keyed by parameter name instead;
+        the numbering is this run's groups', which must be those of the optimizer that made ``state``."""
+        ordered = self.parameter_names()
+        saved = [index for group in state["param_groups"] for index in group["params"]]
+        if len(saved) != len(ordered):
+            raise ValueError(f"{len(saved)} parameters in the checkpoint's groups, {len(ordered)} in this run's")
+        name_of = dict(zip(saved, ordered, strict=True))
+        return {
+            "state": {name_of[index]: entry for index, entry in state["state"].items()},
+            "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in state["param_groups"]],
+        }
 
-
-def _parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """The names of the optimizer's parameters, in its groups' order (the numbering of ``optimizer.state_dict()``)."""
-    names = {id(parameter): name for name, parameter in unwrap(model).named_parameters()}
-    return [names[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
-
-
-def _keyed_by_name(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``optimizer.state_dict()`` (parameters numbered in group order) keyed by parameter name instead, as
-    ``get_optimizer_state_dict`` keys it; the numbering follows this run's groups, which must be the writer's."""
-    ordered = _parameter_names(model, optimizer)
-    saved = [index for group in state["param_groups"] for index in group["params"]]
-    if len(saved) != len(ordered):
-        raise ValueError(f"{len(saved)} parameters in the checkpoint's groups, {len(ordered)} in this run's")
-    name_of = dict(zip(saved, ordered, strict=True))
-    return {
-        "state": {name_of[index]: entry for index, entry in state["state"].items()},
-        "param_groups": [{**group, "params": [name_of[i] for i in group["params"]]} for group in state["param_groups"]],
-    }
-
-
-def _keyed_by_number(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The inverse of ``_keyed_by_name``, for ``optimizer.load_state_dict`` (no zero-rate step, as
-    ``set_optimizer_state_dict`` takes to make an empty optimizer's tensors)."""
-    number = {name: index for index, name in enumerate(_parameter_names(model, optimizer))}
-    missing = [name for group in state["param_groups"] for name in group["params"] if name not in number]
-    if missing:
-        raise ValueError(f"the checkpoint's optimizer has parameters this run's has not: {missing[:3]}")
-    return {
-        "state": {number[name]: entry for name, entry in state["state"].items()},
-        "param_groups": [{**group, "params": [number[n] for n in group["params"]]} for group in state["param_groups"]],
-    }
+    def _keyed_by_number(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The inverse of ``keyed_by_name``, for ``optimizer.load_state_dict`` (which, unlike
+        ``set_optimizer_state_dict``, makes no zero-rate step to create an empty optimizer's tensors)."""
+        number = {name: index for index, name in enumerate(self.parameter_names())}
+        missing = [name for group in state["param_groups"] for name in group["params"] if name not in number]
+        if missing:
+            raise ValueError(f"the checkpoint's optimizer has parameters this run's has not: {missing[:3]}")
+        return {
+            "state": {number[name]: entry for name, entry in state["state"].items()},
+            "param_groups": [{**g, "params": [number[n] for n in g["params"]]} for g in state["param_groups"]],
+        }
 
 
 class ScheduleState:
@@ -218,17 +209,13 @@ class RNGState:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """The CUDA generator only onto a GPU device. Older checkpoints hold every visible GPU's state as a list
-        under ``cuda``: the entry of this device's index is taken, if there is one."""
+        """The CUDA generator only onto a GPU device (a GPU run resumed on a CPU has none to give it to)."""
         torch.set_rng_state(state["torch"])
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
         if self.device.type != "cuda":
             return
         cuda_state = state.get("cuda_device")
-        if cuda_state is None and "cuda" in state:
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            cuda_state = state["cuda"][index] if index < len(state["cuda"]) else None
         if cuda_state is None:
             logging.getLogger(__name__).warning(
                 "the checkpoint holds no CUDA generator state for %s; it keeps this run's seed", self.device
