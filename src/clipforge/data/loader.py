@@ -345,8 +345,8 @@ class TrainLoader:
         if mode == "epoch" and any(state.get("taken") is None for state in states):
             raise ValueError(
                 "cannot resume the data position on another world size, data.num_workers or data.batch_size: this "
-                "checkpoint does not record which samples were trained on (written before 2026-12-01, or resumed "
-                "from one in this epoch); resume it with its own "
+                "checkpoint does not record which samples were trained on (a data position of an older layout, or "
+                "of a run resumed from one within this epoch); resume it with its own "
                 + ", ".join(f"{k}={first.get(k)}" for k in ("world_size", "num_workers", "batch_size"))
             )
         self.epoch = int(first["epoch"])

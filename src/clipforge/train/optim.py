@@ -12,8 +12,9 @@ never rescales it either).
 No weight decay on what open_clip_train exempts (its ``main.py``: parameters with fewer than 2 dimensions, or
 "bn", "ln", "bias" or "logit_scale" in the name), so a recipe copied from OpenCLIP decays exactly the same
 tensors; the 2-D token and positional embeddings are decayed, as there. ``optim.weight_decay_embeddings: false``
-also exempts the embeddings (any name with "embedding"; timm's ``pos_embed`` and ``cls_token``): the rule of
-clipforge checkpoints written before 2026-11-30, which resume only with it (the optimizer's groups must match).
+also exempts the embeddings (any name with "embedding"; timm's ``pos_embed`` and ``cls_token``): a checkpoint whose
+optimizer was made by that rule (the embeddings among its undecayed group) resumes only with it, since the
+optimizer's groups must match.
 """
 
 from __future__ import annotations
