@@ -62,10 +62,10 @@ class ObjectiveContext:
 
     ``mesh`` is the run's device mesh (``clipforge.distributed.build_mesh``): an objective's collectives go through
     ``group``, the mesh's process group, and ``rank`` and ``world_size`` are this process's place in it (checked
-    against the mesh). Without a mesh (one process, or a caller outside a run) they use the default group. ``model`` is the plain model as built
-    (for reading shapes when making a head; copies are taken in ``bind``); ``autocast`` returns the step's autocast
-    context; ``step`` the number of optimizer steps taken so far; ``teacher`` is the online distillation teacher
-    (``loss.distill_model``), if any."""
+    against the mesh). Without a mesh (one process, or a caller outside a run) they use the default group.
+    ``model`` is the plain model as built (for reading shapes when making a head; copies are taken in ``bind``);
+    ``autocast`` returns the step's autocast context; ``step`` the number of optimizer steps taken so far;
+    ``teacher`` is the online distillation teacher (``loss.distill_model``), if any."""
 
     rank: int = 0
     world_size: int = 1
