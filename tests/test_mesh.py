@@ -3,11 +3,11 @@
 On 2 gloo ranks the run's mesh (``clipforge.distributed.build_mesh``) is replaced by one over a process group of its
 own, over the same ranks, made for the test. Every rank then builds a real run (``build_run``: the tiny ViT, the
 synthetic shards, the configured objectives) under DDP with the negative queue, and under FSDP2 with the CLIP loss,
-and takes one training step the way the loop does (a batch from the loader, the step, the per-step agreement). Each
-gloo group counts the collectives that went through it (its sequence number): the step's all went through the
-mesh's group and none through the default group, which is what every component would fall back to. The run's
-parts also hold that very mesh or its group: the FSDP2 parameters' ``device_mesh``, DDP's process group, the
-objectives' and the agreement's group.
+and takes one training step the way the loop does (a batch from the loader, the step, the per-step agreement), then
+checkpoints it and reads the checkpoint back. Each gloo group counts the collectives that went through it (its
+sequence number): all of them went through the mesh's group and none through the default group, which is what
+every component would fall back to. The run's parts also hold that very mesh or its group: the FSDP2 parameters'
+``device_mesh``, DDP's process group, the objectives' and the agreement's group.
 """
 
 from __future__ import annotations
@@ -29,11 +29,15 @@ def _collectives(group) -> int:
 
 
 def _one_step(run, dist_info: DistInfo) -> None:
+    """A step as the loop takes it (batch, step, agreement), then a checkpoint of it, read back."""
     from clipforge.train.loop import prepare_batch
 
     batch = prepare_batch(next(run.loader), run.loader.transform, dist_info.device, False, False)
     run.step_fn(batch)
     run.agree(True, True)  # the loop's per-step agreement (no stop, no numerics abort)
+    saved = run.checkpointer.save(1, run.pieces, "train: {}\n")
+    run.checkpointer.wait()
+    run.checkpointer.load(saved, run.pieces)
 
 
 def _losses(objectives) -> list:
@@ -52,6 +56,7 @@ def _build_and_step(rank: int, world_size: int, data: str, model_json: str, out:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import DTensor
 
+    from clipforge.losses import ObjectiveContext
     from clipforge.train import build
     from clipforge.train.config import load_config
 
@@ -65,6 +70,11 @@ def _build_and_step(rank: int, world_size: int, data: str, model_json: str, out:
             standard.get_local_rank(),
         )
     }
+    try:  # an objective told another place than the one it has in the mesh
+        ObjectiveContext(rank=world_size - 1 - rank, world_size=world_size, mesh=standard)
+        results["misplaced_context"] = "accepted"
+    except ValueError as error:
+        results["misplaced_context"] = str(error)
     for name, overrides in CASES.items():
         own_group = dist.new_group(list(range(world_size)))  # the same ranks, another group
         mesh = DeviceMesh.from_group(own_group, "cpu", mesh_dim_names=("dp",))
@@ -112,6 +122,8 @@ def ranks(synth_data, tiny_model_json, tmp_path_factory) -> list[dict]:
 def test_the_run_mesh_is_one_data_parallel_dimension_over_every_rank(ranks):
     for rank, result in enumerate(ranks):
         assert result["standard"] == ("cpu", ("dp",), [0, 1], rank)
+        misplaced = f"rank {1 - rank} of 2 is not this process's place in its mesh (rank {rank} of 2)"
+        assert misplaced in result["misplaced_context"]
     assert build_mesh(DistInfo()) is None  # one process: no process group, no mesh
 
 

@@ -69,7 +69,11 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
     if cfg.eval.suite is not None:
         load_suite(cfg.eval.suite)  # a bad suite file fails now, not after training
     checkpointer = Checkpointer(
-        run_dir / "checkpoints", cfg.checkpoint.keep_last, dist_info.rank, asynchronous=cfg.checkpoint.async_save
+        run_dir / "checkpoints",
+        cfg.checkpoint.keep_last,
+        dist_info.rank,
+        asynchronous=cfg.checkpoint.async_save,
+        mesh=mesh,
     )
     resume_from = resolve_resume(cfg.checkpoint.resume, checkpointer)
     plan = plan_data(cfg.data, dist_info.world_size)  # empty or too few shards fail now, not after the model is built
