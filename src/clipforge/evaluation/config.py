@@ -22,8 +22,19 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 # The evaluation tasks and dataset layouts a suite entry (or `clipforge eval --dataset`) names; here, torch-free,
 # so that the CLI's parser can offer them as choices without importing the evaluators.
-TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
+SEGMENTATION_TASKS = ("zeroshot_segmentation", "segmentation_probe")
+DENSE_TASKS = (*SEGMENTATION_TASKS, "referring_expressions")
+TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", *DENSE_TASKS)
 FORMATS = ("wds", "imagefolder", "hf")
+# How a dense task's patches reach the text space (clipforge.evaluation.dense.VARIANTS, which imports torch).
+DENSE_VARIANTS = ("maskclip", "plain")
+# The dense options, the tasks each applies to, and the default a suite entry that leaves it out gets.
+DENSE_OPTIONS = {
+    "variant": (("zeroshot_segmentation", "referring_expressions"), "maskclip"),
+    "ignore_index": (SEGMENTATION_TASKS, 255),
+    "reduce_zero_label": (SEGMENTATION_TASKS, False),
+    "max_train_patches": (("segmentation_probe",), 100_000),
+}
 
 
 @dataclass
@@ -64,6 +75,11 @@ class SuiteDataset:
     image_column: str | None = None
     label_column: str | None = None
     caption_column: str | None = None
+    # dense tasks only (DENSE_OPTIONS: which task takes which, and the default where it is left out)
+    variant: str | None = None
+    ignore_index: int | None = None
+    reduce_zero_label: bool | None = None
+    max_train_patches: int | None = None
 
     def __post_init__(self) -> None:
         """Values a type cannot rule out. Messages start with the key; the suite reader puts the file and the entry
@@ -72,6 +88,7 @@ class SuiteDataset:
             raise ValueError(f"task = {self.task!r} is not one of {TASKS}")
         if self.format is not None and self.format not in FORMATS:
             raise ValueError(f"format = {self.format!r} is not one of {FORMATS}")
+        self._check_dense_options()
         if not 0 < self.val_proportion < 1:
             raise ValueError(f"val_proportion = {self.val_proportion}: must be between 0 and 1")
         if not self.recall_k or any(k < 1 for k in self.recall_k):
@@ -85,6 +102,38 @@ class SuiteDataset:
                 f"templates = {self.templates!r}: expected openai_imagenet, a .txt/.json file, a list of templates, "
                 "or a {class name: [prompts]} mapping"
             )
+
+    def option(self, key: str) -> Any:
+        """A dense option's value: the entry's, else its default (``DENSE_OPTIONS``)."""
+        value = getattr(self, key)
+        return DENSE_OPTIONS[key][1] if value is None else value
+
+    def _check_dense_options(self) -> None:
+        for key, (tasks, _) in DENSE_OPTIONS.items():
+            if getattr(self, key) is not None and self.task not in tasks:
+                raise ValueError(
+                    f"{key} = {getattr(self, key)!r}: only for {', '.join(tasks)} (this entry's task is {self.task})"
+                )
+        if self.variant is not None and self.variant not in DENSE_VARIANTS:
+            raise ValueError(f"variant = {self.variant!r} is not one of {DENSE_VARIANTS}")
+        if self.ignore_index is not None and not 0 <= self.ignore_index <= 255:
+            raise ValueError(f"ignore_index = {self.ignore_index}: masks are 8-bit, so 0 to 255")
+        if self.max_train_patches is not None and self.max_train_patches < 1:
+            raise ValueError(f"max_train_patches = {self.max_train_patches}: must be at least 1")
+        if self.task not in DENSE_TASKS:
+            return
+        unused = {
+            "format": "a dense task reads its own layout (docs/evaluation.md)",
+            "val_split": "the probe holds out val_proportion of the train images",
+            "image_column": "HF datasets only",
+            "label_column": "HF datasets only",
+            "caption_column": "HF datasets only",
+        }
+        if self.task == "referring_expressions":
+            unused["classnames"] = unused["templates"] = "each expression is its own text"
+        for key, why in unused.items():
+            if getattr(self, key) is not None:
+                raise ValueError(f"{key} = {getattr(self, key)!r}: not for {self.task} ({why})")
 
 
 @dataclass

@@ -1,14 +1,18 @@
-"""Report plots (matplotlib, Agg): per-class accuracy bars, and a grid of top retrieved images per caption."""
+"""Report plots (matplotlib, Agg): per-class accuracy bars, a grid of top retrieved images per caption, embedding
+projections and similarities, and segmentation examples (input crop, true mask, predicted mask)."""
 
 from __future__ import annotations
 
+import colorsys
 import textwrap
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 — after choosing the headless backend
+from matplotlib.patches import Patch  # noqa: E402
 
 from clipforge.evaluation.datasets import reopen  # noqa: E402
 
@@ -182,4 +186,84 @@ def plot_similarity_histogram(name: str, metrics: dict, path: Path) -> Path:
     )
     axes.legend()
     figure.tight_layout()
+    return _save(figure, path)
+
+
+SEGMENTATION_PANEL = 2.2  # inches per image panel (DPI pixels each)
+SEGMENTATION_LEGEND = 2.6  # inches of legend beside the panels
+SEGMENTATION_TITLE = 0.7  # inches of title above them
+MAX_LEGEND_CLASSES = 30
+IGNORE_COLOUR = (0, 0, 0)
+
+
+def class_colours(num_classes: int) -> np.ndarray:
+    """(num_classes, 3) uint8: a fixed colour per class index, the same in every plot and run (tab10's ten, then
+    tab20's lighter ten, then hues a golden angle apart)."""
+    tab20 = plt.get_cmap("tab20")
+    order = [*range(0, 20, 2), *range(1, 20, 2)]  # tab20 pairs each tab10 colour with a lighter one
+    colours = [tab20(order[index])[:3] for index in range(min(num_classes, 20))]
+    for index in range(20, num_classes):
+        hue = (index * 0.618033988749895) % 1.0
+        colours.append(colorsys.hsv_to_rgb(hue, 0.75, 0.55 + 0.4 * ((index // 7) % 2)))
+    return (np.array(colours, dtype=np.float64).reshape(-1, 3) * 255).round().astype(np.uint8)
+
+
+def segmentation_size(num_images: int) -> tuple[int, int]:
+    """The (width, height) in pixels of ``plot_segmentation_examples``' figure of ``num_images`` rows."""
+    width = 3 * SEGMENTATION_PANEL + SEGMENTATION_LEGEND
+    height = num_images * SEGMENTATION_PANEL + SEGMENTATION_TITLE
+    return round(width * DPI), round(height * DPI)
+
+
+def colour_mask(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """(H, W) class indices (negative: ignore) → (H, W, 3) uint8 in ``palette``'s colours, ignore black."""
+    image = np.empty((*mask.shape, 3), dtype=np.uint8)
+    image[:] = IGNORE_COLOUR
+    labelled = mask >= 0
+    image[labelled] = palette[mask[labelled]]
+    return image
+
+
+def plot_segmentation_examples(name: str, metrics: dict, examples, path: Path) -> Path:
+    """One row per example image: the model's input crop, the true mask and the predicted one, each class in its
+    fixed colour (``class_colours``), ignore in black; the legend names the classes shown (``segmentation_size``
+    pixels)."""
+    num_images = len(examples.crops)
+    palette = class_colours(len(examples.classnames))
+    width, height = segmentation_size(num_images)
+    figure = plt.figure(figsize=(width / DPI, height / DPI))
+    panels_width = 3 * SEGMENTATION_PANEL / (width / DPI)
+    top = 1 - SEGMENTATION_TITLE / (height / DPI)
+    grid = figure.add_gridspec(num_images, 3, left=0.01, right=panels_width, bottom=0.01, top=top)
+    grid_text = "×".join(str(side) for side in metrics.get("grid") or [])
+    crop = f"{examples.crops.shape[2]}×{examples.crops.shape[1]}"
+    headers = (f"input (crop {crop})", "true mask", f"predicted (grid {grid_text})")
+    for row in range(num_images):
+        shown = (
+            examples.crops[row],
+            colour_mask(examples.masks[row], palette),
+            colour_mask(examples.predicted[row], palette),
+        )
+        for column, image in enumerate(shown):
+            axes = figure.add_subplot(grid[row, column])
+            axes.imshow(image, interpolation="nearest")
+            axes.set_xticks([])
+            axes.set_yticks([])
+            if row == 0:
+                axes.set_title(headers[column], fontsize=8)
+    present = np.unique(np.concatenate([examples.masks.ravel(), examples.predicted.ravel()]))
+    classes = [int(index) for index in present if index >= 0][:MAX_LEGEND_CLASSES]
+    handles = [Patch(color=palette[index] / 255, label=examples.classnames[index]) for index in classes]
+    if (present < 0).any():
+        handles.append(Patch(color=np.array(IGNORE_COLOUR) / 255, label="ignore (not scored)"))
+    figure.legend(
+        handles=handles, loc="center left", bbox_to_anchor=(panels_width + 0.01, 0.5), fontsize=8, frameon=False
+    )
+    label = metrics["task"].replace("_", " ")
+    variant = f", {metrics['variant']}" if metrics.get("variant") else ""
+    figure.suptitle(
+        f"{name}: {label}{variant}, mIoU {metrics['miou']:.1%} (chance {metrics['chance_miou']:.1%}), "
+        f"first {num_images} test images",
+        fontsize=9,
+    )
     return _save(figure, path)

@@ -3,8 +3,12 @@ files ``clipforge eval`` writes.
 
 ``write_report`` puts ``STEM.json`` (every metric), ``STEM.md`` (the tables: results, sizes, representation
 health of the retrieval sets) and the plots (``STEM_NAME_per_class.png`` per classification set,
-``STEM_NAME_retrieval.png`` per retrieval set; with ``clipforge eval --embedding-plots`` also
-``STEM_NAME_tsne.png``, ``STEM_NAME_similarity.png`` and ``STEM_NAME_similarity_hist.png``) in one directory.
+``STEM_NAME_retrieval.png`` per retrieval set, ``STEM_NAME_segmentation.png`` per segmentation set whose examples
+the run kept; with ``clipforge eval --embedding-plots`` also ``STEM_NAME_tsne.png``, ``STEM_NAME_similarity.png``
+and ``STEM_NAME_similarity_hist.png``) in one directory. Training's evaluation writes ``step_N.json``, ``step_N.md``
+and the segmentation plots (``segmentation_plots``) in ``RUN_DIR/eval/``.
+
+The results table is ``clipforge.eval_results``' with a row per dense metric beside its chance (``dense_rows``).
 
 Where: ``clipforge eval`` of a clipforge checkpoint writes to ``RUN_DIR/eval/adhoc/`` (``adhoc_results_dir``)
 unless ``--out`` says, never to ``RUN_DIR/eval/`` itself, which holds training's ``step_N.json`` results (those
@@ -16,9 +20,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clipforge.eval_results import TASK_LABELS, markdown_table
+from clipforge import eval_results
+from clipforge.eval_results import TASK_LABELS, percent
 
-__all__ = ["adhoc_results_dir", "headline", "health_table", "markdown_table", "sizes_table", "write_report"]
+__all__ = [
+    "adhoc_results_dir",
+    "dense_rows",
+    "headline",
+    "health_table",
+    "markdown_table",
+    "segmentation_plots",
+    "sizes_table",
+    "write_report",
+]
 
 HEADLINE_KEYS = {
     "zeroshot_classification": ("acc1", "acc5", "mean_per_class_recall"),
@@ -29,6 +43,26 @@ HEADLINE_KEYS = {
         "text_retrieval_recall@1",
         "text_retrieval_recall@5",
     ),
+    "zeroshot_segmentation": ("miou", "pixel_accuracy"),
+    "segmentation_probe": ("miou", "pixel_accuracy"),
+    "referring_expressions": ("accuracy",),
+}
+# Each dense task's rows in the results table: (metric, its label, its chance's key).
+DENSE_METRICS = {
+    "zeroshot_segmentation": (
+        ("miou", "mIoU", "chance_miou"),
+        ("pixel_accuracy", "pixel accuracy", "chance_pixel_accuracy"),
+    ),
+    "segmentation_probe": (
+        ("miou", "mIoU", "chance_miou"),
+        ("pixel_accuracy", "pixel accuracy", "chance_pixel_accuracy"),
+    ),
+    "referring_expressions": (("accuracy", "accuracy (IoU > 0.5)", "chance"),),
+}
+DENSE_LABELS = {
+    "zeroshot_segmentation": "zero-shot segmentation",
+    "segmentation_probe": "segmentation probe",
+    "referring_expressions": "referring expressions",
 }
 
 
@@ -48,10 +82,34 @@ def headline(results: dict[str, dict]) -> dict[str, float]:
     return flat
 
 
+def dense_rows(name: str, metrics: dict) -> list[str]:
+    """The results-table rows of a dense task (``markdown_table``'s columns), each metric with its chance."""
+    task = DENSE_LABELS[metrics["task"]] + (f" ({metrics['variant']})" if metrics.get("variant") else "")
+    return [
+        f"| {name} | {task} | {label} | {percent(metrics[key])} | {percent(metrics[chance])} |"
+        for key, label, chance in DENSE_METRICS[metrics["task"]]
+    ]
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    """``clipforge.eval_results.markdown_table`` with the dense tasks' rows (``dense_rows``), in the results'
+    order."""
+    rows = eval_results.markdown_table({}).splitlines()  # the header
+    for name, metrics in results.items():
+        if metrics["task"] in DENSE_METRICS:
+            rows += dense_rows(name, metrics)
+        else:
+            rows += eval_results.markdown_table({name: metrics}).splitlines()[2:]
+    return "\n".join(rows)
+
+
 def sizes_table(results: dict[str, dict]) -> str:
     rows = ["| dataset | task | split | images | classes / captions | seconds |", "|---|---|---|---|---|---|"]
     for name, metrics in results.items():
         dataset = metrics.get("dataset", {})
+        if metrics["task"] in DENSE_LABELS:
+            rows.append(_dense_sizes(name, metrics, dataset))
+            continue
         if metrics["task"] == "zeroshot_retrieval":
             second = f"{metrics['num_texts']:,} captions"
         else:
@@ -69,8 +127,45 @@ def sizes_table(results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def write_report(results: dict[str, dict], out_dir: str | Path, stem: str, plots: bool = True) -> list[Path]:
-    """Write STEM.json, STEM.md and (with ``plots``) the PNGs; returns the paths written."""
+def _dense_sizes(name: str, metrics: dict, dataset: dict) -> str:
+    split = dataset.get("split", "")
+    if metrics["task"] == "segmentation_probe":
+        split = f"{dataset.get('train_split')} → {split}"
+    if metrics["task"] == "referring_expressions":
+        second = f"{dataset.get('num_expressions', metrics['num_samples']):,} expressions"
+    else:
+        second = f"{metrics['num_classes']:,} classes"
+    grid = "×".join(str(side) for side in metrics.get("grid") or [])
+    return (
+        f"| {name} | {DENSE_LABELS[metrics['task']]} (grid {grid}) | {split} | {dataset.get('num_images', 0):,} | "
+        f"{second} | {metrics['seconds']:.1f} |"
+    )
+
+
+def segmentation_plots(results: dict[str, dict], examples: dict | None, out_dir: str | Path, stem: str) -> list[Path]:
+    """``STEM_NAME_segmentation.png`` (input crop, true mask, predicted mask of each example image) per
+    segmentation set in ``examples`` (what ``run_suite`` kept); returns the paths written."""
+    if not examples:
+        return []
+    from clipforge.evaluation import plots as draw
+
+    out = Path(out_dir)
+    return [
+        draw.plot_segmentation_examples(name, results[name], kept, out / f"{stem}_{_safe(name)}_segmentation.png")
+        for name, kept in examples.items()
+        if name in results
+    ]
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def write_report(
+    results: dict[str, dict], out_dir: str | Path, stem: str, plots: bool = True, examples: dict | None = None
+) -> list[Path]:
+    """Write STEM.json, STEM.md and (with ``plots``) the PNGs, with the segmentation examples ``run_suite`` kept
+    in ``examples``; returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / f"{stem}.json", out / f"{stem}.md"]
@@ -83,7 +178,7 @@ def write_report(results: dict[str, dict], out_dir: str | Path, stem: str, plots
         from clipforge.evaluation import plots as draw
 
         for name, metrics in results.items():
-            safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+            safe = _safe(name)
             if metrics.get("per_class_accuracy"):
                 written.append(draw.plot_per_class_accuracy(name, metrics, out / f"{stem}_{safe}_per_class.png"))
             if metrics.get("examples"):
@@ -96,6 +191,7 @@ def write_report(results: dict[str, dict], out_dir: str | Path, stem: str, plots
                 written.append(
                     draw.plot_similarity_histogram(name, metrics, out / f"{stem}_{safe}_similarity_hist.png")
                 )
+        written += segmentation_plots(results, examples, out, stem)
     return written
 
 

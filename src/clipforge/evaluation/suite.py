@@ -6,7 +6,8 @@ A suite file::
     data_root: data/benchmarks        # what {data_root} means; --data-root or CLIPFORGE_DATA_ROOT override it
     datasets:
       - name: imagenet1k
-        task: zeroshot_classification # or zeroshot_retrieval, linear_probe
+        task: zeroshot_classification # or zeroshot_retrieval, linear_probe; zeroshot_segmentation,
+                                      # segmentation_probe, referring_expressions (dense: docs/evaluation.md)
         path: "{data_root}/wds_imagenet1k"   # relative paths start at the working directory
         format: wds                   # wds | imagefolder | hf; detected from the files when left out
         split: test                   # the split scored (test)
@@ -17,12 +18,19 @@ A suite file::
 Optional per dataset: ``recall_k`` (retrieval, [1, 5, 10]); ``train_split`` (train), ``val_split``
 (none: a ``val_proportion`` of 0.2 of train is held out) and ``seed`` (0) for linear probes;
 ``image_column``, ``label_column``, ``caption_column`` for HF datasets. ``get`` is the command that
-fetches missing data; the error for a missing dataset prints it.
+fetches missing data; the error for a missing dataset prints it. The dense tasks read their own layouts
+(``clipforge.evaluation.dense_datasets``) and take ``variant`` (maskclip), ``ignore_index`` (255),
+``reduce_zero_label`` (false), ``max_train_patches`` (100000), and ``train_split``, ``val_proportion``, ``seed`` for
+the segmentation probe (``clipforge.evaluation.config.DENSE_OPTIONS`` says which task takes which); they run in
+``clipforge.evaluation.dense_suite``.
 
-``single_dataset_suite`` makes the one-entry suite of ``clipforge eval CKPT --dataset PATH``.
+``single_dataset_suite`` makes the suite of ``clipforge eval CKPT --dataset PATH``: one entry, or for a
+segmentation set with a train split two (zero-shot, and the probe as ``NAME-probe``).
 
 ``run_suite`` returns ``{dataset name: metrics}``; given a ``predictions`` dict it also fills it with each
-dataset's per-image predictions (``clipforge.evaluation.predictions``). Image embeddings are computed once
+dataset's per-image predictions (``clipforge.evaluation.predictions``), and given an ``examples`` dict, each
+segmentation set's first test images with true and predicted masks (``dense_suite.SegmentationExamples``, for
+``clipforge.evaluation.report.segmentation_plots``). Image embeddings are computed once
 per dataset split and text classifiers once per (class names, templates) in a run, so a zero-shot and a
 linear-probe entry on the same split embed its images once.
 
@@ -43,7 +51,8 @@ from typing import Any
 
 import torch
 
-from clipforge.evaluation.config import FORMATS, TASKS, SuiteDataset, read_suite_file
+from clipforge.evaluation import dense_suite
+from clipforge.evaluation.config import DENSE_OPTIONS, DENSE_TASKS, FORMATS, TASKS, SuiteDataset, read_suite_file
 from clipforge.evaluation.datasets import (
     CLASSIFICATION,
     RETRIEVAL,
@@ -55,6 +64,8 @@ from clipforge.evaluation.datasets import (
     load_benchmark,
     resolve_names,
 )
+from clipforge.evaluation.dense import check_dense
+from clipforge.evaluation.dense_datasets import SEGMENTATION, dense_kind
 from clipforge.evaluation.encoder import Encoder, Tokenizer
 from clipforge.evaluation.health import embedding_health
 from clipforge.evaluation.linear_probe import fit_linear_probe
@@ -149,12 +160,19 @@ LAYOUTS = {
 
 def check_data(suite: Suite) -> None:
     """Before any work: every dataset's directory exists, or one error says where each goes and how to get it;
-    a zero-shot classification set has templates (its own or the suite's), each with a placeholder."""
+    a zero-shot classification set has templates (its own or the suite's), each with a placeholder; a dense set's
+    files are paired and named as its layout says (``dense_suite.check_entry``)."""
     problems = []
     for entry in suite.datasets:
+        dense = entry.task in DENSE_TASKS
         splits = [entry.split] + ([entry.train_split] if entry.task == "linear_probe" else [])
         root = Path(entry.path)
-        if root.exists() and (entry.format != "wds" or all((root / s / "nshards.txt").is_file() for s in splits)):
+        if dense:
+            splits = dense_suite.splits(entry)
+            if dense_suite.files_present(entry):
+                dense_suite.check_entry(entry)
+                continue
+        elif root.exists() and (entry.format != "wds" or all((root / s / "nshards.txt").is_file() for s in splits)):
             if entry.task == "zeroshot_classification" and entry.templates is None and not dataset_templates(root):
                 raise ValueError(
                     f"dataset {entry.name!r} ({entry.path}): zero-shot classification needs templates and the "
@@ -165,7 +183,8 @@ def check_data(suite: Suite) -> None:
                 _check_classes(entry)
             continue
         split_text = splits[0] if len(splits) == 1 else "{" + ",".join(splits) + "}"
-        layout = LAYOUTS[entry.format or "wds"].format(path=entry.path, split=split_text)
+        layouts = dense_suite.LAYOUTS[dense_suite.layout(entry.task)] if dense else LAYOUTS[entry.format or "wds"]
+        layout = layouts.format(path=entry.path, split=split_text)
         lines = [
             f"dataset {entry.name!r} ({entry.task}, splits {', '.join(splits)}) expects its files at "
             f"{entry.path} ({layout})."
@@ -198,12 +217,17 @@ def single_dataset_suite(
     templates: str | list[str] | None = None,
     split: str = "test",
     format: str | None = None,
+    **dense_options: object,
 ) -> Suite:
     """The suite of one dataset, named after its folder, checked as ``load_suite`` checks a suite file.
 
     ``classnames``/``templates``: what a suite entry takes (``openai_imagenet``, a .txt/.json file, a list).
-    Without ``task``: zero-shot classification when class names are given or the dataset is a classification set
-    (``dataset_kind``), else zero-shot retrieval."""
+    Without ``task``: for a segmentation set (``dense_kind``), zero-shot segmentation, and the segmentation probe
+    as ``NAME-probe`` when it has a train split; for a referring-expression set, referring expressions; else
+    zero-shot classification when class names are given or the dataset is a classification set
+    (``dataset_kind``), else zero-shot retrieval. ``dense_options`` (``variant``, ``ignore_index``,
+    ``reduce_zero_label``, ``max_train_patches``; None = the default) go to the tasks that take them, and one that
+    none of them takes is an error."""
     if task is not None and task not in TASKS:
         raise ValueError(f"task {task!r} is not one of {TASKS}")
     if format is not None and format not in FORMATS:
@@ -212,23 +236,58 @@ def single_dataset_suite(
         key: None if value is None else resolve_names(value, key)
         for key, value in (("classnames", classnames), ("templates", templates))
     }
+    kind = dense_kind(path, split) if Path(path).is_dir() else None
     if task is None:
         if not Path(path).exists():
             raise FileNotFoundError(f"dataset {path} does not exist")
-        classifies = classnames is not None or dataset_kind(path, split, format) == CLASSIFICATION
-        task = "zeroshot_classification" if classifies else "zeroshot_retrieval"
+        tasks = _dense_tasks(path, split, kind)
+        if not tasks:
+            classifies = classnames is not None or dataset_kind(path, split, format) == CLASSIFICATION
+            tasks = ["zeroshot_classification" if classifies else "zeroshot_retrieval"]
+    elif kind is not None and task not in DENSE_TASKS:
+        raise ValueError(
+            f"task {task!r}: {path} is a {kind} set, whose tasks are {', '.join(_dense_tasks(path, split, kind))}"
+        )
+    else:
+        tasks = [task]
+    for key, value in dense_options.items():
+        if value is not None and not set(tasks) & set(DENSE_OPTIONS[key][0]):
+            raise ValueError(
+                f"{key} = {value!r}: only for {', '.join(DENSE_OPTIONS[key][0])} (the task here: {', '.join(tasks)})"
+            )
     name = Path(path).resolve().name or str(path)
-    entry = SuiteEntry(name, task, str(path), format, split, names["classnames"], names["templates"])
-    if classnames is not None:
-        entry.classnames_from = classnames if isinstance(classnames, str) else "--classnames"
-    suite = Suite(name, [entry], None)
+    entries = []
+    for each in tasks:
+        options = {
+            key: value for key, value in dense_options.items() if value is not None and each in DENSE_OPTIONS[key][0]
+        }
+        entry_name = f"{name}-probe" if each == "segmentation_probe" and len(tasks) > 1 else name
+        entry = SuiteEntry(
+            entry_name, each, str(path), format, split, names["classnames"], names["templates"], **options
+        )
+        if classnames is not None:
+            entry.classnames_from = classnames if isinstance(classnames, str) else "--classnames"
+        entries.append(entry)
+    suite = Suite(name, entries, None)
     check_data(suite)
     return suite
 
 
+def _dense_tasks(path: str | Path, split: str, kind: str | None) -> list[str]:
+    """The tasks a dense set runs by default (none for another set)."""
+    if kind is None:
+        return []
+    if kind != SEGMENTATION:
+        return ["referring_expressions"]
+    root = Path(path)
+    probe = split != "train" and (root / "images" / "train").is_dir() and (root / "annotations" / "train").is_dir()
+    return ["zeroshot_segmentation"] + (["segmentation_probe"] if probe else [])
+
+
 class _Run:
     """One suite run's caches: opened benchmarks, image embeddings per split, text classifiers; and, when
-    ``predictions`` is a dict, each dataset's per-image predictions (its top ``top_k``)."""
+    ``predictions`` is a dict, each dataset's per-image predictions (its top ``top_k``); when ``examples`` is one,
+    each segmentation set's example images and masks."""
 
     def __init__(
         self,
@@ -241,11 +300,12 @@ class _Run:
         diagnostics: bool = False,
         predictions: dict[str, list[dict]] | None = None,
         top_k: int = 5,
+        examples: dict[str, dense_suite.SegmentationExamples] | None = None,
     ) -> None:
         self.encoder, self.tokenizer, self.transform = encoder, tokenizer, transform
         self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
         self.diagnostics = diagnostics
-        self.predictions, self.top_k = predictions, top_k
+        self.predictions, self.top_k, self.examples = predictions, top_k, examples
         self.benchmarks: dict[tuple, Benchmark] = {}
         self.features: dict[tuple, tuple] = {}
         self.classifiers: dict[tuple, Any] = {}
@@ -378,7 +438,12 @@ def scored_keys(benchmark: Benchmark) -> list[str]:
     return [keys[index] for index in benchmark.scored()]
 
 
-RUNNERS = {"zeroshot_classification": _classification, "zeroshot_retrieval": _retrieval, "linear_probe": _linear_probe}
+RUNNERS = {
+    "zeroshot_classification": _classification,
+    "zeroshot_retrieval": _retrieval,
+    "linear_probe": _linear_probe,
+    **dense_suite.RUNNERS,
+}
 
 
 def project_embeddings(
@@ -416,6 +481,12 @@ def similarity_diagnostics(image: torch.Tensor, text: torch.Tensor, sample: int 
     }
 
 
+def check_model(suite: Suite, encoder: Encoder) -> None:
+    """A suite with a dense task refuses, in one line, an encoder that gives no patch features (``check_dense``)."""
+    if any(entry.task in DENSE_TASKS for entry in suite.datasets):
+        check_dense(encoder)
+
+
 def run_suite(
     encoder: Encoder,
     tokenizer: Tokenizer,
@@ -427,17 +498,23 @@ def run_suite(
     diagnostics: bool = False,
     predictions: dict[str, list[dict]] | None = None,
     top_k: int = 5,
+    examples: dict[str, dense_suite.SegmentationExamples] | None = None,
 ) -> dict[str, dict]:
     """Run every dataset of ``suite``; ``transform`` maps a PIL image to the encoder's input tensor.
 
     A ``predictions`` dict is filled with {dataset name: per-image rows with the top ``top_k`` labels or ids}
-    (the rows ``clipforge.evaluation.predictions`` writes); the results stay metrics only.
+    (the rows ``clipforge.evaluation.predictions`` writes); an ``examples`` dict with {segmentation set's name:
+    its first test images, true and predicted masks}; the results stay metrics only. A suite with a dense task
+    refuses an encoder without patch features (``check_dense``) before any data is read.
 
     Every retrieval set also reports ``health`` (``clipforge.evaluation.health.embedding_health`` of each image with its
     first caption). ``diagnostics`` adds what the embedding plots draw: a t-SNE ``projection`` per
     classification set, ``similarity_sample`` and ``similarity_histogram`` per retrieval set."""
     check_data(suite)
-    run = _Run(encoder, tokenizer, transform, batch_size, num_workers, progress, diagnostics, predictions, top_k)
+    check_model(suite, encoder)
+    run = _Run(
+        encoder, tokenizer, transform, batch_size, num_workers, progress, diagnostics, predictions, top_k, examples
+    )
     results = {}
     for entry in suite.datasets:
         start = time.perf_counter()
