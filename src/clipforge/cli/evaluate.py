@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DATASET_OPTIONS = ("task", "classnames", "templates", "split", "format", "predictions", "top_k")  # --dataset only
+DENSE_OPTIONS = ("variant", "ignore_index", "reduce_zero_label")  # a dense set's, with --dataset
+DATASET_OPTIONS = ("task", "classnames", "templates", "split", "format", "predictions", "top_k", *DENSE_OPTIONS)
 
 
 def _eval_suite(args: argparse.Namespace):
     """The suite to run: --suite's file, or the one dataset of --dataset; contradictions are errors."""
     from clipforge.evaluation import load_suite
+    from clipforge.evaluation.config import DENSE_TASKS
     from clipforge.evaluation.predictions import check_path
     from clipforge.evaluation.suite import single_dataset_suite
 
@@ -31,9 +33,16 @@ def _eval_suite(args: argparse.Namespace):
         check_path(args.predictions)
     if args.top_k is not None and (args.predictions is None or args.top_k < 1):
         raise ValueError(f"--top-k {args.top_k}: goes with --predictions and must be at least 1")
-    return single_dataset_suite(
-        args.dataset, args.task, args.classnames, args.templates, args.split or "test", args.format
+    dense = {key: getattr(args, key) for key in DENSE_OPTIONS}
+    suite = single_dataset_suite(
+        args.dataset, args.task, args.classnames, args.templates, args.split or "test", args.format, **dense
     )
+    if args.predictions is not None and suite.datasets[0].task in DENSE_TASKS:
+        raise ValueError(
+            f"--predictions: per-image predictions are written for classification and retrieval sets; "
+            f"{args.dataset} is scored by {', '.join(entry.task for entry in suite.datasets)}"
+        )
+    return suite
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -58,6 +67,7 @@ def _eval(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_eval_model(args.checkpoint, args.model, args.weights, device, args.amp)
     predictions = {} if args.predictions else None
+    examples = None if args.no_plots else {}
     results = run_suite(
         loaded.encoder,
         loaded.tokenizer,
@@ -69,10 +79,11 @@ def _eval(args: argparse.Namespace) -> int:
         diagnostics=args.embedding_plots,
         predictions=predictions,
         top_k=args.top_k or 5,
+        examples=examples,
     )
     stem = f"{suite.name}_{loaded.name}"
     replaced = " (replaced the one there)" if (out / f"{stem}.json").exists() else ""
-    written = write_report(results, out, stem, plots=not args.no_plots)
+    written = write_report(results, out, stem, plots=not args.no_plots, examples=examples)
     health = health_table(results)
     print(markdown_table(results) + (f"\n\n{health}" if health else ""))
     print(f"\nresults: {written[0]}{replaced}" + (f" (+ {len(written) - 2} plots)" if len(written) > 2 else ""))
@@ -84,16 +95,20 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    from clipforge.evaluation.config import FORMATS, TASKS  # torch-free: the parser imports no evaluator
+    # torch-free: the parser imports no evaluator
+    from clipforge.evaluation.config import DENSE_OPTIONS as DEFAULTS
+    from clipforge.evaluation.config import DENSE_VARIANTS, FORMATS, TASKS
 
     evaluate = commands.add_parser(
         "eval",
-        help="zero-shot classification, retrieval and linear probes of a model on a benchmark suite or one dataset",
+        help="zero-shot classification, retrieval, linear probes, segmentation and referring expressions of a model "
+        "on a benchmark suite or one dataset",
         description="Evaluate a clipforge checkpoint, an open_clip folder, a transformers CLIP folder, or an open_clip "
         "architecture with a local weights file (--model, --weights) on the datasets of a suite "
         "(--suite eval/*.yaml) or on one dataset (--dataset PATH: a CLIP_benchmark WebDataset directory, an image "
-        "folder or a saved HF dataset). Writes SUITE_MODEL.json (every metric), SUITE_MODEL.md (the table) and PNG "
-        "plots (SUITE is the dataset's folder name with --dataset); --predictions adds per-image predictions.",
+        "folder, a saved HF dataset, a segmentation set or a referring-expression set). Writes SUITE_MODEL.json "
+        "(every metric), SUITE_MODEL.md (the table) and PNG plots (SUITE is the dataset's folder name with "
+        "--dataset); --predictions adds per-image predictions.",
     )
     evaluate.add_argument(
         "checkpoint",
@@ -108,13 +123,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--dataset",
         metavar="PATH",
         help="evaluate this one dataset without a suite: a CLIP_benchmark WebDataset directory, an image folder "
-        "(PATH/test/CLASS/*.jpg or PATH/CLASS/*.jpg) or a saved HF dataset, detected from its files",
+        "(PATH/test/CLASS/*.jpg or PATH/CLASS/*.jpg), a saved HF dataset, a segmentation set (PATH/images/test/, "
+        "PATH/annotations/test/, PATH/classnames.txt) or a referring-expression set (PATH/refs_test.json), "
+        "detected from its files",
     )
     evaluate.add_argument(
         "--task",
         choices=TASKS,
         help="with --dataset (default: zeroshot_classification when --classnames is given or the dataset holds "
-        "class labels, else zeroshot_retrieval); linear_probe trains on the train split",
+        "class labels, else zeroshot_retrieval; a segmentation set: zeroshot_segmentation, and "
+        "segmentation_probe when it has a train split; a referring set: referring_expressions); linear_probe "
+        "and segmentation_probe train on the train split",
     )
     evaluate.add_argument(
         "--classnames",
@@ -137,6 +156,25 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "image, or top-k ids per retrieval query (see docs/evaluation.md)",
     )
     evaluate.add_argument("--top-k", type=int, help="labels or ids per row of the --predictions file (5)")
+    evaluate.add_argument(
+        "--variant",
+        choices=DENSE_VARIANTS,
+        help="with a dense --dataset: how patches reach the text space for zero-shot segmentation and referring "
+        f"expressions ({DEFAULTS['variant'][1]}: MaskCLIP's value embeddings; plain: the tower's own head on "
+        "every patch)",
+    )
+    evaluate.add_argument(
+        "--ignore-index",
+        type=int,
+        metavar="N",
+        help=f"with a segmentation --dataset: the mask value no metric counts ({DEFAULTS['ignore_index'][1]})",
+    )
+    evaluate.add_argument(
+        "--reduce-zero-label",
+        action="store_const",
+        const=True,
+        help="with a segmentation --dataset: ADE20K's convention, mask value 0 is ignored and value v is class v-1",
+    )
     _add_eval_model_and_output_options(evaluate)
     evaluate.set_defaults(func=_eval)
 
