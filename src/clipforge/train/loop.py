@@ -23,7 +23,8 @@ import yaml
 from clipforge.data.pipeline import StopRequested
 from clipforge.distributed import DistInfo, destroy_process_group, init_process_group
 from clipforge.evaluation import OpenClipEncoder, load_suite, markdown_table, run_suite
-from clipforge.evaluation.suite import headline
+from clipforge.evaluation.report import segmentation_plots
+from clipforge.evaluation.suite import check_model, headline
 from clipforge.train.build import Run, build_run
 from clipforge.train.config import RunConfig
 from clipforge.train.health import CollapseError, CollapseMonitor, HealthProbe
@@ -142,11 +143,13 @@ def _eval_mode(model, dist_info: DistInfo, cfg: RunConfig):
 
 
 def _evaluate(model, built, cfg: RunConfig, dist_info: DistInfo, step: int, run_dir: Path) -> dict[str, float]:
-    """Rank 0 runs the suite and writes eval/step_N.json and .md; returns the headline metrics."""
+    """Rank 0 runs the suite and writes eval/step_N.json and .md, and with logging.plot each segmentation set's
+    examples (eval/step_N_NAME_segmentation.png); returns the headline metrics."""
     import json
 
     if cfg.eval.suite is None or not dist_info.is_main:
         return {}
+    examples = {} if cfg.logging.plot else None
     with _eval_mode(model, dist_info, cfg) as encoder:
         results = run_suite(
             encoder,
@@ -155,11 +158,13 @@ def _evaluate(model, built, cfg: RunConfig, dist_info: DistInfo, step: int, run_
             load_suite(cfg.eval.suite),
             cfg.eval.batch_size,
             cfg.eval.num_workers,
+            examples=examples,
         )
     out = run_dir / "eval"
     out.mkdir(exist_ok=True)
     (out / f"step_{step:08d}.json").write_text(json.dumps(results, indent=1))
     (out / f"step_{step:08d}.md").write_text(markdown_table(results) + "\n")
+    segmentation_plots(results, examples, out, f"step_{step:08d}")
     return {f"eval/{k}": v for k, v in headline(results).items()}
 
 
@@ -232,6 +237,8 @@ def _train(
     apply_cuda_settings(cfg, dist_info.device)
     run = build_run(cfg, dist_info, stop_requested=lambda: stop.received is not None)
     cleanup.callback(run.loader.close)  # on return or error: the DataLoader workers stop before the process exits
+    if cfg.eval.suite is not None:  # a tower the suite's dense tasks cannot read fails now, not after training
+        check_model(load_suite(cfg.eval.suite, check=False), OpenClipEncoder(unwrap(run.model)))
     if dist_info.is_main:  # this run holds the run directory's lock: a partial checkpoint left here is a dead run's
         for partial in run.checkpointer.discard_partial():
             log.info("removed %s, a checkpoint an earlier run did not finish", partial)
