@@ -23,10 +23,17 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-data/synth/eval/colors/train/nshards.txt: | $(STAMP)  # written last: the whole set (incl. the linear-probe split)
-	$(BIN)/clipforge prep synthetic --out data/synth --num-samples 20000
+DEMO_PREP := $(BIN)/clipforge prep synthetic --out data/synth --num-samples 20000
 
-demo: $(STAMP) data/synth/eval/colors/train/nshards.txt
+data/synth/eval/colors/train/nshards.txt: | $(STAMP)  # written last: the whole set (incl. the linear-probe split)
+	$(DEMO_PREP)
+
+# The dense sets, which a data/synth made before them lacks: the same command again resumes the training shards
+# (nothing to redo) and rewrites eval/. On a fresh clone the rule above has already written this file.
+data/synth/eval/referring/refs_test.json: | data/synth/eval/colors/train/nshards.txt
+	$(DEMO_PREP)
+
+demo: $(STAMP) data/synth/eval/colors/train/nshards.txt data/synth/eval/referring/refs_test.json
 	rm -rf runs/demo
 	$(BIN)/clipforge train configs/demo.yaml
 	$(BIN)/clipforge export runs/demo/checkpoints/latest --format open_clip --out $(DEMO_EXPORT)
