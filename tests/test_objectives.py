@@ -10,8 +10,8 @@ import pytest
 import torch
 from objective_example import mean_colour
 from ranks import run_ranks
-from safetensors.torch import load_file
 
+from clipforge.checkpoints import read_weights
 from clipforge.losses import ClipLoss, ObjectiveContext, Objectives, build_objectives
 from clipforge.losses.clip import ClipObjective
 from clipforge.losses.config import TERMS, LossConfig, TermConfig
@@ -75,7 +75,7 @@ def test_a_new_objective_trains_checkpoints_resumes_exactly_and_stays_out_of_exp
     logged = [r["train/mean_colour"] for r in records(tmp_path / "full") if "train/mean_colour" in r]
     assert len(logged) == 6 and all(value > 0 for value in logged)
     checkpoints = tmp_path / "full" / "checkpoints"
-    weights = load_file(checkpoints / "latest" / "model.safetensors")
+    weights = read_weights(checkpoints / "latest")
     assert weights["objectives.members.1.member.head.weight"].shape == (3, 64)
 
     import shutil
@@ -83,7 +83,7 @@ def test_a_new_objective_trains_checkpoints_resumes_exactly_and_stays_out_of_exp
     (tmp_path / "partial" / "checkpoints").mkdir(parents=True)
     shutil.copytree(checkpoints / "step_00000003", tmp_path / "partial" / "checkpoints" / "step_00000003")
     train(run_config(synth_data, tiny_model_json, tmp_path / "partial", *common, "checkpoint.resume=latest"))
-    resumed = load_file(tmp_path / "partial" / "checkpoints" / "latest" / "model.safetensors")
+    resumed = read_weights(tmp_path / "partial" / "checkpoints" / "latest")
     assert weights.keys() == resumed.keys()
     assert all(torch.equal(weights[name], resumed[name]) for name in weights)
     by_step = {r["step"]: r["train/mean_colour"] for r in records(tmp_path / "partial") if "train/mean_colour" in r}
