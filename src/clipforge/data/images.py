@@ -230,8 +230,10 @@ class ImageTransform:
 
     # -- decode ------------------------------------------------------------------------------------
 
-    def _decode_jpeg(self, data: bytes, rng: random.Random | None) -> tuple[np.ndarray, tuple] | None:
-        """libjpeg-turbo's decode at a DCT-domain reduction; None where Pillow must do it (CMYK, a rotated image)."""
+    def _decode_jpeg(self, data: bytes, rng: random.Random | None) -> tuple[np.ndarray, tuple, tuple] | None:
+        """libjpeg-turbo's decode at a DCT-domain reduction: (array, crop box in its pixels as (left, top, width,
+        height), the array's size over the image's as (w, h)); None where Pillow must do it (CMYK, a rotated
+        image)."""
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         except ValueError:
@@ -249,9 +251,9 @@ class ImageTransform:
             return None
         factor_w, factor_h = array.shape[1] / width, array.shape[0] / height
         box = (left * factor_w, top * factor_h, crop_w * factor_w, crop_h * factor_h)
-        return array, box
+        return array, box, (factor_w, factor_h)
 
-    def _decode_pil(self, data: bytes, rng: random.Random | None) -> tuple[np.ndarray, tuple]:
+    def _decode_pil(self, data: bytes, rng: random.Random | None) -> tuple[np.ndarray, tuple, tuple]:
         image = open_image(data, self.max_pixels)
         if image.format == "JPEG" and image.getexif().get(0x0112, 1) == 1:
             width, height = image.size
@@ -267,27 +269,48 @@ class ImageTransform:
             left, top, crop_w, crop_h = self.crop_box(width, height, rng)
         array = np.array(image)  # a writable copy (torch refuses to wrap Pillow's read-only buffer)
         factor_w, factor_h = array.shape[1] / width, array.shape[0] / height
-        return array, (left * factor_w, top * factor_h, crop_w * factor_w, crop_h * factor_h)
+        return array, (left * factor_w, top * factor_h, crop_w * factor_w, crop_h * factor_h), (factor_w, factor_h)
 
     def crop(self, data: bytes, rng: random.Random | None = None) -> np.ndarray:
         """Encoded image bytes → the uint8 crop (h, w, 3), decoded as training decodes it, before the resize.
 
         Needs no torch: ``clipforge prep inspect`` checks images with it."""
+        return self.crop_and_box(data, rng)[0]
+
+    def crop_and_box(
+        self, data: bytes, rng: random.Random | None = None
+    ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+        """``crop``'s array, and the part of the image it shows: (x0, y0, x1, y1) in the pixels of the image as a
+        viewer shows it (EXIF orientation applied), x1 and y1 exclusive. Where the image was decoded at a reduced
+        size the crop is a whole-pixel slice of the smaller image, and the box is that slice's edges scaled back, so
+        a box given in the image's pixels lands on the pixels the output shows of it."""
         decoded = self._decode_jpeg(data, rng) if data[:3] == JPEG_MAGIC else None
         if decoded is None:
             decoded = self._decode_pil(data, rng)
-        array, (left, top, crop_w, crop_h) = decoded
+        array, (left, top, crop_w, crop_h), (factor_w, factor_h) = decoded
         x0, y0 = int(round(left)), int(round(top))
         x1 = min(array.shape[1], max(x0 + 1, int(round(left + crop_w))))
         y1 = min(array.shape[0], max(y0 + 1, int(round(top + crop_h))))
-        return array[y0:y1, x0:x1]
+        return array[y0:y1, x0:x1], (x0 / factor_w, y0 / factor_h, x1 / factor_w, y1 / factor_h)
+
+    def with_crop_box(
+        self, data: bytes, rng: random.Random | None = None
+    ) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
+        """``self(data, rng)`` and the crop's box in the image's pixels (``crop_and_box``): what the loader uses to move
+        a sample's region boxes into the training crop. The same ``rng`` gives the same crop as ``self(data, rng)``."""
+        crop, box = self.crop_and_box(data, rng)
+        return self._resize(crop), box
 
     def __call__(self, data: bytes, rng: random.Random | None = None) -> torch.Tensor:
         """Encoded image bytes → uint8 tensor (3, H, W) of the output size."""
+        return self._resize(self.crop(data, rng))
+
+    def _resize(self, array: np.ndarray) -> torch.Tensor:
+        """A uint8 crop (h, w, 3) → uint8 tensor (3, H, W) of the output size."""
         import torch
         import torch.nn.functional as F
 
-        crop = torch.from_numpy(np.ascontiguousarray(self.crop(data, rng))).permute(2, 0, 1)
+        crop = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
         if tuple(crop.shape[1:]) == self.size:
             return crop.contiguous()
         return F.interpolate(
