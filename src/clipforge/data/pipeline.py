@@ -21,7 +21,8 @@ Two modes (``data.mode``):
 Each worker reads its tars with ``samples.read_tar`` (local, ``pipe:`` or fsspec streams, see
 ``sources.py``), shuffles samples in a seeded buffer, decodes images (``images.py``), reads and
 cleans the caption (``samples.py``), tokenizes whole batches and yields uint8 image batches, so the
-main process only receives tensors.
+main process only receives tensors. When an objective asks for the ``regions`` field, each sample's
+``KEY.regions.json`` is read too and its boxes follow the image into its crop (``regions.py``).
 
 Bad input is skipped and counted by kind (``samples.SKIP_KINDS``), never slow (no sleeping handler).
 Each batch carries its worker's running counts and the first occurrence of each kind; the
@@ -65,6 +66,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from clipforge.data.config import DataConfig
 from clipforge.data.images import ImageTransform
 from clipforge.data.position import Consumed
+from clipforge.data.regions import RegionsProblem, collate_regions, crop_regions, parse_regions, requested_regions
 from clipforge.data.samples import DataError, SampleDecoder, SkipCounter, read_tar
 from clipforge.data.sources import Source, open_shard
 from clipforge.data.teacher import TeacherEmbeddings
@@ -151,7 +153,11 @@ class ShardedImageText(IterableDataset):
         self.normalize_in_workers = normalize_in_workers
         # batches carry caption_ids / image_ids (content hashes) when an objective asks for either (loss.positives)
         self.sample_ids = any(field in ("caption_ids", "image_ids") for field in fields)
-        self.sample_fields = [field for field in fields if not isinstance(field, str)]  # made per sample, by name
+        # the grounded regions (clipforge.data.regions) when an objective asks for them: at most this many a sample
+        self.max_regions = requested_regions(fields)
+        self.sample_fields = [  # made per sample, by name
+            field for field in fields if not isinstance(field, str) and getattr(field, "name", None) != "regions"
+        ]
         self.trim_text = trim_text  # token batches end at their longest caption (models.enable_text_trimming)
         self.rank, self.world_size, self.mode = rank, world_size, mode
         self.shards = [shard for source in sources for shard in source.shards]
@@ -271,9 +277,12 @@ class ShardedImageText(IterableDataset):
         shuffled = wds.filters._shuffle(samples, self.cfg.shuffle_buffer, self.cfg.shuffle_initial, rng=rng)
         skip = self.resume_consumed.get(worker, 0)
         quota = self.worker_batches.get(worker) if self.mode == "resampled" else None
-        decode = SampleDecoder(self.transform, self.cfg.caption_key)
+        # with regions, the transform also gives the crop's box, so that the boxes follow the image into it
+        decode = SampleDecoder(
+            self.transform if self.max_regions is None else self.transform.with_crop_box, self.cfg.caption_key
+        )
         teacher = TeacherEmbeddings(self.cfg.teacher) if self.cfg.teacher else None
-        images, texts, ids, taken, rows, made = [], [], [], [], [], {}
+        images, texts, ids, taken, rows, made, regions = [], [], [], [], [], {}, []
         place = f"{self.cfg.seed}-{self.epoch}-{self.rank}-{worker}{restart}"
         for sample in shuffled:
             if quota is not None and position["produced"] >= quota:
@@ -292,6 +301,15 @@ class ShardedImageText(IterableDataset):
                 self._count_unkept(unkept, counter, worker)
                 continue
             decoded = decode(sample, counter, random.Random(f"{place}-{position['consumed']}"))
+            if decoded is not None and self.max_regions is not None:
+                (image, crop), caption, extension = decoded
+                decoded = image, caption, extension
+                try:
+                    found = parse_regions(sample["regions.json"]) if "regions.json" in sample else []
+                    regions.append(crop_regions(found, crop, self.max_regions))
+                except RegionsProblem as problem:
+                    counter.skip("bad_regions", f"{sample['__url__']}:{sample['__key__']}", str(problem))
+                    decoded = None
             if decoded is None:
                 self._count_unkept(unkept, counter, worker)
                 continue
@@ -307,8 +325,8 @@ class ShardedImageText(IterableDataset):
                 made.setdefault(field.name, []).append(field.function(decoded[0], decoded[1]))
             if len(images) == self.cfg.batch_size:
                 position["produced"] += 1
-                yield self._collate(images, texts, keys, ids, position, counter, ends, taken, rows, made)
-                images, texts, ids, taken, rows, made = [], [], [], [], [], {}
+                yield self._collate(images, texts, keys, ids, position, counter, ends, taken, rows, made, regions)
+                images, texts, ids, taken, rows, made, regions = [], [], [], [], [], {}, []
                 keys.clear()
 
     def _collate(
@@ -323,6 +341,7 @@ class ShardedImageText(IterableDataset):
         taken: list[tuple[int, int]],
         teacher_rows: list[tuple[Any, Any]] = (),
         made: dict[str, list[torch.Tensor]] | None = None,
+        regions: list[tuple[list, list[str]]] = (),
     ) -> dict[str, Any]:
         stacked = torch.stack(images)
         if self.normalize_in_workers:
@@ -342,6 +361,8 @@ class ShardedImageText(IterableDataset):
             batch["caption_ids"], batch["image_ids"] = torch.tensor(ids, dtype=torch.int64).unbind(1)
         for name, values in (made or {}).items():  # the objectives' own per-sample fields, (B, *shape)
             batch[name] = torch.stack(values).float()
+        if self.max_regions is not None:  # region_boxes (B, R, 4), region_captions (B, R, L), region_count (B,)
+            batch.update(collate_regions(list(regions), self.max_regions, self.tokenizer))
         if teacher_rows:  # (B, D_teacher) each
             batch["teacher_image"] = torch.from_numpy(np.stack([image for image, _ in teacher_rows]))
             batch["teacher_text"] = torch.from_numpy(np.stack([text for _, text in teacher_rows]))

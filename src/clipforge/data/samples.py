@@ -46,6 +46,8 @@ SKIP_KINDS = {
     "decompression_bomb": "an image whose header declares more than data.max_image_pixels pixels",
     "corrupt_image": "an image that does not decode (truncated, zero bytes, not an image)",
     "missing_teacher": "a sample with no row in data.teacher's embeddings (found by shard file name and key)",
+    "bad_regions": "a KEY.regions.json that does not parse or whose boxes or captions are malformed (read only when "
+    "an objective asks for regions: clipforge.data.regions)",
 }
 
 

@@ -3,9 +3,10 @@
 An ``Objective`` is an ``nn.Module`` with:
 
 - ``batch_fields``: the batch fields it reads besides ``images`` and ``texts``. Each is a name the loader knows
-  (``caption_ids``, ``image_ids``, ``teacher_image``, ``teacher_text``) or a ``SampleField``: a name with a
-  picklable function the data workers apply to every decoded sample. The loader emits exactly the union of what
-  the configured objectives declare, so a field nobody asks for costs nothing.
+  (``caption_ids``, ``image_ids``, ``teacher_image``, ``teacher_text``, ``regions``), a ``RegionsField`` (the
+  grounded regions with its own cap on their number), or a ``SampleField``: a name with a picklable function the
+  data workers apply to every decoded sample. The loader emits exactly the union of what the configured objectives
+  declare, so a field nobody asks for costs nothing.
 - ``model_outputs``: what it reads from the model besides the pooled, L2-normalised ``image_features`` and
   ``text_features``, ``logit_scale`` and ``logit_bias``: ``image_tokens`` (the image tower's unpooled output tokens,
   (B, N, width), before the final norm and projection) or ``text_tokens``. The model computes them only when an
@@ -18,6 +19,9 @@ An ``Objective`` is an ``nn.Module`` with:
 - ``before_forward(batch)`` and ``after_update(applied)``: optional hooks around the step (a momentum encoder's
   keys before the model's forward; its EMA and the queue's enqueue after an applied update). ``applied`` is a bool
   tensor on the device.
+- ``train_flops(image_tokens, image_trainable)``: the model FLOPs of one sample's forward and backward through the
+  objective's own modules (a decoder), for MFU and ``--dry-run`` (``clipforge.train.flops``); 0 by default, for
+  objectives whose arithmetic is negligible beside the towers'.
 - state: its parameters and buffers (a head, a decoder) are attached to the model under ``objectives.`` while it
   trains (``clipforge.train.parallel.attach_objectives``), so the optimizer, DDP or FSDP and the checkpoint treat
   them as the model's, and every export leaves them out; other state (a queue and its write position) is named by
@@ -42,8 +46,19 @@ from clipforge.distributed import mesh_group
 MODEL_OUTPUTS = ("image_tokens", "text_tokens")
 """What an objective may ask of the model besides the pooled features (``clipforge.models.outputs`` makes them)."""
 
-LOADER_FIELDS = ("caption_ids", "image_ids", "teacher_image", "teacher_text")
+LOADER_FIELDS = ("caption_ids", "image_ids", "teacher_image", "teacher_text", "regions")
 """Batch fields the loader itself knows how to make (``clipforge.data.pipeline``)."""
+
+
+@dataclass(frozen=True)
+class RegionsField:
+    """The grounded regions of each sample (``clipforge.data.regions``): its ``KEY.regions.json`` boxes moved into the
+    training crop and its region captions tokenised, at most ``max_regions`` a sample. The batch holds
+    ``region_boxes`` float32 (B, R, 4) as (x0, y0, x1, y1) in [0, 1] of the crop, ``region_captions`` int64
+    (B, R, L) and ``region_count`` int64 (B,); a sample without the member (web data) has count 0."""
+
+    max_regions: int = 8
+    name: str = "regions"
 
 
 @dataclass(frozen=True)
@@ -112,6 +127,12 @@ class Objective(torch.nn.Module):
     def after_update(self, applied: torch.Tensor) -> None:
         """Called after the optimizer step; ``applied`` is False when the update was skipped (non-finite)."""
 
+    def train_flops(self, image_tokens: int, image_trainable: bool = True) -> float:
+        """Model FLOPs of one sample's forward and backward through the objective's own modules, given the number of
+        image tokens the tower gives it and whether they need a gradient (a locked tower's do not); they are charged
+        with the towers' for MFU (``clipforge.train.flops``). 0: nothing worth counting."""
+        return 0.0
+
     @property
     def needs_host_sync(self) -> bool:
         """Whether ``after_update`` reads ``applied`` on the host (the step then cannot keep its skip on the device)."""
@@ -134,12 +155,12 @@ class Objectives(torch.nn.Module):
             raise ValueError(f"loss terms: two objectives return the same term name: {sorted(names)}")
 
     @property
-    def batch_fields(self) -> tuple[str | SampleField, ...]:
+    def batch_fields(self) -> tuple[str | RegionsField | SampleField, ...]:
         """The union of the members' batch fields, in order of first mention."""
-        fields: dict[str, str | SampleField] = {}
+        fields: dict[str, str | RegionsField | SampleField] = {}
         for member in self.members:
             for field in member.batch_fields:
-                name = field.name if isinstance(field, SampleField) else field
+                name = field if isinstance(field, str) else field.name
                 if name in fields and fields[name] != field:
                     raise ValueError(f"loss terms: two objectives define batch field {name!r} differently")
                 fields.setdefault(name, field)
@@ -175,6 +196,9 @@ class Objectives(torch.nn.Module):
     def after_update(self, applied: torch.Tensor) -> None:
         for member in self.members:
             member.after_update(applied)
+
+    def train_flops(self, image_tokens: int, image_trainable: bool = True) -> float:
+        return sum(member.train_flops(image_tokens, image_trainable) for member in self.members)
 
     def restart_pieces(self) -> dict[str, Any]:
         pieces: dict[str, Any] = {}
@@ -221,6 +245,9 @@ class Weighted(Objective):
     @property
     def needs_host_sync(self) -> bool:
         return self.member.needs_host_sync
+
+    def train_flops(self, image_tokens: int, image_trainable: bool = True) -> float:
+        return self.member.train_flops(image_tokens, image_trainable)
 
     def restart_pieces(self):
         return self.member.restart_pieces()
