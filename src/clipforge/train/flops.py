@@ -17,7 +17,10 @@ mode and the backward pass autograd really runs:
   the pooled projection constant); it is counted at three lengths and the quadratic is exact at every L, so the
   loop charges each batch for its own trimmed length.
 * the pooled last block (``speed.pooled_last_block``): the last block's work on the tokens pooling discards is not
-  done, and not counted (open_clip, which does it, is counted in full: ``pooled_last_block=False``).
+  done, and not counted (open_clip, which does it, is counted in full: ``pooled_last_block=False``), unless an
+  objective reads every image token (the run then keeps the block whole);
+* the objectives' own modules (``loss``: a LocCa decoder): each objective's ``train_flops`` for the image tokens the
+  train-mode tower gives it, added per sample (``TrainFlops.objectives``).
 
 Attention is counted as its matmuls (forward 2, backward 4 per head: scores and weighted sum; the backward kernels'
 recomputation of the scores is hardware work, not model work, and so is gradient checkpointing's re-forward:
@@ -32,7 +35,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from clipforge.losses import ObjectiveContext, build_objectives
+from clipforge.losses.config import LossConfig
 from clipforge.models import ModelConfig, build_model, enable_pooled_last_block, enable_text_trimming
+from clipforge.models.outputs import OutputCapture, needs_every_token
 from clipforge.train.parallel import apply_training_options
 
 
@@ -45,6 +51,7 @@ class TrainFlops:
     text_forward: float  # at the full context length
     text_train_quadratic: tuple[float, float, float]
     context_length: int
+    objectives: float = 0.0  # forward + backward of the objectives' own modules (a decoder), independent of L
 
     def text_train(self, length: int | None = None) -> float:
         a, b, c = self.text_train_quadratic
@@ -53,27 +60,35 @@ class TrainFlops:
 
     def train(self, text_length: int | None = None) -> float:
         """One sample's forward + backward FLOPs, with its captions cut to ``text_length`` tokens (None: full)."""
-        return self.image_train + self.text_train(text_length)
+        return self.image_train + self.text_train(text_length) + self.objectives
 
 
 def count_train_flops(
-    model_cfg: ModelConfig, learn_temperature: bool = True, pooled_last_block: bool = True
+    model_cfg: ModelConfig,
+    learn_temperature: bool = True,
+    pooled_last_block: bool = True,
+    loss: LossConfig | None = None,
 ) -> TrainFlops:
-    """Count one sample's model FLOPs in training (see the module docstring), on a meta-device copy of the model."""
+    """Count one sample's model FLOPs in training (see the module docstring), on a meta-device copy of the model;
+    with ``loss``, its objectives' own modules too."""
     model_cfg = dataclasses.replace(model_cfg, init_from=None, grad_checkpointing=False)  # no weights, no recompute
     try:
-        return _count(model_cfg, learn_temperature, pooled_last_block, "meta")
+        return _count(model_cfg, learn_temperature, pooled_last_block, loss, "meta")
     except (NotImplementedError, RuntimeError):  # a tower that cannot be built or run without data: count on the CPU
-        return _count(model_cfg, learn_temperature, pooled_last_block, "cpu")
+        return _count(model_cfg, learn_temperature, pooled_last_block, loss, "cpu")
 
 
-def _count(model_cfg: ModelConfig, learn_temperature: bool, pooled_last_block: bool, device: str) -> TrainFlops:
+def _count(
+    model_cfg: ModelConfig, learn_temperature: bool, pooled_last_block: bool, loss: LossConfig | None, device: str
+) -> TrainFlops:
     with torch.device(device):
         built = build_model(model_cfg, device=device)
         model = built.model
         apply_training_options(model, model_cfg, learn_temperature)
+        objectives = build_objectives(loss, ObjectiveContext(model=model)) if loss is not None else None
+        every_token = objectives is not None and needs_every_token(objectives.model_outputs)
         trims = enable_text_trimming(model)  # the caption lengths training may give it
-        if pooled_last_block:
+        if pooled_last_block and not every_token:
             enable_pooled_last_block(model)
         model.train()
         size = built.preprocess_cfg["size"]
@@ -86,7 +101,20 @@ def _count(model_cfg: ModelConfig, learn_temperature: bool, pooled_last_block: b
         for length in lengths:
             tokens = torch.zeros(2, length, dtype=torch.long)
             text[length] = _forward_and_train(lambda tokens=tokens: model.encode_text(tokens), per=2)
-    return TrainFlops(*image, text[context][0], _quadratic(text, lengths), context)
+        extra = _objective_flops(model, objectives, (2, 3, height, width)) if objectives is not None else 0.0
+    return TrainFlops(*image, text[context][0], _quadratic(text, lengths), context, extra)
+
+
+def _objective_flops(model: torch.nn.Module, objectives, image_shape: tuple[int, ...]) -> float:
+    """The objectives' ``train_flops`` for the number of image tokens the train-mode tower gives (patch dropout
+    applied) and whether they need a gradient (not from a locked tower)."""
+    capture = OutputCapture(model, ("image_tokens",))
+    with torch.no_grad():
+        model.encode_image(torch.zeros(image_shape))
+    tokens = capture.take()["image_tokens"].shape[1]
+    capture.remove()
+    trainable = any(parameter.requires_grad for parameter in model.visual.parameters())
+    return float(objectives.train_flops(tokens, trainable))
 
 
 def _attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
