@@ -78,6 +78,14 @@ def dcp_weights(path: Path) -> dict[str, torch.Tensor]:
     return dcp_contents(path)["model"]
 
 
+def weights_file(checkpoint: Path, path: Path) -> Path:
+    """The checkpoint's model weights (``dcp_weights``) written to ``path`` as a plain safetensors file."""
+    from safetensors.torch import save_file
+
+    save_file(dcp_weights(checkpoint), str(path))
+    return path
+
+
 def as_older_layout(path: Path, model: dict[str, torch.Tensor] | None = None, state: dict | None = None) -> None:
     """Make the checkpoint at ``path`` one of the single-file layout (with ``model``: its weights as
     ``model.safetensors``, the DCP files removed; with ``state``: that ``state.pt``), its manifest listing the
