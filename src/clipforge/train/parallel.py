@@ -1,7 +1,9 @@
 """The one place that prepares the model for training: every option applied from outside the model code.
 
 ``prepare_model`` takes the model ``build_model`` made and, in this order: freezes the temperature (and bias)
-unless ``loss.learn_temperature``, locks towers (LiT: ``model.lock_image`` / ``model.lock_text``), turns on
+unless ``loss.learn_temperature``, locks towers (LiT: ``model.lock_image`` / ``model.lock_text``), adapts them
+(``model.image_adapt`` / ``model.text_adapt``: frozen, the last k blocks, or LoRA adapters that every attention path
+below computes with, ``clipforge.models.adapt``), turns on
 gradient checkpointing, lets the text tower take trimmed token batches (``speed.trim_text_padding``), runs each
 tower's last block at its pooled token only (``speed.pooled_last_block``), routes self-attention through one
 packed projection in training (``speed.packed_attention``), switches to
@@ -42,7 +44,13 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from clipforge.distributed import DistInfo, build_mesh
-from clipforge.models import ModelConfig, enable_packed_attention, enable_pooled_last_block, enable_text_trimming
+from clipforge.models import (
+    ModelConfig,
+    apply_adaptation,
+    enable_packed_attention,
+    enable_pooled_last_block,
+    enable_text_trimming,
+)
 from clipforge.train.config import ParallelConfig, SpeedConfig
 
 STRATEGIES = ("ddp", "fsdp")
@@ -111,7 +119,8 @@ def attach_objectives(model: nn.Module, objectives: nn.Module) -> bool:
 
 
 def apply_training_options(model: torch.nn.Module, cfg: ModelConfig, learn_temperature: bool = True) -> None:
-    """Temperature freezing, gradient checkpointing and tower locking (open_clip's own implementations)."""
+    """Temperature freezing, gradient checkpointing, tower locking (open_clip's own implementations) and the towers'
+    adaptation modes (``clipforge.models.apply_adaptation``: frozen, last_k, LoRA)."""
     if not learn_temperature:
         for name in ("logit_scale", "logit_bias"):
             if getattr(model, name, None) is not None:
@@ -131,6 +140,7 @@ def apply_training_options(model: torch.nn.Module, cfg: ModelConfig, learn_tempe
         model.lock_text_tower(
             unlocked_layers=cfg.lock_text_unlocked_layers, freeze_layer_norm=cfg.lock_text_freeze_layer_norm
         )
+    apply_adaptation(model, cfg)
 
 
 def use_channels_last(setting: bool | str, model: torch.nn.Module) -> bool:
