@@ -9,8 +9,10 @@ What a path can be (``model_kind`` tells which from the files alone, so a wrong 
 - a clipforge checkpoint directory (``config.yaml`` + ``manifest.json`` + weights or shards). ``read_checkpoint_config``
   is the one reading of its saved config's ``model:`` section into a ``ModelConfig``; ``load_checkpoint_model``
   builds that architecture and loads the weights strictly, after ``clipforge.checkpoints`` has verified the
-  manifest. A run directory, or its ``checkpoints`` folder, is refused with the path of its latest checkpoint:
-  results or an export must say which step they are of.
+  manifest. A LoRA run's weights (base weights and adapters) are merged first (``clipforge.models.lora``), so the
+  model is the plain architecture: what ``clipforge export`` writes and ``model.init_from`` starts from. A run
+  directory, or its ``checkpoints`` folder, is refused with the path of its latest checkpoint: results or an export
+  must say which step they are of.
 - an open_clip weights file (.safetensors, or .pt/.bin unpickled weights-only), into an architecture given by name
   (``load_weights``; ``load_architecture`` builds it first);
 - an open_clip folder (``open_clip_config.json`` + weights): into a given architecture (``load_weights``), or as the
@@ -41,6 +43,7 @@ import yaml
 from clipforge.checkpoints import is_checkpoint, read_model_weights
 from clipforge.models import BuiltModel, ModelConfig, build_model
 from clipforge.models.builder import unreadable_weights
+from clipforge.models.lora import has_lora, merged_state_dict
 
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # what init_from looks for
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")  # what open_clip's local-dir: loader looks for
@@ -174,7 +177,10 @@ def load_weights(model: torch.nn.Module, source: str) -> list[str]:
 
         return load_transformers_folder(model, path)
     if is_checkpoint(path):  # a clipforge checkpoint: its manifest is verified before anything loads
-        model.load_state_dict(read_model_weights(path), strict=True)
+        weights = read_model_weights(path)
+        if has_lora(weights) and not has_lora(model.state_dict()):  # a LoRA run's: its adapters folded in
+            weights = merged_state_dict(weights)
+        model.load_state_dict(weights, strict=True)
         return []
     raise FileNotFoundError(
         f"{source}: a directory with neither model.safetensors (clipforge checkpoint), "
