@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from open_clip_train.scheduler import const_lr_cooldown, cosine_lr
 
 from clipforge.models import ModelConfig, build_model
-from clipforge.train.optim import OptimConfig, build_optimizer, build_scheduler, load_schedule_state
+from clipforge.train.optim import OptimConfig, build_optimizer, build_scheduler, load_schedule_state, lr_factor
 
 
 def open_clip_exclude():
@@ -125,3 +126,108 @@ def test_resuming_with_other_weight_decay_groups_names_the_setting(synth_data, t
         load_config(None, [*common, "train.steps=4", "checkpoint.resume=auto", "optim.weight_decay_embeddings=false"])
     )
     assert result["step"] == 4
+
+
+def layered_model(tmp_path, image_layers: int = 3, text_layers: int = 2) -> torch.nn.Module:
+    """A tiny ViT CLIP whose towers have different depths, so that each must count its own."""
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 16, "layers": image_layers, "width": 16, "head_width": 8, "patch_size": 8},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": text_layers},
+    }
+    path = tmp_path / "layered.json"
+    path.write_text(json.dumps(config))
+    return build_model(ModelConfig(name=str(path))).model
+
+
+def expected_depth(name: str) -> int:
+    """Layers above each parameter, written out for a 3-block image tower and a 2-block text tower."""
+    table = [
+        (("visual.conv1.", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre."), 4),
+        (("visual.transformer.resblocks.0.",), 3),
+        (("visual.transformer.resblocks.1.",), 2),
+        (("visual.transformer.resblocks.2.",), 1),
+        (("visual.ln_post.", "visual.proj"), 0),
+        (("token_embedding.", "positional_embedding"), 3),
+        (("transformer.resblocks.0.",), 2),
+        (("transformer.resblocks.1.",), 1),
+        (("ln_final.", "text_projection", "logit_scale"), 0),
+    ]
+    return next(depth for prefixes, depth in table if name.startswith(prefixes))
+
+
+def test_layer_decay_gives_each_parameter_lr_times_decay_to_its_depth(tmp_path):
+    model = layered_model(tmp_path)
+    exclude = open_clip_exclude()
+    cfg = OptimConfig(lr=1e-3, weight_decay=0.2, layer_decay=0.5)
+    optimizer = build_optimizer(cfg, model)
+    by_hand = {0: 1e-3, 1: 5e-4, 2: 2.5e-4, 3: 1.25e-4, 4: 6.25e-5}
+    seen = set()
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            name = next(n for n, p in model.named_parameters() if p is parameter)
+            seen.add(name)
+            assert math.isclose(group["lr"], by_hand[expected_depth(name)], rel_tol=1e-12), name
+            assert group["layer_depth"] == expected_depth(name), name
+            assert group["weight_decay"] == (0.0 if exclude(name, parameter) else 0.2), name
+    assert seen == {name for name, _ in model.named_parameters()}
+    assert optimizer.param_groups[0]["lr"] == 1e-3  # the logged train/lr is the top group's, the undecayed rate
+    assert len(optimizer.param_groups) == len({(g["layer_depth"], g["weight_decay"]) for g in optimizer.param_groups})
+    off = build_optimizer(OptimConfig(lr=1e-3), model)
+    # Off: open_clip_train's two groups. Undecayed: 8 per block (norms, biases) × 5, class_embedding, ln_pre, ln_post,
+    # ln_final, logit_scale; decayed: 4 per block, conv1, both positional embeddings, proj, token_embedding, text_proj.
+    assert [(len(g["params"]), g["weight_decay"]) for g in off.param_groups] == [(48, 0.0), (26, 0.2)]
+    assert not any("layer_depth" in group for group in off.param_groups)
+
+
+def test_layer_decay_counts_a_clip_resnets_stages_and_refuses_unknown_towers(tiny_resnet_json):
+    from clipforge.models import layer_depths
+
+    depths = layer_depths(build_model(ModelConfig(name=tiny_resnet_json)).model)
+    assert depths["visual.conv1.weight"] == depths["visual.bn3.bias"] == 5  # the stem, below 4 stages
+    assert depths["visual.layer1.0.conv1.weight"] == 4 and depths["visual.layer4.0.bn3.weight"] == 1
+    assert depths["visual.attnpool.positional_embedding"] == 0  # the head's own embedding is at the top
+    model = torch.nn.Module()
+    model.visual = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"^optim.layer_decay: the image tower \(Linear\) has no residual blocks"):
+        build_optimizer(OptimConfig(layer_decay=0.8), model)
+    with pytest.raises(ValueError, match=r"^optim.layer_decay: must be in \(0, 1\], got 1.5$"):
+        OptimConfig(layer_decay=1.5)
+
+
+def test_layer_decay_follows_the_schedule_and_a_resume_follows_the_config(tmp_path):
+    model = layered_model(tmp_path)
+
+    def make(decay):
+        cfg = OptimConfig(lr=1e-3, warmup_steps=3, layer_decay=decay)
+        optimizer = build_optimizer(cfg, model)
+        return optimizer, build_scheduler(cfg, optimizer, 20), cfg
+
+    def run(optimizer, scheduler, steps):
+        rates = []
+        for _ in range(steps):
+            rates.append([group["lr"] for group in optimizer.param_groups])
+            optimizer.step()  # no gradients: the parameters stay; only the schedule moves
+            scheduler.step()
+        return rates
+
+    optimizer, scheduler, cfg = make(0.5)
+    rates = run(optimizer, scheduler, 8)
+    for step, row in enumerate(rates):
+        factor = lr_factor(step, cfg, 20)
+        for group, rate in zip(optimizer.param_groups, row, strict=True):
+            assert math.isclose(rate, 1e-3 * 0.5 ** group["layer_depth"] * factor, rel_tol=1e-12)
+    saved = (optimizer.state_dict(), scheduler.state_dict())
+    uninterrupted = run(optimizer, scheduler, 4)
+    for decay in (0.5, 0.7):  # resumed with the same config (bit for bit), then with another layer_decay
+        optimizer, scheduler, cfg = make(decay)
+        optimizer.load_state_dict(saved[0])
+        load_schedule_state(scheduler, optimizer, saved[1], cfg, 20)
+        resumed = run(optimizer, scheduler, 4)
+        if decay == 0.5:
+            assert resumed == uninterrupted
+        else:
+            for step, row in enumerate(resumed):
+                depths = [group["layer_depth"] for group in optimizer.param_groups]
+                expected = [1e-3 * 0.7**depth * lr_factor(8 + step, cfg, 20) for depth in depths]
+                assert row == pytest.approx(expected, rel=1e-12)

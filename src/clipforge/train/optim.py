@@ -15,6 +15,15 @@ tensors; the 2-D token and positional embeddings are decayed, as there. ``optim.
 also exempts the embeddings (any name with "embedding"; timm's ``pos_embed`` and ``cls_token``): a checkpoint whose
 optimizer was made by that rule (the embeddings among its undecayed group) resumes only with it, since the
 optimizer's groups must match.
+
+Layer-wise learning-rate decay (``optim.layer_decay`` = d < 1; BEiT's and timm's ``param_groups_layer_decay``): a
+parameter k layers below the top of its tower trains at ``lr × d**k``. Each tower counts its own layers
+(``clipforge.models.layer_depths``): the head (final norm and projection) is at the top (k = 0), block i of L at k =
+L - i, the embeddings at k = L + 1; the image and the text tower alike, each by its own depth. ``logit_scale``,
+``logit_bias`` and objectives' parameters are at the top. The groups are one per (k, decayed or not), top first (so
+the logged ``train/lr``, the first group's, is the undecayed rate); each carries its ``layer_depth`` k, and a resume
+recomputes its rate from this run's ``optim.lr`` and ``optim.layer_decay``. With d = 1 there are the two groups of
+open_clip_train, as without the option.
 """
 
 from __future__ import annotations
@@ -68,6 +77,10 @@ class OptimConfig:
     lr_scaling: str = "none"
     """A run resumed with another global batch than it started with: none keeps optim.lr (as OpenCLIP); linear
     multiplies lr and min_lr by new / first global batch, sqrt by its square root."""
+    layer_decay: float = 1.0
+    """Layer-wise learning-rate decay: a parameter k layers below the top of its tower trains at lr × layer_decay**k
+    (head k=0, block i of L: k=L-i, embeddings: k=L+1; each tower by its own depth; logit_scale at the top).
+    1.0 = off (BEiT fine-tunes ViT-B with 0.65)."""
 
     def __post_init__(self) -> None:
         if self.lr_scaling not in LR_SCALINGS:
@@ -82,6 +95,8 @@ class OptimConfig:
             raise ValueError(f"optim.lr: must be positive, got {self.lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"optim.layer_decay: must be in (0, 1], got {self.layer_decay}")
 
 
 EMBEDDINGS = ("embedding", "pos_embed", "cls_token")  # open_clip/HF "*embedding*", timm's pos_embed, cls_token
@@ -97,10 +112,13 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Ada
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     exempt = {n for n, p in named if no_weight_decay(n, p, cfg.weight_decay_embeddings)}
-    groups = [
-        {"params": [p for n, p in named if n in exempt], "weight_decay": 0.0},
-        {"params": [p for n, p in named if n not in exempt], "weight_decay": cfg.weight_decay},
-    ]
+    if cfg.layer_decay == 1.0:
+        groups = [
+            {"params": [p for n, p in named if n in exempt], "weight_decay": 0.0},
+            {"params": [p for n, p in named if n not in exempt], "weight_decay": cfg.weight_decay},
+        ]
+    else:
+        groups = layer_decay_groups(cfg, model, named, exempt)
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if cfg.fused:
         try:
@@ -108,6 +126,34 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Ada
         except RuntimeError as exn:  # e.g. a device without the fused kernel
             log.info("fused AdamW unavailable (%s); using the foreach implementation", exn)
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def layer_decay_groups(
+    cfg: OptimConfig, model: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]], exempt: set[str]
+) -> list[dict]:
+    """The parameter groups of layer-wise decay: one per (layer depth k, weight decay or none), top first, each at
+    ``cfg.lr × cfg.layer_decay**k`` (see the module docstring)."""
+    from clipforge.models import layer_depths
+
+    try:
+        depths = layer_depths(model)
+    except ValueError as exn:  # a timm or Hugging Face tower
+        raise ValueError(f"optim.layer_decay: {exn}; use 1.0") from None
+    keys = sorted({(depths[n], n not in exempt) for n, _ in named})
+    return [
+        {
+            "params": [p for n, p in named if (depths[n], n not in exempt) == (depth, decayed)],
+            "weight_decay": cfg.weight_decay if decayed else 0.0,
+            "lr": cfg.lr * cfg.layer_decay**depth,
+            "layer_depth": depth,
+        }
+        for depth, decayed in keys
+    ]
+
+
+def group_lr(cfg: OptimConfig, group: dict) -> float:
+    """A group's peak rate under ``cfg``: ``optim.lr``, times ``layer_decay**k`` for a group of layer depth k."""
+    return cfg.lr * cfg.layer_decay ** group.get("layer_depth", 0)
 
 
 @dataclass
@@ -189,7 +235,7 @@ def load_schedule_state(
     learning rate itself follows this run's config (optim.lr, warmup, schedule, train.steps), as open_clip_train
     recomputes it from its arguments every step; with an unchanged config it is the same number."""
     scheduler.load_state_dict({k: v for k, v in state.items() if k not in ("base_lrs", "_last_lr")})
-    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
-    lr = cfg.lr * schedule_factor(scheduler.last_epoch, cfg, total_steps, clock or SampleClock())  # base * factor
-    for group in optimizer.param_groups:
-        group["initial_lr"], group["lr"] = cfg.lr, lr
+    scheduler.base_lrs = [group_lr(cfg, group) for group in optimizer.param_groups]
+    factor = schedule_factor(scheduler.last_epoch, cfg, total_steps, clock or SampleClock())
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["initial_lr"], group["lr"] = base, base * factor
