@@ -20,10 +20,10 @@ Layer-wise learning-rate decay (``optim.layer_decay`` = d < 1; BEiT's and timm's
 parameter k layers below the top of its tower trains at ``lr × d**k``. Each tower counts its own layers
 (``clipforge.models.layer_depths``): the head (final norm and projection) is at the top (k = 0), block i of L at k =
 L - i, the embeddings at k = L + 1; the image and the text tower alike, each by its own depth. ``logit_scale``,
-``logit_bias`` and objectives' parameters are at the top. The groups are one per (k, decayed or not), top first (so
-the logged ``train/lr``, the first group's, is the undecayed rate); each carries its ``layer_depth`` k, and a resume
-recomputes its rate from this run's ``optim.lr`` and ``optim.layer_decay``. With d = 1 there are the two groups of
-open_clip_train, as without the option.
+``logit_bias`` and objectives' parameters are at the top. The groups are one per (k, decayed or not), top first (the
+logged ``train/lr`` is the first group's: lr whenever a head or logit_scale trains); each carries its ``layer_depth``
+k, and a resume recomputes its rate from this run's ``optim.lr`` and ``optim.layer_decay``. With d = 1 there are the
+two groups of open_clip_train, as without the option.
 """
 
 from __future__ import annotations
