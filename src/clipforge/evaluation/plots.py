@@ -259,7 +259,7 @@ def plot_segmentation_examples(name: str, metrics: dict, examples, path: Path) -
     figure.legend(
         handles=handles, loc="center left", bbox_to_anchor=(panels_width + 0.01, 0.5), fontsize=8, frameon=False
     )
-    label = metrics["task"].replace("_", " ")
+    label = metrics["task"].replace("zeroshot_", "zero-shot ").replace("_", " ")
     variant = f", {metrics['variant']}" if metrics.get("variant") else ""
     figure.suptitle(
         f"{name}: {label}{variant}, mIoU {metrics['miou']:.1%} (chance {metrics['chance_miou']:.1%}), "
