@@ -108,11 +108,13 @@ def _count(
 def _objective_flops(model: torch.nn.Module, objectives, image_shape: tuple[int, ...]) -> float:
     """The objectives' ``train_flops`` for the number of image tokens the train-mode tower gives (patch dropout
     applied) and whether they need a gradient (not from a locked tower)."""
-    capture = OutputCapture(model, ("image_tokens",))
-    with torch.no_grad():
-        model.encode_image(torch.zeros(image_shape))
-    tokens = capture.take()["image_tokens"].shape[1]
-    capture.remove()
+    tokens = 0  # an objective that reads no image tokens is charged for none
+    if "image_tokens" in objectives.model_outputs:
+        capture = OutputCapture(model, ("image_tokens",))
+        with torch.no_grad():
+            model.encode_image(torch.zeros(image_shape))
+        tokens = capture.take()["image_tokens"].shape[1]
+        capture.remove()
     trainable = any(parameter.requires_grad for parameter in model.visual.parameters())
     return float(objectives.train_flops(tokens, trainable))
 

@@ -56,7 +56,9 @@ class StepMeter:
         self.last: dict[str, Any] = {}
         self.train_flops, self.peak, self.warned = None, 0.0, False
         if dist_info.is_main:
-            self.train_flops = count_train_flops(cfg.model, cfg.loss.learn_temperature, cfg.speed.pooled_last_block)
+            self.train_flops = count_train_flops(
+                cfg.model, cfg.loss.learn_temperature, cfg.speed.pooled_last_block, loss=cfg.loss
+            )
             self.peak, source = peak_tflops(
                 dist_info.device, cfg.train.precision, cfg.train.tf32, cfg.logging.peak_tflops
             )

@@ -134,7 +134,7 @@ def dry_run(cfg: RunConfig, check_inputs: bool = True, world_size: int | None = 
     counts["text_tower_parameters"] = counts["parameters"] - counts["image_tower_parameters"]
     size = built.preprocess_cfg["size"]
     height, width = (size, size) if isinstance(size, int) else size
-    flops = count_train_flops(cfg.model, cfg.loss.learn_temperature, cfg.speed.pooled_last_block)
+    flops = count_train_flops(cfg.model, cfg.loss.learn_temperature, cfg.speed.pooled_last_block, loss=cfg.loss)
     global_batch = cfg.data.batch_size * world_size
     return {
         "architecture": built.architecture,
