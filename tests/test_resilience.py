@@ -349,6 +349,28 @@ def test_diverged_replicas_are_refused_on_every_rank(tmp_path):
     assert not list((tmp_path / "checkpoints").glob("step_*"))
 
 
+def _save_with_own_buffers(rank, world_size, out):
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.BatchNorm1d(4) for _ in range(3)))  # the same replica on both ranks
+    with torch.no_grad():
+        for buffer in (model[i].running_mean for i in range(3)):
+            buffer.fill_(10.0 + rank)  # but each rank's own batch statistics, as after a forward
+    save_checkpoint(Path(out), model, rank=rank)
+
+
+def test_a_ddp_checkpoint_holds_rank_0s_buffers(tmp_path):
+    """Replicas' parameters are equal but their BatchNorm statistics are not; DDP broadcasts rank 0's before every
+    forward, so rank 0's are the ones a resumed run must start from."""
+    from checkpointing import dcp_weights
+    from ranks import run_ranks
+
+    run_ranks(_save_with_own_buffers, 2, tmp_path / "ranks", str(tmp_path / "checkpoints"))
+    saved = dcp_weights(tmp_path / "checkpoints" / "step_00000001")
+    assert [saved[f"{i}.running_mean"].tolist() for i in range(3)] == [[10.0] * 4] * 3
+
+
 FAULTY_RANK = """
 import os, sys
 from clipforge.train import step
