@@ -368,3 +368,25 @@ def test_training_refuses_a_tower_without_patches_before_its_first_step(
         train(train_config(synth_data, str(model_json), run_dir, suite))
     assert "\n" not in str(error.value)
     assert not (run_dir / "metrics.jsonl").exists() or "train/loss" not in (run_dir / "metrics.jsonl").read_text()
+
+
+def test_the_model_card_table_shows_the_dense_rows_beside_their_chance():
+    from clipforge.eval_results import markdown_table
+
+    results = {
+        "seg": {
+            "task": "zeroshot_segmentation",
+            "variant": "maskclip",
+            "miou": 0.25,
+            "chance_miou": 0.037,
+            "pixel_accuracy": 0.9,
+            "chance_pixel_accuracy": 0.143,
+        },
+        "refs": {"task": "referring_expressions", "variant": "maskclip", "accuracy": 0.5, "chance": 0.342},
+    }
+    rows = markdown_table(results).splitlines()[2:]
+    assert rows == [
+        "| seg | zero-shot segmentation (maskclip) | mIoU | 25.0% | 3.7% |",
+        "| seg | zero-shot segmentation (maskclip) | pixel accuracy | 90.0% | 14.3% |",
+        "| refs | referring expressions (maskclip) | accuracy (IoU > 0.5) | 50.0% | 34.2% |",
+    ]

@@ -12,6 +12,22 @@ from __future__ import annotations
 import math
 
 TASK_LABELS = {"zeroshot_classification": "classification", "linear_probe": "linear probe"}
+DENSE_METRICS = {
+    "zeroshot_segmentation": (
+        ("miou", "mIoU", "chance_miou"),
+        ("pixel_accuracy", "pixel accuracy", "chance_pixel_accuracy"),
+    ),
+    "segmentation_probe": (
+        ("miou", "mIoU", "chance_miou"),
+        ("pixel_accuracy", "pixel accuracy", "chance_pixel_accuracy"),
+    ),
+    "referring_expressions": (("accuracy", "accuracy (IoU > 0.5)", "chance"),),
+}
+DENSE_LABELS = {
+    "zeroshot_segmentation": "zero-shot segmentation",
+    "segmentation_probe": "segmentation probe",
+    "referring_expressions": "referring expressions",
+}
 
 
 def percent(value: float | None) -> str:
@@ -19,9 +35,13 @@ def percent(value: float | None) -> str:
 
 
 def markdown_table(results: dict[str, dict]) -> str:
-    """One row per dataset and metric (top-1, top-5, mean per-class recall; R@k each way), with chance beside it."""
+    """One row per dataset and metric (top-1, top-5, mean per-class recall; R@k each way; mIoU and pixel accuracy;
+    referring accuracy), with chance beside it, in the results' order."""
     rows = ["| dataset | task | metric | value | chance |", "|---|---|---|---|---|"]
     for name, metrics in results.items():
+        if metrics["task"] in DENSE_METRICS:
+            rows += dense_rows(name, metrics)
+            continue
         if metrics["task"] in TASK_LABELS:
             task, chance = TASK_LABELS[metrics["task"]], metrics["chance_acc1"]
             rows.append(f"| {name} | {task} | top-1 | {percent(metrics['acc1'])} | {percent(chance)} |")
@@ -42,3 +62,12 @@ def markdown_table(results: dict[str, dict]) -> str:
                     f"| {percent(min(1.0, k * metrics['chance_recall@1']))} |"
                 )
     return "\n".join(rows)
+
+
+def dense_rows(name: str, metrics: dict) -> list[str]:
+    """The results-table rows of a dense task, each metric with its chance."""
+    task = DENSE_LABELS[metrics["task"]] + (f" ({metrics['variant']})" if metrics.get("variant") else "")
+    return [
+        f"| {name} | {task} | {label} | {percent(metrics[key])} | {percent(metrics[chance])} |"
+        for key, label, chance in DENSE_METRICS[metrics["task"]]
+    ]

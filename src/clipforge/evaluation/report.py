@@ -8,7 +8,7 @@ the run kept; with ``clipforge eval --embedding-plots`` also ``STEM_NAME_tsne.pn
 and ``STEM_NAME_similarity_hist.png``) in one directory. Training's evaluation writes ``step_N.json``, ``step_N.md``
 and the segmentation plots (``segmentation_plots``) in ``RUN_DIR/eval/``.
 
-The results table is ``clipforge.eval_results``' with a row per dense metric beside its chance (``dense_rows``).
+The results table, a row per metric beside its chance (dense tasks included), is ``clipforge.eval_results``'.
 
 Where: ``clipforge eval`` of a clipforge checkpoint writes to ``RUN_DIR/eval/adhoc/`` (``adhoc_results_dir``)
 unless ``--out`` says, never to ``RUN_DIR/eval/`` itself, which holds training's ``step_N.json`` results (those
@@ -20,8 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clipforge import eval_results
-from clipforge.eval_results import TASK_LABELS, percent
+from clipforge.eval_results import DENSE_LABELS, TASK_LABELS, dense_rows, markdown_table
 
 __all__ = [
     "adhoc_results_dir",
@@ -47,23 +46,6 @@ HEADLINE_KEYS = {
     "segmentation_probe": ("miou", "pixel_accuracy"),
     "referring_expressions": ("accuracy",),
 }
-# Each dense task's rows in the results table: (metric, its label, its chance's key).
-DENSE_METRICS = {
-    "zeroshot_segmentation": (
-        ("miou", "mIoU", "chance_miou"),
-        ("pixel_accuracy", "pixel accuracy", "chance_pixel_accuracy"),
-    ),
-    "segmentation_probe": (
-        ("miou", "mIoU", "chance_miou"),
-        ("pixel_accuracy", "pixel accuracy", "chance_pixel_accuracy"),
-    ),
-    "referring_expressions": (("accuracy", "accuracy (IoU > 0.5)", "chance"),),
-}
-DENSE_LABELS = {
-    "zeroshot_segmentation": "zero-shot segmentation",
-    "segmentation_probe": "segmentation probe",
-    "referring_expressions": "referring expressions",
-}
 
 
 def adhoc_results_dir(checkpoint: str | Path) -> Path:
@@ -80,27 +62,6 @@ def headline(results: dict[str, dict]) -> dict[str, float]:
             if metrics.get(key) is not None:
                 flat[f"{name}/{key}"] = metrics[key]
     return flat
-
-
-def dense_rows(name: str, metrics: dict) -> list[str]:
-    """The results-table rows of a dense task (``markdown_table``'s columns), each metric with its chance."""
-    task = DENSE_LABELS[metrics["task"]] + (f" ({metrics['variant']})" if metrics.get("variant") else "")
-    return [
-        f"| {name} | {task} | {label} | {percent(metrics[key])} | {percent(metrics[chance])} |"
-        for key, label, chance in DENSE_METRICS[metrics["task"]]
-    ]
-
-
-def markdown_table(results: dict[str, dict]) -> str:
-    """``clipforge.eval_results.markdown_table`` with the dense tasks' rows (``dense_rows``), in the results'
-    order."""
-    rows = eval_results.markdown_table({}).splitlines()  # the header
-    for name, metrics in results.items():
-        if metrics["task"] in DENSE_METRICS:
-            rows += dense_rows(name, metrics)
-        else:
-            rows += eval_results.markdown_table({name: metrics}).splitlines()[2:]
-    return "\n".join(rows)
 
 
 def sizes_table(results: dict[str, dict]) -> str:

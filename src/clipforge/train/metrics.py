@@ -46,7 +46,8 @@ class LoggingConfig:
     """Show a progress bar with ETA on rank 0 (when stderr is a terminal; in a log file each step line ends
     with the ETA instead)."""
     plot: bool = True
-    """Write RUN_DIR/curves.png (loss and temperature over steps) at the end of training."""
+    """Write RUN_DIR/curves.png (loss and temperature over steps) at the end of training, and at each evaluation
+    RUN_DIR/eval/step_N_DATASET_segmentation.png (input, true and predicted masks) for each segmentation set."""
     wandb: bool = False
     """Also log to Weights & Biases (needs `pip install wandb`; offline with WANDB_MODE=offline). A resumed run
     continues the same W&B run."""
