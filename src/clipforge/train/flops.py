@@ -29,6 +29,7 @@ neither is counted). Model FLOPs per second over the peak is MFU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -85,7 +86,9 @@ def _count(
         built = build_model(model_cfg, device=device)
         model = built.model
         apply_training_options(model, model_cfg, learn_temperature)
-        objectives = build_objectives(loss, ObjectiveContext(model=model)) if loss is not None else None
+        objectives = None
+        if loss is not None:  # a queue's momentum encoder asks for the step's autocast; counting needs none
+            objectives = build_objectives(loss, ObjectiveContext(model=model, autocast=contextlib.nullcontext))
         every_token = objectives is not None and needs_every_token(objectives.model_outputs)
         trims = enable_text_trimming(model)  # the caption lengths training may give it
         if pooled_last_block and not every_token:
