@@ -17,6 +17,14 @@ Entry point: ``build_train_loader(cfg.data, ...)`` (called by ``clipforge.train.
   resumes bit-identically (``load_state_dict``); on another world size, ``num_workers`` or ``batch_size``
   ``reshard`` unions every rank's record and the dataset plans the rest of the epoch from it. docs/training.md has
   the table.
+
+What the position costs at scale (bench/data_plane.py, docs/scaling.md): the record a resharded epoch's plan was
+made from (``before``) is the same on every rank, and as large as the whole run's records together, so each rank
+stores only its shards ≡ rank (mod world size) of it (``before_split``) and ``load_state_dicts`` reassembles it
+(``load_state_dict`` alone refuses such a part). The plan is made once per rank, before the workers start, which
+inherit it. A position also names the shard assignment it was planned by (``plan``, ``pipeline.PLAN_VERSION``): one
+written by another assignment on several ranks goes on through ``reshard`` (sample-exact), since its workers' counts
+mean nothing on this plan.
 """
 
 from __future__ import annotations
@@ -30,11 +38,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
 
 from clipforge.data.config import DataConfig
 from clipforge.data.images import ImageTransform
-from clipforge.data.pipeline import DataPlan, ShardedImageText, StopRequested, plan_data
+from clipforge.data.pipeline import PLAN_VERSION, DataPlan, ShardedImageText, StopRequested, plan_data
 from clipforge.data.position import Consumed
 from clipforge.data.samples import DataError
 
@@ -123,7 +132,15 @@ class TrainLoader:
             total.update(counts)
         return dict(total)
 
-    def _start_epoch(self) -> Iterator:
+    def worker_plans(self) -> list[list[int]]:
+        """Epoch mode: the shards (indices into ``dataset.shards``) each of this rank's workers reads, in order, from
+        the position this loader holds now: what the workers' ``shards_for`` give when the epoch (re)starts."""
+        self._hand_position()
+        workers = max(1, self.num_workers)
+        return [list(self.dataset.shards_for(worker, workers)) for worker in range(workers)]
+
+    def _hand_position(self) -> None:
+        """The dataset (which the workers get a copy of) takes the epoch and the position from this loader."""
         if self.dataset.mode == "resampled":  # this epoch's batches, split over the workers
             global_batch = self.dataset.cfg.batch_size * self.dataset.world_size
             steps = self.steps_per_epoch if not self.samples_before else self._samples_left() // global_batch
@@ -135,6 +152,11 @@ class TrainLoader:
         self.dataset.resume_produced = dict(self.produced)
         self.dataset.rotation = self.next_worker
         self.dataset.stop_requested = None if self.num_workers else self.stop_requested
+        if self.dataset.mode == "epoch":  # made once here, not once per worker
+            self.dataset.plan(max(1, self.num_workers))
+
+    def _start_epoch(self) -> Iterator:
+        self._hand_position()
         loader = DataLoader(
             self.dataset,
             batch_size=None,
@@ -143,6 +165,10 @@ class TrainLoader:
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             worker_init_fn=_ignore_stop_signals if self.num_workers else None,
             timeout=POLL_SECONDS if self.num_workers else 0,
+            # Starting an iterator draws the workers' base seed from this generator. From the global one it would
+            # shift every later model-side draw (patch dropout, LoRA dropout) after a resume, whose restored RNG
+            # state is the checkpoint's; the data's own randomness is seeded explicitly and never reads it.
+            generator=torch.Generator().manual_seed(self.epoch * 1_000_003 + self.dataset.rank),
         )
         return iter(loader)
 
@@ -279,7 +305,10 @@ class TrainLoader:
             "world_size": self.dataset.world_size,
             "skipped": self.skipped,
             "num_shards": len(self.dataset.shards),
-            "before": self.before.to_json(),
+            # the record before this epoch's plan is the same on every rank: each stores its 1 / world size of it
+            "before": self.before.to_json(part=(self.dataset.rank, self.dataset.world_size)),
+            "before_split": self.dataset.world_size,
+            "plan": PLAN_VERSION,
             "taken": None if self.taken is None else self.taken.to_json(),
             "samples_before": self.samples_before,
         }
@@ -289,10 +318,24 @@ class TrainLoader:
         size and mode, this rank takes its own and resumes bit-identically (``load_state_dict``); otherwise the
         epoch's remaining samples are redistributed over this run's ranks and workers (``reshard``)."""
         rank, layout = self.dataset.rank, self._layout()
-        if len(states) == self.dataset.world_size and all(states[rank].get(k, v) == v for k, v in layout.items()):
-            self.load_state_dict(states[rank])
+        same = len(states) == self.dataset.world_size and all(states[rank].get(k, v) == v for k, v in layout.items())
+        if same and not self._same_plan(states[rank]):  # the samples it records are placed on this run's plan
+            log.info(
+                "data position planned by shard assignment %s, this run's is %s",
+                states[rank].get("plan", 1),
+                PLAN_VERSION,
+            )
+            same = False
+        if same:
+            before = Consumed.union(Consumed.from_json(state["before"]) for state in states if "before" in state)
+            self.load_state_dict(states[rank], before)
         else:
             self.reshard(states)
+
+    def _same_plan(self, state: dict[str, Any]) -> bool:
+        """Whether ``state`` was written on this version's shard assignment (``pipeline.PLAN_VERSION``); it only
+        matters for several ranks in epoch mode (one rank's plan is the same in every version)."""
+        return self.dataset.mode != "epoch" or self.dataset.world_size == 1 or state.get("plan", 1) == PLAN_VERSION
 
     def _layout(self) -> dict[str, Any]:
         return {
@@ -302,8 +345,21 @@ class TrainLoader:
             "mode": self.dataset.mode,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """This rank's own saved position, written with this run's layout: the same batches as the run that saved it."""
+    def load_state_dict(self, state: dict[str, Any], before: Consumed | None = None) -> None:
+        """This rank's own saved position, written with this run's layout: the same batches as the run that saved it.
+        ``before`` is the union of every rank's part of the record before the epoch's plan (``load_state_dicts``
+        makes it); a rank's state alone holds all of it only at world size 1."""
+        if before is None and state.get("before_split", 1) > 1:
+            raise ValueError(
+                f"rank {self.dataset.rank}'s data position holds 1/{state['before_split']} of what the epoch had "
+                "taken before its plan: load every rank's with load_state_dicts"
+            )
+        if not self._same_plan(state):
+            raise ValueError(
+                f"rank {self.dataset.rank}'s data position was planned by another shard assignment (version "
+                f"{state.get('plan', 1)}, this one is {PLAN_VERSION}): load every rank's with load_state_dicts, which "
+                "goes on from the samples they record"
+            )
         for key, have in self._layout().items():
             if state.get(key, have) != have:
                 raise ValueError(
@@ -315,7 +371,9 @@ class TrainLoader:
         self.produced = {int(k): int(v) for k, v in state.get("produced", {}).items()}
         self.next_worker = int(state["next_worker"])
         self.skipped_before = Counter(state.get("skipped", {}))
-        self.before = Consumed.from_json(state["before"]) if "before" in state else Consumed()
+        if before is None:
+            before = Consumed.from_json(state["before"]) if "before" in state else Consumed()
+        self.before = before
         self.taken = Consumed.from_json(state["taken"]) if state.get("taken") is not None else None
         self.samples_before = int(state.get("samples_before", 0))
         self.epoch_skipped = {}
