@@ -11,8 +11,10 @@ Two modes (``data.mode``):
   split disjointly over ranks × workers, balanced by their sample counts where known. Each sample is
   seen at most once per epoch. Ranks whose shards hold fewer samples run dry first; the ``TrainLoader``
   ends the epoch on every rank together when one has none (see ``loader.py``), and the samples left on
-  the other ranks are dropped for that epoch (as OpenCLIP drops the tail); balancing keeps that to less
-  than a batch per worker.
+  the other ranks are dropped for that epoch (as OpenCLIP drops the tail). The shards are balanced over
+  the ranks first, then over each rank's workers (``assign_shards``), so a rank holds at most one shard's
+  samples more than the first to run dry: equal shards that do not divide evenly over the ranks drop up
+  to one shard on each rank that got one more (bench/data_plane.py, docs/scaling.md).
 * ``resampled``: every worker draws shards with replacement (source ∝ weight / mean shard size, so
   that weights are per-sample proportions; shard uniform within the source), seeded by (seed,
   epoch, rank, worker). An epoch is ``epoch_samples`` samples (default: all sources' samples), the
@@ -80,13 +82,20 @@ class StopRequested(Exception):
     """A stop (pre-emption signal) was requested while this rank waited for data; every rank raises it together."""
 
 
-def assign_shards(
-    shards: list[str], sizes: dict[str, int | None], seed: int, epoch: int, slots: int
-) -> list[list[str]]:
-    """Split ``shards`` into ``slots`` disjoint lists with balanced sample counts, the same on every rank.
+PLAN_VERSION = 2  # 1: shards balanced over ranks × workers at once, the extra shards on the first ranks
 
-    The shards are permuted (seeded by seed and epoch), then placed largest first on the least loaded
-    slot; each slot keeps the permuted order. Unknown sizes count as the mean known size.
+
+def assign_shards(
+    shards: list[str], sizes: dict[str, int | None], seed: int, epoch: int, slots: int, ranks: int = 1
+) -> list[list[str]]:
+    """Split ``shards`` into ``slots`` (``ranks`` × workers, rank-major) disjoint lists with balanced sample counts,
+    the same on every rank.
+
+    The shards are permuted (seeded by seed and epoch), then placed largest first on the least loaded rank, and a
+    rank's largest first on its least loaded worker; each slot keeps the permuted order. Unknown sizes count as the
+    mean known size. Balancing the ranks first bounds what the epoch's end drops: it ends for every rank when one
+    runs dry, and the ranks' samples differ by at most one shard's (balanced over all slots at once, equal shards
+    that do not divide evenly put all the extra ones on the first ranks: 8 shards a rank at 1,024 × 8 workers).
     """
     order = list(shards)
     random.Random(f"{seed}-shards-{epoch}").shuffle(order)
@@ -94,14 +103,22 @@ def assign_shards(
     default = sum(known) / len(known) if known else 1.0
     position = {shard: i for i, shard in enumerate(order)}
     weight = {shard: sizes.get(shard) if sizes.get(shard) is not None else default for shard in order}
-    heap = [(0.0, slot) for slot in range(slots)]
-    out: list[list[str]] = [[] for _ in range(slots)]
-    for shard in sorted(order, key=lambda s: -weight[s]):  # stable: equal sizes keep the permuted order
-        load, slot = heapq.heappop(heap)
-        out[slot].append(shard)
-        heapq.heappush(heap, (load + weight[shard], slot))
+    by_weight = sorted(order, key=lambda s: -weight[s])  # stable: equal sizes keep the permuted order
+    workers = slots // ranks
+    out = [slot for rank in _least_loaded(by_weight, weight, ranks) for slot in _least_loaded(rank, weight, workers)]
     for slot_shards in out:
         slot_shards.sort(key=position.__getitem__)
+    return out
+
+
+def _least_loaded(items: list, weight: dict, bins: int) -> list[list]:
+    """Each of ``items`` in turn to the bin with the least weight so far (the first of equal ones)."""
+    heap = [(0.0, index) for index in range(bins)]
+    out: list[list] = [[] for _ in range(bins)]
+    for item in items:
+        load, index = heap[0]
+        out[index].append(item)
+        heapq.heapreplace(heap, (load + weight[item], index))
     return out
 
 
@@ -164,6 +181,7 @@ class ShardedImageText(IterableDataset):
         self.sizes = {shard: size for source in sources for shard, size in source.sizes.items()}
         self.epoch = 0
         self.before = Consumed()  # epoch mode: what this epoch had taken when its plan was made (see position.py)
+        self.planned: tuple | None = None  # epoch mode: the last plan made, and what it was made from (see plan)
         self.samples_before = 0  # resampled mode: samples of this epoch trained on before these streams started
         self.resume_consumed: dict[int, int] = {}
         self.resume_produced: dict[int, int] = {}
@@ -185,13 +203,22 @@ class ShardedImageText(IterableDataset):
 
     def plan(self, num_workers: int) -> list[list[int]]:
         """Epoch mode: the shards still to read (those not done in ``self.before``), split over world size × workers,
-        balanced by the samples each still holds. The permutation depends on the seed and epoch only."""
+        balanced by the samples each still holds. The permutation depends on the seed and epoch only.
+
+        The plan is kept until the epoch or ``before`` changes: the ``TrainLoader`` makes it before its workers start,
+        and they inherit it instead of each making it again (a second or two at 200,000 shards)."""
+        made_from = (self.epoch, self.world_size, num_workers)
+        if self.planned is not None and self.planned[0] == made_from and self.planned[1] is self.before:
+            return self.planned[2]
         remaining = [i for i in range(len(self.shards)) if i not in self.before.done]
         sizes = {}
         for i in remaining:
             size = self.before.sizes.get(i, self.sizes.get(self.shards[i]))
             sizes[i] = None if size is None else size - len(self.before.taken(i))
-        return assign_shards(remaining, sizes, self.cfg.seed, self.epoch, self.world_size * num_workers)
+        slots = self.world_size * num_workers
+        plan = assign_shards(remaining, sizes, self.cfg.seed, self.epoch, slots, self.world_size)
+        self.planned = (made_from, self.before, plan)
+        return plan
 
     def _restart_tag(self) -> str:
         """Resampled streams restarted mid-epoch (another layout) draw afresh, not the start of the old ones."""
