@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The GPU checks, as one prepared command for a lent GPU machine (the device tool runs it in the repo root), in
-# about 8 minutes on one H100/H200 with 16 CPU cores:
+# about 10 minutes on one H100/H200 with 16 CPU cores:
 #   1. the tests marked `cuda` (tests/test_cuda.py: bf16 numerics against fp32, fused AdamW, pinned non-blocking
 #      copies with on-device normalisation, SDPA flash attention taken in training, NCCL single-rank start, the CUDA
 #      generator in checkpoints, memory stats in the logs, no host syncs; with two GPUs the losses under NCCL);
 #   2. ViT-B/16, 224 px, bf16, batch 256 from synthetic shards written at 256 px: clipforge train against
 #      open_clip_train (--precision amp_bf16), eager then compiled (speed.compile / --torchcompile), samples/s and
 #      MFU of each (bench/train_throughput.py --device cuda);
-#   3. the model's step ceiling without the data pipeline (bench/gpu_step.py, eager).
+#   3. the model's step ceiling without the data pipeline (bench/gpu_step.py, eager);
+#   4. `clipforge plan`'s memory against the GPU: the peak each of a few one-GPU runs holds (ViT-B/16 bf16 with and
+#      without gradient checkpointing, ViT-L/14, SigLIP B/16, the demo in fp32; torch.cuda.max_memory_allocated over
+#      a third step) beside the plan's fake step, within 10%, and the allocator's reserved/allocated ratio, the slack
+#      the plan sets aside (bench/plan_check.py --device cuda; about 2 minutes).
 # Each part has a time limit, so a hang cannot eat the machine's whole budget.
 #
 # That machine's python3 has torch but not every clipforge dependency, and it cannot download: fetch the missing
@@ -44,4 +48,6 @@ log=${OUT:-/tmp}/gpu_check.log
     timeout 240 python3 bench/train_throughput.py $vit --compile
     echo "compiled comparison exit code: $?"
     timeout 45 python3 bench/gpu_step.py --model ViT-B-16 --batch-size 256 --precision bf16 --steps 20
+    timeout 240 python3 bench/plan_check.py --device cuda --json "${OUT:-/tmp}/plan_check_gpu.json"
+    echo "planned against measured GPU memory exit code: $?"
 } 2>&1 | tee "$log"
