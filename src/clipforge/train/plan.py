@@ -96,7 +96,9 @@ class Plan:
     peak_phase: str
     budget: int  # bytes of tensors that fit: (memory - RESERVE) / (1 + SLACK)
     largest_batch: dict[bool, int | None]  # per grad checkpointing: the largest local batch that fits (None: n/a)
+    peaks: dict[bool, int]  # per grad checkpointing: the peak at the config's batch (from the search)
     flops_per_sample: float
+    forward_flops_per_sample: float  # both towers' forward: what gradient checkpointing computes again
     flops_per_step: float  # model FLOPs per GPU per step
     hardware_flops_per_step: float  # with checkpointing's second forward
     mfu: float
@@ -254,7 +256,9 @@ def plan_run(
         peak_phase=memory.peak_phase,
         budget=budget,
         largest_batch=simulated.largest_batch,
+        peaks=simulated.peaks,
         flops_per_sample=per_sample,
+        forward_flops_per_sample=flops.image_forward + flops.text_forward,
         flops_per_step=local_batch * per_sample,
         hardware_flops_per_step=local_batch * hardware,
         mfu=mfu,
@@ -274,6 +278,7 @@ class _Simulated:
     architecture: str
     memory: StepMemory  # the step at the config's batch
     largest_batch: dict[bool, int | None]
+    peaks: dict[bool, int]  # at the config's batch, by gradient checkpointing
     loss_sent: dict[str, float]  # by collective kind, the loss's own
     fake_steps: int
     notes: list[str]
@@ -285,6 +290,7 @@ def _simulate(cfg: RunConfig, gpus: int, budget: int, largest: bool) -> _Simulat
 
     local_batch, checkpointing = cfg.data.batch_size, cfg.model.grad_checkpointing
     largest_batch: dict[bool, int | None] = {}
+    peaks: dict[bool, int] = {}
     notes: list[str] = []
     with FakeRun(cfg, gpus) as run:
         steps = [run.step(local_batch)]
@@ -307,11 +313,12 @@ def _simulate(cfg: RunConfig, gpus: int, budget: int, largest: bool) -> _Simulat
             if not known:
                 known[local_batch] = peak_of(local_batch)
                 at_batch = steps[-1]
+            peaks[mode] = at_batch.peak
             slope = sum(at_batch.parts[part] for part in PER_SAMPLE_PARTS) / local_batch
             largest_batch[mode] = largest_fitting(peak_of, budget, known, slope)
         run.set_grad_checkpointing(checkpointing)
         architecture = run.built.architecture
-    return _Simulated(architecture, memory, largest_batch, loss_sent, len(steps) + (gpus > 1), notes)
+    return _Simulated(architecture, memory, largest_batch, peaks, loss_sent, len(steps) + (gpus > 1), notes)
 
 
 def _sent_by_name(collectives) -> dict[str, float]:
@@ -352,6 +359,8 @@ def _gib(nbytes: float) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:,.0f} µs"
     if seconds < 0.01:
         return f"{seconds * 1e3:.2f} ms"
     if seconds < 1:
@@ -398,7 +407,7 @@ def format_plan(plan: Plan) -> str:
     ]
     width = max(len(name) for name in PART_NAMES.values())
     for part, nbytes in plan.parts.items():
-        if nbytes:
+        if nbytes >= 1024:  # a few scalars are no part worth a line
             lines.append(f"  {PART_NAMES[part]:<{width}}  {_gib(nbytes):>12}")
     lines.append(f"  {'total of the tensors':<{width}}  {_gib(plan.peak):>12}")
     needed = plan.peak * (1 + SLACK) + RESERVE
@@ -413,8 +422,13 @@ def format_plan(plan: Plan) -> str:
             continue
         label = "with gradient checkpointing   " if mode else "without gradient checkpointing"
         value = plan.largest_batch[mode]
-        shown = "not supported by this model" if value is None else f"{value:,} per GPU (global {value * plan.gpus:,})"
-        lines.append(f"largest batch that fits, {label}: {shown}")
+        if value is None:
+            lines.append(f"{label}: not supported by this model")
+            continue
+        lines.append(
+            f"{label}: {_gib(plan.peaks[mode])} at batch {plan.local_batch:,}; the largest batch that fits is "
+            f"{value:,} per GPU (global {value * plan.gpus:,})"
+        )
     if plan.largest_batch and not plan.fits:
         best = max((value or 0) for value in plan.largest_batch.values())
         if best:
@@ -460,9 +474,10 @@ def plan_json(plan: Plan) -> dict:
     """The plan as plain values (bytes, seconds, FLOPs), for ``--json``."""
     data = dataclasses.asdict(plan)
     data["gpu"] = dataclasses.asdict(plan.gpu)
-    data["largest_batch"] = {
-        ("with" if mode else "without") + "_grad_checkpointing": value for mode, value in plan.largest_batch.items()
-    }
+    for key in ("largest_batch", "peaks"):
+        data[key] = {
+            ("with" if mode else "without") + "_grad_checkpointing": v for mode, v in getattr(plan, key).items()
+        }
     data.update(
         global_batch=plan.global_batch,
         fits=plan.fits,
