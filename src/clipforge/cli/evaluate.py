@@ -96,8 +96,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     # torch-free: the parser imports no evaluator
-    from clipforge.evaluation.config import DENSE_OPTIONS as DEFAULTS
-    from clipforge.evaluation.config import DENSE_VARIANTS, FORMATS, TASKS
+    from clipforge.evaluation.config import FORMATS, TASKS
 
     evaluate = commands.add_parser(
         "eval",
@@ -156,6 +155,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "image, or top-k ids per retrieval query (see docs/evaluation.md)",
     )
     evaluate.add_argument("--top-k", type=int, help="labels or ids per row of the --predictions file (5)")
+    _add_dense_options(evaluate)
+    _add_eval_model_and_output_options(evaluate)
+    evaluate.set_defaults(func=_eval)
+
+
+def _add_dense_options(evaluate: argparse.ArgumentParser) -> None:
+    """The options of a dense --dataset (a segmentation or referring-expression set)."""
+    from clipforge.evaluation.config import DENSE_OPTIONS as DEFAULTS
+    from clipforge.evaluation.config import DENSE_VARIANTS
+
     evaluate.add_argument(
         "--variant",
         choices=DENSE_VARIANTS,
@@ -175,8 +184,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         const=True,
         help="with a segmentation --dataset: ADE20K's convention, mask value 0 is ignored and value v is class v-1",
     )
-    _add_eval_model_and_output_options(evaluate)
-    evaluate.set_defaults(func=_eval)
 
 
 def _add_eval_model_and_output_options(evaluate: argparse.ArgumentParser) -> None:

@@ -111,29 +111,8 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
         stop_requested=stop_requested,
         plan=plan,
     )
-    step_fn = build_step(
-        prepared.model,
-        objectives,
-        optimizer,
-        scheduler,
-        dist_info.device,
-        cfg.train.precision,
-        cfg.optim.grad_clip_norm,
-        cfg.loss.max_logit_scale,
-        cfg.train.accum_steps,
-    )
-    pieces = restart_state(
-        prepared.model,
-        optimizer,
-        scheduler,
-        cfg.optim,
-        cfg.train.steps,
-        state,
-        loader,
-        dist_info.device,
-        scaler=step_fn.scaler,
-        objective_pieces=objectives.restart_pieces(),
-        rank=dist_info.rank,
+    step_fn, pieces = step_and_restart_state(
+        cfg, prepared.model, objectives, optimizer, scheduler, state, loader, dist_info
     )
     return Run(
         run_dir=run_dir,
@@ -153,6 +132,35 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
         probe=health_probe(cfg, built, dist_info, agree),
         monitor=CollapseMonitor(cfg.health, cfg.loss.max_logit_scale, log_warnings=dist_info.is_main),
     )
+
+
+def step_and_restart_state(cfg: RunConfig, model, objectives, optimizer, scheduler, state, loader, dist_info: DistInfo):
+    """The step strategy of the run's config, and every piece of restart state the checkpointer iterates."""
+    step_fn = build_step(
+        model,
+        objectives,
+        optimizer,
+        scheduler,
+        dist_info.device,
+        cfg.train.precision,
+        cfg.optim.grad_clip_norm,
+        cfg.loss.max_logit_scale,
+        cfg.train.accum_steps,
+    )
+    pieces = restart_state(
+        model,
+        optimizer,
+        scheduler,
+        cfg.optim,
+        cfg.train.steps,
+        state,
+        loader,
+        dist_info.device,
+        scaler=step_fn.scaler,
+        objective_pieces=objectives.restart_pieces(),
+        rank=dist_info.rank,
+    )
+    return step_fn, pieces
 
 
 def objectives_for_run(
