@@ -9,6 +9,7 @@ documents (unfilled last batches, and what other ranks hold when the first runs 
 
 from __future__ import annotations
 
+import base64
 import heapq
 import importlib.util
 import json
@@ -89,6 +90,17 @@ def test_a_mask_takes_what_the_samples_one_by_one_take():
     # the checkpoint's bitmap: bit i of byte i // 8, base64, as written before bitmaps were kept as ints
     assert Consumed(partial={3: mask_of([0, 9])}).to_json()["partial"] == {"3": "AQI="}
     assert Consumed.from_json({"done": [], "partial": {"3": "AQI="}, "sizes": {}}).taken(3) == Ordinals(0b1000000001)
+
+
+def test_a_bitmap_of_long_runs_is_stored_deflated_and_a_plain_one_still_reads():
+    held = random.Random(0).sample(range(9_000, 10_000), 300)  # a shard taken but for what a shuffle buffer holds
+    mask = ((1 << 10_000) - 1) ^ mask_of(held)
+    stored = Consumed(partial={7: mask}).to_json()["partial"]["7"]
+    plain = base64.b64encode(mask.to_bytes(1_250, "little")).decode()
+    assert stored.startswith("z:") and len(stored) < len(plain) / 3
+    for text in (stored, plain):
+        record = Consumed.from_json({"done": [], "partial": {"7": text}, "sizes": {}})
+        assert record.partial == {7: mask} and len(record.taken(7)) == 10_000 - 300 and held[0] not in record.taken(7)
 
 
 def test_the_epochs_record_is_stored_once_over_the_ranks():

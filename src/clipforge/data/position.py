@@ -10,27 +10,36 @@ trained on are not taken: the new layout reads them again.
 
 A shard is ``done`` when as many of its samples are taken as its tar holds (counted when a worker reaches its end);
 partly taken shards keep the set of taken ordinals as a bitmap, a Python int in memory (bit i = ordinal i: union
-is an OR, a count is ``bit_count``) and base64 in the checkpoint. Nothing is kept per sample trained on: a record
-costs about 20 bytes per shard it names, plus, for each partly taken shard, its bitmap (a sixth of a byte per sample
-of the shard); a worker has one to three of those at a time (the shard it reads and, through its shuffle buffer, the
-ones before). ``take_mask`` takes many samples of a shard at once. bench/data_plane.py measures it at 1,024 ranks ×
-8 workers (docs/scaling.md).
+is an OR, a count is ``bit_count``) and base64 in the checkpoint, deflated where that is shorter. Nothing is kept
+per sample trained on: a record costs about 20 bytes per shard it names, plus, for each partly taken shard, its
+bitmap (at most a sixth of a byte per sample of the shard, about a third of that deflated); a worker has one to three
+of those at a time (the shard it reads and, through its shuffle buffer, the ones before). ``take_mask`` takes many
+samples of a shard at once. bench/data_plane.py measures it at 1,024 ranks × 8 workers (docs/scaling.md).
 """
 
 from __future__ import annotations
 
 import base64
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+DEFLATED = "z:"  # not in base64's alphabet
+
 
 def encode_mask(mask: int) -> str:
-    """A set of ordinals (bit i of ``mask`` = ordinal i) as base64 of its little-endian bytes: bit i of byte i // 8."""
-    return base64.b64encode(mask.to_bytes((mask.bit_length() + 7) // 8, "little")).decode()
+    """A set of ordinals (bit i of ``mask`` = ordinal i) as base64 of its little-endian bytes (bit i of byte i // 8),
+    or, where shorter, ``z:`` and base64 of those bytes deflated (zlib): a shard taken but for the samples still in
+    a shuffle buffer is long runs of ones, and deflated to a third or less."""
+    raw = mask.to_bytes((mask.bit_length() + 7) // 8, "little")
+    plain, deflated = base64.b64encode(raw).decode(), DEFLATED + base64.b64encode(zlib.compress(raw)).decode()
+    return deflated if len(deflated) < len(plain) else plain
 
 
 def decode_mask(text: str) -> int:
+    if text.startswith(DEFLATED):
+        return int.from_bytes(zlib.decompress(base64.b64decode(text[len(DEFLATED) :])), "little")
     return int.from_bytes(base64.b64decode(text), "little")
 
 
