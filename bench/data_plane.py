@@ -593,5 +593,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
+def exact(results: dict[str, Any]) -> bool:
+    """Every check of the simulation holds: no sample twice, none lost, the records are what was trained on, and
+    the epoch's leftovers are the documented ones."""
+    first, rest, second = results["first_run"], results["rest_of_epoch"], results["second_checkpoint"]
+    return (
+        first["samples_trained_twice"] == second["samples_trained_twice"] == rest["duplicates"] == 0
+        and first["record_differs_from_truth"] == second["record_differs_from_truth"] == 0
+        and results["reshard"]["union_differs_from_truth"] == 0
+        and rest["missing_is_documented"]
+        and first["per_batch_path_same_state"]
+        and second["same_layout_keeps_before"]
+    )
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(0 if exact(main()) else 1)

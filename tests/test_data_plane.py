@@ -44,6 +44,7 @@ def small(tmp_path_factory) -> dict:
 def test_a_resumed_epoch_trains_no_sample_twice_and_misses_only_the_documented_leftovers(small):
     setup, first, rest = small["setup"], small["first_run"], small["rest_of_epoch"]
     second = small["second_checkpoint"]
+    assert load_bench().exact(small)  # what the script's exit status says
     assert small["planning"]["every_shard_once"] and small["planning"]["ranks_agree"]
     assert small["reshard"]["ranks_agree"]
     assert first["per_batch_path_same_state"]  # the bulk bookkeeping is the per-batch one
