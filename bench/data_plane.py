@@ -9,8 +9,9 @@ and its sample count, and the shards are ``file://`` URLs to tars that do not ex
 paths only, so the planner never looks for them; a sample is never read). What runs is the library's own code:
 
 1. **Planning.** For a few ranks of the first layout, what each rank does before its first batch:
-   ``plan_data`` (brace expansion, ``sizes.json``, the checks), ``build_train_loader``, and the shard list each of
-   its workers plans (``ShardedImageText.shards_for``, epoch mode). Timed without, and measured with, tracemalloc.
+   ``plan_data`` (brace expansion, ``sizes.json``, the checks), ``build_train_loader``, and the epoch's plan its
+   workers read their shards from (``TrainLoader.worker_plans``, epoch mode). Timed without, and measured with,
+   tracemalloc.
 2. **Training to the middle of the epoch, without decoding.** Every rank trains ``--stop`` of the epoch's steps.
    A worker's stream is its planned shards in order; after it has yielded ``c`` samples its shuffle buffer holds
    about ``--shuffle-buffer`` of the last ones read (each sample read stays with probability (1 - 1/B) per draw,
@@ -19,7 +20,7 @@ paths only, so the planner never looks for them; a sample is never read). What r
    ``Consumed.found_sizes`` and ``Consumed.take_mask``, the bulk form of what ``TrainLoader._account`` does per
    batch; for one rank the per-batch path is run too and must give the same state), and each rank's
    ``TrainLoader.state_dict()`` is written as the checkpointer writes it (``data_rank{R}.json``).
-3. **Resume on ``--resume-ranks`` ranks.** For a few new ranks: the 1,024 files read back, ``load_state_dicts``
+3. **Resume on ``--resume-ranks`` ranks.** For a few new ranks: every rank's file read back, ``load_state_dicts``
    (the union of every rank's record) and each worker's plan of the rest of the epoch. Then every new rank trains
    ``--after`` of what is left and writes its checkpoint again (the second pre-emption of the same epoch); one
    rank reloads it on its own layout.
