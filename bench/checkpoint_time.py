@@ -4,8 +4,8 @@
     PYTHONPATH=src .venv/bin/python bench/checkpoint_time.py --model ViT-L-14 --out /scratch/ckpt --repeats 2
 
 The model is built at random init with fused AdamW whose moments exist (one zero-rate step), wrapped in the
-trainer's restart state, and saved by the trainer's ``Checkpointer`` into ``--out``: synchronously (the single-file
-layout a DDP run writes: model.safetensors + state.pt, manifest hashed) and asynchronously (the training thread
+trainer's restart state, and saved by the trainer's ``Checkpointer`` into ``--out``: synchronously (the training
+thread writes the DCP files, state.pt and the hashed manifest) and asynchronously (the training thread
 blocks while the model and optimizer are copied in memory; the DCP files and manifest are written in the
 background). Printed per mode: the blocking time (what a step waits) and the time until the checkpoint is
 published as ``latest``. The pre-emption checkpoint must be published within SLURM's ``--signal`` lead time

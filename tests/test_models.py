@@ -54,7 +54,7 @@ def test_bad_names_and_paths_are_clear_errors(tiny_model_json, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_model(ModelConfig(name=str(tmp_path / "missing.json")))
     model = build_model(ModelConfig(name=tiny_model_json)).model
-    with pytest.raises(FileNotFoundError, match="neither model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="neither manifest.json"):
         load_weights(model, str(tmp_path))
     with pytest.raises(FileNotFoundError, match="model.init_from: .* does not exist"):
         build_initialised(ModelConfig(name=tiny_model_json, init_from=str(tmp_path / "missing.pt")))

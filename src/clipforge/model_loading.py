@@ -183,7 +183,7 @@ def load_weights(model: torch.nn.Module, source: str) -> list[str]:
         model.load_state_dict(weights, strict=True)
         return []
     raise FileNotFoundError(
-        f"{source}: a directory with neither model.safetensors (clipforge checkpoint), "
+        f"{source}: a directory with neither manifest.json (clipforge checkpoint), "
         "open_clip_config.json (open_clip folder) nor config.json (transformers folder)"
     )
 

@@ -96,8 +96,8 @@ class CheckpointConfig:
     async_save: bool = False
     """Write checkpoints in the background (torch.distributed.checkpoint async_save): the step pauses only to copy the
     model and optimizer in memory, and the files are written while training goes on; the checkpoint becomes
-    `latest` once every rank's files are on disk (a failed write leaves the previous one as latest). The model and
-    optimizer are then stored as DCP shards under DDP too. Costs one more copy of them in host memory."""
+    `latest` once every rank's files are on disk (a failed write leaves the previous one as latest). Costs one more
+    copy of the model and optimizer in host memory."""
     resume: str | None = None
     """Resume from a checkpoint directory, or 'auto' (alias 'latest') for the newest intact one in this run (none
     yet = start fresh). Corrupt or truncated checkpoints are skipped with a warning."""
@@ -116,7 +116,7 @@ class ParallelConfig:
     strategy: str = "ddp"
     """Data parallelism over the ranks: ddp (every rank holds the whole model, its gradients and AdamW state) or
     fsdp (FSDP2: each rank holds 1/N of them, gathered block by block as they run; for towers that outgrow a device
-    under DDP; ViT towers; checkpoints become torch.distributed.checkpoint shards)."""
+    under DDP; ViT towers; each rank writes its own shards of the checkpoint)."""
     reshard_after_forward: bool = True
     """fsdp: free each block's gathered weights after its forward and gather them again for the backward (less memory,
     one more all-gather per block); false keeps them from forward to backward."""
