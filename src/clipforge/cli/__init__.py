@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 # Each command's parser and entry function live in its own module (submit's in clipforge.launch); this one builds
 # the parser and turns a user's mistake into one line.
-from clipforge.cli import evaluate, export, plan, prep, train
+from clipforge.cli import evaluate, export, plan, prep, train, wise_ft
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(commands)
     export.add_parser(commands)
     plan.add_parser(commands)
+    wise_ft.add_parser(commands)
     from clipforge.launch import add_parser as add_submit
 
     add_submit(commands)
