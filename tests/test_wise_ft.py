@@ -14,7 +14,7 @@ from eval_fixtures import assert_valid_png
 from clipforge.checkpoints import read_model_weights
 from clipforge.cli import main
 from clipforge.config import to_yaml
-from clipforge.evaluation.wise_ft import choose_alpha, endpoints, interpolate
+from clipforge.evaluation.wise_ft import check_alphas, choose_alpha, endpoints, interpolate
 from clipforge.models import build_model
 from clipforge.train.config import load_config
 
@@ -56,9 +56,12 @@ def suites(synth_data, tmp_path_factory) -> tuple[Path, Path]:
     return made[0], made[1]
 
 
-def test_alpha_0_and_1_are_the_endpoints_bit_for_bit_and_0_5_the_hand_average(pair):
+def test_alpha_0_and_1_are_the_endpoints_bit_for_bit_and_0_5_the_hand_average(pair, tmp_path):
     theta0, theta1, _ = endpoints(str(pair[0]), str(pair[1]))
     assert bit_equal(theta0, read_model_weights(pair[0])) and bit_equal(theta1, read_model_weights(pair[1]))
+    # the initial model as an open_clip folder (model.init_from's source) gives the same weights
+    assert main(["export", str(pair[0]), "--format", "open_clip", "--out", str(tmp_path / "initial")]) == 0
+    assert bit_equal(endpoints(str(tmp_path / "initial"), str(pair[1]))[0], theta0)
     assert not torch.equal(theta0["visual.proj"], theta1["visual.proj"])  # two different models
     assert bit_equal(interpolate(theta0, theta1, 0.0), theta0)
     assert bit_equal(interpolate(theta0, theta1, 1.0), theta1)
@@ -87,6 +90,10 @@ def test_the_chosen_alpha_follows_the_rule_on_a_hand_made_table():
     assert choose_alpha(tie, 1.0) == 0.3  # a tie goes to the smaller alpha
     with pytest.raises(ValueError, match="alpha=0"):
         choose_alpha(table((0.5, 0.5, 0.5)), 1.0)
+    with pytest.raises(ValueError, match="0 must be among them"):
+        check_alphas([0.5, 1.0])
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        check_alphas([0.0, 1.5])
 
 
 def test_wise_ft_command_end_to_end_writes_a_checkpoint_that_exports_and_evaluates_to_the_chosen_model(
