@@ -58,7 +58,15 @@ def shards(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(
     "arguments",
-    [["--help"], ["train", "--help"], ["eval", "--help"], ["export", "--help"], ["prep", "inspect", "--help"]],
+    [
+        ["--help"],
+        ["train", "--help"],
+        ["eval", "--help"],
+        ["export", "--help"],
+        ["prep", "inspect", "--help"],
+        ["wise-ft", "--help"],
+        ["plan", "--help"],
+    ],
     ids=" ".join,
 )
 def test_help_imports_no_torch(arguments):

@@ -333,7 +333,11 @@ class Checkpointer:
         """The restart state of a DCP checkpoint: the sharded pieces read into this run's form (``_templates``)."""
         state = _read_state(path)
         sharded = {name: piece for name, piece in pieces.items() if piece.kind == SHARDED}
-        loaded = _templates(sharded, set(read_metadata(path).state_dict_metadata))
+        saved = set(read_metadata(path).state_dict_metadata)
+        missing = [name for name in sharded if not any(key.split(".", 1)[0] == name for key in saved)]
+        if missing:  # e.g. clipforge wise-ft's output: weights to start from, not a run to continue
+            raise ValueError(f"checkpoint {path} holds no {' and no '.join(missing)}: start from it (model.init_from)")
+        loaded = _templates(sharded, saved)
         into = " into this run's model and optimizer"
         load_dcp(path, loaded, into, process_group=self._group, no_dist=not self._distributed)
         return Saved({**state, **loaded}, _read_ranks(path, pieces))
