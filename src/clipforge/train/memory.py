@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -305,6 +306,13 @@ class FakeRun:
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> FakeRun:
+        try:
+            return self._enter()
+        except BaseException:
+            self._stack.close()  # the fake process group and modes go, so a next plan can start
+            raise
+
+    def _enter(self) -> FakeRun:
         cfg, world_size = self.cfg, self.world_size
         self._stack.enter_context(fake_process_group(world_size))
         info = DistInfo(world_size=world_size, local_world_size=min(world_size, 8), device="cpu", backend="fake")
@@ -398,11 +406,10 @@ class FakeRun:
 
     def step(self, local_batch: int) -> StepMemory:
         """One step at ``local_batch`` samples on this rank: its peak memory by part and its collectives."""
-        import time
-
         start = time.perf_counter()
         ledger, recorder = self.ledger, _PhaseRecorder(self.ledger)
         model = self.built.model
+        self.optimizer.zero_grad(set_to_none=True)
         ledger.phase = "batch"
         batch = self.batch(local_batch)
         ledger.phase = "setup"
@@ -454,6 +461,7 @@ class FakeRun:
             loss = sum(self.objectives(outputs, batch).values())
             loss.backward()
         del loss, outputs, batch
+        self.optimizer.zero_grad(set_to_none=True)  # an objective's own modules got gradients
         extra = ledger.peak - before
         return StepMemory(local_batch, extra, {"loss_buffers": extra}, "loss", list(ledger.collectives))
 
