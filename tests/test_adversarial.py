@@ -463,13 +463,13 @@ def _manifest(path: Path, change) -> None:
 
 
 CHECKPOINT_CASES = {
-    "a flipped bit in model.safetensors": (
-        lambda p: _flip(p / "model.safetensors"),
-        r"model\.safetensors does not match its SHA-256",
+    "a flipped bit in the weights": (
+        lambda p: _flip(p / "__0_0.distcp"),
+        r"__0_0\.distcp does not match its SHA-256",
     ),
-    "a truncated model.safetensors": (
-        lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:-1000]),
-        r"model\.safetensors has \d+ bytes, the manifest says",
+    "truncated weights": (
+        lambda p: (p / "__0_0.distcp").write_bytes((p / "__0_0.distcp").read_bytes()[:-1000]),
+        r"__0_0\.distcp has \d+ bytes, the manifest says",
     ),
     "a manifest without 'files'": (lambda p: _manifest(p, lambda m: m.pop("files")), r"no valid 'files' entry"),
     "a file the manifest does not list": (
@@ -510,11 +510,10 @@ def test_resume_auto_when_every_checkpoint_is_corrupt_says_so(checkpoint):
     from clipforge.checkpoints import CorruptCheckpoint
     from clipforge.train.checkpoint import Checkpointer
 
-    _flip(checkpoint / "model.safetensors")
+    _flip(checkpoint / "__0_0.distcp")
     with pytest.raises(
         CorruptCheckpoint,
-        match=r"every checkpoint in \S+ is corrupt.*step_00000003: model\."
-        r"safetensors does not match",
+        match=r"every checkpoint in \S+ is corrupt.*step_00000003: __0_0\.distcp does not match",
     ):
         Checkpointer(checkpoint.parent).latest_intact()
 

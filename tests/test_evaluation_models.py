@@ -2,11 +2,11 @@
 
 import gzip
 import json
-import shutil
 
 import open_clip
 import pytest
 import torch
+from checkpointing import weights_file
 from eval_fixtures import assert_valid_png
 
 from clipforge.cli import main
@@ -83,7 +83,7 @@ def test_open_clip_architecture_with_weights_and_open_clip_folder_load_the_same_
     trained_checkpoint, synth_data, tiny_resnet_json, tmp_path
 ):
     weights = tmp_path / "weights.safetensors"
-    shutil.copy(trained_checkpoint / "model.safetensors", weights)
+    weights_file(trained_checkpoint, weights)
     folder = tmp_path / "open_clip_folder"
     folder.mkdir()
     reference = load_eval_model(str(trained_checkpoint))
@@ -97,7 +97,7 @@ def test_open_clip_architecture_with_weights_and_open_clip_folder_load_the_same_
     )
     with pytest.raises(FileNotFoundError, match="open_clip folder without weights"):
         load_eval_model(str(folder))  # open_clip itself would random-initialise here
-    shutil.copy(trained_checkpoint / "model.safetensors", folder / "open_clip_model.safetensors")
+    weights_file(trained_checkpoint, folder / "open_clip_model.safetensors")
     benchmark = load_benchmark(synth_data / "eval" / "retrieval")
     texts = [caption for index in range(8) for caption in benchmark.source.target(index)]
     for loaded in (load_eval_model(architecture=tiny_resnet_json, weights=str(weights)), load_eval_model(str(folder))):
@@ -128,7 +128,7 @@ def test_cli_with_architecture_and_weights(trained_checkpoint, synth_data, tiny_
                 "--model",
                 tiny_resnet_json,
                 "--weights",
-                str(trained_checkpoint / "model.safetensors"),
+                str(weights_file(trained_checkpoint, tmp_path / "model.safetensors")),
                 "--out",
                 str(tmp_path / "b"),
                 *args,

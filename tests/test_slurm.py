@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+from checkpointing import dcp_weights
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 
 from clipforge.train.checkpoint import verify
@@ -105,7 +105,7 @@ def wait_for_job(cluster, job_id: str, timeout_s: float = 420) -> str:
 def final_weights(run_dir: Path) -> dict:
     checkpoint = run_dir / "checkpoints" / f"step_{STEPS:08d}"
     verify(checkpoint)
-    return load_file(checkpoint / "model.safetensors")
+    return dcp_weights(checkpoint)
 
 
 @pytest.fixture(scope="module")

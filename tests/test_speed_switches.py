@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from checkpointing import dcp_weights
 
 from clipforge.models import build_model
 from clipforge.train.config import load_config
@@ -40,7 +40,7 @@ def run(synth_data, model_json, out, *extra, steps=12):
     train(cfg)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [r["train/loss"] for r in records if "train/loss" in r]
-    return cfg, curve, load_file(out / "checkpoints" / "latest" / "model.safetensors")
+    return cfg, curve, dcp_weights(out / "checkpoints" / "latest")
 
 
 SWITCHES = {
