@@ -35,7 +35,17 @@ def measure(model_name: str, batch: int, accum_steps: int) -> dict:
     model = built.model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    step = build_step(model, ClipLoss(), optimizer, scheduler, "cpu", "fp32", 1.0, 100.0, accum_steps)
+    step = build_step(
+        model,
+        ClipLoss(),
+        optimizer,
+        scheduler,
+        device="cpu",
+        precision="fp32",
+        grad_clip_norm=1.0,
+        max_logit_scale=100.0,
+        accum_steps=accum_steps,
+    )
     size = built.model_cfg["vision_cfg"]["image_size"]
     data = {"images": torch.randn(batch, 3, size, size), "texts": built.tokenizer(["a red circle"] * batch)}
     baseline = _rss_mb()

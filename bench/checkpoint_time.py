@@ -50,7 +50,9 @@ def pieces_for(model_name: str):
     optimizer.step()  # AdamW's moments exist, as in a checkpoint during training
     scheduler = build_scheduler(cfg, optimizer, 100)
     parameters = sum(p.numel() for p in model.parameters())
-    return restart_state(model, optimizer, scheduler, cfg, 100, TrainState(1), NoData(), "cpu"), parameters
+    return restart_state(
+        model, optimizer, scheduler, optim_cfg=cfg, total_steps=100, train=TrainState(1), loader=NoData(), device="cpu"
+    ), parameters
 
 
 def measure(model_name: str, out: Path, repeats: int) -> None:

@@ -61,10 +61,10 @@ def measure(
             build_loss(LossConfig(), rank, world_size),
             optimizer,
             build_scheduler(optim_cfg, optimizer, 10),
-            "cpu",
-            "fp32",
-            optim_cfg.grad_clip_norm,
-            100.0,
+            device="cpu",
+            precision="fp32",
+            grad_clip_norm=optim_cfg.grad_clip_norm,
+            max_logit_scale=100.0,
         )
         size = built.model_cfg["vision_cfg"]["image_size"]
         start = time.perf_counter()

@@ -57,10 +57,10 @@ def main() -> None:
         build_loss(LossConfig()),
         optimizer,
         build_scheduler(optim_cfg, optimizer, 10**6),
-        device,
-        args.precision,
-        None,
-        100.0,
+        device=device,
+        precision=args.precision,
+        grad_clip_norm=None,
+        max_logit_scale=100.0,
     )
     batch = {
         "images": torch.randn(args.batch_size, 3, size, size, device=device),

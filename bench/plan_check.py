@@ -115,11 +115,11 @@ def _build(cfg, info, mesh):
         objectives,
         optimizer,
         scheduler,
-        info.device,
-        cfg.train.precision,
-        cfg.optim.grad_clip_norm,
-        cfg.loss.max_logit_scale,
-        cfg.train.accum_steps,
+        device=info.device,
+        precision=cfg.train.precision,
+        grad_clip_norm=cfg.optim.grad_clip_norm,
+        max_logit_scale=cfg.loss.max_logit_scale,
+        accum_steps=cfg.train.accum_steps,
     )
     return built, objectives, prepared, step_fn
 

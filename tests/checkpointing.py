@@ -35,7 +35,15 @@ def model_pieces(
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     cfg = OptimConfig()
     return restart_state(
-        model, optimizer, build_scheduler(cfg, optimizer, 10), cfg, 10, TrainState(step), Held(data), device, rank=rank
+        model,
+        optimizer,
+        build_scheduler(cfg, optimizer, 10),
+        optim_cfg=cfg,
+        total_steps=10,
+        train=TrainState(step),
+        loader=Held(data),
+        device=device,
+        rank=rank,
     )
 
 

@@ -90,7 +90,14 @@ def test_a_plain_step_makes_no_host_sync(tiny_model_json):
     model = built.model.to(DEVICE).train()
     optimizer = build_optimizer(OptimConfig(warmup_steps=0), model)
     step = build_step(
-        model, build_loss(LossConfig()), optimizer, constant_schedule(optimizer), DEVICE, "fp32", 1.0, 100.0
+        model,
+        build_loss(LossConfig()),
+        optimizer,
+        constant_schedule(optimizer),
+        device=DEVICE,
+        precision="fp32",
+        grad_clip_norm=1.0,
+        max_logit_scale=100.0,
     )
     data = model_batch(built)
     step(data)  # optimizer state, cuBLAS handles and the like are made on the first step
@@ -125,7 +132,14 @@ def test_a_mixed_precision_step_with_fused_adamw_updates_as_foreach_adamw(precis
             optimizer = build_optimizer(OptimConfig(lr=1e-3, warmup_steps=0, fused=fused), model)
             assert bool(optimizer.param_groups[0]["fused"]) is fused
             step = build_step(
-                model, build_loss(LossConfig()), optimizer, constant_schedule(optimizer), DEVICE, precision, 1.0, 100.0
+                model,
+                build_loss(LossConfig()),
+                optimizer,
+                constant_schedule(optimizer),
+                device=DEVICE,
+                precision=precision,
+                grad_clip_norm=1.0,
+                max_logit_scale=100.0,
             )
             assert (step.scaler is not None) == (precision == "fp16")
             skipped = 0  # fp16: the scaler skips steps whose gradients overflow and lowers its scale
@@ -213,7 +227,14 @@ def test_training_attention_takes_the_fused_sdpa_kernels(precision, tiny_model_j
     enable_packed_attention(model)
     optimizer = build_optimizer(OptimConfig(warmup_steps=0), model)
     step = build_step(
-        model, build_loss(LossConfig()), optimizer, constant_schedule(optimizer), DEVICE, precision, 1.0, 100.0
+        model,
+        build_loss(LossConfig()),
+        optimizer,
+        constant_schedule(optimizer),
+        device=DEVICE,
+        precision=precision,
+        grad_clip_norm=1.0,
+        max_logit_scale=100.0,
     )
     data = model_batch(built)
     step(data)

@@ -89,11 +89,11 @@ def train(rank: int, world_size: int, case: Case, strategy: str, model_path: str
         build_loss(loss_cfg, rank, world_size),
         optimizer,
         build_scheduler(optim_cfg, optimizer, 10),
-        "cpu",
-        "fp32",
-        optim_cfg.grad_clip_norm,
-        loss_cfg.max_logit_scale,
-        case.accum_steps,
+        device="cpu",
+        precision="fp32",
+        grad_clip_norm=optim_cfg.grad_clip_norm,
+        max_logit_scale=loss_cfg.max_logit_scale,
+        accum_steps=case.accum_steps,
     )
     initial = {name: full(p) for name, p in core.named_parameters()}
     local = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)

@@ -400,7 +400,16 @@ def _gradients(model_json: str, rank: int, world_size: int, strategy: str | None
         every_token=True,
     )
     optimizer = build_optimizer(OptimConfig(), built.model)
-    step = build_step(prepared.model, objectives, optimizer, None, "cpu", "fp32", None, 100.0)
+    step = build_step(
+        prepared.model,
+        objectives,
+        optimizer,
+        None,
+        device="cpu",
+        precision="fp32",
+        grad_clip_norm=None,
+        max_logit_scale=100.0,
+    )
     batch = fake_batch(LOCAL_BATCH * ranks)  # the global batch of `ranks` ranks; this process's part of it
     local = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH) if strategy else slice(None)
     out = step.backward({name: value[local] for name, value in batch.items()})

@@ -299,7 +299,16 @@ def _gradients(rank: int, world_size: int, model_json: str, strategy: str, distr
     model = parallelize(model, info, strategy)
     core = unwrap(model)
     optimizer = build_optimizer(OptimConfig(layer_decay=0.7), core)
-    step = build_step(model, build_loss(LossConfig(), rank, world_size), optimizer, None, "cpu", "fp32", None, 100.0)
+    step = build_step(
+        model,
+        build_loss(LossConfig(), rank, world_size),
+        optimizer,
+        None,
+        device="cpu",
+        precision="fp32",
+        grad_clip_norm=None,
+        max_logit_scale=100.0,
+    )
     local = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
     images, texts = batch(GLOBAL_BATCH, seed=10)
     step.backward({"images": images[local], "texts": texts[local]})

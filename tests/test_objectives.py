@@ -145,7 +145,16 @@ def _gradients(model_json: str, rank: int, world_size: int, local: slice, distri
         every_token=True,
     )
     optimizer = build_optimizer(OptimConfig(), built.model)
-    step = build_step(prepared.model, objectives, optimizer, None, "cpu", "fp32", None, 100.0)
+    step = build_step(
+        prepared.model,
+        objectives,
+        optimizer,
+        None,
+        device="cpu",
+        precision="fp32",
+        grad_clip_norm=None,
+        max_logit_scale=100.0,
+    )
     images, texts, colours = _batch(ranks)  # the global batch of 2 ranks; this process's part of it
     out = step.backward({"images": images[local], "texts": texts[local], "mean_colour": colours[local]})
     return float(out["terms"]["mean_colour"]), {

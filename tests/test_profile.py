@@ -99,10 +99,10 @@ def test_without_profiling_no_step_is_timed_and_nothing_synchronises(monkeypatch
         build_loss(LossConfig()),
         optimizer,
         build_scheduler(OptimConfig(), optimizer, 10),
-        "cpu",
-        "fp32",
-        1.0,
-        100,
+        device="cpu",
+        precision="fp32",
+        grad_clip_norm=1.0,
+        max_logit_scale=100,
     )
     batch = {"images": torch.randn(4, 3, 32, 32), "texts": built.tokenizer(["a red circle"] * 4)}
     monkeypatch.setattr(torch.cuda, "synchronize", forbidden)

@@ -52,7 +52,17 @@ def build(rank: int, world_size: int, strategy: str, model_json: str):
     cfg = OptimConfig(lr=1e-3, warmup_steps=1)
     optimizer = build_optimizer(cfg, unwrap(model))
     scheduler = build_scheduler(cfg, optimizer, 10)
-    pieces = restart_state(model, optimizer, scheduler, cfg, 10, TrainState(), Position(), "cpu", rank=rank)
+    pieces = restart_state(
+        model,
+        optimizer,
+        scheduler,
+        optim_cfg=cfg,
+        total_steps=10,
+        train=TrainState(),
+        loader=Position(),
+        device="cpu",
+        rank=rank,
+    )
     return model, optimizer, scheduler, pieces
 
 
@@ -65,7 +75,17 @@ def train_one_step(model, optimizer, scheduler, rank: int, world_size: int) -> N
     texts[:, -1] = END_OF_TEXT
     local = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
     loss = build_loss(LossConfig(), rank, world_size)
-    step = build_step(model, loss, optimizer, scheduler, "cpu", "fp32", 1.0, 100.0, 1)
+    step = build_step(
+        model,
+        loss,
+        optimizer,
+        scheduler,
+        device="cpu",
+        precision="fp32",
+        grad_clip_norm=1.0,
+        max_logit_scale=100.0,
+        accum_steps=1,
+    )
     step({"images": images[local], "texts": texts[local]})
 
 

@@ -15,7 +15,17 @@ from clipforge.train.step import CachedAccumulationStep, PlainStep, build_step
 def make_step(model, loss_fn, accum_steps):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    return build_step(model, loss_fn, optimizer, scheduler, "cpu", "fp32", 1.0, 100.0, accum_steps)
+    return build_step(
+        model,
+        loss_fn,
+        optimizer,
+        scheduler,
+        device="cpu",
+        precision="fp32",
+        grad_clip_norm=1.0,
+        max_logit_scale=100.0,
+        accum_steps=accum_steps,
+    )
 
 
 def batch(built, size=32):
@@ -73,7 +83,16 @@ def sgd_step_recording_gradients(model, grad_clip_norm):
     given = {}
     optimizer.register_step_pre_hook(lambda *_: given.update({n: p.grad.clone() for n, p in model.named_parameters()}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    step = build_step(model, build_loss(LossConfig()), optimizer, scheduler, "cpu", "fp32", grad_clip_norm, 100.0)
+    step = build_step(
+        model,
+        build_loss(LossConfig()),
+        optimizer,
+        scheduler,
+        device="cpu",
+        precision="fp32",
+        grad_clip_norm=grad_clip_norm,
+        max_logit_scale=100.0,
+    )
     return step, given
 
 
@@ -138,10 +157,10 @@ def test_a_nonfinite_batch_leaves_weights_and_optimizer_state_as_they_were(fused
         build_loss(LossConfig()),
         optimizer,
         build_scheduler(cfg, optimizer, 10),
-        "cpu",
-        "fp32",
-        None,
-        100.0,
+        device="cpu",
+        precision="fp32",
+        grad_clip_norm=None,
+        max_logit_scale=100.0,
     )
     assert step.skips_on_device == fused
     data = batch(built, 8)

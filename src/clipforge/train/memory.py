@@ -358,11 +358,11 @@ class FakeRun:
             self.objectives,
             self.optimizer,
             None,
-            "cpu",
-            cfg.train.precision,
-            cfg.optim.grad_clip_norm,
-            cfg.loss.max_logit_scale,
-            cfg.train.accum_steps,
+            device="cpu",
+            precision=cfg.train.precision,
+            grad_clip_norm=cfg.optim.grad_clip_norm,
+            max_logit_scale=cfg.loss.max_logit_scale,
+            accum_steps=cfg.train.accum_steps,
         )
         self.ddp_buckets = 0 if sharded or world_size == 1 else self._trainable_bytes()
         self._make_optimizer_state()

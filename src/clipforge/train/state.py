@@ -228,6 +228,7 @@ def restart_state(
     model,
     optimizer,
     scheduler,
+    *,
     optim_cfg: OptimConfig,
     total_steps: int,
     train: TrainState,

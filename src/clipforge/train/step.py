@@ -234,6 +234,7 @@ def build_step(
     objectives,
     optimizer,
     scheduler,
+    *,
     device: str,
     precision: str,
     grad_clip_norm,
