@@ -250,6 +250,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP threads of each trainer")
     parser.add_argument("--against", metavar="REF", help="also time clipforge as of this git commit")
+    parser.add_argument(
+        "--only-against",
+        action="store_true",
+        help="with --against: time only the two clipforges (a change's cost to the default path, in half the time)",
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: open_clip's amp_bf16")
     parser.add_argument("--compile", action="store_true", help="speed.compile / open_clip's --torchcompile")
@@ -264,6 +269,8 @@ def main() -> None:
     )
     parser.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "clipforge-bench-train"))
     args = parser.parse_args()
+    if args.only_against and not args.against:
+        parser.error("--only-against needs --against REF")
     if args.steps // args.log_every <= args.skip_windows + 1:
         parser.error("--steps must give more logging windows than --skip-windows + 1")
 
@@ -307,20 +314,22 @@ def main() -> None:
         def clipforge_then(index):
             before.append(window_means(run_clipforge(args, urls, Path(scratch), index, old, "clipforge_ref")))
 
-        trainers = [clipforge_now, open_clip_train] + ([clipforge_then] if old is not None else [])
+        trainers = [clipforge_now] + ([] if args.only_against else [open_clip_train])
+        trainers += [clipforge_then] if old is not None else []
         for index in range(args.repeats):
             for trainer in trainers if index % 2 == 0 else trainers[::-1]:
                 trainer(index)
-            line = (
-                f"repeat {index}: clipforge {ours[-1][0]:.1f} samples/s, open_clip_train {theirs[-1][0]:.1f} samples/s"
-            )
+            line = f"repeat {index}: clipforge {ours[-1][0]:.1f} samples/s"
+            line += "" if args.only_against else f", open_clip_train {theirs[-1][0]:.1f} samples/s"
             if old is not None:
                 line += f", clipforge@{args.against} {before[-1][0]:.1f} samples/s"
             print(line, flush=True)
-    mine, reference = median_of(ours), median_of(theirs)
+    mine = median_of(ours)
+    reference = median_of(theirs) if theirs else median_of(before)  # --only-against: ratios to the revision
     print("\n| trainer | samples/s (median of repeats) | ratio | model TFLOP/s | MFU (of the peak above) |")
     print("|---|---:|---:|---:|---:|")
-    print(row("open_clip_train.main", reference, reference, peak))
+    if theirs:
+        print(row("open_clip_train.main", reference, reference, peak))
     if before:
         print(row(f"clipforge train @ {args.against}", median_of(before), reference, peak))
     print(row("clipforge train", mine, reference, peak))
