@@ -34,6 +34,7 @@ LOSSES = {
     "CLIP, tiled (loss.tile_size: 4096)": ("configs/vit-b-16.yaml", ["loss.tile_size=4096"]),
     "SigLIP, all-gather": ("configs/siglip-vit-b-16.yaml", ["loss.siglip_exchange=all_gather"]),
     "SigLIP, ring": ("configs/siglip-vit-b-16.yaml", []),
+    "SigLIP, ring, tiled (loss.tile_size: 4096)": ("configs/siglip-vit-b-16.yaml", ["loss.tile_size=4096"]),
 }
 LOSS_GLOBAL_BATCHES = (32_768, 65_536, 131_072, 262_144, 524_288, 1_048_576)
 
@@ -141,7 +142,7 @@ def loss_table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    parser.add_argument("--recipes", nargs="*", default=list(RECIPES))
     parser.add_argument("--gpus", nargs="+", type=int, default=[8, 64, 256, 1024])
     parser.add_argument("--gpu", default="h100")
     parser.add_argument("--loss-gpus", nargs="*", type=int, default=[64, 1024], help="ranks of the loss tables")
