@@ -135,6 +135,13 @@ def test_time_flops_and_bandwidth_arithmetic():
     assert plan.budget == tensor_budget(GPUS["h100"].memory) == int((GPUS["h100"].memory - RESERVE) / (1 + SLACK))
     assert plan.fits and plan.largest_batch == {}
     assert plan_run(cfg, 16, "h100", largest=False).bandwidth == GPUS["h100"].inter_node  # two nodes
+    # gradient checkpointing computes the towers' forward once more: the same MFU of more work takes longer
+    forward = per_sample.image_forward + per_sample.text_forward
+    checkpointed = plan_run(
+        load_config("configs/demo.yaml", [*TINY, "model.grad_checkpointing=true"]), 4, mfu=0.5, largest=False
+    )
+    assert checkpointed.hardware_flops_per_step == pytest.approx(BATCH * (per_sample.train() + forward))
+    assert checkpointed.step_seconds == pytest.approx(plan.step_seconds * (1 + forward / per_sample.train()))
 
 
 @pytest.mark.parametrize(

@@ -6,19 +6,21 @@ peak plus what a fake step cannot see must stay under the GPU's memory: ``RESERV
 the libraries' workspaces) plus ``SLACK`` of the tensors (the caching allocator's rounding and fragmentation).
 The largest batch per GPU that fits, with and without gradient checkpointing, is searched with more fake steps
 (``largest_fitting``): the parts of the peak that grow with the batch (``PER_SAMPLE_PARTS``) give its slope, the
-line gives a candidate, the candidate is stepped, and the line through the two steps nearest the budget gives the
-next, until the largest size stepped that fits is the line's own answer. The peak is a line in the batch as long as
-the loss's buffers are (a little above it when the logits are materialised, ``loss.tile_size: 0``, whose
-(B_local, B_global) matrices grow with B_local²), so one or two candidates settle it.
+line gives a candidate, the candidate is stepped, and a curve through the sizes nearest the budget gives the next,
+until a candidate lands within 1% above a size that fits. The peak is a line in the batch as long as the loss's
+buffers are (it bends up when the logits are materialised, ``loss.tile_size: 0``, whose (B_local, B_global)
+matrices grow with B_local²), so one to three candidates settle it.
 
 Time: model FLOPs per step per GPU are ``clipforge.train.flops``' count (the one MFU is measured with) times the
-batch per GPU; a step takes them over the assumed MFU of the GPU's dense peak (``clipforge.train.peak``).
-Gradient checkpointing makes the GPU run each tower's forward twice: its step is planned at the same utilisation of
-that larger work. Communication: the bytes each GPU sends per step, from the collectives the fake step made (FSDP's
-all-gathers and reduce-scatters, the loss's embedding all-gather or ring) and DDP's gradient all-reduce, and their
-time at an assumed bus bandwidth: NVLink within a node of ``GPU.per_node`` GPUs, the network across nodes. The
-transfers overlap the compute when they are shorter than it (DDP's bucketed all-reduce and FSDP's prefetched
-gathers do; the loss's exchange does not, it sits between the forward and the backward).
+batch per GPU; a step takes them over the assumed MFU of the GPU's dense peak (``clipforge.train.peak``). Gradient
+checkpointing, and GradCache (``train.accum_steps``), make the GPU compute each tower's forward once more: the step
+is planned at the same utilisation of that larger work.
+
+Communication: the bytes each GPU sends per step, from the collectives the fake step made (FSDP's all-gathers and
+reduce-scatters, the loss's embedding all-gather or ring) and DDP's gradient all-reduce, and their time at an
+assumed bus bandwidth: NVLink within a node of ``Gpu.per_node`` GPUs, the network across nodes. The transfers
+overlap the compute when they are shorter than it (DDP's bucketed all-reduce and FSDP's prefetched gathers do; the
+loss's exchange does not, it sits between the forward and the backward).
 
 Every assumption is printed with the plan and each is an option.
 """
@@ -236,7 +238,9 @@ def plan_run(
     memory = simulated.memory
     flops = count_train_flops(cfg.model, cfg.loss.learn_temperature, cfg.speed.pooled_last_block, loss=cfg.loss)
     per_sample = flops.train()
-    hardware = per_sample + (flops.image_forward + flops.text_forward if checkpointing else 0.0)
+    forward = flops.image_forward + flops.text_forward
+    # the forward computed again: by gradient checkpointing in the backward, by GradCache for each micro-batch's graph
+    hardware = per_sample + forward * ((checkpointing) + (cfg.train.accum_steps > 1))
     peak_tflops = GPU_PEAKS[device.peak_key][matmul_precision(cfg.train.precision, cfg.train.tf32)]
     step_seconds = local_batch * hardware / (mfu * peak_tflops * 1e12)
     bandwidth = bandwidth or bus_bandwidth(device, gpus)
@@ -258,7 +262,7 @@ def plan_run(
         largest_batch=simulated.largest_batch,
         peaks=simulated.peaks,
         flops_per_sample=per_sample,
-        forward_flops_per_sample=flops.image_forward + flops.text_forward,
+        forward_flops_per_sample=forward,
         flops_per_step=local_batch * per_sample,
         hardware_flops_per_step=local_batch * hardware,
         mfu=mfu,
@@ -442,7 +446,7 @@ def format_plan(plan: Plan) -> str:
         f"count MFU uses), {plan.flops_per_step / 1e12:,.2f} TFLOP per GPU per step",
         f"  at {plan.mfu:.0%} MFU of {plan.peak_tflops:,.0f} TFLOP/s ({gpu.name} dense "
         f"{plan.precision if plan.precision != 'fp32' else 'tf32/fp32'}; assumed, --mfu sets it)"
-        + (" counting the re-forward of gradient checkpointing" if plan.grad_checkpointing else "")
+        + (" with the forward computed again" if plan.hardware_flops_per_step > plan.flops_per_step else "")
         + f": {_duration(plan.step_seconds)} per step, {plan.samples_per_second:,.0f} samples/s in all",
         f"  {plan.steps:,} steps (train.steps): {_duration(plan.run_seconds)}, "
         f"{_count(plan.steps * plan.global_batch)} samples seen",
