@@ -1,4 +1,4 @@
-"""``clipforge prep|train|eval|export|submit``: thin wrappers, one entry function each.
+"""``clipforge prep|train|eval|export|submit|plan|wise-ft``: thin wrappers, one entry function each.
 
 clipforge prep synthetic --out data/synth --num-samples 20000
 clipforge prep table captions.csv --out data/mine --image-column filepath --caption-column title
@@ -11,6 +11,8 @@ clipforge eval runs/demo/checkpoints/latest --dataset data/synth/eval/shapes --p
 clipforge export runs/demo/checkpoints/latest --format hf --out exported/demo [--push org/name]
 clipforge export runs/vit/checkpoints/latest --towers text --out exported/vit-text-encoder
 clipforge submit configs/vit-b-32.yaml --nodes 16 --gpus-per-node 8 --partition gpu --time 48:00:00
+clipforge plan configs/vit-b-16.yaml --gpus 64 --gpu h100        (memory, time and traffic per GPU; no GPU needed)
+clipforge wise-ft INITIAL runs/ft/checkpoints/latest --target eval/t.yaml --retention eval/r.yaml --out runs/wise
 """
 
 from __future__ import annotations
