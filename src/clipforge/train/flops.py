@@ -87,8 +87,10 @@ def _count(
         model = built.model
         apply_training_options(model, model_cfg, learn_temperature)
         objectives = None
-        if loss is not None:  # a queue's momentum encoder asks for the step's autocast; counting needs none
-            objectives = build_objectives(loss, ObjectiveContext(model=model, autocast=contextlib.nullcontext))
+        if loss is not None and loss.terms:  # only the extra terms hold modules worth counting
+            # the contrastive member (a queue, a distillation teacher) needs runtime objects and adds no FLOPs here
+            terms_only = dataclasses.replace(loss, queue_size=0, distill_weight=0.0, distill_model=None)
+            objectives = build_objectives(terms_only, ObjectiveContext(model=model, autocast=contextlib.nullcontext))
         every_token = objectives is not None and needs_every_token(objectives.model_outputs)
         trims = enable_text_trimming(model)  # the caption lengths training may give it
         if pooled_last_block and not every_token:
