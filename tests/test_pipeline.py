@@ -243,3 +243,27 @@ def test_close_stops_the_workers_so_the_process_can_exit(synth_data, tiny_resnet
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "alive after close: 0" in done.stdout
+
+
+def test_missing_shards_are_found_by_listing_each_directory_once(tmp_path, monkeypatch):
+    """At 200,000 shards a stat per shard per rank is a metadata storm: existence comes from one listing per
+    directory, and the answer equals a stat of each shard."""
+    from pathlib import Path
+
+    from clipforge.data import sources
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for index in range(0, 300, 3):  # every third shard exists
+            (tmp_path / name / f"{index:05d}.tar").write_bytes(b"")
+    shards = [str(tmp_path / name / f"{index:05d}.tar") for name in ("a", "b", "c") for index in range(300)]
+    truth = [shard for shard in shards if not Path(shard).exists()]
+    listed, stats = [], []
+    real_listdir, real_exists = sources.os.listdir, Path.exists
+    monkeypatch.setattr(sources.os, "listdir", lambda d: listed.append(d) or real_listdir(d))
+    monkeypatch.setattr(Path, "exists", lambda self: stats.append(self) or real_exists(self))
+    assert sources.missing_local(shards) == truth
+    assert len(listed) == 3  # a, b and the absent c, once each
+    assert len(stats) == 2 * 200 + 300  # only the names a listing lacks are stat'ed
+    monkeypatch.undo()
+    assert sources.missing_local([*shards[:3], "pipe:cat x", "s3://bucket/0.tar"]) == truth[:2]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,28 @@ def expand_urls(urls: str, where: str = "data.sources") -> list[str]:
 
 def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
+
+
+def missing_local(shards: list[str]) -> list[str]:
+    """The local shards that do not exist, in order. Each directory is listed once rather than each shard stat'ed:
+    at 200,000 shards and 1,024 ranks a stat per shard is 200 million metadata calls on a shared filesystem, a
+    listing per directory a few thousand. A name the listing lacks is still checked with one stat (a case-folding
+    filesystem); a listed name that cannot be opened (a dangling link) is skipped and counted when it is read."""
+    by_dir: dict[str, set[str] | None] = {}
+    missing = []
+    for shard in shards:
+        if not is_local(shard):
+            continue
+        directory, name = os.path.split(shard)
+        if directory not in by_dir:
+            try:
+                by_dir[directory] = set(os.listdir(directory or "."))
+            except OSError:  # no such directory, or not listable: each shard is stat'ed
+                by_dir[directory] = None
+        listing = by_dir[directory]
+        if (listing is None or name not in listing) and not Path(shard).exists():
+            missing.append(shard)
+    return missing
 
 
 def open_shard(url: str) -> IO[bytes]:
@@ -121,8 +144,7 @@ class Source:
     def resolve(cls, cfg: SourceConfig, index: int) -> Source:
         where = f"data.sources[{index}]"
         shards = expand_urls(cfg.urls, where)
-        local = [s for s in shards if is_local(s)]
-        missing = [s for s in local if not Path(s).exists()]
+        missing = missing_local(shards)
         if missing and len(missing) == len(shards):
             raise FileNotFoundError(f"{where}.urls: none of the {len(shards)} shards exist (first: {missing[0]})")
         if missing:
