@@ -29,7 +29,7 @@ from clipforge.train.build import Run, build_run
 from clipforge.train.config import RunConfig
 from clipforge.train.health import CollapseError, CollapseMonitor, HealthProbe
 from clipforge.train.lock import hold_run_dir
-from clipforge.train.meter import StepMeter
+from clipforge.train.meter import StepMeter, meter_for_run
 from clipforge.train.metrics import MetricLogger, plot_curves
 from clipforge.train.parallel import unwrap
 from clipforge.train.preflight import check_output_dir
@@ -249,7 +249,7 @@ def _train(
     logger = MetricLogger(
         run.run_dir, cfg.logging, last_step, run.state.step, dist_info.is_main, config=yaml.safe_load(config_yaml)
     )
-    meter, guard = StepMeter(cfg, dist_info, run), NumericsGuard(cfg.train.max_nonfinite_steps, dist_info.rank)
+    meter, guard = meter_for_run(cfg, dist_info, run), NumericsGuard(cfg.train.max_nonfinite_steps, dist_info.rank)
     cleanup.callback(meter.close)  # a trace of steps the run did not reach is still written
     preempted = False
     while run.state.step < last_step:

@@ -17,7 +17,7 @@ import torch
 
 from clipforge.distributed import DistInfo
 from clipforge.train.config import RunConfig
-from clipforge.train.flops import count_train_flops
+from clipforge.train.flops import TrainFlops, count_train_flops
 from clipforge.train.peak import cache_file, peak_tflops
 from clipforge.train.profile import OffRecorder, Setting, StepProfiler, StepRecorder, diagnose, median_image_side
 
@@ -47,43 +47,30 @@ def _timed(record):
 
 class StepMeter:
     """The throughput window between logging steps: samples/s, model TFLOP/s and MFU, step and data-wait time,
-    memory; ``recorder(step)`` times a profiled step's parts (``logging.profile_every``, ``logging.trace_steps``)."""
+    memory; ``recorder(step)`` times a profiled step's parts (``logging.profile_every``, ``logging.trace_steps``).
 
-    def __init__(self, cfg: RunConfig, dist_info: DistInfo, run: Run) -> None:
-        self.cfg, self.dist_info, self.run = cfg, dist_info, run
-        self.parameters = sum(p.numel() for p in run.built.model.parameters())
+    It takes the runtime objects it reads, by keyword: the scheduler (the logged learning rate), the loader (its
+    epoch and skip counts), the FLOP count (None on ranks that do not log) and peak, the profiler and the setting
+    its diagnosis reads. ``meter_for_run`` builds it from a run's config and parts."""
+
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        dist_info: DistInfo,
+        parameters: int,
+        scheduler,
+        loader,
+        profiler: StepProfiler,
+        setting: Setting,
+        train_flops: TrainFlops | None = None,
+        peak: float = 0.0,
+    ) -> None:
+        self.batch_size, self.dist_info, self.parameters = batch_size, dist_info, parameters
+        self.scheduler, self.loader, self.profiler, self.setting = scheduler, loader, profiler, setting
+        self.train_flops, self.peak, self.warned = train_flops, peak, False
         self.start, self.steps, self.data_wait, self.flops = time.perf_counter(), 0, 0.0, 0.0
         self.last: dict[str, Any] = {}
-        self.train_flops, self.peak, self.warned = None, 0.0, False
-        if dist_info.is_main:
-            self.train_flops = count_train_flops(
-                cfg.model, cfg.loss.learn_temperature, cfg.speed.pooled_last_block, loss=cfg.loss
-            )
-            self.peak, source = peak_tflops(
-                dist_info.device, cfg.train.precision, cfg.train.tf32, cfg.logging.peak_tflops
-            )
-            log.info(
-                "model FLOPs per sample (forward + backward): %.3g G at full caption length; MFU peak: %s",
-                self.train_flops.train() / 1e9,
-                f"{self.peak:.4g} TFLOP/s per device ({source})" if self.peak else source,
-            )
-        self.profiler = StepProfiler(
-            cfg.logging.profile_every,
-            cfg.logging.trace_steps,
-            dist_info.device,
-            run.run_dir / "traces",
-            split_towers=not cfg.speed.compile,  # hooks on a compiled model's tower would recompile it
-        )
-        self.setting = Setting(
-            num_workers=cfg.data.num_workers,
-            cpu_count=os.cpu_count() or 1,
-            image_size=max(_as_pair(run.built.preprocess_cfg["size"])),
-            world_size=dist_info.world_size,
-            fused_optimizer=bool(
-                getattr(run.step_fn, "optimizer", None) and run.step_fn.optimizer.defaults.get("fused")
-            ),
-            median_image_side=median_image_side(list(run.loader.dataset.shards)) if cfg.logging.profile_every else None,
-        )
 
     def recorder(self, step: int) -> OffRecorder | StepRecorder:
         """The recorder of ``step``'s parts: a no-op (``profile.OFF``) unless the step is profiled or traced."""
@@ -117,16 +104,16 @@ class StepMeter:
     def metrics(self, out: dict[str, Any], nonfinite_total: int) -> dict[str, Any]:
         """The logging step's metrics (host syncs happen here, not every step); starts a new window."""
         elapsed = time.perf_counter() - self.start
-        batch_size, world_size = self.cfg.data.batch_size, self.dist_info.world_size
+        batch_size, world_size = self.batch_size, self.dist_info.world_size
         scale = out["logit_scale"].item()
         self.last = {
             "train/loss": out["loss"].item(),
             **{f"train/{name}": value.item() for name, value in out.get("terms", {}).items()},  # each objective's
-            "train/lr": self.run.scheduler.get_last_lr()[0],
+            "train/lr": self.scheduler.get_last_lr()[0],
             "train/logit_scale": scale,
             "train/temperature": 1.0 / scale,
             "train/grad_norm": out["grad_norm"].item(),
-            "train/epoch": self.run.loader.epoch,
+            "train/epoch": self.loader.epoch,
             "perf/samples_per_s": self.steps * batch_size * world_size / elapsed,
             "perf/samples_per_s_per_device": self.steps * batch_size / elapsed,
             "perf/step_time_s": elapsed / self.steps,
@@ -135,7 +122,7 @@ class StepMeter:
             "model/parameters": self.parameters,
             "perf/data_wait_fraction": self.data_wait / elapsed,
             "train/nonfinite_steps": nonfinite_total,
-            **{f"data/skipped_{k}": v for k, v in self.run.loader.skipped.items()},
+            **{f"data/skipped_{k}": v for k, v in self.loader.skipped.items()},
             **self._model_flops(elapsed),
             **self._breakdown(),
         }
@@ -165,6 +152,48 @@ class StepMeter:
         if diagnosis and self.dist_info.is_main:
             log.warning("where the time goes: %s", diagnosis)
         return {f"time/{name}_s": seconds for name, seconds in breakdown.items()}
+
+
+def meter_for_run(cfg: RunConfig, dist_info: DistInfo, run: Run) -> StepMeter:
+    """The run's meter: the FLOP count and the peak (rank 0 only: only it logs), the profiler and the setting."""
+    train_flops, peak = None, 0.0
+    if dist_info.is_main:
+        train_flops = count_train_flops(
+            cfg.model, cfg.loss.learn_temperature, cfg.speed.pooled_last_block, loss=cfg.loss
+        )
+        peak, source = peak_tflops(dist_info.device, cfg.train.precision, cfg.train.tf32, cfg.logging.peak_tflops)
+        log.info(
+            "model FLOPs per sample (forward + backward): %.3g G at full caption length; MFU peak: %s",
+            train_flops.train() / 1e9,
+            f"{peak:.4g} TFLOP/s per device ({source})" if peak else source,
+        )
+    profiler = StepProfiler(
+        cfg.logging.profile_every,
+        cfg.logging.trace_steps,
+        dist_info.device,
+        run.run_dir / "traces",
+        split_towers=not cfg.speed.compile,  # hooks on a compiled model's tower would recompile it
+    )
+    optimizer = getattr(run.step_fn, "optimizer", None)
+    setting = Setting(
+        num_workers=cfg.data.num_workers,
+        cpu_count=os.cpu_count() or 1,
+        image_size=max(_as_pair(run.built.preprocess_cfg["size"])),
+        world_size=dist_info.world_size,
+        fused_optimizer=bool(optimizer and optimizer.defaults.get("fused")),
+        median_image_side=median_image_side(list(run.loader.dataset.shards)) if cfg.logging.profile_every else None,
+    )
+    return StepMeter(
+        batch_size=cfg.data.batch_size,
+        dist_info=dist_info,
+        parameters=sum(p.numel() for p in run.built.model.parameters()),
+        scheduler=run.scheduler,
+        loader=run.loader,
+        profiler=profiler,
+        setting=setting,
+        train_flops=train_flops,
+        peak=peak,
+    )
 
 
 def _as_pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
