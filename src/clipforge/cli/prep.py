@@ -1,5 +1,6 @@
-"""``clipforge prep``: write training shards (synthetic, table, HF dataset, image folder), inspect them, score,
-filter and reshard them (``clipforge.data``, ``clipforge.curation``)."""
+"""``clipforge prep``: write training shards (synthetic, table, HF dataset, image folder, a labelled classification
+set with its class prompts), inspect them, score, filter and reshard them (``clipforge.data``,
+``clipforge.curation``)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,26 @@ def _prep_hf(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         split=args.split,
         imagefolder=args.imagefolder,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _prep_labelled(args: argparse.Namespace) -> int:
+    from clipforge.evaluation.labelled_shards import write_from_labelled
+
+    summary = write_from_labelled(
+        args.folder,
+        args.out,
+        split=args.split,
+        format=args.format,
+        classnames=args.classnames,
+        templates=args.templates,
+        samples_per_shard=args.samples_per_shard,
+        resize_to=args.resize,
+        num_workers=args.workers,
+        progress=not args.quiet,
         overwrite=args.overwrite,
     )
     print(json.dumps(summary, indent=1))
@@ -158,6 +179,7 @@ def _add_prep_sources(prep_kinds: argparse._SubParsersAction) -> None:
     table.set_defaults(func=_prep_table)
 
     _add_prep_hf(prep_kinds, resumable)
+    _add_prep_labelled(prep_kinds, resumable)
 
     inspect = prep_kinds.add_parser(
         "inspect",
@@ -215,6 +237,40 @@ def _add_prep_hf(prep_kinds: argparse._SubParsersAction, resumable: str) -> None
     hf.add_argument("--split", help="split of a DatasetDict (default: train, or the only one)")
     _add_writer_options(hf)
     hf.set_defaults(func=_prep_hf)
+
+
+def _add_prep_labelled(prep_kinds: argparse._SubParsersAction, resumable: str) -> None:
+    labelled = prep_kinds.add_parser(
+        "labelled",
+        help="a classification set (image folder, CLIP_benchmark, saved HF dataset) → shards whose captions are its "
+        "class prompts, for FLYP fine-tuning (data.caption_key: txt:lines)",
+        description="Write one split of a classification set, opened as clipforge eval --dataset opens it, as "
+        "img2dataset-layout shards: KEY.jpg|png|webp, KEY.txt holding every template filled with the sample's "
+        "class name, one per line, KEY.cls (the class index) and KEY.json. Class names and templates are the ones "
+        "clipforge eval uses: the set's own (classnames.txt, class folders or ClassLabel names; "
+        "zeroshot_classification_templates.txt) unless --classnames / --templates name others. Train on OUT with "
+        "data.caption_key: txt:lines, which picks one prompt per sample and epoch (docs/adapting.md, FLYP). "
+        + resumable,
+    )
+    labelled.add_argument("folder", help="image folder (FOLDER/SPLIT/CLASS/*.jpg), CLIP_benchmark or HF dataset")
+    labelled.add_argument("--split", default="train", help="the split to write (train)")
+    labelled.add_argument(
+        "--format", choices=("wds", "imagefolder", "hf"), help="the set's format (default: detected, as eval does)"
+    )
+    labelled.add_argument(
+        "--classnames",
+        metavar="NAME|FILE",
+        help="class names in label order: a file (one per line, or a .json list) or openai_imagenet (default: the "
+        "set's classnames.txt, class folder names or ClassLabel names)",
+    )
+    labelled.add_argument(
+        "--templates",
+        metavar="NAME|FILE",
+        help="prompt templates with {c} (or {}) where the class name goes: a file (one per line, or a .json list or "
+        "{class: [prompts]} dict) or openai_imagenet (default: the set's zeroshot_classification_templates.txt)",
+    )
+    _add_writer_options(labelled)
+    labelled.set_defaults(func=_prep_labelled)
 
 
 def _prep_score(args: argparse.Namespace) -> int:

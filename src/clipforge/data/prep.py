@@ -24,7 +24,8 @@ shards. Shards written with other settings or from another source, and files pre
 with an error rather than being mixed (``clipforge.data.prep_output``).
 
 Entry points: ``clipforge prep table FILE --out DIR --image-column filepath --caption-column title``,
-``clipforge prep hf PATH --out DIR [--imagefolder]``.
+``clipforge prep hf PATH --out DIR [--imagefolder]``; a labelled classification set with class prompts as captions
+(FLYP): ``clipforge prep labelled FOLDER --out DIR`` (``clipforge.evaluation.labelled_shards``).
 """
 
 from __future__ import annotations
@@ -171,18 +172,20 @@ def run_jobs(jobs: Iterable[Any], work: Callable[[Any], Any], num_workers: int) 
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _settings(options: WriteOptions, source: str) -> dict[str, Any]:
-    """What must match for an existing shard to count as written by this run."""
+def _settings(options: WriteOptions, source: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What must match for an existing shard to count as written by this run (``extra``: a source's own, e.g. the
+    class prompts of ``prep labelled``)."""
     return {
         "source": source,
         "samples_per_shard": options.samples_per_shard,
         "resize_to": options.resize_to,
         "jpeg_quality": options.jpeg_quality if options.resize_to else None,
+        **(extra or {}),
     }
 
 
 def _plan(
-    out: Path, num_rows: int, options: WriteOptions, source: str
+    out: Path, num_rows: int, options: WriteOptions, source: str, extra: dict[str, Any] | None = None
 ) -> tuple[list[str], list[ShardJob], dict[int, dict[str, Any]]]:
     """Shard names, the shards still to write (rows not yet attached), and the stats of those already complete.
 
@@ -193,7 +196,7 @@ def _plan(
     num_shards = -(-num_rows // per_shard)
     names = [f"{shard:0{max(5, len(str(num_shards - 1)))}d}" for shard in range(num_shards)]
     key_digits = max(4, len(str(per_shard - 1)))
-    settings = _settings(options, source)
+    settings = _settings(options, source, extra)
     earlier = claim_output(out, settings, options.overwrite, names)
     todo, complete = [], {}
     for shard, name in enumerate(names):
@@ -216,12 +219,14 @@ def write_shards(
     source: str,
     progress: bool = True,
     paths_hint: str = "",
+    extra_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``num_rows`` rows (``rows_for(start, stop)``) as shards under ``out``; skip complete shards.
 
     When no row gives a sample, what was written is removed and the run stops (``ValueError``); when most rows name
     an image file that does not exist, a warning says so. ``paths_hint`` (how the source's paths were resolved and
-    how to change it) goes into both."""
+    how to change it) goes into both. ``extra_settings`` must match too for an earlier run's shards to be kept, and
+    go into the summary."""
     options.check()
     if num_rows <= 0:
         raise ValueError(f"{source}: no rows to write")
@@ -229,7 +234,7 @@ def write_shards(
         options = replace(options, samples_per_shard=auto_samples_per_shard(num_rows))
     out = Path(out)
     created = not out.exists()
-    names, todo, stats_by_shard = _plan(out, num_rows, options, source)
+    names, todo, stats_by_shard = _plan(out, num_rows, options, source, extra_settings)
     num_shards, resumed = len(names), len(stats_by_shard)
     if resumed:
         log.info("%s: %d of %d shards already complete, writing the other %d", out, resumed, num_shards, len(todo))
@@ -263,7 +268,7 @@ def write_shards(
         "resumed_shards": resumed,
         "skipped": dict(sorted(skipped.items())),
         "urls": str(out / f"{{{names[0]}..{names[-1]}}}.tar"),
-        **{k: v for k, v in _settings(options, source).items() if k != "source"},
+        **{k: v for k, v in _settings(options, source, extra_settings).items() if k != "source"},
     }
     write_json(out / "_stats.json", {"count": num_rows, "successes": samples, "failed": num_rows - samples, **summary})
     if skipped:

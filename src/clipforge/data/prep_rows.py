@@ -3,9 +3,10 @@
 A row (``Row``) is its position in the input, an image (a file path or the encoded bytes) and a caption, as a
 table (``clipforge.data.tables``) or a Hugging Face dataset gives them; ``RowList`` and ``DatasetRows`` are the
 rows of one shard as they are shipped to a writer process. ``make_sample`` turns a row into the sample stored
-(``KEY.jpg|png|webp``, ``KEY.txt``, ``KEY.json``), or raises ``SkipRow`` naming the kind of problem (a missing image
-or file, an undecodable image, a decompression bomb, an empty caption) for the writer to count. ``WriteOptions`` are
-a prep run's settings: the encoding here reads ``resize_to`` and ``jpeg_quality``, the shard writer the others.
+(``KEY.jpg|png|webp``, ``KEY.txt``, ``KEY.json``, and ``KEY.cls`` for a row with a class label), or raises
+``SkipRow`` naming the kind of problem (a missing image or file, an undecodable image, a decompression bomb, an empty
+caption) for the writer to count. ``WriteOptions`` are a prep run's settings: the encoding here reads ``resize_to``
+and ``jpeg_quality``, the shard writer the others.
 
 Images are stored as their original bytes (extension from the decoded format; formats other than
 JPEG, PNG and WebP are re-encoded as PNG). With ``resize_to=N`` they are resized so the shorter side
@@ -67,6 +68,8 @@ class Row:
     caption: Any
     url: str
     """Where the image came from, as the input names it (kept as ``url`` in ``KEY.json``)."""
+    label: int | None = None
+    """The class index of a labelled set's sample (``prep labelled``), stored as ``KEY.cls``; None: no ``.cls``."""
 
 
 @dataclass
@@ -205,4 +208,8 @@ def make_sample(row: Row, key: str, options: WriteOptions) -> dict[str, Any]:
         raise SkipRow("empty_caption", "the caption is empty")
     extension, stored, sizes = encode_image(data, options)
     meta = {"key": key, "caption": caption, "url": row.url, "row": row.index, **sizes, "status": "success"}
-    return {"__key__": key, extension: stored, "txt": caption, "json": json.dumps(meta, ensure_ascii=False)}
+    sample = {"__key__": key, extension: stored, "txt": caption}
+    if row.label is not None:  # CLIP_benchmark's member for a class index
+        meta["label"] = row.label
+        sample["cls"] = str(row.label)
+    return {**sample, "json": json.dumps(meta, ensure_ascii=False)}
