@@ -11,7 +11,7 @@ The model and optimizer are ``torch.distributed.checkpoint`` (DCP) files: ``.met
 per rank that wrote, holding ``model.*`` and ``optimizer.*``. A checkpoint without ``format`` in its manifest
 may instead hold the model as ``model.safetensors`` and the optimizer in ``state.pt`` (the single-file layout);
 ``read_weights`` gives a full model state dict from either, in one process, with no process group, and
-``clipforge.train.checkpoint.upgrade`` reads the rest of such a checkpoint's restart state. DCP's ``.metadata``
+``clipforge.train.checkpoint_read.upgrade`` reads the rest of such a checkpoint's restart state. DCP's ``.metadata``
 is a pickle: it is read with an unpickler that admits only DCP's own metadata classes and torch's sizes, dtypes
 and layouts, so a checkpoint cannot run code on load.
 """
@@ -30,7 +30,8 @@ import torch
 
 FORMAT = 2
 """``manifest.json``'s ``format`` for the layout ``clipforge.train.checkpoint`` writes; a manifest without one is of a
-checkpoint that may need ``clipforge.train.checkpoint.upgrade`` (the single-file layout, older names in state.pt)."""
+checkpoint that may need ``clipforge.train.checkpoint_read.upgrade`` (the single-file layout, older names in
+state.pt)."""
 DCP_FILES = (".metadata", "state.pt", "config.yaml", "manifest.json")
 SINGLE_FILE_FILES = ("model.safetensors", "state.pt", "config.yaml", "manifest.json")
 MODEL_PREFIX = "model."  # the model's entries among the DCP files' keys

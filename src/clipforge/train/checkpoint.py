@@ -23,8 +23,8 @@ checkpoint stays ``latest``.
 
 Reading goes through ``clipforge.checkpoints`` (the manifest verified first; DCP metadata and entries through
 restricted unpicklers; ``torch.load(weights_only=True)``): no arbitrary object is ever unpickled. A checkpoint
-whose manifest has no ``format`` is read through ``upgrade``, the one place that knows the other layouts and
-names such a checkpoint may have.
+whose manifest has no ``format`` is read through ``checkpoint_read.upgrade``, the one place that knows the other
+layouts and names such a checkpoint may have.
 """
 
 from __future__ import annotations
@@ -37,9 +37,7 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,16 +48,15 @@ from clipforge.checkpoints import (
     FORMAT,
     CorruptCheckpoint,
     check_complete,
-    has_dcp_weights,
     is_complete,
     load_dcp,
     manifest_format,
     read_metadata,
-    read_weights,
     sha256,
     verify,
 )
 from clipforge.train.checkpoint_failure import CheckpointWriteError, nbytes, write_failure
+from clipforge.train.checkpoint_read import Saved, read_ranks, read_state, upgrade
 from clipforge.train.parallel import is_sharded, unwrap
 from clipforge.train.state import PER_RANK, REPLICATED, SHARDED, Piece
 
@@ -100,17 +97,6 @@ def weights_digest(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-@dataclass
-class Saved:
-    """A checkpoint's restart state as read: ``state`` by piece name (sharded and replicated pieces), ``ranks``
-    each per-rank piece's states by rank; ``whole``: the sharded pieces are whole tensors whatever this run's
-    strategy (``upgrade``), not in this run's form (what DCP files are read into)."""
-
-    state: dict[str, Any]
-    ranks: dict[str, list[dict[str, Any]]]
-    whole: bool = False
 
 
 class Checkpointer:
@@ -331,7 +317,7 @@ class Checkpointer:
 
     def _read(self, path: Path, pieces: dict[str, Piece]) -> Saved:
         """The restart state of a DCP checkpoint: the sharded pieces read into this run's form (``_templates``)."""
-        state = _read_state(path)
+        state = read_state(path)
         sharded = {name: piece for name, piece in pieces.items() if piece.kind == SHARDED}
         saved = set(read_metadata(path).state_dict_metadata)
         missing = [name for name in sharded if not any(key.split(".", 1)[0] == name for key in saved)]
@@ -340,7 +326,7 @@ class Checkpointer:
         loaded = _templates(sharded, saved)
         into = " into this run's model and optimizer"
         load_dcp(path, loaded, into, process_group=self._group, no_dist=not self._distributed)
-        return Saved({**state, **loaded}, _read_ranks(path, pieces))
+        return Saved({**state, **loaded}, read_ranks(path, pieces))
 
     @property
     def _distributed(self) -> bool:
@@ -417,58 +403,6 @@ def _loading(path: Path, load, state) -> None:
         raise ValueError(f"{path}: {exc}") from exc
 
 
-def upgrade(path: Path, pieces: dict[str, Piece], read: Callable[[Path, dict[str, Piece]], Saved]) -> Saved:
-    """The restart state of the checkpoint at ``path``, whose manifest has no ``format``, in the form this code's
-    pieces load; ``read`` reads a DCP checkpoint (``Checkpointer._read``). Such a checkpoint may hold:
-
-    * the model as ``model.safetensors`` and the optimizer in ``state.pt``, whole tensors (``Saved.whole``);
-    * in ``state.pt``: the train step and the schedule under ``step`` and ``scheduler``; the optimizer numbered in
-      its groups' order (``optimizer.state_dict()``), which must be this run's; the train state without samples
-      and reference batch, whose global batch is then taken to be this run's;
-    * in ``rng_rank{R}.pt``: every visible GPU's generator, a list under ``cuda``, of which this rank's device's
-      entry is taken, if there is one.
-    """
-    if has_dcp_weights(path):
-        saved = read(path, pieces)
-    else:
-        saved = Saved({**_read_state(path), "model": read_weights(path)}, _read_ranks(path, pieces), whole=True)
-    state = saved.state
-    if "train" not in state and "step" in state:
-        state["train"] = {"step": state.pop("step")}
-    if "schedule" not in state and "scheduler" in state:
-        state["schedule"] = state.pop("scheduler")
-    groups = state.get("optimizer", {}).get("param_groups", [])
-    if "optimizer" in pieces and any(isinstance(index, int) for group in groups for index in group["params"]):
-        state["optimizer"] = pieces["optimizer"].stateful.keyed_by_name(state["optimizer"])
-    if "train" in pieces and "train" in state:
-        batch = pieces["train"].stateful.clock.global_batch
-        state["train"] = {"samples": int(state["train"]["step"]) * batch, "reference_batch": batch, **state["train"]}
-    if "rng" in pieces:
-        device = pieces["rng"].stateful.device
-        saved.ranks["rng"] = [_own_generator(generators, device) for generators in saved.ranks.get("rng", [])]
-    return saved
-
-
-def _own_generator(generators: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """``generators`` with, for a GPU ``device``, the entry of its index in the ``cuda`` list as ``cuda_device``."""
-    every_gpu = generators.get("cuda")
-    if every_gpu is None:
-        return generators
-    own = {key: value for key, value in generators.items() if key != "cuda"}
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index < len(every_gpu):
-            own["cuda_device"] = every_gpu[index]
-    return own
-
-
-def _read_state(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as exn:  # verified, yet unreadable (or refused by weights_only): never load it otherwise
-        raise CorruptCheckpoint(f"checkpoint {path}: state.pt does not load with weights_only=True ({exn})") from None
-
-
 def _write_per_rank(directory: Path, name: str, rank: int, value: dict[str, Any]) -> None:
     """JSON where the state is plain (a data position reads as text), a tensors-only pickle otherwise."""
     try:
@@ -477,26 +411,3 @@ def _write_per_rank(directory: Path, name: str, rank: int, value: dict[str, Any]
         _write_synced(directory / f"{name}_rank{rank}.pt", lambda p: _torch_save(value, p))
     else:
         _write_synced(directory / f"{name}_rank{rank}.json", lambda p: p.write_text(text))
-
-
-def _read_ranks(path: Path, pieces: dict[str, Piece]) -> dict[str, list[dict[str, Any]]]:
-    """Every per-rank piece's saved states, by rank (rank 0 up to the first rank with none)."""
-    ranks: dict[str, list[dict[str, Any]]] = {}
-    for name in (name for name, piece in pieces.items() if piece.kind == PER_RANK):
-        states = ranks[name] = []
-        while (found := _read_per_rank(path, name, len(states))) is not None:
-            states.append(found)
-    return ranks
-
-
-def _read_per_rank(path: Path, name: str, rank: int) -> dict[str, Any] | None:
-    if (path / f"{name}_rank{rank}.json").is_file():
-        return json.loads((path / f"{name}_rank{rank}.json").read_text())
-    if (path / f"{name}_rank{rank}.pt").is_file():
-        try:
-            return torch.load(path / f"{name}_rank{rank}.pt", map_location="cpu", weights_only=True)
-        except Exception as exn:
-            raise CorruptCheckpoint(
-                f"checkpoint {path}: {name}_rank{rank}.pt does not load with weights_only=True ({exn})"
-            ) from None
-    return None
