@@ -13,7 +13,10 @@ LOSS_KINDS = ("clip", "siglip")
 SIGLIP_EXCHANGES = ("all_gather", "ring")
 POSITIVES = ("pairs", "caption", "image", "caption_or_image")
 
-TERMS: dict[str, str] = {"locca": "clipforge.losses.locca:build"}
+TERMS: dict[str, str] = {
+    "locca": "clipforge.losses.locca:build",
+    "self_distillation": "clipforge.losses.self_distillation:build",
+}
 """Extra loss terms by name (``loss.terms``): the ``module:function`` that builds each, called as
 ``function(options: dict, context: ObjectiveContext) -> Objective``. Adding an objective is its module plus one line
 here."""

@@ -22,6 +22,7 @@ An ``Objective`` is an ``nn.Module`` with:
 - ``train_flops(image_tokens, image_trainable)``: the model FLOPs of one sample's forward and backward through the
   objective's own modules (a decoder), for MFU and ``--dry-run`` (``clipforge.train.flops``); 0 by default, for
   objectives whose arithmetic is negligible beside the towers'.
+- ``name``: what the step-time breakdown calls its forward, ``loss/NAME`` (by default its term names' common prefix).
 - state: its parameters and buffers (a head, a decoder) are attached to the model under ``objectives.`` while it
   trains (``clipforge.train.parallel.attach_objectives``), so the optimizer, DDP or FSDP and the checkpoint treat
   them as the model's, and every export leaves them out; other state (a queue and its write position) is named by
@@ -35,6 +36,7 @@ configured as ``loss.terms: [{name: NAME, weight: W, options: {...}}]``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +82,7 @@ class ObjectiveContext:
     against the mesh). Without a mesh (one process, or a caller outside a run) they use the default group.
     ``model`` is the plain model as built (for reading shapes when making a head; copies are taken in ``bind``);
     ``autocast`` returns the step's autocast context; ``step`` the number of optimizer steps taken so far;
+    ``total_steps`` the run's (``train.steps``; 0: unknown), for a schedule over training (an EMA momentum);
     ``teacher`` is the online distillation teacher (``loss.distill_model``), if any."""
 
     rank: int = 0
@@ -89,6 +92,7 @@ class ObjectiveContext:
     model: torch.nn.Module | None = None
     autocast: Callable[[], Any] | None = None
     step: Callable[[], int] | None = None
+    total_steps: int = 0
     teacher: Any = None
     teacher_temperature: float | None = None
 
@@ -110,6 +114,17 @@ class Objective(torch.nn.Module):
 
     batch_fields: tuple[str | SampleField, ...] = ()
     model_outputs: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """What the step-time breakdown calls it (``loss/NAME``): its term names' common prefix (``locca`` for
+        ``locca_caption``, ``locca_referring``, ...), else its first term's name; an objective may set its own."""
+        names = tuple(getattr(self, "term_names", ())) or (type(self).__name__.lower(),)
+        prefix = names[0]
+        for other in names[1:]:
+            while not other.startswith(prefix):
+                prefix = prefix[:-1]
+        return prefix.rstrip("_") or names[0]
 
     def bind(self, model: torch.nn.Module) -> None:
         """Called once the model is ready to train (on its device, before any wrapper): an objective that copies or
@@ -183,11 +198,18 @@ class Objectives(torch.nn.Module):
             member.before_forward(batch)
 
     def forward(
-        self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]
+        self,
+        outputs: Mapping[str, torch.Tensor],
+        batch: Mapping[str, torch.Tensor],
+        part: Callable[[str], AbstractContextManager] | None = None,
     ) -> dict[str, torch.Tensor]:
+        """Every member's terms. ``part`` (a name → a context manager: the step's ``recorder.part``) times each
+        member as ``loss/NAME`` (its ``name``), so the step-time breakdown shows what each objective costs."""
         terms: dict[str, torch.Tensor] = {}
         for member in self.members:
-            for name, value in member(outputs, batch).items():
+            with part(f"loss/{member.name}") if part is not None else nullcontext():
+                made = member(outputs, batch)
+            for name, value in made.items():
                 if name in terms:
                     raise ValueError(f"loss terms: two objectives return a term named {name!r}")
                 terms[name] = value
@@ -219,6 +241,10 @@ class Weighted(Objective):
         self.member, self.weight, self.start_step, self.step = member, weight, start_step, step
         self.batch_fields, self.model_outputs = member.batch_fields, member.model_outputs
         self.term_names = getattr(member, "term_names", ())
+
+    @property
+    def name(self) -> str:
+        return self.member.name
 
     def bind(self, model):
         self.member.bind(model)

@@ -178,6 +178,7 @@ def objectives_for_run(
         model=built.model,
         autocast=autocast_for(dist_info.device, cfg.train.precision),
         step=lambda: state.step,
+        total_steps=cfg.train.steps,
         teacher=teacher,
         teacher_temperature=teacher_temperature,
     )
