@@ -262,7 +262,7 @@ def test_the_flop_count_is_the_hand_count(tiny_model_json):
     assert counted.objectives == teacher + local + masked_view
 
 
-def test_each_objective_is_timed_in_the_step_breakdown(tiny_model_json):
+def test_each_objective_is_timed_as_its_own_part_of_the_loss(tiny_model_json):
     from clipforge.train.optim import OptimConfig, build_optimizer
     from clipforge.train.parallel import attach_objectives
     from clipforge.train.profile import StepRecorder
@@ -280,15 +280,20 @@ def test_each_objective_is_timed_in_the_step_breakdown(tiny_model_json):
     optimizer = build_optimizer(OptimConfig(), model)
     step = build_step(model, objectives, optimizer, constant(optimizer), device="cpu", precision="fp32",
                       grad_clip_norm=None, max_logit_scale=100.0)  # fmt: skip
+    batch = fake_batch(LOCAL_BATCH)
+    outputs = step._forward(model, batch["images"], batch["texts"])
     seen = []
     recorder = StepRecorder(1, "cpu", seen.append)
-    step(fake_batch(LOCAL_BATCH), recorder)
+    with recorder.part("loss"):  # as the step times the loss, each member inside it
+        terms = objectives(outputs, batch, part=recorder.part)
     recorder.finish()
     parts = seen[0].breakdown
     for name in ("loss/contrastive", "loss/locca", "loss/self_distillation"):
         assert parts[name] > 0, name
     inner = parts["loss/contrastive"] + parts["loss/locca"] + parts["loss/self_distillation"]
     assert inner <= parts["loss"] and parts["loss/self_distillation"] > parts["loss/contrastive"]
+    assert set(terms) == {"contrastive", *(f"locca_{t}" for t in ("caption", "referring", "grounded")),
+                          "self_distillation", "masked_prediction"}  # fmt: skip
     calls = []
 
     @contextlib.contextmanager
@@ -296,8 +301,7 @@ def test_each_objective_is_timed_in_the_step_breakdown(tiny_model_json):
         calls.append(name)
         yield
 
-    batch = fake_batch(2)
-    objectives(step._forward(model, batch["images"], batch["texts"]), batch, part=part)
+    objectives(outputs, batch, part=part)
     assert calls == ["loss/contrastive", "loss/locca", "loss/self_distillation"]
 
 
