@@ -147,3 +147,39 @@ def test_the_median_image_size_comes_from_prep_inspect(tmp_path):
     assert median_image_side([str(tmp_path / "00000.tar")]) == "512-1023"
     assert median_image_side([str(tmp_path / "missing" / "00000.tar")]) is None
     assert median_image_side(["pipe:curl -s https://host/00000.tar"]) is None
+
+
+def test_an_objectives_own_part_is_a_share_of_the_loss_not_counted_again():
+    """``loss/NAME`` parts nest inside ``loss``: ``other`` is the step less the top-level parts only."""
+
+    class Clock:  # marks at scripted seconds
+        def __init__(self, times):
+            self.times = iter(times)
+
+        def mark(self):
+            return next(self.times)
+
+        def seconds(self, start, end):
+            return end - start
+
+        def synchronize(self):
+            pass
+
+    finished = []
+    recorder = profile.StepRecorder(0, "cpu", finished.append, split_towers=False)
+    # begin 0; forward 0-2; loss 2-7 holding loss/contrastive 2-3 and loss/locca 3-6; backward 7-9; end 10
+    recorder.clock, recorder.begin = Clock([0.0, 2.0, 2.0, 2.0, 3.0, 3.0, 6.0, 7.0, 7.0, 9.0, 10.0]), 0.0
+    with recorder.part("forward"):
+        pass
+    with recorder.part("loss"):
+        with recorder.part("loss/contrastive"):
+            pass
+        with recorder.part("loss/locca"):
+            pass
+    with recorder.part("backward"):
+        pass
+    recorder.finish()
+    breakdown = finished[0].breakdown
+    assert breakdown["loss/contrastive"] == 1.0 and breakdown["loss/locca"] == 3.0
+    assert breakdown["loss"] == 5.0 and breakdown["step"] == 10.0
+    assert breakdown["other"] == 1.0  # 10 - (2 + 5 + 2): the nested parts are not subtracted again

@@ -11,7 +11,9 @@ synchronously. The parts, in order:
 * ``image_forward``, ``text_forward``: each tower's forward (the image tower is timed by hooks on ``model.visual``,
   installed for the profiled step only; the text tower is the rest of the forward); a compiled model is one graph
   (hooks would recompile it), so its forward is one part, ``forward``;
-* ``loss``: the contrastive loss, including its all-gathers across ranks;
+* ``loss``: the objectives (the contrastive loss, including its all-gathers across ranks, and every extra term);
+  within it each objective's forward is its own part, ``loss/NAME`` (``loss/contrastive``, ``loss/locca``,
+  ``loss/self_distillation``), a share of ``loss`` rather than a part beside it (their backward is in ``backward``);
 * ``backward``: the backward pass, including DDP's gradient all-reduces, which overlap it (not separable);
 * ``optimizer``: gradient norm and clipping, AdamW, schedule, temperature clamp;
 * ``other``: the rest of the step (bookkeeping, logging, the per-step agreement between ranks).
@@ -152,7 +154,9 @@ class StepRecorder:
         if self.split_towers:  # the forward less the image tower's share is the text tower's
             seconds["text_forward"] = max(0.0, seconds.pop("forward", 0.0) - seconds["image_forward"])
         total = self.clock.seconds(self.begin, end)
-        seconds["other"] = max(0.0, total - sum(value for name, value in seconds.items() if name != "other"))
+        # an objective's loss/NAME lies inside loss: not counted twice
+        counted = sum(value for name, value in seconds.items() if name != "other" and "/" not in name)
+        seconds["other"] = max(0.0, total - counted)
         self.breakdown = {**seconds, "step": total}
         self.on_finish(self)
 

@@ -29,7 +29,8 @@ the flag on the host: one sync per step there.
 Everything returned is a detached tensor.
 
 Profiling: each strategy marks its parts (forward, loss, backward, optimizer) on the recorder it is called with
-(``clipforge.train.profile``); the default recorder, ``OFF``, does nothing.
+(``clipforge.train.profile``), and within the loss each objective's forward as ``loss/NAME`` (``Objectives.forward``),
+so the breakdown shows what each one costs; the default recorder, ``OFF``, does nothing.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class PlainStep:
         with recorder.forward(self.model):
             outputs = self._forward(self.model, inputs["images"], inputs["texts"])
         with recorder.part("loss"):
-            terms = self.objectives(outputs, inputs)
+            terms = self.objectives(outputs, inputs, part=recorder.part)
             loss = sum(terms.values())
         with recorder.part("backward"):
             self._backward(loss)
@@ -194,7 +195,7 @@ class CachedAccumulationStep(PlainStep):
             states, cached = self.cache_features(chunks)
         with recorder.part("loss"):
             leaves = {key: value.detach().requires_grad_() for key, value in cached.items()}  # the loss's own leaves
-            terms = self.objectives(leaves, inputs)
+            terms = self.objectives(leaves, inputs, part=recorder.part)
             loss = sum(terms.values())
         with recorder.part("backward"):
             self._backward(loss)
