@@ -438,7 +438,7 @@ def test_a_resume_across_the_switch_is_exact_and_exports_leave_the_teacher_out(s
     from clipforge.export import export_model
     from clipforge.model_loading import load_checkpoint_model
 
-    common = ("train.steps=6", "checkpoint.every=3", "checkpoint.keep_last=5")  # on from step ceil(0.6 · 6) = 4
+    common = ("train.steps=6", "checkpoint.every=1", "checkpoint.keep_last=6")  # on from step ceil(0.6 · 6) = 4
     train(run_config(synth_data, tiny_model_json, tmp_path / "full", *common))
     logged = {r["step"]: r for r in records(tmp_path / "full") if "train/self_distillation" in r}
     assert sorted(logged) == [1, 2, 3, 4, 5, 6]
@@ -452,18 +452,47 @@ def test_a_resume_across_the_switch_is_exact_and_exports_leave_the_teacher_out(s
     early = read_weights(checkpoints / "step_00000003")
     assert int(early[prefix + "switched_on"]) == -1
 
-    (tmp_path / "partial" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(checkpoints / "step_00000003", tmp_path / "partial" / "checkpoints" / "step_00000003")
-    train(run_config(synth_data, tiny_model_json, tmp_path / "partial", *common, "checkpoint.resume=latest"))
-    resumed = read_weights(tmp_path / "partial" / "checkpoints" / "latest")
-    assert weights.keys() == resumed.keys()
-    assert all(torch.equal(weights[name], resumed[name]) for name in weights), [
-        name for name in weights if not torch.equal(weights[name], resumed[name])
-    ]
-    terms = ("train/self_distillation", "train/masked_prediction", "train/contrastive")
-    full = {step: [r[t] for t in terms] for step, r in logged.items() if step > 3}
-    assert {r["step"]: [r[t] for t in terms] for r in records(tmp_path / "partial") if terms[0] in r} == full
+    assert int(read_weights(checkpoints / "step_00000005")[prefix + "switched_on"]) in (3, 4)
+    for start in (3, 5):  # across the switch, and after it (the teacher and its switch step come from the checkpoint)
+        partial = tmp_path / f"partial{start}"
+        (partial / "checkpoints").mkdir(parents=True)
+        name = f"step_{start:08d}"
+        shutil.copytree(checkpoints / name, partial / "checkpoints" / name)
+        train(run_config(synth_data, tiny_model_json, partial, *common, "checkpoint.resume=latest"))
+        resumed = read_weights(partial / "checkpoints" / "latest")
+        assert weights.keys() == resumed.keys()
+        assert all(torch.equal(weights[name], resumed[name]) for name in weights), [
+            name for name in weights if not torch.equal(weights[name], resumed[name])
+        ]
+        terms = ("train/self_distillation", "train/masked_prediction", "train/contrastive")
+        full = {step: [r[t] for t in terms] for step, r in logged.items() if step > start}
+        assert {r["step"]: [r[t] for t in terms] for r in records(partial) if terms[0] in r} == full
 
     export_model(load_checkpoint_model(checkpoints / "latest"), tmp_path / "export", ("hf",))
     _, info = CLIPModel.from_pretrained(tmp_path / "export", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+
+
+def test_gradcache_refuses_it_and_the_planner_sizes_its_crops(tiny_model_json, tmp_path):
+    """GradCache caches the towers' outputs, which this objective cannot use (it runs the tower itself): refused in
+    one line. ``clipforge plan`` makes its crops field from the shape the objective declares, and the teacher is
+    objective memory."""
+    from clipforge.train.memory import FakeRun
+
+    terms = (
+        "loss.terms=[{name: self_distillation, options: {local_crops: 2, head_hidden: 32, head_dim: 16, "
+        "prototypes: 48}}]"
+    )
+    data = "data.train_urls=/nowhere/{0..1}.tar"  # planning reads no data
+    common = [data, f"model.name={tiny_model_json}", "model.init_logit_bias=-10", "loss.kind=siglip", terms]
+    cfg = load_config(None, [*common, "data.batch_size=8", f"train.output_dir={tmp_path}/run"])
+    with FakeRun(cfg, 2) as run:
+        crops = run.step(8)
+    with FakeRun(load_config(None, [*common[:-1], "data.batch_size=8"]), 2) as run:
+        plain = run.step(8)
+    assert crops.parts["batch"] > plain.parts["batch"]  # 8 × 2 crops of 3 × 16 × 16 fp32 on top of the images
+    assert crops.parts["batch"] - plain.parts["batch"] >= 8 * 2 * 3 * 16 * 16 * 4
+    assert crops.parts["objective_modules"] > 0  # the heads and the teacher
+    cfg = load_config(None, [*common, "train.accum_steps=2", "data.batch_size=8", f"train.output_dir={tmp_path}/r2"])
+    with pytest.raises(ValueError, match="runs the towers itself.*train.accum_steps=1"), FakeRun(cfg, 1):
+        pass

@@ -67,10 +67,13 @@ class RegionsField:
 class SampleField:
     """A batch field made in the data workers: ``function(image, caption)`` for each decoded sample, with the image
     a uint8 tensor (3, H, W) after the training transform and the caption a string; it returns a float32 tensor of
-    a fixed shape, and the batch holds them stacked, (B, *shape). The function must be picklable (module level)."""
+    a fixed shape, and the batch holds them stacked, (B, *shape). The function must be picklable (module level).
+    ``shape``, where the objective knows it, is that per-sample shape: ``clipforge plan`` sizes the field from it
+    (without it a run with the field cannot be planned)."""
 
     name: str
     function: Callable[[torch.Tensor, str], torch.Tensor]
+    shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,9 @@ class Objective(torch.nn.Module):
 
     batch_fields: tuple[str | SampleField, ...] = ()
     model_outputs: tuple[str, ...] = ()
+    runs_towers: bool = False
+    """True for an objective that runs the model's towers itself in ``forward`` (the self-distillation's student
+    views): GradCache, which caches the towers' outputs and re-runs them, cannot take it."""
 
     @property
     def name(self) -> str:
@@ -189,6 +195,10 @@ class Objectives(torch.nn.Module):
     def needs_host_sync(self) -> bool:
         return any(member.needs_host_sync for member in self.members)
 
+    @property
+    def runs_towers(self) -> bool:
+        return any(member.runs_towers for member in self.members)
+
     def bind(self, model: torch.nn.Module) -> None:
         for member in self.members:
             member.bind(model)
@@ -240,6 +250,7 @@ class Weighted(Objective):
         super().__init__()
         self.member, self.weight, self.start_step, self.step = member, weight, start_step, step
         self.batch_fields, self.model_outputs = member.batch_fields, member.model_outputs
+        self.runs_towers = member.runs_towers
         self.term_names = getattr(member, "term_names", ())
 
     @property

@@ -244,6 +244,7 @@ def _cross_entropy(teacher: torch.Tensor, center: torch.Tensor, student: torch.T
 class SelfDistillation(Objective):
     name = "self_distillation"
     term_names = ("self_distillation", "masked_prediction")
+    runs_towers = True  # the student's views go through the image tower here, after the model's forward
 
     def __init__(self, options: SelfDistillationOptions, visual: nn.Module, context: ObjectiveContext) -> None:
         super().__init__()
@@ -256,7 +257,13 @@ class SelfDistillation(Objective):
         if size % patch[0] or size % patch[1]:
             raise ValueError(f"option local_size {size} is not a multiple of the {patch[0]} px patch")
         self.local_size = size
-        self.batch_fields = (SampleField("local_crops", LocalCrops(options.local_crops, size, options.local_scale)),)
+        self.batch_fields = (
+            SampleField(
+                "local_crops",
+                LocalCrops(options.local_crops, size, options.local_scale),
+                shape=(options.local_crops, 3, size, size),
+            ),
+        )
         self.patches = visual.grid_size[0] * visual.grid_size[1]
         self.masked = max(1, min(self.patches - 1, round(options.mask_ratio * self.patches)))  # per sample
         width = int(visual.transformer.width)
@@ -280,7 +287,14 @@ class SelfDistillation(Objective):
         self.rank, self.world_size, self.group = context.rank, context.world_size, context.group
         self.step, self.autocast, self.total_steps = context.step, context.autocast, context.total_steps
         self.__dict__["visual"] = visual  # the student's tower: read, not owned (no submodule, no second copy)
-        self._start: int | None = None  # switched_on as read on the host, once a process
+        # switched_on as the host knows it: -1 as built; a loaded checkpoint's value is read from the buffer once,
+        # at the next step (no read of a device value otherwise, and none on the planner's fake tensors)
+        self._start: int | None = -1
+        self.register_load_state_dict_post_hook(SelfDistillation._loaded)
+
+    @staticmethod
+    def _loaded(module: SelfDistillation, incompatible_keys) -> None:
+        module._start = None
 
     def bind(self, model: nn.Module) -> None:
         self.__dict__["visual"] = model.visual

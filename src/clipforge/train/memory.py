@@ -291,5 +291,7 @@ def _batch_field(name, local_batch: int, context: int) -> dict[str, torch.Tensor
             "region_count": torch.zeros(local_batch, dtype=torch.long),
         }
     if isinstance(name, SampleField):
-        raise ValueError(f"planning: the batch field {name.name!r} is made by a function the planner cannot size")
+        if name.shape is None:
+            raise ValueError(f"planning: the batch field {name.name!r} is made by a function that declares no shape")
+        return {name.name: torch.zeros(local_batch, *name.shape)}
     raise ValueError(f"planning: the batch field {name!r} (a stored teacher's embeddings) is not planned")

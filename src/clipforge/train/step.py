@@ -162,6 +162,11 @@ class CachedAccumulationStep(PlainStep):
                 f"train.accum_steps > 1 (GradCache) caches the pooled features only; the loss terms need "
                 f"{', '.join(self.objectives.model_outputs)} as well: use train.accum_steps=1"
             )
+        if self.objectives.runs_towers:
+            raise ValueError(
+                "train.accum_steps > 1 (GradCache) caches the towers' outputs; a loss term that runs the towers "
+                "itself (loss.terms self_distillation) cannot be cached: use train.accum_steps=1"
+            )
         self.accum_steps = accum_steps
 
     def _rng_state(self):
