@@ -107,3 +107,28 @@ def test_dry_run_refuses_what_the_run_would_refuse(capsys, tmp_path, synth_data,
     for expected, overrides in cases.items():
         assert main([*base, *[item for o in overrides for item in ("--set", o)]]) == 2, expected
         assert re.search(expected, capsys.readouterr().err), expected
+
+
+def test_the_siglip2_recipe_has_the_papers_settings_and_charges_its_late_terms_from_their_start():
+    cfg = load_config(CONFIGS / "siglip2-vit-b-16.yaml")
+    assert cfg.loss.kind == "siglip" and cfg.data.batch_size * 64 == 32_768  # 64 GPUs, as its header says
+    terms = {term.name: term for term in cfg.loss.terms}
+    assert terms["locca"].weight == 1.0 and terms["locca"].start == 0
+    late = terms["self_distillation"]
+    assert (late.weight, late.start, late.options["masked_weight"], late.options["local_crops"]) == (1.0, 0.8, 0.25, 8)
+    summary = dry_run(cfg, check_inputs=False)
+    assert summary["image_size"] == [256, 256] and summary["context_length"] == 64
+    assert summary["loss_terms"].split(", ") == [
+        "contrastive", "locca_caption", "locca_referring", "locca_grounded", "self_distillation", "masked_prediction"
+    ]  # fmt: skip
+    # the full step carries the teacher and the student's views; the run's total charges them for its last 20% only
+    plain = dry_run(load_config(CONFIGS / "siglip2-vit-b-16.yaml", ["loss.terms=[]"]), check_inputs=False)
+    full, base = summary["train_gflops_per_sample"], plain["train_gflops_per_sample"]
+    samples = cfg.data.batch_size * cfg.train.steps / 1e6  # one process's batch × steps; PFLOPs = GFLOPs × 1e6
+    assert full > 3 * base
+    locca_only = dry_run(
+        load_config(CONFIGS / "siglip2-vit-b-16.yaml", ["loss.terms=[{name: locca, options: {depth: 4}}]"]),
+        check_inputs=False,
+    )["train_gflops_per_sample"]
+    expected = locca_only + 0.2 * (full - locca_only)
+    assert summary["train_pflops_total"] == pytest.approx(expected * samples, rel=1e-6)

@@ -260,6 +260,13 @@ def test_the_flop_count_is_the_hand_count(tiny_model_json):
     loss = LossConfig(kind="siglip", terms=[TermConfig(name="self_distillation", options=options)])
     counted = count_train_flops(ModelConfig(name=tiny_model_json), loss=loss)
     assert counted.objectives == teacher + local + masked_view
+    # switched on after 40% of 10 steps: charged from the 5th step (after 4 taken), for six tenths of the run
+    later = LossConfig(kind="siglip", terms=[TermConfig(name="self_distillation", start=0.4, options=options)])
+    staged = count_train_flops(ModelConfig(name=tiny_model_json), loss=later, total_steps=10)
+    assert staged.objectives == 0 and staged.staged == ((4, teacher + local + masked_view),)
+    towers = counted.train() - counted.objectives
+    assert staged.train(step=3) == towers and staged.train(step=4) == staged.train() == counted.train()
+    assert staged.run_mean(10) == pytest.approx(towers + 0.6 * (teacher + local + masked_view))
 
 
 def test_each_objective_is_timed_as_its_own_part_of_the_loss(tiny_model_json):

@@ -19,8 +19,11 @@ mode and the backward pass autograd really runs:
 * the pooled last block (``speed.pooled_last_block``): the last block's work on the tokens pooling discards is not
   done, and not counted (open_clip, which does it, is counted in full: ``pooled_last_block=False``), unless an
   objective reads every image token (the run then keeps the block whole);
-* the objectives' own modules (``loss``: a LocCa decoder): each objective's ``train_flops`` for the image tokens the
-  train-mode tower gives it, added per sample (``TrainFlops.objectives``).
+* the objectives' own work (``loss``: a LocCa decoder; the self-distillation's teacher and student views): each
+  objective's ``train_flops`` for the image tokens the train-mode tower gives it, added per sample
+  (``TrainFlops.objectives``); a term switched on later in training (``start``) is charged from its start step on
+  (``TrainFlops.staged``, ``train(step=...)``), so MFU before the switch is not inflated; ``--dry-run``'s per-sample
+  figure is the full recipe's step, its run total the mean over the run (``run_mean``).
 
 Attention is counted as its matmuls (forward 2, backward 4 per head: scores and weighted sum; the backward kernels'
 recomputation of the scores is hardware work, not model work, and so is gradient checkpointing's re-forward:
@@ -52,16 +55,25 @@ class TrainFlops:
     text_forward: float  # at the full context length
     text_train_quadratic: tuple[float, float, float]
     context_length: int
-    objectives: float = 0.0  # forward + backward of the objectives' own modules (a decoder), independent of L
+    objectives: float = 0.0  # forward + backward of the objectives' own work (a decoder), independent of L
+    staged: tuple[tuple[int, float], ...] = ()  # (start step, FLOPs) of the terms switched on later in training
 
     def text_train(self, length: int | None = None) -> float:
         a, b, c = self.text_train_quadratic
         length = self.context_length if length is None else length
         return a * length**2 + b * length + c
 
-    def train(self, text_length: int | None = None) -> float:
-        """One sample's forward + backward FLOPs, with its captions cut to ``text_length`` tokens (None: full)."""
-        return self.image_train + self.text_train(text_length) + self.objectives
+    def train(self, text_length: int | None = None, step: int | None = None) -> float:
+        """One sample's forward + backward FLOPs, with its captions cut to ``text_length`` tokens (None: full), at
+        the step after ``step`` optimizer steps (None: with every term on, the recipe's full step)."""
+        later = sum(flops for start, flops in self.staged if step is None or step >= start)
+        return self.image_train + self.text_train(text_length) + self.objectives + later
+
+    def run_mean(self, total_steps: int) -> float:
+        """One sample's FLOPs averaged over a run of ``total_steps`` (terms switched on later count from their
+        start), at the full caption length."""
+        later = sum(flops * max(total_steps - start, 0) for start, flops in self.staged) / max(total_steps, 1)
+        return self.train(step=-1) + later
 
 
 def count_train_flops(
@@ -69,18 +81,25 @@ def count_train_flops(
     learn_temperature: bool = True,
     pooled_last_block: bool = True,
     loss: LossConfig | None = None,
+    total_steps: int = 0,
 ) -> TrainFlops:
     """Count one sample's model FLOPs in training (see the module docstring), on a meta-device copy of the model;
-    with ``loss``, its objectives' own modules too."""
+    with ``loss``, its objectives' own work too, a term with a ``start`` as of its start step in a run of
+    ``total_steps``."""
     model_cfg = dataclasses.replace(model_cfg, init_from=None, grad_checkpointing=False)  # no weights, no recompute
     try:
-        return _count(model_cfg, learn_temperature, pooled_last_block, loss, "meta")
+        return _count(model_cfg, learn_temperature, pooled_last_block, loss, "meta", total_steps)
     except (NotImplementedError, RuntimeError):  # a tower that cannot be built or run without data: count on the CPU
-        return _count(model_cfg, learn_temperature, pooled_last_block, loss, "cpu")
+        return _count(model_cfg, learn_temperature, pooled_last_block, loss, "cpu", total_steps)
 
 
 def _count(
-    model_cfg: ModelConfig, learn_temperature: bool, pooled_last_block: bool, loss: LossConfig | None, device: str
+    model_cfg: ModelConfig,
+    learn_temperature: bool,
+    pooled_last_block: bool,
+    loss: LossConfig | None,
+    device: str,
+    total_steps: int = 0,
 ) -> TrainFlops:
     with torch.device(device):
         built = build_model(model_cfg, device=device)
@@ -90,7 +109,8 @@ def _count(
         if loss is not None and loss.terms:  # only the extra terms hold modules worth counting
             # the contrastive member (a queue, a distillation teacher) needs runtime objects and adds no FLOPs here
             terms_only = dataclasses.replace(loss, queue_size=0, distill_weight=0.0, distill_model=None)
-            objectives = build_objectives(terms_only, ObjectiveContext(model=model, autocast=contextlib.nullcontext))
+            context = ObjectiveContext(model=model, autocast=contextlib.nullcontext, total_steps=total_steps)
+            objectives = build_objectives(terms_only, context, total_steps)
         every_token = objectives is not None and needs_every_token(objectives.model_outputs)
         trims = enable_text_trimming(model)  # the caption lengths training may give it
         if pooled_last_block and not every_token:
@@ -106,13 +126,16 @@ def _count(
         for length in lengths:
             tokens = torch.zeros(2, length, dtype=torch.long)
             text[length] = _forward_and_train(lambda tokens=tokens: model.encode_text(tokens), per=2)
-        extra = _objective_flops(model, objectives, (2, 3, height, width)) if objectives is not None else 0.0
-    return TrainFlops(*image, text[context][0], _quadratic(text, lengths), context, extra)
+        extra, staged = _objective_flops(model, objectives, (2, 3, height, width)) if objectives else (0.0, ())
+    return TrainFlops(*image, text[context][0], _quadratic(text, lengths), context, extra, staged)
 
 
-def _objective_flops(model: torch.nn.Module, objectives, image_shape: tuple[int, ...]) -> float:
+def _objective_flops(
+    model: torch.nn.Module, objectives, image_shape: tuple[int, ...]
+) -> tuple[float, tuple[tuple[int, float], ...]]:
     """The objectives' ``train_flops`` for the number of image tokens the train-mode tower gives (patch dropout
-    applied) and whether they need a gradient (not from a locked tower)."""
+    applied) and whether they need a gradient (not from a locked tower): those on from the first step summed, and
+    (start step, FLOPs) of each switched on later."""
     tokens = 0  # an objective that reads no image tokens is charged for none
     if "image_tokens" in objectives.model_outputs:
         capture = OutputCapture(model, ("image_tokens",))
@@ -121,7 +144,15 @@ def _objective_flops(model: torch.nn.Module, objectives, image_shape: tuple[int,
         tokens = capture.take()["image_tokens"].shape[1]
         capture.remove()
     trainable = any(parameter.requires_grad for parameter in model.visual.parameters())
-    return float(objectives.train_flops(tokens, trainable))
+    always, staged = 0.0, []
+    for member in objectives.members:
+        flops = float(member.train_flops(tokens, trainable))
+        start = getattr(member, "start_step", 0)
+        if start > 0:
+            staged.append((start, flops))
+        else:
+            always += flops
+    return always, tuple(staged)
 
 
 def _attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

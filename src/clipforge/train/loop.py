@@ -263,7 +263,7 @@ def _train(
         with recorder.part("copy"):
             batch = prepare_batch(batch, run.loader.transform, dist_info.device, run.channels_last, run.dynamic_text)
         out = run.step_fn(batch, recorder)
-        meter.stepped(batch, recorder)
+        meter.stepped(batch, recorder, run.state.step)
         run.state.step += 1
         step = run.state.step
         guard.record(step, out, batch)

@@ -84,11 +84,12 @@ class StepMeter:
         """Around health checks and evaluation: their time stays out of the throughput window."""
         return _timed(self._paused)
 
-    def stepped(self, batch: dict[str, Any], recorder: OffRecorder | StepRecorder) -> None:
-        """After the step: its model FLOPs (at the batch's caption length, trimmed or not); ends a profiled step."""
+    def stepped(self, batch: dict[str, Any], recorder: OffRecorder | StepRecorder, step: int | None = None) -> None:
+        """After the step that followed ``step`` optimizer steps: its model FLOPs (at the batch's caption length,
+        trimmed or not; the loss terms on at that step); ends a profiled step."""
         if self.train_flops is not None:
             texts = batch["texts"]
-            self.flops += texts.shape[0] * self.train_flops.train(texts.shape[1])
+            self.flops += texts.shape[0] * self.train_flops.train(texts.shape[1], step)
         recorder.finish()
 
     def close(self) -> None:
@@ -159,7 +160,11 @@ def meter_for_run(cfg: RunConfig, dist_info: DistInfo, run: Run) -> StepMeter:
     train_flops, peak = None, 0.0
     if dist_info.is_main:
         train_flops = count_train_flops(
-            cfg.model, cfg.loss.learn_temperature, cfg.speed.pooled_last_block, loss=cfg.loss
+            cfg.model,
+            cfg.loss.learn_temperature,
+            cfg.speed.pooled_last_block,
+            loss=cfg.loss,
+            total_steps=cfg.train.steps,
         )
         peak, source = peak_tflops(dist_info.device, cfg.train.precision, cfg.train.tf32, cfg.logging.peak_tflops)
         log.info(

@@ -134,7 +134,9 @@ def dry_run(cfg: RunConfig, check_inputs: bool = True, world_size: int | None = 
     counts["text_tower_parameters"] = counts["parameters"] - counts["image_tower_parameters"]
     size = built.preprocess_cfg["size"]
     height, width = (size, size) if isinstance(size, int) else size
-    flops = count_train_flops(cfg.model, cfg.loss.learn_temperature, cfg.speed.pooled_last_block, loss=cfg.loss)
+    flops = count_train_flops(
+        cfg.model, cfg.loss.learn_temperature, cfg.speed.pooled_last_block, loss=cfg.loss, total_steps=cfg.train.steps
+    )
     global_batch = cfg.data.batch_size * world_size
     return {
         "architecture": built.architecture,
@@ -146,7 +148,7 @@ def dry_run(cfg: RunConfig, check_inputs: bool = True, world_size: int | None = 
         "image_train_gflops_per_sample": flops.image_train / 1e9,
         "text_train_gflops_per_sample": flops.text_train() / 1e9,
         "train_gflops_per_sample": flops.train() / 1e9,
-        "train_pflops_total": flops.train() * global_batch * cfg.train.steps / 1e15,
+        "train_pflops_total": flops.run_mean(cfg.train.steps) * global_batch * cfg.train.steps / 1e15,
         "loss_terms": ", ".join(name for member in objectives.members for name in getattr(member, "term_names", ())),
         **inputs,
     }
