@@ -286,9 +286,15 @@ def test_the_flop_count_adds_the_decoder(tiny_model_json):
     built = build_model(ModelConfig(name=tiny_model_json))
     objective = make(built.model, logits_chunk=0, width=32, heads=2)
     outputs = {"image_tokens": torch.randn(LOCAL_BATCH, 17, 64, requires_grad=True)}
+    batch = fake_batch(LOCAL_BATCH)
     with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
-        sum(objective(outputs, fake_batch(LOCAL_BATCH)).values()).backward()
-    assert counter.get_total_flops() / LOCAL_BATCH == objective.train_flops(17)  # 1 class token + 16 patches
+        sum(objective(outputs, batch).values()).backward()
+    # the head runs at the target positions only; the count charges it at every content position (an upper bound)
+    targets = int((objective.sequences(batch)[2] >= 0).sum())
+    head = 3 * 2 * 32 * objective.decoder.head.out_features  # forward and backward, per position, width 32
+    counted = LOCAL_BATCH * objective.train_flops(17)  # 1 class token + 16 patches
+    assert counter.get_total_flops() == counted - (LOCAL_BATCH * objective.content - targets) * head
+    assert 0 < targets < LOCAL_BATCH * objective.content
     plain = count_train_flops(ModelConfig(name=tiny_model_json))
     loss = LossConfig(terms=[TermConfig(name="locca", options={**OPTIONS, "width": 32, "heads": 2})])
     counted = count_train_flops(ModelConfig(name=tiny_model_json), loss=loss)

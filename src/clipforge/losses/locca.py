@@ -32,8 +32,10 @@ decoder's shapes and work per sample are fixed (``train_flops``). The loss is th
 task over the global batch's target tokens, one term each (``locca_caption``, ``locca_referring``,
 ``locca_grounded``; 0 for a task with no example in the step): every rank divides its tokens' sum by the global count
 (one all-reduce of three numbers) times the world size, which the data-parallel gradient average turns into the
-global mean. The logged value is rank 0's share so scaled. The logits are computed ``logits_chunk`` sequences at a
-time and recomputed in the backward (a (B, T, vocab) tensor is gigabytes at a real batch and vocabulary).
+global mean. The logged value is rank 0's share so scaled. The output head runs at the target positions only (most
+positions of a short caption carry none, and the (positions, vocabulary) logits are the decoder's largest cost);
+its logits are computed ``logits_chunk`` sequences' worth of positions at a time and recomputed in the backward (a
+(B, T, vocab) tensor is gigabytes at a real batch and vocabulary).
 
 The decoder is training state only: attached under ``objectives.`` it trains, is checkpointed and sharded with the
 towers, and no export holds it.
@@ -218,9 +220,8 @@ class Decoder(nn.Module):
 
 
 def _token_losses(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Linear) -> torch.Tensor:
-    """(b, T, d) hidden states, (b, T) targets → (b, T) cross-entropy, in fp32."""
-    logits = head(hidden).float()  # (b, T, vocab)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    """(n, d) hidden states, (n,) targets → (n,) cross-entropy, in fp32."""
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
 class LocCa(Objective):
@@ -312,19 +313,25 @@ class LocCa(Objective):
 
     def forward(self, outputs, batch):
         inputs, targets, target_task, mask = self.sequences(batch)
+        # the output head runs at the target positions only: a caption shorter than the context leaves most
+        # positions without one, and the (positions, vocabulary) logits are the decoder's largest cost
+        where = target_task >= 0  # (B, T); selecting them is one host sync on a GPU
         with self.autocast() if self.autocast is not None else nullcontext():
             hidden = self.decoder(inputs, outputs["image_tokens"], mask)  # (B, T, width)
-            losses = self._losses(hidden, targets)  # (B, T) fp32
-        chosen = torch.stack([target_task == i for i in range(len(TASKS))])  # (3, B, T)
-        counts = chosen.sum(dim=(1, 2)).float()  # (3,) target tokens of each task here
+            losses = self._losses(hidden[where], targets[where])  # (n,) fp32, n target tokens here
+        tasks = target_task[where]  # (n,)
+        chosen = torch.stack([tasks == i for i in range(len(TASKS))])  # (3, n)
+        counts = chosen.sum(dim=1).float()  # (3,) target tokens of each task here
         if self.world_size > 1:
             dist.all_reduce(counts, group=self.group)  # over the global batch
-        sums = (losses.unsqueeze(0) * chosen).sum(dim=(1, 2))  # (3,)
+        sums = (losses.unsqueeze(0) * chosen).sum(dim=1)  # (3,)
         terms = sums / counts.clamp_min(1) * self.world_size
         return {name: terms[i] for i, name in enumerate(self.term_names)}
 
     def _losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        chunk = self.options.logits_chunk
+        """(n, width) hidden states at target positions and their (n,) targets → (n,) token losses, the logits made
+        ``logits_chunk`` sequences' worth of positions at a time and recomputed in the backward."""
+        chunk = self.options.logits_chunk * self.length
         if not chunk or hidden.shape[0] <= chunk:
             return _token_losses(hidden, targets, self.decoder.head)
         parts = [
@@ -337,7 +344,11 @@ class LocCa(Objective):
         """Matmul FLOPs per sample (norms, activations, the softmax are not counted, as in ``clipforge.train.flops``):
         the image projection, each block's projections and attention (scores and weighted sum over T² and T·N), the
         MLP, the output head; the backward twice the forward, less the image projection's input gradient when the
-        image tokens need none. The logits' recomputation (``logits_chunk``) is hardware work, not model work."""
+        image tokens need none. The logits' recomputation (``logits_chunk``) is hardware work, not model work.
+
+        The head runs at the target positions only, which depend on the captions' lengths; it is charged here for
+        every position a caption can fill (the content length), an upper bound: with captions much shorter than
+        the context, MFU overstates by the head's share of the positions left empty."""
         tokens, image, width = self.length, image_tokens, self.decoder.norm.normalized_shape[0]
         image_width = self.decoder.image_projection.in_features
         hidden = self.decoder.blocks[0].mlp[0].out_features
@@ -351,7 +362,7 @@ class LocCa(Objective):
             + 2 * tokens * 2 * width * hidden  # MLP
         )
         projection = 2 * image * image_width * width
-        forward = projection + len(self.decoder.blocks) * block + 2 * tokens * width * vocab
+        forward = projection + len(self.decoder.blocks) * block + 2 * self.content * width * vocab
         return float(3 * forward - (0 if image_trainable else projection))
 
 
