@@ -91,8 +91,9 @@ def test_the_quick_bench_runs_end_to_end_and_its_table_holds_the_runs_numbers(tm
     bench = load_bench()
     text = bench.main(["--quick", "--work", str(tmp_path / "work")])
     record = json.loads((tmp_path / "work" / "adapt.json").read_text())
-    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| row")]
-    assert len(rows) == 5
+    tables = [block.splitlines()[2:] for block in text.split("\n\n") if block.startswith("|")]
+    rows, sweep_rows, batchnorm_rows = tables
+    assert len(rows) == 5 and len(sweep_rows) == 3 and len(batchnorm_rows) == 2 * len(bench.BN_ALPHAS)
     (seed,) = record["seeds"].values()
     sweep = json.loads((tmp_path / "work" / "seed0" / "wise" / "wise_ft.json").read_text())
     by_alpha = {row["alpha"]: row for row in sweep["alphas"]}
@@ -108,3 +109,6 @@ def test_the_quick_bench_runs_end_to_end_and_its_table_holds_the_runs_numbers(tm
         assert seed["rows"][name][0] == results["digits"]["acc1"]
     shown = [float(value) / 100 for value in re.findall(r"\| (\d+\.\d)%", rows[1])]
     assert shown[0] == pytest.approx(seed["rows"]["full"][0], abs=0.0006)
+    # with the BatchNorm statistics interpolated, alpha=1 is the fine-tuned model wise-ft scored
+    (at_one,) = [row for row in seed["batchnorm"] if row["alpha"] == 1.0 and row["statistics"] == "interpolated"]
+    assert at_one["scores"] == pytest.approx(seed["rows"]["full"][:2], abs=1e-9)
