@@ -186,3 +186,25 @@ def test_training_reads_the_shards_with_one_prompt_per_sample(folder, tiny_model
     assert [record["step"] for record in trained] == [1, 2, 3, 4]
     assert all(record["train/loss"] > 0 for record in trained)
     assert not any(value for record in records for key, value in record.items() if key.startswith("data/skipped"))
+
+
+def test_hf_dataset_with_class_labels_keeps_its_image_bytes(tmp_path, capsys):
+    import datasets
+
+    labels = [1, 0, 1, 2]
+    images = [png(100 + index) for index in range(len(labels))]
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog", "wild boar"])}
+    )
+    rows = {"image": [{"bytes": data, "path": None} for data in images], "label": labels}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "hf"))
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a {c}\nthe {c} again\n")
+    command = ["prep", "labelled", str(tmp_path / "hf"), "--out", str(tmp_path / "out"), "--quiet"]
+    assert main([*command, "--templates", str(templates), "--workers", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == len(labels)
+    expected = filled(["cat", "dog", "wild boar"], read_templates(templates))
+    samples = sorted(read_samples(tmp_path / "out").values(), key=lambda sample: json.loads(sample["json"])["row"])
+    assert [int(sample["cls"]) for sample in samples] == labels
+    assert [sample["png"] for sample in samples] == images
+    assert [sample["txt"].decode().split("\n") for sample in samples] == [expected[label] for label in labels]
