@@ -262,6 +262,20 @@ def batchnorm_check(work: Path, seed: int, initial: Path, finetuned: Path, suite
     return record
 
 
+def digits_spread(initial: Path, digits: Path) -> float:
+    """The mean pairwise cosine of the pretrained model's image embeddings of the digits test split (1: every
+    digit embedded alike, so no text can tell them apart)."""
+    import torch
+
+    from clipforge.evaluation import load_benchmark, load_eval_model
+
+    loaded = load_eval_model(str(initial), None, None, "cpu", False)
+    benchmark = load_benchmark(digits, split="test")
+    images = torch.stack([loaded.transform(benchmark.image(index)) for index in range(len(benchmark))])
+    embeddings = torch.nn.functional.normalize(loaded.encoder.encode_image(images).double(), dim=-1)
+    return float((embeddings @ embeddings.T).mean())
+
+
 def run_seed(work: Path, seed: int, initial: Path, configs: dict, made: dict, alphas: str) -> dict:
     rows = {}
     full, full_seconds = fine_tune(work, "full", seed, configs["full"])
@@ -329,7 +343,15 @@ def report(work: Path, args, per_seed: dict, params: dict, started: float) -> st
         f"retention {wise['retention'] - zero['retention']:+.1%} against the model before adapting "
         f"({'met' if kept else 'not met'}).",
     ]
-    lines += ["", sweep_table(args, per_seed), "", batchnorm_table(args, per_seed)]
+    lines += [
+        "",
+        f"The pretrained model's image embeddings of the digits test images: mean pairwise cosine "
+        f"{args.digits_spread:.5f}.",
+        "",
+        sweep_table(args, per_seed),
+        "",
+        batchnorm_table(args, per_seed),
+    ]
     text = "\n".join(lines)
     (work / "adapt.md").write_text(text + "\n")
     record = {"machine": machine, "args": vars(args), "parameters": params, "median": summary, "seeds": per_seed}
@@ -392,6 +414,7 @@ def main(argv: list[str] | None = None) -> str:
     params = {name: trainable_parameters(write_yaml(work / f"{name}.yaml", config)) for name, config in configs.items()}
     params["wise"] = params["full"]
     per_seed = {seed: run_seed(work, seed, initial, configs, made, alphas) for seed in args.seeds}
+    args.digits_spread = digits_spread(initial, digits)
     text = report(work, args, per_seed, params, started)
     print(text, flush=True)
     return text
