@@ -21,12 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-LOCCA = "loss.terms=[{name: locca, weight: 1.0, options: {depth: 2, referring: 0.25, grounded: 0.25, parallel: 0.5}}]"
 RECIPES = {
     "ViT-B/32": ("configs/vit-b-32.yaml", []),
     "ViT-B/16": ("configs/vit-b-16.yaml", []),
     "ViT-L/14": ("configs/vit-l-14.yaml", []),
-    "SigLIP 2 B/16": ("configs/siglip-vit-b-16.yaml", [LOCCA]),
+    "SigLIP 2 B/16": ("configs/siglip2-vit-b-16.yaml", []),
 }
 GLOBAL_BATCH = 32_768
 LOSSES = {

@@ -482,24 +482,25 @@ def test_a_resume_across_the_switch_is_exact_and_exports_leave_the_teacher_out(s
 
 def test_gradcache_refuses_it_and_the_planner_sizes_its_crops(tiny_model_json, tmp_path):
     """GradCache caches the towers' outputs, which this objective cannot use (it runs the tower itself): refused in
-    one line. ``clipforge plan`` makes its crops field from the shape the objective declares, and the teacher is
-    objective memory."""
+    one line. ``clipforge plan`` plans the heaviest step, with every term on (this one starts half way), makes its
+    crops field from the shape the objective declares, and counts the teacher as objective memory."""
     from clipforge.train.memory import FakeRun
 
-    terms = (
-        "loss.terms=[{name: self_distillation, options: {local_crops: 2, head_hidden: 32, head_dim: 16, "
-        "prototypes: 48}}]"
-    )
     data = "data.train_urls=/nowhere/{0..1}.tar"  # planning reads no data
-    common = [data, f"model.name={tiny_model_json}", "model.init_logit_bias=-10", "loss.kind=siglip", terms]
-    cfg = load_config(None, [*common, "data.batch_size=8", f"train.output_dir={tmp_path}/run"])
-    with FakeRun(cfg, 2) as run:
-        crops = run.step(8)
-    with FakeRun(load_config(None, [*common[:-1], "data.batch_size=8"]), 2) as run:
-        plain = run.step(8)
-    assert crops.parts["batch"] > plain.parts["batch"]  # 8 × 2 crops of 3 × 16 × 16 fp32 on top of the images
-    assert crops.parts["batch"] - plain.parts["batch"] >= 8 * 2 * 3 * 16 * 16 * 4
-    assert crops.parts["objective_modules"] > 0  # the heads and the teacher
-    cfg = load_config(None, [*common, "train.accum_steps=2", "data.batch_size=8", f"train.output_dir={tmp_path}/r2"])
+    common = [data, "train.steps=10", f"model.name={tiny_model_json}", "model.init_logit_bias=-10", "loss.kind=siglip"]
+    late = "{name: self_distillation, start: 0.5, options: {local_crops: 2, head_dim: 16, prototypes: 48}}"
+    locca = "{name: locca, options: {depth: 1, bins: 16, max_regions: 2}}"
+
+    def planned(*terms: str):
+        with FakeRun(load_config(None, [*common, f"loss.terms=[{', '.join(terms)}]", "data.batch_size=8"]), 2) as run:
+            return run.step(8)
+
+    crops, plain = planned(late), planned()
+    assert crops.parts["batch"] - plain.parts["batch"] == 8 * 2 * 3 * 16 * 16 * 4  # 8 × 2 crops, 3 × 16 × 16 fp32
+    assert crops.parts["objective_modules"] > 0 == plain.parts["objective_modules"]  # the heads and the teacher
+    assert crops.parts["loss_buffers"] > 2 * plain.parts["loss_buffers"]  # the student's views: planned on
+    assert planned(locca, late).peak > crops.peak  # with LocCa, whose target positions fake tensors cannot count
+    alone = "loss.terms=[{name: self_distillation, options: {local_crops: 2, prototypes: 48}}]"
+    cfg = load_config(None, [*common, alone, "train.accum_steps=2", "data.batch_size=8"])
     with pytest.raises(ValueError, match="runs the towers itself.*train.accum_steps=1"), FakeRun(cfg, 1):
         pass

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.checkpoint import checkpoint
 
 from clipforge.losses.objective import Objective, ObjectiveContext, RegionsField
@@ -315,11 +316,14 @@ class LocCa(Objective):
         inputs, targets, target_task, mask = self.sequences(batch)
         # the output head runs at the target positions only: a caption shorter than the context leaves most
         # positions without one, and the (positions, vocabulary) logits are the decoder's largest cost
-        where = target_task >= 0  # (B, T); selecting them is one host sync on a GPU
         with self.autocast() if self.autocast is not None else nullcontext():
             hidden = self.decoder(inputs, outputs["image_tokens"], mask)  # (B, T, width)
-            losses = self._losses(hidden[where], targets[where])  # (n,) fp32, n target tokens here
-        tasks = target_task[where]  # (n,)
+            if is_fake(target_task):  # clipforge plan: the count is unknown; every position, in the same chunks
+                hidden, targets, tasks = hidden.flatten(0, 1), targets.flatten(), target_task.flatten()
+            else:
+                where = target_task >= 0  # (B, T); selecting them is one host sync on a GPU
+                hidden, targets, tasks = hidden[where], targets[where], target_task[where]  # n target tokens here
+            losses = self._losses(hidden, targets)  # (n,) fp32
         chosen = torch.stack([tasks == i for i in range(len(TASKS))])  # (3, n)
         counts = chosen.sum(dim=1).float()  # (3,) target tokens of each task here
         if self.world_size > 1:

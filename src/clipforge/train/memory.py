@@ -93,7 +93,9 @@ class FakeRun:
                 device="cpu",
                 model=self.built.model,
                 autocast=autocast_for("cpu", cfg.train.precision),
-                step=lambda: 0,
+                # the last step, when every term is on (a term with a start adds its work there): the heaviest step
+                step=lambda: max(cfg.train.steps - 1, 0),
+                total_steps=cfg.train.steps,
             )
             self.objectives = build_objectives(cfg.loss, context, cfg.train.steps)
         attached = attach_objectives(self.built.model, self.objectives)
