@@ -86,41 +86,16 @@ def _build(cfg, info, mesh):
     """The run's model, objectives and step as ``clipforge.train.build.build_run`` makes them (no data, no
     checkpointer)."""
     from clipforge.models import build_model
-    from clipforge.models.outputs import needs_every_token
-    from clipforge.train.build import objectives_for_run
+    from clipforge.train.build import objectives_and_model, step_for_run
     from clipforge.train.optim import SampleClock, build_optimizer, build_scheduler
-    from clipforge.train.parallel import prepare_model, unwrap
     from clipforge.train.state import TrainState
-    from clipforge.train.step import build_step
 
     built = build_model(cfg.model)
     state = TrainState(clock=SampleClock(global_batch=cfg.data.batch_size * info.world_size))
-    objectives = objectives_for_run(cfg, built, info, state, mesh)
-    prepared = prepare_model(
-        built.model,
-        model_cfg=cfg.model,
-        speed=cfg.speed,
-        parallel=cfg.parallel,
-        precision=cfg.train.precision,
-        learn_temperature=cfg.loss.learn_temperature,
-        dist_info=info,
-        mesh=mesh,
-        every_token=needs_every_token(objectives.model_outputs),
-    )
-    objectives.bind(unwrap(prepared.model))
+    objectives, prepared = objectives_and_model(cfg, built, info, state, mesh)
     optimizer = build_optimizer(cfg.optim, built.model)
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps, state.clock)
-    step_fn = build_step(
-        prepared.model,
-        objectives,
-        optimizer,
-        scheduler,
-        device=info.device,
-        precision=cfg.train.precision,
-        grad_clip_norm=cfg.optim.grad_clip_norm,
-        max_logit_scale=cfg.loss.max_logit_scale,
-        accum_steps=cfg.train.accum_steps,
-    )
+    step_fn = step_for_run(cfg, prepared.model, objectives, optimizer, scheduler, info.device)
     return built, objectives, prepared, step_fn
 
 

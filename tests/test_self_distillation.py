@@ -20,9 +20,10 @@ from ranks import run_ranks
 from clipforge.checkpoints import read_weights
 from clipforge.data import DataConfig, build_train_loader
 from clipforge.data.images import ImageTransform
+from clipforge.data.views import LocalCrops, crop_box
 from clipforge.losses import ObjectiveContext, build_objectives
 from clipforge.losses.config import LossConfig, TermConfig
-from clipforge.losses.self_distillation import LocalCrops, build, crop_box, run_vision
+from clipforge.losses.self_distillation import build, run_vision
 from clipforge.models import ModelConfig, build_model
 from clipforge.train.config import load_config
 from clipforge.train.loop import train
@@ -498,7 +499,11 @@ def test_gradcache_refuses_it_and_the_planner_sizes_its_crops(tiny_model_json, t
     crops, plain = planned(late), planned()
     assert crops.parts["batch"] - plain.parts["batch"] == 8 * 2 * 3 * 16 * 16 * 4  # 8 × 2 crops, 3 × 16 × 16 fp32
     assert crops.parts["objective_modules"] > 0 == plain.parts["objective_modules"]  # the heads and the teacher
-    assert crops.parts["loss_buffers"] > 2 * plain.parts["loss_buffers"]  # the student's views: planned on
+
+    def work(step) -> int:  # what the step makes: the student's views add theirs when the term is planned on
+        return step.parts["activations"] + step.parts["loss_buffers"] + step.parts["backward_temporaries"]
+
+    assert work(crops) > 1.3 * work(plain)
     assert planned(locca, late).peak > crops.peak  # with LocCa, whose target positions fake tensors cannot count
     alone = "loss.terms=[{name: self_distillation, options: {local_crops: 2, prototypes: 48}}]"
     cfg = load_config(None, [*common, alone, "train.accum_steps=2", "data.batch_size=8"])

@@ -33,7 +33,7 @@ from clipforge.train.checkpoint import Checkpointer
 from clipforge.train.config import RunConfig
 from clipforge.train.health import CollapseMonitor, HealthProbe
 from clipforge.train.optim import SampleClock, build_optimizer, build_scheduler
-from clipforge.train.parallel import attach_objectives, prepare_model, unwrap
+from clipforge.train.parallel import PreparedModel, attach_objectives, prepare_model, unwrap
 from clipforge.train.state import Piece, TrainState, restart_state
 from clipforge.train.step import PlainStep, autocast_for, build_step
 from clipforge.train.teacher import build_teacher
@@ -80,19 +80,7 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
     built = build_model(cfg.model)
     load_init_weights(built.model, cfg.model.init_from)  # before objectives attach to the model and it is wrapped
     state = TrainState(clock=SampleClock(global_batch=cfg.data.batch_size * dist_info.world_size))
-    objectives = objectives_for_run(cfg, built, dist_info, state, mesh)
-    prepared = prepare_model(
-        built.model,
-        model_cfg=cfg.model,
-        speed=cfg.speed,
-        parallel=cfg.parallel,
-        precision=cfg.train.precision,
-        learn_temperature=cfg.loss.learn_temperature,
-        dist_info=dist_info,
-        mesh=mesh,
-        every_token=needs_every_token(objectives.model_outputs),
-    )
-    objectives.bind(unwrap(prepared.model))
+    objectives, prepared = objectives_and_model(cfg, built, dist_info, state, mesh)
     optimizer = build_optimizer(cfg.optim, built.model)
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps, state.clock)
     agree = make_agreement(dist_info, mesh)
@@ -134,19 +122,45 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, stop_requested: Callable[[], 
     )
 
 
-def step_and_restart_state(cfg: RunConfig, model, objectives, optimizer, scheduler, state, loader, dist_info: DistInfo):
-    """The step strategy of the run's config, and every piece of restart state the checkpointer iterates."""
-    step_fn = build_step(
+def objectives_and_model(
+    cfg: RunConfig, built: BuiltModel, dist_info: DistInfo, state: TrainState, mesh: DeviceMesh | None = None
+) -> tuple[Objectives, PreparedModel]:
+    """The run's objectives (``objectives_for_run``) and its model prepared for training around them (locks, speed
+    switches, every token kept if an objective reads them, DDP or FSDP on ``mesh``), the objectives bound to it."""
+    objectives = objectives_for_run(cfg, built, dist_info, state, mesh)
+    prepared = prepare_model(
+        built.model,
+        model_cfg=cfg.model,
+        speed=cfg.speed,
+        parallel=cfg.parallel,
+        precision=cfg.train.precision,
+        learn_temperature=cfg.loss.learn_temperature,
+        dist_info=dist_info,
+        mesh=mesh,
+        every_token=needs_every_token(objectives.model_outputs),
+    )
+    objectives.bind(unwrap(prepared.model))
+    return objectives, prepared
+
+
+def step_for_run(cfg: RunConfig, model, objectives, optimizer, scheduler, device: str) -> PlainStep:
+    """The step strategy the run's config asks for (``build_step``)."""
+    return build_step(
         model,
         objectives,
         optimizer,
         scheduler,
-        device=dist_info.device,
+        device=device,
         precision=cfg.train.precision,
         grad_clip_norm=cfg.optim.grad_clip_norm,
         max_logit_scale=cfg.loss.max_logit_scale,
         accum_steps=cfg.train.accum_steps,
     )
+
+
+def step_and_restart_state(cfg: RunConfig, model, objectives, optimizer, scheduler, state, loader, dist_info: DistInfo):
+    """The step strategy of the run's config, and every piece of restart state the checkpointer iterates."""
+    step_fn = step_for_run(cfg, model, objectives, optimizer, scheduler, dist_info.device)
     pieces = restart_state(
         model,
         optimizer,

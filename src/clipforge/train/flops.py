@@ -37,11 +37,12 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from clipforge.losses import ObjectiveContext, build_objectives
 from clipforge.losses.config import LossConfig
 from clipforge.models import ModelConfig, build_model, enable_pooled_last_block, enable_text_trimming
+from clipforge.models.flop_rules import ATTENTION_FLOPS
 from clipforge.models.outputs import OutputCapture, needs_every_token
 from clipforge.train.parallel import apply_training_options
 
@@ -153,26 +154,6 @@ def _objective_flops(
         else:
             always += flops
     return always, tuple(staged)
-
-
-def _attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _attention_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)  # the gradients' four matmuls, no recomputation
-
-
-_ATEN = torch.ops.aten
-# Fused attention counted as its matmuls on every device: torch counts none for the CPU kernel, and five (the
-# scores recomputed) for the GPU kernels' backward; the meta device's math path is two forward, four backward.
-ATTENTION_FLOPS = {
-    _ATEN._scaled_dot_product_flash_attention_for_cpu: _attention,
-    _ATEN._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward,
-    _ATEN._scaled_dot_product_flash_attention_backward: _attention_backward,
-    _ATEN._scaled_dot_product_efficient_attention_backward: _attention_backward,
-    _ATEN._scaled_dot_product_cudnn_attention_backward: _attention_backward,
-}
 
 
 def _forward_and_train(run, per: int = 1) -> tuple[float, float]:

@@ -36,6 +36,7 @@ from clipforge.distributed import DistInfo, build_mesh
 from clipforge.losses import ObjectiveContext, build_objectives
 from clipforge.models import build_model
 from clipforge.models.outputs import needs_every_token
+from clipforge.train.build import step_for_run
 from clipforge.train.config import RunConfig
 from clipforge.train.ledger import (
     PARTS,
@@ -48,7 +49,7 @@ from clipforge.train.ledger import (
 )
 from clipforge.train.optim import build_optimizer
 from clipforge.train.parallel import attach_objectives, prepare_model, unwrap
-from clipforge.train.step import autocast_for, build_step
+from clipforge.train.step import autocast_for
 
 
 @dataclass
@@ -122,17 +123,7 @@ class FakeRun:
             self.objectives.to_empty(device="cpu")
         self.objectives.bind(unwrap(self.prepared.model))
         self.optimizer = build_optimizer(cfg.optim, self.built.model)
-        self.step_fn = build_step(
-            self.prepared.model,
-            self.objectives,
-            self.optimizer,
-            None,
-            device="cpu",
-            precision=cfg.train.precision,
-            grad_clip_norm=cfg.optim.grad_clip_norm,
-            max_logit_scale=cfg.loss.max_logit_scale,
-            accum_steps=cfg.train.accum_steps,
-        )
+        self.step_fn = step_for_run(cfg, self.prepared.model, self.objectives, self.optimizer, None, "cpu")
         self.ddp_buckets = 0 if sharded or world_size == 1 else self._trainable_bytes()
         self._make_optimizer_state()
         self._loss_inputs: dict[str, tuple[torch.Size, torch.dtype, bool]] = {}
