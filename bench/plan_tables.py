@@ -9,7 +9,8 @@ depend on the machine or its load, only on the code and torch. The assumptions a
 the H100's dense bf16 peak, its memory less 2 GiB and 10% slack, 360 GB/s within a node and 45 GB/s across). A
 step's time is its compute at that MFU or its parameter traffic, whichever is longer (DDP's bucketed all-reduce and
 FSDP's prefetched gathers overlap the compute), plus the loss's embedding exchange (which sits between the forward
-and the backward); a batch that does not fit is planned with GradCache micro-batches that do (one more forward).
+and the backward); a batch that does not fit is planned with GradCache micro-batches that do (one more forward),
+unless its loss terms read or run the towers (LocCa, self-distillation), which GradCache cannot cache.
 """
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ def recipe_table(rows: list[dict], recipe: str) -> str:
             largest.append("n/a" if best is None else f"{best:,}")
             work = plan.flops_per_sample + (plan.forward_flops_per_sample if mode else 0.0)
             accum = 1 if fits or not best else math.ceil(plan.local_batch / best)
+            if accum > 1 and not plan.gradcache:  # terms that read or run the towers cannot be cached
+                step.append("✗ (no GradCache with its terms)")
+                throughput.append("—")
+                continue
             if accum > 1:  # GradCache: every micro-batch's forward again, to rebuild its graph
                 work += plan.forward_flops_per_sample
             seconds = plan.local_batch * work / (plan.mfu * plan.peak_tflops * 1e12)

@@ -179,3 +179,20 @@ def test_plan_command_prints_the_plan(capsys):
     text = capsys.readouterr().out
     for line in ("memory per GPU at the step's peak", "total of the tensors", "DDP gradient all-reduce", "MFU"):
         assert line in text
+
+
+def test_terms_that_read_the_towers_rule_out_gradcache_and_a_late_term_is_charged_from_its_start():
+    from clipforge.train.plan import format_plan, plan_run
+
+    late = "{name: self_distillation, start: 0.75, options: {local_crops: 2, head_dim: 16, prototypes: 48}}"
+    common = [*TINY, "model.init_logit_bias=-10", "loss.kind=siglip", "train.steps=100"]
+    plain = plan_run(load_config("configs/demo.yaml", common), 1, "h100", largest=False)
+    staged = plan_run(load_config("configs/demo.yaml", [*common, f"loss.terms=[{late}]"]), 1, "h100", largest=False)
+    assert plain.gradcache and not staged.gradcache
+    # the heaviest step carries the teacher and the views; the run pays for them in its last quarter only
+    assert staged.step_seconds > plain.step_seconds
+    extra = staged.step_seconds - plain.step_seconds
+    assert staged.run_seconds == pytest.approx(100 * (plain.step_seconds + 0.25 * extra), rel=1e-9)
+    staged.largest_batch, staged.peaks = {False: 4}, {False: 2}  # as if batch 8 did not fit
+    staged.peak, staged.budget = 2, 1
+    assert "GradCache (train.accum_steps) cannot keep this batch" in format_plan(staged)

@@ -112,6 +112,8 @@ class Plan:
     seconds: float = 0.0  # how long planning took
     fake_steps: int = 0  # how many steps it simulated
     notes: list[str] = field(default_factory=list)
+    gradcache: bool = True  # whether the loss terms allow GradCache (train.accum_steps > 1)
+    run_step_seconds: float = 0.0  # the mean step over the run: a term that starts late is charged from its start
 
     @property
     def global_batch(self) -> int:
@@ -127,7 +129,7 @@ class Plan:
 
     @property
     def run_seconds(self) -> float:
-        return self.steps * self.step_seconds
+        return self.steps * (self.run_step_seconds or self.step_seconds)
 
     @property
     def communication_seconds(self) -> float:
@@ -236,13 +238,17 @@ def plan_run(
     finally:
         quiet.setLevel(level)
     memory = simulated.memory
-    flops = count_train_flops(cfg.model, cfg.loss.learn_temperature, cfg.speed.pooled_last_block, loss=cfg.loss)
-    per_sample = flops.train()
+    flops = count_train_flops(
+        cfg.model, cfg.loss.learn_temperature, cfg.speed.pooled_last_block, loss=cfg.loss, total_steps=cfg.train.steps
+    )
+    per_sample = flops.train()  # the heaviest step: every term on
     forward = flops.image_forward + flops.text_forward
     # the forward computed again: by gradient checkpointing in the backward, by GradCache for each micro-batch's graph
-    hardware = per_sample + forward * ((checkpointing) + (cfg.train.accum_steps > 1))
+    again = forward * ((checkpointing) + (cfg.train.accum_steps > 1))
+    hardware = per_sample + again
     peak_tflops = GPU_PEAKS[device.peak_key][matmul_precision(cfg.train.precision, cfg.train.tf32)]
     step_seconds = local_batch * hardware / (mfu * peak_tflops * 1e12)
+    run_step_seconds = local_batch * (flops.run_mean(cfg.train.steps) + again) / (mfu * peak_tflops * 1e12)
     bandwidth = bandwidth or bus_bandwidth(device, gpus)
     transfers = _transfers(memory.collectives, simulated.loss_sent, cfg, bandwidth)
     return Plan(
@@ -274,6 +280,8 @@ def plan_run(
         seconds=time.perf_counter() - started,
         fake_steps=simulated.fake_steps,
         notes=simulated.notes,
+        gradcache=simulated.gradcache,
+        run_step_seconds=run_step_seconds,
     )
 
 
@@ -286,6 +294,7 @@ class _Simulated:
     loss_sent: dict[str, float]  # by collective kind, the loss's own
     fake_steps: int
     notes: list[str]
+    gradcache: bool
 
 
 def _simulate(cfg: RunConfig, gpus: int, budget: int, largest: bool) -> _Simulated:
@@ -322,7 +331,10 @@ def _simulate(cfg: RunConfig, gpus: int, budget: int, largest: bool) -> _Simulat
             largest_batch[mode] = largest_fitting(peak_of, budget, known, slope)
         run.set_grad_checkpointing(checkpointing)
         architecture = run.built.architecture
-    return _Simulated(architecture, memory, largest_batch, peaks, loss_sent, len(steps) + (gpus > 1), notes)
+        # GradCache caches the pooled features: terms that read the towers' tokens or run them cannot be cached
+        gradcache = not (run.objectives.model_outputs or run.objectives.runs_towers)
+    fake_steps = len(steps) + (gpus > 1)
+    return _Simulated(architecture, memory, largest_batch, peaks, loss_sent, fake_steps, notes, gradcache)
 
 
 def _sent_by_name(collectives) -> dict[str, float]:
@@ -433,7 +445,12 @@ def format_plan(plan: Plan) -> str:
             f"{label}: {_gib(plan.peaks[mode])} at batch {plan.local_batch:,}; the largest batch that fits is "
             f"{value:,} per GPU (global {value * plan.gpus:,})"
         )
-    if plan.largest_batch and not plan.fits:
+    if plan.largest_batch and not plan.fits and not plan.gradcache:
+        lines.append(
+            "  GradCache (train.accum_steps) cannot keep this batch: the loss terms read or run the towers; turn on "
+            "gradient checkpointing or lower the batch per GPU"
+        )
+    elif plan.largest_batch and not plan.fits:
         best = max((value or 0) for value in plan.largest_batch.values())
         if best:
             lines.append(
