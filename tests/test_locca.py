@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from ranks import run_ranks
+from small_runs import records, small_run_config
 
 from clipforge.checkpoints import read_weights
 from clipforge.data import DataConfig, build_train_loader
@@ -28,7 +29,6 @@ from clipforge.losses.config import LossConfig, TermConfig
 from clipforge.losses.locca import TASKS, build, dequantize, quantize
 from clipforge.losses.objective import RegionsField
 from clipforge.models import ModelConfig, build_model
-from clipforge.train.config import load_config
 from clipforge.train.flops import ATTENTION_FLOPS, count_train_flops
 from clipforge.train.loop import train
 
@@ -310,30 +310,8 @@ def test_the_flop_count_adds_the_decoder(tiny_model_json):
 
 
 def run_config(data, tiny_model_json, out, *extra):
-    return load_config(
-        None,
-        [
-            f"data.train_urls={data}/train/{{00000..00005}}.tar",
-            "data.batch_size=16",
-            "data.num_workers=2",
-            "data.shuffle_buffer=50",
-            f"model.name={tiny_model_json}",
-            "model.init_logit_bias=-10",
-            "loss.kind=siglip",
-            "optim.lr=2e-3",
-            "optim.warmup_steps=2",
-            f"train.output_dir={out}",
-            "logging.log_every=1",
-            "logging.progress_bar=false",
-            "logging.tensorboard=false",
-            "loss.terms=[{name: locca, weight: 1.0, options: {depth: 1, bins: 64, referring: 0.35, grounded: 0.35}}]",
-            *extra,
-        ],
-    )
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    terms = "loss.terms=[{name: locca, weight: 1.0, options: {depth: 1, bins: 64, referring: 0.35, grounded: 0.35}}]"
+    return small_run_config(data, tiny_model_json, out, "model.init_logit_bias=-10", "loss.kind=siglip", terms, *extra)
 
 
 def test_it_trains_beside_the_sigmoid_loss_resumes_exactly_and_stays_out_of_exports(

@@ -4,12 +4,11 @@ resumes bit-identically, exports leave it out, and its gradients on 2 gloo ranks
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from objective_example import mean_colour
 from ranks import run_ranks
+from small_runs import records, small_run_config
 
 from clipforge.checkpoints import read_weights
 from clipforge.losses import ClipLoss, ObjectiveContext, Objectives, build_objectives
@@ -17,7 +16,6 @@ from clipforge.losses.clip import ClipObjective
 from clipforge.losses.config import TERMS, LossConfig, TermConfig
 from clipforge.model_loading import load_weights
 from clipforge.models import ModelConfig, build_model
-from clipforge.train.config import load_config
 from clipforge.train.loop import train
 
 TERMS["mean_colour"] = "objective_example:build"  # the one registration line
@@ -26,28 +24,8 @@ LOCAL_BATCH = 6
 
 
 def run_config(synth_data, tiny_model_json, out, *extra):
-    return load_config(
-        None,
-        [
-            f"data.train_urls={synth_data}/train/{{00000..00005}}.tar",
-            "data.batch_size=32",
-            "data.num_workers=2",
-            "data.shuffle_buffer=100",
-            f"model.name={tiny_model_json}",
-            "optim.lr=2e-3",
-            "optim.warmup_steps=2",
-            f"train.output_dir={out}",
-            "logging.log_every=1",
-            "logging.progress_bar=false",
-            "logging.tensorboard=false",
-            "loss.terms=[{name: mean_colour, weight: 2.0}]",
-            *extra,
-        ],
-    )
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    terms = "loss.terms=[{name: mean_colour, weight: 2.0}]"
+    return small_run_config(synth_data, tiny_model_json, out, terms, *extra, batch_size=32, shuffle_buffer=100)
 
 
 def test_the_set_sums_terms_and_declares_the_union_of_needs(tiny_model_json):

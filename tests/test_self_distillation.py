@@ -16,6 +16,7 @@ import open_clip
 import pytest
 import torch
 from ranks import run_ranks
+from small_runs import records, small_run_config
 
 from clipforge.checkpoints import read_weights
 from clipforge.data import DataConfig, build_train_loader
@@ -413,31 +414,11 @@ def test_gloo_ranks_equal_one_process_with_every_term_on(tiny_model_json, tmp_pa
 
 
 def run_config(data, tiny_model_json, out, *extra):
-    return load_config(
-        None,
-        [
-            f"data.train_urls={data}/train/{{00000..00005}}.tar",
-            "data.batch_size=16",
-            "data.num_workers=2",
-            "data.shuffle_buffer=50",
-            f"model.name={tiny_model_json}",
-            "model.init_logit_bias=-10",
-            "loss.kind=siglip",
-            "optim.lr=2e-3",
-            "optim.warmup_steps=2",
-            f"train.output_dir={out}",
-            "logging.log_every=1",
-            "logging.progress_bar=false",
-            "logging.tensorboard=false",
-            "loss.terms=[{name: self_distillation, weight: 1.0, start: 0.6, options: {local_crops: 2, head_hidden: 32, "
-            "head_dim: 16, prototypes: 48, masked_weight: 0.25}}]",
-            *extra,
-        ],
+    terms = (
+        "loss.terms=[{name: self_distillation, weight: 1.0, start: 0.6, options: {local_crops: 2, head_hidden: 32, "
+        "head_dim: 16, prototypes: 48, masked_weight: 0.25}}]"
     )
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return small_run_config(data, tiny_model_json, out, "model.init_logit_bias=-10", "loss.kind=siglip", terms, *extra)
 
 
 def test_a_resume_across_the_switch_is_exact_and_exports_leave_the_teacher_out(synth_data, tiny_model_json, tmp_path):

@@ -44,7 +44,7 @@ towers, and no export holds it.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -53,7 +53,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils.checkpoint import checkpoint
 
-from clipforge.losses.objective import Objective, ObjectiveContext, RegionsField
+from clipforge.losses.objective import Objective, ObjectiveContext, RegionsField, read_options
 
 TASKS = ("caption", "referring", "grounded")
 TASK_TOKENS = 4  # [CAP], [REF], [GND] and the mask token of parallel prediction, after the coordinate bins
@@ -371,10 +371,7 @@ class LocCa(Objective):
 
 
 def build(options: dict, context: ObjectiveContext) -> LocCa:
-    known = {field.name for field in fields(LocCaOptions)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"unknown options {unknown} (locca takes {', '.join(sorted(known))})")
+    parsed = read_options(LocCaOptions, options, "locca")
     if context.model is None:
         raise ValueError("locca builds its decoder from the model's towers: the context has no model")
-    return LocCa(LocCaOptions(**options), TextTower.of(context.model), image_token_width(context.model), context)
+    return LocCa(parsed, TextTower.of(context.model), image_token_width(context.model), context)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -110,6 +110,15 @@ class ObjectiveContext:
     def group(self):
         """The process group of the objectives' collectives: the mesh's (None, the default group, without one)."""
         return mesh_group(self.mesh)
+
+
+def read_options(options_class: type, options: Mapping[str, Any], objective: str):
+    """``options_class(**options)`` (a dataclass of an objective's options), an unknown option refused by name."""
+    known = {field.name for field in fields(options_class)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown options {unknown} ({objective} takes {', '.join(sorted(known))})")
+    return options_class(**options)
 
 
 class Objective(torch.nn.Module):

@@ -53,7 +53,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforge.data.views import LocalCrops
-from clipforge.losses.objective import Objective, ObjectiveContext, SampleField
+from clipforge.losses.objective import Objective, ObjectiveContext, SampleField, read_options
 
 
 @dataclass
@@ -401,10 +401,7 @@ def _local(parameter: torch.Tensor) -> torch.Tensor:
 
 
 def build(options: dict, context: ObjectiveContext) -> SelfDistillation:
-    known = {field.name for field in fields(SelfDistillationOptions)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"unknown options {unknown} (self_distillation takes {', '.join(sorted(known))})")
+    parsed = read_options(SelfDistillationOptions, options, "self_distillation")
     if context.model is None:
         raise ValueError("self_distillation copies the model's image tower: the context has no model")
     visual = getattr(context.model, "visual", None)
@@ -413,4 +410,4 @@ def build(options: dict, context: ObjectiveContext) -> SelfDistillation:
             f"self_distillation needs an open_clip ViT image tower with class-token or average pooling; this one is "
             f"a {type(visual).__name__}"
         )
-    return SelfDistillation(SelfDistillationOptions(**options), visual, context)
+    return SelfDistillation(parsed, visual, context)
