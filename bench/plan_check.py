@@ -47,6 +47,10 @@ TINY = ["model.name=tiny-vit-64", "data.batch_size=64"]
 VIT_B16 = ["train.precision=fp32"]
 SIGLIP = ["loss.kind=siglip", "model.init_logit_bias=-10", "model.init_logit_scale=2.302585"]
 LOCCA = "loss.terms=[{name: locca, options: {depth: 1, referring: 0.25, grounded: 0.25, parallel: 0.5}}]"
+SIGLIP2 = (  # every SigLIP 2 term on from the first step, as the plan's heaviest step has them
+    "loss.terms=[{name: locca, options: {depth: 1}}, {name: self_distillation, options: {local_crops: 4, "
+    "masked_weight: 0.25}}]"
+)
 CASES: dict[str, tuple[str, list[str], int]] = {
     # name: (config, overrides, ranks)
     "tiny": ("configs/demo.yaml", TINY, 1),
@@ -54,12 +58,14 @@ CASES: dict[str, tuple[str, list[str], int]] = {
     "tiny-bf16": ("configs/demo.yaml", [*TINY, "train.precision=bf16"], 1),
     "tiny-tiled": ("configs/demo.yaml", [*TINY, "loss.tile_size=16"], 1),
     "tiny-siglip-locca": ("configs/demo.yaml", [*TINY, *SIGLIP, LOCCA], 1),
+    "tiny-siglip2": ("configs/demo.yaml", [*TINY, *SIGLIP, SIGLIP2], 1),
     "demo": ("configs/demo.yaml", [], 1),
     "demo-accum4": ("configs/demo.yaml", ["train.accum_steps=4"], 1),
     "vit-b-16": ("configs/vit-b-16.yaml", [*VIT_B16, "data.batch_size=8"], 1),
     "tiny-ddp2": ("configs/demo.yaml", TINY, 2),
     "tiny-fsdp2": ("configs/demo.yaml", [*TINY, "parallel.strategy=fsdp"], 2),
     "tiny-siglip-ring2": ("configs/demo.yaml", [*TINY, *SIGLIP, "loss.siglip_exchange=ring"], 2),
+    "tiny-siglip2-fsdp2": ("configs/demo.yaml", [*TINY, *SIGLIP, SIGLIP2, "parallel.strategy=fsdp"], 2),
     "vit-b-16-ddp2": ("configs/vit-b-16.yaml", [*VIT_B16, "data.batch_size=4"], 2),
     "vit-b-16-fsdp2": ("configs/vit-b-16.yaml", [*VIT_B16, "data.batch_size=4", "parallel.strategy=fsdp"], 2),
 }

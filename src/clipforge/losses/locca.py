@@ -318,8 +318,10 @@ class LocCa(Objective):
         # positions without one, and the (positions, vocabulary) logits are the decoder's largest cost
         with self.autocast() if self.autocast is not None else nullcontext():
             hidden = self.decoder(inputs, outputs["image_tokens"], mask)  # (B, T, width)
-            if is_fake(target_task):  # clipforge plan: the count is unknown; every position, in the same chunks
-                hidden, targets, tasks = hidden.flatten(0, 1), targets.flatten(), target_task.flatten()
+            if is_fake(target_task):  # clipforge plan: the count is unknown; a full caption's, the most there can be
+                keep = slice(0, self.content)
+                hidden, targets = hidden[:, keep].flatten(0, 1), targets[:, keep].flatten()
+                tasks = target_task[:, keep].flatten()
             else:
                 where = target_task >= 0  # (B, T); selecting them is one host sync on a GPU
                 hidden, targets, tasks = hidden[where], targets[where], target_task[where]  # n target tokens here

@@ -257,14 +257,17 @@ class FakeRun:
 def make_batch(built, objectives, local_batch: int, channels_last: bool = False) -> dict[str, torch.Tensor]:
     """A batch as the step takes it (``clipforge.train.loop.prepare_batch``): normalised float32 images, token ids at
     the full context length, and the fields the objectives ask for, in the shapes the loader makes them; zeros (fake
-    under a fake mode)."""
+    under a fake mode), but for the captions, which fill the context (the end token, the highest id, last): the worst
+    case of work that follows the captions' lengths (a decoder's target positions)."""
     size = built.preprocess_cfg["size"]
     height, width = (size, size) if isinstance(size, int) else size
     context = built.model_cfg["text_cfg"].get("context_length", 77)
     images = torch.zeros(local_batch, 3, height, width)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    batch = {"images": images, "texts": torch.zeros(local_batch, context, dtype=torch.long)}
+    texts = torch.ones(local_batch, context, dtype=torch.long)
+    texts[:, -1] = built.model_cfg["text_cfg"].get("vocab_size", 49408) - 1
+    batch = {"images": images, "texts": texts}
     for name in objectives.batch_fields:
         batch.update(_batch_field(name, local_batch, context))
     return batch
