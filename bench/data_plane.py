@@ -351,10 +351,10 @@ def write_states(directory: Path, states: list[dict]) -> dict[str, int]:
 
 def read_states(directory: Path) -> list[dict]:
     """Every rank's data position as the checkpointer reads it on each rank of the resumed run."""
-    from clipforge.train.checkpoint import _read_ranks
+    from clipforge.train.checkpoint_read import read_ranks
     from clipforge.train.state import PER_RANK, Piece
 
-    return _read_ranks(directory, {"data": Piece(PER_RANK, None)})["data"]
+    return read_ranks(directory, {"data": Piece(PER_RANK, None)})["data"]
 
 
 def resume_rank(cfg, directory: Path, rank: int, world_size: int) -> tuple[Any, list[list[int]], dict[str, float]]:
