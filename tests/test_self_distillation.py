@@ -16,7 +16,7 @@ import open_clip
 import pytest
 import torch
 from ranks import run_ranks
-from small_runs import records, small_run_config
+from small_runs import prepared_with_terms, records, small_run_config
 
 from clipforge.checkpoints import read_weights
 from clipforge.data import DataConfig, build_train_loader
@@ -317,10 +317,7 @@ def test_each_objective_is_timed_as_its_own_part_of_the_loss(tiny_model_json):
 def _step(model_json: str, rank: int, world_size: int, strategy: str | None, ranks: int = 2):
     from torch.distributed.tensor import DTensor
 
-    from clipforge.distributed import DistInfo
-    from clipforge.train.config import ParallelConfig, SpeedConfig
     from clipforge.train.optim import OptimConfig, build_optimizer
-    from clipforge.train.parallel import attach_objectives, prepare_model
     from clipforge.train.step import build_step
 
     def full(tensor):
@@ -328,24 +325,11 @@ def _step(model_json: str, rank: int, world_size: int, strategy: str | None, ran
 
     torch.manual_seed(0)
     model_cfg = ModelConfig(name=model_json, init_logit_bias=-10)
-    built = build_model(model_cfg)
     cfg = LossConfig(
         kind="siglip",
         terms=[TermConfig(name="locca", options=LOCCA), TermConfig(name="self_distillation", options=OPTIONS)],
     )
-    objectives = build_objectives(cfg, ObjectiveContext(rank=rank, world_size=world_size, model=built.model))
-    attach_objectives(built.model, objectives)
-    info = DistInfo(rank=rank, world_size=world_size, local_world_size=world_size) if strategy else DistInfo()
-    prepared = prepare_model(
-        built.model,
-        model_cfg=model_cfg,
-        speed=SpeedConfig(),
-        parallel=ParallelConfig(strategy=strategy or "ddp"),
-        precision="fp32",
-        learn_temperature=True,
-        dist_info=info,
-        every_token=True,
-    )
+    built, objectives, prepared = prepared_with_terms(model_cfg, cfg, rank, world_size, strategy)
     objectives.bind(built.model)
     optimizer = build_optimizer(OptimConfig(), built.model)
     step = build_step(prepared.model, objectives, optimizer, constant(optimizer), device="cpu", precision="fp32",
